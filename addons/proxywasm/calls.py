@@ -1,0 +1,191 @@
+"""Where `proxy_http_call` goes: pluggable dispatchers for outbound calls.
+
+The host hands every outbound call to a `Dispatcher` with a `deliver` callback. A dispatcher
+must call `deliver` at most once and never from inside `start` (the guest is still running
+then): with the response, or with None when the call failed (unreachable, reset, timed out).
+The host enforces the call's timeout itself and ignores a delivery that comes too late, so a
+dispatcher that never answers cannot stall a stream.
+
+- `InProcessDispatcher`: a Python function answers, after a latency in host-clock time; used by
+  simulations in virtual time and by tests.
+- `HttpxDispatcher`: real HTTP through an `httpx.AsyncClient` (keep-alive pool, timeout); used
+  by the mitmproxy addon. Calls never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .headers import Pairs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCall:
+    """An outbound call as the filter made it (pseudo-headers included)."""
+
+    cluster: str
+    headers: Pairs
+    body: bytes = b""
+    trailers: Pairs = field(default_factory=list)
+    timeout_ms: int = 1000
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lowercase), or None."""
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    @property
+    def method(self) -> str:
+        """`:method`."""
+        return (self.header(b":method") or b"GET").decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        """`:path`."""
+        return (self.header(b":path") or b"/").decode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCallResponse:
+    """A response to an outbound call."""
+
+    status: int
+    headers: Pairs = field(default_factory=list)
+    body: bytes = b""
+    trailers: Pairs = field(default_factory=list)
+
+
+Deliver = Callable[[HttpCallResponse | None], None]
+
+
+class Dispatcher:
+    """Base class: sends outbound calls. Subclasses implement `has_cluster` and `start`."""
+
+    def has_cluster(self, name: str) -> bool:
+        """Whether calls may go to cluster `name`."""
+        raise NotImplementedError
+
+    def start(self, call: HttpCall, deliver: Deliver) -> None:
+        """Start `call`; later call `deliver` once. Raise to refuse the call."""
+        raise NotImplementedError
+
+    def poll(self, now_ns: int) -> None:
+        """Deliver what is due at `now_ns` (dispatchers driven by the host clock)."""
+
+    def next_due_ns(self) -> int | None:
+        """When the next delivery is due, for virtual-time stepping; None if nothing waits."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+Handler = Callable[[HttpCall], HttpCallResponse | None]
+
+
+class InProcessDispatcher(Dispatcher):
+    """Answers calls with a Python function after `latency_s` of host-clock time.
+
+    `handler` returns the response, or None for a call that gets no answer (it then times out).
+    """
+
+    def __init__(
+        self, handler: Handler, clock_ns: Callable[[], int], *, latency_s: float = 0.0,
+        clusters: tuple[str, ...] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.clock_ns = clock_ns
+        self.latency_ns = int(latency_s * 1e9)
+        self.clusters = clusters
+        self._queue: list[tuple[int, int, Deliver, HttpCallResponse]] = []
+        self._seq = itertools.count()
+
+    def has_cluster(self, name: str) -> bool:
+        """Any cluster, unless a list was given."""
+        return self.clusters is None or name in self.clusters
+
+    def start(self, call: HttpCall, deliver: Deliver) -> None:
+        """Compute the answer now; deliver it after the latency (or never, for None)."""
+        response = self.handler(call)
+        if response is not None:
+            due = self.clock_ns() + self.latency_ns
+            heapq.heappush(self._queue, (due, next(self._seq), deliver, response))
+
+    def poll(self, now_ns: int) -> None:
+        """Deliver every answer due by `now_ns`, in order."""
+        queue = self._queue
+        while queue and queue[0][0] <= now_ns:
+            _, _, deliver, response = heapq.heappop(queue)
+            deliver(response)
+
+    def next_due_ns(self) -> int | None:
+        """The due time of the next answer."""
+        return self._queue[0][0] if self._queue else None
+
+
+class HttpxDispatcher(Dispatcher):
+    """Real HTTP calls with httpx on the running asyncio loop.
+
+    `clusters` maps a cluster name to a base URL (`auth=http://127.0.0.1:8081`); the call's
+    `:path` is appended to it and `:authority` becomes the Host header.
+    """
+
+    def __init__(self, clusters: Mapping[str, str], *, max_connections: int = 100) -> None:
+        import httpx
+
+        self.clusters = {name: url.rstrip("/") for name, url in clusters.items()}
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def has_cluster(self, name: str) -> bool:
+        """Whether `name` is configured."""
+        return name in self.clusters
+
+    def start(self, call: HttpCall, deliver: Deliver) -> None:
+        """Schedule the request on the running loop."""
+        task = asyncio.get_running_loop().create_task(self._send(call, deliver))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, call: HttpCall, deliver: Deliver) -> None:
+        import httpx
+
+        url = self.clusters[call.cluster] + call.path
+        headers = [(k, v) for k, v in call.headers if not k.startswith(b":")]
+        authority = call.header(b":authority")
+        if authority:
+            headers.append((b"host", authority))
+        try:
+            resp = await self._client.request(
+                call.method, url, headers=headers, content=call.body or None,
+                timeout=call.timeout_ms / 1000,
+            )
+        except httpx.HTTPError as e:
+            logger.warning(
+                "outbound call to cluster %s (%s) failed: %s", call.cluster, url,
+                type(e).__name__ + (f": {e}" if str(e) else ""),
+            )
+            deliver(None)
+            return
+        except asyncio.CancelledError:
+            raise
+        pairs = [(k.lower(), v) for k, v in resp.headers.raw]
+        deliver(HttpCallResponse(resp.status_code, pairs, resp.content))
+
+    async def aclose(self) -> None:
+        """Cancel calls in flight and close the connection pool."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()

@@ -1,0 +1,66 @@
+"""The Proxy-Wasm map encoding for HTTP fields (spec section "Serialization").
+
+A non-empty map is: a little-endian u32 count N; N pairs of u32 (key length, value length);
+then every key and every value, each followed by one NUL byte. An empty map is either zero bytes
+or one NUL byte. Keys and values are arbitrary bytes: nothing here decodes them as text.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+Pairs = list[tuple[bytes, bytes]]
+
+_U32 = struct.Struct("<I")
+
+
+class MapFormatError(ValueError):
+    """A serialized map from the guest does not follow the specification's encoding."""
+
+
+def serialize_map(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Encode `pairs` as the specification defines; an empty map encodes as zero bytes."""
+    items = list(pairs)
+    if not items:
+        return b""
+    sizes = [n for key, value in items for n in (len(key), len(value))]
+    parts = [struct.pack(f"<{1 + len(sizes)}I", len(items), *sizes)]
+    for key, value in items:
+        parts += (key, b"\0", value, b"\0")
+    return b"".join(parts)
+
+
+def deserialize_map(data: bytes) -> Pairs:
+    """Decode a serialized map; raise `MapFormatError` saying where the encoding is broken."""
+    if len(data) <= 1:
+        if data in (b"", b"\0"):
+            return []
+        raise MapFormatError(f"a map of {len(data)} byte must be empty (b'' or b'\\x00')")
+    if len(data) < 4:
+        raise MapFormatError(f"map of {len(data)} bytes is too short for its u32 count")
+    (count,) = _U32.unpack_from(data, 0)
+    header_end = 4 + 8 * count
+    if header_end > len(data):
+        raise MapFormatError(
+            f"map declares {count} pairs, whose sizes need {header_end} bytes; got {len(data)}"
+        )
+    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
+    pairs: Pairs = []
+    pos = header_end
+    for i in range(count):
+        key_len, value_len = sizes[2 * i], sizes[2 * i + 1]
+        key_end = pos + key_len
+        value_end = key_end + 1 + value_len
+        if value_end + 1 > len(data):
+            raise MapFormatError(
+                f"pair {i} (key {key_len} bytes, value {value_len} bytes) runs past the end "
+                f"of the {len(data)}-byte map"
+            )
+        if data[key_end] != 0 or data[value_end] != 0:
+            raise MapFormatError(f"pair {i} is not NUL-terminated")
+        pairs.append((data[pos:key_end], data[key_end + 1 : value_end]))
+        pos = value_end + 1
+    if pos != len(data):
+        raise MapFormatError(f"{len(data) - pos} trailing bytes after {count} pairs")
+    return pairs

@@ -1,0 +1,625 @@
+"""The Proxy-Wasm host: filter instances, their generations, streams, timers and restarts.
+
+- `Host` holds one compiled `FilterModule` and the filter instances made from it, keyed by
+  instance id (for example the upstream host: the paper's one filter per site). It owns the
+  timers (ticks, outbound-call deadlines, crash back-off) on one `Clock`, so the same code runs
+  on the wall clock, a scaled clock, or a virtual clock stepped by a simulation.
+- `FilterInstance` is a managed instance: its current `Vm` (one *generation*), the older
+  generations still draining, and its restart and crash history.
+- `Stream` is one HTTP request going through the filter; `Decision` is what the filter decided.
+
+A restart gives a fresh instance of the compiled module and a new generation number. Streams
+already in flight finish on the old generation, which is dropped (its memory freed) as soon as
+its last stream is closed, so no request fails because of a restart. A trap fails the streams
+of that generation by the fail policy and restarts the instance, with exponential back-off
+when crashes repeat.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import _wasmtime as raw
+from .abi import WASM_PAGE_SIZE, Action
+from .calls import Dispatcher, HttpCall, HttpCallResponse
+from .clock import Clock, WallClock
+from .headers import Pairs
+from .vm import FilterModule, FilterStartError, LocalResponse, PendingCall, StreamContext, Vm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits and failure handling for every instance of a host."""
+
+    memory_bytes: int = 256 * 2**20
+    """Linear-memory cap per instance; `memory.grow` past it fails (0: no cap)."""
+    deadline_ms: float = 100.0
+    """A guest call running longer than this is interrupted (epoch deadline)."""
+    crash_window_s: float = 60.0
+    """Crashes closer together than this count as a crash loop."""
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 30.0
+    stream_timeout_s: float = 30.0
+    """A paused stream with no pending call that gets no decision in this time fails."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What happens to a request after the filter ran."""
+
+    action: Literal["continue", "respond", "reset"]
+    request_headers: Pairs
+    """The request headers to forward (the filter may have changed them)."""
+    response: LocalResponse | None = None
+    outbound: int = 0
+    """Outbound calls the filter made for this stream (0: decided from its own state)."""
+    generation: int = 0
+    error: str | None = None
+    """Set when the fail policy decided because the filter failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the host observes of an instance (the paper's three metrics and more)."""
+
+    id: str
+    tenant: str
+    generation: int
+    started_at: float
+    """Start of the current generation, seconds since the epoch on the host clock."""
+    allocated_pages: int
+    allocated_bytes: int
+    requests: int
+    """Requests processed by the current generation."""
+    outbound: int
+    """Outbound calls made by the current generation."""
+    metrics: dict[str, int] = field(default_factory=dict)
+    """The filter's own metrics (ground truth such as live entries and live bytes)."""
+    draining: int = 0
+    """Older generations still finishing streams."""
+    state: Literal["running", "down"] = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartRecord:
+    """One restart, as written to the `restarts` collection."""
+
+    instance: str
+    tenant: str
+    time: float
+    reason: str
+    requested_by: str
+    generation_before: int
+    generation: int
+    allocated_bytes_before: int
+    allocated_bytes_after: int
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCallRecord:
+    """One outbound call, as written to the `auth_calls` collection."""
+
+    instance: str
+    tenant: str
+    generation: int
+    time: float
+    cluster: str
+    path: str
+    status: int | None
+    """HTTP status, or None when the call failed or timed out."""
+    outcome: Literal["ok", "timeout", "error", "late"]
+    latency_s: float
+
+
+class HostEvents:
+    """Receives what the host does; the addon writes these to the store. Defaults do nothing."""
+
+    def on_auth_call(self, record: AuthCallRecord) -> None:
+        """An outbound call finished (or timed out)."""
+
+    def on_restart(self, record: RestartRecord) -> None:
+        """An instance restarted."""
+
+    def on_crash(self, instance: str, generation: int, error: str) -> None:
+        """A generation trapped."""
+
+
+class RestartError(Exception):
+    """An explicit restart failed; the old generation keeps serving."""
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Stream:
+    """One HTTP request through one filter instance.
+
+    Call `request_headers()`; it returns a `Decision`, or None while the filter waits for an
+    outbound call, in which case `on_decision` is called when it decides. Call `close()` when
+    the exchange is over (after the response, or at once for a local response).
+    """
+
+    __slots__ = ("ctx", "decision", "instance", "on_decision", "started_ns", "vm")
+
+    def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
+        self.instance = instance
+        self.vm = vm
+        self.ctx: StreamContext | None = None
+        self.decision: Decision | None = None
+        self.on_decision: Callable[[Decision], None] | None = None
+        self.started_ns = 0
+
+    @property
+    def generation(self) -> int:
+        """The generation serving this stream."""
+        return self.vm.generation if self.vm is not None else self.instance.generation
+
+    def request_headers(self, headers: Pairs, end_of_stream: bool = True) -> Decision | None:
+        """Run the filter on the request headers (names are matched case-insensitively)."""
+        host = self.instance.host
+        self.started_ns = host.clock.now_ns()
+        vm = self.vm
+        if vm is None or vm.closed:
+            self.instance.maybe_recover()
+            return self._fail(f"filter instance {self.instance.id} is down: "
+                              f"{self.instance.down_reason}", headers)
+        host._busy += 1
+        try:
+            ctx = self.ctx = vm.new_context(self)
+            ctx.request_headers = [(k.lower(), v) for k, v in headers]
+            action = vm.on_request_headers(ctx, end_of_stream)
+        except raw.GuestTrap as e:
+            self.instance.crashed(vm, e)
+            return self.decision if self.decision else self._fail(str(e), headers)
+        finally:
+            host._busy -= 1
+            host._drain_deliveries()
+        if self.decision is None:
+            self.settle(action)
+        return self.decision
+
+    def settle(self, action: int = Action.PAUSE) -> None:
+        """Turn the context's state into a decision, if the filter has made one."""
+        ctx = self.ctx
+        vm = self.vm
+        if ctx is None or vm is None or self.decision is not None:
+            return
+        if ctx.local_response is not None:
+            kind: Literal["continue", "respond", "reset"] = "respond"
+        elif ctx.closed:
+            kind = "reset"
+        elif action == Action.CONTINUE or ctx.resumed:
+            kind = "continue"
+        else:
+            return
+        self._decide(Decision(
+            kind, ctx.request_headers, ctx.local_response, ctx.outbound, vm.generation
+        ))
+
+    def _fail(self, error: str, headers: Pairs | None = None) -> Decision:
+        """Decide by the fail policy because the filter failed."""
+        fail_open = self.instance.host.fail_open
+        outbound = self.ctx.outbound if self.ctx is not None else 0
+        request_headers = headers if headers is not None else (
+            self.ctx.request_headers if self.ctx is not None else []
+        )
+        if fail_open:
+            decision = Decision("continue", request_headers, None, outbound, self.generation, error)
+        else:
+            response = LocalResponse(
+                503, b"filter unavailable\n", [(b"content-type", b"text/plain")], "filter_error"
+            )
+            decision = Decision("respond", request_headers, response, outbound, self.generation,
+                                error)
+        self._decide(decision)
+        return decision
+
+    def _decide(self, decision: Decision) -> None:
+        if self.decision is None:
+            self.decision = decision
+            if self.on_decision is not None:
+                self.on_decision(decision)
+
+    def response_headers(self, headers: Pairs, end_of_stream: bool = True) -> None:
+        """Run the filter on the response headers, if it has that callback."""
+        vm, ctx = self.vm, self.ctx
+        if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
+            return
+        ctx.response_headers = [(k.lower(), v) for k, v in headers]
+        try:
+            vm.on_response_headers(ctx, end_of_stream)
+        except raw.GuestTrap as e:
+            self.instance.crashed(vm, e)
+
+    def close(self) -> None:
+        """End the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`."""
+        vm, ctx = self.vm, self.ctx
+        self.ctx = None
+        if self.decision is None:
+            self._fail("stream closed before the filter decided")
+        if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
+            return
+        try:
+            vm.finish_context(ctx)
+        except raw.GuestTrap as e:
+            self.instance.crashed(vm, e)
+            return
+        self.instance.host.context_released(vm)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class FilterInstance:
+    """A managed filter instance: the current generation and the ones still draining."""
+
+    def __init__(self, host: Host, instance_id: str, tenant: str) -> None:
+        self.host = host
+        self.id = instance_id
+        self.tenant = tenant
+        self.generation = -1
+        self.vm: Vm | None = None
+        self.draining: list[Vm] = []
+        self.crashes: deque[int] = deque(maxlen=32)
+        self.down_reason = ""
+        self.retry_at_ns = 0
+        self.restarts = 0
+        self.vm = self._new_vm()
+
+    def _new_vm(self) -> Vm:
+        vm = Vm(self.host.module, self.host, self.id, self.generation + 1)
+        self.generation = vm.generation
+        return vm
+
+    def stream(self) -> Stream:
+        """Open a stream on the current generation (or a failing one while down)."""
+        if self.vm is None:
+            self.maybe_recover()
+        return Stream(self, self.vm)
+
+    def observe(self) -> Observation:
+        """Allocated memory, requests, outbound calls and the filter's metrics."""
+        vm = self.vm
+        if vm is None:
+            return Observation(self.id, self.tenant, self.generation, 0.0, 0, 0, 0, 0, {},
+                               len(self.draining), "down")
+        pages = vm.allocated_pages()
+        return Observation(
+            self.id, self.tenant, vm.generation, vm.started_ns / 1e9, pages,
+            pages * WASM_PAGE_SIZE, vm.requests, vm.outbound, vm.metric_values(),
+            len(self.draining),
+        )
+
+    def restart(self, reason: str, requested_by: str) -> RestartRecord:
+        """Replace the current generation with a fresh instance of the compiled module.
+
+        Raises `RestartError` if the new instance cannot start; the old one keeps serving.
+        """
+        t0 = time.perf_counter()
+        old = self.vm
+        before = old.allocated_pages() * WASM_PAGE_SIZE if old is not None else 0
+        generation_before = self.generation
+        try:
+            new = self._new_vm()
+        except FilterStartError as e:
+            raise RestartError(f"restart of {self.id} failed, generation "
+                               f"{generation_before} keeps serving: {e}") from e
+        self.vm = new
+        self.down_reason = ""
+        if old is not None:
+            self._retire(old)
+        self.restarts += 1
+        record = RestartRecord(
+            self.id, self.tenant, self.host.clock.now_ns() / 1e9, reason, requested_by,
+            generation_before, new.generation, before,
+            new.allocated_pages() * WASM_PAGE_SIZE, time.perf_counter() - t0,
+        )
+        logger.info(
+            "restarted %s: generation %d -> %d (%s, by %s), allocated %d -> %d bytes",
+            self.id, generation_before, new.generation, reason, requested_by, before,
+            record.allocated_bytes_after,
+        )
+        self.host.events.on_restart(record)
+        self.host.schedule_changed()
+        return record
+
+    def _retire(self, vm: Vm) -> None:
+        """Drop `vm` now if idle; otherwise let its streams finish first."""
+        if vm.idle:
+            vm.close()
+        else:
+            self.draining.append(vm)
+
+    def release(self, vm: Vm) -> None:
+        """Called when a stream of `vm` ended: drop a draining generation once idle."""
+        if vm is not self.vm and vm in self.draining and vm.idle:
+            self.draining.remove(vm)
+            vm.close()
+
+    def crashed(self, vm: Vm, error: raw.GuestTrap) -> None:
+        """A generation trapped: fail its streams by policy, drop it, restart with back-off."""
+        if vm.closed:
+            return
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        kind = "interrupted after its deadline" if error.interrupted else "trapped"
+        logger.error("filter %s generation %d %s: %s", self.id, vm.generation, kind, message)
+        self.host.events.on_crash(self.id, vm.generation, message)
+        vm.broken = message
+        streams = [ctx.stream for ctx in vm.contexts.values()]
+        vm.close()
+        for stream in streams:
+            stream._fail(f"filter {kind}: {message}")
+        if vm in self.draining:
+            self.draining.remove(vm)
+            return
+        if vm is not self.vm:
+            return
+        self.vm = None
+        now = self.host.clock.now_ns()
+        self.crashes.append(now)
+        window = int(self.host.limits.crash_window_s * 1e9)
+        recent = sum(1 for t in self.crashes if now - t <= window)
+        self.down_reason = f"generation {vm.generation} {kind}: {message}"
+        if recent <= 1:
+            self.retry_at_ns = now
+        else:
+            delay = min(self.host.limits.backoff_initial_s * 2 ** (recent - 2),
+                        self.host.limits.backoff_max_s)
+            self.retry_at_ns = now + int(delay * 1e9)
+            logger.warning("filter %s crashed %d times within %.0f s; next start in %.1f s",
+                           self.id, recent, self.host.limits.crash_window_s, delay)
+        self.maybe_recover()
+
+    def maybe_recover(self) -> None:
+        """Start a new generation after a crash once the back-off has passed."""
+        if self.vm is not None or self.host.clock.now_ns() < self.retry_at_ns:
+            return
+        before = self.generation
+        try:
+            self.vm = self._new_vm()
+        except FilterStartError as e:
+            self.crashes.append(self.host.clock.now_ns())
+            self.retry_at_ns = self.host.clock.now_ns() + int(self.host.limits.backoff_max_s * 1e9)
+            self.down_reason = f"restart failed: {e}"
+            logger.error("filter %s could not restart: %s", self.id, e)
+            return
+        self.restarts += 1
+        self.down_reason = ""
+        self.host.events.on_restart(RestartRecord(
+            self.id, self.tenant, self.host.clock.now_ns() / 1e9, "crash", "host", before,
+            self.vm.generation, 0, self.vm.allocated_pages() * WASM_PAGE_SIZE, 0.0,
+        ))
+        self.host.schedule_changed()
+
+    def vms(self) -> list[Vm]:
+        """Every live generation: the current one first."""
+        return ([self.vm] if self.vm is not None else []) + self.draining
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Host:
+    """Runs one Proxy-Wasm module as many filter instances on one clock."""
+
+    def __init__(
+        self,
+        module: FilterModule,
+        dispatcher: Dispatcher,
+        *,
+        plugin_configuration: bytes = b"",
+        vm_configuration: bytes = b"",
+        clock: Clock | None = None,
+        limits: Limits | None = None,
+        fail_open: bool = False,
+        events: HostEvents | None = None,
+        plugin_name: str = "wasm_auth",
+        seed: int | None = None,
+    ) -> None:
+        self.module = module
+        self.dispatcher = dispatcher
+        self.plugin_configuration = plugin_configuration
+        self.vm_configuration = vm_configuration
+        self.clock: Clock = clock or WallClock()
+        self.limits = limits or Limits()
+        self.fail_open = fail_open
+        self.events = events or HostEvents()
+        self.plugin_name = plugin_name
+        self.instances: dict[str, FilterInstance] = {}
+        self.shared_data: dict[bytes, tuple[bytes, int]] = {}
+        self._random = random.Random(seed) if seed is not None else None
+        self._timers: list[tuple[int, int, Vm, int]] = []  # (due, seq, vm, call id or 0=tick)
+        self._seq = itertools.count()
+        self._busy = 0
+        self._deliveries: deque[Callable[[], None]] = deque()
+
+    # ---- instances ----
+
+    def instance(self, instance_id: str, tenant: str | None = None) -> FilterInstance:
+        """The instance `instance_id`, started on first use (may raise FilterStartError)."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            inst = FilterInstance(self, instance_id, tenant or instance_id)
+            self.instances[instance_id] = inst
+            self.schedule_changed()
+        return inst
+
+    def restart(self, instance_id: str, reason: str, requested_by: str) -> RestartRecord:
+        """Restart an instance by id (KeyError if unknown)."""
+        return self.instances[instance_id].restart(reason, requested_by)
+
+    def close(self) -> None:
+        """Drop every instance."""
+        for inst in self.instances.values():
+            for vm in inst.vms():
+                vm.close()
+        self.instances.clear()
+
+    def random_bytes(self, n: int) -> bytes:
+        """Randomness for the guest: seeded in simulations, os.urandom otherwise."""
+        return self._random.randbytes(n) if self._random is not None else os.urandom(n)
+
+    # ---- outbound calls ----
+
+    def start_call(
+        self, vm: Vm, call: PendingCall, headers: Pairs, body: bytes, trailers: Pairs
+    ) -> bool:
+        """Hand a call made by `vm` to the dispatcher; schedule its deadline."""
+        http_call = HttpCall(call.cluster, headers, body, trailers,
+                             (call.deadline_ns - call.started_ns) // 1_000_000)
+
+        def deliver(response: HttpCallResponse | None) -> None:
+            if self._busy:
+                self._deliveries.append(lambda: self._complete_call(vm, call.id, response))
+            else:
+                self._complete_call(vm, call.id, response)
+
+        try:
+            self.dispatcher.start(http_call, deliver)
+        except Exception as e:
+            logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
+            return False
+        heapq.heappush(self._timers, (call.deadline_ns, next(self._seq), vm, call.id))
+        return True
+
+    def _drain_deliveries(self) -> None:
+        while self._deliveries and not self._busy:
+            self._deliveries.popleft()()
+
+    def _complete_call(
+        self, vm: Vm, call_id: int, response: HttpCallResponse | None, timed_out: bool = False
+    ) -> None:
+        inst = self.instances.get(vm.instance_id)
+        now = self.clock.now_ns()
+        call = vm.calls.pop(call_id, None)
+        if call is None:
+            logger.debug("late or unknown response for call %d of %s gen %d ignored",
+                         call_id, vm.instance_id, vm.generation)
+            return
+        outcome: Literal["ok", "timeout", "error", "late"] = (
+            "timeout" if timed_out else "error" if response is None else "ok"
+        )
+        self.events.on_auth_call(AuthCallRecord(
+            vm.instance_id, inst.tenant if inst else vm.instance_id, vm.generation, now / 1e9,
+            call.cluster, call.path, response.status if response is not None else None, outcome,
+            (now - call.started_ns) / 1e9,
+        ))
+        ctx = vm.contexts.get(call.context_id)
+        if ctx is not None:
+            ctx.calls.discard(call_id)
+        if vm.closed:
+            return
+        if response is None:
+            status, headers, body, trailers = 0, [], b"", []
+        else:
+            status = response.status
+            headers = [(b":status", str(status).encode()), *response.headers]
+            body, trailers = response.body, response.trailers
+        self._busy += 1
+        try:
+            vm.on_http_call_response(call, status, headers, body, trailers)
+        except raw.GuestTrap as e:
+            if inst is not None:
+                inst.crashed(vm, e)
+            return
+        finally:
+            self._busy -= 1
+        self._settle(vm)
+        self._drain_deliveries()
+
+    def _settle(self, vm: Vm) -> None:
+        """After a callback, turn the decisions the filter made into stream decisions."""
+        for ctx in list(vm.contexts.values()):
+            stream = ctx.stream
+            if stream.decision is None:
+                stream.settle()
+        self.context_released(vm)
+
+    def context_released(self, vm: Vm) -> None:
+        """A stream or call of `vm` ended: drop a draining generation once idle."""
+        inst = self.instances.get(vm.instance_id)
+        if inst is not None and vm is not inst.vm:
+            inst.release(vm)
+
+    # ---- timers ----
+
+    def schedule_changed(self) -> None:
+        """A tick period changed or an instance started: (re)arm tick timers."""
+        for inst in self.instances.values():
+            vm = inst.vm
+            if vm is not None and vm.tick_period_ns and not vm.tick_armed:
+                vm.tick_armed = True
+                heapq.heappush(self._timers, (vm.next_tick_ns, next(self._seq), vm, 0))
+
+    def next_event_ns(self) -> int | None:
+        """When the next timer or in-process delivery is due (virtual-time stepping)."""
+        candidates = [t for t in (self._timers[0][0] if self._timers else None,
+                                  self.dispatcher.next_due_ns()) if t is not None]
+        down = [i.retry_at_ns for i in self.instances.values() if i.vm is None]
+        return min(candidates + down) if candidates or down else None
+
+    def poll(self) -> None:
+        """Run everything due by now: deliveries, call deadlines, ticks, crash recovery."""
+        now = self.clock.now_ns()
+        self.dispatcher.poll(now)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, vm, call_id = heapq.heappop(timers)
+            if vm.closed:
+                continue
+            if call_id:
+                if call_id in vm.calls:
+                    self._complete_call(vm, call_id, None, timed_out=True)
+                continue
+            self._tick(vm, now)
+        for inst in self.instances.values():
+            if inst.vm is None:
+                inst.maybe_recover()
+        self._stall_check(now)
+
+    def _tick(self, vm: Vm, now: int) -> None:
+        inst = self.instances.get(vm.instance_id)
+        if inst is None or vm is not inst.vm:
+            vm.tick_armed = False
+            return  # draining generations only finish their streams
+        self._busy += 1
+        try:
+            vm.on_tick()
+        except raw.GuestTrap as e:
+            inst.crashed(vm, e)
+            return
+        finally:
+            self._busy -= 1
+        self._settle(vm)
+        self._drain_deliveries()
+        if vm.tick_period_ns and not vm.closed:
+            vm.next_tick_ns = now + vm.tick_period_ns
+            heapq.heappush(self._timers, (vm.next_tick_ns, next(self._seq), vm, 0))
+        else:
+            vm.tick_armed = False
+
+    def _stall_check(self, now: int) -> None:
+        """Fail streams the filter paused with nothing left to wake them."""
+        limit = int(self.limits.stream_timeout_s * 1e9)
+        for inst in self.instances.values():
+            for vm in inst.vms():
+                for ctx in list(vm.contexts.values()):
+                    s = ctx.stream
+                    if s.decision is None and not ctx.calls and now - s.started_ns > limit:
+                        s._fail("the filter paused the request and never resumed it")
+
+    def observe(self) -> list[Observation]:
+        """Observations of every instance."""
+        return [inst.observe() for inst in self.instances.values()]
