@@ -15,7 +15,9 @@ ALLOCATOR = """
     (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $n) (i32.const 7))
                                                           (i32.const -8))))
     (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-      (then (drop (memory.grow (i32.const 1)))))
+      (then (drop (memory.grow (i32.add (i32.const 1) (i32.shr_u
+        (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
+        (i32.const 16)))))))
     (local.get $p))
 """
 

@@ -569,9 +569,9 @@ class Vm:
         level, ptr, size = a[0].i32, a[1].i32 & M32, a[2].i32 & M32
         if level not in _PY_LEVEL:
             return Status.BAD_ARGUMENT
-        data = self.read(ptr, min(size, MAX_LOG_MESSAGE))
-        if data is None:
+        if not self._in_bounds(ptr, size):
             return Status.INVALID_MEMORY_ACCESS
+        data = self.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
         py_level = _PY_LEVEL[LogLevel(level)]
         if guest_logger.isEnabledFor(py_level):
             guest_logger.log(

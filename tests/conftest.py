@@ -1,0 +1,107 @@
+"""Shared fixtures: hosts around inline WAT modules or the reference filter, in virtual time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from addons.proxywasm import (
+    FilterModule,
+    Host,
+    HttpCall,
+    HttpCallResponse,
+    InProcessDispatcher,
+    Limits,
+    Stream,
+    VirtualClock,
+)
+from addons.proxywasm.vm import ROOT_CONTEXT_ID, StreamContext, Vm
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTER_WASM = ROOT / "filters" / "auth_cache.wasm"
+
+
+class Harness:
+    """A host with one instance of a WAT module, and helpers to poke its memory and exports."""
+
+    def __init__(self, wat: str, handler: Callable[[HttpCall], HttpCallResponse | None] | None,
+                 **host_kw: object) -> None:
+        self.clock = VirtualClock()
+        self.calls: list[HttpCall] = []
+
+        def record(call: HttpCall) -> HttpCallResponse | None:
+            self.calls.append(call)
+            return handler(call) if handler else HttpCallResponse(200)
+
+        self.dispatcher = InProcessDispatcher(record, self.clock.now_ns, clusters=("auth",))
+        self.module = FilterModule(wasmtime.wat2wasm(wat), name="test.wat")
+        self.host = Host(self.module, self.dispatcher, clock=self.clock, **host_kw)  # type: ignore[arg-type]
+        self.instance = self.host.instance("t")
+
+    @property
+    def vm(self) -> Vm:
+        assert self.instance.vm is not None
+        return self.instance.vm
+
+    def call(self, name: str, *args: int) -> int:
+        func = self.vm.raw.func(f"call_{name}") or self.vm.raw.func(name)
+        assert func is not None, f"no export {name}"
+        return self.vm.call(func, *args)
+
+    def put(self, ptr: int, data: bytes) -> tuple[int, int]:
+        assert self.vm.write(ptr, data)
+        return ptr, len(data)
+
+    def u32(self, ptr: int) -> int:
+        data = self.vm.read(ptr, 4)
+        assert data is not None
+        return int.from_bytes(data, "little")
+
+    def u64(self, ptr: int) -> int:
+        data = self.vm.read(ptr, 8)
+        assert data is not None
+        return int.from_bytes(data, "little")
+
+    def returned(self, ptr_ptr: int, size_ptr: int) -> bytes:
+        """Bytes a host function returned through (pointer, size) out-parameters."""
+        data = self.vm.read(self.u32(ptr_ptr), self.u32(size_ptr))
+        assert data is not None
+        return data
+
+    def stream_context(self, headers: list[tuple[bytes, bytes]] | None = None) -> StreamContext:
+        """Open a stream context and make it the effective one."""
+        stream = Stream(self.instance, self.vm)
+        ctx = stream.ctx = self.vm.new_context(stream)
+        ctx.request_headers = list(headers or [])
+        self.vm.effective = ctx.id
+        return ctx
+
+    def root(self) -> None:
+        self.vm.effective = ROOT_CONTEXT_ID
+
+
+@pytest.fixture
+def harness() -> Callable[..., Harness]:
+    made: list[Harness] = []
+
+    def make(wat: str, handler: Callable[[HttpCall], HttpCallResponse | None] | None = None,
+             **host_kw: object) -> Harness:
+        h = Harness(wat, handler, **host_kw)
+        made.append(h)
+        return h
+
+    yield make  # type: ignore[misc]
+    for h in made:
+        h.host.close()
+
+
+@pytest.fixture(scope="session")
+def filter_module() -> FilterModule:
+    """The committed reference filter, compiled once per test session."""
+    return FilterModule.from_file(FILTER_WASM)
+
+
+__all__ = ["FILTER_WASM", "ROOT", "Harness", "Limits"]
