@@ -52,6 +52,25 @@ class GuestTrap(Exception):
         self.interrupted = interrupted
 
 
+def summarize(message: str) -> str:
+    """One line from a wasmtime error: the cause first, then the innermost frame.
+
+    "error while executing at wasm backtrace: 0: 0x34b - <unknown>!<wasm function 15>
+    Caused by: wasm trap: wasm `unreachable` instruction executed" becomes
+    "wasm trap: wasm `unreachable` instruction executed (at <wasm function 15>)".
+    """
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    if "Caused by:" in lines:
+        i = lines.index("Caused by:")
+        cause = "; ".join(lines[i + 1 :]) or lines[0]
+        frames = [ln.split(" - ", 1)[-1] for ln in lines[1:i] if " - " in ln]
+        where = frames[0].split("!", 1)[-1] if frames else ""
+        return f"{cause} (at {where})" if where else cause
+    return "; ".join(lines)
+
+
 class HostTrap(Exception):
     """Raised by a host function to trap the guest with a clear message."""
 
@@ -228,11 +247,11 @@ class RawInstance:
             trap = wasmtime.Trap._from_ptr(self._trap)
             self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
             self._trap_ref = ctypes.byref(self._trap)
-            message = trap.message
+            message = summarize(trap.message)
             interrupted = trap.trap_code == wasmtime.TrapCode.INTERRUPT
             raise GuestTrap(message, interrupted=interrupted)
         err = wasmtime.WasmtimeError._from_ptr(error)
-        raise GuestTrap(str(err))
+        raise GuestTrap(summarize(str(err)))
 
     def memory_size(self) -> int:
         """Current linear-memory size in bytes (it never shrinks)."""
