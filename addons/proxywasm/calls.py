@@ -19,21 +19,20 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .headers import Pairs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class HttpCall:
+class HttpCall(NamedTuple):
     """An outbound call as the filter made it (pseudo-headers included)."""
 
     cluster: str
     headers: Pairs
     body: bytes = b""
-    trailers: Pairs = field(default_factory=list)
+    trailers: Pairs = []  # noqa: RUF012 - never mutated
     timeout_ms: int = 1000
 
     def header(self, name: bytes) -> bytes | None:
@@ -51,14 +50,13 @@ class HttpCall:
         return (self.header(b":path") or b"/").decode("latin-1")
 
 
-@dataclass(frozen=True, slots=True)
-class HttpCallResponse:
+class HttpCallResponse(NamedTuple):
     """A response to an outbound call."""
 
     status: int
-    headers: Pairs = field(default_factory=list)
+    headers: Pairs = []  # noqa: RUF012 - never mutated
     body: bytes = b""
-    trailers: Pairs = field(default_factory=list)
+    trailers: Pairs = []  # noqa: RUF012 - never mutated
 
 
 Deliver = Callable[[HttpCallResponse | None], None]

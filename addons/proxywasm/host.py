@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from . import _wasmtime as raw
 from .abi import WASM_PAGE_SIZE, Action
@@ -54,8 +54,7 @@ class Limits:
     """A paused stream with no pending call that gets no decision in this time fails."""
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What happens to a request after the filter ran."""
 
     action: Literal["continue", "respond", "reset"]
@@ -107,8 +106,7 @@ class RestartRecord:
     duration_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class AuthCallRecord:
+class AuthCallRecord(NamedTuple):
     """One outbound call, as written to the `auth_calls` collection."""
 
     instance: str
@@ -367,6 +365,7 @@ class FilterInstance:
         if vm is not self.vm:
             return
         self.vm = None
+        self.host._down.add(self.id)
         now = self.host.clock.now_ns()
         self.crashes.append(now)
         window = int(self.host.limits.crash_window_s * 1e9)
@@ -444,6 +443,8 @@ class Host:
         self._seq = itertools.count()
         self._busy = 0
         self._deliveries: deque[Callable[[], None]] = deque()
+        self._down: set[str] = set()
+        self._next_stall_check = 0
 
     # ---- instances ----
 
@@ -567,7 +568,7 @@ class Host:
         """When the next timer or in-process delivery is due (virtual-time stepping)."""
         candidates = [t for t in (self._timers[0][0] if self._timers else None,
                                   self.dispatcher.next_due_ns()) if t is not None]
-        down = [i.retry_at_ns for i in self.instances.values() if i.vm is None]
+        down = [self.instances[i].retry_at_ns for i in self._down if i in self.instances]
         return min(candidates + down) if candidates or down else None
 
     def poll(self) -> None:
@@ -584,10 +585,16 @@ class Host:
                     self._complete_call(vm, call_id, None, timed_out=True)
                 continue
             self._tick(vm, now)
-        for inst in self.instances.values():
-            if inst.vm is None:
-                inst.maybe_recover()
-        self._stall_check(now)
+        if self._down:
+            for instance_id in list(self._down):
+                inst = self.instances.get(instance_id)
+                if inst is None or inst.vm is not None:
+                    self._down.discard(instance_id)
+                else:
+                    inst.maybe_recover()
+        if now >= self._next_stall_check:
+            self._next_stall_check = now + 1_000_000_000
+            self._stall_check(now)
 
     def _tick(self, vm: Vm, now: int) -> None:
         inst = self.instances.get(vm.instance_id)

@@ -18,7 +18,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 guest_logger = logging.getLogger("wasm_reclaim.guest")
 
 M32 = 0xFFFFFFFF
+BAD_MEMORY = Status.INVALID_MEMORY_ACCESS
+_BUFFER_TYPES = frozenset(BufferType)
+_MAP_TYPES = frozenset(MapType)
+_STREAM_TYPES = frozenset(StreamType)
+_METRIC_TYPES = frozenset(MetricType)
 ROOT_CONTEXT_ID = 1
 MAX_LOG_MESSAGE = 16 * 1024
 MAX_RANDOM_BYTES = 64 * 1024
@@ -58,6 +63,11 @@ _PY_LEVEL = {
     LogLevel.CRITICAL: logging.CRITICAL,
 }
 
+_memmove = ctypes.memmove
+_string_at = ctypes.string_at
+_u32_at = ctypes.c_uint32.from_address
+_u64_at = ctypes.c_uint64.from_address
+
 # The Vm whose guest code is running (host functions need it); calls never interleave.
 _active: list[Vm | None] = [None]
 
@@ -70,13 +80,12 @@ class FilterStartError(Exception):
     """A filter instance could not start (trap, or a start callback returned false)."""
 
 
-@dataclass(frozen=True, slots=True)
-class LocalResponse:
+class LocalResponse(NamedTuple):
     """A response the filter sends itself instead of forwarding the request."""
 
     status: int
     body: bytes = b""
-    headers: Pairs = field(default_factory=list)
+    headers: Pairs = []  # noqa: RUF012 - NamedTuple defaults are never mutated here
     details: str = ""
 
 
@@ -199,11 +208,12 @@ class FilterModule:
                         f"{self.name}: import {imp.module}.{imp.name} has type {_sig(ty)}, "
                         f"but the ABI defines {_sig(want)}"
                     )
-                raw.define_host_function(linker, imp.module, imp.name or "", ty, _bind(impl))
+                raw.define_host_function(linker, imp.module, imp.name or "", ty, impl, _active)
             else:
                 self.unimplemented.append(f"{imp.module}.{imp.name}")
                 raw.define_host_function(
-                    linker, imp.module, imp.name or "", ty, _unimplemented(imp.module, imp.name, ty)
+                    linker, imp.module, imp.name or "", ty,
+                    _unimplemented(imp.module, imp.name, ty), _active,
                 )
         if self.unimplemented:
             logger.info(
@@ -218,25 +228,13 @@ def _sig(ty: wasmtime.FuncType) -> str:
     return f"({params}) -> ({results})"
 
 
-def _bind(impl: Callable[[Vm, Any], int | None]) -> raw.HostImpl:
-    """Adapt a `Vm` method to a host function that runs on the active Vm."""
-
-    def call(args: Any) -> int | None:
-        vm = _active[0]
-        if vm is None:
-            raise raw.HostTrap("a host function was called outside any callback")
-        return impl(vm, args)
-
-    return call
-
-
 def _unimplemented(module: str, name: str | None, ty: wasmtime.FuncType) -> raw.HostImpl:
     """A stub for an import the host lacks: a status if the signature allows one, else a trap."""
     qualified = f"{module}.{name}"
     results = [str(r) for r in ty.results]
     warned: list[bool] = []
 
-    def call(args: Any) -> int | None:
+    def call(_vm: Vm, *_params: int) -> int | None:
         if not warned:
             warned.append(True)
             logger.warning("filter called %s, which this host does not implement", qualified)
@@ -295,7 +293,11 @@ class Vm:
         finally:
             _active[0] = previous
         self._mem_size = self.raw.memory_size()
-        f = self.raw.func
+        exports = module.exports
+
+        def f(name: str) -> Any:
+            return self.raw.func(name) if name in exports else None
+
         self._alloc = f("proxy_on_memory_allocate") or f("malloc")
         self._on_context_create = f("proxy_on_context_create")
         self._on_request_headers = f("proxy_on_request_headers")
@@ -311,7 +313,8 @@ class Vm:
 
     def _start(self) -> None:
         """Run the start functions and the root context's start callbacks."""
-        f = self.raw.func
+        f = self._export
+        self.raw.arm(self.deadline * 10)  # start-up may legitimately take longer
         try:
             init = f("_initialize")
             if init is not None:
@@ -351,6 +354,9 @@ class Vm:
         finally:
             self.buffers = {}
 
+    def _export(self, name: str) -> Any:
+        return self.raw.func(name) if name in self.module.exports else None
+
     def close(self) -> None:
         """Drop the Store, freeing the linear memory. The Vm is unusable afterwards."""
         if not self.closed:
@@ -375,19 +381,23 @@ class Vm:
     # ---- guest calls -------------------------------------------------------------------------
 
     def call(self, func: Any, *params: int) -> int:
-        """Call a guest export with a fresh deadline; raise `GuestTrap` on a trap."""
-        previous = _active[0]
+        """Call a guest export; raise `GuestTrap` on a trap.
+
+        The deadline is the one the entry point armed: every method that enters the guest
+        from outside (a request, a response, a tick, a call's answer) arms it first, so a
+        looping filter is interrupted within `Limits.deadline_ms` of that entry.
+        """
+        # Guest calls never interleave across VMs (a host function only calls back into its
+        # own VM), so the active slot needs no restoring afterwards.
         _active[0] = self
-        try:
-            return self.raw.call(func, self.deadline, *params)
-        finally:
-            _active[0] = previous
+        return self.raw.call(func, *params)
 
     def new_context(self, stream: Any) -> StreamContext:
         """Create a stream context (calls `proxy_on_context_create`)."""
         ctx = StreamContext(self._next_context, stream)
         self._next_context += 1
         self.contexts[ctx.id] = ctx
+        self.raw.arm(self.deadline)
         if self._on_context_create is not None:
             self.call(self._on_context_create, ctx.id, ROOT_CONTEXT_ID)
         return ctx
@@ -409,6 +419,7 @@ class Vm:
         """Run `proxy_on_response_headers` if exported; return the action."""
         if self._on_response_headers is None:
             return int(Action.CONTINUE)
+        self.raw.arm(self.deadline)
         self.effective = ctx.id
         try:
             return self.call(
@@ -420,6 +431,7 @@ class Vm:
     def finish_context(self, ctx: StreamContext) -> None:
         """`proxy_on_done`, then (unless the guest defers with false) log and delete."""
         self.effective = ctx.id
+        self.raw.arm(self.deadline)
         try:
             done = 1 if self._on_done is None else self.call(self._on_done, ctx.id)
             if done:
@@ -449,6 +461,7 @@ class Vm:
         self.buffers = {BufferType.HTTP_CALL_RESPONSE_BODY: body}
         self.call_response = (status, headers, trailers)
         self.effective = ROOT_CONTEXT_ID
+        self.raw.arm(self.deadline)
         try:
             self.call(
                 self._on_http_call_response, ROOT_CONTEXT_ID, call.id, len(headers), len(body),
@@ -462,6 +475,7 @@ class Vm:
     def on_tick(self) -> None:
         """Run `proxy_on_tick` on the root context."""
         if self._on_tick is not None:
+            self.raw.arm(self.deadline)
             self.call(self._on_tick, ROOT_CONTEXT_ID)
 
     # ---- linear memory -----------------------------------------------------------------------
@@ -477,27 +491,27 @@ class Vm:
         """Read guest memory; None if [ptr, ptr+size) is out of bounds."""
         if not self._in_bounds(ptr, size):
             return None
-        return ctypes.string_at(self.raw.base + ptr, size) if size else b""
+        return _string_at(self.raw.base + ptr, size) if size else b""
 
     def write(self, ptr: int, data: bytes) -> bool:
         """Write guest memory; False if out of bounds."""
         if not self._in_bounds(ptr, len(data)):
             return False
-        ctypes.memmove(self.raw.base + ptr, data, len(data))
+        _memmove(self.raw.base + ptr, data, len(data))
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
         """Write a little-endian u32; False if out of bounds."""
         if not self._in_bounds(ptr, 4):
             return False
-        ctypes.c_uint32.from_address(self.raw.base + ptr).value = value & M32
+        _u32_at(self.raw.base + ptr).value = value & M32
         return True
 
     def write_u64(self, ptr: int, value: int) -> bool:
         """Write a little-endian u64; False if out of bounds."""
         if not self._in_bounds(ptr, 8):
             return False
-        ctypes.c_uint64.from_address(self.raw.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
+        _u64_at(self.raw.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
         return True
 
     def return_bytes(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
@@ -509,12 +523,15 @@ class Vm:
         if not (self._in_bounds(ptr_ptr, 4) and self._in_bounds(size_ptr, 4)):
             return Status.INVALID_MEMORY_ACCESS
         addr = 0
-        if data:
-            addr = self.raw.call(self._alloc, 0, len(data)) & M32
-            if addr == 0 or not self.write(addr, data):
+        size = len(data)
+        if size:
+            addr = self.raw.call1(self._alloc, size) & M32
+            if addr == 0 or not self._in_bounds(addr, size):
                 return Status.INVALID_MEMORY_ACCESS
-        self.write_u32(ptr_ptr, addr)
-        self.write_u32(size_ptr, len(data))
+            _memmove(self.raw.base + addr, data, size)
+        base = self.raw.base  # both out-parameters were bounds-checked above
+        _u32_at(base + ptr_ptr).value = addr
+        _u32_at(base + size_ptr).value = size
         return Status.OK
 
     def _read_str(self, ptr: int, size: int) -> str | None:
@@ -559,44 +576,39 @@ class Vm:
         return True
 
     # ============================================================================================
-    # Host functions. Each takes the raw argument array `a` and returns a status.
-    # a[i].i32 is signed: pointers and sizes are masked to u32.
+    # Host functions. Parameters arrive as ints: i32 unsigned (pointers, sizes, ids), i64
+    # signed. Each returns a `Status` (or a WASI errno for wasi_snapshot_preview1 functions).
     # ============================================================================================
 
     # ---- logging, time, ticks ----
 
-    def hc_proxy_log(self, a: Any) -> int:
-        level, ptr, size = a[0].i32, a[1].i32 & M32, a[2].i32 & M32
+    def hc_proxy_log(self, level: int, ptr: int, size: int) -> int:
         if level not in _PY_LEVEL:
             return Status.BAD_ARGUMENT
         if not self._in_bounds(ptr, size):
             return Status.INVALID_MEMORY_ACCESS
-        data = self.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
         py_level = _PY_LEVEL[LogLevel(level)]
         if guest_logger.isEnabledFor(py_level):
+            data = self.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
             guest_logger.log(
                 py_level, "[%s gen %d] %s", self.instance_id, self.generation,
                 data.decode("utf-8", "replace"),
             )
         return Status.OK
 
-    def hc_proxy_get_log_level(self, a: Any) -> int:
+    def hc_proxy_get_log_level(self, ret_level: int) -> int:
         level = guest_logger.getEffectiveLevel()
         abi_level = (
             LogLevel.DEBUG if level <= logging.DEBUG else LogLevel.INFO if level <= logging.INFO
             else LogLevel.WARN if level <= logging.WARNING
             else LogLevel.ERROR if level <= logging.ERROR else LogLevel.CRITICAL
         )
-        return Status.OK if self.write_u32(a[0].i32 & M32, abi_level) else (
-            Status.INVALID_MEMORY_ACCESS
-        )
+        return Status.OK if self.write_u32(ret_level, abi_level) else BAD_MEMORY
 
-    def hc_proxy_get_current_time_nanoseconds(self, a: Any) -> int:
-        ok = self.write_u64(a[0].i32 & M32, self.host.clock.now_ns())
-        return Status.OK if ok else Status.INVALID_MEMORY_ACCESS
+    def hc_proxy_get_current_time_nanoseconds(self, ret_time: int) -> int:
+        return Status.OK if self.write_u64(ret_time, self.host.clock.now_ns()) else BAD_MEMORY
 
-    def hc_proxy_set_tick_period_milliseconds(self, a: Any) -> int:
-        period_ms = a[0].i32 & M32
+    def hc_proxy_set_tick_period_milliseconds(self, period_ms: int) -> int:
         self.tick_period_ns = period_ms * 1_000_000
         self.next_tick_ns = self.host.clock.now_ns() + self.tick_period_ns if period_ms else 0
         self.host.schedule_changed()
@@ -604,97 +616,98 @@ class Vm:
 
     # ---- buffers ----
 
-    def hc_proxy_get_buffer_bytes(self, a: Any) -> int:
-        buf, start, max_size = a[0].i32, a[1].i32 & M32, a[2].i32 & M32
-        if buf not in BufferType._value2member_map_:
+    def hc_proxy_get_buffer_bytes(
+        self, buf: int, start: int, max_size: int, ret_ptr: int, ret_size: int
+    ) -> int:
+        if buf not in _BUFFER_TYPES:
             return Status.BAD_ARGUMENT
         data = self.buffers.get(buf)
         if data is None:
             return Status.NOT_FOUND
         if start > len(data):
             return Status.BAD_ARGUMENT
-        return self.return_bytes(data[start : start + max_size], a[3].i32 & M32, a[4].i32 & M32)
+        return self.return_bytes(data[start : start + max_size], ret_ptr, ret_size)
 
-    def hc_proxy_get_buffer_status(self, a: Any) -> int:
-        buf = a[0].i32
-        if buf not in BufferType._value2member_map_:
+    def hc_proxy_get_buffer_status(self, buf: int, ret_size: int, ret_flags: int) -> int:
+        if buf not in _BUFFER_TYPES:
             return Status.BAD_ARGUMENT
         data = self.buffers.get(buf)
         if data is None:
             return Status.NOT_FOUND
-        if not (self.write_u32(a[1].i32 & M32, len(data)) and self.write_u32(a[2].i32 & M32, 0)):
-            return Status.INVALID_MEMORY_ACCESS
+        if not (self.write_u32(ret_size, len(data)) and self.write_u32(ret_flags, 0)):
+            return BAD_MEMORY
         return Status.OK
 
-    def hc_proxy_set_buffer_bytes(self, a: Any) -> int:
-        buf, start, size = a[0].i32, a[1].i32 & M32, a[2].i32 & M32
-        if buf not in BufferType._value2member_map_:
+    def hc_proxy_set_buffer_bytes(
+        self, buf: int, start: int, size: int, value_ptr: int, value_size: int
+    ) -> int:
+        if buf not in _BUFFER_TYPES:
             return Status.BAD_ARGUMENT
         data = self.buffers.get(buf)
         if data is None:
             return Status.NOT_FOUND
-        value = self.read(a[3].i32 & M32, a[4].i32 & M32)
+        value = self.read(value_ptr, value_size)
         if value is None:
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
         start = min(start, len(data))
         self.buffers[buf] = data[:start] + value + data[start + size :]
         return Status.OK
 
     # ---- header maps ----
 
-    def hc_proxy_get_header_map_pairs(self, a: Any) -> int:
-        if a[0].i32 not in MapType._value2member_map_:
+    def hc_proxy_get_header_map_pairs(self, map_type: int, ret_ptr: int, ret_size: int) -> int:
+        if map_type not in _MAP_TYPES:
             return Status.BAD_ARGUMENT
-        pairs = self._map(a[0].i32)
+        pairs = self._map(map_type)
         if pairs is None:
             return Status.NOT_FOUND
-        return self.return_bytes(serialize_map(pairs), a[1].i32 & M32, a[2].i32 & M32)
+        return self.return_bytes(serialize_map(pairs), ret_ptr, ret_size)
 
-    def hc_proxy_get_header_map_size(self, a: Any) -> int:
-        if a[0].i32 not in MapType._value2member_map_:
+    def hc_proxy_get_header_map_size(self, map_type: int, ret_size: int) -> int:
+        if map_type not in _MAP_TYPES:
             return Status.BAD_ARGUMENT
-        pairs = self._map(a[0].i32)
+        pairs = self._map(map_type)
         if pairs is None:
             return Status.NOT_FOUND
-        size = len(serialize_map(pairs))
-        return Status.OK if self.write_u32(a[1].i32 & M32, size) else Status.INVALID_MEMORY_ACCESS
+        return Status.OK if self.write_u32(ret_size, len(serialize_map(pairs))) else BAD_MEMORY
 
-    def hc_proxy_set_header_map_pairs(self, a: Any) -> int:
-        if a[0].i32 not in MapType._value2member_map_:
+    def hc_proxy_set_header_map_pairs(self, map_type: int, ptr: int, size: int) -> int:
+        if map_type not in _MAP_TYPES:
             return Status.BAD_ARGUMENT
-        data = self.read(a[1].i32 & M32, a[2].i32 & M32)
+        data = self.read(ptr, size)
         if data is None:
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
         try:
             pairs = [(k.lower(), v) for k, v in deserialize_map(data)]
         except MapFormatError as e:
             guest_logger.warning("[%s] proxy_set_header_map_pairs: %s", self.instance_id, e)
             return Status.BAD_ARGUMENT
-        return Status.OK if self._set_map(a[0].i32, pairs) else Status.NOT_FOUND
+        return Status.OK if self._set_map(map_type, pairs) else Status.NOT_FOUND
 
-    def hc_proxy_get_header_map_value(self, a: Any) -> int:
-        if a[0].i32 not in MapType._value2member_map_:
+    def hc_proxy_get_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, ret_ptr: int, ret_size: int
+    ) -> int:
+        if map_type not in _MAP_TYPES:
             return Status.BAD_ARGUMENT
-        key = self.read(a[1].i32 & M32, a[2].i32 & M32)
+        key = self.read(key_ptr, key_size)
         if key is None:
-            return Status.INVALID_MEMORY_ACCESS
-        pairs = self._map(a[0].i32)
+            return BAD_MEMORY
+        pairs = self._map(map_type)
         if pairs is None:
             return Status.NOT_FOUND
         key = key.lower()
         for k, v in pairs:
             if k == key:
-                return self.return_bytes(v, a[3].i32 & M32, a[4].i32 & M32)
+                return self.return_bytes(v, ret_ptr, ret_size)
         return Status.NOT_FOUND
 
-    def _edit_map(self, a: Any, mode: str) -> int:
-        map_type = a[0].i32
-        if map_type not in MapType._value2member_map_:
+    def _edit_map(self, map_type: int, key_ptr: int, key_size: int, value: bytes | None,
+                  mode: str) -> int:
+        if map_type not in _MAP_TYPES:
             return Status.BAD_ARGUMENT
-        key = self.read(a[1].i32 & M32, a[2].i32 & M32)
-        value = b"" if mode == "remove" else self.read(a[3].i32 & M32, a[4].i32 & M32)
+        key = self.read(key_ptr, key_size)
         if key is None or value is None:
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
         pairs = self._map(map_type)
         if pairs is None or map_type >= MapType.GRPC_CALL_INITIAL_METADATA:
             return Status.NOT_FOUND
@@ -708,20 +721,24 @@ class Vm:
         self._set_map(map_type, new)
         return Status.OK
 
-    def hc_proxy_add_header_map_value(self, a: Any) -> int:
-        return self._edit_map(a, "add")
+    def hc_proxy_add_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
+    ) -> int:
+        return self._edit_map(map_type, key_ptr, key_size, self.read(value_ptr, value_size), "add")
 
-    def hc_proxy_replace_header_map_value(self, a: Any) -> int:
-        return self._edit_map(a, "replace")
+    def hc_proxy_replace_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
+    ) -> int:
+        value = self.read(value_ptr, value_size)
+        return self._edit_map(map_type, key_ptr, key_size, value, "replace")
 
-    def hc_proxy_remove_header_map_value(self, a: Any) -> int:
-        return self._edit_map(a, "remove")
+    def hc_proxy_remove_header_map_value(self, map_type: int, key_ptr: int, key_size: int) -> int:
+        return self._edit_map(map_type, key_ptr, key_size, b"", "remove")
 
     # ---- streams ----
 
-    def hc_proxy_continue_stream(self, a: Any) -> int:
-        stream_type = a[0].i32
-        if stream_type not in StreamType._value2member_map_:
+    def hc_proxy_continue_stream(self, stream_type: int) -> int:
+        if stream_type not in _STREAM_TYPES:
             return Status.BAD_ARGUMENT
         if stream_type not in (StreamType.HTTP_REQUEST, StreamType.HTTP_RESPONSE):
             return Status.UNIMPLEMENTED
@@ -731,16 +748,14 @@ class Vm:
         ctx.resumed = True
         return Status.OK
 
-    def hc_proxy_continue_request(self, a: Any) -> int:
-        a[0].i32 = StreamType.HTTP_REQUEST
-        return self.hc_proxy_continue_stream(a)
+    def hc_proxy_continue_request(self) -> int:
+        return self.hc_proxy_continue_stream(StreamType.HTTP_REQUEST)
 
-    def hc_proxy_continue_response(self, a: Any) -> int:
-        a[0].i32 = StreamType.HTTP_RESPONSE
-        return self.hc_proxy_continue_stream(a)
+    def hc_proxy_continue_response(self) -> int:
+        return self.hc_proxy_continue_stream(StreamType.HTTP_RESPONSE)
 
-    def hc_proxy_close_stream(self, a: Any) -> int:
-        if a[0].i32 not in StreamType._value2member_map_:
+    def hc_proxy_close_stream(self, stream_type: int) -> int:
+        if stream_type not in _STREAM_TYPES:
             return Status.BAD_ARGUMENT
         ctx = self.contexts.get(self.effective)
         if ctx is None:
@@ -748,13 +763,15 @@ class Vm:
         ctx.closed = True
         return Status.OK
 
-    def hc_proxy_send_local_response(self, a: Any) -> int:
-        status = a[0].i32 & M32
-        details = self.read(a[1].i32 & M32, a[2].i32 & M32)
-        body = self.read(a[3].i32 & M32, a[4].i32 & M32)
-        headers_raw = self.read(a[5].i32 & M32, a[6].i32 & M32)
+    def hc_proxy_send_local_response(
+        self, status: int, details_ptr: int, details_size: int, body_ptr: int, body_size: int,
+        headers_ptr: int, headers_size: int, _grpc_status: int,
+    ) -> int:
+        details = self.read(details_ptr, details_size)
+        body = self.read(body_ptr, body_size)
+        headers_raw = self.read(headers_ptr, headers_size)
         if details is None or body is None or headers_raw is None:
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
         try:
             headers = [(k.lower(), v) for k, v in deserialize_map(headers_raw)]
         except MapFormatError as e:
@@ -770,14 +787,13 @@ class Vm:
         )
         return Status.OK
 
-    def hc_proxy_set_effective_context(self, a: Any) -> int:
-        context_id = a[0].i32 & M32
+    def hc_proxy_set_effective_context(self, context_id: int) -> int:
         if context_id != ROOT_CONTEXT_ID and context_id not in self.contexts:
             return Status.BAD_ARGUMENT
         self.effective = context_id
         return Status.OK
 
-    def hc_proxy_done(self, a: Any) -> int:
+    def hc_proxy_done(self) -> int:
         ctx = self.contexts.get(self.effective)
         if ctx is None or not ctx.done_pending:
             return Status.NOT_FOUND
@@ -787,17 +803,19 @@ class Vm:
 
     # ---- outbound HTTP calls ----
 
-    def hc_proxy_http_call(self, a: Any) -> int:
-        upstream = self.read(a[0].i32 & M32, a[1].i32 & M32)
-        headers_raw = self.read(a[2].i32 & M32, a[3].i32 & M32)
-        body = self.read(a[4].i32 & M32, a[5].i32 & M32)
-        trailers_raw = self.read(a[6].i32 & M32, a[7].i32 & M32)
-        timeout_ms = a[8].i32 & M32
-        ret_ptr = a[9].i32 & M32
+    def hc_proxy_http_call(
+        self, upstream_ptr: int, upstream_size: int, headers_ptr: int, headers_size: int,
+        body_ptr: int, body_size: int, trailers_ptr: int, trailers_size: int, timeout_ms: int,
+        ret_call_id: int,
+    ) -> int:
+        upstream = self.read(upstream_ptr, upstream_size)
+        headers_raw = self.read(headers_ptr, headers_size)
+        body = self.read(body_ptr, body_size)
+        trailers_raw = self.read(trailers_ptr, trailers_size)
         if upstream is None or headers_raw is None or body is None or trailers_raw is None:
-            return Status.INVALID_MEMORY_ACCESS
-        if not self._in_bounds(ret_ptr, 4):
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
+        if not self._in_bounds(ret_call_id, 4):
+            return BAD_MEMORY
         try:
             headers = deserialize_map(headers_raw)
             trailers = deserialize_map(trailers_raw)
@@ -820,8 +838,7 @@ class Vm:
         call = PendingCall(
             call_id, self.effective, cluster, path, now, now + max(timeout_ms, 1) * 1_000_000
         )
-        ok = self.host.start_call(self, call, headers, body, trailers)
-        if not ok:
+        if not self.host.start_call(self, call, headers, body, trailers):
             return Status.INTERNAL_FAILURE
         self.calls[call_id] = call
         self.outbound += 1
@@ -829,96 +846,100 @@ class Vm:
         if ctx is not None:
             ctx.calls.add(call_id)
             ctx.outbound += 1
-        self.write_u32(ret_ptr, call_id)
+        self.write_u32(ret_call_id, call_id)
         return Status.OK
 
-    def hc_proxy_get_status(self, a: Any) -> int:
+    def hc_proxy_get_status(self, ret_code: int, ret_ptr: int, ret_size: int) -> int:
         if self.call_response is None:
             return Status.NOT_FOUND
-        if not self.write_u32(a[0].i32 & M32, self.call_response[0]):
-            return Status.INVALID_MEMORY_ACCESS
+        if not self.write_u32(ret_code, self.call_response[0]):
+            return BAD_MEMORY
         message = b"" if self.call_response[1] else b"call failed"
-        return self.return_bytes(message, a[1].i32 & M32, a[2].i32 & M32)
+        return self.return_bytes(message, ret_ptr, ret_size)
 
     # ---- metrics ----
 
-    def hc_proxy_define_metric(self, a: Any) -> int:
-        metric_type = a[0].i32
-        if metric_type not in MetricType._value2member_map_:
+    def hc_proxy_define_metric(
+        self, metric_type: int, name_ptr: int, name_size: int, ret_id: int
+    ) -> int:
+        if metric_type not in _METRIC_TYPES:
             return Status.BAD_ARGUMENT
-        name = self._read_str(a[1].i32 & M32, a[2].i32 & M32)
-        if name is None or not self._in_bounds(a[3].i32 & M32, 4):
-            return Status.INVALID_MEMORY_ACCESS
+        name = self._read_str(name_ptr, name_size)
+        if name is None or not self._in_bounds(ret_id, 4):
+            return BAD_MEMORY
         metric_id = self.metric_ids.get(name)
         if metric_id is None:
             metric_id = self._next_metric
             self._next_metric += 1
             self.metric_ids[name] = metric_id
             self.metrics[metric_id] = Metric(name, MetricType(metric_type))
-        self.write_u32(a[3].i32 & M32, metric_id)
+        self.write_u32(ret_id, metric_id)
         return Status.OK
 
-    def hc_proxy_increment_metric(self, a: Any) -> int:
-        metric = self.metrics.get(a[0].i32 & M32)
+    def hc_proxy_increment_metric(self, metric_id: int, delta: int) -> int:
+        metric = self.metrics.get(metric_id)
         if metric is None:
             return Status.NOT_FOUND
-        delta = a[1].i64
         if metric.type == MetricType.COUNTER and delta < 0:
             return Status.BAD_ARGUMENT
         metric.value += delta
         return Status.OK
 
-    def hc_proxy_record_metric(self, a: Any) -> int:
-        metric = self.metrics.get(a[0].i32 & M32)
+    def hc_proxy_record_metric(self, metric_id: int, value: int) -> int:
+        metric = self.metrics.get(metric_id)
         if metric is None:
             return Status.NOT_FOUND
-        metric.value = a[1].i64 & 0xFFFFFFFFFFFFFFFF
+        metric.value = value & 0xFFFFFFFFFFFFFFFF  # the ABI's value is a u64
         return Status.OK
 
-    def hc_proxy_get_metric(self, a: Any) -> int:
-        metric = self.metrics.get(a[0].i32 & M32)
+    def hc_proxy_get_metric(self, metric_id: int, ret_value: int) -> int:
+        metric = self.metrics.get(metric_id)
         if metric is None:
             return Status.NOT_FOUND
-        ok = self.write_u64(a[1].i32 & M32, metric.value)
-        return Status.OK if ok else Status.INVALID_MEMORY_ACCESS
+        return Status.OK if self.write_u64(ret_value, metric.value) else BAD_MEMORY
 
     # ---- shared data (shared by every instance of this host; survives restarts) ----
 
-    def hc_proxy_set_shared_data(self, a: Any) -> int:
-        key = self.read(a[0].i32 & M32, a[1].i32 & M32)
-        value = self.read(a[2].i32 & M32, a[3].i32 & M32)
+    def hc_proxy_set_shared_data(
+        self, key_ptr: int, key_size: int, value_ptr: int, value_size: int, cas: int
+    ) -> int:
+        key = self.read(key_ptr, key_size)
+        value = self.read(value_ptr, value_size)
         if key is None or value is None:
-            return Status.INVALID_MEMORY_ACCESS
-        cas = a[4].i32 & M32
+            return BAD_MEMORY
         shared = self.host.shared_data
         current = shared.get(key)
         if cas and current is not None and current[1] != cas:
             return Status.CAS_MISMATCH
-        shared[key] = (value, (current[1] + 1) & M32 or 1 if current else 1)
+        next_cas = ((current[1] + 1) & M32 or 1) if current else 1
+        shared[key] = (value, next_cas)
         return Status.OK
 
-    def hc_proxy_get_shared_data(self, a: Any) -> int:
-        key = self.read(a[0].i32 & M32, a[1].i32 & M32)
-        if key is None or not self._in_bounds(a[4].i32 & M32, 4):
-            return Status.INVALID_MEMORY_ACCESS
+    def hc_proxy_get_shared_data(
+        self, key_ptr: int, key_size: int, ret_ptr: int, ret_size: int, ret_cas: int
+    ) -> int:
+        key = self.read(key_ptr, key_size)
+        if key is None or not self._in_bounds(ret_cas, 4):
+            return BAD_MEMORY
         entry = self.host.shared_data.get(key)
         if entry is None:
             return Status.NOT_FOUND
-        status = self.return_bytes(entry[0], a[2].i32 & M32, a[3].i32 & M32)
+        status = self.return_bytes(entry[0], ret_ptr, ret_size)
         if status == Status.OK:
-            self.write_u32(a[4].i32 & M32, entry[1])
+            self.write_u32(ret_cas, entry[1])
         return status
 
     # ---- properties ----
 
-    def hc_proxy_get_property(self, a: Any) -> int:
-        path = self.read(a[0].i32 & M32, a[1].i32 & M32)
+    def hc_proxy_get_property(self, path_ptr: int, path_size: int, ret_ptr: int,
+                              ret_size: int) -> int:
+        path = self.read(path_ptr, path_size)
         if path is None:
-            return Status.INVALID_MEMORY_ACCESS
+            return BAD_MEMORY
         value = self._property(tuple(p for p in path.split(b"\0") if p))
         if value is None:
             return Status.NOT_FOUND
-        return self.return_bytes(value, a[2].i32 & M32, a[3].i32 & M32)
+        return self.return_bytes(value, ret_ptr, ret_size)
 
     def _property(self, path: tuple[bytes, ...]) -> bytes | None:
         """The cheap properties: plugin identity and the effective stream's request line."""
@@ -940,20 +961,19 @@ class Vm:
 
     # ---- unimplemented by design: a status, never a crash ----
 
-    def hc_unimplemented(self, a: Any) -> int:
+    def hc_unimplemented(self, *_params: int) -> int:
         return Status.UNIMPLEMENTED
 
-    def hc_not_found(self, a: Any) -> int:
+    def hc_not_found(self, *_params: int) -> int:
         return Status.NOT_FOUND
 
     # ---- WASI preview1 ----
 
-    def hc_fd_write(self, a: Any) -> int:
-        fd, iovs, iovs_len, ret = a[0].i32, a[1].i32 & M32, a[2].i32 & M32, a[3].i32 & M32
+    def hc_fd_write(self, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int:
         if fd not in (1, 2):
             return WasiErrno.BADF
         vec = self.read(iovs, 8 * iovs_len)
-        if vec is None or not self._in_bounds(ret, 4):
+        if vec is None or not self._in_bounds(ret_written, 4):
             return WasiErrno.FAULT
         chunks = []
         for i in range(iovs_len):
@@ -967,43 +987,39 @@ class Vm:
         text = data[:MAX_LOG_MESSAGE].decode("utf-8", "replace").rstrip("\n")
         if text:
             guest_logger.log(level, "[%s gen %d] %s", self.instance_id, self.generation, text)
-        self.write_u32(ret, len(data))
+        self.write_u32(ret_written, len(data))
         return WasiErrno.SUCCESS
 
-    def hc_clock_time_get(self, a: Any) -> int:
-        clock_id, ret = a[0].i32, a[2].i32 & M32
+    def hc_clock_time_get(self, clock_id: int, _precision: int, ret_time: int) -> int:
         if clock_id not in (0, 1):
             return WasiErrno.NOTSUP
-        return WasiErrno.SUCCESS if self.write_u64(ret, self.host.clock.now_ns()) else (
-            WasiErrno.FAULT
-        )
-
-    def hc_random_get(self, a: Any) -> int:
-        ptr, size = a[0].i32 & M32, a[1].i32 & M32
-        if size > MAX_RANDOM_BYTES:
-            return WasiErrno.INVAL
-        return WasiErrno.SUCCESS if self.write(ptr, self.host.random_bytes(size)) else (
-            WasiErrno.FAULT
-        )
-
-    def hc_zero_sizes(self, a: Any) -> int:
-        """environ_sizes_get / args_sizes_get: no variables, no arguments."""
-        ok = self.write_u32(a[0].i32 & M32, 0) and self.write_u32(a[1].i32 & M32, 0)
+        ok = self.write_u64(ret_time, self.host.clock.now_ns())
         return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
 
-    def hc_empty_get(self, a: Any) -> int:
+    def hc_random_get(self, ptr: int, size: int) -> int:
+        if size > MAX_RANDOM_BYTES:
+            return WasiErrno.INVAL
+        ok = self.write(ptr, self.host.random_bytes(size))
+        return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
+
+    def hc_zero_sizes(self, ret_count: int, ret_size: int) -> int:
+        """environ_sizes_get / args_sizes_get: no variables, no arguments."""
+        ok = self.write_u32(ret_count, 0) and self.write_u32(ret_size, 0)
+        return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
+
+    def hc_empty_get(self, _array: int, _buffer: int) -> int:
         """environ_get / args_get after zero sizes: nothing to write."""
         return WasiErrno.SUCCESS
 
-    def hc_proc_exit(self, a: Any) -> None:
-        raise raw.HostTrap(f"the filter called proc_exit({a[0].i32})")
+    def hc_proc_exit(self, code: int) -> None:
+        raise raw.HostTrap(f"the filter called proc_exit({code})")
 
-    def hc_sched_yield(self, a: Any) -> int:
+    def hc_sched_yield(self) -> int:
         return WasiErrno.SUCCESS
 
 
 # (module, name) -> ((params, results), implementation). Signatures: i = i32, I = i64.
-HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[[Vm, Any], int | None]]] = {
+HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None]]] = {
     ("env", "proxy_log"): (("iii", "i"), Vm.hc_proxy_log),
     ("env", "proxy_get_log_level"): (("i", "i"), Vm.hc_proxy_get_log_level),
     ("env", "proxy_get_current_time_nanoseconds"): (

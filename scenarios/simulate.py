@@ -1,0 +1,254 @@
+"""Replay a trace through the real filter under the real host, in virtual time.
+
+The same `FilterModule`, `Host` and Proxy-Wasm code that serve live traffic in mitmproxy run
+here, but on a `VirtualClock` that jumps from event to event, with an in-process auth server
+answering the filter's outbound calls after a configurable latency. A day of traffic takes
+seconds. Every `sample_interval` the simulation records what the live addon records: one
+sample per instance (allocated pages and bytes, cumulative requests and outbound calls in the
+generation, generation, and the filter's ground-truth gauges).
+
+A `controller` (for example a restart policy) is called after every sampling round with the
+new samples and may return instance ids to restart, exactly as the manager daemon would
+through the admin endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from addons.proxywasm import (
+    WASM_PAGE_SIZE,
+    Decision,
+    FilterModule,
+    Host,
+    HostEvents,
+    HttpCall,
+    HttpCallResponse,
+    InProcessDispatcher,
+    Limits,
+    RestartRecord,
+    VirtualClock,
+)
+from scenarios.trace import Event, Trace
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FILTER = Path(__file__).resolve().parent.parent / "filters" / "auth_cache.wasm"
+LIVE_ENTRIES = "auth_cache.live_entries"
+LIVE_BYTES = "auth_cache.live_bytes"
+
+SAMPLE_COLUMNS = [
+    "time", "instance", "tenant", "generation", "started_at", "allocated_pages",
+    "allocated_bytes", "requests", "outbound", "live_entries", "live_bytes",
+]
+REQUEST_COLUMNS = ["time", "instance", "generation", "kind", "decision", "status", "outbound"]
+
+Controller = Callable[[pd.DataFrame, float], Iterable[str]]
+"""Called with the newest samples and the time; returns instance ids to restart."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to run a simulation."""
+
+    filter_path: Path = DEFAULT_FILTER
+    plugin_configuration: str = ""
+    """The filter's JSON configuration (empty: its defaults, TTL 600 s, 1 KiB entries)."""
+    sample_interval: float = 1.0
+    auth_latency: float = 0.005
+    instance_key: str = "host"
+    """`host`: one instance per upstream host (the paper's one filter per site); `single`."""
+    memory_limit_mib: int = 256
+    seed: int = 0
+
+
+class AuthServer:
+    """The auth server in process: a token is valid from its login until its logout."""
+
+    def __init__(self) -> None:
+        self.valid: set[bytes] = set()
+        self.verified = 0
+
+    def login(self, token: str) -> None:
+        """Issue `token`."""
+        self.valid.add(b"Bearer " + token.encode())
+
+    def logout(self, token: str) -> None:
+        """Revoke `token`."""
+        self.valid.discard(b"Bearer " + token.encode())
+
+    def __call__(self, call: HttpCall) -> HttpCallResponse:
+        """Answer `GET /verify`: 200 for a valid token, 401 otherwise."""
+        self.verified += 1
+        ok = call.header(b"authorization") in self.valid
+        return HttpCallResponse(200 if ok else 401, [(b"content-length", b"0")])
+
+
+@dataclass
+class SimResult:
+    """What a simulation recorded."""
+
+    samples: pd.DataFrame
+    requests: pd.DataFrame
+    restarts: pd.DataFrame
+    auth_requests: int
+    start: float
+    """Virtual time of the trace's start, seconds since the epoch."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _Recorder(HostEvents):
+    def __init__(self) -> None:
+        self.restarts: list[RestartRecord] = []
+
+    def on_restart(self, record: RestartRecord) -> None:
+        self.restarts.append(record)
+
+
+class Simulation:
+    """One run of a trace through a fresh host on a virtual clock."""
+
+    def __init__(self, config: SimConfig, module: FilterModule | None = None) -> None:
+        self.config = config
+        self.clock = VirtualClock()
+        self.start_ns = self.clock.now_ns()
+        self.auth = AuthServer()
+        self.recorder = _Recorder()
+        self.dispatcher = InProcessDispatcher(
+            self.auth, self.clock.now_ns, latency_s=config.auth_latency
+        )
+        self.host = Host(
+            module or FilterModule.from_file(config.filter_path),
+            self.dispatcher,
+            plugin_configuration=config.plugin_configuration.encode(),
+            clock=self.clock,
+            limits=Limits(memory_bytes=config.memory_limit_mib * 2**20),
+            events=self.recorder,
+            seed=config.seed,
+        )
+        self.interval_ns = int(config.sample_interval * 1e9)
+        self.next_sample_ns = self.start_ns
+        self.samples: list[tuple[Any, ...]] = []
+        self.requests: list[tuple[Any, ...]] = []
+
+    # ---- time ----
+
+    def advance_to(self, t_ns: int, controller: Controller | None = None) -> None:
+        """Run timers and sampling rounds up to `t_ns`, in order, then stop the clock there."""
+        clock, host = self.clock, self.host
+        while True:
+            due = host.next_event_ns()
+            step = self.next_sample_ns if due is None else min(due, self.next_sample_ns)
+            if step > t_ns:
+                break
+            clock.set_ns(max(step, clock.now_ns()))
+            host.poll()
+            if clock.now_ns() >= self.next_sample_ns:
+                self._sample(controller)
+                self.next_sample_ns += self.interval_ns
+        clock.set_ns(max(t_ns, clock.now_ns()))
+
+    def _sample(self, controller: Controller | None) -> None:
+        now = self.clock.now_ns() / 1e9
+        first = len(self.samples)
+        for inst in self.host.instances.values():
+            o = inst.observe()
+            self.samples.append((
+                now, o.id, o.tenant, o.generation, o.started_at, o.allocated_pages,
+                o.allocated_bytes, o.requests, o.outbound, o.metrics.get(LIVE_ENTRIES, 0),
+                o.metrics.get(LIVE_BYTES, 0),
+            ))
+        if controller is not None and len(self.samples) > first:
+            new = pd.DataFrame(self.samples[first:], columns=SAMPLE_COLUMNS)
+            for instance_id in controller(new, now):
+                self.host.restart(instance_id, "policy", "simulation")
+
+    # ---- events ----
+
+    def instance_id(self, event: Event) -> str:
+        """Which filter instance serves `event`."""
+        return event.host or "default" if self.config.instance_key == "host" else "single"
+
+    def handle(self, event: Event) -> None:
+        """Apply one trace event at the current virtual time."""
+        if event.kind == "login":
+            self.auth.login(event.token)
+            return
+        inst = self.host.instance(self.instance_id(event))
+        stream = inst.stream()
+        headers = [
+            (b":method", (event.method or "GET").encode()),
+            (b":path", (event.path or "/").encode()),
+            (b":authority", (event.host or "default").encode()),
+            (b"authorization", b"Bearer " + event.token.encode()),
+        ]
+        t = self.clock.now_ns() / 1e9
+        kind = event.kind
+        requests = self.requests
+
+        def record(decision: Decision) -> None:
+            resp = decision.response
+            status = resp.status if resp is not None else 200
+            if decision.error is not None:
+                verdict = "error"
+            elif decision.action != "continue":
+                verdict = "deny" if status in (401, 403) else "error"
+            elif kind == "logout":
+                verdict = "logout"
+            else:
+                verdict = "hit" if decision.outbound == 0 else "miss"
+            requests.append((t, stream.instance.id, decision.generation, kind, verdict, status,
+                             decision.outbound))
+            stream.close()
+
+        decision = stream.request_headers(headers)
+        if decision is None:
+            stream.on_decision = record
+        else:
+            record(decision)
+        if kind == "logout":
+            self.auth.logout(event.token)
+
+    def run(self, trace: Trace, controller: Controller | None = None,
+            progress: bool = False) -> SimResult:
+        """Replay every event of `trace`, then let pending work finish (one TTL at most)."""
+        events: Iterable[Event] = trace
+        if progress:
+            from tqdm import tqdm
+
+            events = tqdm(trace, total=len(trace), unit="ev", desc=trace.meta.name or "trace",
+                          mininterval=0.5)
+        start = self.start_ns
+        for event in events:
+            self.advance_to(start + int(event.time * 1e9), controller)
+            self.handle(event)
+        # One more sampling round after the last event shows where memory settles.
+        self.advance_to(self.clock.now_ns() + self.interval_ns, controller)
+        return self.result()
+
+    def result(self) -> SimResult:
+        """The recorded frames."""
+        restarts = pd.DataFrame([asdict(r) for r in self.recorder.restarts],
+                                columns=[f.name for f in fields(RestartRecord)])
+        return SimResult(
+            samples=pd.DataFrame(self.samples, columns=SAMPLE_COLUMNS),
+            requests=pd.DataFrame(self.requests, columns=REQUEST_COLUMNS),
+            restarts=restarts,
+            auth_requests=self.auth.verified,
+            start=self.start_ns / 1e9,
+        )
+
+
+def simulate(trace: Trace, config: SimConfig | None = None, controller: Controller | None = None,
+             progress: bool = False) -> SimResult:
+    """Run `trace` in virtual time and return what was recorded."""
+    return Simulation(config or SimConfig()).run(trace, controller, progress)
+
+
+__all__ = ["WASM_PAGE_SIZE", "AuthServer", "SimConfig", "SimResult", "Simulation", "simulate"]
