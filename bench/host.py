@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
@@ -152,7 +153,7 @@ def bench_interrupt(runs: int = 5) -> dict[str, float]:
       (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (loop $l (br $l)) (i32.const 0)))"""
-    module = FilterModule(wasmtime.wat2wasm(wat), name="loop.wat")
+    module = FilterModule(bytes(wasmtime.wat2wasm(wat)), name="loop.wat")
     host, _ = make_host(module, limits=Limits(deadline_ms=100))
     timings = []
     for _ in range(runs):
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = 2 if args.quick else 5
     module = FilterModule.from_file(DEFAULT_FILTER)
     print("benchmarking the host and the reference filter …", file=sys.stderr)
-    results = {
+    results: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or
                     platform.machine(), "wasmtime": wasmtime.__version__ if hasattr(
                         wasmtime, "__version__") else "?"},

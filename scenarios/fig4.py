@@ -84,7 +84,7 @@ def plot_fig4(series: pd.DataFrame, path: Path) -> None:
 
 def summarize_fig4(series: pd.DataFrame) -> str:
     """A few lines a person reads: peak, end state, surplus at the end."""
-    peak = series.loc[series["allocated_bytes"].idxmax()]
+    peak = series.iloc[int(series["allocated_bytes"].to_numpy().argmax())]
     end = series.iloc[-1]
     return "\n".join([
         f"peak tokens            {int(series['tokens'].max())}",

@@ -31,7 +31,7 @@ CALL_HEADERS = serialize_map([(b":method", b"GET"), (b":path", b"/verify"), (b":
 
 
 def _data(offset: int, data: bytes) -> str:
-    escaped = "".join("\\%02x" % b for b in data)
+    escaped = "".join(f"\\{b:02x}" for b in data)
     return f'(data (i32.const {offset}) "{escaped}")'
 
 
@@ -103,13 +103,13 @@ def test_garbage_wasm_is_a_clear_load_error() -> None:
 
 
 def test_missing_file_names_the_file(tmp_path) -> None:
-    with pytest.raises(FilterLoadError, match="cannot read filter .*nope.wasm"):
+    with pytest.raises(FilterLoadError, match=r"cannot read filter .*nope\.wasm"):
         FilterModule.from_file(tmp_path / "nope.wasm")
 
 
 def test_plain_wasm_is_not_a_proxy_wasm_filter() -> None:
     wasm = wasmtime.wat2wasm('(module (memory (export "memory") 1))')
-    with pytest.raises(FilterLoadError, match="exports neither proxy_abi_version_0_2_1"):
+    with pytest.raises(FilterLoadError, match=r"exports neither proxy_abi_version_0_2_1"):
         FilterModule(wasm)
 
 
@@ -144,7 +144,7 @@ def test_unknown_imports_return_unimplemented_or_trap_with_their_name() -> None:
     assert vm.call(vm.raw.func("call_f")) == Status.UNIMPLEMENTED
     from addons.proxywasm._wasmtime import GuestTrap
 
-    with pytest.raises(GuestTrap, match="unimplemented import other.thing"):
+    with pytest.raises(GuestTrap, match=r"unimplemented import other\.thing"):
         vm.call(vm.raw.func("call_g"))
 
 

@@ -18,9 +18,8 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import wasmtime
 
@@ -159,9 +158,10 @@ class FilterModule:
         versions = [m for m in ABI_MARKERS if m in exports]
         if not versions:
             legacy = sorted(n for n in exports if n.startswith("proxy_abi_version_"))
+            has = f" (it has {', '.join(legacy)})" if legacy else ""
             raise FilterLoadError(
                 f"{name}: not a supported Proxy-Wasm filter: it exports neither "
-                f"{' nor '.join(ABI_MARKERS)}" + (f" (it has {', '.join(legacy)})" if legacy else "")
+                f"{' nor '.join(ABI_MARKERS)}{has}"
             )
         self.abi_version = versions[0].removeprefix("proxy_abi_version_").replace("_", ".")
         self.exports = frozenset(exports)
@@ -545,7 +545,8 @@ class Vm:
         if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
             if self.call_response is None:
                 return None
-            return self.call_response[1 if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS else 2]
+            _, headers, trailers = self.call_response
+            return headers if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS else trailers
         ctx = self.contexts.get(self.effective)
         if ctx is None:
             return None

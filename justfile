@@ -1,0 +1,41 @@
+# wasm-reclaim: run Proxy-Wasm filters in mitmproxy and restart them when little valid cache
+# would be lost. `just` lists the recipes; each one installs what it needs first.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env("PYTHON", "python3")
+
+[private]
+default:
+    @just --list
+
+# Install the Python packages and the filter's toolchain (idempotent)
+[group('setup')]
+setup:
+    PYTHON={{python}} bash .ci/setup
+
+# The demo on embedded defaults: the paper's basic experiment (Fig. 4) in virtual time
+[group('run')]
+demo *args: setup
+    {{python}} -m scenarios fig4 --out results/fig4 {{args}}
+
+# Run the test suite (arguments go to pytest, e.g. `just test -k header`)
+[group('check')]
+test *args: setup
+    {{python}} -m pytest {{args}}
+
+# Lint: ruff and mypy (strict for the packages)
+[group('check')]
+lint: setup
+    {{python}} -m ruff check addons manager scenarios tests bench
+    {{python}} -m mypy
+
+# Benchmarks of the host and the filter against SPEC §9 (results in bench/results/)
+[group('check')]
+bench *args: setup
+    {{python}} -m bench.host {{args}}
+
+# Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
+[group('build')]
+build-filter: setup
+    bash filters/build.sh
