@@ -1,0 +1,461 @@
+"""``python -m scenarios``: make, convert and inspect traffic traces.
+
+Sub-commands are entries of :data:`COMMANDS` (name, help, arguments, run); add one there (for
+example ``replay`` or ``experiment``) and it appears in ``--help``. A run function returns the
+exit code. Input errors (:class:`ScenarioError`, unreadable files) print one line on stderr and
+exit with 2, as do usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from scenarios.eclog import (
+    EClogColumns,
+    EClogConvertParams,
+    EClogGenParams,
+    eclog_to_trace,
+    generate_eclog,
+    parse_time,
+    read_eclog,
+    write_eclog,
+)
+from scenarios.trace import ScenarioError, Trace, default_ttl, summary
+
+PROG = "python -m scenarios"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, but not the empty ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- basic -----------------------------------------------------------------------------------
+
+
+def _basic_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="trace file to write (.jsonl)")
+    p.add_argument("--count", type=int, default=1024, help="users")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between logins/logouts")
+    p.add_argument("--host", default="shop.example", help="upstream host")
+    p.add_argument("--path", default="/", help="path of the request after each login")
+    p.add_argument("--logout-order", choices=("fifo", "lifo"), default="fifo")
+
+
+def _basic(a: argparse.Namespace) -> int:
+    from scenarios.basic import BasicParams, basic_trace
+
+    trace = basic_trace(
+        BasicParams(a.count, a.interval, a.host, a.path, logout_order=a.logout_order)
+    )
+    trace.write_jsonl(a.out)
+    _done(a.out, f"{len(trace)} events, {trace.duration:g} s")
+    return 0
+
+
+# -- EClog -----------------------------------------------------------------------------------
+
+
+def _columns_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--columns",
+        help="CSV header names: field=Header,... or a JSON file (fields: ip user time method "
+        "uri version status bytes referrer user_agent; defaults: EClog as we recall it)",
+    )
+
+
+def _columns(a: argparse.Namespace) -> EClogColumns:
+    return EClogColumns.parse(a.columns) if a.columns else EClogColumns()
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    d = EClogGenParams()
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument("--days", type=int, default=d.days)
+    p.add_argument("--start", default=d.start.isoformat(), help="first day (YYYY-MM-DD)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--requests-per-hour",
+        type=float,
+        default=d.requests_per_hour,
+        help="mean over a day, without the spike",
+    )
+    p.add_argument(
+        "--peak-to-trough",
+        type=float,
+        default=d.peak_to_trough,
+        help="hourly rate at the peak hour / rate at the night trough",
+    )
+    p.add_argument("--peak-hour", type=float, default=d.peak_hour)
+    p.add_argument(
+        "--session-mean",
+        type=float,
+        default=d.session_requests_mean,
+        help="mean requests per session",
+    )
+    p.add_argument("--session-length", choices=("geometric", "lognormal"), default=d.session_length)
+    p.add_argument(
+        "--think-mean",
+        type=float,
+        default=d.think_time_mean,
+        help="mean seconds between a session's requests",
+    )
+    p.add_argument(
+        "--revisit",
+        type=float,
+        default=d.revisit_prob,
+        help="probability that a session is a returning visitor's",
+    )
+    p.add_argument(
+        "--anonymous",
+        type=float,
+        default=d.anonymous_share,
+        help="share of visitors without a UserId",
+    )
+    p.add_argument("--logout-prob", type=float, default=d.logout_prob)
+    p.add_argument("--spike-day", type=int, help="day of the sale spike (0: the first day)")
+    p.add_argument("--spike-hour", type=float, default=d.spike_hour)
+    p.add_argument(
+        "--spike-users",
+        type=int,
+        default=d.spike_new_users,
+        help="new visitors brought by the spike",
+    )
+    p.add_argument(
+        "--spike-rise",
+        type=float,
+        default=d.spike_rise,
+        help="seconds until the spike's login rate peaks",
+    )
+    p.add_argument(
+        "--spike-duration",
+        type=float,
+        default=d.spike_duration,
+        help="seconds until the spike's login rate has fallen to 1%%",
+    )
+    p.add_argument("--time-format", choices=("iso", "epoch"), default=d.time_format)
+    _columns_arg(p)
+
+
+def _generate(a: argparse.Namespace) -> int:
+    try:
+        start = date.fromisoformat(a.start)
+    except ValueError:
+        raise ScenarioError(f"--start: {a.start!r} is not a date (YYYY-MM-DD)") from None
+    params = EClogGenParams(
+        days=a.days,
+        start=start,
+        requests_per_hour=a.requests_per_hour,
+        peak_to_trough=a.peak_to_trough,
+        peak_hour=a.peak_hour,
+        session_requests_mean=a.session_mean,
+        session_length=a.session_length,
+        think_time_mean=a.think_mean,
+        revisit_prob=a.revisit,
+        anonymous_share=a.anonymous,
+        logout_prob=a.logout_prob,
+        spike_day=a.spike_day,
+        spike_hour=a.spike_hour,
+        spike_new_users=a.spike_users,
+        spike_rise=a.spike_rise,
+        spike_duration=a.spike_duration,
+        time_format=a.time_format,
+        seed=a.seed,
+    )
+    df = generate_eclog(params, _columns(a))
+    write_eclog(df, a.out, progress=_tty())
+    _done(a.out, f"{len(df)} requests, {df['_session'].nunique()} sessions")
+    return 0
+
+
+def _window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=600.0,
+        help="idle seconds (log time) after which a new login starts",
+    )
+    p.add_argument("--start", help="keep requests at or after this time (ISO-8601 or epoch)")
+    p.add_argument("--end", help="keep requests before this time (ISO-8601 or epoch)")
+    p.add_argument("--host", default="shop.example", help="upstream host for relative URIs")
+
+
+def _convert_params(a: argparse.Namespace, name: str) -> EClogConvertParams:
+    return EClogConvertParams(
+        ttl=a.ttl,
+        start=parse_time(a.start) if a.start else None,
+        end=parse_time(a.end) if a.end else None,
+        speedup=getattr(a, "speedup", 1.0),
+        host=a.host,
+        logouts=getattr(a, "logouts", False),
+        name=name,
+    )
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csv", type=Path, help="EClog-format CSV")
+    p.add_argument("--out", required=True, type=Path, help="trace file to write (.jsonl)")
+    _columns_arg(p)
+    _window_args(p)
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="divide time offsets by this factor (60: an hour becomes a minute)",
+    )
+    p.add_argument(
+        "--logouts",
+        action="store_true",
+        help="turn requests to logout-looking paths into logout events",
+    )
+    p.add_argument("--name", help="trace name (default: the CSV file's stem)")
+
+
+def _convert(a: argparse.Namespace) -> int:
+    df = read_eclog(a.csv, _columns(a), progress=_tty())
+    trace = eclog_to_trace(df, _convert_params(a, a.name or a.csv.stem))
+    trace.write_jsonl(a.out)
+    c = trace.counts()
+    _done(a.out, f"{c['login']} logins, {c['request']} requests, {c['logout']} logouts")
+    return 0
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csv", type=Path, help="EClog-format CSV")
+    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    _columns_arg(p)
+    _window_args(p)
+    p.add_argument("--bin", type=float, default=60.0, help="seconds per rate bin")
+
+
+def _plot(a: argparse.Namespace) -> int:
+    from scenarios.plots import plot_eclog  # matplotlib: only when plotting
+
+    params = _convert_params(a, a.csv.stem)
+    plot_eclog(a.csv, a.out, columns=_columns(a), params=params, bin_seconds=a.bin)
+    _done(a.out, "plot")
+    return 0
+
+
+# -- HAR -------------------------------------------------------------------------------------
+
+
+def _har_write_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", type=Path, help="trace file (.jsonl)")
+    p.add_argument("--out", required=True, type=Path, help="HAR file to write")
+    p.add_argument(
+        "--base",
+        help="wall-clock time of t=0 (ISO-8601; default: the trace's start "
+        "or 2019-12-01T00:00:00Z)",
+    )
+    p.add_argument("--scheme", choices=("http", "https"), default="http")
+
+
+def _har_write(a: argparse.Namespace) -> int:
+    from scenarios.har import write_har  # mitmproxy: only for HAR
+
+    base = None
+    if a.base:
+        try:
+            base = datetime.fromisoformat(a.base.replace("Z", "+00:00"))
+        except ValueError:
+            raise ScenarioError(f"--base: cannot parse {a.base!r} as ISO-8601") from None
+    trace = Trace.read_jsonl(a.trace)
+    n = write_har(trace, a.out, base=base, scheme=a.scheme, progress=_tty())
+    _done(a.out, f"{n} entries")
+    return 0
+
+
+def _har_read_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("har", type=Path, help="HAR file")
+    p.add_argument("--out", required=True, type=Path, help="trace file to write (.jsonl)")
+    p.add_argument(
+        "--missing-token",
+        choices=("skip", "error"),
+        default="skip",
+        help="entries without 'Authorization: Bearer'",
+    )
+    p.add_argument(
+        "--hash-tokens",
+        action="store_true",
+        help="label tokens by a hash instead of the recorded credential",
+    )
+
+
+def _har_read(a: argparse.Namespace) -> int:
+    from scenarios.har import HarReadParams, read_har  # mitmproxy: only for HAR
+
+    trace = read_har(a.har, HarReadParams(a.missing_token, a.hash_tokens), progress=_tty())
+    trace.write_jsonl(a.out)
+    c = trace.counts()
+    _done(a.out, f"{c['login']} logins, {c['request']} requests, {c['logout']} logouts")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", type=Path, help="trace file (.jsonl)")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        help="trace seconds that a session without logout lingers for 'tokens within TTL' "
+        "(default: the trace's TTL / speed-up when recorded, else 600)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _info(a: argparse.Namespace) -> int:
+    trace = Trace.read_jsonl(a.trace)
+    s = summary(trace, ttl=a.ttl if a.ttl is not None else default_ttl(trace))
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    rows = [
+        ("trace", s["name"]),
+        (
+            "events",
+            f"{s['events']} (login {s['login']}, request {s['request']}, logout {s['logout']})",
+        ),
+        ("users", s["users"]),
+        ("sessions", f"{s['sessions']} ({s['mean_requests_per_session']:.2f} requests each)"),
+        ("hosts", ", ".join(s["hosts"])),
+        ("start", s["start"] or "-"),
+        ("duration", f"{s['duration_s']:g} s ({s['duration_s'] / 3600:.2f} h)"),
+        ("peak live tokens", f"{s['peak_live_tokens']} at {s['peak_live_tokens_at_s']:g} s"),
+        (f"peak tokens within {s['ttl_s']:g} s", s["peak_tokens_within_ttl"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# -- fig4: the basic experiment through the real filter, in virtual time -------------------
+
+
+def _fig4_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/fig4"),
+                   help="directory for fig4.csv and fig4.png")
+    p.add_argument("--count", type=int, default=1024, help="logins, then as many logouts")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between events")
+    p.add_argument("--entry-size", type=int, default=1024, help="bytes per cache entry")
+    p.add_argument("--csv", action="store_true", help="also print the series as CSV")
+
+
+def _fig4(a: argparse.Namespace) -> int:
+    from scenarios.fig4 import plot_fig4, run_fig4, summarize_fig4
+
+    series = run_fig4(a.count, a.interval, a.entry_size, progress=_tty())
+    a.out.mkdir(parents=True, exist_ok=True)
+    series.to_csv(a.out / "fig4.csv", index=False)
+    plot_fig4(series, a.out / "fig4.png")
+    if a.csv:
+        print(series.to_csv(index=False), end="")
+    print(summarize_fig4(series))
+    print(f"series: {a.out / 'fig4.csv'}\nplot:   {a.out / 'fig4.png'}")
+    return 0
+
+
+# -- wiring ----------------------------------------------------------------------------------
+
+COMMANDS: list[Command] = [
+    Command(
+        "basic", "the basic experiment (paper Fig. 4): logins, then logouts", _basic_args, _basic
+    ),
+    Command(
+        "eclog-generate",
+        "generate EClog-format CSV (daily cycle, sessions, sale spike)",
+        _generate_args,
+        _generate,
+    ),
+    Command("eclog-convert", "EClog CSV → trace", _convert_args, _convert),
+    Command(
+        "eclog-plot",
+        "plot an EClog CSV: requests per minute and active tokens (PNG)",
+        _plot_args,
+        _plot,
+    ),
+    Command(
+        "har-write", "trace → HAR 1.2 (replay with: mitmdump -C x.har)", _har_write_args, _har_write
+    ),
+    Command("har-read", "HAR recording → trace", _har_read_args, _har_read),
+    Command("info", "summary of a trace: events, users, duration, peak tokens", _info_args, _info),
+    Command(
+        "fig4",
+        "run the basic experiment through the real filter in virtual time: CSV and plot",
+        _fig4_args,
+        _fig4,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Make, convert and inspect wasm-reclaim traces.")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    for c in COMMANDS:
+        sub_parser = sub.add_parser(
+            c.name,
+            help=c.help,
+            description=c.help,
+            formatter_class=_Help,
+        )
+        c.arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = {c.name: c.run for c in COMMANDS}[args.command]
+    try:
+        return run(args)
+    except ScenarioError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _done(path: Path, what: str) -> None:
+    print(f"wrote {path} ({what})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

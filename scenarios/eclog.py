@@ -1,0 +1,727 @@
+"""EClog: HTTP-level access logs of an online store, as a trace (and a generator of look-alikes).
+
+EClog (Chodak, Suchacka and Chawla 2020) is a CSV of the requests that an online store served
+over 183 days from 1 December 2019, at 1-second resolution. The dataset cannot be downloaded
+here and its exact header could not be confirmed, so every column name lives in ONE place,
+:class:`EClogColumns`, whose defaults are our unverified recollection of the header and which
+users override (``--columns time=TimeStamp,user=UserId`` or a JSON file).
+
+Three parts, each a plain function:
+
+- :func:`read_eclog`: CSV → normalised DataFrame (columns :data:`NORMALISED`).
+- :func:`eclog_events` / :func:`eclog_to_trace`: normalised DataFrame → trace events. Each
+  visitor (``UserId``; ``IpId`` when ``UserId`` is empty, ``0`` or ``-``) is one user. Their
+  first request is preceded by a login; an idle gap longer than ``ttl`` starts a new session
+  with a new login and token ``<user>-<n>``. EClog has no logouts: sessions just end (the
+  filter's TTL expires them) unless ``logouts`` is set, in which case a request whose path
+  looks like a logout (``logout_pattern``) becomes the session's logout event and the next
+  request of that visitor logs in again.
+- :func:`generate_eclog`: EClog-format data with daily cycles, sessions, returning visitors
+  and an optional sale spike, deterministic under a seed (for tests and demos).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, date, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any, Final, Literal, TextIO
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from tqdm import tqdm
+
+from scenarios.trace import FIELDS, KIND_RANK, LOGOUT_PATTERN, ScenarioError, Trace, TraceMeta
+
+
+class EClogError(ScenarioError):
+    """Bad EClog input or parameters; the message starts with the location."""
+
+
+# -- the column mapping: the ONE place that knows EClog's header ------------------------------
+
+
+@dataclass(frozen=True)
+class EClogColumns:
+    """CSV header name of each EClog field (defaults: our UNVERIFIED recollection).
+
+    Fields: ``ip`` (anonymised client address id), ``user`` (customer id, empty or ``0`` for
+    visitors who are not logged in), ``time`` (ISO-8601, epoch seconds, or Apache
+    ``01/Dec/2019:00:00:03 +0100``), ``method``, ``uri`` (path and query, or an absolute URL),
+    ``version``, ``status``, ``bytes``, ``referrer``, ``user_agent``. Only ``time``, ``uri`` and
+    one of ``user``/``ip`` must be present in a file; missing optional columns are filled.
+    """
+
+    ip: str = "IpId"
+    user: str = "UserId"
+    time: str = "TimeStamp"
+    method: str = "HttpMethod"
+    uri: str = "Uri"
+    version: str = "HttpVersion"
+    status: str = "ResponseCode"
+    bytes: str = "Bytes"
+    referrer: str = "Referrer"
+    user_agent: str = "UserAgent"
+
+    def mapping(self) -> dict[str, str]:
+        """Field name → CSV header name, in header order."""
+        return asdict(self)
+
+    def header(self) -> list[str]:
+        return list(self.mapping().values())
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> EClogColumns:
+        """A copy with some fields renamed; unknown field names are an error."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise EClogError(
+                f"columns: unknown field(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        for k, v in overrides.items():
+            if not isinstance(v, str) or not v.strip():
+                raise EClogError(f"columns: field {k!r}: expected a column name, got {v!r}")
+        return replace(self, **{k: v.strip() for k, v in overrides.items()})
+
+    @classmethod
+    def parse(cls, spec: str) -> EClogColumns:
+        """From ``field=Header,field=Header``, a JSON object, or a path to a JSON file
+        (``@cols.json`` or ``cols.json``)."""
+        text = spec.strip()
+        source = "columns"
+        if text.startswith("@") or text.endswith(".json"):
+            path = Path(text.removeprefix("@"))
+            source = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise EClogError(f"{path}: cannot read column mapping: {e.strerror}") from None
+        if text.lstrip().startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise EClogError(f"{source}:{e.lineno}:{e.colno}: broken JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise EClogError(f"{source}: expected a JSON object of field: column")
+            return cls().with_overrides(obj)
+        overrides: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise EClogError(f"columns: {part!r} is not field=Column")
+            overrides[key.strip()] = value
+        return cls().with_overrides(overrides)
+
+
+NORMALISED: Final = (
+    "time",  # datetime64[ns, UTC]
+    "ip",  # str ("" when absent)
+    "user",  # str, the raw UserId ("" when absent)
+    "method",  # str, upper case ("GET" when absent)
+    "uri",  # str
+    "version",  # str
+    "status",  # Int64 (NA when absent or not a number)
+    "bytes",  # Int64 (NA when absent or not a number)
+    "referrer",  # str
+    "user_agent",  # str
+)
+_ANONYMOUS: Final = frozenset({"", "0", "-", "null", "NULL", "None", "nan"})
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_eclog(
+    source: str | Path | TextIO,
+    columns: EClogColumns | None = None,
+    *,
+    chunksize: int = 250_000,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Read an EClog CSV (a path or a seekable text buffer) into the :data:`NORMALISED` columns.
+
+    Reads only the mapped columns, ``chunksize`` rows at a time. Errors name the file and the
+    line (the header is line 1), e.g. ``day.csv:18: column 'TimeStamp': cannot parse …``.
+    """
+    cols = columns or EClogColumns()
+    if isinstance(source, str | Path):
+        name = str(source)
+    else:
+        name = str(getattr(source, "name", "<csv>"))
+        at = source.tell()
+    try:
+        header = pd.read_csv(source, nrows=0, skipinitialspace=True, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise EClogError(f"{name}:1: empty file, expected a CSV header") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise EClogError(f"{name}: not a readable CSV: {e}") from None
+    if not isinstance(source, str | Path):
+        source.seek(at)
+    present_header = [str(c).strip() for c in header.columns]
+    wanted = cols.mapping()
+    present = {f: c for f, c in wanted.items() if c in present_header}
+    for f in ("time", "uri"):
+        if f not in present:
+            raise EClogError(_missing_column(name, f, wanted[f], present_header))
+    if "user" not in present and "ip" not in present:
+        raise EClogError(_missing_column(name, "user", wanted["user"], present_header))
+    reader = pd.read_csv(
+        source,
+        usecols=lambda c: str(c).strip() in present.values(),
+        dtype=str,
+        keep_default_na=False,
+        skipinitialspace=True,
+        encoding="utf-8-sig",
+        chunksize=chunksize,
+    )
+    parts: list[pd.DataFrame] = []
+    offset = 0
+    with reader, tqdm(desc=f"read {Path(name).name}", unit=" rows", disable=not progress) as bar:
+        try:
+            for chunk in reader:
+                chunk.columns = [str(c).strip() for c in chunk.columns]
+                parts.append(normalise(chunk, present, name=name, first_line=offset + 2))
+                offset += len(chunk)
+                bar.update(len(chunk))
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise EClogError(f"{name}: not a readable CSV (after line {offset + 1}): {e}") from None
+    if not parts:
+        return normalise(pd.DataFrame({c: [] for c in present.values()}), present, name=name)
+    return pd.concat(parts, ignore_index=True)
+
+
+def normalise(
+    raw: pd.DataFrame, present: Mapping[str, str], *, name: str = "<csv>", first_line: int = 2
+) -> pd.DataFrame:
+    """Raw string columns (``present``: field → column) → :data:`NORMALISED` columns.
+
+    ``first_line`` is the CSV line of ``raw``'s first row, for error messages.
+    """
+    n = len(raw)
+
+    def text(field: str, default: str = "") -> pd.Series:
+        if field in present:
+            return raw[present[field]].astype(str).str.strip().reset_index(drop=True)
+        return pd.Series([default] * n, dtype=str)
+
+    time_raw = text("time")
+    times = parse_times(time_raw)
+    bad = times.isna().to_numpy()
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise EClogError(
+            f"{name}:{first_line + i}: column {present['time']!r}: cannot parse "
+            f"{time_raw.iloc[i]!r} as a time (ISO-8601 or epoch seconds)"
+        )
+    method = text("method", "GET").str.upper()
+    method = method.where(method != "", "GET")
+    return pd.DataFrame(
+        {
+            "time": times,
+            "ip": text("ip"),
+            "user": text("user"),
+            "method": method,
+            "uri": text("uri"),
+            "version": text("version"),
+            "status": pd.to_numeric(text("status"), errors="coerce").astype("Int64"),
+            "bytes": pd.to_numeric(text("bytes"), errors="coerce").astype("Int64"),
+            "referrer": text("referrer"),
+            "user_agent": text("user_agent"),
+        },
+        columns=list(NORMALISED),
+    )
+
+
+def parse_times(raw: pd.Series) -> pd.Series:
+    """Strings → ``datetime64[ns, UTC]``; NaT where a value is not a time.
+
+    Accepted: epoch seconds (integer or decimal), ISO-8601 (``2019-12-01T00:00:03``, a space
+    instead of ``T``, an optional offset; naive times are UTC), and the Apache log format
+    ``01/Dec/2019:00:00:03 +0100``.
+    """
+    s = raw.astype(str).str.strip().reset_index(drop=True)
+    out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns, UTC]")
+    numbers = pd.to_numeric(s, errors="coerce")
+    is_num = numbers.notna()
+    if is_num.any():
+        out[is_num] = pd.to_datetime(numbers[is_num], unit="s", utc=True).dt.as_unit("ns")
+    rest = ~is_num & (s != "")
+    if rest.any():
+        iso = pd.to_datetime(s[rest], format="ISO8601", utc=True, errors="coerce")
+        out[rest] = iso.dt.as_unit("ns")
+        left = rest & out.isna()
+        if left.any():
+            apache = pd.to_datetime(
+                s[left], format="%d/%b/%Y:%H:%M:%S %z", utc=True, errors="coerce"
+            )
+            out[left] = apache.dt.as_unit("ns")
+    return out
+
+
+def parse_time(value: str) -> pd.Timestamp:
+    """One time for ``--start``/``--end`` (same formats as :func:`parse_times`)."""
+    t = parse_times(pd.Series([value])).iloc[0]
+    if pd.isna(t):
+        raise EClogError(f"cannot parse {value!r} as a time (ISO-8601 or epoch seconds)")
+    return pd.Timestamp(t)
+
+
+def _missing_column(name: str, field: str, column: str, header: list[str]) -> str:
+    return (
+        f"{name}:1: column {column!r} (field {field!r}) not in the header "
+        f"[{', '.join(header)}]; map it with --columns {field}=<header name>"
+    )
+
+
+# -- mapping to a trace ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EClogConvertParams:
+    """How EClog requests become trace events.
+
+    ``ttl``: idle seconds (in the log's own time, before speed-up) after which a visitor's next
+    request starts a new session with a new login. ``start``/``end``: keep requests with
+    ``start <= time < end``. ``speedup``: trace seconds = log seconds / speedup, counted from
+    ``start`` (or the first kept request); naive times are UTC. ``host``: upstream host for
+    relative URIs.
+    ``logouts``: turn logout-looking requests (``logout_pattern``, a regex on the path) into
+    logout events that end the session.
+    """
+
+    ttl: float = 600.0
+    start: pd.Timestamp | None = None
+    end: pd.Timestamp | None = None
+    speedup: float = 1.0
+    host: str = "shop.example"
+    logouts: bool = False
+    logout_pattern: str = LOGOUT_PATTERN
+    name: str = "eclog"
+
+    def __post_init__(self) -> None:
+        # Naive times are UTC, like the log's.
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _utc(value))
+        if not self.ttl > 0:
+            raise EClogError(f"ttl must be > 0 seconds, got {self.ttl}")
+        if not (self.speedup > 0 and math.isfinite(self.speedup)):
+            raise EClogError(f"speedup must be a positive number, got {self.speedup}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise EClogError(f"end {self.end} is not after start {self.start}")
+        if not self.host:
+            raise EClogError("host must not be empty")
+
+
+def visitors(df: pd.DataFrame) -> pd.Series:
+    """Visitor label per row: ``u<UserId>``, or ``ip<IpId>`` when UserId is empty/0.
+
+    Reads ``user`` and ``ip``. Rows with neither are an :class:`EClogError`.
+    """
+    user = df["user"].astype(str)
+    ip = df["ip"].astype(str)
+    anon = user.isin(_ANONYMOUS)
+    no_ip = anon & ip.isin(_ANONYMOUS)
+    if no_ip.any():
+        i = int(np.argmax(no_ip.to_numpy()))
+        raise EClogError(f"row {i}: neither a UserId nor an IpId")
+    return ("u" + user).where(~anon, "ip" + ip)
+
+
+def _window(df: pd.DataFrame, p: EClogConvertParams) -> pd.DataFrame:
+    """Rows with ``start <= time < end``."""
+    d = df
+    if p.start is not None:
+        d = d[d["time"] >= _utc(p.start)]
+    if p.end is not None:
+        d = d[d["time"] < _utc(p.end)]
+    return d
+
+
+def split_uris(uri: pd.Series, default_host: str) -> tuple[pd.Series, pd.Series]:
+    """EClog URIs → (host, path): absolute URLs keep their host, others get ``default_host``;
+    paths always start with ``/``."""
+    path = uri.astype(str).reset_index(drop=True)
+    host = pd.Series([default_host] * len(path), dtype=str)
+    absolute = path.str.contains("://", regex=False).to_numpy(dtype=bool)
+    if absolute.any():
+        parts = path[absolute].str.extract(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)(.*)$")
+        ok = parts[0].notna() & (parts[0] != "")
+        host[absolute] = parts[0].where(ok, default_host).to_numpy()
+        path[absolute] = parts[1].where(parts[1].notna(), path[absolute]).to_numpy()
+    relative = ~path.str.startswith("/").to_numpy(dtype=bool)
+    if relative.any():
+        path[relative] = ("/" + path[relative]).to_numpy()
+    return host, path
+
+
+def eclog_events(df: pd.DataFrame, params: EClogConvertParams | None = None) -> pd.DataFrame:
+    """Normalised EClog frame → events frame (columns of :meth:`Trace.to_frame`), in order.
+
+    Reads ``time user ip method uri``; does not modify ``df``.
+    """
+    p = params or EClogConvertParams()
+    d = _window(df, p)
+    if d.empty:
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "time" else str) for c in FIELDS})
+    secs = _epoch_seconds(d["time"])
+    order = np.argsort(secs, kind="stable")
+    d = d.iloc[order].reset_index(drop=True)
+    secs = secs[order]
+    who = visitors(d)
+    host, path = split_uris(d["uri"], p.host)
+    if p.logouts:
+        bare = path.str.replace(r"[?#].*$", "", regex=True)  # as trace.looks_like_logout
+        is_logout = bare.str.contains(p.logout_pattern, regex=True).to_numpy(dtype=bool)
+    else:
+        is_logout = np.zeros(len(d), dtype=bool)
+    t = pd.Series(secs)
+    by = pd.factorize(who)[0]
+    gap = t - t.groupby(by).shift()
+    after_logout = pd.Series(is_logout).groupby(by).shift(fill_value=False).astype(bool)
+    new = (gap.isna() | (gap > p.ttl) | after_logout).to_numpy(dtype=bool)
+    n = pd.Series(new.astype(np.int64)).groupby(by).cumsum()
+    token = who + "-" + n.astype(str)
+    t0 = secs[0] if p.start is None else _epoch_seconds(pd.Series([_utc(p.start)]))[0]
+    requests = pd.DataFrame(
+        {
+            "time": (secs - t0) / p.speedup,
+            "kind": np.where(is_logout, "logout", "request"),
+            "user": who,
+            "token": token,
+            "method": d["method"].astype(str),
+            "host": host,
+            "path": path,
+        }
+    )
+    logins = requests[new].assign(kind="login", method="", path="")
+    events = pd.concat([logins, requests], ignore_index=True)
+    seq = np.concatenate([np.flatnonzero(new), np.arange(len(requests))])
+    rank = events["kind"].map(KIND_RANK).to_numpy()
+    # By time; a login comes right before the request that opens its session.
+    ordered = np.lexsort((rank, seq, events["time"].to_numpy()))
+    return events.iloc[ordered].reset_index(drop=True)
+
+
+def eclog_to_trace(df: pd.DataFrame, params: EClogConvertParams | None = None) -> Trace:
+    """Normalised EClog frame → :class:`Trace` (see :func:`eclog_events`).
+
+    ``meta.start`` is the wall-clock time of ``t = 0`` (``start``, else the first request).
+    """
+    p = params or EClogConvertParams()
+    events = eclog_events(df, p)
+    kept = _window(df, p)["time"]
+    first = _utc(p.start) if p.start is not None else (kept.min() if len(kept) else None)
+    hosts = tuple(dict.fromkeys(events.loc[events["kind"] != "login", "host"].tolist()))
+    meta = TraceMeta(
+        name=p.name,
+        description=(
+            f"EClog requests as sessions (new login after {p.ttl:g} s idle), "
+            f"time compressed {p.speedup:g}x"
+        ),
+        tenants=hosts,
+        hosts=hosts,
+        start=None if first is None else pd.Timestamp(first).to_pydatetime(),
+        extra={
+            "scenario": "eclog",
+            "ttl": p.ttl,
+            "speedup": p.speedup,
+            "window": [
+                None if p.start is None else _utc(p.start).isoformat(),
+                None if p.end is None else _utc(p.end).isoformat(),
+            ],
+            "logouts": p.logouts,
+        },
+    )
+    return Trace.from_frame(events, meta)
+
+
+def _utc(t: pd.Timestamp | datetime) -> pd.Timestamp:
+    ts = pd.Timestamp(t)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _epoch_seconds(times: pd.Series) -> npt.NDArray[np.float64]:
+    """UTC datetimes → float seconds since the epoch."""
+    ns = times.dt.as_unit("ns").astype("int64").to_numpy()
+    return np.asarray(ns // 1000, dtype=np.float64) / 1e6
+
+
+# -- the generator ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EClogGenParams:
+    """A synthetic store's traffic (all times in seconds unless the name says otherwise).
+
+    Sessions start as a Poisson process whose hourly rate follows a daily cosine: its mean is
+    ``requests_per_hour / session_requests_mean`` sessions per hour, its maximum at
+    ``peak_hour`` is ``peak_to_trough`` times its minimum twelve hours later (the night trough).
+    A session has a geometric (or lognormal) number of requests with mean
+    ``session_requests_mean`` and lognormal think times with mean ``think_time_mean``. With
+    probability ``revisit_prob`` a session belongs to a returning visitor (uniformly one of the
+    earlier ones), otherwise to a new one; ``anonymous_share`` of visitors have no UserId (they
+    are known by IpId). A registered visitor's session ends with ``/logout`` with probability
+    ``logout_prob``.
+
+    The sale spike (when ``spike_day`` is set: 0 is the first day) brings ``spike_new_users``
+    NEW visitors whose session starts rise linearly for ``spike_rise`` seconds from
+    ``spike_hour`` on that day, then decay exponentially to 1 % of the peak rate at
+    ``spike_duration`` seconds.
+    """
+
+    days: int = 1
+    start: date = date(2019, 12, 1)
+    requests_per_hour: float = 3000.0
+    peak_to_trough: float = 8.0
+    peak_hour: float = 20.0
+    session_requests_mean: float = 8.0
+    session_length: Literal["geometric", "lognormal"] = "geometric"
+    session_requests_sigma: float = 1.0
+    think_time_mean: float = 30.0
+    think_time_sigma: float = 1.0
+    revisit_prob: float = 0.3
+    anonymous_share: float = 0.4
+    logout_prob: float = 0.05
+    spike_day: int | None = None
+    spike_hour: float = 20.0
+    spike_new_users: int = 3000
+    spike_rise: float = 300.0
+    spike_duration: float = 3600.0
+    time_format: Literal["iso", "epoch"] = "iso"
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.days >= 1, "days must be >= 1"),
+            (self.requests_per_hour > 0, "requests_per_hour must be > 0"),
+            (self.peak_to_trough >= 1, "peak_to_trough must be >= 1"),
+            (0 <= self.peak_hour < 24, "peak_hour must be in [0, 24)"),
+            (self.session_requests_mean >= 1, "session_requests_mean must be >= 1"),
+            (self.session_length in ("geometric", "lognormal"), "unknown session_length"),
+            (self.think_time_mean > 0, "think_time_mean must be > 0"),
+            (self.session_requests_sigma > 0 and self.think_time_sigma > 0, "sigmas must be > 0"),
+            (0 <= self.revisit_prob < 1, "revisit_prob must be in [0, 1)"),
+            (0 <= self.anonymous_share <= 1, "anonymous_share must be in [0, 1]"),
+            (0 <= self.logout_prob <= 1, "logout_prob must be in [0, 1]"),
+            (
+                self.spike_day is None or 0 <= self.spike_day < self.days,
+                f"spike_day must be in [0, {self.days - 1}] (days after start)",
+            ),
+            (0 <= self.spike_hour < 24, "spike_hour must be in [0, 24)"),
+            (self.spike_new_users >= 0, "spike_new_users must be >= 0"),
+            (0 < self.spike_rise < self.spike_duration, "need 0 < spike_rise < spike_duration"),
+            (self.time_format in ("iso", "epoch"), "time_format must be iso or epoch"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EClogError(f"generator: {message}")
+
+    @property
+    def start_time(self) -> datetime:
+        return datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)
+
+    @property
+    def spike_time(self) -> datetime | None:
+        """Wall-clock start of the spike."""
+        if self.spike_day is None:
+            return None
+        return self.start_time + timedelta(days=self.spike_day, hours=self.spike_hour)
+
+
+def hourly_shape(params: EClogGenParams, hour_of_day: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Relative rate at ``hour_of_day`` (mean 1 over a day; peak/trough = ``peak_to_trough``)."""
+    a = (params.peak_to_trough - 1) / (params.peak_to_trough + 1)
+    h = np.asarray(hour_of_day, dtype=np.float64)
+    return np.asarray(1 + a * np.cos(2 * np.pi * (h - params.peak_hour) / 24), dtype=np.float64)
+
+
+def spike_density(params: EClogGenParams) -> npt.NDArray[np.float64]:
+    """Share of the spike's new visitors that arrive in each second after the spike starts."""
+    s = np.arange(math.ceil(params.spike_duration), dtype=np.float64) + 0.5
+    tau = (params.spike_duration - params.spike_rise) / math.log(100)
+    rate = np.where(
+        s < params.spike_rise, s / params.spike_rise, np.exp(-(s - params.spike_rise) / tau)
+    )
+    return np.asarray(rate / rate.sum(), dtype=np.float64)
+
+
+# Pages: (prefix, number of ids, method, probability). URIs are codes into one vocabulary.
+_PAGE_KINDS: Final = (
+    ("/", 0, "GET", 0.10),
+    ("/category/", 40, "GET", 0.25),
+    ("/product/", 20000, "GET", 0.45),
+    ("/search?q=", 500, "GET", 0.10),
+    ("/cart", 0, "POST", 0.07),
+    ("/checkout", 0, "POST", 0.03),
+)
+_METHODS: Final = ("GET", "POST")
+
+
+@cache
+def _uri_vocabulary() -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int64]]:
+    """All generated URIs (then ``/logout`` and ``-``) and each page kind's first code."""
+    uris: list[str] = []
+    first: list[int] = []
+    for prefix, n_ids, _, _ in _PAGE_KINDS:
+        first.append(len(uris))
+        uris.extend([prefix] if n_ids == 0 else [f"{prefix}{i}" for i in range(1, n_ids + 1)])
+    uris.extend(["/logout", "-"])
+    return np.array(uris), np.array(first, dtype=np.int64)
+
+
+_AGENTS: Final = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/78.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:70.0) Gecko/20100101 Firefox/70.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 13_2 like Mac OS X) AppleWebKit/605.1.15 Mobile",
+    "Mozilla/5.0 (Linux; Android 9; SM-G960F) AppleWebKit/537.36 Chrome/78.0 Mobile",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15) AppleWebKit/605.1.15 Safari/605.1.15",
+)
+
+
+def generate_eclog(
+    params: EClogGenParams | None = None, columns: EClogColumns | None = None
+) -> pd.DataFrame:
+    """EClog-format requests, sorted by time, at 1-second resolution.
+
+    Columns: the CSV header of ``columns`` (what :func:`write_eclog` writes) plus the ground
+    truth ``_session`` (session number in order of start), ``_new`` (the session is the
+    visitor's first), ``_spike`` (the session belongs to the sale spike) and ``_t`` (seconds
+    since the start, before rounding). Deterministic for a given ``params`` (seed included).
+    """
+    p = params or EClogGenParams()
+    cols = columns or EClogColumns()
+    rng = np.random.default_rng(p.seed)
+    horizon = p.days * 86400
+
+    # Session starts: Poisson counts per second, jittered within the second.
+    sec = np.arange(horizon, dtype=np.float64)
+    sessions_per_s = p.requests_per_hour / p.session_requests_mean / 3600.0
+    lam = sessions_per_s * hourly_shape(p, (sec % 86400) / 3600.0)
+    counts = rng.poisson(lam)
+    base_starts = np.repeat(sec, counts) + rng.random(int(counts.sum()))
+    spike_starts = np.empty(0)
+    if p.spike_day is not None and p.spike_new_users > 0:
+        density = spike_density(p)
+        offsets = rng.choice(len(density), size=p.spike_new_users, p=density)
+        t_spike = p.spike_day * 86400 + p.spike_hour * 3600
+        spike_starts = t_spike + offsets + rng.random(p.spike_new_users)
+        spike_starts = spike_starts[spike_starts < horizon]
+    starts = np.concatenate([base_starts, spike_starts])
+    is_spike = np.concatenate([np.zeros(len(base_starts), bool), np.ones(len(spike_starts), bool)])
+    order = np.argsort(starts, kind="stable")
+    starts, is_spike = starts[order], is_spike[order]
+    n_sessions = len(starts)
+
+    # Visitors: spike sessions and a share of the others are new; the rest return.
+    is_new = is_spike | (rng.random(n_sessions) >= p.revisit_prob)
+    is_new[:1] = True  # nobody to return yet
+    new_before: npt.NDArray[np.int64] = np.cumsum(is_new) - is_new
+    visitor = np.cumsum(is_new) - 1
+    returning = ~is_new
+    visitor[returning] = np.floor(rng.random(int(returning.sum())) * new_before[returning]).astype(
+        np.int64
+    )
+    n_visitors = int(is_new.sum())
+    anonymous = rng.random(n_visitors) < p.anonymous_share
+    agent = rng.integers(0, len(_AGENTS), n_visitors)
+
+    # Requests per session and their times.
+    if p.session_length == "geometric":
+        length = rng.geometric(1.0 / p.session_requests_mean, n_sessions)
+    else:
+        sigma = p.session_requests_sigma
+        mu = math.log(p.session_requests_mean) - sigma**2 / 2
+        length = np.maximum(1, np.rint(rng.lognormal(mu, sigma, n_sessions))).astype(np.int64)
+    session = np.repeat(np.arange(n_sessions), length)
+    first = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+    position = np.arange(len(session)) - first[session]
+    mu_think = math.log(p.think_time_mean) - p.think_time_sigma**2 / 2
+    think = rng.lognormal(mu_think, p.think_time_sigma, len(session))
+    think[first] = 0.0
+    elapsed = np.cumsum(think)
+    elapsed -= elapsed[first][session]
+    t = starts[session] + elapsed
+    last = position == length[session] - 1
+
+    # Pages, as codes into the URI vocabulary.
+    vocab, first_code = _uri_vocabulary()
+    logout_code, dash_code = len(vocab) - 2, len(vocab) - 1
+    n_req = len(session)
+    page = rng.choice(len(_PAGE_KINDS), size=n_req, p=[k[3] for k in _PAGE_KINDS])
+    n_ids = np.array([max(k[1], 1) for k in _PAGE_KINDS])[page]
+    uri = first_code[page] + np.floor(rng.random(n_req) * n_ids).astype(np.int64)
+    method = np.array([_METHODS.index(k[2]) for k in _PAGE_KINDS])[page]
+    who = visitor[session]
+    logout = last & ~anonymous[who] & (rng.random(n_req) < p.logout_prob)
+    uri[logout] = logout_code
+    method[logout] = _METHODS.index("POST")
+    status = rng.choice(np.array([200, 302, 304, 404]), size=n_req, p=[0.9, 0.04, 0.04, 0.02])
+    status[logout] = 302
+    size = np.where(status == 200, rng.lognormal(9.5, 1.0, n_req).astype(np.int64), 0)
+    referrer = np.where(position == 0, dash_code, np.roll(uri, 1))
+
+    # Order by time (ties: session start order, then position), cut at the horizon.
+    keep = t < horizon
+    idx = np.flatnonzero(keep)
+    whole = np.floor(t[idx]).astype(np.int64)
+    idx = idx[np.lexsort((position[idx], session[idx], whole))]
+    whole = np.floor(t[idx]).astype(np.int64)
+    epoch0 = int(p.start_time.timestamp())
+    if p.time_format == "epoch":
+        stamp: npt.NDArray[Any] = epoch0 + whole
+    else:
+        stamp = (np.datetime64(epoch0, "s") + whole).astype(str)
+    v = who[idx]
+    anon_v = anonymous[v]
+    out = pd.DataFrame(
+        {
+            cols.ip: v + 1,
+            cols.user: np.where(anon_v, 0, v + 1),
+            cols.time: stamp,
+            cols.method: _categorical(method[idx], _METHODS),
+            cols.uri: _categorical(uri[idx], vocab),
+            cols.version: "HTTP/1.1",
+            cols.status: status[idx],
+            cols.bytes: size[idx],
+            cols.referrer: _categorical(referrer[idx], vocab),
+            cols.user_agent: _categorical(agent[v], _AGENTS),
+            "_session": session[idx],
+            "_new": is_new[session[idx]],
+            "_spike": is_spike[session[idx]],
+            "_t": t[idx],
+        }
+    )
+    return out
+
+
+def _categorical(codes: npt.NDArray[Any], names: Any) -> pd.Categorical:
+    """Strings as codes into ``names`` (cheap to build for hundreds of thousands of rows)."""
+    return pd.Categorical.from_codes(np.asarray(codes, dtype=np.int64), pd.Index(list(names)))
+
+
+def write_eclog(
+    df: pd.DataFrame,
+    path: str | Path | TextIO,
+    *,
+    progress: bool = False,
+    chunksize: int = 100_000,
+) -> None:
+    """Write a generated frame as CSV, without the ground-truth ``_`` columns."""
+    out = df.loc[:, [c for c in df.columns if not str(c).startswith("_")]]
+    if isinstance(path, str | Path):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            write_eclog(out, f, progress=progress, chunksize=chunksize)
+        return
+    with tqdm(total=len(out), desc="write CSV", unit=" rows", disable=not progress) as bar:
+        for i in range(0, max(len(out), 1), chunksize):
+            part = out.iloc[i : i + chunksize]
+            part.to_csv(path, index=False, header=i == 0)
+            bar.update(len(part))

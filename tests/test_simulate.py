@@ -1,0 +1,74 @@
+"""Virtual-time simulation through the real filter, and the paper's basic experiment."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from scenarios.__main__ import main as scenarios_main
+from scenarios.basic import BasicParams, basic_trace
+from scenarios.fig4 import FIG4_COLUMNS, run_fig4
+from scenarios.simulate import SAMPLE_COLUMNS, SimConfig, simulate
+from scenarios.trace import Event, Trace
+
+
+def test_basic_experiment_memory_does_not_come_down() -> None:
+    series = run_fig4(count=300)
+    assert list(series.columns) == FIG4_COLUMNS
+    rising = series[series["t"] <= 300]
+    falling = series[series["t"] > 300]
+    # Allocated memory grows with the token count ...
+    assert rising["allocated_bytes"].is_monotonic_increasing
+    assert rising["allocated_bytes"].iloc[-1] >= 300 * 1024
+    assert rising["tokens"].iloc[-1] == 300
+    # ... and does not come down after the logouts, while the live bytes do.
+    peak = series["allocated_bytes"].max()
+    assert (falling["allocated_bytes"] == peak).all()
+    assert falling["tokens"].iloc[-1] == 0 and falling["live_bytes"].iloc[-1] == 0
+    assert falling["live_bytes"].is_monotonic_decreasing
+
+
+def test_samples_and_decisions_of_a_small_trace() -> None:
+    events = [
+        Event.login(0, "a", "ta", "shop"),
+        Event.request(0, "a", "ta", "shop"),
+        Event.request(5, "a", "ta", "shop"),
+        Event.login(7, "b", "tb", "blog"),
+        Event.request(7, "b", "tb", "blog"),
+        Event.logout(9, "a", "ta", "shop"),
+    ]
+    result = simulate(Trace.from_events(events), SimConfig(sample_interval=1.0))
+    assert list(result.samples.columns) == SAMPLE_COLUMNS
+    assert set(result.samples["instance"]) == {"shop", "blog"}  # one instance per host
+    assert list(result.requests["decision"]) == ["miss", "hit", "miss", "logout"]
+    assert result.auth_requests == 2
+    last = result.samples.groupby("instance").last()
+    assert last.loc["shop", "requests"] == 3 and last.loc["shop", "outbound"] == 1
+    assert last.loc["shop", "live_entries"] == 0 and last.loc["blog", "live_entries"] == 1
+    times = result.samples[result.samples["instance"] == "shop"]["time"].diff().dropna()
+    assert (times.round(6) == 1.0).all()
+
+
+def test_controller_restarts_through_the_host() -> None:
+    trace = basic_trace(BasicParams(count=100))
+    seen: list[float] = []
+
+    def controller(samples: pd.DataFrame, now: float) -> list[str]:
+        seen.append(now)
+        return ["shop.example"] if len(seen) == 150 else []
+
+    result = simulate(trace, SimConfig(plugin_configuration='{"ttl_seconds": 1000}'), controller)
+    assert len(result.restarts) == 1 and result.restarts.iloc[0]["requested_by"] == "simulation"
+    gens = result.samples.set_index("time")["generation"]
+    assert gens.iloc[0] == 0 and gens.iloc[-1] == 1
+    after = result.samples[result.samples["generation"] == 1]
+    assert after["allocated_pages"].max() < result.samples["allocated_pages"].max()
+
+
+def test_fig4_command_writes_csv_and_png(tmp_path, capsys) -> None:
+    assert scenarios_main(["fig4", "--count", "32", "--out", str(tmp_path), "--csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("t,tokens,live_bytes,allocated_pages,allocated_bytes\n")
+    assert "allocated at the end" in out
+    series = pd.read_csv(tmp_path / "fig4.csv")
+    assert series["tokens"].max() == 32
+    assert (tmp_path / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
