@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,8 @@ from addons.proxywasm import (
     VirtualClock,
 )
 from addons.proxywasm.vm import ROOT_CONTEXT_ID, StreamContext, Vm
+
+from .servers import ferretdb
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER_WASM = ROOT / "filters" / "auth_cache.wasm"
@@ -96,6 +98,13 @@ def harness() -> Callable[..., Harness]:
     yield make  # type: ignore[misc]
     for h in made:
         h.host.close()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri() -> Iterator[str]:
+    """A real MongoDB-protocol server (FerretDB): MONGODB_URI, or one started for the session."""
+    with ferretdb() as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")
