@@ -1,0 +1,655 @@
+"""wasm_auth: run Proxy-Wasm filters on live traffic in mitmproxy.
+
+    mitmdump -s addons/wasm_auth.py --mode reverse:http://127.0.0.1:8000 \\
+        --set wasm_cluster=auth=http://127.0.0.1:8081
+
+Every request goes through a Proxy-Wasm filter (by default the bundled auth-cache filter)
+running under wasmtime, one filter instance per upstream host (`wasm_instance_key=host`). The
+filter's decision is applied: continue, a local response (401, 503…), or a pause until its
+outbound auth call returns. What the paper's manager needs is recorded: every request, every
+auth call, every restart, and per instance every `wasm_sample_interval` a sample of allocated
+memory, requests and outbound calls. Documents go to a local spool and a separate shipper
+process delivers them to MongoDB or the embedded store, so the proxy never waits for the
+database and nothing is lost while it is away. An admin endpoint (loopback, bearer token)
+lists instances and restarts them; the `wasm.status` and `wasm.restart` commands do the same
+from mitmproxy's console or mitmweb.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from mitmproxy import command, ctx, exceptions, http
+
+if __package__ in (None, "") and "addons" not in sys.modules:  # run as a script from a clone
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from addons.admin import AdminServer, load_or_create_token, parse_listen
+from addons.proxywasm import (
+    WASM_PAGE_SIZE,
+    AuthCallRecord,
+    Decision,
+    FilterLoadError,
+    FilterModule,
+    FilterStartError,
+    Host,
+    HostEvents,
+    HttpxDispatcher,
+    Limits,
+    RestartError,
+    RestartRecord,
+    ScaledClock,
+    WallClock,
+)
+from addons.proxywasm.clock import Clock
+from addons.proxywasm.headers import Pairs
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FILTER = ROOT / "filters" / "auth_cache.wasm"
+STATE_DIR = Path(".wasm-reclaim")
+LIVE_ENTRIES, LIVE_BYTES = "auth_cache.live_entries", "auth_cache.live_bytes"
+DENIED_MARK = ":no_entry:"
+FAILED_MARK = ":warning:"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing options (pure; each has its own parametrized test)
+# --------------------------------------------------------------------------------------------
+
+
+def parse_clusters(specs: Sequence[str]) -> dict[str, str]:
+    """`["auth=http://127.0.0.1:8081"]` → {"auth": "http://127.0.0.1:8081"}."""
+    clusters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ValueError(f"wasm_cluster: expected NAME=URL, got {spec!r}")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"wasm_cluster {name}: URL must start with http:// or https://, "
+                             f"got {url!r}")
+        if name in clusters:
+            raise ValueError(f"wasm_cluster: {name!r} is given twice")
+        clusters[name] = url.rstrip("/")
+    return clusters
+
+
+def parse_filter_config(value: str) -> bytes:
+    """The plugin configuration: JSON text, or `@path` to a JSON file; checked to be JSON."""
+    text = value.strip()
+    where = "wasm_filter_config"
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read {path}: {e.strerror or e}") from e
+        where = str(path)
+    if not text.strip():
+        return b""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    return text.encode()
+
+
+def parse_positive(name: str, value: str) -> float:
+    """A positive number given as text (mitmproxy options have no float type)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not a number") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"{name}: must be a positive number, got {value!r}")
+    return number
+
+
+def parse_store(value: str) -> str:
+    """`mongodb://…` as is; empty → $MONGODB_URI, else the embedded store's directory."""
+    value = value.strip() or os.environ.get("MONGODB_URI", "")
+    if value.startswith(("mongodb://", "mongodb+srv://")):
+        return value
+    return str(Path(value or STATE_DIR / "store").expanduser())
+
+
+def instance_key(flow: http.HTTPFlow, mode: str) -> str:
+    """The filter instance for a flow: its upstream host (Host header first), or one for all."""
+    if mode == "single":
+        return "single"
+    return flow.request.pretty_host.lower() or "default"
+
+
+def request_pairs(request: http.Request) -> Pairs:
+    """The request as the filter sees it: pseudo-headers, then every header as bytes."""
+    authority = request.host_header or request.pretty_host
+    pairs: Pairs = [
+        (b":method", request.data.method),
+        (b":path", request.data.path),
+        (b":authority", authority.encode("utf-8", "surrogateescape")),
+        (b":scheme", request.data.scheme or b"http"),
+    ]
+    pairs.extend((k.lower(), v) for k, v in request.headers.fields)
+    return pairs
+
+
+def token_hash(request: http.Request) -> str | None:
+    """A short SHA-256 of the bearer token: tokens are never stored or logged in clear."""
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def verdict(decision: Decision, has_token: bool) -> str:
+    """One word for what the filter did: hit, miss, deny, error, reset or continue."""
+    if decision.error is not None:
+        return "error"
+    if decision.action == "reset":
+        return "reset"
+    if decision.action == "respond":
+        status = decision.response.status if decision.response else 0
+        return "deny" if status in (401, 403) else "error" if status >= 500 else "respond"
+    if not has_token:
+        return "continue"
+    return "miss" if decision.outbound else "hit"
+
+
+def describe(word: str, instance: str, generation: int, pages: int, latency_ms: float,
+             decision: Decision) -> str:
+    """The flow comment mitmweb shows."""
+    parts = [f"wasm: {word}", f"instance {instance}", f"gen {generation}", f"{pages} pages",
+             f"{latency_ms:.1f} ms"]
+    if decision.response is not None and decision.response.details:
+        parts.append(decision.response.details)
+    if decision.error:
+        parts.append(decision.error)
+    return " · ".join(parts)
+
+
+class Settings(NamedTuple):
+    """The options, parsed once in configure().
+
+    A NamedTuple, not a dataclass: mitmproxy runs this file as a script without registering
+    it in sys.modules, which dataclasses need.
+    """
+
+    filter_path: Path
+    plugin_configuration: bytes
+    clusters: dict[str, str]
+    instance_key: str
+    store: str
+    spool_dir: Path
+    sample_interval: float
+    admin_listen: tuple[str, int] | None
+    admin_token: str
+    admin_token_file: Path
+    memory_limit_mib: int
+    fail_open: bool
+    clock_speed: float
+    deadline_ms: int
+    log_metrics: bool
+    retention_s: int
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: host events and samples become documents
+# --------------------------------------------------------------------------------------------
+
+
+class _Recorder(HostEvents):
+    """Turns the host's events into documents for the store."""
+
+    def __init__(self, addon: WasmAuth) -> None:
+        self.addon = addon
+
+    def on_auth_call(self, record: AuthCallRecord) -> None:
+        doc = record._asdict()
+        doc["latency_ms"] = round(doc.pop("latency_s") * 1000, 3)
+        self.addon.write("auth_calls", doc)
+
+    def on_restart(self, record: RestartRecord) -> None:
+        doc = dataclasses.asdict(record)
+        doc["duration_ms"] = round(doc.pop("duration_s") * 1000, 3)
+        self.addon.write("restarts", doc)
+
+    def on_crash(self, instance: str, generation: int, error: str) -> None:
+        logger.error("wasm filter %s generation %d failed: %s", instance, generation, error)
+
+
+# --------------------------------------------------------------------------------------------
+# The addon
+# --------------------------------------------------------------------------------------------
+
+
+class WasmAuth:
+    """Runs a Proxy-Wasm filter from the request hook and records what the manager needs."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.module: FilterModule | None = None
+        self.host: Host | None = None
+        self.clock: Clock = WallClock()
+        self.metrics: Any = None  # addons.spool.MetricsLog once running
+        self.shipper: subprocess.Popen[bytes] | None = None
+        self.admin: AdminServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_pages: dict[str, int] = {}
+        self._running = False
+
+    # ---- options ----
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("wasm_filter", str, str(DEFAULT_FILTER),
+                          "Path to the Proxy-Wasm filter (.wasm, ABI 0.2.1 or 0.2.0).")
+        loader.add_option("wasm_filter_config", str, "",
+                          "Plugin configuration for the filter: JSON text, or @path to a JSON "
+                          "file. Empty: the filter's defaults.")
+        loader.add_option("wasm_cluster", Sequence[str], [],
+                          "Where proxy_http_call may go: NAME=URL, repeatable "
+                          "(e.g. auth=http://127.0.0.1:8081).")
+        loader.add_option("wasm_instance_key", str, "host",
+                          "One filter instance per upstream host ('host', the paper's one "
+                          "filter per site), or one for all traffic ('single').")
+        loader.add_option("wasm_store", str, "",
+                          "Where metrics go: a mongodb:// URI, or a directory for the embedded "
+                          "store. Empty: $MONGODB_URI, else .wasm-reclaim/store.")
+        loader.add_option("wasm_spool", str, str(STATE_DIR / "spool"),
+                          "Directory where metric documents wait until the store has them.")
+        loader.add_option("wasm_sample_interval", str, "1",
+                          "Seconds (host clock) between memory samples of each instance.")
+        loader.add_option("wasm_admin_listen", str, "127.0.0.1:9901",
+                          "HOST:PORT of the admin endpoint (bearer token required); empty "
+                          "disables it.")
+        loader.add_option("wasm_admin_token", str, "",
+                          "Bearer token of the admin endpoint. Empty: read or generate one in "
+                          "the 0600 file wasm_admin_token_file.")
+        loader.add_option("wasm_admin_token_file", str, str(STATE_DIR / "admin-token"),
+                          "File holding the generated admin token (mode 0600).")
+        loader.add_option("wasm_memory_limit", int, 256,
+                          "Linear-memory cap per filter instance, in MiB.")
+        loader.add_option("wasm_fail_open", bool, False,
+                          "When the filter itself fails (trap, deadline), let requests through "
+                          "instead of answering 503.")
+        loader.add_option("wasm_clock_speed", str, "1",
+                          "Host-clock speed-up for demos: 60 makes a 10-minute TTL pass in 10 s; "
+                          "the filter, the samples and the manager see the same clock.")
+        loader.add_option("wasm_deadline_ms", int, 100,
+                          "A filter callback running longer than this is interrupted (ms).")
+        loader.add_option("wasm_log_metrics", bool, True,
+                          "Record requests, auth calls, samples and restarts in the store.")
+        loader.add_option("wasm_retention", int, 0,
+                          "Embedded store only: keep samples, requests and auth calls this many "
+                          "seconds (host clock); 0 keeps everything.")
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("wasm_") for name in updated):
+            return
+        o = ctx.options
+        try:
+            listen = parse_listen(o.wasm_admin_listen)
+            settings = Settings(
+                filter_path=Path(o.wasm_filter).expanduser(),
+                plugin_configuration=parse_filter_config(o.wasm_filter_config),
+                clusters=parse_clusters(o.wasm_cluster),
+                instance_key=o.wasm_instance_key,
+                store=parse_store(o.wasm_store),
+                spool_dir=Path(o.wasm_spool).expanduser(),
+                sample_interval=parse_positive("wasm_sample_interval", o.wasm_sample_interval),
+                admin_listen=listen,
+                admin_token=o.wasm_admin_token,
+                admin_token_file=Path(o.wasm_admin_token_file).expanduser(),
+                memory_limit_mib=o.wasm_memory_limit,
+                fail_open=o.wasm_fail_open,
+                clock_speed=parse_positive("wasm_clock_speed", o.wasm_clock_speed),
+                deadline_ms=o.wasm_deadline_ms,
+                log_metrics=o.wasm_log_metrics,
+                retention_s=o.wasm_retention,
+            )
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from e
+        if settings.instance_key not in ("host", "single"):
+            raise exceptions.OptionsError(
+                f"wasm_instance_key: expected 'host' or 'single', got {settings.instance_key!r}")
+        if settings.memory_limit_mib < 1:
+            raise exceptions.OptionsError("wasm_memory_limit: must be at least 1 MiB")
+        if settings.deadline_ms < 1:
+            raise exceptions.OptionsError("wasm_deadline_ms: must be at least 1 ms")
+        if settings.retention_s < 0:
+            raise exceptions.OptionsError("wasm_retention: must be 0 or more seconds")
+        previous = self.settings
+        if self.module is None or previous is None or previous.filter_path != (
+                settings.filter_path):
+            try:
+                self.module = FilterModule.from_file(settings.filter_path)
+            except FilterLoadError as e:
+                raise exceptions.OptionsError(f"wasm_filter: {e}") from e
+        self.settings = settings
+        self._build_host(previous)
+        if self._running and previous is not None:
+            asyncio.get_running_loop().create_task(self._restart_services(previous))
+
+    def _build_host(self, previous: Settings | None) -> None:
+        """(Re)create the host when anything it depends on changed."""
+        s = self.settings
+        assert s is not None and self.module is not None
+        host_fields = ("filter_path", "plugin_configuration", "clusters", "memory_limit_mib",
+                       "fail_open", "clock_speed", "deadline_ms")
+        if self.host is not None and previous is not None and all(
+                getattr(previous, f) == getattr(s, f) for f in host_fields):
+            return
+        self.clock = WallClock() if s.clock_speed == 1 else ScaledClock(s.clock_speed)
+        host = Host(
+            self.module,
+            HttpxDispatcher(s.clusters),
+            plugin_configuration=s.plugin_configuration,
+            clock=self.clock,
+            limits=Limits(memory_bytes=s.memory_limit_mib * 2**20, deadline_ms=s.deadline_ms),
+            fail_open=s.fail_open,
+            events=_Recorder(self),
+        )
+        # Fail at configuration time, not on the first request, if the filter cannot start.
+        try:
+            probe = host.instance("__probe__")
+        except FilterStartError as e:
+            raise exceptions.OptionsError(f"wasm_filter: {e}") from e
+        for vm in probe.vms():
+            vm.close()
+        host.instances.clear()
+        old, self.host = self.host, host
+        self._last_pages.clear()
+        if old is not None:
+            old.close()
+        logger.info("wasm: filter %s (ABI %s), instances per %s, clusters %s%s",
+                    s.filter_path, self.module.abi_version, s.instance_key,
+                    ", ".join(f"{k}={v}" for k, v in s.clusters.items()) or "none",
+                    f", clock ×{s.clock_speed:g}" if s.clock_speed != 1 else "")
+
+    # ---- lifecycle ----
+
+    async def running(self) -> None:
+        self._running = True
+        await self._start_services()
+
+    async def done(self) -> None:
+        self._running = False
+        await self._stop_services()
+        if self.host is not None:
+            self.host.close()
+
+    async def _start_services(self) -> None:
+        s = self.settings
+        assert s is not None
+        if s.log_metrics:
+            from addons.spool import MetricsLog
+
+            self.metrics = MetricsLog(s.spool_dir)
+            self.shipper = self._start_shipper(s)
+        self._tasks = [asyncio.create_task(self._poll_loop(), name="wasm-poll"),
+                       asyncio.create_task(self._sample_loop(), name="wasm-samples")]
+        if s.log_metrics:
+            self._tasks.append(asyncio.create_task(self._flush_loop(), name="wasm-flush"))
+        if s.admin_listen is not None:
+            token = s.admin_token or load_or_create_token(s.admin_token_file)
+            host, port = s.admin_listen
+            self.admin = AdminServer(self, token, host, port)
+            try:
+                await self.admin.start()
+            except OSError as e:
+                self.admin = None
+                logger.error("wasm admin endpoint: cannot listen on %s:%d: %s", host, port,
+                             e.strerror or e)
+            else:
+                where = "token from wasm_admin_token" if s.admin_token else (
+                    f"token in {s.admin_token_file}")
+                logger.info("wasm admin endpoint on http://%s:%d (%s)", host, self.admin.port,
+                            where)
+
+    async def _stop_services(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.host is not None:
+            await self.host.dispatcher.aclose()
+        if self.metrics is not None:
+            self._sample_all()  # a last sample, so the store sees the final state
+            await asyncio.to_thread(self.metrics.flush)
+            self.metrics = None
+        if self.shipper is not None:
+            await asyncio.to_thread(self._stop_shipper, self.shipper)
+            self.shipper = None
+
+    async def _restart_services(self, previous: Settings) -> None:
+        await self._stop_services()
+        await self._start_services()
+
+    def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
+        """The process that delivers spooled documents to the store."""
+        args = [sys.executable, "-m", "addons.spool", "ship", "--spool", str(s.spool_dir),
+                "--store", s.store]
+        if s.retention_s:
+            args += ["--retention", str(s.retention_s)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+    @staticmethod
+    def _stop_shipper(proc: subprocess.Popen[bytes]) -> None:
+        """Ask the shipper to deliver what is spooled and exit; what it can't stays spooled."""
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            logger.warning("wasm: the metrics shipper did not stop in 15 s; documents stay in "
+                           "the spool and are delivered next time")
+            proc.kill()
+            proc.wait()
+
+    async def _poll_loop(self) -> None:
+        """Ticks, outbound-call deadlines and crash recovery, on the host clock."""
+        while True:
+            if self.host is not None:
+                try:
+                    self.host.poll()
+                except Exception:
+                    logger.exception("wasm: host poll failed")
+            await asyncio.sleep(0.01)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.metrics is not None:
+                try:
+                    await asyncio.to_thread(self.metrics.flush)
+                except Exception as e:
+                    logger.error("wasm: cannot write the metrics spool: %s", e)
+
+    async def _sample_loop(self) -> None:
+        """A sample of every instance every wasm_sample_interval of host-clock time."""
+        while True:
+            s = self.settings
+            assert s is not None
+            await asyncio.sleep(s.sample_interval / s.clock_speed)
+            try:
+                self._sample_all()
+            except Exception:
+                logger.exception("wasm: sampling failed")
+
+    def _sample_all(self) -> None:
+        if self.host is None:
+            return
+        for inst in list(self.host.instances.values()):
+            self._sample(inst.id)
+
+    def _sample(self, instance_id: str) -> None:
+        assert self.host is not None
+        inst = self.host.instances.get(instance_id)
+        if inst is None:
+            return
+        o = inst.observe()
+        self._last_pages[instance_id] = o.allocated_pages
+        self.write("samples", {
+            "time": self.clock.now_ns() / 1e9, "instance": o.id, "tenant": o.tenant,
+            "generation": o.generation, "started_at": o.started_at,
+            "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,
+            "requests": o.requests, "outbound": o.outbound,
+            "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
+            "state": o.state,
+        })
+
+    def write(self, collection: str, doc: dict[str, Any]) -> None:
+        """Record a document (no-op when metrics are off or not running)."""
+        if self.metrics is not None:
+            self.metrics.write(collection, doc)
+
+    # ---- the hook ----
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None or self.host is None:
+            return
+        s = self.settings
+        assert s is not None
+        key = instance_key(flow, s.instance_key)
+        t0 = time.perf_counter()
+        try:
+            inst = self.host.instance(key)
+        except FilterStartError as e:
+            logger.error("wasm: instance %s cannot start: %s", key, e)
+            self._fail(flow, key, str(e))
+            return
+        stream = inst.stream()
+        decision = stream.request_headers(request_pairs(flow.request))
+        if decision is None:
+            waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+
+            def resolve(d: Decision) -> None:
+                if not waiter.done():
+                    waiter.set_result(d)
+
+            stream.on_decision = resolve
+            decision = await waiter
+        stream.close()
+        latency_ms = (time.perf_counter() - t0) * 1000
+        self._apply(flow, decision)
+        has_token = token_hash(flow.request) is not None
+        word = verdict(decision, has_token)
+        pages = inst.vm.allocated_pages() if inst.vm is not None else 0
+        flow.comment = describe(word, key, decision.generation, pages, latency_ms, decision)
+        if word in ("deny", "reset"):
+            flow.marked = DENIED_MARK
+        elif word == "error":
+            flow.marked = FAILED_MARK
+        if self.metrics is not None:
+            self.write("requests", {
+                "time": self.clock.now_ns() / 1e9, "instance": key, "tenant": inst.tenant,
+                "generation": decision.generation, "method": flow.request.method,
+                "path": flow.request.path, "decision": word,
+                "status": decision.response.status if decision.response else None,
+                "outbound": decision.outbound, "latency_ms": round(latency_ms, 3),
+                "token_hash": token_hash(flow.request),
+            })
+            if self._last_pages.get(key) != pages:
+                self._sample(key)  # allocated memory changed: sample now, not only on the period
+
+    def _apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Forward, answer locally, or reset, as the filter decided."""
+        if decision.action == "respond" and decision.response is not None:
+            r = decision.response
+            flow.response = http.Response.make(
+                r.status, r.body, [(k, v) for k, v in r.headers if not k.startswith(b":")])
+        elif decision.action == "reset":
+            flow.kill()
+        else:
+            headers = [(k, v) for k, v in decision.request_headers if not k.startswith(b":")]
+            if headers != [(k.lower(), v) for k, v in flow.request.headers.fields]:
+                flow.request.headers = http.Headers(headers)
+
+    def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
+        s = self.settings
+        assert s is not None
+        flow.comment = f"wasm: error · instance {key} · {error}"
+        flow.marked = FAILED_MARK
+        if not s.fail_open:
+            flow.response = http.Response.make(503, b"filter unavailable\n",
+                                               {"content-type": "text/plain"})
+
+    # ---- commands and the admin backend ----
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        """Every instance with allocated memory, requests, outbound calls and generation."""
+        if self.host is None:
+            return []
+        return [{
+            "id": o.id, "tenant": o.tenant, "generation": o.generation,
+            "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,
+            "requests": o.requests, "outbound": o.outbound, "started_at": o.started_at,
+            "state": o.state, "draining": o.draining,
+            "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
+        } for o in self.host.observe()]
+
+    def restart_instance(self, instance_id: str, reason: str, requested_by: str
+                         ) -> dict[str, Any]:
+        """Restart one instance (KeyError if unknown, RuntimeError if it failed)."""
+        if self.host is None or instance_id not in self.host.instances:
+            raise KeyError(instance_id)
+        try:
+            record = self.host.restart(instance_id, reason, requested_by)
+        except RestartError as e:
+            raise RuntimeError(str(e)) from e
+        self._sample(instance_id)
+        return {"id": record.instance, "generation": record.generation,
+                "generation_before": record.generation_before,
+                "allocated_bytes_before": record.allocated_bytes_before,
+                "allocated_bytes_after": record.allocated_bytes_after}
+
+    @command.command("wasm.status")
+    def status(self) -> str:
+        """Filter instances: allocated memory, requests, outbound calls, generation."""
+        rows = self.list_instances()
+        if not rows:
+            return "no filter instances yet"
+        lines = [f"{'instance':<28} {'gen':>4} {'pages':>6} {'KiB':>8} {'requests':>9} "
+                 f"{'outbound':>9} {'live':>7}"]
+        for r in rows:
+            live = r["live_entries"] if r["live_entries"] is not None else "-"
+            lines.append(f"{r['id']:<28} {r['generation']:>4} {r['allocated_pages']:>6} "
+                         f"{r['allocated_pages'] * WASM_PAGE_SIZE // 1024:>8} "
+                         f"{r['requests']:>9} {r['outbound']:>9} {live:>7}")
+        return "\n".join(lines)
+
+    @command.command("wasm.restart")
+    def restart(self, instance: str) -> str:
+        """Restart a filter instance: a fresh instance of the compiled module."""
+        try:
+            r = self.restart_instance(instance, "command", "wasm.restart")
+        except KeyError:
+            known = ", ".join(sorted(self.host.instances)) if self.host else ""
+            raise exceptions.CommandError(
+                f"no filter instance {instance!r}" + (f" (known: {known})" if known else "")
+            ) from None
+        except RuntimeError as e:
+            raise exceptions.CommandError(str(e)) from e
+        return (f"restarted {r['id']}: generation {r['generation_before']} -> {r['generation']}, "
+                f"allocated {r['allocated_bytes_before'] // 1024} -> "
+                f"{r['allocated_bytes_after'] // 1024} KiB")
+
+addons = [WasmAuth()]
