@@ -18,6 +18,7 @@ from mitmproxy's console or mitmweb.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -250,6 +251,7 @@ class WasmAuth:
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pages: dict[str, int] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._running = False
 
     # ---- options ----
@@ -375,6 +377,11 @@ class WasmAuth:
         self._last_pages.clear()
         if old is not None:
             old.close()
+            with contextlib.suppress(RuntimeError):  # no loop yet: nothing was connected
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(old.dispatcher.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         logger.info("wasm: filter %s (ABI %s), instances per %s, clusters %s%s",
                     s.filter_path, self.module.abi_version, s.instance_key,
                     ", ".join(f"{k}={v}" for k, v in s.clusters.items()) or "none",
@@ -389,7 +396,9 @@ class WasmAuth:
     async def done(self) -> None:
         self._running = False
         await self._stop_services()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self.host is not None:
+            await self.host.dispatcher.aclose()
             self.host.close()
 
     async def _start_services(self) -> None:

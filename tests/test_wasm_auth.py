@@ -1,0 +1,269 @@
+"""The wasm_auth addon under mitmproxy's test context, with a real HTTP auth server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+from addons import wasm_auth
+from addons.wasm_auth import (
+    WasmAuth,
+    describe,
+    instance_key,
+    parse_clusters,
+    parse_filter_config,
+    parse_positive,
+    parse_store,
+    request_pairs,
+    token_hash,
+    verdict,
+)
+from addons.proxywasm import Decision, LocalResponse
+
+from .servers import free_port
+
+# ---- pure parsing functions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("specs", "expected"), [
+    ([], {}),
+    (["auth=http://127.0.0.1:8081"], {"auth": "http://127.0.0.1:8081"}),
+    (["a=http://x/ ", " b = https://y:1/p/"], {"a": "http://x", "b": "https://y:1/p"}),
+])
+def test_parse_clusters(specs, expected) -> None:
+    assert parse_clusters(specs) == expected
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    (["auth"], "expected NAME=URL"),
+    (["=http://x"], "expected NAME=URL"),
+    (["auth=127.0.0.1:8081"], "must start with http"),
+    (["a=http://x", "a=http://y"], "given twice"),
+])
+def test_parse_clusters_errors(specs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_clusters(specs)
+
+
+def test_parse_filter_config(tmp_path) -> None:
+    assert parse_filter_config("") == b""
+    assert parse_filter_config(' {"ttl_seconds": 60} ') == b'{"ttl_seconds": 60}'
+    f = tmp_path / "cfg.json"
+    f.write_text('{"fail_open": true}')
+    assert parse_filter_config(f"@{f}") == b'{"fail_open": true}'
+    with pytest.raises(ValueError, match=r"not JSON: .* line 1 column 2"):
+        parse_filter_config("{nope")
+    with pytest.raises(ValueError, match=r"cfg\.json: not JSON"):
+        f.write_text("[1,")
+        parse_filter_config(f"@{f}")
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_filter_config(f"@{tmp_path / 'missing.json'}")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "fast", ""])
+def test_parse_positive_rejects(value) -> None:
+    with pytest.raises(ValueError, match="wasm_clock_speed"):
+        parse_positive("wasm_clock_speed", value)
+
+
+def test_parse_positive_accepts() -> None:
+    assert parse_positive("x", "60") == 60.0 and parse_positive("x", "0.5") == 0.5
+
+
+def test_parse_store(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("MONGODB_URI", raising=False)
+    assert parse_store("mongodb://h:1/") == "mongodb://h:1/"
+    assert parse_store("").endswith(os.path.join(".wasm-reclaim", "store"))
+    assert parse_store(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("MONGODB_URI", "mongodb://env:2/")
+    assert parse_store("") == "mongodb://env:2/"
+
+
+def test_instance_key_and_request_pairs() -> None:
+    f = tflow.tflow()
+    f.request.headers["Host"] = "Shop.Example"
+    f.request.headers["Authorization"] = "Bearer abc"
+    assert instance_key(f, "host") == "shop.example"
+    assert instance_key(f, "single") == "single"
+    pairs = dict(request_pairs(f.request))
+    assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
+    assert pairs[b":authority"] == b"Shop.Example"
+    assert pairs[b"authorization"] == b"Bearer abc"  # names lowercase, values untouched
+
+
+@pytest.mark.parametrize(("header", "hashed"), [
+    ("Bearer secret-token", True), ("bearer  x", True), ("Basic abc", False), ("", False),
+    ("Bearer ", False),
+])
+def test_token_hash_never_contains_the_token(header, hashed) -> None:
+    f = tflow.tflow()
+    if header:
+        f.request.headers["Authorization"] = header
+    h = token_hash(f.request)
+    assert (h is not None) == hashed
+    if h is not None:
+        assert len(h) == 16 and "secret" not in h and "token" not in h
+
+
+@pytest.mark.parametrize(("decision", "has_token", "word"), [
+    (Decision("continue", [], None, 0), True, "hit"),
+    (Decision("continue", [], None, 1), True, "miss"),
+    (Decision("continue", [], None, 0), False, "continue"),
+    (Decision("respond", [], LocalResponse(401), 0), False, "deny"),
+    (Decision("respond", [], LocalResponse(503), 1), True, "error"),
+    (Decision("respond", [], LocalResponse(302), 0), True, "respond"),
+    (Decision("reset", [], None, 0), True, "reset"),
+    (Decision("continue", [], None, 0, 0, "trap"), True, "error"),
+])
+def test_verdict(decision, has_token, word) -> None:
+    assert verdict(decision, has_token) == word
+
+
+def test_describe_mentions_what_mitmweb_should_show() -> None:
+    d = Decision("respond", [], LocalResponse(401, details="token_rejected"), 1, 3)
+    text = describe("deny", "shop", 3, 17, 1.25, d)
+    for part in ("deny", "instance shop", "gen 3", "17 pages", "1.2 ms", "token_rejected"):
+        assert part in text
+
+
+# ---- configure() ------------------------------------------------------------------------------
+
+
+def base_options(tmp_path) -> dict[str, object]:
+    return {"wasm_log_metrics": False, "wasm_admin_listen": "",
+            "wasm_spool": str(tmp_path / "spool"), "wasm_store": str(tmp_path / "store")}
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("wasm_cluster", ["auth"], "expected NAME=URL"),
+    ("wasm_instance_key", "tenant", "expected 'host' or 'single'"),
+    ("wasm_filter_config", "{", "not JSON"),
+    ("wasm_filter_config", '{"entry_size": -5}', "rejected its plugin configuration"),
+    ("wasm_clock_speed", "0", "must be a positive number"),
+    ("wasm_sample_interval", "soon", "is not a number"),
+    ("wasm_admin_listen", "9901", "expected HOST:PORT"),
+    ("wasm_admin_listen", "127.0.0.1:99999", "out of range"),
+    ("wasm_memory_limit", 0, "at least 1 MiB"),
+    ("wasm_filter", "/nonexistent/filter.wasm", "cannot read filter"),
+])
+async def test_bad_options_are_options_errors(tmp_path, option, value, message) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **base_options(tmp_path))
+        with pytest.raises(exceptions.OptionsError, match=message):
+            tctx.configure(addon, **{option: value})
+
+
+async def test_garbage_wasm_is_an_options_error(tmp_path) -> None:
+    bad = tmp_path / "bad.wasm"
+    bad.write_bytes(b"\x00asm\x01\x00\x00\x00garbage")
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx, pytest.raises(
+            exceptions.OptionsError, match="not a valid WebAssembly module"):
+        tctx.configure(addon, wasm_filter=str(bad), **base_options(tmp_path))
+
+
+# ---- the request hook against a real auth server ------------------------------------------------
+
+
+@pytest.fixture
+async def auth_server() -> AsyncIterator[TestServer]:
+    async def verify(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        return web.Response(status=200 if header.endswith("good") else 401)
+
+    app = web.Application()
+    app.router.add_get("/verify", verify)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def make_flow(token: str | None, host: str = "shop.example", path: str = "/") -> tflow.HTTPFlow:
+    f = tflow.tflow()
+    f.request.path = path
+    f.request.headers["Host"] = host
+    if token is not None:
+        f.request.headers["Authorization"] = f"Bearer {token}"
+    return f
+
+
+async def test_hit_miss_deny_through_the_hook(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       **base_options(tmp_path))
+        miss, hit, deny, missing = (make_flow("a-good"), make_flow("a-good"), make_flow("bad"),
+                                    make_flow(None))
+        for f in (miss, hit, deny, missing):
+            await addon.request(f)
+        assert miss.response is None and "wasm: miss" in miss.comment
+        assert hit.response is None and "wasm: hit" in hit.comment
+        assert deny.response is not None and deny.response.status_code == 401
+        assert "wasm: deny" in deny.comment and deny.marked == wasm_auth.DENIED_MARK
+        assert missing.response is not None and missing.response.status_code == 401
+        assert "instance shop.example" in hit.comment and "gen 0" in hit.comment
+        status = tctx.command(addon.status)
+        assert "shop.example" in status
+        await addon.done()
+
+
+async def test_one_instance_per_upstream_host(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       **base_options(tmp_path))
+        for host in ("a.example", "b.example", "a.example"):
+            await addon.request(make_flow("x-good", host))
+        rows = {r["id"]: r for r in addon.list_instances()}
+        assert set(rows) == {"a.example", "b.example"}
+        assert rows["a.example"]["requests"] == 2 and rows["a.example"]["outbound"] == 1
+        await addon.done()
+
+
+async def test_auth_server_down_is_fail_closed_then_fail_open(tmp_path) -> None:
+    addon = WasmAuth()
+    dead = f"auth=http://127.0.0.1:{free_port()}"
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[dead], **base_options(tmp_path))
+        f = make_flow("x-good")
+        await addon.request(f)
+        assert f.response is not None and f.response.status_code == 503
+        assert "wasm: error" in f.comment and "auth_unavailable" in f.comment
+        tctx.configure(addon, wasm_filter_config=json.dumps({"fail_open": True}))
+        g = make_flow("x-good")
+        await addon.request(g)
+        assert g.response is None  # let through, and nothing cached
+        await addon.done()
+
+
+async def test_restart_command(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       **base_options(tmp_path))
+        await addon.request(make_flow("x-good"))
+        assert "generation 0 -> 1" in tctx.command(addon.restart, "shop.example")
+        with pytest.raises(exceptions.CommandError, match="no filter instance 'nope'"):
+            tctx.command(addon.restart, "nope")
+        f = make_flow("x-good")
+        await addon.request(f)
+        assert "wasm: miss" in f.comment and "gen 1" in f.comment  # the cache was dropped
+        await addon.done()
+
+
+async def test_flow_already_answered_is_left_alone(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **base_options(tmp_path))
+        f = tflow.tflow(resp=True)
+        await addon.request(f)
+        assert not f.comment and addon.list_instances() == []
