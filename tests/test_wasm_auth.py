@@ -13,6 +13,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from addons import wasm_auth
+from addons.proxywasm import Decision, LocalResponse
 from addons.wasm_auth import (
     WasmAuth,
     describe,
@@ -25,7 +26,6 @@ from addons.wasm_auth import (
     token_hash,
     verdict,
 )
-from addons.proxywasm import Decision, LocalResponse
 
 from .servers import free_port
 
