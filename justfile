@@ -27,13 +27,13 @@ test *args: setup
 # Lint: ruff and mypy (strict for the packages)
 [group('check')]
 lint: setup
-    {{python}} -m ruff check addons manager scenarios tests bench
+    {{python}} -m ruff check addons manager scenarios tests
     {{python}} -m mypy
 
-# Benchmarks of the host and the filter against SPEC §9 (results in bench/results/)
+# Benchmarks against SPEC §9 (results in results/bench/)
 [group('check')]
 bench *args: setup
-    {{python}} -m bench.host {{args}}
+    {{python}} -m tests.bench.host {{args}}
 
 # Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
 [group('build')]

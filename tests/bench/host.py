@@ -8,7 +8,7 @@ Measures, per request on this machine, against SPEC §9's targets:
 - for reference, a bare guest call through wasmtime-py's `Func.__call__` and through the
   lower-level entry point the host uses.
 
-Results print as a Markdown table and are written to `bench/results/host.json`.
+Results print as a Markdown table and are written to `results/bench/host.json`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from addons.proxywasm._wasmtime import drain_reaper, engine
 from scenarios.simulate import DEFAULT_FILTER, SimConfig, Simulation
 from scenarios.trace import Event, Trace, TraceMeta
 
-RESULTS = Path(__file__).resolve().parent / "results" / "host.json"
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "host.json"
 HEADERS = [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"shop")]
 
 
