@@ -1,0 +1,1056 @@
+"""Restart policies behind one pure interface, for the manager daemon and the simulator alike.
+
+::
+
+    state = initial_state(params)
+    decisions, state = decide(state, new_samples, now, params)   # every pass
+
+- ``new_samples``: only the samples not passed before (columns of
+  :data:`manager.estimate.OBSERVABLE_COLUMNS`; the oracle also reads ``live_bytes``). Rows already
+  seen (time ≤ the last time seen for that generation) and rows of older generations are ignored,
+  so overlapping fetches are harmless.
+- ``state``: an immutable :class:`PolicyState`; the returned one replaces it. Nothing is kept
+  anywhere else, so the daemon and the virtual-time simulator get the same decisions from the same
+  samples, however they are split into passes (up to the one-decision-per-pass rule below).
+- ``decisions``: one :class:`Decision` per (instance, generation) present in the pass: the first
+  sample whose rule says restart, else a keep at the latest sample. A policy never restarts one
+  generation twice in a pass, and after asking for a restart it keeps quiet about that generation
+  for ``retry_after_s`` (samples written just before the restart took effect must not restart the
+  fresh instance).
+- The rules run on the samples' own clock (``time``, ``started_at``: the proxy's host clock, maybe
+  virtual); ``now`` only stamps ``Decision.decided_at``, because the manager's clock need not be
+  the proxy's (A14).
+- A generation change (a restart, by us or anyone) resets what is learned per generation; the
+  ratio policy's baseline, k and TTL from its measurement period persist (paper §3).
+
+Policies (SPEC §5): ``none``, ``fixed`` (uptime ≥ T), ``threshold`` (allocated ≥ X bytes, like
+Higress rebuilding an Envoy Wasm VM over a memory threshold), ``ratio`` (the paper's rule) and
+``oracle`` (ground truth; the evaluation's bound, never a default). :func:`parse_policy` reads
+the CLI spelling (``fixed:30m``, ``threshold:64MiB``, ``ratio:measure=15m,ttl_cap=10m`` …).
+
+Hot path: no Python loop over samples or instances. The state keeps per-instance scalars in
+arrays (:class:`Slots`) and the samples each instance still needs (its generation's last TTL +
+trend window; all of the measurement period) in one table sorted by (instance, time)
+(:class:`History`), searched for every instance at once. Python loops remain where the output is
+per decision (building the records and reason strings) and for rare events: the k/TTL fit
+(~1 ms) runs once per instance, when its measurement period ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from manager.estimate import (
+    OBSERVABLE_COLUMNS,
+    WASM_PAGE_BYTES,
+    EstimatorParams,
+    FloatArray,
+    Lookup,
+    assess,
+    baseline_from_entries,
+    fit_growth,
+    measurement_entries,
+)
+
+Action = Literal["restart", "keep"]
+BoolArray = npt.NDArray[np.bool_]
+
+MIB: Final = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """One decision about one instance generation, with the inputs it was based on.
+
+    Memory amounts are in Wasm pages (``page_bytes`` each) except ``*_bytes``. Inputs a policy does
+    not use are None.
+    """
+
+    instance: str
+    generation: int
+    time: float  #: the sample the rule was evaluated at (the proxy's clock)
+    decided_at: float  #: ``now`` of the pass
+    policy: str
+    action: Action
+    reason: str  #: for humans: what held and what did not
+    uptime_s: float  #: time − started_at
+    allocated_pages: int
+    allocated_bytes: int
+    requests: int
+    outbound: int
+    page_bytes: int = 65536
+    required_pages: float | None = None
+    surplus_pages: float | None = None
+    baseline_pages: float | None = None
+    estimated_entries: float | None = None  #: N(t), ratio only
+    ttl_s: float | None = None
+    k: float | None = None
+    live_bytes: float | None = None  #: ground truth, oracle only
+
+    def to_record(self) -> dict[str, object]:
+        """A flat dict for the ``decisions`` collection (adds required/surplus/baseline bytes)."""
+        record = dataclasses.asdict(self)
+        for name in ("required", "surplus", "baseline"):
+            pages = getattr(self, f"{name}_pages")
+            record[f"{name}_bytes"] = None if pages is None else pages * self.page_bytes
+        return record
+
+
+def decisions_frame(decisions: Iterable[Decision]) -> pd.DataFrame:
+    """Decisions as a DataFrame, one row each, columns of :meth:`Decision.to_record`."""
+    columns = [f.name for f in dataclasses.fields(Decision)] + [
+        "required_bytes", "surplus_bytes", "baseline_bytes",
+    ]
+    return pd.DataFrame([d.to_record() for d in decisions], columns=columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: one frozen dataclass per policy
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Common:
+    #: After asking to restart a generation, ignore its samples this long before asking again
+    #: (samples written just before the restart; a restart that failed is asked again after it).
+    retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive(type(self).__name__, retry_after_s=self.retry_after_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoneParams(_Common):
+    """Never restart (the paper's "no restart" comparison)."""
+
+    name: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedParams(_Common):
+    """Restart when the generation's uptime reaches ``uptime_s`` (sweep it)."""
+
+    name: ClassVar[str] = "fixed"
+    uptime_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("FixedParams", uptime_s=self.uptime_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThresholdParams(_Common):
+    """Restart when allocated memory reaches ``allocated_bytes`` (Higress-style VM rebuild)."""
+
+    name: ClassVar[str] = "threshold"
+    allocated_bytes: int = 64 * MIB
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("ThresholdParams", allocated_bytes=self.allocated_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatioParams(_Common):
+    """The paper's rule (SPEC §5). Estimation settings live in ``estimator``."""
+
+    name: ClassVar[str] = "ratio"
+    estimator: EstimatorParams = field(default_factory=EstimatorParams)
+    #: "Required falls" means R(t) − R(t − L) < −max(trend_min_pages, trend_noise_z · σ), where
+    #: σ is the change that Poisson arrival noise alone would cause (√(arrivals + expiries in the
+    #: window) / k). One page is the unit in which memory is allocated; z = 3 keeps a steady
+    #: cache's wiggles from counting as a fall (z = 2 still fired on noise in a busy plateau).
+    #: z = 0 leaves only the page (A9).
+    trend_min_pages: float = 1.0
+    trend_noise_z: float = 3.0
+    #: Paper: 減少に転じ ("turned to decreasing"). False: R is falling now (level). True: R is
+    #: falling now and was not at the previous sample (edge) (A9).
+    require_turn: bool = False
+    #: Paper: the first decision after the measurement period always restarts (A13).
+    first_decision_restarts: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("trend_min_pages", "trend_noise_z"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"RatioParams.{name} must be ≥ 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OracleParams(_Common):
+    """Knows the true live bytes; the evaluation's bound, never a default (A15).
+
+    With base = allocated bytes at the generation's first sample and live = live bytes, a fresh
+    instance would need base + live; the rest, *reclaimable* = allocated − base − live, is the
+    true surplus. Restart when reclaimable ≥ ``min_reclaim_bytes`` and reclaimable ≥
+    ``surplus_ratio`` × live (the restart frees at least that many times the cache it drops) and
+    live is not rising over ``window_s`` (a rising cache would regrow at once).
+    """
+
+    name: ClassVar[str] = "oracle"
+    min_reclaim_bytes: int = 1 * MIB
+    surplus_ratio: float = 1.0
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(
+            "OracleParams", min_reclaim_bytes=self.min_reclaim_bytes,
+            surplus_ratio=self.surplus_ratio, window_s=self.window_s,
+        )
+
+
+PolicyParams = NoneParams | FixedParams | ThresholdParams | RatioParams | OracleParams
+
+
+# ----------------------------------------------------------------------------------------------
+# State: immutable values, passed in and returned
+# ----------------------------------------------------------------------------------------------
+
+IntArray = npt.NDArray[np.int64]
+
+
+def _ro(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Mark an array read-only: state is shared between the old and the new value."""
+    a.flags.writeable = False
+    return a
+
+
+_SLOT_DTYPES: Final[Mapping[str, type]] = {
+    "generation": np.int64, "falling": np.bool_, "learned": np.bool_, "k_seen": np.bool_,
+    "ttl_seen": np.bool_,
+}
+_SLOT_FILL: Final[Mapping[str, float]] = {
+    "generation": -1, "last_time": -math.inf, "falling": False, "learned": False,
+    "k_seen": False, "ttl_seen": False,
+}
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Per-instance scalars, one array element per instance (its *slot*), in order of first sight.
+
+    Per generation: generation … falling. Learned in the ratio policy's measurement period and
+    kept across generations: learned … modal_entries.
+    """
+
+    names: tuple[str, ...]
+    generation: IntArray  #: −1 before the first sample
+    started_at: FloatArray
+    first_seen: FloatArray  #: first sample of this generation the policy saw
+    last_time: FloatArray  #: latest sample seen (−inf before the first)
+    asked_at: FloatArray  #: sample time of our restart decision for this generation (NaN: none)
+    base: FloatArray  #: ratio: pages at the generation's first sample (A5); oracle: bytes
+    measure_end: FloatArray  #: ratio: end of the measurement period (A11)
+    falling: BoolArray  #: ratio: required was falling at the latest sample
+    learned: BoolArray
+    k: FloatArray
+    k_seen: BoolArray
+    ttl: FloatArray
+    ttl_seen: BoolArray
+    baseline_entries: FloatArray
+    median_entries: FloatArray
+    modal_entries: FloatArray
+    #: name → slot (derived from ``names``)
+    slot_of: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    @staticmethod
+    def arrays() -> list[str]:
+        """Names of the per-slot array fields."""
+        return [f.name for f in dataclasses.fields(Slots) if f.name not in ("names", "slot_of")]
+
+    @staticmethod
+    def empty() -> Slots:
+        arrays: dict[str, Any] = {
+            name: _ro(np.empty(0, dtype=_SLOT_DTYPES.get(name, np.float64)))
+            for name in Slots.arrays()
+        }
+        return Slots(names=(), **arrays)
+
+    def grown(self, names: Sequence[str]) -> Slots:
+        """With slots for ``names`` appended (instances seen for the first time)."""
+        if not names:
+            return self
+        all_names = (*self.names, *names)
+        slot_of = MappingProxyType({name: i for i, name in enumerate(all_names)})
+        grown: dict[str, Any] = {"names": all_names, "slot_of": slot_of}
+        for name in Slots.arrays():
+            old = getattr(self, name)
+            extra = np.full(len(names), _SLOT_FILL.get(name, math.nan), dtype=old.dtype)
+            grown[name] = _ro(np.concatenate((old, extra)))
+        return Slots(**grown)
+
+    def updated(self, at: IntArray, **values: npt.ArrayLike) -> Slots:
+        """With ``values`` written at slots ``at`` (new arrays; this value is unchanged)."""
+        changes: dict[str, Any] = {}
+        for name, value in values.items():
+            array = getattr(self, name).copy()
+            array[at] = value
+            changes[name] = _ro(array)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class History:
+    """Samples of the current generation of every instance: one table sorted by (slot, time).
+
+    ``values`` holds the policy's columns (ratio: outbound, pages; oracle: live). A generation
+    starting before its first sample begins with the known start (started_at, O = 0) (A6).
+    """
+
+    slot: IntArray
+    time: FloatArray
+    values: Mapping[str, FloatArray]
+
+    @staticmethod
+    def empty(*columns: str) -> History:
+        f = _ro(np.empty(0))
+        empty_slots = _ro(np.empty(0, dtype=np.int64))
+        return History(empty_slots, f, MappingProxyType(dict.fromkeys(columns, f)))
+
+    def append(self, slot: IntArray, time: FloatArray, values: Mapping[str, FloatArray]) -> History:
+        """With rows added; they are sorted by (slot, time) and later than their slot's rows."""
+        at = np.searchsorted(self.slot, slot, side="right")
+        return History(
+            _ro(np.insert(self.slot, at, slot)),
+            _ro(np.insert(self.time, at, time)),
+            MappingProxyType({k: _ro(np.insert(v, at, values[k])) for k, v in self.values.items()}),
+        )
+
+    def without(self, slots: IntArray) -> History:
+        """With every row of ``slots`` dropped (their generation ended)."""
+        keep = ~np.isin(self.slot, slots)
+        return self._take(keep)
+
+    def keep_from(self, cut: FloatArray) -> History:
+        """Drop rows before ``cut[slot]``, keeping each slot's last row at or before it."""
+        if len(self.time) == 0:
+            return self
+        keep = self.time >= cut[self.slot]
+        same_next = np.append(self.slot[1:] == self.slot[:-1], False)
+        next_kept = np.append(keep[1:], False)
+        keep |= (next_kept & same_next) | ~same_next  # the last row before the cut; a slot's last
+        return self if keep.all() else self._take(keep)
+
+    def segment(self, slot: int) -> slice:
+        lo, hi = np.searchsorted(self.slot, [slot, slot + 1])
+        return slice(int(lo), int(hi))
+
+    def _take(self, keep: BoolArray) -> History:
+        return History(
+            _ro(self.slot[keep]),
+            _ro(self.time[keep]),
+            MappingProxyType({k: _ro(v[keep]) for k, v in self.values.items()}),
+        )
+
+    def lookups(self, slot: IntArray, *columns: tuple[str, float | None]) -> list[Lookup]:
+        """For each (column, left): q ↦ column(q) of each row's ``slot``, vectorized over rows.
+
+        Linear between a slot's rows; before its first row ``left``, or the first value if None;
+        after its last row the last value. Every slot in ``slot`` must have rows. A composite
+        key (slot · span + time) makes all slots searchable with one ``searchsorted``.
+        """
+        t0 = float(self.time.min())
+        span = float(self.time.max()) - t0 + 2.0
+        keys = self.slot * span + (self.time - t0)
+        lo = np.searchsorted(self.slot, slot, side="left")
+        hi = np.searchsorted(self.slot, slot, side="right") - 1
+
+        def make(values: FloatArray, left: float | None) -> Lookup:
+            before = values[lo] if left is None else left
+
+            def at(q: FloatArray) -> FloatArray:
+                # Keys stay inside the slot's band, so lo − 1 ≤ pos ≤ hi.
+                qk = slot * span + np.minimum(np.maximum(q - t0, -0.5), span - 1.5)
+                pos = np.searchsorted(keys, qk, side="right") - 1
+                i0, i1 = np.maximum(pos, lo), np.minimum(pos + 1, hi)
+                t_0, t_1 = self.time[i0], self.time[i1]
+                width = np.where(t_1 > t_0, t_1 - t_0, 1.0)
+                frac = np.minimum(np.maximum((q - t_0) / width, 0.0), 1.0)
+                v = values[i0] + frac * (values[i1] - values[i0])
+                return np.where(pos < lo, before, v)
+
+            return at
+
+        return [make(self.values[column], left) for column, left in columns]
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Everything a policy remembers between passes. Treat as opaque; see :func:`state_frame`."""
+
+    policy: str
+    slots: Slots = field(default_factory=Slots.empty)
+    history: History = field(default_factory=History.empty)
+
+
+def initial_state(params: PolicyParams) -> PolicyState:
+    """The state before the first pass."""
+    return PolicyState(params.name, Slots.empty(), History.empty(*_HISTORY_COLUMNS[params.name]))
+
+
+_HISTORY_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
+    "none": (), "fixed": (), "threshold": (), "ratio": ("outbound", "pages"), "oracle": ("live",),
+}
+
+
+def state_frame(state: PolicyState) -> pd.DataFrame:
+    """The per-instance part of a state as a frame (for status pages and logs), one row each."""
+    s = state.slots
+    frame = pd.DataFrame({name: getattr(s, name) for name in Slots.arrays()})
+    return frame.assign(instance=list(s.names)).set_index("instance")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """New samples, sorted by (slot, generation, time), as arrays."""
+
+    slot: IntArray
+    generation: IntArray
+    started_at: FloatArray
+    time: FloatArray
+    pages: FloatArray
+    allocated_bytes: FloatArray
+    requests: FloatArray
+    outbound: FloatArray
+    live_bytes: FloatArray
+
+    def take(self, mask: BoolArray) -> _Rows:
+        if mask.all():
+            return self
+        return _Rows(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
+
+    def segments(self) -> tuple[IntArray, IntArray]:
+        """Start and end (exclusive) of each (slot, generation) run."""
+        change = (np.diff(self.slot) != 0) | (np.diff(self.generation) != 0)
+        starts = np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
+        ends = np.append(starts[1:], len(self.time)).astype(np.int64)
+        return starts, ends
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What a policy says about each row of a round, and its state after them."""
+
+    restart: BoolArray
+    #: Decision inputs per row (NaN: not used), e.g. required_pages.
+    inputs: Mapping[str, FloatArray]
+    #: reasons for the rows at the given indices (called only for the decided rows)
+    explain: Callable[[IntArray], list[str]]
+    slots: Slots
+    history: History
+
+
+_Policy = Callable[[Any, Slots, History, _Rows, IntArray, IntArray], _Verdict]
+
+
+def decide(
+    state: PolicyState, new_samples: pd.DataFrame, now: float, params: PolicyParams
+) -> tuple[tuple[Decision, ...], PolicyState]:
+    """Run one pass of the policy over the new samples (see the module docstring).
+
+    Reads the :data:`~manager.estimate.OBSERVABLE_COLUMNS` of ``new_samples`` (and ``live_bytes``
+    for the oracle). Returns the decisions and the new state; the inputs are not modified.
+    """
+    if state.policy != params.name:
+        raise ValueError(f"state belongs to policy {state.policy!r}, not {params.name!r}")
+    rows, slots = _read(new_samples, state.slots, isinstance(params, OracleParams))
+    # Rows of older generations, or already seen, are ignored.
+    current = slots.generation[rows.slot]
+    rows = rows.take(
+        (rows.generation > current)
+        | ((rows.generation == current) & (rows.time > slots.last_time[rows.slot]))
+    )
+    state = dataclasses.replace(state, slots=slots)
+    if len(rows.time) == 0:
+        return (), state
+    # Usually one generation per instance in a pass. If an instance has several, its k-th
+    # generation goes in round k, so generations are handled in order.
+    starts, ends = rows.segments()
+    new_slot = np.append(True, rows.slot[starts[1:]] != rows.slot[starts[:-1]])
+    first_of_slot = np.maximum.accumulate(np.where(new_slot, np.arange(len(starts)), 0))
+    rounds = np.repeat(np.arange(len(starts)) - first_of_slot, ends - starts)
+    decisions: list[Decision] = []
+    for r in range(int(rounds.max()) + 1):
+        made, state = _round(state, rows.take(rounds == r), now, params)
+        decisions.extend(made)
+    return tuple(decisions), state
+
+
+def _read(frame: pd.DataFrame, slots: Slots, with_live: bool) -> tuple[_Rows, Slots]:
+    """The frame's columns as sorted arrays, with instances mapped to slots (new ones added)."""
+    missing = [c for c in OBSERVABLE_COLUMNS if c not in frame.columns]
+    if with_live and "live_bytes" not in frame.columns:
+        missing.append("live_bytes (the oracle needs ground truth)")
+    if missing:
+        raise ValueError(f"samples lack column(s) {', '.join(missing)}")
+    instance = frame["instance"]
+    if not pd.api.types.is_string_dtype(instance):
+        instance = instance.astype(str)
+    names = instance.tolist()
+    # A hash lookup per row, as in any join; new instances get the next slots.
+    new = [name for name in dict.fromkeys(names) if name not in slots.slot_of]
+    slots = slots.grown(new)
+    slot = np.fromiter(map(slots.slot_of.__getitem__, names), dtype=np.int64, count=len(names))
+    generation = frame["generation"].to_numpy(dtype=np.int64)
+    time = frame["time"].to_numpy(dtype=np.float64)
+    if not np.isfinite(time).all():
+        raise ValueError("samples have a time that is not a finite number")
+    order = np.lexsort((time, generation, slot))
+
+    def col(name: str) -> FloatArray:
+        return frame[name].to_numpy(dtype=np.float64)[order]
+
+    rows = _Rows(
+        slot=slot[order], generation=generation[order], started_at=col("started_at"),
+        time=time[order], pages=col("allocated_pages"), allocated_bytes=col("allocated_bytes"),
+        requests=col("requests"), outbound=col("outbound"),
+        live_bytes=col("live_bytes") if with_live else np.full(len(order), np.nan),
+    )
+    return rows, slots
+
+
+def _round(
+    state: PolicyState, rows: _Rows, now: float, params: PolicyParams
+) -> tuple[list[Decision], PolicyState]:
+    """Decide for rows holding at most one generation per instance."""
+    starts, ends = rows.segments()
+    seg_slot = rows.slot[starts]
+    slots, history = state.slots, state.history
+    entering = rows.generation[starts] != slots.generation[seg_slot]
+    if entering.any():
+        slots, history = _enter(params, slots, history, rows, starts[entering])
+    verdict = _POLICIES[type(params)](params, slots, history, rows, starts, ends)
+    slots = verdict.slots
+    asked = slots.asked_at[rows.slot]
+    with np.errstate(invalid="ignore"):
+        blocked = rows.time < asked + params.retry_after_s  # NaN (never asked): False
+    first = _first_per_segment(verdict.restart & ~blocked, starts, ends)
+    restarting = first >= 0
+    chosen = np.where(restarting, first, ends - 1)
+
+    decisions = []
+    page_bytes = _page_bytes(params)
+    inputs = {
+        name: [None if math.isnan(v) else v for v in values[chosen].tolist()]
+        for name, values in verdict.inputs.items()
+    }
+    reasons = verdict.explain(chosen)
+    for j, (i, restart) in enumerate(zip(chosen.tolist(), restarting.tolist(), strict=True)):
+        reason = reasons[j]
+        if not restart and blocked[i] and verdict.restart[i]:
+            reason = (
+                f"keep: a restart of generation {rows.generation[i]} was asked at "
+                f"{asked[i]:.1f}; waiting for the new generation (rule: {reason})"
+            )
+        elif not restart and not reason.startswith("keep"):
+            reason = f"keep: {reason}"
+        time = float(rows.time[i])
+        decisions.append(
+            Decision(
+                instance=slots.names[rows.slot[i]],
+                generation=int(rows.generation[i]),
+                time=time,
+                decided_at=now,
+                policy=params.name,
+                action="restart" if restart else "keep",
+                reason=reason,
+                uptime_s=time - float(rows.started_at[i]),
+                allocated_pages=int(rows.pages[i]),
+                allocated_bytes=int(rows.allocated_bytes[i]),
+                requests=int(rows.requests[i]),
+                outbound=int(rows.outbound[i]),
+                page_bytes=page_bytes,
+                **{name: values[j] for name, values in inputs.items()},
+            )
+        )
+    slots = slots.updated(seg_slot, last_time=rows.time[ends - 1])
+    if restarting.any():
+        slots = slots.updated(seg_slot[restarting], asked_at=rows.time[chosen[restarting]])
+    return decisions, PolicyState(state.policy, slots, verdict.history)
+
+
+def _first_per_segment(mask: BoolArray, starts: IntArray, ends: IntArray) -> IntArray:
+    """Index of the first True of each segment, or −1."""
+    n = len(mask)
+    first = np.minimum.reduceat(np.where(mask, np.arange(n), n), starts)
+    return np.where(first < ends, first, -1)
+
+
+def _enter(
+    params: PolicyParams, slots: Slots, history: History, rows: _Rows, firsts: IntArray
+) -> tuple[Slots, History]:
+    """Start new generations at rows ``firsts``: per-generation state starts afresh (A6, A11)."""
+    at = rows.slot[firsts]
+    time = rows.time[firsts]
+    base = rows.allocated_bytes[firsts] if isinstance(params, OracleParams) else rows.pages[firsts]
+    measure_end = time + (params.estimator.measure_s if isinstance(params, RatioParams) else 0.0)
+    slots = slots.updated(
+        at, generation=rows.generation[firsts], started_at=rows.started_at[firsts],
+        first_seen=time, last_time=-math.inf, asked_at=math.nan, base=base,
+        measure_end=measure_end, falling=False,
+    )
+    history = history.without(at)
+    if isinstance(params, RatioParams):  # the known start, O = 0 (A6)
+        early = rows.started_at[firsts] < time
+        history = history.append(
+            at[early], rows.started_at[firsts][early],
+            {"outbound": np.zeros(int(early.sum())), "pages": rows.pages[firsts][early]},
+        )
+    return slots, history
+
+
+def _page_bytes(params: PolicyParams) -> int:
+    return params.estimator.page_bytes if isinstance(params, RatioParams) else WASM_PAGE_BYTES
+
+
+def _mib(pages: float, page_bytes: int) -> str:
+    return f"{pages * page_bytes / MIB:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# none, fixed, threshold
+# ----------------------------------------------------------------------------------------------
+
+
+def _none(
+    params: NoneParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    restart = np.zeros(len(rows.time), dtype=np.bool_)
+
+    def explain(chosen: IntArray) -> list[str]:
+        return ["keep: policy none never restarts"] * len(chosen)
+
+    return _Verdict(restart, {}, explain, slots, history)
+
+
+def _fixed(
+    params: FixedParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    uptime = rows.time - rows.started_at
+    restart = uptime >= params.uptime_s
+
+    def explain(chosen: IntArray) -> list[str]:
+        limit = f"{params.uptime_s / 60:g} min"
+        return [
+            f"uptime {u / 60:.1f} min {'≥' if r else '<'} {limit}"
+            for u, r in zip(uptime[chosen].tolist(), restart[chosen].tolist(), strict=True)
+        ]
+
+    return _Verdict(restart, {}, explain, slots, history)
+
+
+def _threshold(
+    params: ThresholdParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    restart = rows.allocated_bytes >= params.allocated_bytes
+
+    def explain(chosen: IntArray) -> list[str]:
+        limit = f"threshold {params.allocated_bytes / MIB:g} MiB"
+        allocated = rows.allocated_bytes[chosen].tolist()
+        return [
+            f"allocated {b / MIB:.1f} MiB {'≥' if r else '<'} {limit}"
+            for b, r in zip(allocated, restart[chosen].tolist(), strict=True)
+        ]
+
+    return _Verdict(restart, {}, explain, slots, history)
+
+
+# ----------------------------------------------------------------------------------------------
+# ratio: the paper's rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _learn(
+    params: RatioParams, slots: Slots, history: History, at: IntArray, until: FloatArray
+) -> Slots:
+    """Fit k and TTL and compute the baseline for slots ``at`` whose measurement period ended at
+    ``until`` (the time of their first decision). One fit per instance, once (~1 ms each)."""
+    est = params.estimator
+    learned: dict[str, list[float]] = {
+        f: [] for f in ("k", "k_seen", "ttl", "ttl_seen", "baseline_entries", "median_entries",
+                        "modal_entries")
+    }
+    for slot, end in zip(at.tolist(), until.tolist(), strict=True):
+        seg = history.segment(slot)
+        t = history.time[seg]
+        mine = (t >= slots.first_seen[slot]) & (t <= end)  # the samples, not the known start
+        t, o = t[mine], history.values["outbound"][seg][mine]
+        p = history.values["pages"][seg][mine]
+        started_at = float(slots.started_at[slot])
+        fit = fit_growth(t, o, p, started_at, est)
+        b = baseline_from_entries(
+            measurement_entries(t, o, started_at, fit, est), float(slots.base[slot]), fit.k, est
+        )
+        for name, value in (
+            ("k", fit.k), ("k_seen", fit.k_seen), ("ttl", fit.ttl), ("ttl_seen", fit.ttl_seen),
+            ("baseline_entries", b.entries), ("median_entries", b.median_entries),
+            ("modal_entries", b.modal_entries),
+        ):
+            learned[name].append(value)
+    return slots.updated(at, learned=True, **learned)
+
+
+@dataclass(frozen=True)
+class RuleChecks:
+    """The three conditions of the paper's rule, per sample, and their conjunction."""
+
+    above: BoolArray  #: allocated ≥ baseline
+    falling: BoolArray  #: required falls (or turned to falling, with require_turn)
+    rising: BoolArray  #: surplus rises, by more than required changes
+    restart: BoolArray  #: all three
+
+
+def falling_threshold(params: RatioParams, sd: FloatArray | float) -> FloatArray:
+    """How many pages required must fall over the trend window to count as falling."""
+    return np.maximum(params.trend_min_pages, params.trend_noise_z * np.asarray(sd))
+
+
+def ratio_rule(
+    allocated_pages: FloatArray,
+    baseline_pages: FloatArray | float,
+    required_change: FloatArray,
+    surplus_change: FloatArray,
+    params: RatioParams,
+    *,
+    required_change_sd: FloatArray | float = 0.0,
+    was_falling: BoolArray | None = None,
+) -> RuleChecks:
+    """The decision loop's rule (paper §3, SPEC §5.4), vectorized over samples.
+
+    Restart when P ≥ baseline, and R has turned to decreasing: ΔR over the trend window is below
+    −max(``trend_min_pages``, ``trend_noise_z`` · ``required_change_sd``) (and, with
+    ``require_turn``, R was not falling at the previous sample, ``was_falling``), and S is
+    increasing: ΔS > 0 and ΔS > ΔR (the increase of surplus exceeds the increase of required)
+    (A9). NaN inputs fail their condition.
+    """
+    above = np.asarray(allocated_pages >= baseline_pages, dtype=np.bool_)
+    falling = required_change < -falling_threshold(params, required_change_sd)
+    if params.require_turn and was_falling is not None:
+        falling = falling & ~was_falling
+    rising = (surplus_change > 0) & (surplus_change > required_change)
+    return RuleChecks(above, falling, rising, above & falling & rising)
+
+
+def _ratio(
+    params: RatioParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    est = params.estimator
+    n = len(rows.time)
+    slot = rows.slot
+    history = history.append(slot, rows.time, {"outbound": rows.outbound, "pages": rows.pages})
+    measuring = ~slots.learned[slot] & (rows.time < slots.measure_end[slot])
+    firsts = _first_per_segment(~slots.learned[slot] & ~measuring, starts, ends)
+    firsts = firsts[firsts >= 0]
+    is_first = np.zeros(n, dtype=np.bool_)
+    is_first[firsts] = True
+    if len(firsts):
+        slots = _learn(params, slots, history, slot[firsts], rows.time[firsts])
+
+    k, ttl, base = slots.k[slot], slots.ttl[slot], slots.base[slot]
+    baseline = base + slots.baseline_entries[slot] / k
+    # O is 0 before the generation's first point; P is clamped to its first value (A6).
+    outbound_of, pages_of = history.lookups(slot, ("outbound", 0.0), ("pages", None))
+    a = assess(
+        rows.time, rows.pages, outbound_of, pages_of,
+        base_pages=base, k=np.where(measuring, 1.0, k), ttl=np.where(measuring, 0.0, ttl),
+        window_s=est.trend_window_s,
+    )
+    threshold = falling_threshold(params, a.required_change_sd)
+    falling = ~measuring & (a.required_change < -threshold)
+    was_falling = np.append(False, falling[:-1])  # at the previous sample of the instance
+    was_falling[starts] = slots.falling[slot[starts]]
+    rule = ratio_rule(
+        rows.pages, baseline, a.required_change, a.surplus_change, params,
+        required_change_sd=a.required_change_sd, was_falling=was_falling,
+    )
+    above, falling_rule, rising = rule.above, rule.falling, rule.rising
+    restart = ~measuring & rule.restart
+    if params.first_decision_restarts:
+        restart |= is_first
+
+    def hide(x: FloatArray) -> FloatArray:
+        return np.where(measuring, np.nan, x)
+
+    inputs = {
+        "required_pages": hide(a.required), "surplus_pages": hide(a.surplus),
+        "baseline_pages": hide(baseline), "estimated_entries": hide(a.entries),
+        "ttl_s": hide(ttl), "k": hide(k),
+    }
+
+    pb, window = est.page_bytes, est.trend_window_s
+    turn = "turn to " if params.require_turn else ""
+
+    def one(
+        measuring: bool, first: bool, restart: bool, above: bool, falling: bool, rising: bool,
+        pages: float, baseline: float, dr: float, ds: float, threshold: float, ttl: float,
+        k: float, observed: float, ttl_seen: bool, k_seen: bool,
+    ) -> str:
+        if measuring:
+            return (
+                f"keep: measuring, {observed:.0f} s of {est.measure_s:.0f} s observed; "
+                "no decision before the measurement period ends"
+            )
+        base_txt = f"baseline {baseline:.1f} pages ({_mib(baseline, pb)})"
+        if first and params.first_decision_restarts:
+            return (
+                "first decision after the measurement period restarts (paper §3); learned "
+                f"ttl {ttl:.0f} s ({'seen' if ttl_seen else 'not seen: cap'}), "
+                f"k {k:.1f} entries/page ({'seen' if k_seen else 'default'}), {base_txt}"
+            )
+        alloc = f"allocated {pages:.0f} pages ({_mib(pages, pb)})"
+        parts = [
+            (above, f"{alloc} ≥ {base_txt}", f"{alloc} < {base_txt}"),
+            (
+                falling,
+                f"required fell {-dr:.1f} pages in {window:.0f} s",
+                f"required did not {turn}fall (change {dr:+.1f} pages in {window:.0f} s, "
+                f"needs < {-threshold:.1f})",
+            ),
+            (
+                rising,
+                f"surplus rose {ds:+.1f} pages, more than required ({dr:+.1f})",
+                f"surplus did not rise more than required ({ds:+.1f} vs {dr:+.1f} pages)",
+            ),
+        ]
+        if restart:
+            return "; ".join(yes for _, yes, _ in parts)
+        return "keep: " + "; ".join(no for ok, _, no in parts if not ok)
+
+    def explain(chosen: IntArray) -> list[str]:
+        s = slot[chosen]
+        columns = (
+            measuring, is_first, restart, above, falling_rule, rising, rows.pages, baseline,
+            a.required_change, a.surplus_change, threshold, ttl, k,
+            rows.time - slots.first_seen[slot],
+        )
+        values = [c[chosen].tolist() for c in columns]
+        values += [slots.ttl_seen[s].tolist(), slots.k_seen[s].tolist()]
+        return [one(*v) for v in zip(*values, strict=True)]
+
+    # Per instance: whether required was falling at its latest sample; history back to the
+    # oldest point a later lookup needs (t − ttl − L), or all of it while measuring.
+    last = ends - 1
+    seg_slot = slot[starts]
+    slots = slots.updated(seg_slot, falling=falling[last])
+    cut = np.full(len(slots.names), -math.inf)
+    cut[seg_slot] = np.where(
+        measuring[last], -math.inf, rows.time[last] - ttl[last] - est.trend_window_s
+    )
+    return _Verdict(restart, inputs, explain, slots, history.keep_from(cut))
+
+
+# ----------------------------------------------------------------------------------------------
+# oracle: ground truth
+# ----------------------------------------------------------------------------------------------
+
+
+def _oracle(
+    params: OracleParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    slot, live = rows.slot, rows.live_bytes
+    history = history.append(slot, rows.time, {"live": live})
+    (live_of,) = history.lookups(slot, ("live", None))
+    live_before = live_of(rows.time - params.window_s)
+    fresh = slots.base[slot] + live  # what a fresh instance would allocate
+    reclaimable = rows.allocated_bytes - fresh
+    with np.errstate(invalid="ignore"):
+        restart = (
+            (reclaimable >= params.min_reclaim_bytes)
+            & (reclaimable >= params.surplus_ratio * live)
+            & (live <= live_before)
+        )
+    inputs = {
+        "live_bytes": live,
+        "required_pages": fresh / WASM_PAGE_BYTES,
+        "surplus_pages": reclaimable / WASM_PAGE_BYTES,
+    }
+
+    def one(live: float, before: float, reclaimable: float, restart: bool) -> str:
+        if not math.isfinite(live):
+            return "keep: no ground truth (live_bytes missing)"
+        text = (
+            f"true surplus {reclaimable / MIB:.1f} MiB vs live {live / MIB:.1f} MiB (needs "
+            f"≥ {params.surplus_ratio:g}× live and ≥ {params.min_reclaim_bytes / MIB:g} MiB); "
+            f"live {'not rising' if live <= before else 'rising'} over {params.window_s:g} s"
+        )
+        return text if restart else f"keep: {text}"
+
+    def explain(chosen: IntArray) -> list[str]:
+        columns = (live, live_before, reclaimable, restart)
+        return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
+
+    cut = np.full(len(slots.names), -math.inf)
+    cut[slot[starts]] = rows.time[ends - 1] - params.window_s
+    return _Verdict(restart, inputs, explain, slots, history.keep_from(cut))
+
+
+_POLICIES: Final[Mapping[type, _Policy]] = {
+    NoneParams: _none,
+    FixedParams: _fixed,
+    ThresholdParams: _threshold,
+    RatioParams: _ratio,
+    OracleParams: _oracle,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing policy specs (CLI)
+# ----------------------------------------------------------------------------------------------
+
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION_UNITS: Final = {
+    "": 1.0, "ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
+}
+_SIZE_UNITS: Final = {
+    "": 1, "b": 1, "kib": 1024, "mib": MIB, "gib": 1024 * MIB,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``2h``, ``1.5d``, ``500ms``. ValueError otherwise."""
+    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())
+    if not m or m.group(2) not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 15m, 2h; a bare number is s)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``64MiB``, ``512KiB``, ``1GiB``, ``100MB``, ``4096``. ValueError otherwise."""
+    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ValueError(
+            f"{text!r} is not a size (examples: 64MiB, 512KiB, 1GiB, 100MB; a bare number is bytes)"
+        )
+    return round(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+# key in a spec -> (field, parser, on the estimator?)
+_Option = tuple[str, Callable[[str], object], bool]
+_COMMON_OPTIONS: Final[dict[str, _Option]] = {
+    "retry_after": ("retry_after_s", parse_duration, False),
+}
+_OPTIONS: Final[dict[str, dict[str, _Option]]] = {
+    "none": {},
+    "fixed": {"uptime": ("uptime_s", parse_duration, False)},
+    "threshold": {"allocated": ("allocated_bytes", parse_size, False)},
+    "ratio": {
+        "measure": ("measure_s", parse_duration, True),
+        "ttl_cap": ("ttl_cap_s", parse_duration, True),
+        "ttl_resolution": ("ttl_resolution_s", parse_duration, True),
+        "ttl_min_deficit": ("ttl_min_deficit_pages", float, True),
+        "min_growth": ("min_growth_pages", float, True),
+        "k_default": ("k_default", float, True),
+        "class_width": ("class_width_pages", float, True),
+        "skip_fill": ("baseline_skip_fill", _parse_bool, True),
+        "trend_window": ("trend_window_s", parse_duration, True),
+        "trend_min": ("trend_min_pages", float, False),
+        "trend_z": ("trend_noise_z", float, False),
+        "require_turn": ("require_turn", _parse_bool, False),
+        "first_restart": ("first_decision_restarts", _parse_bool, False),
+    },
+    "oracle": {
+        "min_reclaim": ("min_reclaim_bytes", parse_size, False),
+        "surplus_ratio": ("surplus_ratio", float, False),
+        "window": ("window_s", parse_duration, False),
+    },
+}
+# The first value may be given without its key: fixed:30m, threshold:64MiB.
+_POSITIONAL: Final = {"fixed": "uptime", "threshold": "allocated"}
+_CLASSES: Final[dict[str, type[PolicyParams]]] = {
+    "none": NoneParams, "fixed": FixedParams, "threshold": ThresholdParams,
+    "ratio": RatioParams, "oracle": OracleParams,
+}
+
+
+def parse_policy(spec: str) -> PolicyParams:
+    """Policy parameters from a CLI spec: ``name[:value][,key=value…]``.
+
+    Examples: ``none``, ``fixed:30m``, ``fixed:2h``, ``threshold:64MiB``, ``ratio``,
+    ``ratio:measure=15m,ttl_cap=10m``, ``oracle``, ``oracle:surplus_ratio=2``. Every policy also
+    takes ``retry_after=<duration>``. Raises ValueError saying what is wrong and what is allowed.
+    """
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in _CLASSES:
+        raise ValueError(
+            f"policy spec {spec!r}: unknown policy {name!r}; expected one of {', '.join(_CLASSES)}"
+        )
+    options = {**_OPTIONS[name], **_COMMON_OPTIONS}
+    values: dict[str, object] = {}
+    estimator: dict[str, object] = {}
+    items = [item.strip() for item in rest.split(",")] if rest.strip() else []
+    for position, item in enumerate(items):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            if position == 0 and name in _POSITIONAL:
+                key, raw = _POSITIONAL[name], item
+            else:
+                raise ValueError(f"policy spec {spec!r}: expected key=value, got {item!r}")
+        key = key.strip().lower()
+        if key not in options:
+            allowed = ", ".join(options) or "nothing"
+            raise ValueError(f"policy spec {spec!r}: {name} takes {allowed}; not {key!r}")
+        target, parse, on_estimator = options[key]
+        if target in values or target in estimator:
+            raise ValueError(f"policy spec {spec!r}: {key} given twice")
+        try:
+            value = parse(raw)
+        except ValueError as e:
+            raise ValueError(f"policy spec {spec!r}: {key}: {e}") from e
+        (estimator if on_estimator else values)[target] = value
+    if name in _POSITIONAL and options[_POSITIONAL[name]][0] not in values:
+        raise ValueError(
+            f"policy spec {spec!r}: {name} needs a value, e.g. "
+            f"{'fixed:30m' if name == 'fixed' else 'threshold:64MiB'}"
+        )
+    try:
+        if estimator:
+            values["estimator"] = EstimatorParams(**estimator)  # type: ignore[arg-type]
+        return _CLASSES[name](**values)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ValueError(f"policy spec {spec!r}: {e}") from e

@@ -1,0 +1,665 @@
+"""Tests of manager.policies: the one decide() interface, each policy, and parse_policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from manager.estimate import EstimatorParams, estimate
+from manager.policies import (
+    MIB,
+    Decision,
+    FixedParams,
+    NoneParams,
+    OracleParams,
+    PolicyParams,
+    PolicyState,
+    RatioParams,
+    ThresholdParams,
+    decide,
+    decisions_frame,
+    initial_state,
+    parse_duration,
+    parse_policy,
+    parse_size,
+    ratio_rule,
+    state_frame,
+)
+from tests.test_estimate import arrival_times, synthetic_samples
+
+COLUMNS = [
+    "instance", "generation", "time", "started_at", "allocated_pages", "allocated_bytes",
+    "requests", "outbound",
+]
+
+
+def frame(rows: Sequence[tuple[Any, ...]], **extra: Sequence[Any]) -> pd.DataFrame:
+    """Samples from (instance, generation, time, started_at, pages, outbound) tuples."""
+    df = pd.DataFrame(
+        [(i, g, t, s, p, p * 65536, o * 2, o) for i, g, t, s, p, o in rows], columns=COLUMNS
+    )
+    return df.assign(**extra)
+
+
+def run(
+    params: PolicyParams, passes: Sequence[pd.DataFrame], state: PolicyState | None = None
+) -> tuple[list[tuple[Decision, ...]], PolicyState]:
+    state = state or initial_state(params)
+    out = []
+    for i, samples in enumerate(passes):
+        decisions, state = decide(state, samples, now=1000.0 + i, params=params)
+        out.append(decisions)
+    return out, state
+
+
+def restarts(decisions: Sequence[Decision]) -> list[tuple[str, int, float]]:
+    return [(d.instance, d.generation, d.time) for d in decisions if d.action == "restart"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The ratio rule as a table
+# ----------------------------------------------------------------------------------------------
+
+RULE = RatioParams(trend_min_pages=1.0, trend_noise_z=0.0)
+
+
+@pytest.mark.parametrize(
+    ("allocated", "baseline", "d_required", "d_surplus", "sd", "params", "was", "expected"),
+    [
+        # all three conditions hold
+        (100, 80, -5.0, 5.0, 0.0, RULE, False, (True, True, True, True)),
+        # allocated below the baseline
+        (70, 80, -5.0, 5.0, 0.0, RULE, False, (False, True, True, False)),
+        # allocated exactly at the baseline counts (P ≥ baseline)
+        (80, 80, -5.0, 5.0, 0.0, RULE, False, (True, True, True, True)),
+        # required rising, or falling by less than the one-page dead band
+        (100, 80, 3.0, -3.0, 0.0, RULE, False, (True, False, False, False)),
+        (100, 80, -1.0, 1.0, 0.0, RULE, False, (True, False, True, False)),
+        # surplus not rising (allocated went down with required)
+        (100, 80, -5.0, 0.0, 0.0, RULE, False, (True, True, False, False)),
+        # the noise band: σ = 2 pages, z = 3 → must fall by more than 6
+        (100, 80, -5.0, 5.0, 2.0, dataclasses.replace(RULE, trend_noise_z=3.0), False,
+         (True, False, True, False)),
+        (100, 80, -7.0, 7.0, 2.0, dataclasses.replace(RULE, trend_noise_z=3.0), False,
+         (True, True, True, True)),
+        # require_turn: falling already at the previous sample is no turn
+        (100, 80, -5.0, 5.0, 0.0, dataclasses.replace(RULE, require_turn=True), True,
+         (True, False, True, False)),
+        (100, 80, -5.0, 5.0, 0.0, dataclasses.replace(RULE, require_turn=True), False,
+         (True, True, True, True)),
+        # missing numbers fail their condition
+        (100, 80, math.nan, 5.0, 0.0, RULE, False, (True, False, False, False)),
+    ],
+)
+def test_ratio_rule_table(
+    allocated: float, baseline: float, d_required: float, d_surplus: float, sd: float,
+    params: RatioParams, was: bool, expected: tuple[bool, bool, bool, bool],
+) -> None:
+    checks = ratio_rule(
+        np.array([allocated], dtype=float), baseline, np.array([d_required]),
+        np.array([d_surplus]), params, required_change_sd=np.array([sd]),
+        was_falling=np.array([was]),
+    )
+    got = (checks.above[0], checks.falling[0], checks.rising[0], checks.restart[0])
+    assert tuple(bool(x) for x in got) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The ratio policy on tiny inline frames
+# ----------------------------------------------------------------------------------------------
+
+# k = 10 entries/page and TTL = 20 s (the defaults: growth is never "seen" here), L = 10 s.
+TINY = RatioParams(
+    estimator=EstimatorParams(
+        measure_s=10, ttl_cap_s=20, trend_window_s=10, k_default=10, min_growth_pages=1000
+    ),
+    trend_min_pages=1.0,
+    trend_noise_z=0.0,
+)
+# Measurement periods (gen 0: t = 0, 5, 10, pages 4) by their outbound counts:
+LOW = (0, 0, 0)  # N = 0 → baseline (0 + 5)/2 = 2.5 entries → 4.25 pages
+HIGH = (0, 500, 1000)  # median 500, modal class [0, 10) → 5 → 252.5 entries → 29.25 pages
+# Generation 1 from t = 20: N(40) = 200 → required 24 pages, rising.
+PREFIX = [(20, 0, 4), (30, 100, 14), (40, 200, 24)]
+
+
+def tiny_run(
+    measurement: tuple[int, int, int], rows: list[tuple[float, int, int]],
+    params: RatioParams = TINY, split: bool = False,
+) -> list[tuple[Decision, ...]]:
+    first = frame([("a", 0, t, 0.0, 4, o) for t, o in zip((0, 5, 10), measurement, strict=True)])
+    gen1 = [("a", 1, t, 20.0, p, o) for t, o, p in PREFIX]
+    last = [("a", 1, t, 20.0, p, o) for t, o, p in rows]
+    passes = [first, frame(gen1)]
+    passes += [frame([r]) for r in last] if split else [frame(last)]
+    decisions, _ = run(params, passes)
+    assert restarts(decisions[0]) == [("a", 0, 10.0)]  # the first decision restarts
+    assert [d.action for d in decisions[1]] == ["keep"]
+    return decisions
+
+
+@pytest.mark.parametrize(
+    ("measurement", "rows", "params", "action", "reason"),
+    [
+        # t = 50: N = O(50) − O(30) = 100 → required 14 (−10), surplus 16 (+16), 30 ≥ 29.25
+        (HIGH, [(50, 200, 30)], TINY, "restart", "required fell 10.0 pages"),
+        (HIGH, [(50, 200, 24)], TINY, "keep", "allocated 24 pages (1.5 MiB) < baseline 29.2"),
+        # required still rising: N = 400 − 100 = 300 → 34 pages
+        (HIGH, [(50, 400, 44)], TINY, "keep", "required did not fall (change +10.0"),
+        # required falls by exactly one page: not enough
+        (HIGH, [(50, 290, 30)], TINY, "keep", "required did not fall (change -1.0"),
+        # allocated went down to 10 with required (capped at allocated): surplus stays 0
+        (LOW, [(50, 200, 10)], TINY, "keep", "surplus did not rise more than required"),
+        # the noise band: 100 expiries in the window, σ = 1 page; z = 12 → needs < −12
+        (HIGH, [(50, 200, 30)], dataclasses.replace(TINY, trend_noise_z=12.0), "keep",
+         "needs < -12.0"),
+        # falling at t = 50 (below the baseline) and again at t = 60 (above it): a turn only at 50
+        (HIGH, [(50, 200, 24), (60, 200, 30)], TINY, "restart", "allocated 30 pages"),
+        (HIGH, [(50, 200, 24), (60, 200, 30)], dataclasses.replace(TINY, require_turn=True),
+         "keep", "required did not turn to fall"),
+    ],
+)
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "pass-per-row"])
+def test_ratio_decision_table(
+    measurement: tuple[int, int, int], rows: list[tuple[float, int, int]], params: RatioParams,
+    action: str, reason: str, split: bool,
+) -> None:
+    decisions = tiny_run(measurement, rows, params, split)
+    last = decisions[-1][-1]
+    assert (last.action, last.time) == (action, rows[-1][0])
+    assert reason in last.reason
+    assert last.required_pages is not None and last.required_pages <= last.allocated_pages
+    assert last.ttl_s == 20 and last.k == 10
+
+
+def test_ratio_measures_before_deciding() -> None:
+    samples = frame([("a", 0, t, 0.0, 4, 10 * t) for t in np.arange(0, 10, 1.0)])
+    (decisions,), state = run(TINY, [samples])
+    (d,) = decisions
+    assert d.action == "keep" and "measuring, 9 s of 10 s observed" in d.reason
+    assert d.required_pages is None and d.baseline_pages is None
+    assert not state_frame(state).loc["a", "learned"]
+
+
+def test_ratio_first_decision_can_be_turned_off() -> None:
+    samples = frame([("a", 0, t, 0.0, 4, 0) for t in (0, 5, 10)])
+    (decisions,), _ = run(dataclasses.replace(TINY, first_decision_restarts=False), [samples])
+    assert decisions[0].action == "keep"
+    assert "measuring" not in decisions[0].reason
+
+
+def test_ratio_keeps_what_it_learned_across_generations() -> None:
+    params = TINY
+    decisions, state = run(
+        params,
+        [
+            frame([("a", 0, t, 0.0, 4, o) for t, o in zip((0, 5, 10), HIGH, strict=True)]),
+            # restarted by someone else: a new generation with a bigger start
+            frame([("a", 1, 20.0, 19.0, 6, 0), ("a", 1, 30.0, 19.0, 16, 100)]),
+        ],
+    )
+    row = state_frame(state).loc["a"]
+    assert bool(row["learned"]) and row["baseline_entries"] == pytest.approx(252.5)
+    assert row["generation"] == 1 and row["base"] == 6  # per generation
+    last = decisions[1][-1]
+    assert last.baseline_pages == pytest.approx(6 + 25.25)
+    # N restarted with the generation: all 100 calls since the start, nothing from generation 0
+    assert last.estimated_entries == pytest.approx(100)
+
+
+def test_ratio_measurement_restarts_with_a_generation_until_learned() -> None:
+    decisions, _ = run(
+        TINY,
+        [
+            frame([("a", 0, 0.0, 0.0, 4, 0), ("a", 0, 5.0, 0.0, 4, 0)]),
+            frame([("a", 1, 8.0, 7.0, 4, 0), ("a", 1, 16.0, 7.0, 4, 0)]),
+            frame([("a", 1, 18.0, 7.0, 4, 0)]),
+        ],
+    )
+    assert "measuring" in decisions[1][0].reason  # 8 s of the new generation, not 16 s
+    assert restarts(decisions[2]) == [("a", 1, 18.0)]
+
+
+def test_ratio_matches_the_batch_estimate() -> None:
+    samples = synthetic_samples(ttl=120, k=32, rate=80, duration=1500, jitter="poisson", seed=4)
+    params = dataclasses.replace(TINY, estimator=EstimatorParams(), first_decision_restarts=False)
+    state = initial_state(params)
+    by_time = {}
+    for start in range(0, len(samples), 37):  # uneven passes
+        decisions, state = decide(state, samples.iloc[start : start + 37], 0.0, params)
+        by_time.update({d.time: d for d in decisions})
+    batch = estimate(samples, math.inf, params.estimator).set_index("time")
+    compared = 0
+    for time, d in by_time.items():
+        if d.required_pages is None:
+            continue
+        row = batch.loc[time]
+        assert d.required_pages == pytest.approx(row["required_pages"], abs=1e-9)
+        assert d.surplus_pages == pytest.approx(row["surplus_pages"], abs=1e-9)
+        assert d.estimated_entries == pytest.approx(row["estimated_entries"], abs=1e-9)
+        compared += 1
+    assert compared > 10
+
+
+def test_ratio_never_reads_ground_truth() -> None:
+    samples = synthetic_samples(ttl=120, k=32, rate=80, duration=1200, jitter="poisson", seed=9)
+    garbage = samples.assign(
+        live_entries=-1,
+        live_bytes=pd.Series([None, "x"] * len(samples), dtype=object).iloc[: len(samples)].to_numpy(),
+    )
+    params = RatioParams(estimator=EstimatorParams(measure_s=300))
+    chunks = [slice(i, i + 50) for i in range(0, len(samples), 50)]
+    a, _ = run(params, [samples.iloc[c] for c in chunks])
+    b, _ = run(params, [garbage.iloc[c] for c in chunks])
+    c, _ = run(params, [samples.drop(columns=["live_entries", "live_bytes"]).iloc[c] for c in chunks])
+    assert a == b == c
+
+
+# ----------------------------------------------------------------------------------------------
+# A closed loop: restarts start new generations of a model filter
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelFilter:
+    """One instance of the model filter; arrivals are misses; a restart drops everything."""
+
+    def __init__(self, arrivals: np.ndarray, ttl: float, k: float, base: int = 4) -> None:
+        self.arrivals, self.ttl, self.k, self.base = np.sort(arrivals), ttl, k, base
+        self.generation, self.started_at, self.peak, self.last = 0, 0.0, 0, 0.0
+
+    def restart(self, t: float) -> None:
+        self.generation, self.started_at, self.peak = self.generation + 1, t, 0
+
+    def sample(self, t: float) -> dict[str, Any]:
+        a = self.arrivals
+        lo, hi = np.searchsorted(a, [self.last, t], side="right")
+        if hi > lo:
+            oldest = np.maximum(a[lo:hi] - self.ttl, self.started_at)
+            live = np.arange(lo, hi) + 1 - np.searchsorted(a, oldest, side="right")
+            self.peak = max(self.peak, int(live.max()))
+        self.last = t
+        since_start = int(hi - np.searchsorted(a, self.started_at, side="right"))
+        live_now = int(hi - np.searchsorted(a, max(t - self.ttl, self.started_at), side="right"))
+        pages = self.base + math.ceil(self.peak / self.k)
+        return {
+            "instance": "shop", "generation": self.generation, "time": t,
+            "started_at": self.started_at, "allocated_pages": pages,
+            "allocated_bytes": pages * 65536, "requests": since_start * 3,
+            "outbound": since_start, "live_entries": live_now,
+            "live_bytes": live_now * 65536 / self.k,  # an entry's share of a page
+        }
+
+
+def closed_loop(params: PolicyParams, arrivals: np.ndarray, end: float) -> tuple[list[Decision], pd.DataFrame]:
+    model = ModelFilter(arrivals, ttl=120, k=32)
+    state = initial_state(params)
+    made: list[Decision] = []
+    samples: list[dict[str, Any]] = []
+    for t in np.arange(0.0, end, 1.0):
+        sample = model.sample(float(t))
+        samples.append(sample)
+        decisions, state = decide(state, pd.DataFrame([sample]), float(t), params)
+        made += decisions
+        if any(d.action == "restart" for d in decisions):
+            model.restart(float(t))
+    return made, pd.DataFrame(samples)
+
+
+def sale_traffic(seed: int = 0) -> np.ndarray:
+    """100 logins/s, a sale at 300/s from 400 s to 900 s, then 20/s."""
+    rng = np.random.default_rng(seed)
+    parts = [(0, 400, 100), (400, 900, 300), (900, 1500, 20)]
+    return np.concatenate(
+        [start + arrival_times(rate, end - start, "poisson", rng) for start, end, rate in parts]
+    )
+
+
+def test_closed_loop_ratio_restarts_after_the_peak() -> None:
+    params = parse_policy("ratio:measure=3m,ttl_cap=2m")
+    made, samples = closed_loop(params, sale_traffic(), 1500)
+    times = [d.time for d in made if d.action == "restart"]
+    assert times[0] == 180  # the first decision after the measurement period
+    # no restart while the sale builds up; one soon after it ends, when the cache drains
+    assert not [t for t in times if 181 <= t < 900]
+    assert any(900 <= t <= 960 for t in times)
+    _, none_samples = closed_loop(NoneParams(), sale_traffic(), 1500)
+    tail = slice(1100, None)
+    assert samples["allocated_pages"].iloc[tail].mean() < 0.5 * none_samples[
+        "allocated_pages"
+    ].iloc[tail].mean()
+    assert all(d.required_pages is None or d.required_pages <= d.allocated_pages for d in made)
+
+
+def test_closed_loop_oracle_restarts_when_the_cache_is_small() -> None:
+    made, _ = closed_loop(OracleParams(), sale_traffic(), 1500)
+    (restart,) = [d for d in made if d.action == "restart"]
+    assert restart.time > 900
+    assert restart.live_bytes is not None and restart.surplus_pages is not None
+    assert restart.surplus_pages * 65536 >= restart.live_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# fixed, threshold, none, oracle
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fixed_restarts_at_the_uptime() -> None:
+    samples = frame([("a", 0, t, 100.0, 4, 0) for t in (100, 1000, 1900, 1950)])
+    (decisions,), _ = run(FixedParams(uptime_s=1800), [samples])
+    (d,) = decisions
+    assert (d.action, d.time, d.uptime_s) == ("restart", 1900, 1800)
+    assert d.reason == "uptime 30.0 min ≥ 30 min"
+    (keep,), _ = run(FixedParams(uptime_s=1800), [samples.iloc[:2]])
+    assert keep[0].action == "keep" and keep[0].reason == "keep: uptime 15.0 min < 30 min"
+
+
+def test_threshold_restarts_over_the_allocation() -> None:
+    samples = frame([("a", 0, 1.0, 0.0, 100, 0), ("b", 0, 1.0, 0.0, 1024, 0)])
+    (decisions,), _ = run(ThresholdParams(allocated_bytes=64 * MIB), [samples])
+    assert [(d.instance, d.action) for d in decisions] == [("a", "keep"), ("b", "restart")]
+    assert decisions[1].reason == "allocated 64.0 MiB ≥ threshold 64 MiB"
+
+
+def test_none_never_restarts() -> None:
+    samples = frame([("a", 0, t, 0.0, 10_000, 0) for t in range(5)])
+    (decisions,), _ = run(NoneParams(), [samples])
+    assert [(d.action, d.time, d.policy) for d in decisions] == [("keep", 4, "none")]
+
+
+@pytest.mark.parametrize(
+    ("live_mib", "previous_mib", "action"),
+    [
+        (1.0, 1.0, "restart"),  # 16 MiB allocated, base 1 MiB: 14 MiB reclaimable ≥ 1 MiB live
+        (1.0, 0.5, "keep"),  # live rising
+        (8.0, 8.0, "keep"),  # reclaimable 7 MiB < 8 MiB live
+        (14.9, 15.0, "keep"),  # reclaimable 0.1 MiB < 1 MiB minimum
+        (math.nan, 1.0, "keep"),  # no ground truth
+    ],
+)
+def test_oracle(live_mib: float, previous_mib: float, action: str) -> None:
+    samples = frame(
+        [("a", 0, 0.0, 0.0, 16, 0), ("a", 0, 100.0, 0.0, 256, 0), ("a", 0, 160.0, 0.0, 256, 0)],
+        live_bytes=[0.0, previous_mib * MIB, live_mib * MIB],
+    )
+    (decisions,), _ = run(OracleParams(), [samples])
+    assert decisions[-1].action == action
+    assert decisions[-1].time == 160
+
+
+def test_oracle_needs_ground_truth() -> None:
+    with pytest.raises(ValueError, match="live_bytes"):
+        run(OracleParams(), [frame([("a", 0, 0.0, 0.0, 16, 0)])])
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass: generations, stale rows, retries, state
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_restart_per_generation_and_a_retry_later() -> None:
+    params = ThresholdParams(allocated_bytes=MIB, retry_after_s=60)
+    rows = [("a", 0, float(t), 0.0, 32, 0) for t in range(0, 200, 10)]
+    passes = [frame(rows[:5]), frame(rows[5:6]), frame(rows[6:])]
+    decisions, _ = run(params, passes)
+    assert restarts(decisions[0]) == [("a", 0, 0.0)]  # t = 0 … 40: one restart
+    assert decisions[1][0].action == "keep" and "was asked at 0.0" in decisions[1][0].reason
+    assert restarts(decisions[2]) == [("a", 0, 60.0)]  # 60 s later, still generation 0
+
+
+def test_stale_and_repeated_samples_are_ignored() -> None:
+    params = ThresholdParams(allocated_bytes=MIB)
+    decisions, state = run(
+        params,
+        [
+            frame([("a", 1, 10.0, 5.0, 4, 0)]),
+            frame([("a", 0, 11.0, 0.0, 64, 0), ("a", 1, 10.0, 5.0, 64, 0)]),
+        ],
+    )
+    assert decisions[1] == ()
+    assert state_frame(state).loc["a", "last_time"] == 10.0
+
+
+def test_several_generations_in_one_pass_are_decided_in_order() -> None:
+    params = ThresholdParams(allocated_bytes=MIB)
+    samples = frame(
+        [
+            ("a", 1, 20.0, 15.0, 64, 0), ("a", 0, 10.0, 0.0, 64, 0), ("b", 0, 10.0, 0.0, 4, 0),
+            ("a", 0, 12.0, 0.0, 64, 0), ("a", 2, 30.0, 25.0, 4, 0),
+        ]
+    )
+    (decisions,), state = run(params, [samples])
+    assert [(d.instance, d.generation, d.action, d.time) for d in decisions] == [
+        ("a", 0, "restart", 10.0), ("b", 0, "keep", 10.0), ("a", 1, "restart", 20.0),
+        ("a", 2, "keep", 30.0),
+    ]
+    assert state_frame(state).loc["a", "generation"] == 2
+
+
+def test_state_is_an_immutable_value() -> None:
+    params = RatioParams(estimator=EstimatorParams(measure_s=60))
+    samples = synthetic_samples(ttl=30, k=16, rate=40, duration=200, seed=1)
+    (_, state) = run(params, [samples.iloc[:100]])
+    before = samples.copy()
+    first, after = decide(state, samples.iloc[100:], 5.0, params)
+    second, _ = decide(state, samples.iloc[100:], 5.0, params)
+    assert first == second  # the old state still gives the same answer
+    pd.testing.assert_frame_equal(samples, before)
+    with pytest.raises(ValueError, match="read-only"):
+        state.slots.k[0] = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.policy = "none"  # type: ignore[misc]
+
+
+def test_state_of_another_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="policy 'fixed', not 'ratio'"):
+        decide(initial_state(FixedParams()), frame([]), 0.0, RatioParams())
+
+
+def test_missing_columns_are_named() -> None:
+    with pytest.raises(ValueError, match="outbound"):
+        decide(initial_state(NoneParams()), frame([]).drop(columns=["outbound"]), 0.0, NoneParams())
+
+
+def test_empty_pass() -> None:
+    decisions, state = decide(initial_state(RatioParams()), frame([]), 0.0, RatioParams())
+    assert decisions == () and state_frame(state).empty
+
+
+def test_decisions_frame() -> None:
+    samples = frame([("a", 0, 1.0, 0.0, 1024, 0)])
+    (decisions,), _ = run(ThresholdParams(), [samples])
+    df = decisions_frame(decisions)
+    assert df.loc[0, "action"] == "restart" and df.loc[0, "decided_at"] == 1000.0
+    assert {"required_bytes", "surplus_bytes", "baseline_bytes", "reason"} <= set(df.columns)
+    assert decisions[0].to_record()["instance"] == "a"
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties
+# ----------------------------------------------------------------------------------------------
+
+POLICIES: list[PolicyParams] = [
+    NoneParams(),
+    FixedParams(uptime_s=30),
+    ThresholdParams(allocated_bytes=20 * 65536),
+    RatioParams(estimator=EstimatorParams(measure_s=40, ttl_cap_s=20, trend_window_s=5)),
+    RatioParams(
+        estimator=EstimatorParams(measure_s=40, ttl_cap_s=20, trend_window_s=5),
+        trend_noise_z=0.0, trend_min_pages=0.0, require_turn=True,
+    ),
+    OracleParams(min_reclaim_bytes=65536, window_s=5),
+]
+
+
+@st.composite
+def sample_frames(draw: st.DrawFn) -> pd.DataFrame:
+    """Random samples of 1–3 instances, with restarts (new generations) now and then."""
+    rows = []
+    for instance in ("a", "b", "c")[: draw(st.integers(1, 3))]:
+        t, generation, started, out, pages = draw(st.floats(0, 5)), 0, 0.0, 0, 4
+        for gap, d_out, d_pages, restart in draw(
+            st.lists(
+                st.tuples(st.floats(0.5, 8), st.integers(0, 40), st.integers(0, 2), st.booleans()),
+                min_size=1, max_size=60,
+            )
+        ):
+            t += gap
+            if restart and draw(st.integers(0, 9)) == 0:
+                generation, started, out, pages = generation + 1, t - gap / 2, 0, 4
+            out, pages = out + d_out, pages + d_pages
+            live = min(out, draw(st.integers(0, 500)))
+            rows.append((instance, generation, t, started, pages, out, live * 1024.0))
+    df = pd.DataFrame(rows, columns=[*COLUMNS[:5], "outbound", "live_bytes"])
+    return df.assign(allocated_bytes=df["allocated_pages"] * 65536, requests=df["outbound"])
+
+
+def split(samples: pd.DataFrame, cuts: list[int]) -> list[pd.DataFrame]:
+    ordered = samples.sort_values("time", kind="mergesort")
+    bounds = sorted({0, len(ordered), *(c % (len(ordered) + 1) for c in cuts)})
+    return [ordered.iloc[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+PROPERTY = settings(
+    deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@PROPERTY
+@given(samples=sample_frames(), cuts=st.lists(st.integers(0, 200), max_size=8),
+       which=st.integers(0, len(POLICIES) - 1))
+def test_never_two_restarts_of_a_generation_in_a_pass(
+    samples: pd.DataFrame, cuts: list[int], which: int
+) -> None:
+    params = POLICIES[which]
+    decisions, _ = run(params, split(samples, cuts))
+    for made in decisions:
+        keys = Counter((d.instance, d.generation) for d in made)
+        assert max(keys.values(), default=0) == 1  # one decision per generation and pass
+        for d in (d for d in made if d.policy == "ratio"):  # the oracle reports ground truth
+            assert d.required_pages is None or d.required_pages <= d.allocated_pages + 1e-9
+            assert d.surplus_pages is None or d.surplus_pages >= -1e-9
+
+
+@PROPERTY
+@given(samples=sample_frames(), cuts=st.lists(st.integers(0, 200), max_size=8),
+       which=st.sampled_from([3, 4]))
+def test_no_ratio_decision_before_the_measurement_period_ends(
+    samples: pd.DataFrame, cuts: list[int], which: int
+) -> None:
+    params = POLICIES[which]
+    assert isinstance(params, RatioParams)
+    first_seen = samples.groupby("instance")["time"].min()
+    decisions, _ = run(params, split(samples, cuts))
+    for d in (d for made in decisions for d in made):
+        if d.time < first_seen[d.instance] + params.estimator.measure_s:
+            assert d.action == "keep" and "measuring" in d.reason
+
+
+@PROPERTY
+@given(samples=sample_frames(), cuts=st.lists(st.integers(0, 200), max_size=8),
+       which=st.integers(0, len(POLICIES) - 1))
+def test_restarts_do_not_depend_on_how_samples_are_split_into_passes(
+    samples: pd.DataFrame, cuts: list[int], which: int
+) -> None:
+    params = dataclasses.replace(POLICIES[which], retry_after_s=1e9)  # one restart a generation
+    one_by_one, _ = run(params, [samples.iloc[[i]] for i in range(len(samples))])
+    chunked, _ = run(params, split(samples, cuts))
+    everything, _ = run(params, [samples])
+    flat = [sorted(restarts([d for made in r for d in made])) for r in (one_by_one, chunked)]
+    assert flat[0] == flat[1] == sorted(restarts(everything[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# parse_policy
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("none", NoneParams()),
+        ("fixed:30m", FixedParams(uptime_s=1800)),
+        ("fixed:2h", FixedParams(uptime_s=7200)),
+        ("fixed:90", FixedParams(uptime_s=90)),
+        ("fixed:uptime=1.5h,retry_after=2m", FixedParams(uptime_s=5400, retry_after_s=120)),
+        ("threshold:64MiB", ThresholdParams(allocated_bytes=64 * MIB)),
+        ("threshold:100MB", ThresholdParams(allocated_bytes=100_000_000)),
+        ("threshold: 512 KiB", ThresholdParams(allocated_bytes=512 * 1024)),
+        ("ratio", RatioParams()),
+        ("Ratio:measure=15m,ttl_cap=10m", RatioParams()),
+        (
+            "ratio:measure=20m,ttl_cap=5m,trend_window=2m,trend_z=0,require_turn=yes",
+            RatioParams(
+                estimator=EstimatorParams(measure_s=1200, ttl_cap_s=300, trend_window_s=120),
+                trend_noise_z=0.0, require_turn=True,
+            ),
+        ),
+        ("ratio:first_restart=false,class_width=2,k_default=60", RatioParams(
+            estimator=EstimatorParams(class_width_pages=2, k_default=60),
+            first_decision_restarts=False,
+        )),
+        ("oracle", OracleParams()),
+        ("oracle:surplus_ratio=2,min_reclaim=4MiB,window=30s", OracleParams(
+            surplus_ratio=2, min_reclaim_bytes=4 * MIB, window_s=30,
+        )),
+    ],
+)
+def test_parse_policy(spec: str, expected: PolicyParams) -> None:
+    assert parse_policy(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "unknown policy ''; expected one of none, fixed, threshold, ratio, oracle"),
+        ("lru", "unknown policy 'lru'"),
+        ("fixed", "fixed needs a value, e.g. fixed:30m"),
+        ("fixed:", "fixed needs a value"),
+        ("fixed:30 minutes", "'30 minutes' is not a duration"),
+        ("fixed:-5m", "is not a duration"),
+        ("fixed:0s", "uptime_s must be a positive number"),
+        ("threshold", "threshold needs a value, e.g. threshold:64MiB"),
+        ("threshold:64M", "'64M' is not a size"),
+        ("threshold:lots", "is not a size"),
+        ("none:5m", "expected key=value, got '5m'"),
+        ("none:retry_after=1m,uptime=3m", "none takes retry_after; not 'uptime'"),
+        ("ratio:measure", "expected key=value"),
+        ("ratio:ttl=10m", "ratio takes measure, ttl_cap"),
+        ("ratio:measure=0m", "measure_s must be a positive number"),
+        ("ratio:measure=5m,measure=6m", "measure given twice"),
+        ("ratio:require_turn=maybe", "'maybe' is not a boolean"),
+        ("oracle:surplus_ratio=-1", "surplus_ratio must be a positive number"),
+    ],
+)
+def test_parse_policy_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        parse_policy(spec)
+    assert repr(spec) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("15min", 900), ("2h", 7200), ("1.5d", 129600),
+     ("500ms", 0.5), (" 10 m ", 600)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("4096B", 4096), ("1KiB", 1024), ("1.5MiB", 1572864), ("1GiB", 2**30),
+     ("1kb", 1000), ("2GB", 2 * 10**9)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
