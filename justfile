@@ -19,6 +19,11 @@ setup:
 demo *args: setup
     {{python}} -m scenarios fig4 --out results/fig4 {{args}}
 
+# The standard experiment set in virtual time: every README figure and table (results/)
+[group('run')]
+experiment *args: setup
+    {{python}} -m scenarios standard --out results {{args}}
+
 # Run the test suite (arguments go to pytest, e.g. `just test -k header`)
 [group('check')]
 test *args: setup

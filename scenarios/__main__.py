@@ -384,6 +384,177 @@ def _fig4(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- servers and live replay ----------------------------------------------------------------
+
+
+def _listen_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--port", type=int, default=port, help="TCP port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+
+
+def _auth_server_args(p: argparse.ArgumentParser) -> None:
+    _listen_args(p, 8081)
+    p.add_argument(
+        "--store",
+        default=".wasm-reclaim/auth-store",
+        help="mongodb://… URI, or a directory for the embedded store (montydb, SQLite)",
+    )
+    p.add_argument("--no-store", action="store_true", help="keep users and tokens in memory only")
+    p.add_argument("--database", default="wasm_reclaim", help="database name in the store")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every /verify")
+    p.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of /verify answered 503 (0..1)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the failure injection")
+    p.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=86400.0,
+        help="seconds a token stays valid (0: forever)",
+    )
+
+
+def _auth_server(a: argparse.Namespace) -> int:
+    from scenarios.servers import Faults, run_auth_server, setup_logging
+
+    setup_logging()
+    return run_auth_server(
+        a.port,
+        None if a.no_store else a.store,
+        host=a.host,
+        database=a.database,
+        faults=Faults(a.latency_ms, a.fail_rate),
+        seed=a.seed,
+        token_lifetime=a.token_lifetime or None,
+    )
+
+
+def _shop_args(p: argparse.ArgumentParser) -> None:
+    _listen_args(p, 8082)
+    p.add_argument(
+        "--nginx", action="store_true", help="run nginx (if installed) instead of the Python shop"
+    )
+
+
+def _shop(a: argparse.Namespace) -> int:
+    from scenarios.servers import run_nginx_shop, run_shop, setup_logging
+
+    setup_logging()
+    return run_nginx_shop(a.port, host=a.host) if a.nginx else run_shop(a.port, host=a.host)
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", type=Path, help="trace file (.jsonl)")
+    p.add_argument("--proxy", default="http://127.0.0.1:8080", help="proxy (reverse mode) URL")
+    p.add_argument("--auth", default="http://127.0.0.1:8081", help="auth server URL")
+    timing = p.add_mutually_exclusive_group()
+    timing.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="trace seconds per second (60: an hour in a minute)",
+    )
+    timing.add_argument(
+        "--fast", action="store_true", help="as fast as possible (order per session still holds)"
+    )
+    p.add_argument("--concurrency", type=int, default=64, help="exchanges in flight at most")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per exchange")
+    p.add_argument(
+        "--no-auth-logout",
+        action="store_true",
+        help="do not POST /logout at the auth server after a logout event",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _replay(a: argparse.Namespace) -> int:
+    from scenarios.replay import ReplayConfig, dumps_summary, replay
+
+    trace = Trace.read_jsonl(a.trace)
+    config = ReplayConfig(
+        proxy=a.proxy,
+        auth=a.auth,
+        speed=a.speed,
+        fast=a.fast,
+        concurrency=a.concurrency,
+        timeout=a.timeout,
+        auth_logout=not a.no_auth_logout,
+        progress=_tty() and not a.no_progress,
+    )
+    result = replay(trace, config)
+    print(dumps_summary(result) if a.json else result.format())
+    return 0
+
+
+# -- experiment: policies compared in virtual time -----------------------------------------
+
+
+def split_policies(text: str) -> list[str]:
+    """`none,fixed:30m,ratio:measure=15m,ttl_cap=10m` → one spec per policy.
+
+    A comma separates policies, except before `key=value` (an option of the previous policy).
+    """
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if specs and "=" in part and ":" not in part:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", type=Path, required=True, help="trace (JSON Lines)")
+    p.add_argument("--policies", default="none,fixed:30m,fixed:2h,threshold:1MiB,ratio,oracle",
+                   help="comma-separated policy specs (python -m manager run --help)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
+    p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--decision-interval", type=float, default=30.0,
+                   help="seconds between manager passes")
+    p.add_argument("--auth-latency", type=float, default=0.005, help="auth answer delay, s")
+    p.add_argument("--title", default="", help="plot and table title (default: trace name)")
+
+
+def _experiment(a: argparse.Namespace) -> int:
+    from scenarios.experiment import ExperimentConfig, run_policies
+    from scenarios.report import markdown_table, write_report
+    from scenarios.simulate import SimConfig
+
+    config = ExperimentConfig(sim=SimConfig(sample_interval=a.sample_interval,
+                                            decision_interval=a.decision_interval,
+                                            auth_latency=a.auth_latency))
+    specs = split_policies(a.policies)
+    runs = run_policies(a.trace, specs, config, a.jobs, progress=_tty())
+    summary = write_report(runs, config, a.out, a.title or a.trace.stem)
+    print(markdown_table(summary), end="")
+    print(f"written to {a.out}/")
+    return 0
+
+
+def _standard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
+    p.add_argument("--quick", action="store_true", help="small traces, seconds (CI)")
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
+    p.add_argument("--only", action="append", default=[], choices=["basic", "week", "tenants"],
+                   help="run only this scenario (repeatable)")
+
+
+def _standard(a: argparse.Namespace) -> int:
+    from scenarios.report import markdown_table
+    from scenarios.standard import SCENARIOS, run_standard
+
+    summaries = run_standard(a.out, a.quick, a.jobs, progress=_tty(), only=a.only)
+    for name, table in summaries.items():
+        print(f"\n## {SCENARIOS[name].title}\n")
+        print(markdown_table(table), end="")
+    print(f"\nwritten to {a.out}/")
+    return 0
+
+
 # -- wiring ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -408,11 +579,29 @@ COMMANDS: list[Command] = [
     ),
     Command("har-read", "HAR recording → trace", _har_read_args, _har_read),
     Command("info", "summary of a trace: events, users, duration, peak tokens", _info_args, _info),
+    Command("experiment", "compare restart policies on a trace in virtual time",
+            _experiment_args, _experiment),
+    Command("standard", "the standard experiment set: every README figure and table",
+            _standard_args, _standard),
     Command(
         "fig4",
         "run the basic experiment through the real filter in virtual time: CSV and plot",
         _fig4_args,
         _fig4,
+    ),
+    Command(
+        "auth-server",
+        "the auth server: /login, /verify, /logout, /stats (users and tokens in the store)",
+        _auth_server_args,
+        _auth_server,
+    ),
+    Command("shop", "the upstream shop: any GET → a product page (Python, or --nginx)",
+            _shop_args, _shop),
+    Command(
+        "replay",
+        "replay a trace live through the proxy, with real tokens from the auth server",
+        _replay_args,
+        _replay,
     ),
 ]
 

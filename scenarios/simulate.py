@@ -46,7 +46,10 @@ LIVE_BYTES = "auth_cache.live_bytes"
 SAMPLE_COLUMNS = [
     "time", "instance", "tenant", "generation", "started_at", "allocated_pages",
     "allocated_bytes", "requests", "outbound", "live_entries", "live_bytes",
+    "hits", "misses", "denied", "errors",
 ]
+"""The addon's sample fields, plus what the filter decided since the previous sample (the
+simulation knows it per request; the live addon writes it per request to `requests`)."""
 REQUEST_COLUMNS = ["time", "instance", "generation", "kind", "decision", "status", "outbound"]
 
 Controller = Callable[[pd.DataFrame, float], Iterable[str]]
@@ -66,6 +69,12 @@ class SimConfig:
     """`host`: one instance per upstream host (the paper's one filter per site); `single`."""
     memory_limit_mib: int = 256
     seed: int = 0
+    decision_interval: float = 30.0
+    """Seconds of host clock between controller passes (the manager daemon's --interval)."""
+    deadline_ms: float = 10_000.0
+    """Epoch deadline of a guest call, in wall-clock time. Generous on purpose: it still stops a
+    runaway filter, but a loaded machine's scheduling stall must not look like a crash (and a
+    crash restart, dropping the cache) in a virtual-time experiment."""
 
 
 class AuthServer:
@@ -103,6 +112,10 @@ class SimResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+_ZERO = (0, 0, 0, 0)
+_SLOT = {"hit": 0, "miss": 1, "deny": 2, "error": 3}
+
+
 class _Recorder(HostEvents):
     def __init__(self) -> None:
         self.restarts: list[RestartRecord] = []
@@ -128,14 +141,19 @@ class Simulation:
             self.dispatcher,
             plugin_configuration=config.plugin_configuration.encode(),
             clock=self.clock,
-            limits=Limits(memory_bytes=config.memory_limit_mib * 2**20),
+            limits=Limits(memory_bytes=config.memory_limit_mib * 2**20,
+                          deadline_ms=config.deadline_ms),
             events=self.recorder,
             seed=config.seed,
         )
         self.interval_ns = int(config.sample_interval * 1e9)
         self.next_sample_ns = self.start_ns
+        self.decision_ns = int(config.decision_interval * 1e9)
+        self.next_decision_ns = self.start_ns + self.decision_ns
+        self.unseen = 0  # index of the first sample the controller has not seen
         self.samples: list[tuple[Any, ...]] = []
         self.requests: list[tuple[Any, ...]] = []
+        self.counts: dict[str, list[int]] = {}  # instance -> hits, misses, denied, errors
 
     # ---- time ----
 
@@ -155,19 +173,23 @@ class Simulation:
         clock.set_ns(max(t_ns, clock.now_ns()))
 
     def _sample(self, controller: Controller | None) -> None:
-        now = self.clock.now_ns() / 1e9
-        first = len(self.samples)
+        now_ns = self.clock.now_ns()
+        now = now_ns / 1e9
         for inst in self.host.instances.values():
             o = inst.observe()
+            counts = self.counts.pop(o.id, _ZERO)
             self.samples.append((
                 now, o.id, o.tenant, o.generation, o.started_at, o.allocated_pages,
                 o.allocated_bytes, o.requests, o.outbound, o.metrics.get(LIVE_ENTRIES, 0),
-                o.metrics.get(LIVE_BYTES, 0),
+                o.metrics.get(LIVE_BYTES, 0), *counts,
             ))
-        if controller is not None and len(self.samples) > first:
-            new = pd.DataFrame(self.samples[first:], columns=SAMPLE_COLUMNS)
-            for instance_id in controller(new, now):
-                self.host.restart(instance_id, "policy", "simulation")
+        if controller is not None and now_ns >= self.next_decision_ns:
+            self.next_decision_ns += self.decision_ns
+            if len(self.samples) > self.unseen:
+                new = pd.DataFrame(self.samples[self.unseen:], columns=SAMPLE_COLUMNS)
+                self.unseen = len(self.samples)
+                for instance_id in controller(new, now):
+                    self.host.restart(instance_id, "policy", "simulation")
 
     # ---- events ----
 
@@ -191,6 +213,7 @@ class Simulation:
         t = self.clock.now_ns() / 1e9
         kind = event.kind
         requests = self.requests
+        counts = self.counts
 
         def record(decision: Decision) -> None:
             resp = decision.response
@@ -203,8 +226,15 @@ class Simulation:
                 verdict = "logout"
             else:
                 verdict = "hit" if decision.outbound == 0 else "miss"
-            requests.append((t, stream.instance.id, decision.generation, kind, verdict, status,
+            instance_id = stream.instance.id
+            requests.append((t, instance_id, decision.generation, kind, verdict, status,
                              decision.outbound))
+            slot = _SLOT.get(verdict)
+            if slot is not None:
+                c = counts.get(instance_id)
+                if c is None:
+                    c = counts[instance_id] = [0, 0, 0, 0]
+                c[slot] += 1
             stream.close()
 
         decision = stream.request_headers(headers)

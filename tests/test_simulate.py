@@ -38,6 +38,7 @@ def test_samples_and_decisions_of_a_small_trace() -> None:
     ]
     result = simulate(Trace.from_events(events), SimConfig(sample_interval=1.0))
     assert list(result.samples.columns) == SAMPLE_COLUMNS
+    assert result.samples["hits"].sum() == 1 and result.samples["misses"].sum() == 2
     assert set(result.samples["instance"]) == {"shop", "blog"}  # one instance per host
     assert list(result.requests["decision"]) == ["miss", "hit", "miss", "logout"]
     assert result.auth_requests == 2
@@ -54,9 +55,12 @@ def test_controller_restarts_through_the_host() -> None:
 
     def controller(samples: pd.DataFrame, now: float) -> list[str]:
         seen.append(now)
-        return ["shop.example"] if len(seen) == 150 else []
+        return ["shop.example"] if len(seen) == 15 else []
 
-    result = simulate(trace, SimConfig(plugin_configuration='{"ttl_seconds": 1000}'), controller)
+    config = SimConfig(plugin_configuration='{"ttl_seconds": 1000}', decision_interval=10)
+    result = simulate(trace, config, controller)
+    # The controller runs every decision_interval with every sample since its previous run.
+    assert seen[1] - seen[0] == 10
     assert len(result.restarts) == 1 and result.restarts.iloc[0]["requested_by"] == "simulation"
     gens = result.samples.set_index("time")["generation"]
     assert gens.iloc[0] == 0 and gens.iloc[-1] == 1

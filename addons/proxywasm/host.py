@@ -566,10 +566,15 @@ class Host:
 
     def next_event_ns(self) -> int | None:
         """When the next timer or in-process delivery is due (virtual-time stepping)."""
-        candidates = [t for t in (self._timers[0][0] if self._timers else None,
-                                  self.dispatcher.next_due_ns()) if t is not None]
-        down = [self.instances[i].retry_at_ns for i in self._down if i in self.instances]
-        return min(candidates + down) if candidates or down else None
+        best = self._timers[0][0] if self._timers else None
+        due = self.dispatcher.next_due_ns()
+        if due is not None and (best is None or due < best):
+            best = due
+        for instance_id in self._down:
+            inst = self.instances.get(instance_id)
+            if inst is not None and (best is None or inst.retry_at_ns < best):
+                best = inst.retry_at_ns
+        return best
 
     def poll(self) -> None:
         """Run everything due by now: deliveries, call deadlines, ticks, crash recovery."""

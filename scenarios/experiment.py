@@ -1,0 +1,241 @@
+"""Compare restart policies on the same trace, in virtual time (SPEC §6, §7).
+
+Every policy runs in its own process over the same trace: the real filter under the real host
+on a virtual clock (`scenarios.simulate`), an in-process auth server, a sample of every instance
+every `sample_interval`, and the manager's own policy code called exactly as the daemon calls it
+(`manager.policies.decide` on the new samples every `decision_interval`). Each run yields a time
+series per instance with the ground truth beside it; `summarize` turns the series into the
+metrics of SPEC §7, and `scenarios.report` into tables and plots.
+
+Ground truth: the filter's `auth_cache.live_bytes` gauge (bytes of live cache entries) plus the
+instance's base (its smallest allocation in the run: a fresh instance) is the *true required*
+memory; allocated − true required is the *true surplus*. The ratio policy never sees either.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manager.estimate import EstimatorParams, estimate
+from manager.policies import (
+    Decision,
+    RatioParams,
+    decide,
+    decisions_frame,
+    initial_state,
+    parse_policy,
+)
+from scenarios.simulate import SimConfig, Simulation
+from scenarios.trace import Trace
+
+logger = logging.getLogger(__name__)
+
+SERIES_COLUMNS = [
+    "time", "instance", "generation", "allocated_bytes", "required_true", "surplus_true",
+    "required_est", "hits", "misses", "denied", "outbound", "restarted",
+]
+"""Per sample and instance. `outbound` is the outbound calls made since the previous sample;
+`restarted` is 1 on the first sample of a generation the policy started."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """How every policy of an experiment runs and is judged."""
+
+    sim: SimConfig = field(default_factory=lambda: SimConfig(sample_interval=5.0,
+                                                             decision_interval=30.0))
+    host_memory_mib: float = 1024.0
+    """Host memory for 'instances that fit' (SPEC §7)."""
+    hit_window_s: float = 300.0
+    """Width of the windows in which the worst hit rate is sought."""
+    min_window_requests: int = 20
+    """Windows with fewer authenticated requests are not judged (too few to mean anything)."""
+
+
+@dataclass
+class PolicyRun:
+    """One policy over one trace."""
+
+    policy: str
+    series: pd.DataFrame
+    decisions: pd.DataFrame
+    auth_requests: int
+    elapsed_s: float
+    requests: int
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
+    """Run `trace` through a fresh host with policy `spec` deciding restarts."""
+    params = parse_policy(spec)
+    state = initial_state(params)
+    made: list[Decision] = []
+
+    def controller(new: pd.DataFrame, now: float) -> list[str]:
+        nonlocal state
+        decisions, state = decide(state, new, now, params)
+        made.extend(decisions)
+        return [d.instance for d in decisions if d.action == "restart"]
+
+    t0 = time.perf_counter()
+    result = Simulation(config.sim).run(trace, None if spec == "none" else controller)
+    elapsed = time.perf_counter() - t0
+    estimator = params.estimator if isinstance(params, RatioParams) else EstimatorParams()
+    return PolicyRun(
+        policy=spec,
+        series=policy_series(result.samples, estimator),
+        decisions=decisions_frame(made),
+        auth_requests=result.auth_requests,
+        elapsed_s=elapsed,
+        requests=len(result.requests),
+    )
+
+
+def _run_in_worker(args: tuple[Path, str, ExperimentConfig]) -> PolicyRun:
+    trace_path, spec, config = args
+    return run_policy(Trace.read_jsonl(trace_path), spec, config)
+
+
+def run_policies(trace_path: Path, specs: Sequence[str], config: ExperimentConfig,
+                 jobs: int | None = None, progress: bool = False) -> list[PolicyRun]:
+    """Run every policy on the trace, one process each, `jobs` at a time (default: cores)."""
+    for spec in specs:
+        parse_policy(spec)  # fail before starting anything
+    jobs = max(1, min(jobs or multiprocessing.cpu_count(), len(specs)))
+    work = [(trace_path, spec, config) for spec in specs]
+    runs: dict[str, PolicyRun] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), unit="policy", desc=trace_path.stem)
+    ctx = multiprocessing.get_context("spawn" if jobs > 1 else "fork")
+    if jobs == 1:
+        for item in work:
+            run = _run_in_worker(item)
+            runs[run.policy] = run
+            if bar is not None:
+                bar.set_postfix_str(f"{run.policy}: {run.requests / run.elapsed_s:,.0f} req/s")
+                bar.update()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_in_worker, item): item[1] for item in work}
+            for future in concurrent.futures.as_completed(futures):
+                run = future.result()
+                runs[run.policy] = run
+                if bar is not None:
+                    bar.set_postfix_str(f"{run.policy}: {run.requests / run.elapsed_s:,.0f} req/s")
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    return [runs[spec] for spec in specs]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure: series and metrics
+# --------------------------------------------------------------------------------------------
+
+
+def policy_series(samples: pd.DataFrame, estimator: EstimatorParams) -> pd.DataFrame:
+    """The per-sample series of one run (columns: :data:`SERIES_COLUMNS`).
+
+    Reads the simulation's samples (time, instance, generation, allocated_pages/bytes,
+    outbound, live_bytes, hits, misses, denied). `required_est` comes from the manager's
+    estimator, which reads only the observable columns.
+    """
+    if samples.empty:
+        return pd.DataFrame(columns=SERIES_COLUMNS)
+    s = samples.sort_values(["instance", "time"], kind="stable").reset_index(drop=True)
+    base = s.groupby("instance")["allocated_bytes"].transform("min")
+    required_true = np.minimum(base + s["live_bytes"], s["allocated_bytes"])
+    first_of_generation = s.groupby(["instance", "generation"]).cumcount() == 0
+    first_generation = s.groupby("instance")["generation"].transform("min")
+    restarted = first_of_generation & (s["generation"] > first_generation)
+    outbound_delta = s.groupby(["instance", "generation"])["outbound"].diff()
+    outbound_delta = outbound_delta.fillna(s["outbound"]).clip(lower=0)
+    est = estimate(s, float(s["time"].max()), estimator)
+    est = est[["instance", "generation", "time", "required_bytes"]]
+    merged = s.assign(
+        required_true=required_true,
+        surplus_true=s["allocated_bytes"] - required_true,
+        outbound=outbound_delta.astype("int64"),
+        restarted=restarted.astype("int8"),
+    ).merge(est, on=["instance", "generation", "time"], how="left", validate="one_to_one")
+    merged["required_est"] = np.minimum(merged["required_bytes"], merged["allocated_bytes"])
+    return merged[SERIES_COLUMNS]
+
+
+def totals(series: pd.DataFrame) -> pd.DataFrame:
+    """Per sample time, summed over instances: memory, hits, misses, outbound calls."""
+    cols = ["allocated_bytes", "required_true", "surplus_true", "required_est", "hits",
+            "misses", "denied", "outbound", "restarted"]
+    return series.groupby("time", sort=True)[cols].sum().reset_index()
+
+
+def summarize(series: pd.DataFrame, config: ExperimentConfig, policy: str = "") -> dict[str, Any]:
+    """The metrics of SPEC §7 for one run, from its series alone.
+
+    Samples are evenly spaced, so a time-weighted mean is the mean over sample times of the
+    total over instances. Hit rate counts authenticated requests the filter decided (hits and
+    misses); the worst window is the lowest hit rate among windows of `hit_window_s` with at
+    least `min_window_requests` such requests. Auth-server requests are the filter's outbound
+    calls. 'Instances that fit' divides the host memory by the mean (or peak) allocated memory
+    of one instance.
+    """
+    t = totals(series)
+    n_instances = max(series["instance"].nunique(), 1)
+    mib = 2**20
+    hits, misses = int(series["hits"].sum()), int(series["misses"].sum())
+    start = float(t["time"].min()) if len(t) else 0.0
+    window = ((t["time"] - start) // config.hit_window_s).astype("int64")
+    per_window = t.groupby(window)[["hits", "misses"]].sum()
+    judged = per_window[(per_window["hits"] + per_window["misses"]) >= config.min_window_requests]
+    worst = (judged["hits"] / (judged["hits"] + judged["misses"])).min() if len(judged) else np.nan
+    known = series["required_est"].notna()
+    err = (series.loc[known, "required_est"] - series.loc[known, "required_true"])
+    mean_alloc_per_instance = t["allocated_bytes"].mean() / n_instances
+    peak_alloc_per_instance = series.groupby("instance")["allocated_bytes"].max().mean()
+    return {
+        "policy": policy,
+        "instances": n_instances,
+        "mean_allocated_mib": t["allocated_bytes"].mean() / mib,
+        "peak_allocated_mib": t["allocated_bytes"].max() / mib,
+        "mean_required_mib": t["required_true"].mean() / mib,
+        "mean_surplus_mib": t["surplus_true"].mean() / mib,
+        "hit_rate": hits / (hits + misses) if hits + misses else np.nan,
+        "worst_window_hit_rate": float(worst),
+        "auth_requests": int(series["outbound"].sum()),
+        "restarts": int(series["restarted"].sum()),
+        "fit_on_average": config.host_memory_mib * mib / mean_alloc_per_instance,
+        "fit_at_peak": config.host_memory_mib * mib / peak_alloc_per_instance,
+        "estimator_mae_kib": float(err.abs().mean() / 1024) if len(err) else np.nan,
+        "estimator_bias_kib": float(err.mean() / 1024) if len(err) else np.nan,
+    }
+
+
+def summary_table(runs: Sequence[PolicyRun], config: ExperimentConfig) -> pd.DataFrame:
+    """One row per run, with auth-server requests relative to `none` when it ran."""
+    rows = pd.DataFrame([summarize(r.series, config, r.policy) for r in runs])
+    base = rows.loc[rows["policy"] == "none", "auth_requests"]
+    rows["auth_vs_none"] = (rows["auth_requests"] / base.iloc[0]) if len(base) and base.iloc[0] \
+        else np.nan
+    return rows
+
+
+def with_sample_interval(config: ExperimentConfig, seconds: float) -> ExperimentConfig:
+    """A copy of `config` sampling every `seconds`."""
+    return replace(config, sim=replace(config.sim, sample_interval=seconds))

@@ -1,0 +1,192 @@
+"""Tables and plots of a policy comparison (`python -m scenarios experiment`).
+
+Writes, for one trace, into its output directory:
+- `summary.csv` and `summary.md`: one row per policy (SPEC §7 metrics);
+- `series/<policy>.csv`: the per-sample series each metric is computed from;
+- `decisions/<policy>.csv`: every decision the manager's policy code made, with its reason;
+- `memory.png`: allocated, required (estimated and true) and surplus over time, restarts marked;
+- `hitrate.png`: cache hit rate over time;
+- `tradeoff.png`: mean surplus against extra auth-server requests, fixed and threshold sweeps as
+  lines, ratio and oracle as points.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scenarios.experiment import ExperimentConfig, PolicyRun, summary_table, totals
+
+MIB = 2**20
+
+COLUMNS = {
+    "policy": "policy",
+    "mean_allocated_mib": "mean allocated MiB",
+    "peak_allocated_mib": "peak allocated MiB",
+    "mean_surplus_mib": "mean surplus MiB",
+    "hit_rate": "hit rate",
+    "worst_window_hit_rate": "worst 5-min hit rate",
+    "auth_requests": "auth requests",
+    "auth_vs_none": "auth vs none",
+    "restarts": "restarts",
+    "fit_on_average": "fit (avg)",
+    "fit_at_peak": "fit (peak)",
+    "estimator_mae_kib": "estimator MAE KiB",
+}
+
+
+def safe_name(policy: str) -> str:
+    """A file name for a policy spec (`fixed:30m` → `fixed_30m`)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", policy).strip("_")
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table with readable numbers."""
+    table = summary[list(COLUMNS)].rename(columns=COLUMNS)
+    lines = ["| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---" for _ in table.columns) + "|"]
+    for _, row in table.iterrows():
+        cells = []
+        for key, value in row.items():
+            col = str(key)
+            if isinstance(value, str):
+                cells.append(f"`{value}`")
+            elif pd.isna(value):
+                cells.append("–")
+            elif "hit rate" in col:
+                cells.append(f"{value:.1%}")
+            elif col in ("auth requests", "restarts"):
+                cells.append(f"{int(value):,}")
+            elif col.startswith("fit"):
+                cells.append(f"{value:,.0f}")
+            elif col == "auth vs none":
+                cells.append(f"{value:.2f}×")
+            else:
+                cells.append(f"{value:,.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: Sequence[PolicyRun], config: ExperimentConfig, out: Path,
+                 title: str, main_policies: Sequence[str] | None = None) -> pd.DataFrame:
+    """Write tables, series and plots for `runs`; return the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "series").mkdir(exist_ok=True)
+    (out / "decisions").mkdir(exist_ok=True)
+    for run in runs:
+        run.series.to_csv(out / "series" / f"{safe_name(run.policy)}.csv", index=False)
+        run.decisions.to_csv(out / "decisions" / f"{safe_name(run.policy)}.csv", index=False)
+    summary = summary_table(runs, config)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(f"# {title}\n\n" + markdown_table(summary))
+    shown = [r for r in runs if main_policies is None or r.policy in main_policies]
+    plot_memory(shown, out / "memory.png", title)
+    plot_hit_rate(shown, config, out / "hitrate.png", title)
+    plot_tradeoff(summary, out / "tradeoff.png", title)
+    return summary
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _hours(t: pd.Series, start: float) -> pd.Series:
+    return (t - start) / 3600
+
+
+def plot_memory(runs: Sequence[PolicyRun], path: Path, title: str) -> None:
+    """Per policy: allocated, required (true and estimated), surplus; restarts as ticks."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 1.9 * len(runs) + 0.8), sharex=True,
+                             squeeze=False, dpi=100)
+    start = min(float(r.series["time"].min()) for r in runs if len(r.series))
+    top = max(float(totals(r.series)["allocated_bytes"].max()) for r in runs) / MIB
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        t = totals(run.series)
+        x = _hours(t["time"], start)
+        ax.fill_between(x, t["required_true"] / MIB, t["allocated_bytes"] / MIB,
+                        color="tab:red", alpha=0.15, lw=0, label="surplus (true)")
+        ax.plot(x, t["allocated_bytes"] / MIB, color="tab:blue", lw=1.2, label="allocated")
+        ax.plot(x, t["required_true"] / MIB, color="tab:green", lw=1, label="required (true)")
+        ax.plot(x, t["required_est"] / MIB, color="black", lw=0.8, ls=":",
+                label="required (estimated)")
+        restarts = x[t["restarted"] > 0]
+        if len(restarts):
+            ax.plot(restarts, np.full(len(restarts), top * 1.02), "v", color="tab:purple",
+                    ms=4, label="restart")
+        ax.set_ylim(0, top * 1.08)
+        ax.set_ylabel("MiB")
+        ax.set_title(f"{run.policy}: {int(run.series['restarted'].sum())} restarts", fontsize=9,
+                     loc="left")
+        ax.grid(alpha=0.25)
+    axes[0, 0].legend(loc="upper right", fontsize=7, ncol=5)
+    axes[-1, 0].set_xlabel("time [h]")
+    fig.suptitle(f"{title}: memory of all instances", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_hit_rate(runs: Sequence[PolicyRun], config: ExperimentConfig, path: Path,
+                  title: str) -> None:
+    """Hit rate per `hit_window_s` window, one line per policy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.6), dpi=100)
+    start = min(float(r.series["time"].min()) for r in runs if len(r.series))
+    for run in runs:
+        t = totals(run.series)
+        window = ((t["time"] - start) // config.hit_window_s).astype("int64")
+        w = t.groupby(window)[["hits", "misses"]].sum()
+        w = w[(w["hits"] + w["misses"]) >= config.min_window_requests]
+        ax.plot(w.index * config.hit_window_s / 3600, w["hits"] / (w["hits"] + w["misses"]),
+                lw=1, label=run.policy)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"hit rate per {config.hit_window_s / 60:g} min")
+    ax.set_xlabel("time [h]")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.set_title(f"{title}: cache hit rate", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Mean surplus (x) against auth requests relative to `none` (y): lower-left is better."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    kind = summary["policy"].str.split(":").str[0]
+    for family, color, marker in (("fixed", "tab:blue", "o"), ("threshold", "tab:orange", "s")):
+        sweep = summary[kind == family].sort_values("mean_surplus_mib")
+        if len(sweep):
+            ax.plot(sweep["mean_surplus_mib"], sweep["auth_vs_none"], marker=marker, color=color,
+                    lw=1, ms=5, label=f"{family} (sweep)")
+            for _, row in sweep.iterrows():
+                ax.annotate(row["policy"].split(":", 1)[1], (row["mean_surplus_mib"],
+                            row["auth_vs_none"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", color=color)
+    for family, color, marker in (("ratio", "tab:red", "*"), ("oracle", "tab:green", "D"),
+                                  ("none", "gray", "X")):
+        point = summary[kind == family]
+        if len(point):
+            ax.plot(point["mean_surplus_mib"], point["auth_vs_none"], marker, color=color,
+                    ms=12 if marker == "*" else 8, label=family, ls="none")
+    ax.set_xlabel("mean surplus [MiB] (true, all instances)")
+    ax.set_ylabel("auth-server requests relative to none")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{title}: surplus against extra auth load (lower left is better)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""The policy comparison: runs, series, summary, report files; the summary agrees with the series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scenarios.__main__ import main as scenarios_main
+from scenarios.__main__ import split_policies
+from scenarios.basic import BasicParams, basic_trace
+from scenarios.experiment import SERIES_COLUMNS, ExperimentConfig, run_policies, summary_table
+from scenarios.report import safe_name, write_report
+from scenarios.simulate import SimConfig
+from scenarios.trace import Event, Trace
+
+
+def small_trace() -> Trace:
+    """A burst of 300 users who keep coming back, then quiet: memory peaks, then idles."""
+    events = []
+    for u in range(300):
+        t0 = u * 0.5
+        events.append(Event.login(t0, f"u{u}", f"t{u}", "shop"))
+        for k in range(6):
+            events.append(Event.request(t0 + k * 20, f"u{u}", f"t{u}", "shop"))
+    events.append(Event.login(2400, "late", "late", "shop"))
+    events.append(Event.request(2400, "late", "late", "shop"))
+    return Trace.from_events(events)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "small.jsonl"
+    small_trace().write_jsonl(path)
+    config = ExperimentConfig(sim=SimConfig(sample_interval=2.0, decision_interval=10.0,
+                                            plugin_configuration='{"ttl_seconds": 120}'))
+    specs = ["none", "fixed:10m", "threshold:128KiB", "ratio:measure=5m,ttl_cap=2m",
+             "oracle:min_reclaim=64KiB"]
+    return config, run_policies(path, specs, config, jobs=1)
+
+
+def test_series_and_summary_agree(runs, tmp_path) -> None:
+    config, result = runs
+    summary = write_report(result, config, tmp_path, "small")
+    for name in ("summary.csv", "summary.md", "memory.png", "hitrate.png", "tradeoff.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for run in result:
+        series = pd.read_csv(tmp_path / "series" / f"{safe_name(run.policy)}.csv")
+        assert list(series.columns) == SERIES_COLUMNS
+        row = summary.set_index("policy").loc[run.policy]
+        # Recomputed here, independently of summarize(): per-time totals, then means.
+        per_time = series.groupby("time")[["allocated_bytes", "surplus_true"]].sum()
+        assert row["mean_allocated_mib"] == pytest.approx(per_time["allocated_bytes"].mean() / 2**20)
+        assert row["peak_allocated_mib"] == pytest.approx(per_time["allocated_bytes"].max() / 2**20)
+        assert row["mean_surplus_mib"] == pytest.approx(per_time["surplus_true"].mean() / 2**20)
+        hits, misses = series["hits"].sum(), series["misses"].sum()
+        assert row["hit_rate"] == pytest.approx(hits / (hits + misses))
+        assert row["auth_requests"] == series["outbound"].sum() == run.auth_requests
+        assert row["restarts"] == series["restarted"].sum()
+        assert (series["required_true"] <= series["allocated_bytes"]).all()
+
+
+def test_policies_behave_as_designed(runs) -> None:
+    config, result = runs
+    s = summary_table(result, config).set_index("policy")
+    assert s.loc["none", "restarts"] == 0 and s.loc["none", "auth_vs_none"] == 1.0
+    assert s.loc["fixed:10m", "restarts"] >= 3
+    assert s.loc["oracle:min_reclaim=64KiB", "mean_surplus_mib"] <= s.loc["none", "mean_surplus_mib"]
+    assert s.loc["oracle:min_reclaim=64KiB", "restarts"] >= 1
+    # Restarts free surplus but cost auth requests; none pays no auth overhead.
+    for policy in ("fixed:10m", "threshold:128KiB"):
+        assert s.loc[policy, "mean_surplus_mib"] < s.loc["none", "mean_surplus_mib"]
+        assert s.loc[policy, "auth_vs_none"] >= 1.0
+    assert np.isfinite(s["estimator_mae_kib"]).all()
+
+
+def test_threshold_respects_its_limit(runs) -> None:
+    _, result = runs
+    run = next(r for r in result if r.policy.startswith("threshold"))
+    # Memory may exceed the threshold between a sample and the restart, never for long.
+    over = run.series["allocated_bytes"] > 128 * 1024
+    assert over.mean() < 0.2
+
+
+@pytest.mark.parametrize(("text", "specs"), [
+    ("none,fixed:30m", ["none", "fixed:30m"]),
+    ("ratio:measure=15m,ttl_cap=10m,oracle", ["ratio:measure=15m,ttl_cap=10m", "oracle"]),
+    (" none , ratio ", ["none", "ratio"]),
+])
+def test_split_policies(text, specs) -> None:
+    assert split_policies(text) == specs
+
+
+def test_experiment_command(tmp_path, capsys) -> None:
+    trace = tmp_path / "basic.jsonl"
+    basic_trace(BasicParams(count=40)).write_jsonl(trace)
+    assert scenarios_main(["experiment", "--trace", str(trace), "--policies",
+                           "none,fixed:30s,threshold:64KiB", "--out", str(tmp_path / "out"),
+                           "--jobs", "1", "--sample-interval", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| `fixed:30s` |" in out
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert list(summary["policy"]) == ["none", "fixed:30s", "threshold:64KiB"]
+
+
+def test_unknown_policy_fails_before_running(tmp_path, capsys) -> None:
+    trace = tmp_path / "basic.jsonl"
+    basic_trace(BasicParams(count=5)).write_jsonl(trace)
+    with pytest.raises(ValueError, match="sometimes"):
+        run_policies(trace, ["none", "sometimes"], ExperimentConfig(), jobs=1)
