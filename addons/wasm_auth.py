@@ -128,7 +128,12 @@ def parse_store(value: str) -> str:
 
 
 def instance_key(flow: http.HTTPFlow, mode: str) -> str:
-    """The filter instance for a flow: its upstream host (Host header first), or one for all."""
+    """The filter instance for a flow: its host (the Host header first), or one for all.
+
+    In reverse mode mitmproxy rewrites the Host header to the upstream before any hook runs,
+    so every flow to one upstream shares an instance; with `keep_host_header` the client's
+    Host survives and each virtual host gets its own instance.
+    """
     if mode == "single":
         return "single"
     return flow.request.pretty_host.lower() or "default"
@@ -358,7 +363,7 @@ class WasmAuth:
         self.clock = WallClock() if s.clock_speed == 1 else ScaledClock(s.clock_speed)
         host = Host(
             self.module,
-            HttpxDispatcher(s.clusters),
+            HttpxDispatcher(s.clusters, clock_speed=s.clock_speed),
             plugin_configuration=s.plugin_configuration,
             clock=self.clock,
             limits=Limits(memory_bytes=s.memory_limit_mib * 2**20, deadline_ms=s.deadline_ms),

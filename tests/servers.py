@@ -7,61 +7,16 @@ exports it), otherwise a FerretDB that this module starts from the binary `.ci/s
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from scenarios.procs import free_port, process, wait_for_port
+
 FERRETDB_BIN = Path(os.environ.get(
     "FERRETDB_BIN", Path.home() / ".cache" / "wasm-reclaim" / "bin" / "ferretdb-v1.24.2"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:`port`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on "
-                               f"{port}:\n{text}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
-
-
-@contextmanager
-def process(args: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None,
-            timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Start `args`, wait for `port`, yield the process, then stop it (SIGTERM, then SIGKILL)."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    try:
-        wait_for_port(port, timeout, proc, log)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @contextmanager
@@ -85,3 +40,5 @@ def ferretdb() -> Iterator[str]:
 
 
 PYTHON = sys.executable
+
+__all__ = ["FERRETDB_BIN", "PYTHON", "ferretdb", "free_port", "process", "wait_for_port"]
