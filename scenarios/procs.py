@@ -28,7 +28,8 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{Path(str(proc.args[0])).name} exited with {proc.returncode} "
+            args = proc.args if isinstance(proc.args, list | tuple) else [proc.args]
+            raise RuntimeError(f"{Path(str(args[0])).name} exited with {proc.returncode} "
                                f"before listening on port {port}:\n{text}")
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
