@@ -60,6 +60,9 @@ class ExperimentConfig:
     """Width of the windows in which the worst hit rate is sought."""
     min_window_requests: int = 20
     """Windows with fewer authenticated requests are not judged (too few to mean anything)."""
+    warmup_s: float = 600.0
+    """Windows starting before this much time has passed are not judged: every policy starts
+    with an empty cache, so the first TTL says nothing about restarts."""
 
 
 @dataclass
@@ -192,7 +195,7 @@ def summarize(series: pd.DataFrame, config: ExperimentConfig, policy: str = "") 
     Samples are evenly spaced, so a time-weighted mean is the mean over sample times of the
     total over instances. Hit rate counts authenticated requests the filter decided (hits and
     misses); the worst window is the lowest hit rate among windows of `hit_window_s` with at
-    least `min_window_requests` such requests. Auth-server requests are the filter's outbound
+    least `min_window_requests` such requests, after the first `warmup_s`. Auth-server requests are the filter's outbound
     calls. 'Instances that fit' divides the host memory by the mean (or peak) allocated memory
     of one instance.
     """
@@ -203,7 +206,9 @@ def summarize(series: pd.DataFrame, config: ExperimentConfig, policy: str = "") 
     start = float(t["time"].min()) if len(t) else 0.0
     window = ((t["time"] - start) // config.hit_window_s).astype("int64")
     per_window = t.groupby(window)[["hits", "misses"]].sum()
-    judged = per_window[(per_window["hits"] + per_window["misses"]) >= config.min_window_requests]
+    warm = per_window.index * config.hit_window_s >= config.warmup_s
+    enough = (per_window["hits"] + per_window["misses"]) >= config.min_window_requests
+    judged = per_window[warm & enough]
     worst = (judged["hits"] / (judged["hits"] + judged["misses"])).min() if len(judged) else np.nan
     known = series["required_est"].notna()
     err = (series.loc[known, "required_est"] - series.loc[known, "required_true"])
