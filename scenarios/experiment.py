@@ -195,9 +195,9 @@ def summarize(series: pd.DataFrame, config: ExperimentConfig, policy: str = "") 
     Samples are evenly spaced, so a time-weighted mean is the mean over sample times of the
     total over instances. Hit rate counts authenticated requests the filter decided (hits and
     misses); the worst window is the lowest hit rate among windows of `hit_window_s` with at
-    least `min_window_requests` such requests, after the first `warmup_s`. Auth-server requests are the filter's outbound
-    calls. 'Instances that fit' divides the host memory by the mean (or peak) allocated memory
-    of one instance.
+    least `min_window_requests` such requests, after the first `warmup_s`. Auth-server
+    requests are the filter's outbound calls. 'Instances that fit' divides the host memory by
+    the mean (or peak) allocated memory of one instance.
     """
     t = totals(series)
     n_instances = max(series["instance"].nunique(), 1)
@@ -236,8 +236,9 @@ def summary_table(runs: Sequence[PolicyRun], config: ExperimentConfig) -> pd.Dat
     """One row per run, with auth-server requests relative to `none` when it ran."""
     rows = pd.DataFrame([summarize(r.series, config, r.policy) for r in runs])
     base = rows.loc[rows["policy"] == "none", "auth_requests"]
-    rows["auth_vs_none"] = (rows["auth_requests"] / base.iloc[0]) if len(base) and base.iloc[0] \
-        else np.nan
+    rows["auth_vs_none"] = (
+        rows["auth_requests"] / base.iloc[0] if len(base) and base.iloc[0] else np.nan
+    )
     return rows
 
 
