@@ -140,16 +140,18 @@ def instance_key(flow: http.HTTPFlow, mode: str) -> str:
 
 
 def request_pairs(request: http.Request) -> Pairs:
-    """The request as the filter sees it: pseudo-headers, then every header as bytes."""
+    """The request as the filter sees it: pseudo-headers, then every header as bytes.
+
+    Names keep their case here; the host lowercases them for the filter.
+    """
     authority = request.host_header or request.pretty_host
-    pairs: Pairs = [
+    return [
         (b":method", request.data.method),
         (b":path", request.data.path),
         (b":authority", authority.encode("utf-8", "surrogateescape")),
         (b":scheme", request.data.scheme or b"http"),
+        *request.headers.fields,
     ]
-    pairs.extend((k.lower(), v) for k, v in request.headers.fields)
-    return pairs
 
 
 def token_hash(request: http.Request) -> str | None:
@@ -564,8 +566,8 @@ class WasmAuth:
         stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision)
-        has_token = token_hash(flow.request) is not None
-        word = verdict(decision, has_token)
+        hashed = token_hash(flow.request)
+        word = verdict(decision, hashed is not None)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
         flow.comment = describe(word, key, decision.generation, pages, latency_ms, decision)
         if word in ("deny", "reset"):
@@ -579,7 +581,7 @@ class WasmAuth:
                 "path": flow.request.path, "decision": word,
                 "status": decision.response.status if decision.response else None,
                 "outbound": decision.outbound, "latency_ms": round(latency_ms, 3),
-                "token_hash": token_hash(flow.request),
+                "token_hash": hashed,
             })
             if self._last_pages.get(key) != pages:
                 self._sample(key)  # allocated memory changed: sample now, not only on the period
@@ -592,10 +594,9 @@ class WasmAuth:
                 r.status, r.body, [(k, v) for k, v in r.headers if not k.startswith(b":")])
         elif decision.action == "reset":
             flow.kill()
-        else:
-            headers = [(k, v) for k, v in decision.request_headers if not k.startswith(b":")]
-            if headers != [(k.lower(), v) for k, v in flow.request.headers.fields]:
-                flow.request.headers = http.Headers(headers)
+        elif decision.modified:
+            flow.request.headers = http.Headers(
+                [(k, v) for k, v in decision.request_headers if not k.startswith(b":")])
 
     def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
         s = self.settings

@@ -95,7 +95,7 @@ def test_instance_key_and_request_pairs() -> None:
     pairs = dict(request_pairs(f.request))
     assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
     assert pairs[b":authority"] == b"Shop.Example"
-    assert pairs[b"authorization"] == b"Bearer abc"  # names lowercase, values untouched
+    assert pairs[b"Authorization"] == b"Bearer abc"  # as sent; the host lowercases names
 
 
 @pytest.mark.parametrize(("header", "hashed"), [
@@ -267,3 +267,31 @@ async def test_flow_already_answered_is_left_alone(tmp_path) -> None:
         f = tflow.tflow(resp=True)
         await addon.request(f)
         assert not f.comment and addon.list_instances() == []
+
+
+HEADER_FILTER = """(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-filtered")
+  (data (i32.const 120) "yes")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 10) (i32.const 120) (i32.const 3)))
+    (i32.const 0)))"""
+
+
+async def test_headers_the_filter_adds_are_forwarded(tmp_path) -> None:
+    import wasmtime
+
+    wasm = tmp_path / "headers.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(HEADER_FILTER))
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(wasm), **base_options(tmp_path))
+        f = make_flow("whatever")
+        await addon.request(f)
+        assert f.response is None
+        assert f.request.headers["x-filtered"] == "yes"
+        assert f.request.headers["Authorization"] == "Bearer whatever"
+        await addon.done()

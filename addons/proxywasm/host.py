@@ -66,6 +66,8 @@ class Decision(NamedTuple):
     generation: int = 0
     error: str | None = None
     """Set when the fail policy decided because the filter failed."""
+    modified: bool = False
+    """The filter changed the request headers (forward `request_headers`, not the original)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,8 @@ class Stream:
         else:
             return
         self._decide(Decision(
-            kind, ctx.request_headers, ctx.local_response, ctx.outbound, vm.generation
+            kind, ctx.request_headers, ctx.local_response, ctx.outbound, vm.generation, None,
+            ctx.modified,
         ))
 
     def _fail(self, error: str, headers: Pairs | None = None) -> Decision:

@@ -92,8 +92,9 @@ class StreamContext:
     """Host-side state of one HTTP stream context in a Vm."""
 
     __slots__ = (
-        "calls", "closed", "done_pending", "id", "local_response", "outbound", "request_headers",
-        "request_trailers", "response_headers", "response_trailers", "resumed", "stream",
+        "calls", "closed", "done_pending", "id", "local_response", "modified", "outbound",
+        "request_headers", "request_trailers", "response_headers", "response_trailers", "resumed",
+        "stream",
     )
 
     def __init__(self, context_id: int, stream: Any) -> None:
@@ -104,6 +105,7 @@ class StreamContext:
         self.response_headers: Pairs = []
         self.response_trailers: Pairs = []
         self.local_response: LocalResponse | None = None
+        self.modified = False  # the filter changed a header map
         self.resumed = False
         self.closed = False
         self.done_pending = False
@@ -564,6 +566,7 @@ class Vm:
         ctx = self.contexts.get(self.effective)
         if ctx is None:
             return False
+        ctx.modified = True
         if map_type == MapType.HTTP_REQUEST_HEADERS:
             ctx.request_headers = pairs
         elif map_type == MapType.HTTP_RESPONSE_HEADERS:
