@@ -555,6 +555,24 @@ def _standard(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo: the basic experiment through a real proxy ----------------------------------------
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="series and plot")
+    p.add_argument("--state", type=Path, default=Path(".wasm-reclaim/demo"),
+                   help="logs, spool and embedded stores (a new subdirectory per run)")
+    p.add_argument("--count", type=int, default=1024, help="logins, then as many logouts")
+    p.add_argument("--speed", type=float, default=60.0, help="wasm_clock_speed and replay speed")
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from scenarios.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=a.out, state=a.state, count=a.count, speed=a.speed))
+    return 0
+
+
 # -- wiring ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -579,6 +597,8 @@ COMMANDS: list[Command] = [
     ),
     Command("har-read", "HAR recording → trace", _har_read_args, _har_read),
     Command("info", "summary of a trace: events, users, duration, peak tokens", _info_args, _info),
+    Command("demo", "the basic experiment through a real mitmdump with the addon (~1 min)",
+            _demo_args, _demo),
     Command("experiment", "compare restart policies on a trace in virtual time",
             _experiment_args, _experiment),
     Command("standard", "the standard experiment set: every README figure and table",

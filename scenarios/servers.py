@@ -60,10 +60,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from addons.store import open_store, redact
 from scenarios.trace import ScenarioError
 
 logger = logging.getLogger(__name__)
@@ -99,39 +99,6 @@ def parse_bearer(header: str | None) -> str | None:
 def valid_token(token: object) -> bool:
     """Whether a client-chosen token is a bearer token (RFC 6750 b64token, at most 4 KiB)."""
     return isinstance(token, str) and len(token) <= MAX_TOKEN_LEN and bool(_TOKEN.fullmatch(token))
-
-
-def redact_store(store: str) -> str:
-    """``store`` for logs: the password of a ``mongodb://user:pass@…`` URI replaced by ``***``."""
-    if "://" not in store:
-        return store
-    parts = urlsplit(store)
-    if parts.password is None:
-        return store
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _open_store(store: str, database: str = DEFAULT_DATABASE) -> Any:
-    """A pymongo-like Database: pymongo for ``mongodb://`` URIs, montydb (SQLite) for a path.
-
-    Stand-in with the contract of ``addons.store.open_store``; to be replaced by it.
-    """
-    if store.startswith(("mongodb://", "mongodb+srv://")):
-        import pymongo
-
-        # fail fast when the server is away, unless the URI says otherwise
-        kw: dict[str, Any] = {} if "serverselectiontimeoutms" in store.lower() else {
-            "serverSelectionTimeoutMS": 5000}
-        client: Any = pymongo.MongoClient(store, **kw)
-        return client[database]
-    import montydb
-
-    path = Path(store)
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / "monty.storage.cfg").exists():
-        montydb.set_storage(str(path), storage="sqlite")
-    return montydb.MontyClient(str(path))[database]
 
 
 # -- the store writer ------------------------------------------------------------------------
@@ -623,15 +590,15 @@ def run_auth_server(
 ) -> int:
     """Serve the auth server until SIGTERM/SIGINT (``store`` None: memory only). Exit code."""
     try:
-        db = _open_store(store, database) if store else None
+        db = open_store(store, database) if store else None
         service = AuthService(db, faults, seed, token_lifetime)
         t0 = time.perf_counter()
         service.load()
     except ScenarioError:
         raise
     except Exception as e:  # pymongo's ServerSelectionTimeoutError, sqlite errors, …
-        raise ScenarioError(f"store {redact_store(store or '')}: {e}") from None
-    where = f"store {redact_store(store)} db {database}" if store else "no store (memory only)"
+        raise ScenarioError(f"store {redact(store or '')}: {e}") from None
+    where = f"store {redact(store)} db {database}" if store else "no store (memory only)"
     loaded = time.perf_counter() - t0
 
     def banner(url: str) -> str:

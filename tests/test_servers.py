@@ -31,7 +31,6 @@ from scenarios.servers import (
     coalesce,
     nginx_config,
     parse_bearer,
-    redact_store,
     run_nginx_shop,
     token_hash,
     valid_token,
@@ -83,16 +82,6 @@ def test_token_hash_is_sha256_hex() -> None:
     assert len(token_hash("x")) == 64
 
 
-@pytest.mark.parametrize(
-    ("store", "shown"),
-    [
-        ("mongodb://u:secret@db:27017/x", "mongodb://u:***@db:27017/x"),
-        ("mongodb://db:27017/", "mongodb://db:27017/"),
-        (".wasm-reclaim/auth-store", ".wasm-reclaim/auth-store"),
-    ],
-)
-def test_redact_store(store: str, shown: str) -> None:
-    assert redact_store(store) == shown
 
 
 def test_faults_validated() -> None:

@@ -1,0 +1,228 @@
+"""End to end: a real mitmdump with the addon, the real auth server and shop, FerretDB, and a
+real HTTP client, all on 127.0.0.1.
+
+Checks hit, miss and deny decisions; the documents in the database; the admin endpoint
+(restart, 401 without a token); memory samples growing and resetting on a restart; and a
+database that stops during traffic and comes back, with no document lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pymongo
+import pytest
+
+from .servers import FERRETDB_BIN, PYTHON, free_port, process
+
+pytestmark = [pytest.mark.e2e, pytest.mark.mongo]
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "e2e-admin-token"
+
+
+@dataclass
+class Stack:
+    proxy: str
+    auth: str
+    admin: str
+    db: pymongo.database.Database  # type: ignore[type-arg]
+    spool: Path
+    log: Path
+
+    def login(self, user: str) -> str:
+        r = httpx.post(f"{self.auth}/login", json={"user": user}, timeout=10)
+        r.raise_for_status()
+        return str(r.json()["token"])
+
+    def get(self, path: str, token: str | None, host: str = "shop.example") -> httpx.Response:
+        headers = {"Host": host}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.get(f"{self.proxy}{path}", headers=headers, timeout=10)
+
+    def admin_request(self, method: str, path: str, token: str | None = ADMIN_TOKEN,
+                      **kw: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.request(method, f"{self.admin}{path}", headers=headers, timeout=10,
+                             **kw)  # type: ignore[arg-type]
+
+    def wait_for(self, collection: str, query: dict[str, object], count: int,
+                 timeout: float = 30) -> int:
+        """Wait until `collection` holds at least `count` documents matching `query`."""
+        deadline = time.monotonic() + timeout
+        n = 0
+        while time.monotonic() < deadline:
+            n = self.db[collection].count_documents(query)
+            if n >= count:
+                return n
+            time.sleep(0.2)
+        raise AssertionError(f"{collection} {query}: {n} documents after {timeout} s, wanted "
+                             f"{count}; mitmdump log:\n{self.log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def stack(tmp: Path, store: str, db: pymongo.database.Database,  # type: ignore[type-arg]
+          *extra: str) -> Iterator[Stack]:
+    """Auth server, shop and mitmdump with the addon, writing metrics to `store`."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
+    env = {"PYTHONPATH": str(ROOT)}
+    spool = tmp / "spool"
+    with process([PYTHON, "-m", "scenarios", "auth-server", "--port", str(auth_port),
+                  "--store", str(tmp / "auth-store")], auth_port, tmp / "auth.log", env), \
+         process([PYTHON, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
+                 tmp / "shop.log", env), \
+         process([shutil.which("mitmdump") or "mitmdump", "-q", "-s",
+                  str(ROOT / "addons" / "wasm_auth.py"),
+                  "--mode", f"reverse:http://127.0.0.1:{shop_port}",
+                  "--listen-host", "127.0.0.1", "-p", str(proxy_port),
+                  "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
+                  "--set", f"wasm_store={store}", "--set", f"wasm_spool={spool}",
+                  "--set", f"wasm_admin_listen=127.0.0.1:{admin_port}",
+                  "--set", f"wasm_admin_token={ADMIN_TOKEN}",
+                  "--set", "wasm_sample_interval=0.5", "--set", "keep_host_header=true",
+                  *extra],
+                 proxy_port, tmp / "mitmdump.log", env, timeout=60):
+        yield Stack(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{auth_port}",
+                    f"http://127.0.0.1:{admin_port}", db, spool, tmp / "mitmdump.log")
+
+
+@pytest.fixture
+def live(tmp_path: Path, mongo_uri: str) -> Iterator[Stack]:
+    name = f"e2e_{uuid.uuid4().hex[:10]}"
+    uri = mongo_uri.rstrip("/") + "/" + name
+    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
+    try:
+        with stack(tmp_path, uri, client[name]) as s:
+            yield s
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+def test_decisions_documents_and_admin(live: Stack) -> None:
+    token = live.login("alice")
+    miss = live.get("/product/1", token)
+    hit = live.get("/product/2", token)
+    forged = live.get("/product/3", "not-a-real-token")
+    missing = live.get("/product/4", None)
+    assert miss.status_code == 200 and hit.status_code == 200
+    assert forged.status_code == 401 and missing.status_code == 401
+
+    # Every request, every auth call, samples: in the database, tokens only hashed.
+    live.wait_for("requests", {}, 4)
+    decisions = {d["path"]: d["decision"] for d in live.db.requests.find({}, {"_id": 0})}
+    assert decisions == {"/product/1": "miss", "/product/2": "hit", "/product/3": "deny",
+                         "/product/4": "deny"}
+    live.wait_for("auth_calls", {"status": {"$in": [200, 401]}}, 2)
+    live.wait_for("samples", {"instance": "shop.example"}, 2)
+    for collection in ("requests", "auth_calls", "samples"):
+        for doc in live.db[collection].find({}, {"_id": 0}):
+            assert token not in str(doc), f"a clear token in {collection}"
+    assert {d["token_hash"] for d in live.db.requests.find({"path": "/product/1"})} != {None}
+
+    # The admin endpoint: 401 without or with a wrong token, then a restart.
+    assert live.admin_request("GET", "/instances", token=None).status_code == 401
+    assert live.admin_request("GET", "/instances", token="wrong").status_code == 401
+    assert live.admin_request("POST", "/instances/shop.example/restart",
+                              token=None).status_code == 401
+    instances = live.admin_request("GET", "/instances").json()
+    assert [i["id"] for i in instances] == ["shop.example"]
+    assert live.admin_request("POST", "/instances/nope/restart").status_code == 404
+    r = live.admin_request("POST", "/instances/shop.example/restart",
+                           json={"reason": "e2e", "requested_by": "pytest"})
+    assert r.status_code == 200 and r.json()["generation"] == 1
+    live.wait_for("restarts", {"instance": "shop.example", "requested_by": "pytest"}, 1)
+    # The cache went with the old generation: the same token is a miss again.
+    assert live.get("/product/5", token).status_code == 200
+    live.wait_for("requests", {"path": "/product/5", "decision": "miss", "generation": 1}, 1)
+
+
+def test_samples_grow_and_reset_on_restart(live: Stack) -> None:
+    tokens = [live.login(f"user{i}") for i in range(200)]
+    with httpx.Client(timeout=10) as client:
+        for t in tokens:
+            r = client.get(f"{live.proxy}/", headers={"Host": "shop.example",
+                                                      "Authorization": f"Bearer {t}"})
+            assert r.status_code == 200
+    live.wait_for("samples", {"instance": "shop.example", "live_entries": 200}, 1)
+    grown = live.db.samples.find_one({"instance": "shop.example", "live_entries": 200},
+                                     sort=[("time", -1)])
+    assert grown is not None and grown["allocated_pages"] >= 200 * 1024 // 65536 + 1
+    assert grown["outbound"] == 200 and grown["requests"] == 200
+    r = live.admin_request("POST", "/instances/shop.example/restart")
+    assert r.json()["allocated_bytes_after"] < r.json()["allocated_bytes_before"]
+    live.wait_for("samples", {"instance": "shop.example", "generation": 1}, 2)
+    after = live.db.samples.find_one({"instance": "shop.example", "generation": 1},
+                                     sort=[("time", -1)])
+    assert after is not None
+    assert after["allocated_pages"] < grown["allocated_pages"]
+    assert after["requests"] == 0 and after["outbound"] == 0 and after["live_entries"] == 0
+
+
+def test_database_outage_loses_nothing(tmp_path: Path) -> None:
+    """FerretDB stops during traffic and comes back: every request document arrives once."""
+    port = free_port()
+    data = tmp_path / "ferretdb-data"
+    data.mkdir()
+    args = [str(FERRETDB_BIN), "--listen-addr", f"127.0.0.1:{port}", "--sqlite-url",
+            f"file:{data}/"]
+    if not FERRETDB_BIN.exists():
+        pytest.fail(f"FerretDB is not built at {FERRETDB_BIN}: run `just setup`")
+    uri = f"mongodb://127.0.0.1:{port}/outage"
+    client: pymongo.MongoClient = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
+    db = client["outage"]
+    ferret = process(args, port, tmp_path / "ferretdb-1.log")
+    ferret.__enter__()
+    try:
+        with stack(tmp_path / "stack", uri, db) as live:
+            token = live.login("bob")
+            for i in range(20):
+                assert live.get(f"/before/{i}", token).status_code == 200
+            live.wait_for("requests", {}, 20)
+            ferret.__exit__(None, None, None)  # the database goes away …
+            ferret = None  # type: ignore[assignment]
+            for i in range(50):  # … and the proxy keeps serving at once
+                assert live.get(f"/during/{i}", token).status_code == 200
+            time.sleep(1.5)
+            assert list(live.spool.glob("*.jsonl")), "documents should wait in the spool"
+            ferret = process(args, port, tmp_path / "ferretdb-2.log")
+            ferret.__enter__()
+            for i in range(10):
+                assert live.get(f"/after/{i}", token).status_code == 200
+            live.wait_for("requests", {}, 80, timeout=60)
+        # After a clean stop, everything has been delivered exactly once.
+        paths = [d["path"] for d in db.requests.find({}, {"path": 1})]
+        assert len(paths) == 80 and len(set(paths)) == 80
+    finally:
+        if ferret is not None:
+            ferret.__exit__(None, None, None)
+        client.close()
+
+
+def test_bad_filter_is_a_clear_startup_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wasm"
+    bad.write_bytes(b"not wasm at all")
+    port = free_port()
+    log = tmp_path / "mitmdump.log"
+    with log.open("wb") as out:
+        import subprocess
+
+        proc = subprocess.run(
+            [shutil.which("mitmdump") or "mitmdump", "-q", "-s",
+             str(ROOT / "addons" / "wasm_auth.py"), "-p", str(port),
+             "--set", f"wasm_filter={bad}", "--set", "wasm_admin_listen="],
+            stdout=out, stderr=subprocess.STDOUT, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert "wasm_filter" in text and "not a valid WebAssembly module" in text

@@ -1,0 +1,309 @@
+"""The metrics store: the same tests on FerretDB (MongoDB protocol) and on the embedded store."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import montydb
+import pandas as pd
+import pytest
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
+
+from addons import store as st
+
+from .servers import free_port
+
+# ---- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["ferretdb", "embedded"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st.Database]:
+    """A fresh database: on FerretDB (a unique name, dropped after) or an embedded store."""
+    if request.param == "embedded":
+        database = st.open_store(str(tmp_path / "store"))
+        yield database
+        st.close_store(database)
+        return
+    uri = request.getfixturevalue("mongo_uri")
+    database = st.open_store(uri, f"t_{uuid.uuid4().hex[:12]}")
+    yield database
+    database.client.drop_database(database.name)
+    st.close_store(database)
+
+
+def sample(instance: str, t: float, pages: int = 17, **extra: Any) -> dict[str, Any]:
+    return {"time": t, "instance": instance, "tenant": instance, "generation": 0,
+            "allocated_pages": pages, "allocated_bytes": pages * 65536, "requests": int(t),
+            "outbound": int(t) // 2, **extra}
+
+
+# ---- names and opening ---------------------------------------------------------------------
+
+
+def test_collection_names_are_the_contract() -> None:
+    assert st.DATABASE == "wasm_reclaim"
+    assert st.COLLECTIONS == ("requests", "auth_calls", "samples", "restarts", "decisions",
+                              "users", "tokens")
+    assert set(st.TIME_SERIES) <= set(st.BY_INSTANCE_TIME) <= set(st.COLLECTIONS)
+    assert all(st.valid_collection_name(c) for c in st.COLLECTIONS)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("mongodb://127.0.0.1:27017/", "mongodb://127.0.0.1:27017/"),
+    ("mongodb://alice:s3cret@db.example:27017/wasm?authSource=admin",
+     "mongodb://db.example:27017/wasm?authSource=admin"),
+    ("mongodb://alice@h1:1,h2:2", "mongodb://h1:1,h2:2"),
+    ("mongodb+srv://u:p%40ss@cluster.example/?retryWrites=true",
+     "mongodb+srv://cluster.example/?retryWrites=true"),
+    ("mongodb://h/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tok",
+     "mongodb://h/?authMechanism=MONGODB-AWS&authMechanismProperties=***"),
+    ("mongodb://h/?tlsCertificateKeyFilePassword=pw&tls=true",
+     "mongodb://h/?tlsCertificateKeyFilePassword=***&tls=true"),
+    (".wasm-reclaim/store", ".wasm-reclaim/store"),
+])
+def test_redact_drops_credentials(uri: str, shown: str) -> None:
+    assert st.redact(uri) == shown
+
+
+@pytest.mark.parametrize(("name", "valid"), [
+    ("samples", True), ("a.b", True), ("", False), ("bad$name", False), ("a/b", False),
+    ("system.users", False), ("x" * 101, False), ("nul\0", False),
+])
+def test_valid_collection_name(name: str, valid: bool) -> None:
+    assert st.valid_collection_name(name) is valid
+
+
+def test_open_store_creates_the_embedded_store(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b"
+    db = st.open_store(str(path))
+    assert st.is_embedded(db) and db.name == st.DATABASE
+    assert (path / ".monty.storage").read_text() == "sqlite"
+    db.samples.insert_many([sample("x", 1.0)])
+    st.close_store(db)
+    again = st.open_store(str(path), "other")
+    assert again.name == "other" and again.samples.count_documents({}) == 0
+    st.close_store(again)
+    assert st.open_store(str(path)).samples.count_documents({}) == 1
+
+
+def test_open_store_refuses_another_montydb_engine(tmp_path: Path) -> None:
+    montydb.set_storage(str(tmp_path), storage="flatfile")
+    with pytest.raises(ValueError, match="'flatfile' engine"):
+        st.open_store(str(tmp_path))
+
+
+def test_an_unreachable_server_fails_on_first_use_within_the_timeout() -> None:
+    db = st.open_store(f"mongodb://127.0.0.1:{free_port()}/", timeout=0.2)
+    assert not st.is_embedded(db)
+    with pytest.raises(ConnectionFailure):
+        db.samples.count_documents({})
+    st.close_store(db)
+
+
+# ---- indexes -------------------------------------------------------------------------------
+
+
+def test_ensure_indexes(db: st.Database) -> None:
+    made = st.ensure_indexes(db)
+    assert st.ensure_indexes(db) == made  # idempotent
+    if st.is_embedded(db):
+        assert made is False  # montydb has no indexes; the collections exist
+        assert set(db.list_collection_names()) >= set(st.COLLECTIONS)
+        return
+    assert made is True
+    for name in st.BY_INSTANCE_TIME:
+        keys = [list(ix["key"].items()) for ix in db[name].list_indexes()]
+        assert [("instance", 1), ("time", 1)] in keys, name
+    db.users.insert_one({"name": "alice"})
+    with pytest.raises(DuplicateKeyError):
+        db.users.insert_one({"name": "alice"})
+    db.tokens.insert_one({"hash": "h1"})
+    with pytest.raises(DuplicateKeyError):
+        db.tokens.insert_one({"hash": "h1"})
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+
+def test_insert_new_stores_each_document_once(db: st.Database) -> None:
+    docs = [sample("a", float(i)) | {"_id": f"b-{i}"} for i in range(100)]
+    assert st.insert_new(db, st.SAMPLES, docs[:60]) == st.Delivery(60, 0)
+    again = [*docs[40:], docs[99]]  # 20 stored already, 40 new, one twice in the batch
+    assert st.insert_new(db, st.SAMPLES, [dict(d) for d in again]) == st.Delivery(40, 21)
+    assert sorted(d["_id"] for d in db.samples.find({}, {"_id": 1})) == sorted(
+        d["_id"] for d in docs)
+    assert st.insert_new(db, st.SAMPLES, []) == st.Delivery(0, 0)
+
+
+def test_insert_new_rejects_what_bson_cannot_encode(db: st.Database) -> None:
+    docs: list[dict[str, Any]] = [{"_id": "ok1"}, {"_id": "big", "n": 2**70}, {"_id": "ok2"}]
+    result = st.insert_new(db, st.REQUESTS, docs)
+    if st.is_embedded(db):  # JSON-encoded: any int fits
+        assert result == st.Delivery(3, 0)
+    else:
+        assert result == st.Delivery(2, 0, [(docs[1], st.INVALID_DOCUMENT)])
+    assert db.requests.count_documents({"_id": {"$in": ["ok1", "ok2"]}}) == 2
+
+
+def test_delete_before(db: st.Database) -> None:
+    db.samples.insert_many([sample("a", float(t)) for t in range(10)]
+                           + [{"time": "5", "instance": "a"}, {"instance": "no time"}])
+    assert st.delete_before(db, st.SAMPLES, 4.0) == 4
+    assert sorted(str(d.get("time")) for d in db.samples.find({})) == [
+        "4.0", "5", "5.0", "6.0", "7.0", "8.0", "9.0", "None"]
+    assert st.delete_before(db, "never_written", 1.0) == 0
+
+
+def test_the_embedded_store_reads_what_insert_new_wrote(tmp_path: Path) -> None:
+    """insert_new writes montydb's SQLite layout directly: montydb must see exactly that."""
+    import montydb.errors
+
+    db = st.open_store(str(tmp_path / "store"))
+    docs = [sample("a", float(t), nested={"x": [1, None, "é"]}) | {"_id": f"id-{t}"}
+            for t in range(50)]
+    assert st.insert_new(db, st.SAMPLES, [dict(d) for d in docs]) == st.Delivery(50, 0)
+    assert db.samples.find_one({"_id": "id-7"}) == docs[7]
+    assert db.samples.count_documents({"time": {"$gte": 40.0}, "instance": "a"}) == 10
+    with pytest.raises(montydb.errors.DuplicateKeyError):  # the same key encoding
+        db.samples.insert_one({"_id": "id-3"})
+    db.samples.insert_one({"_id": "by-monty", "time": 99.0, "instance": "b"})
+    assert st.insert_new(db, st.SAMPLES, [{"_id": "by-monty"}, {"_id": "new"}]) == st.Delivery(
+        1, 1)
+    assert db.samples.delete_many({"_id": {"$in": ["id-1", "id-2"]}}).deleted_count == 2
+    assert st.embedded_ids_present(db, st.SAMPLES, ["id-1", "id-3", "by-monty", "nope"]) == {
+        "id-3", "by-monty"}
+    assert st.embedded_ids_present(db, "never_written", ["id-3"]) == set()
+    # samples_since filters in SQL: the same frame as montydb's query engine gives
+    db.samples.insert_one({"_id": "text-time", "time": "60", "instance": "a"})
+    fast = st.samples_since(db, 30.0)
+    slow = st.read_frame(db, st.SAMPLES, {"time": {"$gt": 30.0}}).sort_values(
+        ["instance", "time"], ignore_index=True)
+    pd.testing.assert_frame_equal(fast[sorted(fast.columns)], slow[sorted(slow.columns)])
+    st.close_store(db)
+
+
+def test_embedded_recovery_of_a_large_batch_is_fast(tmp_path: Path) -> None:
+    """A shipper restarted after a crash re-delivers a batch: montydb alone would compare
+    every stored key with every new one (minutes); this takes well under a second."""
+    import time
+
+    db = st.open_store(str(tmp_path / "store"))
+    docs = [sample("a", float(t)) | {"_id": f"id-{t}"} for t in range(10_000)]
+    st.insert_new(db, st.SAMPLES, [dict(d) for d in docs[:5_000]])
+    start = time.perf_counter()
+    assert st.insert_new(db, st.SAMPLES, [dict(d) for d in docs]) == st.Delivery(5_000, 5_000)
+    assert time.perf_counter() - start < 5.0
+    assert db.samples.count_documents({}) == 10_000
+    st.close_store(db)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def test_read_frame(db: st.Database) -> None:
+    db.requests.insert_many([
+        {"time": 1.0, "instance": "a", "decision": "allow", "hit": True, "latency": 0.5},
+        {"time": 2.0, "instance": "b", "decision": "deny", "hit": False},
+    ])
+    frame = st.read_frame(db, st.REQUESTS, {})
+    assert "_id" not in frame.columns and len(frame) == 2
+    frame = frame.sort_values("time", ignore_index=True)
+    assert frame["decision"].tolist() == ["allow", "deny"]
+    assert frame["latency"].iloc[0] == 0.5 and math.isnan(frame["latency"].iloc[1])
+    listed = st.read_frame(db, st.REQUESTS, {"instance": "b"}, ["time", "hit"])
+    assert listed.to_dict("records") == [{"time": 2.0, "hit": False}]
+    mapped = st.read_frame(db, st.REQUESTS, {"time": {"$gte": 2.0}}, {"latency": 0, "hit": 0})
+    assert sorted(mapped.columns) == ["decision", "instance", "time"]
+    assert list(st.read_frame(db, st.REQUESTS, {"instance": "zz"}, ["time", "hit"]).columns) == [
+        "time", "hit"]
+    assert st.read_frame(db, "nothing_here", {}).empty
+    with pytest.raises(TypeError):
+        st.read_frame(db, st.REQUESTS, {}, "time")
+
+
+def test_samples_since(db: st.Database) -> None:
+    db.samples.insert_many([sample("b", 3.0), sample("a", 2.0), sample("b", 1.0),
+                            sample("a", 5.0, gauge=7), sample("a", 4.0), sample("b", 9.0)])
+    frame = st.samples_since(db, 1.0)
+    assert list(zip(frame["instance"], frame["time"], strict=True)) == [
+        ("a", 2.0), ("a", 4.0), ("a", 5.0), ("b", 3.0), ("b", 9.0)]
+    assert list(frame.index) == [0, 1, 2, 3, 4] and "_id" not in frame.columns
+    assert frame["allocated_bytes"].tolist() == [17 * 65536] * 5
+    assert frame["gauge"].isna().tolist() == [True, True, False, True, True]
+    one = st.samples_since(db, 2.0, instance="a")
+    assert one["time"].tolist() == [4.0, 5.0] and set(one["instance"]) == {"a"}
+    empty = st.samples_since(db, 100.0)
+    assert empty.empty and list(empty.columns)[:2] == ["instance", "time"]
+    assert isinstance(empty, pd.DataFrame)
+
+
+# ---- the embedded store across processes ---------------------------------------------------
+
+BATCH = 200
+BATCHES = 30
+
+
+def _writer(path: str, ready: Any, done: Any) -> None:
+    db = st.open_store(path)
+    ready.wait(60)  # all three processes are up
+    for b in range(BATCHES):  # as the shipper writes, a batch every 50 ms
+        st.insert_new(db, st.SAMPLES, [sample(f"i{k % 4}", b + k / BATCH) | {"_id": f"{b}-{k}"}
+                                       for k in range(BATCH)])
+        time.sleep(0.05)
+    st.close_store(db)
+    done.set()
+
+
+def _reader(path: str, ready: Any, done: Any, out: Any) -> None:
+    """Reads until the writer is done; reports (reads, counts seen, problems)."""
+    db = st.open_store(path)
+    ready.wait(60)
+    counts: list[int] = []
+    problems: list[str] = []
+    try:
+        while True:
+            finished = done.is_set()
+            docs = list(db.samples.find({}))
+            n = db.samples.count_documents({})
+            if len(docs) % BATCH or n % BATCH:
+                problems.append(f"a partial batch: {len(docs)} documents, count {n}")
+            if any(set(d) != set(sample("x", 0.0)) | {"_id"} for d in docs):
+                problems.append("a document with missing fields")
+            if counts and min(len(docs), n) < counts[-1]:
+                problems.append(f"count went back from {counts[-1]} to {min(len(docs), n)}")
+            counts.append(max(len(docs), n))
+            frame = st.samples_since(db, -1.0)  # through SQLite directly
+            if len(frame) % BATCH or len(frame) < counts[-1]:
+                problems.append(f"samples_since: {len(frame)} rows after {counts[-1]}")
+            if finished:
+                break
+    except Exception as e:
+        problems.append(f"{type(e).__name__}: {e}")
+    st.close_store(db)
+    out.put((len(counts), counts[-1] if counts else -1, problems))
+
+
+def test_embedded_store_one_writer_and_concurrent_reader_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "store")
+    st.ensure_indexes(st.open_store(path))  # the collections exist before readers come
+    ctx = multiprocessing.get_context("spawn")
+    ready, done, out = ctx.Barrier(3), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(path, ready, done))]
+    procs += [ctx.Process(target=_reader, args=(path, ready, done, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in range(2)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for reads, last, problems in results:
+        assert problems == []
+        assert last == BATCH * BATCHES
+        assert reads >= 2, "the reader must have read while the writer wrote"
+    assert st.open_store(path).samples.count_documents({}) == BATCH * BATCHES
