@@ -14,10 +14,11 @@ default:
 setup:
     PYTHON={{python}} bash .ci/setup
 
-# The demo on embedded defaults: the paper's basic experiment (Fig. 4) in virtual time
+# The demo on embedded defaults: auth server, shop and mitmdump with the addon on 127.0.0.1,
+# the paper's basic experiment replayed through the proxy at 60x, the stored memory series
 [group('run')]
 demo *args: setup
-    {{python}} -m scenarios fig4 --out results/fig4 {{args}}
+    {{python}} -m scenarios demo {{args}}
 
 # The standard experiment set in virtual time: every README figure and table (results/)
 [group('run')]
@@ -35,10 +36,13 @@ lint: setup
     {{python}} -m ruff check addons manager scenarios tests
     {{python}} -m mypy
 
-# Benchmarks against SPEC §9 (results in results/bench/)
+# Benchmarks against SPEC §9: host and filter, store, proxy, replay (results in results/bench/)
 [group('check')]
-bench *args: setup
-    {{python}} -m tests.bench.host {{args}}
+bench: setup
+    {{python}} -m tests.bench.host
+    {{python}} -m tests.bench.store
+    {{python}} -m tests.bench.proxy
+    {{python}} -m tests.bench.replay
 
 # Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
 [group('build')]
