@@ -14,8 +14,7 @@ default:
 setup:
     PYTHON={{python}} bash .ci/setup
 
-# The demo on embedded defaults: auth server, shop and mitmdump with the addon on 127.0.0.1,
-# the paper's basic experiment replayed through the proxy at 60x, the stored memory series
+# The demo on embedded defaults: the basic experiment through a real mitmdump with the addon (~1 min)
 [group('run')]
 demo *args: setup
     {{python}} -m scenarios demo {{args}}
