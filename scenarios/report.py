@@ -88,6 +88,9 @@ def write_report(runs: Sequence[PolicyRun], config: ExperimentConfig, out: Path,
     plot_memory(shown, out / "memory.png", title)
     plot_hit_rate(shown, config, out / "hitrate.png", title)
     plot_tradeoff(summary, out / "tradeoff.png", title)
+    ratio = next((r for r in runs if r.policy.split(":")[0] == "ratio"), None)
+    if ratio is not None and len(ratio.decisions):
+        plot_rule(ratio, out / "rule.png", title)
     return summary
 
 
@@ -187,6 +190,58 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"{title}: surplus against extra auth load (lower left is better)",
                  fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def busiest_window(series: pd.DataFrame, hours: float) -> tuple[float, float]:
+    """The `hours`-long window (start, end; times of the series) around the peak allocation."""
+    t = totals(series)
+    peak = float(t.loc[t["allocated_bytes"].idxmax(), "time"])
+    start = max(float(t["time"].min()), peak - hours * 3600 / 4)
+    return start, min(float(t["time"].max()), start + hours * 3600)
+
+
+def plot_rule(run: PolicyRun, path: Path, title: str, hours: float = 8.0) -> None:
+    """The ratio rule at work on its busiest instance: P, required, surplus, baseline.
+
+    Reads the run's series (allocated, required_est, restarted) and its decisions (the
+    baseline the rule compares with, once learned), around the peak allocation.
+    """
+    plt = _pyplot()
+    busiest = run.series.groupby("instance")["allocated_bytes"].max().idxmax()
+    s = run.series[run.series["instance"] == busiest]
+    d = run.decisions[run.decisions["instance"] == busiest]
+    start, end = busiest_window(s, hours)
+    s = s[(s["time"] >= start) & (s["time"] <= end)]
+    d = d[(d["time"] >= start) & (d["time"] <= end)]
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=100)
+    x = (s["time"] - start) / 3600
+    kib = 1024
+    ax.plot(x, s["allocated_bytes"] / kib, color="tab:blue", lw=1.5, label="P: allocated")
+    ax.plot(x, s["required_est"] / kib, color="black", lw=1, label="R: required (estimated)")
+    ax.plot(x, (s["allocated_bytes"] - s["required_est"]) / kib, color="tab:red", lw=1,
+            label="S: surplus (estimated)")
+    ax.plot(x, s["required_true"] / kib, color="tab:green", lw=0.8, ls="--",
+            label="required (true, not seen by the rule)")
+    if "baseline_bytes" in d and d["baseline_bytes"].notna().any():
+        b = d.dropna(subset=["baseline_bytes"])
+        ax.step((b["time"] - start) / 3600, b["baseline_bytes"] / kib, where="post",
+                color="tab:purple", lw=1.2, ls="-.", label="baseline")
+    for t in x[s["restarted"] > 0]:
+        ax.axvline(t, color="tab:purple", lw=0.8, alpha=0.6)
+    restarts = d[d["action"] == "restart"]
+    if len(restarts):
+        ax.plot((restarts["time"] - start) / 3600,
+                restarts["allocated_bytes"] / kib, "v", color="tab:purple", ms=7,
+                label="restart decision")
+    ax.set_xlabel(f"time [h] from {pd.Timestamp(start, unit='s'):%Y-%m-%d %H:%M} (UTC)")
+    ax.set_ylabel("KiB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"{title}: the ratio rule on {busiest}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
