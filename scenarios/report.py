@@ -198,7 +198,7 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str) -> None:
 def busiest_window(series: pd.DataFrame, hours: float) -> tuple[float, float]:
     """The `hours`-long window (start, end; times of the series) around the peak allocation."""
     t = totals(series)
-    peak = float(t.loc[t["allocated_bytes"].idxmax(), "time"])
+    peak = float(t["time"].to_numpy()[int(t["allocated_bytes"].to_numpy().argmax())])
     start = max(float(t["time"].min()), peak - hours * 3600 / 4)
     return start, min(float(t["time"].max()), start + hours * 3600)
 
