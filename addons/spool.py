@@ -659,8 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="exit 0 when no segment is left (retrying while the store is away)")
     p.add_argument("--timeout", type=float, default=2.0, metavar="S",
                    help="server selection and connect timeout, seconds (default %(default)s)")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="lower this process's CPU priority by N (the proxy's addon uses 10: "
+                        "delivery can wait, serving cannot)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [wasm shipper] %(levelname)s: %(message)s")

@@ -127,8 +127,29 @@ def parse_store(value: str) -> str:
     return str(Path(value or STATE_DIR / "store").expanduser())
 
 
-def instance_key(flow: http.HTTPFlow, mode: str) -> str:
-    """The filter instance for a flow: its host (the Host header first), or one for all.
+class RequestView(NamedTuple):
+    """What the hook needs from a request, read from its raw header fields in one pass."""
+
+    authority: bytes
+    """The Host header (or HTTP/2 :authority), else the request's host."""
+    authorization: bytes | None
+
+
+def view(request: http.Request) -> RequestView:
+    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear)."""
+    host = authorization = None
+    for name, value in request.headers.fields:
+        lowered = name.lower()
+        if lowered == b"host":
+            host = value
+        elif lowered == b"authorization":
+            authorization = value
+    authority = host or request.data.authority or request.data.host.encode("idna")
+    return RequestView(authority, authorization)
+
+
+def instance_key(authority: bytes, mode: str) -> str:
+    """The filter instance for a request: its host without the port, or one for all.
 
     In reverse mode mitmproxy rewrites the Host header to the upstream before any hook runs,
     so every flow to one upstream shares an instance; with `keep_host_header` the client's
@@ -136,32 +157,35 @@ def instance_key(flow: http.HTTPFlow, mode: str) -> str:
     """
     if mode == "single":
         return "single"
-    return flow.request.pretty_host.lower() or "default"
+    host = authority.decode("utf-8", "replace").lower()
+    if host.startswith("["):  # [IPv6]:port
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host or "default"
 
 
-def request_pairs(request: http.Request) -> Pairs:
+def request_pairs(request: http.Request, authority: bytes) -> Pairs:
     """The request as the filter sees it: pseudo-headers, then every header as bytes.
 
     Names keep their case here; the host lowercases them for the filter.
     """
-    authority = request.host_header or request.pretty_host
     return [
         (b":method", request.data.method),
         (b":path", request.data.path),
-        (b":authority", authority.encode("utf-8", "surrogateescape")),
+        (b":authority", authority),
         (b":scheme", request.data.scheme or b"http"),
         *request.headers.fields,
     ]
 
 
-def token_hash(request: http.Request) -> str | None:
+def token_hash(authorization: bytes | None) -> str | None:
     """A short SHA-256 of the bearer token: tokens are never stored or logged in clear."""
-    value = request.headers.get("authorization", "")
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    if not authorization:
         return None
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return hashlib.sha256(token).hexdigest()[:16]
 
 
 def verdict(decision: Decision, has_token: bool) -> str:
@@ -461,7 +485,7 @@ class WasmAuth:
     def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
         """The process that delivers spooled documents to the store."""
         args = [sys.executable, "-m", "addons.spool", "ship", "--spool", str(s.spool_dir),
-                "--store", s.store]
+                "--store", s.store, "--nice", "10"]
         if s.retention_s:
             args += ["--retention", str(s.retention_s)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -481,14 +505,18 @@ class WasmAuth:
             proc.wait()
 
     async def _poll_loop(self) -> None:
-        """Ticks, outbound-call deadlines and crash recovery, on the host clock."""
+        """Ticks, outbound-call deadlines and crash recovery, on the host clock.
+
+        Every 50 ms of wall time (less on a sped-up clock, so a 1 s tick stays a tick).
+        """
         while True:
             if self.host is not None:
                 try:
                     self.host.poll()
                 except Exception:
                     logger.exception("wasm: host poll failed")
-            await asyncio.sleep(0.01)
+            speed = self.settings.clock_speed if self.settings else 1.0
+            await asyncio.sleep(min(0.05, max(0.005, 0.25 / speed)))
 
     async def _flush_loop(self) -> None:
         while True:
@@ -544,7 +572,8 @@ class WasmAuth:
             return
         s = self.settings
         assert s is not None
-        key = instance_key(flow, s.instance_key)
+        req = view(flow.request)
+        key = instance_key(req.authority, s.instance_key)
         t0 = time.perf_counter()
         try:
             inst = self.host.instance(key)
@@ -553,7 +582,7 @@ class WasmAuth:
             self._fail(flow, key, str(e))
             return
         stream = inst.stream()
-        decision = stream.request_headers(request_pairs(flow.request))
+        decision = stream.request_headers(request_pairs(flow.request, req.authority))
         if decision is None:
             waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
 
@@ -566,7 +595,7 @@ class WasmAuth:
         stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision)
-        hashed = token_hash(flow.request)
+        hashed = token_hash(req.authorization)
         word = verdict(decision, hashed is not None)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
         flow.comment = describe(word, key, decision.generation, pages, latency_ms, decision)

@@ -25,6 +25,7 @@ from addons.wasm_auth import (
     request_pairs,
     token_hash,
     verdict,
+    view,
 )
 
 from .servers import free_port
@@ -86,13 +87,23 @@ def test_parse_store(monkeypatch, tmp_path) -> None:
     assert parse_store("") == "mongodb://env:2/"
 
 
-def test_instance_key_and_request_pairs() -> None:
+@pytest.mark.parametrize(("authority", "key"), [
+    (b"Shop.Example", "shop.example"), (b"shop.example:8080", "shop.example"),
+    (b"127.0.0.1:80", "127.0.0.1"), (b"[::1]:8080", "[::1]"), (b"", "default"),
+])
+def test_instance_key(authority, key) -> None:
+    assert instance_key(authority, "host") == key
+    assert instance_key(authority, "single") == "single"
+
+
+def test_view_and_request_pairs() -> None:
     f = tflow.tflow()
     f.request.headers["Host"] = "Shop.Example"
     f.request.headers["Authorization"] = "Bearer abc"
-    assert instance_key(f, "host") == "shop.example"
-    assert instance_key(f, "single") == "single"
-    pairs = dict(request_pairs(f.request))
+    req = view(f.request)
+    assert req == (b"Shop.Example", b"Bearer abc")
+    assert view(tflow.tflow().request).authority == b"address"  # no Host: the request's host
+    pairs = dict(request_pairs(f.request, req.authority))
     assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
     assert pairs[b":authority"] == b"Shop.Example"
     assert pairs[b"Authorization"] == b"Bearer abc"  # as sent; the host lowercases names
@@ -103,10 +114,7 @@ def test_instance_key_and_request_pairs() -> None:
     ("Bearer ", False),
 ])
 def test_token_hash_never_contains_the_token(header, hashed) -> None:
-    f = tflow.tflow()
-    if header:
-        f.request.headers["Authorization"] = header
-    h = token_hash(f.request)
+    h = token_hash(header.encode() or None)
     assert (h is not None) == hashed
     if h is not None:
         assert len(h) == 16 and "secret" not in h and "token" not in h

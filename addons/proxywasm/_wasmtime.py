@@ -31,8 +31,9 @@ from wasmtime import _ffi as ffi
 
 logger = logging.getLogger(__name__)
 
-EPOCH_TICK_S = 0.005
-"""How often the epoch ticker advances the engine's epoch (5 ms)."""
+EPOCH_TICK_S = 0.01
+"""How often the epoch ticker advances the engine's epoch (10 ms). Each tick wakes a Python
+thread that needs the GIL for a moment; 100 a second is enough for a 100 ms deadline."""
 
 ValRaw = _b.wasmtime_val_raw_t
 VAL_SIZE = ctypes.sizeof(ValRaw)  # 16: every raw value slot is as wide as a v128
