@@ -154,14 +154,17 @@ def bench_interrupt(runs: int = 5) -> dict[str, float]:
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (loop $l (br $l)) (i32.const 0)))"""
     module = FilterModule(bytes(wasmtime.wat2wasm(wat)), name="loop.wat")
-    host, _ = make_host(module, limits=Limits(deadline_ms=100))
     timings = []
     for _ in range(runs):
+        # A fresh host each time: after a crash the instance backs off instead of running.
+        host, _ = make_host(module, limits=Limits(deadline_ms=100))
+        inst = host.instance("loop")
         t0 = time.perf_counter()
-        decision = host.instance("loop").stream().request_headers(HEADERS)
+        decision = inst.stream().request_headers(HEADERS)
         timings.append((time.perf_counter() - t0) * 1e3)
-        assert decision is not None and decision.error and "interrupt" in decision.error
-    return {"median": statistics.median(timings), "max": max(timings)}
+        assert decision is not None and decision.error and "interrupted" in decision.error
+        host.close()
+    return {"median": statistics.median(timings), "min": min(timings), "max": max(timings)}
 
 
 def bench_raw_calls(n: int = 100_000) -> dict[str, float]:
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"simulated replay ({sim['requests']:,} requests, hit rate {sim['hit_rate']:.0%})",
          f"{sim['requests_per_s']:,.0f} requests/s", "≥ 50,000/s",
          sim["requests_per_s"] >= TARGETS["sim_rps"]),
-        ("looping filter interrupted after", f"{results['interrupt_ms']['max']:.0f} ms (max)",
+        ("looping filter interrupted after",
+         f"{results['interrupt_ms']['min']:.0f}–{results['interrupt_ms']['max']:.0f} ms",
          "≤ 100 ms", results["interrupt_ms"]["max"] <= 100.0),
         ("bare guest call: Func.__call__ / host entry point",
          f"{results['raw_calls']['func_call_us']:.1f} / {results['raw_calls']['raw_call_us']:.2f}"
