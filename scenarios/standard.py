@@ -33,6 +33,7 @@ from scenarios.eclog import (
 )
 from scenarios.experiment import ExperimentConfig, PolicyRun, run_policies, with_sample_interval
 from scenarios.fig4 import plot_fig4, run_fig4
+from scenarios.plots import plot_eclog
 from scenarios.report import write_report
 from scenarios.trace import Event, Trace, TraceMeta
 
@@ -148,6 +149,13 @@ def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
             continue
         logger.info("scenario %s", name)
         summaries[name] = run_scenario(scenario, out / name, quick, jobs, progress)
+    if not only or "week" in only:
+        # One generated EClog-format day, the sale day of the week: requests and active tokens.
+        day = pd.Timestamp("2019-12-01T00:00Z") if quick else pd.Timestamp("2019-12-05T00:00Z")
+        params = EClogConvertParams(name="EClog-format day with a sale at 20:00", start=day,
+                                    end=day + pd.Timedelta(days=1))
+        (out / "eclog").mkdir(parents=True, exist_ok=True)
+        plot_eclog(out / "week" / "eclog.csv", out / "eclog" / "day.png", params=params)
     if not only or "basic" in only:
         series = run_fig4(count=128 if quick else 1024)
         (out / "fig4").mkdir(parents=True, exist_ok=True)
