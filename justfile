@@ -42,6 +42,7 @@ bench: setup
     {{python}} -m tests.bench.store
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.replay
+    {{python}} -m tests.bench.manager
 
 # Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
 [group('build')]

@@ -40,6 +40,7 @@ class Harness:
 
         self.dispatcher = InProcessDispatcher(record, self.clock.now_ns, clusters=("auth",))
         self.module = FilterModule(wasmtime.wat2wasm(wat), name="test.wat")
+        host_kw.setdefault("limits", Limits(deadline_ms=10_000))  # see tests/test_filter.py
         self.host = Host(self.module, self.dispatcher, clock=self.clock, **host_kw)  # type: ignore[arg-type]
         self.instance = self.host.instance("t")
 

@@ -17,6 +17,7 @@ from addons.proxywasm import (
     HttpCall,
     HttpCallResponse,
     InProcessDispatcher,
+    Limits,
     Stream,
     VirtualClock,
 )
@@ -53,7 +54,9 @@ class Proxy:
         self.auth = Auth()
         disp = InProcessDispatcher(self.auth, self.clock.now_ns, latency_s=latency,
                                    clusters=("auth",))
-        self.host = Host(module, disp, clock=self.clock,
+        # A generous deadline: these tests are about the filter, and a loaded CI machine must
+        # not turn a scheduling stall into a "looping filter" (test_host_lifecycle tests that).
+        self.host = Host(module, disp, clock=self.clock, limits=Limits(deadline_ms=10_000),
                          plugin_configuration=json.dumps(config or {}).encode())
         self.inst = self.host.instance("shop")
 

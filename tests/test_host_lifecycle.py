@@ -81,6 +81,7 @@ def make_host(wat: str = CALLING_FILTER, *, latency: float = 0.0, answer: int | 
     clock = VirtualClock()
     handler = (lambda call: HttpCallResponse(answer)) if answer is not None else (lambda c: None)
     disp = InProcessDispatcher(handler, clock.now_ns, latency_s=latency, clusters=("auth",))
+    kw.setdefault("limits", Limits(deadline_ms=10_000))  # the loop test sets its own 100 ms
     return Host(FilterModule(wasmtime.wat2wasm(module(wat))), disp, clock=clock, **kw), clock  # type: ignore[arg-type]
 
 

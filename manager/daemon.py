@@ -1,0 +1,849 @@
+"""The restart-manager daemon: read new samples, decide, restart through the admin endpoint.
+
+One *pass* (:meth:`Daemon.run_pass`)::
+
+    GET /instances            which instances the proxy serves, at which generation
+    samples since the cursor  one query: time > (newest sample seen − overlap)
+    decide(state, new, now)   manager.policies, exactly as the simulator calls it
+    POST …/restart            for each restart decision whose generation is still current
+    insert decisions          every decision, with what was done about it
+
+:meth:`Daemon.run` repeats passes every ``interval_s`` and backs off (doubling up to
+``backoff_max_s``) while the store or the admin endpoint fails; nothing is lost meanwhile.
+
+Guarantees:
+
+- *Only new samples.* A per-instance cursor (newest sample time seen) drops rows already passed
+  to ``decide()``; the store query only reaches back ``overlap_s`` before the newest sample seen,
+  to catch samples delivered a little out of order.
+- *One restart per decision.* A restart decision for (instance, generation) is carried out at
+  most once: only if ``GET /instances`` still shows that generation (someone else, or our own
+  restart whose answer was lost, already moved it on) and the pair was not restarted before. A
+  request whose answer was lost is *in doubt* until the next listing shows whether the
+  generation moved.
+- *State survives failures.* The policy state only advances after a successful read; decision
+  records that cannot be written wait in memory (bounded) and go with the next pass.
+- *Clocks.* The rules run on the samples' clock (the proxy's host clock, maybe scaled by
+  ``wasm_clock_speed``); ``now`` passed to ``decide()`` is the newest sample time seen, and
+  ``decided_at`` in the records is wall time (A14).
+- *Lives.* A proxy restart starts every instance again at generation 0. The rows of an
+  instance's earlier lives are ignored, and an instance whose generation goes back with a later
+  start is forgotten and learned afresh. (Assumes the proxy's clock does not go back across its
+  restarts; with ``wasm_clock_speed`` ≠ 1 it does, so use a fresh database per demo run.)
+
+Store I/O runs on one dedicated thread (the embedded store's client must stay on one thread);
+HTTP and the loop run on asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from addons.store import (
+    DATABASE,
+    DECISIONS,
+    SAMPLES,
+    Database,
+    close_store,
+    ensure_indexes,
+    insert_new,
+    is_embedded,
+    is_mongo_uri,
+    open_store,
+    read_frame,
+    redact,
+)
+from manager.admin_client import AdminClient, AdminError, Instance
+from manager.estimate import OBSERVABLE_COLUMNS
+from manager.policies import (
+    MIB,
+    Decision,
+    History,
+    OracleParams,
+    PolicyParams,
+    PolicyState,
+    Slots,
+    decide,
+    initial_state,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: What was done about a decision (the ``outcome`` field of a decision record).
+Outcome = Literal[
+    "keep",              # the policy said keep
+    "restarted",         # restarted through the admin endpoint
+    "dry-run",           # a restart decision under --dry-run: nothing done
+    "stale",             # the decision's generation is no longer the instance's current one
+    "already-applied",   # this (instance, generation) was restarted before
+    "unknown-instance",  # the proxy does not serve this instance (GET /instances)
+    "in-doubt",          # the restart request's answer was lost; the next listing tells
+    "failed",            # the restart request failed (see ``detail``)
+]
+
+_DECISION_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Decision))
+_FEW: Final = 5  # instance names listed in one aggregated log line
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonConfig:
+    """Everything the daemon needs; the CLI builds it (``python -m manager run --help``)."""
+
+    #: ``mongodb://…`` or the embedded store's directory (addons.store).
+    store: str
+    params: PolicyParams
+    #: The CLI spelling of the policy, recorded with every decision.
+    policy_spec: str = ""
+    database: str = DATABASE
+    #: Base URL of the admin endpoint; None only with ``dry_run`` (decide from the store alone).
+    admin_url: str | None = "http://127.0.0.1:9901"
+    token: str = ""
+    #: Where the token came from: re-read after a 401 (the proxy may have written a new one).
+    token_file: Path | None = None
+    interval_s: float = 5.0
+    dry_run: bool = False
+    #: How far before the newest sample seen each read reaches back (samples' clock).
+    overlap_s: float = 10.0
+    #: First pass: read only this much before the newest sample in the store (None: all).
+    backfill_s: float | None = None
+    #: Drop the state of an instance this long (wall clock) after it left GET /instances.
+    forget_after_s: float = 600.0
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 60.0
+    #: Timeout of each admin request and of the database's server selection.
+    timeout_s: float = 5.0
+    #: Decision records kept in memory while the store cannot take them (oldest dropped).
+    pending_limit: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.admin_url is None and not self.dry_run:
+            raise ValueError("without an admin endpoint the manager can only --dry-run")
+        for name in ("interval_s", "forget_after_s", "backoff_min_s", "backoff_max_s",
+                     "timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (math.isfinite(self.overlap_s) and self.overlap_s >= 0):
+            raise ValueError(f"overlap_s must be ≥ 0, got {self.overlap_s!r}")
+        if self.backfill_s is not None and not self.backfill_s > 0:
+            raise ValueError(f"backfill_s must be positive, got {self.backfill_s!r}")
+
+    @property
+    def requested_by(self) -> str:
+        """What the restarts say asked for them: ``manager:<policy>``."""
+        return f"manager:{self.params.name}"
+
+    def sample_columns(self) -> list[str]:
+        """The sample fields the policy may read (ground truth only for the oracle)."""
+        extra = ["live_bytes"] if isinstance(self.params, OracleParams) else []
+        return [*OBSERVABLE_COLUMNS, *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers (each tested on its own)
+# ----------------------------------------------------------------------------------------------
+
+
+def decision_record(d: Decision) -> dict[str, Any]:
+    """``d.to_record()``, built without ``dataclasses.asdict`` (8× faster; same keys and values)."""
+    record: dict[str, Any] = {name: getattr(d, name) for name in _DECISION_FIELDS}
+    for name in ("required", "surplus", "baseline"):
+        pages = record[f"{name}_pages"]
+        record[f"{name}_bytes"] = None if pages is None else pages * d.page_bytes
+    return record
+
+
+def clean_samples(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, int]:
+    """Keep the rows ``decide()`` can use; return them (typed) and how many were dropped.
+
+    A usable row has a string ``instance``, finite numbers in every other column of
+    ``columns`` except ``live_bytes`` (missing ground truth is NaN, which the oracle handles)
+    and an integral generation.
+    """
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        if frame.empty:
+            return frame.reindex(columns=columns), 0
+        return frame.iloc[0:0].reindex(columns=columns), len(frame)
+    numeric = [c for c in columns if c not in ("instance", "live_bytes")]
+    values = {c: pd.to_numeric(frame[c], errors="coerce") for c in numeric}
+    if "live_bytes" in columns:
+        values["live_bytes"] = pd.to_numeric(frame["live_bytes"], errors="coerce")
+    matrix = np.column_stack([values[c].to_numpy(dtype=np.float64) for c in numeric])
+    ok = np.isfinite(matrix).all(axis=1)
+    ok &= np.asarray([isinstance(x, str) for x in frame["instance"]], dtype=np.bool_)
+    with np.errstate(invalid="ignore"):
+        ok &= np.mod(values["generation"].to_numpy(dtype=np.float64), 1.0) == 0
+    out = frame.loc[:, columns].assign(**values)
+    if ok.all():
+        return out, 0
+    return out.loc[ok].reset_index(drop=True), int((~ok).sum())
+
+
+def latest_life(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Per instance, only the rows of its latest *life* (since the proxy last started it).
+
+    A new life begins where, in order of ``started_at``, an instance's generation does not
+    increase although its start is later (the proxy restarted and counts from 0 again). Returns
+    the rows kept, sorted by (instance, started_at, time), and how many were dropped.
+    """
+    if len(frame) < 2:
+        return frame, 0
+    f = frame.sort_values(["instance", "started_at", "time"], kind="stable", ignore_index=True)
+    inst = f["instance"].to_numpy()
+    start = f["started_at"].to_numpy(dtype=np.float64)
+    gen = f["generation"].to_numpy(dtype=np.float64)
+    same = inst[1:] == inst[:-1]
+    renewed = np.concatenate(([False], same & (start[1:] > start[:-1]) & (gen[1:] <= gen[:-1])))
+    if not renewed.any():
+        return f, 0
+    life = np.cumsum(renewed)
+    # Each instance's last life: the life number at its last row, spread over its rows.
+    first = np.concatenate(([True], ~same))
+    seg = np.cumsum(first) - 1
+    last_row = np.append(np.flatnonzero(first)[1:], len(f)) - 1
+    keep = life == life[last_row][seg]
+    return f.loc[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def renewed_instances(state: PolicyState, frame: pd.DataFrame) -> list[str]:
+    """Instances of ``state`` that ``frame`` shows in a new life: a generation not above the
+    one the policy knows, started later (the proxy restarted). ``decide()`` would ignore their
+    rows as an old generation; they must be forgotten first."""
+    slots = state.slots
+    if frame.empty or not slots.names:
+        return []
+    slot = frame["instance"].map(slots.slot_of)
+    known = slot.notna().to_numpy()
+    if not known.any():
+        return []
+    s = slot.to_numpy()[known].astype(np.int64)
+    gen = frame["generation"].to_numpy(dtype=np.float64)[known]
+    start = frame["started_at"].to_numpy(dtype=np.float64)[known]
+    with np.errstate(invalid="ignore"):
+        renewed = (gen <= slots.generation[s]) & (start > slots.started_at[s] + 1e-6)
+    return sorted({slots.names[i] for i in s[renewed].tolist()})
+
+
+def _read_only(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    a.flags.writeable = False
+    return a
+
+
+def forget_instances(state: PolicyState, names: Collection[str]) -> PolicyState:
+    """``state`` without the instances ``names`` (unknown names are ignored).
+
+    What the policy learned about them (per-instance scalars and sample history) is dropped;
+    the other instances are unchanged, so later passes decide as if the forgotten ones had never
+    been seen. (manager.policies has no such operation; this rebuilds its state values.)
+    """
+    slots = state.slots
+    drop = [slots.slot_of[n] for n in names if n in slots.slot_of]
+    if not drop:
+        return state
+    keep = np.ones(len(slots.names), dtype=np.bool_)
+    keep[drop] = False
+    renumber = np.cumsum(keep) - 1  # old slot -> new slot (where kept); monotonic
+    kept = tuple(n for n, k in zip(slots.names, keep.tolist(), strict=True) if k)
+    arrays = {name: _read_only(getattr(slots, name)[keep]) for name in Slots.arrays()}
+    new_slots = Slots(
+        names=kept, slot_of=MappingProxyType({n: i for i, n in enumerate(kept)}), **arrays
+    )
+    h = state.history
+    rows = keep[h.slot] if len(h.slot) else np.zeros(0, dtype=np.bool_)
+    history = History(
+        _read_only(renumber[h.slot[rows]].astype(np.int64)),
+        _read_only(h.time[rows]),
+        MappingProxyType({k: _read_only(v[rows]) for k, v in h.values.items()}),
+    )
+    return PolicyState(state.policy, new_slots, history)
+
+
+def backoff_delay(failures: int, low: float, high: float) -> float:
+    """Seconds to wait after ``failures`` consecutive failures: low, 2·low, 4·low … ≤ high."""
+    return float(min(high, low * 2.0 ** max(0, min(failures - 1, 60))))
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
+def _names(names: Collection[str]) -> str:
+    ordered = sorted(names)
+    more = len(ordered) - _FEW
+    return ", ".join(ordered[:_FEW]) + (f" and {more} more" if more > 0 else "")
+
+
+def _describe(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# One pass's report
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecisionOutcome:
+    """A decision and what the daemon did about it."""
+
+    decision: Decision
+    outcome: Outcome
+    detail: str | None = None
+    admin_result: dict[str, Any] | None = None
+
+
+@dataclass
+class PassReport:
+    """What one pass read, decided and did. ``ok`` is False when it could not do its job."""
+
+    ok: bool = True
+    #: "store" or "admin": what failed (the first failure of the pass)
+    component: str | None = None
+    failure: str | None = None
+    unauthorized: bool = False
+    samples: int = 0  #: new rows passed to decide()
+    dropped: int = 0  #: unusable rows, or rows of an earlier life of the proxy
+    listed: int | None = None  #: instances in GET /instances (None: not asked)
+    now: float | None = None  #: the samples' clock: newest sample time seen
+    decisions: list[DecisionOutcome] = field(default_factory=list)
+    written: int = 0  #: decision records written (including earlier pending ones)
+    pending: int = 0  #: decision records still waiting for the store
+    foreign_restarts: int = 0  #: generations moved on by someone else
+    seconds: float = 0.0
+
+    def fail(self, component: str, message: str, *, unauthorized: bool = False) -> None:
+        """Mark the pass failed (the first failure is the one reported)."""
+        if self.ok:
+            self.ok, self.component, self.failure = False, component, message
+            self.unauthorized = unauthorized
+
+    def counts(self) -> Counter[str]:
+        """Decisions by outcome."""
+        return Counter(o.outcome for o in self.decisions)
+
+    def summary(self, limit: int = 20) -> str:
+        """A few lines for humans: counts, then every restart decision, then a few keeps."""
+        counts = self.counts()
+        served = "" if self.listed is None else f", {self.listed} instance(s) served by the proxy"
+        head = (
+            f"pass: {self.samples} new sample(s)"
+            + (f" ({self.dropped} ignored)" if self.dropped else "")
+            + served
+            + f"; {len(self.decisions)} decision(s)"
+            + (": " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) if counts else "")
+            + f"; {self.seconds * 1000:.0f} ms"
+        )
+        lines = [head]
+        if not self.ok:
+            lines.append(f"FAILED ({self.component}): {self.failure}")
+        restarts = [o for o in self.decisions if o.decision.action == "restart"]
+        keeps = [o for o in self.decisions if o.decision.action == "keep"]
+        shown = restarts[:limit] + keeps[: max(0, min(_FEW, limit - len(restarts)))]
+        for o in shown:
+            d = o.decision
+            extra = f" [{o.detail}]" if o.detail else ""
+            lines.append(f"  {o.outcome:<16} {d.instance} gen {d.generation}: {d.reason}{extra}")
+        if len(shown) < len(self.decisions):
+            lines.append(f"  … and {len(self.decisions) - len(shown)} more in the decisions "
+                         "collection")
+        if self.pending:
+            lines.append(f"{self.pending} decision record(s) wait for the store")
+        return "\n".join(lines)
+
+
+class StoreError(Exception):
+    """The store could not be read or written; the message says which and what to check."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The daemon
+# ----------------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """Keeps the policy state and the cursors between passes; see the module docstring."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.params = config.params
+        self.state: PolicyState = initial_state(config.params)
+        self.admin: AdminClient | None = None
+        if config.admin_url is not None:
+            hint = f"--token-file {config.token_file}" if config.token_file else "--token"
+            self.admin = AdminClient(config.admin_url, config.token, timeout_s=config.timeout_s,
+                                     token_hint=hint)
+        #: newest sample time passed to decide(), per instance
+        self.cursor: dict[str, float] = {}
+        #: newest sample time seen (the samples' clock); -inf before the first sample
+        self.frontier = -math.inf
+        #: generation of each instance in the latest GET /instances
+        self.generations: dict[str, int] = {}
+        #: generation our own restart produced, until a listing confirms it
+        self._expected: dict[str, int] = {}
+        #: restarted (True) or in doubt (False) per (instance, generation)
+        self.applied: dict[tuple[str, int], bool] = {}
+        #: wall time at which an instance was first missing from GET /instances
+        self.missing_since: dict[str, float] = {}
+        self._pending: list[dict[str, Any]] = []
+        # Decision records carry their own _id (like the addon's spool), so that writing a
+        # batch again after a failure stores each record once.
+        self._id_prefix = f"manager-{secrets.token_hex(6)}-"
+        self._seq = 0
+        self._listed_once = False
+        self._token = config.token
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="manager-store")
+        self._db: Database | None = None
+        self._columns = config.sample_columns()
+
+    # ---- lifecycle ----
+
+    async def aclose(self) -> None:
+        """Close the admin client and the store (pending decision records are lost: flush
+        first with :meth:`flush`)."""
+        if self.admin is not None:
+            await self.admin.aclose()
+        await self._in_store(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> Daemon:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Passes every ``interval_s`` until ``stop`` is set; back off while failing."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        failures, last_failure = 0, None
+        while not stop.is_set():
+            started = loop.time()
+            report = await self.run_pass()
+            if report.ok:
+                if failures:
+                    logger.info("working again after %d failed attempt(s)", failures)
+                failures, last_failure = 0, None
+                delay = max(0.0, self.config.interval_s - (loop.time() - started))
+            else:
+                failures += 1
+                delay = backoff_delay(failures, self.config.backoff_min_s,
+                                      self.config.backoff_max_s)
+                again = report.failure == last_failure
+                logger.log(
+                    logging.WARNING if again else logging.ERROR, "%s; retrying in %g s%s",
+                    report.failure, delay, f" (attempt {failures})" if failures > 1 else "",
+                )
+                last_failure = report.failure
+                if report.unauthorized:
+                    self.reload_token()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        await self.flush()
+
+    def reload_token(self) -> bool:
+        """Re-read ``token_file`` (after a 401); True if it now holds another token."""
+        path = self.config.token_file
+        if path is None or self.admin is None:
+            return False
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            logger.error("cannot re-read the admin token file %s: %s", path, e.strerror or e)
+            return False
+        if not token or token == self._token:
+            return False
+        self._token = token
+        self.admin.set_token(token)
+        logger.info("the admin token file %s holds a new token; using it", path)
+        return True
+
+    # ---- one pass ----
+
+    async def run_pass(self) -> PassReport:
+        """One pass: listing, new samples, decide, restarts, decision records."""
+        t0 = time.perf_counter()
+        report = PassReport()
+        try:
+            await self._pass(report)
+        except Exception as e:  # a bug, or a failure nobody foresaw: log it, never crash
+            logger.exception("the pass failed unexpectedly")
+            report.fail("manager", f"the pass failed unexpectedly ({_describe(e)})")
+        finally:
+            report.pending = len(self._pending)
+            report.seconds = time.perf_counter() - t0
+            logger.debug("%s", report.summary(limit=0).splitlines()[0])
+        return report
+
+    async def _pass(self, report: PassReport) -> None:
+        wall = time.time()
+        listing: dict[str, Instance] | None = None
+        if self.admin is not None:
+            try:
+                listing = await self.admin.instances()
+            except AdminError as e:
+                report.fail("admin", e.message, unauthorized=e.kind == "unauthorized")
+                return
+            report.listed = len(listing)
+            self._note_listing(listing, wall, report)
+
+        since = self.frontier - self.config.overlap_s
+        try:
+            raw = await self._in_store(self._read_sync, since)
+        except StoreError as e:
+            report.fail("store", str(e))
+            return
+        for d in self.decide_new(raw, report):
+            report.decisions.append(await self._act(d, listing, report))
+        self._pending.extend(self._record(o, wall) for o in report.decisions)
+        await self.flush(report)
+        self._forget_vanished(wall)
+        self._prune_cursors(since)
+
+    def decide_new(self, raw: pd.DataFrame, report: PassReport) -> tuple[Decision, ...]:
+        """The pass without I/O: the new rows of ``raw`` (a store read) go through ``decide()``
+        and advance the cursors; returns its decisions. Fills ``report``'s counts."""
+        frame = self._new_rows(raw, report)
+        report.samples = len(frame)
+        decisions: tuple[Decision, ...] = ()
+        if not frame.empty:
+            frontier = max(self.frontier, float(frame["time"].max()))
+            try:
+                decisions, self.state = decide(self.state, frame, frontier, self.params)
+            except ValueError as e:  # clean_samples should make this impossible
+                logger.error("the policy rejected %d sample(s) (%s); skipping them",
+                             len(frame), e)
+            # Only now: if decide() failed otherwise, the rows are read again next pass.
+            self.frontier = frontier
+            latest = frame.groupby("instance", sort=False)["time"].max()
+            self.cursor.update(zip(latest.index.tolist(), latest.tolist(), strict=True))
+        report.now = self.frontier if math.isfinite(self.frontier) else None
+        return decisions
+
+    # ---- reading ----
+
+    def _new_rows(self, raw: pd.DataFrame, report: PassReport) -> pd.DataFrame:
+        """Rows not passed to decide() before, of each instance's latest life, usable."""
+        frame, bad = clean_samples(raw, self._columns)
+        if bad:
+            logger.warning("ignoring %d sample document(s) without usable %s", bad,
+                           ", ".join(self._columns))
+        if frame.empty:
+            report.dropped = bad
+            return frame
+        if self.cursor:
+            seen = frame["instance"].map(self.cursor).to_numpy(dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                old = frame["time"].to_numpy(dtype=np.float64) <= seen
+            if old.any():
+                frame = frame.loc[~old]
+        frame, earlier = latest_life(frame)
+        if earlier:
+            logger.info("ignoring %d sample(s) of earlier lives of the proxy's instances",
+                        earlier)
+        renewed = renewed_instances(self.state, frame)
+        if renewed:
+            logger.info("%s began a new life (the generation went back and started later: the "
+                        "proxy was restarted); learning afresh", _names(renewed))
+            self._forget(renewed, keep_cursor=True)
+        report.dropped = bad + earlier
+        return frame
+
+    def _read_sync(self, after: float) -> pd.DataFrame:
+        """(store thread) Samples with time > ``after`` (all on the first pass, or the backfill),
+        with the policy's columns (a field a document lacks is NaN)."""
+        try:
+            db = self._db_sync()
+            if is_embedded(db):
+                return self._read_embedded(db, after)
+            if after == -math.inf and self.config.backfill_s is not None:
+                newest = list(db[SAMPLES].find({}, {"time": 1, "_id": 0})
+                              .sort("time", -1).limit(1))
+                if newest:
+                    after = float(newest[0]["time"]) - self.config.backfill_s
+            query: dict[str, Any] = {} if after == -math.inf else {"time": {"$gt": after}}
+            return read_frame(db, SAMPLES, query, self._columns).reindex(columns=self._columns)
+        except Exception as e:
+            self._drop_db()
+            raise StoreError(self._store_message("read samples from", e)) from e
+
+    def _read_embedded(self, db: Database, after: float) -> pd.DataFrame:
+        """The embedded store decodes every document of a collection for any query; its query
+        filter and projection then cost more than the decoding (montydb: 3× for 1,000 of 10,000
+        samples), so read everything plainly and filter here, keeping only the matches."""
+        docs = db[SAMPLES].find({})
+        if after == -math.inf and self.config.backfill_s is not None:
+            rows = [d for d in docs if isinstance(d.get("time"), int | float)]
+            if rows:
+                after = max(float(d["time"]) for d in rows) - self.config.backfill_s
+                rows = [d for d in rows if d["time"] > after]
+        else:
+            rows = [d for d in docs
+                    if isinstance(t := d.get("time"), int | float) and t > after]
+        if not rows:
+            return pd.DataFrame(columns=self._columns)
+        return pd.DataFrame.from_records(rows).reindex(columns=self._columns)
+
+    def _db_sync(self) -> Database:
+        if self._db is None:
+            db = open_store(self.config.store, self.config.database,
+                            timeout=self.config.timeout_s)
+            try:
+                ensure_indexes(db)
+                if not is_embedded(db):
+                    # Each pass asks for time > cursor over all instances: that needs an index
+                    # on time alone ((instance, time) serves per-instance queries only).
+                    db[SAMPLES].create_index("time")
+            except Exception:
+                close_store(db)
+                raise
+            self._db = db
+        return self._db
+
+    def _drop_db(self) -> None:
+        """(store thread) Forget a client that failed; the next operation opens a new one."""
+        if self._db is not None and is_embedded(self._db):
+            try:
+                close_store(self._db)
+            except Exception as e:
+                logger.debug("closing the embedded store failed: %s", e)
+            self._db = None
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            close_store(self._db)
+            self._db = None
+
+    def _store_message(self, doing: str, e: BaseException) -> str:
+        store = self.config.store
+        if is_mongo_uri(store):
+            return (f"cannot {doing} the database {redact(store)} ({_describe(e)}): is the "
+                    "MongoDB server running and reachable?")
+        return (f"cannot {doing} the embedded store {store} ({_describe(e)}): is the directory "
+                "there, readable and writable?")
+
+    async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # ---- the admin listing ----
+
+    def _note_listing(self, listing: Mapping[str, Instance], wall: float,
+                      report: PassReport) -> None:
+        """Resolve restarts in doubt; log new, vanished and returning instances and restarts
+        made by others."""
+        for (name, generation), done in list(self.applied.items()):
+            current = listing.get(name)
+            if done or current is None:
+                continue
+            if current.generation > generation:
+                self.applied[name, generation] = True
+                logger.info("the restart of %s generation %d took effect (its answer was lost)",
+                            name, generation)
+                self._expected[name] = current.generation
+            else:
+                del self.applied[name, generation]
+                logger.warning("the restart of %s generation %d did not take effect; the "
+                               "policy may ask again", name, generation)
+        new: list[str] = []
+        for inst in listing.values():
+            before = self.generations.get(inst.id)
+            expected = self._expected.pop(inst.id, None)
+            if before is None:
+                new.append(inst.id)
+            elif inst.generation > before and inst.generation != expected:
+                report.foreign_restarts += 1
+                logger.info("%s was restarted by someone else: generation %d → %d; the policy "
+                            "takes the new generation from its samples", inst.id, before,
+                            inst.generation)
+            elif inst.generation < before:
+                logger.info("%s went back from generation %d to %d: the proxy was restarted",
+                            inst.id, before, inst.generation)
+            self.generations[inst.id] = inst.generation
+        if new and not self._listed_once:
+            logger.info("the proxy at %s serves %d instance(s): %s", self.config.admin_url,
+                        len(new), _names(new))
+        elif new:
+            logger.info("new instance(s): %s", _names(new))
+        self._listed_once = True
+
+        known = set(self.generations) | set(self.state.slots.names)
+        gone = [n for n in known if n not in listing and n not in self.missing_since]
+        back = [n for n in self.missing_since if n in listing]
+        for name in back:
+            del self.missing_since[name]
+        if back:
+            logger.info("back in GET /instances: %s", _names(back))
+        if gone:
+            self.missing_since.update(dict.fromkeys(gone, wall))
+            logger.warning(
+                "not served by the proxy (missing from GET /instances): %s; not restarting "
+                "them, their state is dropped after %g s", _names(gone),
+                self.config.forget_after_s,
+            )
+        # Pairs of generations that are over can never match a decision again.
+        for name, generation in list(self.applied):
+            current = listing.get(name)
+            if current is not None and generation < current.generation:
+                del self.applied[name, generation]
+
+    def _forget_vanished(self, wall: float) -> None:
+        expired = [n for n, since in self.missing_since.items()
+                   if wall - since >= self.config.forget_after_s]
+        if expired:
+            self._forget(expired, keep_cursor=True)
+            logger.info("dropped the state of %d instance(s) gone from the proxy: %s",
+                        len(expired), _names(expired))
+
+    def _forget(self, names: Collection[str], *, keep_cursor: bool) -> None:
+        self.state = forget_instances(self.state, names)
+        drop = set(names)
+        for name in drop:
+            self.generations.pop(name, None)
+            self.missing_since.pop(name, None)
+            self._expected.pop(name, None)
+            if not keep_cursor:
+                self.cursor.pop(name, None)
+        self.applied = {k: v for k, v in self.applied.items() if k[0] not in drop}
+
+    def _prune_cursors(self, since: float) -> None:
+        """Drop cursors that no read can reach any more, of instances the policy forgot."""
+        if len(self.cursor) <= 2 * max(16, len(self.state.slots.names)):
+            return
+        slots = self.state.slots.slot_of
+        self.cursor = {n: t for n, t in self.cursor.items() if n in slots or t > since}
+
+    # ---- acting ----
+
+    async def _act(self, d: Decision, listing: dict[str, Instance] | None,
+                   report: PassReport) -> DecisionOutcome:
+        """Carry out one decision (a restart at most once, and only of the current
+        generation)."""
+        if d.action == "keep":
+            return DecisionOutcome(d, "keep")
+        name, key = d.instance, (d.instance, d.generation)
+        if self.config.dry_run:
+            logger.info("dry run: would restart %s generation %d (%s): %s", name, d.generation,
+                        d.policy, d.reason)
+            return DecisionOutcome(d, "dry-run")
+        assert self.admin is not None and listing is not None
+        inst = listing.get(name)
+        if inst is None:
+            if name not in self.missing_since:
+                self.missing_since[name] = time.time()
+                logger.warning("not restarting %s: the proxy does not serve it (missing from "
+                               "GET /instances)", name)
+            return DecisionOutcome(d, "unknown-instance",
+                                   "not in GET /instances: the proxy does not serve it")
+        if inst.generation != d.generation:
+            logger.debug("not restarting %s: decided for generation %d, the proxy runs %d",
+                         name, d.generation, inst.generation)
+            return DecisionOutcome(
+                d, "stale", f"the proxy runs generation {inst.generation}, not {d.generation}")
+        if key in self.applied:
+            return DecisionOutcome(d, "already-applied",
+                                   f"generation {d.generation} was restarted before")
+        try:
+            result = await self.admin.restart(name, d.reason, self.config.requested_by)
+        except AdminError as e:
+            if e.in_doubt:
+                self.applied[key] = False
+                logger.warning("restart of %s generation %d in doubt: %s; the next listing "
+                               "shows whether it happened", name, d.generation, e.message)
+                return DecisionOutcome(d, "in-doubt", e.message)
+            if e.kind == "not-found":
+                return DecisionOutcome(d, "unknown-instance", e.message)
+            if e.kind in ("unreachable", "unauthorized"):
+                report.fail("admin", e.message, unauthorized=e.kind == "unauthorized")
+            else:
+                logger.error("restart of %s generation %d failed: %s", name, d.generation,
+                             e.message)
+            return DecisionOutcome(d, "failed", e.message)
+        self.applied[key] = True
+        self._expected[name] = result.generation
+        listing[name] = dataclasses.replace(inst, generation=result.generation)
+        logger.info(
+            "restarted %s generation %d → %d (%s: %s); allocated %s → %s", name, d.generation,
+            result.generation, d.policy, d.reason, _mib(result.allocated_bytes_before),
+            _mib(result.allocated_bytes_after),
+        )
+        return DecisionOutcome(d, "restarted", admin_result=result.raw)
+
+    # ---- writing ----
+
+    def _record(self, o: DecisionOutcome, wall: float) -> dict[str, Any]:
+        record = decision_record(o.decision)
+        self._seq += 1
+        record.update(
+            _id=f"{self._id_prefix}{self._seq}",
+            now=record["decided_at"],  # decide()'s now: the samples' clock
+            decided_at=wall,
+            policy_spec=self.config.policy_spec or self.params.name,
+            requested_by=self.config.requested_by,
+            dry_run=self.config.dry_run,
+            applied=o.outcome == "restarted",
+            outcome=o.outcome,
+            detail=o.detail,
+            admin_result=o.admin_result,
+        )
+        return record
+
+    async def flush(self, report: PassReport | None = None) -> None:
+        """Write the pending decision records; on failure keep them (bounded) for later."""
+        if not self._pending:
+            return
+        overflow = len(self._pending) - self.config.pending_limit
+        if overflow > 0:
+            logger.warning("the store has been away too long: dropping the %d oldest decision "
+                           "record(s) (keeping %d)", overflow, self.config.pending_limit)
+            del self._pending[:overflow]
+        batch = self._pending
+        try:
+            await self._in_store(self._write_sync, batch)
+        except StoreError as e:
+            if report is not None:
+                report.fail("store", str(e))
+            else:
+                logger.error("%s; %d decision record(s) not written", e, len(batch))
+            return
+        self._pending = self._pending[len(batch):]
+        if report is not None:
+            report.written += len(batch)
+
+    def _write_sync(self, records: list[dict[str, Any]]) -> None:
+        """(store thread) Insert the records not stored yet (idempotent: they have ``_id``)."""
+        try:
+            delivery = insert_new(self._db_sync(), DECISIONS, records)
+        except Exception as e:
+            self._drop_db()
+            raise StoreError(self._store_message("write decisions to", e)) from e
+        if delivery.rejected:
+            logger.error("the store refused %d decision record(s) for good (error %s); "
+                         "dropping them", len(delivery.rejected), delivery.rejected[0][1])

@@ -1,0 +1,357 @@
+"""Benchmarks of the restart manager (`python -m tests.bench.manager`).
+
+A manager pass over 1,000 instances against SPEC §9 (≤ 100 ms in steady state), split so that
+the reader sees where the time goes:
+
+(a) steady state, one new sample per instance:
+    - ``decide()`` alone (pure), for ratio (learned, in its decision loop), fixed and threshold;
+    - the daemon's work without I/O (``Daemon.decide_new``: clean the rows, cursors, latest
+      life, ``decide()``) plus building the 1,000 decision records;
+    - reading the 1,000 new samples with the daemon's own query, from the embedded store and
+      from FerretDB, with 1 and with 10 samples per instance in the collection;
+    - writing the 1,000 decision records to each store.
+(b) the initial learning over a 15-min window of 1-s samples (900 × 1,000 samples):
+    - ``decide()`` over the whole window in one pass, then the pass that ends every instance's
+      measurement period (1,000 k/TTL fits and baselines);
+    - reading the window from each store: measured on the first 60 s of it (60,000 samples)
+      and extrapolated linearly (both stores scan the collection); ``--full`` reads all 900 s
+      (impractical: filling the embedded store with 900,000 samples took over 25 min here).
+
+The series are the model filter's (entries live for a TTL, freed blocks are reused, pages
+follow the peak), with per-instance rates, TTLs and entry sizes. FerretDB is $MONGODB_URI or
+one started from `just setup`'s binary; without either its rows say "skipped".
+
+Results print as a Markdown table and are written to `results/bench/manager.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from addons.store import DATABASE, SAMPLES, close_store, open_store
+from manager.daemon import Daemon, DaemonConfig, DecisionOutcome, PassReport
+from manager.policies import PolicyParams, decide, initial_state, parse_policy
+from tests.servers import ferretdb
+
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "manager.json"
+WINDOW = 900  # the measurement period: 15 min of 1-s samples
+TARGET_MS = 100.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic fleet
+# ----------------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """n instances of the model filter sampled every second for `seconds` seconds."""
+
+    def __init__(self, n: int, seconds: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        rate = rng.uniform(2.0, 20.0, n)  # misses (outbound calls) per second
+        ttl = rng.choice([120, 300, 600], n)
+        k = rng.choice([16.0, 32.0, 63.0], n)  # entries per page
+        t = np.arange(seconds)
+        outbound = np.cumsum(rng.poisson(rate[:, None], (n, seconds)), axis=1).astype(float)
+        back = t[None, :] - ttl[:, None]
+        expired = np.where(back >= 0, np.take_along_axis(outbound, np.clip(back, 0, None), 1), 0)
+        peak = np.maximum.accumulate(outbound - expired, axis=1)
+        self.pages = 4.0 + np.ceil(peak / k[:, None])
+        self.outbound = outbound
+        self.names = np.array([f"site-{i:04d}.example" for i in range(n)])
+        self.n = n
+
+    def frame(self, t0: int, t1: int) -> pd.DataFrame:
+        """Samples at seconds [t0, t1) of every instance, as the store holds them."""
+        times = np.arange(t0, t1, dtype=float)
+        pages = self.pages[:, t0:t1].ravel()
+        outbound = self.outbound[:, t0:t1].ravel()
+        return pd.DataFrame({
+            "instance": np.repeat(self.names, len(times)), "generation": 0,
+            "time": np.tile(times, self.n), "started_at": 0.0, "allocated_pages": pages,
+            "allocated_bytes": pages * 65536, "requests": outbound * 3, "outbound": outbound,
+        })
+
+    def docs(self, t0: int, t1: int) -> list[dict[str, Any]]:
+        """The same as documents, with the fields the addon also writes."""
+        frame = self.frame(t0, t1).assign(tenant=lambda f: f["instance"], live_entries=0,
+                                           live_bytes=0.0, state="running")
+        records: list[dict[str, Any]] = frame.to_dict("records")
+        for r in records:
+            r["generation"], r["allocated_pages"] = int(r["generation"]), int(r["allocated_pages"])
+            r["allocated_bytes"], r["requests"] = int(r["allocated_bytes"]), int(r["requests"])
+            r["outbound"] = int(r["outbound"])
+        return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - t0) * 1000, value
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(values), "min_ms": min(values),
+            "max_ms": max(values), "runs": len(values)}
+
+
+def pure_passes(fleet: Fleet, passes: int, runs: int
+                ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(b) decide() over the window and the learning pass (median of ``runs``); (a) steady
+    decide() per policy. Returns the two result sections and the learned ratio state for the
+    daemon measurement."""
+    ratio = parse_policy("ratio")
+    window = fleet.frame(0, WINDOW)
+    first = fleet.frame(WINDOW, WINDOW + 1)
+    window_times, learn_times = [], []
+    for _ in range(runs):
+        state = initial_state(ratio)
+        ms, (decisions, state) = timed(lambda s=state: decide(s, window, WINDOW - 1.0, ratio))
+        assert all(d.reason.startswith("keep: measuring") for d in decisions)
+        window_times.append(ms)
+        ms, (decisions, state) = timed(lambda s=state: decide(s, first, float(WINDOW), ratio))
+        assert sum(d.action == "restart" for d in decisions) == fleet.n  # first decision (A13)
+        learn_times.append(ms)
+    learning = {"samples": fleet.n * WINDOW, "decide_window": stats(window_times),
+                "decide_learning_pass": stats(learn_times)}
+    learned = state
+    steady: dict[str, Any] = {}
+    frames = [fleet.frame(t, t + 1) for t in range(WINDOW + 1, WINDOW + 1 + passes)]
+    for spec in ("ratio", "fixed:30m", "threshold:64MiB"):
+        params: PolicyParams = parse_policy(spec)
+        st = learned if spec == "ratio" else initial_state(params)
+        if spec != "ratio":
+            _, st = decide(st, fleet.frame(WINDOW, WINDOW + 1), float(WINDOW), params)
+        times = []
+        for f in frames:
+            ms, (_, st) = timed(lambda f=f, st=st, params=params: decide(  # type: ignore[misc]
+                st, f, float(f["time"].iloc[0]), params))
+            times.append(ms)
+        steady[f"decide_{spec.split(':')[0]}"] = stats(times)
+    return steady, learning, learned
+
+
+def daemon_cpu(fleet: Fleet, learned: Any, passes: int) -> dict[str, float]:
+    """(a) Daemon.decide_new (no I/O) and the decision records, ratio learned."""
+    config = DaemonConfig(store="unused", params=parse_policy("ratio"), admin_url=None,
+                          dry_run=True)
+    daemon = Daemon(config)
+    daemon.state = learned
+    daemon.frontier = float(WINDOW)
+    daemon.cursor = dict.fromkeys(fleet.names.tolist(), float(WINDOW))
+    times = []
+    for t in range(WINDOW + 1, WINDOW + 1 + passes):
+        raw = fleet.frame(t, t + 1).sample(frac=1.0, random_state=t)  # store order is arbitrary
+
+        def one(raw: pd.DataFrame = raw) -> list[dict[str, Any]]:
+            decisions = daemon.decide_new(raw, PassReport())
+            return [daemon._record(DecisionOutcome(d, "keep"), time.time()) for d in decisions]
+
+        ms, records = timed(one)
+        assert len(records) == fleet.n
+        times.append(ms)
+    daemon._executor.shutdown()
+    return stats(times)
+
+
+@contextmanager
+def stores(skip_ferretdb: bool) -> Iterator[list[tuple[str, str | None, str]]]:
+    """(label, store, database) of the embedded store and FerretDB (store None: skipped)."""
+    with tempfile.TemporaryDirectory(prefix="bench-manager-") as tmp:
+        embedded = ("embedded", str(Path(tmp) / "store"), DATABASE)
+        if skip_ferretdb:
+            yield [embedded, ("FerretDB", None, "")]
+            return
+        try:
+            server = ferretdb()
+            uri = server.__enter__()
+        except RuntimeError as e:
+            print(f"FerretDB skipped: {e}", file=sys.stderr)
+            yield [embedded, ("FerretDB", None, "")]
+            return
+        database = f"bench_manager_{uuid.uuid4().hex[:8]}"
+        try:
+            yield [embedded, ("FerretDB", uri, database)]
+        finally:
+            client = open_store(uri, database)
+            client.client.drop_database(database)
+            close_store(client)
+            server.__exit__(None, None, None)
+
+
+def store_io(fleet: Fleet, store: str, database: str, runs: int, full: bool,
+             records: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
+    """Reads with the daemon's own query, and the decision write, on one store."""
+    config = DaemonConfig(store=store, database=database, params=parse_policy("ratio"),
+                          admin_url=None, dry_run=True)
+    daemon = Daemon(config)
+    db = open_store(store, database)
+    out: dict[str, Any] = {}
+
+    def fill(t0: int, t1: int) -> float:
+        docs = fleet.docs(t0, t1)
+        ms, _ = timed(lambda: [db[SAMPLES].insert_many(docs[i:i + 10_000])
+                               for i in range(0, len(docs), 10_000)])
+        return ms
+
+    def read(after: float, rows: int, repeat: int = runs) -> list[float]:
+        times = []
+        for _ in range(repeat):
+            ms, frame = timed(lambda: daemon._read_sync(after))
+            assert len(frame) == rows, (len(frame), rows)
+            times.append(ms)
+        return times
+
+    try:
+        # (a) 1,000 new samples; the collection holds 1, then 10 samples per instance.
+        fill(0, 1)
+        out["read_new_1_per_instance"] = stats(read(-1.0, fleet.n))
+        fill(1, 10)
+        out["read_new_10_per_instance"] = stats(read(8.5, fleet.n))
+        batches = [records() for _ in range(runs)]  # new records (new _id) each time
+        out["write_decisions"] = stats(
+            [timed(lambda b=b: daemon._write_sync(b))[0] for b in batches])
+        # (b) the window: the first pass reads everything.
+        seconds = WINDOW if full else 60
+        out["window_fill_ms"] = fill(10, seconds)
+        ms = statistics.median(read(-float("inf"), fleet.n * seconds, min(runs, 3)))
+        out["read_window"] = {"seconds": seconds, "samples": fleet.n * seconds, "ms": ms,
+                              "extrapolated_900s_ms": ms * WINDOW / seconds,
+                              "us_per_doc": ms * 1000 / (fleet.n * seconds)}
+    finally:
+        daemon._close_sync()
+        daemon._executor.shutdown()
+        db[SAMPLES].drop()
+        close_store(db)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    n = results["instances"]
+    rows: list[tuple[str, str, str, str]] = []
+
+    def ms(value: float) -> str:
+        return f"{value:,.1f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
+
+    def add(name: str, value: float, target: bool = False) -> None:
+        met = ("yes" if value <= TARGET_MS else "no") if target else ""
+        rows.append((name, ms(value), f"≤ {TARGET_MS:g} ms" if target else "", met))
+
+    steady = results["steady"]
+    add(f"(a) decide(), ratio (learned), {n:,} instances × 1 new sample",
+        steady["decide_ratio"]["median_ms"], True)
+    add("(a) decide(), fixed:30m", steady["decide_fixed"]["median_ms"])
+    add("(a) decide(), threshold:64MiB", steady["decide_threshold"]["median_ms"])
+    add(f"(a) daemon without I/O: clean, cursors, decide() (ratio) + {n:,} records",
+        steady["daemon_cpu"]["median_ms"], True)
+    for label, io in results["stores"].items():
+        if io is None:
+            rows.append((f"(a) {label}: read / write", "skipped", "", ""))
+            continue
+        add(f"(a) {label}: read {n:,} new samples (collection: 1 per instance)",
+            io["read_new_1_per_instance"]["median_ms"])
+        add(f"(a) {label}: read {n:,} new samples (collection: 10 per instance)",
+            io["read_new_10_per_instance"]["median_ms"])
+        add(f"(a) {label}: write {n:,} decision records", io["write_decisions"]["median_ms"])
+    learning = results["learning"]
+    add(f"(b) decide() over the window ({learning['samples']:,} samples, one pass)",
+        learning["decide_window"]["median_ms"])
+    add(f"(b) decide(), the pass that ends the measurement periods ({n:,} fits)",
+        learning["decide_learning_pass"]["median_ms"])
+    for label, io in results["stores"].items():
+        if io is None:
+            continue
+        w = io["read_window"]
+        how = "measured" if w["seconds"] == WINDOW else f"from {w['samples']:,} measured"
+        add(f"(b) {label}: read the window ({n * WINDOW:,} samples; {how}; "
+            f"{w['us_per_doc']:.0f} µs/sample)", w["extrapolated_900s_ms"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1000, help="fleet size")
+    parser.add_argument("--passes", type=int, default=20, help="steady-state passes timed")
+    parser.add_argument("--runs", type=int, default=5, help="repeats of each store operation")
+    parser.add_argument("--learning-runs", type=int, default=3,
+                        help="repeats of the initial learning (b)")
+    parser.add_argument("--full", action="store_true",
+                        help="read the whole 900-s window from the stores (filling the "
+                             "embedded store alone takes over 25 min)")
+    parser.add_argument("--no-ferretdb", action="store_true", help="skip FerretDB")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args(argv)
+
+    print(f"benchmarking the manager over {args.instances:,} instances …", file=sys.stderr)
+    load_before = os.getloadavg()[0]
+    fleet = Fleet(args.instances, WINDOW + 1 + args.passes)
+    steady, learning, learned = pure_passes(fleet, args.passes, args.learning_runs)
+    steady["daemon_cpu"] = daemon_cpu(fleet, learned, args.passes)
+
+    # The records of one steady pass, to write (each call: new records, new _id).
+    daemon = Daemon(DaemonConfig(store="unused", params=parse_policy("fixed:30m"),
+                                 admin_url=None, dry_run=True))
+    decisions, _ = decide(initial_state(daemon.params), fleet.frame(0, 1), 0.0, daemon.params)
+
+    def records() -> list[dict[str, Any]]:
+        return [daemon._record(DecisionOutcome(d, "keep"), time.time()) for d in decisions]
+
+    io: dict[str, Any] = {}
+    with stores(args.no_ferretdb) as targets:
+        for label, store, database in targets:
+            if store is None:
+                io[label] = None
+                continue
+            print(f"… {label}", file=sys.stderr)
+            io[label] = store_io(fleet, store, database, args.runs, args.full, records)
+    daemon._executor.shutdown()
+
+    results = {
+        "instances": args.instances, "machine": platform.machine(),
+        "python": platform.python_version(), "cpus": _cpus(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "steady": steady, "learning": learning, "stores": io,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("| measure | result | target | met |\n|---|---|---|---|")
+    for name, value, target, met in table(results):
+        print(f"| {name} | {value} | {target} | {met} |")
+    print(f"\nMedians (steady: {args.passes} passes; stores: {args.runs} runs; learning: "
+          f"{args.learning_runs} runs) on {_cpus()} CPUs, 1-min load average "
+          f"{load_before:.1f} → {os.getloadavg()[0]:.1f}.")
+    print(f"\n(written to {args.out})", file=sys.stderr)
+    return 0
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

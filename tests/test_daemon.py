@@ -1,0 +1,938 @@
+"""The manager daemon against a real store and the real admin endpoint.
+
+Store side: the embedded store (a tmp dir) and FerretDB (`mongo_uri`), parametrized. Admin side:
+`addons.admin.AdminServer` serving the real `WasmAuth` addon on the test's event loop; instances
+exist because a flow went through the addon. Samples are synthetic and written straight into the
+store, as the addon's shipper would. Network faults (a lost answer, a database going away) are
+made by a real TCP relay in front of the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from addons.admin import AdminServer
+from addons.store import DATABASE, close_store, open_store
+from addons.wasm_auth import WasmAuth
+from manager.__main__ import build_config, build_parser, main, policy_params
+from manager.admin_client import AdminClient, AdminError, parse_instances, parse_restart
+from manager.daemon import (
+    Daemon,
+    DaemonConfig,
+    PassReport,
+    backoff_delay,
+    clean_samples,
+    decision_record,
+    forget_instances,
+    latest_life,
+    renewed_instances,
+)
+from manager.estimate import EstimatorParams
+from manager.policies import (
+    FixedParams,
+    RatioParams,
+    ThresholdParams,
+    decide,
+    initial_state,
+    parse_policy,
+    state_frame,
+)
+from tests.conftest import ROOT
+from tests.servers import free_port
+from tests.test_policies import ModelFilter, sale_traffic
+
+TOKEN = "daemon-test-token"
+PAGE = 65536
+
+
+# ----------------------------------------------------------------------------------------------
+# Real parts: the store, the proxy's admin endpoint, a TCP relay
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    """A store the daemon reads, and the test's own client to write samples and read back."""
+
+    uri: str
+    database: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        self.db = open_store(self.uri, self.database)
+
+    def write(self, docs: list[dict[str, Any]]) -> None:
+        if docs:
+            self.db.samples.insert_many([dict(d) for d in docs])
+
+    def decisions(self) -> list[dict[str, Any]]:
+        docs = list(self.db.decisions.find({}, {"_id": 0}))
+        return sorted(docs, key=lambda d: (d["decided_at"], d["instance"], d["time"]))
+
+
+@pytest.fixture(params=["embedded", "ferretdb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "embedded":
+        s = Store(str(tmp_path / "store"), DATABASE, "embedded")
+        yield s
+        close_store(s.db)
+        return
+    uri = request.getfixturevalue("mongo_uri")
+    s = Store(uri, f"test_daemon_{uuid.uuid4().hex[:10]}", "ferretdb")
+    yield s
+    s.db.client.drop_database(s.database)
+    close_store(s.db)
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[Store]:
+    """For admin-side tests: the store is not what they are about."""
+    s = Store(str(tmp_path / "store"), DATABASE, "embedded")
+    yield s
+    close_store(s.db)
+
+
+HOSTS = ("a.example", "b.example", "shop")
+
+
+@pytest.fixture
+async def addon(tmp_path: Path) -> AsyncIterator[WasmAuth]:
+    """The real wasm_auth addon with one filter instance per host in HOSTS (generation 0)."""
+    wasm = WasmAuth()
+    with taddons.context(wasm) as tctx:
+        tctx.configure(wasm, wasm_log_metrics=False, wasm_admin_listen="",
+                       wasm_store=str(tmp_path / "proxy-store"),
+                       wasm_spool=str(tmp_path / "spool"))
+        for host in HOSTS:
+            flow = tflow.tflow()
+            flow.request.headers["Host"] = host
+            await wasm.request(flow)  # no token: a 401, but the instance now exists
+        yield wasm
+        await wasm.done()
+
+
+@dataclass
+class Proxy:
+    addon: WasmAuth
+    server: AdminServer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def generation(self, instance: str) -> int:
+        return {i["id"]: i["generation"] for i in self.addon.list_instances()}[instance]
+
+
+@pytest.fixture
+async def proxy(addon: WasmAuth) -> AsyncIterator[Proxy]:
+    server = AdminServer(addon, TOKEN, "127.0.0.1", 0)
+    await server.start()
+    yield Proxy(addon, server)
+    await server.stop()
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a real server, to make real network faults.
+
+    ``mode`` (one-shot, for the next POST request seen): "drop-response" forwards the request
+    and loses the answer; "drop-request" closes the connection without forwarding it.
+    :meth:`stop` closes the listener and every connection (an outage); :meth:`start` again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.mode = "pass"
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.close()
+            await self._server.wait_closed()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            self._tasks.discard(task)
+            return
+        self._writers |= {writer, up_w}
+        lose_answer = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if data.startswith(b"POST ") and self.mode == "drop-request":
+                    self.mode = "pass"
+                    break
+                if data.startswith(b"POST ") and self.mode == "drop-response":
+                    self.mode = "pass"
+                    lose_answer.set()
+                up_w.write(data)
+                await up_w.drain()
+            writer.close()
+            up_w.close()
+
+        async def downstream() -> None:
+            while data := await up_r.read(65536):
+                if lose_answer.is_set():
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+            up_w.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        self._writers -= {writer, up_w}
+        self._tasks.discard(task)
+
+
+@contextlib.asynccontextmanager
+async def relay_to(port: int) -> AsyncIterator[Relay]:
+    relay = Relay(port)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and daemons
+# ----------------------------------------------------------------------------------------------
+
+
+def sample(instance: str, generation: int, t: float, started_at: float = 0.0, pages: int = 10,
+           outbound: int | None = None) -> dict[str, Any]:
+    """One sample document as the addon writes it."""
+    out = int(t - started_at) if outbound is None else outbound
+    return {
+        "time": float(t), "instance": instance, "tenant": instance, "generation": generation,
+        "started_at": float(started_at), "allocated_pages": pages,
+        "allocated_bytes": pages * PAGE, "requests": 3 * out, "outbound": out,
+        "live_entries": 1, "live_bytes": 1024.0, "state": "running",
+    }
+
+
+def series(instance: str, generation: int, times: range | list[float], started_at: float = 0.0,
+           pages: int = 10) -> list[dict[str, Any]]:
+    return [sample(instance, generation, t, started_at, pages) for t in times]
+
+
+def daemon_for(store: Store, admin: Proxy | str | None, policy: str, **kw: Any) -> Daemon:
+    url = admin.url if isinstance(admin, Proxy) else admin
+    config = DaemonConfig(
+        store=store.uri, database=store.database, params=parse_policy(policy),
+        policy_spec=policy, admin_url=url, token=kw.pop("token", TOKEN),
+        backoff_min_s=0.01, backoff_max_s=0.05, timeout_s=kw.pop("timeout_s", 2.0), **kw,
+    )
+    return Daemon(config)
+
+
+def outcomes(report: Any) -> dict[tuple[str, int], str]:
+    return {(o.decision.instance, o.decision.generation): o.outcome for o in report.decisions}
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# Restarts through the endpoint, records, dry run
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_fixed_restarts_through_the_admin_endpoint(store: Store, proxy: Proxy) -> None:
+    # a.example is 33 min up (restart), b.example 10 min (keep).
+    store.write(series("a.example", 0, range(0, 2000, 10)) + series("b.example", 0, range(0, 610, 10)))
+    async with daemon_for(store, proxy, "fixed:30m") as daemon:
+        before = time.time()
+        report = await daemon.run_pass()
+        assert report.ok, report.failure
+        assert outcomes(report) == {("a.example", 0): "restarted", ("b.example", 0): "keep"}
+        assert report.samples == 200 + 61 and report.listed == len(HOSTS)
+        assert proxy.generation("a.example") == 1 and proxy.generation("b.example") == 0
+
+        records = store.decisions()
+        assert len(records) == 2 and report.written == 2
+        a, b = sorted(records, key=lambda r: r["instance"])
+        assert a["action"] == "restart" and a["outcome"] == "restarted" and a["applied"] is True
+        assert a["reason"] == "uptime 30.0 min ≥ 30 min" and a["time"] == 1800.0
+        assert a["policy"] == "fixed" and a["policy_spec"] == "fixed:30m"
+        assert a["requested_by"] == "manager:fixed" and a["dry_run"] is False
+        assert a["admin_result"]["generation"] == 1 and a["admin_result"]["id"] == "a.example"
+        assert before <= a["decided_at"] <= time.time()  # wall clock
+        assert a["now"] == 1990.0  # decide()'s now: the newest sample seen
+        assert b["action"] == "keep" and b["outcome"] == "keep" and b["applied"] is False
+        assert b["reason"].startswith("keep: uptime 10.0 min < 30 min")
+
+        # Nothing new: nothing decided, nothing restarted.
+        report = await daemon.run_pass()
+        assert report.ok and report.samples == 0 and report.decisions == []
+        assert proxy.generation("a.example") == 1
+
+        # Late samples of generation 0 (written before the restart took effect), past
+        # retry_after: the policy asks again, but generation 0 is over: no second restart.
+        store.write(series("a.example", 0, range(2000, 2100, 10)))
+        report = await daemon.run_pass()
+        assert outcomes(report) == {("a.example", 0): "stale"}
+        assert proxy.generation("a.example") == 1
+        assert len(store.decisions()) == 3
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "applied"])
+async def test_threshold_and_dry_run(store: Store, proxy: Proxy, dry_run: bool) -> None:
+    store.write(series("a.example", 0, range(0, 100, 5), pages=40)  # 2.5 MiB
+                + series("b.example", 0, range(0, 100, 5), pages=8))  # 0.5 MiB
+    async with daemon_for(store, proxy, "threshold:2MiB", dry_run=dry_run) as daemon:
+        report = await daemon.run_pass()
+    assert report.ok
+    expected = "dry-run" if dry_run else "restarted"
+    assert outcomes(report) == {("a.example", 0): expected, ("b.example", 0): "keep"}
+    assert proxy.generation("a.example") == (0 if dry_run else 1)
+    assert proxy.generation("b.example") == 0
+    [a] = [r for r in store.decisions() if r["instance"] == "a.example"]
+    assert a["action"] == "restart" and a["dry_run"] is dry_run and a["applied"] is not dry_run
+    assert a["reason"] == "allocated 2.5 MiB ≥ threshold 2 MiB"
+
+
+async def test_dry_run_without_an_admin_endpoint(embedded: Store) -> None:
+    embedded.write(series("gone.example", 0, range(0, 2000, 100)))
+    async with daemon_for(embedded, None, "fixed:30m", dry_run=True) as daemon:
+        report = await daemon.run_pass()
+    assert report.ok and report.listed is None
+    assert outcomes(report) == {("gone.example", 0): "dry-run"}
+    with pytest.raises(ValueError, match="only --dry-run"):
+        DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ratio rule in a closed loop: restarts through the endpoint start new generations
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_ratio_closed_loop_through_the_endpoint(store: Store, proxy: Proxy) -> None:
+    """The model filter of test_policies behind the real endpoint: the test writes samples
+    (every 3 s) and runs a pass every 60 s; a restart through the endpoint starts the model's
+    next generation. Expected as in test_closed_loop_ratio_restarts_after_the_peak."""
+    step = 60
+    model = ModelFilter(sale_traffic(), ttl=120, k=32)
+    restarted_at: list[float] = []
+    async with daemon_for(store, proxy, "ratio:measure=3m,ttl_cap=2m") as daemon:
+        for end in range(step, 1500 + step, step):
+            store.write([model.sample(float(t)) for t in range(end - step, end, 3)])
+            report = await daemon.run_pass()
+            assert report.ok, report.failure
+            if any(o.outcome == "restarted" for o in report.decisions):
+                [o] = [o for o in report.decisions if o.outcome == "restarted"]
+                restarted_at.append(o.decision.time)
+                assert proxy.generation("shop") == model.generation + 1
+                model.restart(float(end))
+    assert restarted_at[0] == 180.0  # the first decision after the measurement period
+    assert not [t for t in restarted_at if 181 <= t < 900]  # not while the sale builds up
+    assert any(900 <= t <= 990 for t in restarted_at)  # soon after it ends
+    assert proxy.generation("shop") == len(restarted_at)
+    records = pd.DataFrame(store.decisions())
+    restarts = records[records["outcome"] == "restarted"]
+    assert len(restarts) == len(restarted_at)
+    later = restarts.iloc[1:]
+    assert later["reason"].str.contains("required fell").all()
+    assert later[["required_bytes", "surplus_bytes", "baseline_bytes", "k", "ttl_s"]].notna().all().all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Never twice for one decision
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_a_lost_answer_is_not_restarted_twice(embedded: Store, proxy: Proxy,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("a.example", 0, range(0, 1900, 50)))
+    async with relay_to(proxy.server.port) as relay, \
+            daemon_for(embedded, f"http://127.0.0.1:{relay.port}", "fixed:30m") as daemon:
+        relay.mode = "drop-response"  # the restart happens, its answer is lost
+        report = await daemon.run_pass()
+        assert outcomes(report) == {("a.example", 0): "in-doubt"}
+        assert proxy.generation("a.example") == 1
+        assert daemon.applied == {("a.example", 0): False}
+
+        # The policy asks again for generation 0 (past retry_after): the listing shows
+        # generation 1, so the doubt resolves and nothing is restarted a second time.
+        embedded.write(series("a.example", 0, range(1900, 2000, 50)))
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()
+        assert "the restart of a.example generation 0 took effect" in caplog.text
+        assert outcomes(report) == {("a.example", 0): "stale"}
+        assert proxy.generation("a.example") == 1
+
+
+async def test_a_request_that_never_arrived_is_asked_again(embedded: Store, proxy: Proxy,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("a.example", 0, range(0, 1900, 50)))
+    async with relay_to(proxy.server.port) as relay, \
+            daemon_for(embedded, f"http://127.0.0.1:{relay.port}", "fixed:30m") as daemon:
+        relay.mode = "drop-request"
+        report = await daemon.run_pass()
+        assert outcomes(report) == {("a.example", 0): "in-doubt"}
+        assert proxy.generation("a.example") == 0
+
+        embedded.write(series("a.example", 0, range(1900, 2000, 50)))
+        with caplog.at_level(logging.WARNING, logger="manager"):
+            report = await daemon.run_pass()
+        assert "the restart of a.example generation 0 did not take effect" in caplog.text
+        assert outcomes(report) == {("a.example", 0): "restarted"}
+        assert proxy.generation("a.example") == 1
+
+
+async def test_one_decision_is_applied_at_most_once(embedded: Store, proxy: Proxy) -> None:
+    """The (instance, generation) guard on its own: the same decision carried out twice against
+    a listing that still shows its generation restarts once."""
+    embedded.write(series("a.example", 0, range(0, 1900, 50)))
+    async with daemon_for(embedded, proxy, "fixed:30m") as daemon:
+        assert daemon.admin is not None
+        listing = await daemon.admin.instances()
+        [d], _ = decide(initial_state(FixedParams(uptime_s=1800)),
+                        pd.DataFrame(series("a.example", 0, [1850.0])), 0.0,
+                        FixedParams(uptime_s=1800))
+        first = await daemon._act(d, dict(listing), PassReport())
+        second = await daemon._act(d, dict(listing), PassReport())
+    assert (first.outcome, second.outcome) == ("restarted", "already-applied")
+    assert proxy.generation("a.example") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Restarts by others, new, vanished and renewed instances
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_a_restart_by_someone_else_is_noticed(store: Store, proxy: Proxy,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    store.write(series("a.example", 0, range(0, 610, 10)))
+    async with daemon_for(store, proxy, "fixed:30m") as daemon:
+        report = await daemon.run_pass()
+        assert outcomes(report) == {("a.example", 0): "keep"}
+        proxy.addon.restart_instance("a.example", "command", "wasm.restart")  # someone else
+        store.write(series("a.example", 1, range(700, 800, 10), started_at=690.0))
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()
+    assert report.foreign_restarts == 1
+    assert "a.example was restarted by someone else: generation 0 → 1" in caplog.text
+    [o] = report.decisions
+    assert (o.decision.generation, o.outcome) == (1, "keep")
+    assert o.decision.uptime_s == pytest.approx(100.0)  # counted from the new start
+    assert state_frame(daemon.state).loc["a.example", "generation"] == 1
+    assert proxy.generation("a.example") == 1
+
+
+async def test_unknown_and_vanished_instances(embedded: Store, proxy: Proxy,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("ghost.example", 0, range(0, 1900, 100)))
+    async with daemon_for(embedded, proxy, "fixed:30m", forget_after_s=0.2) as daemon:
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()
+            assert outcomes(report) == {("ghost.example", 0): "unknown-instance"}
+            embedded.write(series("ghost.example", 0, range(1900, 2100, 100)))
+            report = await daemon.run_pass()  # logged once, not again
+            assert "ghost.example" in state_frame(daemon.state).index
+            await asyncio.sleep(0.25)
+            report = await daemon.run_pass()
+        assert caplog.text.count("ghost.example") == 2  # "not restarting", then "dropped"
+        assert "not restarting ghost.example: the proxy does not serve it" in caplog.text
+        assert "dropped the state of 1 instance(s) gone from the proxy: ghost.example" in caplog.text
+        assert "ghost.example" not in state_frame(daemon.state).index
+        # Its old samples within the overlap are not decided again.
+        embedded.write([sample("b.example", 0, 2105.0, started_at=2100.0)])
+        report = await daemon.run_pass()
+        assert [o.decision.instance for o in report.decisions] == ["b.example"]
+    assert all(g == 0 for g in (proxy.generation(h) for h in HOSTS))
+
+
+async def test_a_new_life_of_the_proxy_starts_afresh(embedded: Store,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # First life: generations 0..2; the proxy restarts at t=1000: generation 0 again.
+    first = (series("a.example", 0, range(0, 100, 10)) + series("a.example", 1, range(100, 200, 10), 100.0)
+             + series("a.example", 2, range(200, 300, 10), 200.0))
+    embedded.write(first)
+    async with daemon_for(embedded, None, "fixed:10m", dry_run=True) as daemon:
+        await daemon.run_pass()
+        assert state_frame(daemon.state).loc["a.example", "generation"] == 2
+        embedded.write(series("a.example", 0, range(1000, 1700, 10), 1000.0))
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()
+    assert "a.example began a new life" in caplog.text
+    assert outcomes(report) == {("a.example", 0): "dry-run"}
+    assert state_frame(daemon.state).loc["a.example", "started_at"] == 1000.0
+    # A fresh daemon reading both lives at once only takes the latest.
+    async with daemon_for(embedded, None, "fixed:10m", dry_run=True) as fresh:
+        report = await fresh.run_pass()
+    assert report.dropped == 30 and outcomes(report) == {("a.example", 0): "dry-run"}
+
+
+async def test_decision_records_are_stored_once_when_written_again(store: Store) -> None:
+    """A batch written again (its first write failed half-way) stores each record once."""
+    store.write(series("a.example", 0, range(0, 2000, 100)) + series("b.example", 0, range(0, 500, 100)))
+    async with daemon_for(store, None, "fixed:30m", dry_run=True) as daemon:
+        await daemon.run_pass()
+        stored = list(store.db.decisions.find({}))
+        assert len(stored) == 2 and all(str(d["_id"]).startswith("manager-") for d in stored)
+        daemon._pending.extend(stored)
+        await daemon.flush()
+        assert daemon._pending == []
+    assert store.db.decisions.count_documents({}) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading only new samples
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_each_pass_reads_only_new_samples(store: Store) -> None:
+    store.write(series("a.example", 0, range(0, 100, 10)) + series("b.example", 0, range(0, 100, 10)))
+    async with daemon_for(store, None, "none", dry_run=True, overlap_s=30.0) as daemon:
+        assert (await daemon.run_pass()).samples == 20
+        assert (await daemon.run_pass()).samples == 0
+        # b's sample delivered late (older than a's newest, within the overlap) is still new;
+        # a's repeated sample is not; one older than the overlap is out of reach.
+        store.write([sample("b.example", 0, 95.0), sample("a.example", 0, 90.0),
+                     sample("b.example", 0, 40.0)])
+        report = await daemon.run_pass()
+        assert report.samples == 1 and report.decisions[0].decision.time == 95.0
+        store.write(series("a.example", 0, range(100, 130, 10)))
+        report = await daemon.run_pass()
+        assert report.samples == 3 and report.now == 120.0
+    if store.kind == "ferretdb":  # the query on time has its index
+        keys = [list(v["key"]) for v in store.db.samples.index_information().values()]
+        assert [("time", 1)] in keys and [("instance", 1), ("time", 1)] in keys
+
+
+async def test_backfill_limits_the_first_read(embedded: Store) -> None:
+    embedded.write(series("a.example", 0, range(0, 1000, 10)))
+    async with daemon_for(embedded, None, "none", dry_run=True, backfill_s=100.0) as daemon:
+        assert (await daemon.run_pass()).samples == 10  # (890, 990]
+
+
+async def test_unusable_documents_are_skipped(embedded: Store, caplog: pytest.LogCaptureFixture) -> None:
+    bad = sample("a.example", 0, 20.0)
+    bad["outbound"] = None
+    embedded.write([sample("a.example", 0, 10.0), bad, {"time": 30.0, "instance": "a.example"}])
+    async with daemon_for(embedded, None, "none", dry_run=True) as daemon:
+        with caplog.at_level(logging.WARNING, logger="manager"):
+            report = await daemon.run_pass()
+    assert report.ok and report.samples == 1 and report.dropped == 2
+    assert "ignoring 2 sample document(s)" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures: a wrong token, an unreachable endpoint, a database outage
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_a_wrong_token_gives_one_clear_line_and_no_crash(
+        embedded: Store, proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("a.example", 0, range(0, 1900, 50)))
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("wrong-token\n")
+    config = DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=proxy.url,
+                          token="wrong-token", token_file=token_file, backoff_min_s=0.01,
+                          backoff_max_s=0.02, interval_s=0.01)
+    stop = asyncio.Event()
+    async with Daemon(config) as daemon:
+        with caplog.at_level(logging.INFO, logger="manager"):
+            task = asyncio.create_task(daemon.run(stop))
+            await wait_for(lambda: "(attempt 3)" in caplog.text)
+            assert not task.done()  # no crash
+            assert daemon.cursor == {} and proxy.generation("a.example") == 0  # nothing consumed
+            token_file.write_text(TOKEN + "\n")  # the operator fixes the token file
+            await wait_for(lambda: proxy.generation("a.example") == 1)
+            stop.set()
+            await task
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("manager")]
+    assert len(errors) == 1  # one clear line, repeats are warnings
+    assert errors[0].getMessage().startswith(
+        f"admin endpoint {proxy.url} refused the token (401): check --token-file {token_file}")
+    assert "retrying in 0.01 s" in errors[0].getMessage()
+    assert f"the admin token file {token_file} holds a new token" in caplog.text
+    assert "working again after" in caplog.text
+
+
+async def test_an_unreachable_endpoint_is_retried(embedded: Store, addon: WasmAuth,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("a.example", 0, range(0, 1900, 50)))
+    port = free_port()
+    stop = asyncio.Event()
+    async with daemon_for(embedded, f"http://127.0.0.1:{port}", "fixed:30m",
+                          interval_s=0.01) as daemon:
+        with caplog.at_level(logging.INFO, logger="manager"):
+            task = asyncio.create_task(daemon.run(stop))
+            await wait_for(lambda: "(attempt 2)" in caplog.text)
+            server = AdminServer(addon, TOKEN, "127.0.0.1", port)  # the proxy comes up
+            await server.start()
+            try:
+                await wait_for(lambda: addon.list_instances()[0]["generation"] == 1)
+            finally:
+                stop.set()
+                await task
+                await server.stop()
+    assert f"cannot reach the admin endpoint http://127.0.0.1:{port}" in caplog.text
+    assert "working again after" in caplog.text
+
+
+async def test_the_once_pass_fails_cleanly_when_the_endpoint_is_down(embedded: Store) -> None:
+    embedded.write(series("a.example", 0, range(0, 100, 10)))
+    async with daemon_for(embedded, f"http://127.0.0.1:{free_port()}", "none") as daemon:
+        report = await daemon.run_pass()
+    assert not report.ok and report.component == "admin"
+    assert daemon.cursor == {} and report.samples == 0  # the samples wait for the next pass
+    assert "FAILED (admin): cannot reach the admin endpoint" in report.summary()
+
+
+async def test_a_database_outage_is_retried_and_nothing_is_lost(
+        mongo_uri: str, proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    host_port = mongo_uri.split("//")[1].split("/")[0].rsplit(":", 1)
+    real = Store(mongo_uri, f"test_daemon_{uuid.uuid4().hex[:10]}", "ferretdb")
+    try:
+        real.write(series("a.example", 0, range(0, 1900, 50)))
+        async with relay_to(int(host_port[1])) as relay:
+            relayed = Store(f"mongodb://127.0.0.1:{relay.port}/", real.database, "ferretdb")
+            close_store(relayed.db)
+            await relay.stop()  # the database goes away
+            async with daemon_for(relayed, proxy, "fixed:30m", timeout_s=1.0) as daemon:
+                report = await daemon.run_pass()
+                assert not report.ok and report.component == "store"
+                assert report.failure is not None and report.failure.startswith(
+                    f"cannot read samples from the database mongodb://127.0.0.1:{relay.port}/")
+                assert "is the MongoDB server running and reachable?" in report.failure
+                assert daemon.cursor == {} and proxy.generation("a.example") == 0
+
+                await relay.start()  # it is back
+                report = await daemon.run_pass()
+                assert report.ok, report.failure
+                assert outcomes(report) == {("a.example", 0): "restarted"}
+                assert len(real.decisions()) == 1
+
+                # Away again: the new samples wait in the store, the state is kept.
+                real.write(series("a.example", 1, range(1900, 1950, 10), started_at=1890.0))
+                await relay.stop()
+                assert not (await daemon.run_pass()).ok
+                await relay.start()
+                report = await daemon.run_pass()
+                assert report.ok and outcomes(report) == {("a.example", 1): "keep"}
+
+                # Records that cannot be written wait (in memory), and go with the next write.
+                await relay.stop()
+                daemon._pending.append({"_id": "test-1", "instance": "x", "note": "waits"})
+                await daemon.flush()
+                assert len(daemon._pending) == 1
+                await relay.start()
+                await daemon.flush()
+                assert daemon._pending == []
+        assert real.db.decisions.count_documents({"note": "waits"}) == 1
+        assert real.db.decisions.count_documents({"instance": "a.example"}) == 2
+    finally:
+        real.db.client.drop_database(real.database)
+        close_store(real.db)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_cli_once_restarts_and_prints_a_summary(embedded: Store, proxy: Proxy, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    embedded.write(series("a.example", 0, range(0, 2000, 10)) + series("b.example", 0, range(0, 600, 10)))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    argv = ["run", "--store", embedded.uri, "--admin", proxy.url, "--token-file", str(token_file),
+            "--policy", "fixed:30m", "--once"]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "2 decision(s): 1 keep, 1 restarted" in out
+    assert "restarted        a.example gen 0: uptime 30.0 min ≥ 30 min" in out
+    assert proxy.generation("a.example") == 1
+    # Unreachable endpoint: exit status 1.
+    argv[argv.index("--admin") + 1] = f"http://127.0.0.1:{free_port()}"
+    assert await asyncio.to_thread(main, argv) == 1
+    assert "FAILED (admin): cannot reach the admin endpoint" in capsys.readouterr().out
+
+
+def test_cli_dry_run_without_admin(embedded: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    embedded.write(series("a.example", 0, range(0, 2000, 10)))
+    assert main(["run", "--store", embedded.uri, "--no-admin", "--dry-run", "--policy",
+                 "threshold:512KiB", "--once"]) == 0
+    assert "1 dry-run" in capsys.readouterr().out
+    assert [r["outcome"] for r in embedded.decisions()] == ["dry-run"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--no-admin"], "--no-admin needs --dry-run"),
+    (["--policy", "fixed:30m", "--measure", "5m"], "ratio policy's options do not apply"),
+    (["--policy", "bogus"], "unknown policy 'bogus'"),
+    (["--token-file", "/nonexistent/token"], "no admin token file /nonexistent/token: start the proxy first"),
+    (["--token", " "], "--token is empty"),
+    (["--admin", "ftp://x", "--token", "t"], "expected an http:// URL"),
+    (["--interval", "0", "--token", "t"], "interval_s must be a positive number"),
+])
+def test_cli_configuration_errors(argv: list[str], message: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--interval", "soon"], ["--measure", "x"], ["--token", "a", "--token-file", "b"]])
+def test_cli_bad_values_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", *argv])
+    assert e.value.code == 2
+
+
+def test_cli_ratio_options_override_the_spec() -> None:
+    args = build_parser().parse_args([
+        "run", "--policy", "ratio:measure=20m,trend_z=2", "--measure", "3m", "--ttl-cap", "2m",
+        "--trend-window", "30s", "--trend-min", "2", "--skip-fill", "--require-turn",
+        "--no-first-restart", "--retry-after", "2m", "--k-default", "40",
+    ])
+    params = policy_params(args)
+    assert isinstance(params, RatioParams)
+    assert params.estimator == EstimatorParams(
+        measure_s=180, ttl_cap_s=120, trend_window_s=30, baseline_skip_fill=True, k_default=40)
+    assert (params.trend_noise_z, params.trend_min_pages, params.require_turn,
+            params.first_decision_restarts, params.retry_after_s) == (2.0, 2.0, True, False, 120.0)
+    assert policy_params(build_parser().parse_args(["run"])) == RatioParams()
+    assert policy_params(build_parser().parse_args(
+        ["run", "--policy", "threshold:64MiB", "--retry-after", "5m"])) == ThresholdParams(
+            allocated_bytes=64 * 2**20, retry_after_s=300)
+
+
+def test_cli_store_and_token_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".wasm-reclaim").mkdir()
+    (tmp_path / ".wasm-reclaim" / "admin-token").write_text("tok\n")
+    monkeypatch.delenv("MONGODB_URI", raising=False)
+    config = build_config(build_parser().parse_args(["run"]))
+    assert config.store == ".wasm-reclaim/store" and config.token == "tok"
+    assert config.admin_url == "http://127.0.0.1:9901" and config.params == RatioParams()
+    assert config.token_file == Path(".wasm-reclaim/admin-token")
+    monkeypatch.setenv("MONGODB_URI", "mongodb://db.example:27017/")
+    config = build_config(build_parser().parse_args(["run", "--admin", "127.0.0.1:9999",
+                                                     "--token", "t"]))
+    assert config.store == "mongodb://db.example:27017/" and config.token == "t"
+    assert config.admin_url == "http://127.0.0.1:9999" and config.token_file is None
+    config = build_config(build_parser().parse_args(["run", "--store", "/x", "--token", "t"]))
+    assert config.store == "/x"
+
+
+def test_the_daemon_process_runs_until_sigterm(embedded: Store) -> None:
+    embedded.write(series("a.example", 0, range(0, 2000, 10)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "manager", "run", "--store", embedded.uri, "--no-admin",
+         "--dry-run", "--policy", "fixed:30m", "--interval", "0.1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while embedded.db.decisions.count_documents({}) == 0:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "dry run: would restart a.example generation 0 (fixed): uptime 30.0 min ≥ 30 min" in err
+    assert err.rstrip().endswith("manager: stopped")
+
+
+def test_help_documents_every_parameter_with_its_default() -> None:
+    out = subprocess.run([sys.executable, "-m", "manager", "run", "--help"], cwd=ROOT,
+                         env={**os.environ, "COLUMNS": "400"}, capture_output=True, text=True,
+                         check=True).stdout
+    for expected in [
+        "--store", "$MONGODB_URI", ".wasm-reclaim/store", "--admin", "default http://127.0.0.1:9901",
+        "--token-file", "--token", "--policy", "default ratio", "--interval", "default 5s",
+        "--once", "--dry-run", "--measure", "default 15m: paper", "--ttl-cap", "default 10m",
+        "--trend-window", "default 60s", "--trend-z", "default 3", "--retry-after",
+        "--class-width", "--k-default", "default 63", "fixed:30m", "threshold:64MiB", "oracle",
+    ]:
+        assert expected in out, expected
+    for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions:  # type: ignore[union-attr]
+        assert action.help, action.dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_decision_record_is_to_record() -> None:
+    frame = pd.DataFrame(_model_rows())
+    for params in (parse_policy("ratio:measure=2m,ttl_cap=1m"), parse_policy("oracle"),
+                   parse_policy("fixed:1m"), parse_policy("threshold:1MiB")):
+        decisions, _ = decide(initial_state(params), frame, 1.0, params)
+        assert decisions
+        for d in decisions:
+            assert decision_record(d) == d.to_record()
+
+
+def _model_rows() -> list[dict[str, Any]]:
+    model = ModelFilter(sale_traffic(), ttl=60, k=32)
+    rows = []
+    for t in range(0, 400, 2):
+        rows.append(model.sample(float(t)))
+        if t == 300:
+            model.restart(float(t))
+    return rows
+
+
+def test_clean_samples() -> None:
+    columns = ["instance", "generation", "time", "started_at", "allocated_pages",
+               "allocated_bytes", "requests", "outbound"]
+    good = pd.DataFrame(series("a", 0, [1.0, 2.0]))
+    out, dropped = clean_samples(good, columns)
+    assert dropped == 0 and list(out.columns) == columns and len(out) == 2
+    rows = series("a", 0, [1.0, 2.0, 3.0, 4.0, 5.0])
+    rows[1]["outbound"] = None
+    rows[2]["time"] = "late"
+    rows[3]["generation"] = 1.5
+    rows[4]["instance"] = 7
+    out, dropped = clean_samples(pd.DataFrame(rows), columns)
+    assert dropped == 4 and out["time"].tolist() == [1.0]
+    out, dropped = clean_samples(pd.DataFrame([{"instance": "a", "time": 1.0}]), columns)
+    assert dropped == 1 and out.empty and list(out.columns) == columns
+    out, dropped = clean_samples(pd.DataFrame(), columns)
+    assert dropped == 0 and out.empty
+    # The oracle's ground truth may be missing (NaN), the row stays.
+    rows = series("a", 0, [1.0])
+    rows[0]["live_bytes"] = None
+    out, dropped = clean_samples(pd.DataFrame(rows), [*columns, "live_bytes"])
+    assert dropped == 0 and np.isnan(out["live_bytes"].iloc[0])
+
+
+@pytest.mark.parametrize(("rows", "kept"), [
+    # (instance, generation, started_at, time)
+    ([("a", 0, 0, 1), ("a", 1, 5, 6)], [1, 6]),  # a restart: same life
+    ([("a", 2, 5, 6), ("a", 0, 9, 10), ("a", 0, 9, 11)], [10, 11]),  # the proxy restarted
+    ([("a", 0, 0, 1), ("a", 0, 9, 10)], [10]),  # same generation number, later start
+    ([("a", 3, 0, 1), ("b", 0, 9, 10), ("a", 0, 20, 21)], [10, 21]),  # per instance
+    ([("a", 1, 5, 6)], [6]),
+])
+def test_latest_life(rows: list[tuple[str, int, float, float]], kept: list[float]) -> None:
+    frame = pd.DataFrame(rows, columns=["instance", "generation", "started_at", "time"])
+    out, dropped = latest_life(frame)
+    assert sorted(out["time"].tolist()) == kept and dropped == len(rows) - len(kept)
+
+
+def test_renewed_instances() -> None:
+    params = FixedParams()
+    _, state = decide(initial_state(params), pd.DataFrame(
+        series("a", 2, [10.0], 5.0) + series("b", 0, [10.0], 0.0)), 0.0, params)
+    def new(rows: list[dict[str, Any]]) -> list[str]:
+        return renewed_instances(state, pd.DataFrame(rows))
+    assert new(series("a", 0, [20.0], 15.0)) == ["a"]  # generation back, later start
+    assert new(series("a", 2, [20.0], 15.0)) == ["a"]  # same generation, later start
+    assert new(series("a", 3, [20.0], 15.0)) == []  # a restart
+    assert new(series("a", 1, [4.0], 1.0)) == []  # an old generation's late sample
+    assert new(series("c", 0, [20.0], 15.0)) == []  # not known yet
+
+
+def test_forget_instances_is_as_if_never_seen() -> None:
+    params = RatioParams(estimator=EstimatorParams(measure_s=60, ttl_cap_s=30, trend_window_s=10,
+                                                   k_default=10, min_growth_pages=1000),
+                         trend_noise_z=0.0)
+    def rows(instance: str, t0: int, t1: int) -> list[dict[str, Any]]:
+        return [sample(instance, 0, t, 0.0, pages=4 + t // 10, outbound=t * 3) for t in range(t0, t1)]
+    with_b, without_b = initial_state(params), initial_state(params)
+    _, with_b = decide(with_b, pd.DataFrame(rows("a", 0, 50) + rows("b", 0, 50) + rows("c", 0, 50)), 0.0, params)
+    _, without_b = decide(without_b, pd.DataFrame(rows("a", 0, 50) + rows("c", 0, 50)), 0.0, params)
+    forgotten = forget_instances(with_b, ["b", "nobody"])
+    assert forgotten.slots.names == ("a", "c")
+    later = pd.DataFrame(rows("a", 50, 120) + rows("c", 50, 120))
+    got, _ = decide(forgotten, later, 1.0, params)
+    expected, _ = decide(without_b, later, 1.0, params)
+    assert [decision_record(d) for d in got] == [decision_record(d) for d in expected]
+    assert forget_instances(with_b, []) is with_b
+    assert forget_instances(with_b, ["a", "b", "c"]).slots.names == ()
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (500, 60.0)])
+def test_backoff_doubles_up_to_the_cap(failures: int, delay: float) -> None:
+    assert backoff_delay(failures, 1.0, 60.0) == delay
+
+
+def test_admin_payloads_are_checked() -> None:
+    good = {"id": "a", "tenant": "a", "generation": 0, "started_at": 1.5, "allocated_pages": 2,
+            "allocated_bytes": 131072, "requests": 1, "outbound": 0, "state": "running"}
+    assert parse_instances([good])["a"].generation == 0
+    for bad in [{}, [{"id": 5}], [{**good, "generation": "x"}], [{**good, "started_at": None}]]:
+        with pytest.raises(ValueError):
+            parse_instances(bad)
+    result = parse_restart({"id": "a", "generation": 2, "generation_before": 1,
+                            "allocated_bytes_before": 9, "allocated_bytes_after": 1})
+    assert (result.generation, result.generation_before) == (2, 1)
+    with pytest.raises(ValueError):
+        parse_restart({"id": "a"})
+
+
+async def test_admin_client_against_the_endpoint(proxy: Proxy) -> None:
+    client = AdminClient(proxy.url, TOKEN, token_hint="--token")
+    try:
+        await client.healthz()
+        assert set(await client.instances()) == set(HOSTS)
+        with pytest.raises(AdminError) as e:
+            await client.restart("nope", "test", "pytest")
+        assert e.value.kind == "not-found" and not e.value.in_doubt
+        client.set_token("wrong")
+        with pytest.raises(AdminError) as e:
+            await client.instances()
+        assert e.value.kind == "unauthorized"
+        assert str(e.value).startswith(f"admin endpoint {proxy.url} refused the token (401): check --token")
+    finally:
+        await client.aclose()
+
+
+def test_no_thread_leaks_from_a_closed_daemon(embedded: Store) -> None:
+    before = threading.active_count()
+
+    async def once() -> None:
+        async with daemon_for(embedded, None, "none", dry_run=True) as daemon:
+            await daemon.run_pass()
+
+    asyncio.run(once())
+    assert threading.active_count() == before
