@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -71,12 +72,23 @@ class Stack:
 
 @contextlib.contextmanager
 def stack(tmp: Path, store: str, db: pymongo.database.Database,  # type: ignore[type-arg]
-          *extra: str) -> Iterator[Stack]:
-    """Auth server, shop and mitmdump with the addon, writing metrics to `store`."""
+          **options: str) -> Iterator[Stack]:
+    """Auth server, shop and mitmdump with the addon, writing metrics to `store`.
+
+    `options` override the addon's options below (mitmproxy ignores a script whose option is
+    given twice, so they are merged, not appended).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
     env = {"PYTHONPATH": str(ROOT)}
     spool = tmp / "spool"
+    settings = {
+        "wasm_cluster": f"auth=http://127.0.0.1:{auth_port}", "wasm_store": store,
+        "wasm_spool": str(spool), "wasm_admin_listen": f"127.0.0.1:{admin_port}",
+        "wasm_admin_token": ADMIN_TOKEN, "wasm_sample_interval": "0.5",
+        "keep_host_header": "true", **options,
+    }
+    sets = [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]
     with process([PYTHON, "-m", "scenarios", "auth-server", "--port", str(auth_port),
                   "--store", str(tmp / "auth-store")], auth_port, tmp / "auth.log", env), \
          process([PYTHON, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
@@ -84,13 +96,7 @@ def stack(tmp: Path, store: str, db: pymongo.database.Database,  # type: ignore[
          process([shutil.which("mitmdump") or "mitmdump", "-q", "-s",
                   str(ROOT / "addons" / "wasm_auth.py"),
                   "--mode", f"reverse:http://127.0.0.1:{shop_port}",
-                  "--listen-host", "127.0.0.1", "-p", str(proxy_port),
-                  "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
-                  "--set", f"wasm_store={store}", "--set", f"wasm_spool={spool}",
-                  "--set", f"wasm_admin_listen=127.0.0.1:{admin_port}",
-                  "--set", f"wasm_admin_token={ADMIN_TOKEN}",
-                  "--set", "wasm_sample_interval=0.5", "--set", "keep_host_header=true",
-                  *extra],
+                  "--listen-host", "127.0.0.1", "-p", str(proxy_port), *sets],
                  proxy_port, tmp / "mitmdump.log", env, timeout=60):
         yield Stack(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{auth_port}",
                     f"http://127.0.0.1:{admin_port}", db, spool, tmp / "mitmdump.log")
@@ -215,8 +221,6 @@ def test_bad_filter_is_a_clear_startup_error(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "mitmdump.log"
     with log.open("wb") as out:
-        import subprocess
-
         proc = subprocess.run(
             [shutil.which("mitmdump") or "mitmdump", "-q", "-s",
              str(ROOT / "addons" / "wasm_auth.py"), "-p", str(port),
@@ -226,3 +230,57 @@ def test_bad_filter_is_a_clear_startup_error(tmp_path: Path) -> None:
     text = log.read_text()
     assert proc.returncode != 0
     assert "wasm_filter" in text and "not a valid WebAssembly module" in text
+
+
+def run_manager(live: Stack, store: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """One pass of the real manager daemon against the live proxy."""
+    return subprocess.run(
+        [PYTHON, "-m", "manager", "run", "--store", store, "--admin", live.admin,
+         "--token", ADMIN_TOKEN, "--policy", "ratio", "--measure", "2m", "--once", *extra],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_manager_restarts_a_live_instance_when_the_rule_fires(tmp_path: Path,
+                                                               mongo_uri: str) -> None:
+    """The ratio rule (2-minute measurement at 60× clock speed) restarts through the admin
+    endpoint; --dry-run records the same decision and restarts nothing."""
+    name = f"e2e_{uuid.uuid4().hex[:10]}"
+    uri = mongo_uri.rstrip("/") + "/" + name
+    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
+    db = client[name]
+    try:
+        # Host-clock times scale: the filter's 1 s auth timeout would be 17 ms of wall time.
+        with stack(tmp_path, uri, db, wasm_clock_speed="60", wasm_sample_interval="2",
+                   wasm_filter_config='{"timeout_ms": 60000}') as live:
+            tokens = [live.login(f"u{i}") for i in range(60)]
+            deadline = time.monotonic() + 30
+            # Traffic until the store holds samples past the 2-minute measurement period.
+            while time.monotonic() < deadline:
+                for t in tokens[:20]:
+                    assert live.get("/", t).status_code == 200
+                sample = db.samples.find_one({"instance": "shop.example"}, sort=[("time", -1)])
+                if sample and sample["time"] - sample["started_at"] > 150:
+                    break
+            else:
+                pytest.fail("no samples past the measurement period")
+            for t in tokens[20:]:
+                assert live.get("/", t).status_code == 200
+            live.wait_for("samples", {"instance": "shop.example", "outbound": 60}, 1)
+
+            dry = run_manager(live, uri, "--dry-run")
+            assert dry.returncode == 0, dry.stderr
+            recorded = list(db.decisions.find({"instance": "shop.example", "action": "restart"}))
+            assert recorded and all(d["dry_run"] for d in recorded)
+            assert recorded[0]["reason"]
+            assert live.admin_request("GET", "/instances").json()[0]["generation"] == 0
+
+            applied = run_manager(live, uri)
+            assert applied.returncode == 0, applied.stderr
+            instances = live.admin_request("GET", "/instances").json()
+            assert instances[0]["generation"] == 1
+            live.wait_for("restarts", {"instance": "shop.example",
+                                       "requested_by": {"$regex": "^manager:"}}, 1)
+            assert db.decisions.count_documents({"action": "restart", "applied": True}) == 1
+    finally:
+        client.drop_database(name)
+        client.close()
