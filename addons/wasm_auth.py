@@ -470,27 +470,48 @@ class WasmAuth:
             self.admin = None
         if self.host is not None:
             await self.host.dispatcher.aclose()
-        if self.metrics is not None:
-            self._sample_all()  # a last sample, so the store sees the final state
-            await asyncio.to_thread(self.metrics.flush)
-            self.metrics = None
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            self._sample_all_to(metrics)  # a last sample, so the store sees the final state
+            await asyncio.to_thread(metrics.flush)
         if self.shipper is not None:
             await asyncio.to_thread(self._stop_shipper, self.shipper)
             self.shipper = None
+        if metrics is not None and metrics.segments_pending() and self.settings is not None:
+            # The shipper may have been stopped before it was ready (a short run): deliver now,
+            # while nothing is served. What cannot be delivered stays spooled for next time.
+            await asyncio.to_thread(self._final_drain, self.settings)
 
     async def _restart_services(self, previous: Settings) -> None:
         await self._stop_services()
         await self._start_services()
 
-    def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
-        """The process that delivers spooled documents to the store."""
+    @staticmethod
+    def _shipper_args(s: Settings) -> list[str]:
         args = [sys.executable, "-m", "addons.spool", "ship", "--spool", str(s.spool_dir),
                 "--store", s.store, "--nice", "10"]
         if s.retention_s:
             args += ["--retention", str(s.retention_s)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        return args
+
+    @staticmethod
+    def _shipper_env() -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+    def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
+        """The process that delivers spooled documents to the store."""
+        return subprocess.Popen(self._shipper_args(s), env=self._shipper_env(),
+                                stdin=subprocess.DEVNULL)
+
+    def _final_drain(self, s: Settings) -> None:
+        args = [*self._shipper_args(s), "--exit-when-idle"]
+        try:
+            subprocess.run(args, env=self._shipper_env(), stdin=subprocess.DEVNULL, timeout=30,
+                           check=False)
+        except subprocess.TimeoutExpired:
+            logger.warning("wasm: metrics not all delivered in 30 s; they stay in %s and are "
+                           "delivered next time", s.spool_dir)
 
     @staticmethod
     def _stop_shipper(proc: subprocess.Popen[bytes]) -> None:
@@ -539,19 +560,25 @@ class WasmAuth:
                 logger.exception("wasm: sampling failed")
 
     def _sample_all(self) -> None:
+        if self.metrics is not None:
+            self._sample_all_to(self.metrics)
+
+    def _sample_all_to(self, metrics: Any) -> None:
         if self.host is None:
             return
         for inst in list(self.host.instances.values()):
-            self._sample(inst.id)
+            self._sample(inst.id, metrics)
 
-    def _sample(self, instance_id: str) -> None:
-        assert self.host is not None
+    def _sample(self, instance_id: str, metrics: Any = None) -> None:
+        metrics = metrics or self.metrics
+        if self.host is None or metrics is None:
+            return
         inst = self.host.instances.get(instance_id)
         if inst is None:
             return
         o = inst.observe()
         self._last_pages[instance_id] = o.allocated_pages
-        self.write("samples", {
+        metrics.write("samples", {
             "time": self.clock.now_ns() / 1e9, "instance": o.id, "tenant": o.tenant,
             "generation": o.generation, "started_at": o.started_at,
             "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,

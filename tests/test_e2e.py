@@ -284,3 +284,63 @@ def test_manager_restarts_a_live_instance_when_the_rule_fires(tmp_path: Path,
     finally:
         client.drop_database(name)
         client.close()
+
+
+def test_live_replay_of_a_trace_through_the_proxy(live: Stack) -> None:
+    """`python -m scenarios replay`'s engine sends a trace through mitmdump: logins at the auth
+    server, requests and logouts through the proxy; the store sees every decision."""
+    from scenarios.basic import BasicParams, basic_trace
+    from scenarios.replay import ReplayConfig, replay
+
+    trace = basic_trace(BasicParams(count=25, interval=0.02, host="shop.example"))
+    summary = replay(trace, ReplayConfig(proxy=live.proxy, auth=live.auth, speed=1.0))
+    assert summary.sent == 50 and summary.status == {"200": 50} and summary.errors == 0
+    live.wait_for("requests", {}, 50)
+    decisions = [d["decision"] for d in live.db.requests.find({}, {"decision": 1})]
+    # Each login's first request is a miss; each logout finds its token cached (a hit, then
+    # evicted by the filter and revoked at the auth server).
+    assert decisions.count("miss") == 25 and decisions.count("hit") == 25
+    live.wait_for("auth_calls", {"status": 200}, 25)
+    live.wait_for("samples", {"instance": "shop.example", "live_entries": 0, "outbound": 25}, 1)
+
+
+def test_har_client_replay_through_the_addon(tmp_path: Path, mongo_uri: str) -> None:
+    """A HAR written from a trace, replayed by mitmproxy's own client replay
+    (`mitmdump -C file.har -s addons/wasm_auth.py`), goes through the filter."""
+    from scenarios.basic import BasicParams, basic_trace
+    from scenarios.har import write_har
+
+    name = f"e2e_{uuid.uuid4().hex[:10]}"
+    uri = mongo_uri.rstrip("/") + "/" + name
+    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
+    db = client[name]
+    auth_port, shop_port = free_port(), free_port()
+    env = {"PYTHONPATH": str(ROOT)}
+    try:
+        with process([PYTHON, "-m", "scenarios", "auth-server", "--port", str(auth_port),
+                      "--no-store"], auth_port, tmp_path / "auth.log", env), \
+             process([PYTHON, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
+                     tmp_path / "shop.log", env):
+            trace = basic_trace(BasicParams(count=10, host=f"127.0.0.1:{shop_port}"))
+            tokens = {}
+            for e in trace:
+                if e.kind == "login":
+                    r = httpx.post(f"http://127.0.0.1:{auth_port}/login", json={"user": e.user})
+                    tokens[e.token] = r.json()["token"]
+            har = tmp_path / "basic.har"
+            assert write_har(trace, har, tokens=tokens) == 20
+            with (tmp_path / "mitmdump.log").open("wb") as out:
+                proc = subprocess.run(
+                    [shutil.which("mitmdump") or "mitmdump", "-n", "-q", "-C", str(har),
+                     "-s", str(ROOT / "addons" / "wasm_auth.py"),
+                     "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
+                     "--set", f"wasm_store={uri}", "--set", f"wasm_spool={tmp_path / 'spool'}",
+                     "--set", "wasm_admin_listen="],
+                    stdout=out, stderr=subprocess.STDOUT, timeout=120, env={**os.environ, **env})
+            assert proc.returncode == 0, (tmp_path / "mitmdump.log").read_text()[-2000:]
+        decisions = [d["decision"] for d in db.requests.find({}, {"decision": 1})]
+        assert sorted(set(decisions)) == ["hit", "miss"] and len(decisions) == 20
+        assert decisions.count("miss") == 10
+    finally:
+        client.drop_database(name)
+        client.close()
