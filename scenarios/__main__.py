@@ -573,6 +573,21 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- live: a policy through the real proxy, compared with its simulation --------------------
+
+
+def _live_args(p: argparse.ArgumentParser) -> None:
+    from scenarios.live import live_arguments
+
+    live_arguments(p)
+
+
+def _live(a: argparse.Namespace) -> int:
+    from scenarios.live import live_command
+
+    return live_command(a)
+
+
 # -- wiring ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -623,6 +638,8 @@ COMMANDS: list[Command] = [
         _replay_args,
         _replay,
     ),
+    Command("live", "a policy through the real proxy and daemon, compared with its simulation",
+            _live_args, _live),
 ]
 
 
