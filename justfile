@@ -24,6 +24,11 @@ demo *args: setup
 experiment *args: setup
     {{python}} -m scenarios standard --out results {{args}}
 
+# The experiments' live counterpart: a short trace through the real proxy with the daemon (~1 min)
+[group('run')]
+live *args: setup
+    {{python}} -m scenarios live --quick --out results/live {{args}}
+
 # Run the test suite (arguments go to pytest, e.g. `just test -k header`)
 [group('check')]
 test *args: setup
