@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -24,7 +23,7 @@ import pandas as pd
 from addons.store import close_store, open_store, read_frame
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.fig4 import FIG4_COLUMNS, plot_fig4, summarize_fig4
-from scenarios.procs import free_port, process, stop
+from scenarios.procs import local_stack, stop
 from scenarios.replay import ReplayConfig, replay
 
 logger = logging.getLogger(__name__)
@@ -61,50 +60,32 @@ def demo_series(samples: pd.DataFrame) -> pd.DataFrame:
 def run_demo(config: DemoConfig) -> pd.DataFrame:
     """Run the demo; return the series read back from the store."""
     state = config.state / time.strftime("%Y%m%d-%H%M%S")
-    store = state / "store"
     state.mkdir(parents=True, exist_ok=True)
-    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).parent / "mitmdump")
-    auth_port, shop_port, proxy_port = free_port(), free_port(), free_port()
-    env = {"PYTHONPATH": str(ROOT)}
     trace = basic_trace(BasicParams(count=config.count, host="shop.example"))
     print(f"demo: auth server, shop and mitmdump on 127.0.0.1 (logs and store in {state})")
     with ExitStack() as stack:
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
-             "--store", str(state / "auth-store")], auth_port, state / "auth.log", env))
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
-            state / "shop.log", env))
-        proxy = stack.enter_context(process(
-            [mitmdump, "-q", "-s", str(ROOT / "addons" / "wasm_auth.py"),
-             "--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
-             "-p", str(proxy_port),
-             "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
-             "--set", f"wasm_store={store}", "--set", f"wasm_spool={state / 'spool'}",
-             "--set", f"wasm_clock_speed={config.speed:g}",
-             "--set", f"wasm_sample_interval={config.sample_interval:g}",
-             "--set", "wasm_admin_listen=", "--set", "keep_host_header=true",
-             # Only logouts evict, as in the paper's filter: a TTL longer than the experiment.
-             # Times in the filter's configuration are host-clock times, so the auth timeout
-             # scales with the clock: 1 s of wall time.
-             "--set", "wasm_filter_config=" + json.dumps(
-                 {"ttl_seconds": 2 * config.count + 600, "timeout_ms": int(1000 * config.speed)})],
-            proxy_port, state / "mitmdump.log", env, timeout=60))
+        # Only logouts evict, as in the paper's filter: a TTL longer than the experiment. Times
+        # in the filter's configuration are host-clock times, so the auth timeout scales with
+        # the clock: 1 s of wall time.
+        local = local_stack(stack, state, speed=config.speed,
+                            sample_interval=config.sample_interval,
+                            filter_config=json.dumps({"ttl_seconds": 2 * config.count + 600,
+                                                      "timeout_ms": int(1000 * config.speed)}))
         print(f"demo: replaying {config.count} logins then {config.count} logouts at "
               f"{config.speed:g}× through the proxy")
         summary = replay(trace, ReplayConfig(
-            proxy=f"http://127.0.0.1:{proxy_port}", auth=f"http://127.0.0.1:{auth_port}",
+            proxy=local.proxy, auth=local.auth,
             speed=config.speed, progress=sys.stderr.isatty()))
         print(summary.format())
         time.sleep(2 * config.sample_interval / config.speed + 0.2)  # a last sample
-        stop(proxy, timeout=60)  # the addon flushes; its shipper delivers to the store
-    db = open_store(str(store))
+        stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers
+    db = open_store(str(local.store))
     try:
         samples = read_frame(db, "samples", {"instance": "shop.example"})
     finally:
         close_store(db)
     if samples.empty:
-        raise RuntimeError(f"no samples in {store}: see {state / 'mitmdump.log'}")
+        raise RuntimeError(f"no samples in {local.store}: see {state / 'mitmdump.log'}")
     series = demo_series(samples)
     config.out.mkdir(parents=True, exist_ok=True)
     series.to_csv(config.out / "samples.csv", index=False)

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ from scenarios.experiment import (
     run_policy,
     summarize,
 )
-from scenarios.procs import free_port, process, stop
+from scenarios.procs import local_stack, stop
 from scenarios.replay import ReplayConfig, ReplaySummary, replay
 from scenarios.report import markdown_table, write_report
 from scenarios.simulate import SAMPLE_COLUMNS, SimConfig
@@ -248,45 +247,25 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
     parse_policy(policy)  # fail before starting anything
     run_dir = state / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
-    store = run_dir / "store"
     token_file = run_dir / "admin-token"
     token_file.write_text(secrets.token_urlsafe(24))
     token_file.chmod(0o600)
-    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).parent / "mitmdump")
-    auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
-    auth = f"http://127.0.0.1:{auth_port}"
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {"PYTHONPATH": os.pathsep.join(paths)}
     interval_wall = max(0.2, decision_interval / speed)
     print(f"live: auth server, shop, mitmdump and the manager on 127.0.0.1 (state in {run_dir})",
           file=sys.stderr)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
-             "--store", str(run_dir / "auth-store")], auth_port, run_dir / "auth.log", env))
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
-            run_dir / "shop.log", env))
-        proxy = stack.enter_context(process(
-            [mitmdump, "-q", "-s", str(ROOT / "addons" / "wasm_auth.py"),
-             "--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
-             "-p", str(proxy_port),
-             "--set", f"wasm_cluster=auth={auth}",
-             "--set", f"wasm_store={store}", "--set", f"wasm_spool={run_dir / 'spool'}",
-             "--set", f"wasm_clock_speed={speed:g}",
-             "--set", f"wasm_sample_interval={sample_interval:g}",
-             "--set", f"wasm_admin_listen=127.0.0.1:{admin_port}",
-             "--set", f"wasm_admin_token_file={token_file}",
-             "--set", "keep_host_header=true",
-             "--set", f"wasm_filter_config={filter_config(speed)}"],
-            proxy_port, run_dir / "mitmdump.log", env, timeout=60))
+        local = local_stack(stack, run_dir, speed=speed, sample_interval=sample_interval,
+                            filter_config=filter_config(speed), admin_token_file=token_file)
+        store = local.store
+        env = {"PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         # The store exists once the shipper created it; the daemon retries until then.
         daemon_log = (run_dir / "manager.log").open("wb")
         stack.callback(daemon_log.close)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "manager", "run", "--store", str(store),
-             "--admin", f"http://127.0.0.1:{admin_port}", "--token-file", str(token_file),
+             "--admin", str(local.admin), "--token-file", str(token_file),
              "--policy", policy, "--interval", f"{interval_wall:g}s",
              # Samples reach the store about a second of wall time late: reach back further.
              "--overlap", f"{max(10.0, 3 * speed):g}s", "--backoff-max", "1s",
@@ -297,14 +276,14 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
         print(f"live: replaying {len(trace)} events ({trace.duration / 60:.1f} min of trace) at "
               f"{speed:g}× with `{policy}` every {interval_wall:g} s", file=sys.stderr)
         summary = replay(trace, ReplayConfig(
-            proxy=f"http://127.0.0.1:{proxy_port}", auth=auth, speed=speed, progress=progress))
+            proxy=local.proxy, auth=local.auth, speed=speed, progress=progress))
         print(summary.format(), file=sys.stderr)
         time.sleep(2 * sample_interval / speed + 0.3)  # a last periodic sample
-        verified = int(_auth_stats(auth).get("requests", {}).get("verify", 0))
+        verified = int(_auth_stats(local.auth).get("requests", {}).get("verify", 0))
         code = stop(daemon)
         if code not in (0, -15):
             logger.warning("the manager exited with %s: see %s", code, run_dir / "manager.log")
-        stop(proxy, timeout=60)  # the addon flushes; its shipper delivers to the store
+        stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers
     elapsed = time.perf_counter() - t0
     db = open_store(str(store))
     try:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -63,3 +66,52 @@ def process(args: Sequence[str], port: int, log: Path, env: dict[str, str] | Non
         yield proc
     finally:
         stop(proc)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The URLs and files of a local stack started by :func:`local_stack`."""
+
+    auth: str
+    proxy: str
+    admin: str | None
+    store: Path
+    spool: Path
+    proxy_process: subprocess.Popen[bytes]
+
+
+def local_stack(stack: ExitStack, run_dir: Path, *, speed: float, sample_interval: float,
+                filter_config: str, admin_token_file: Path | None = None) -> Stack:
+    """Start the auth server, the shop and mitmdump with the addon on 127.0.0.1.
+
+    Everything lives in `run_dir` (logs, spool, the embedded stores); `stack` stops it all, in
+    reverse order. With `admin_token_file`, the admin endpoint listens with that token.
+    """
+    root = Path(__file__).resolve().parent.parent
+    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).parent / "mitmdump")
+    auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
+    paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
+    store, spool = run_dir / "store", run_dir / "spool"
+    auth = f"http://127.0.0.1:{auth_port}"
+    admin = f"127.0.0.1:{admin_port}" if admin_token_file is not None else ""
+    stack.enter_context(process(
+        [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
+         "--store", str(run_dir / "auth-store")], auth_port, run_dir / "auth.log", env))
+    stack.enter_context(process(
+        [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
+        run_dir / "shop.log", env))
+    options = {
+        "wasm_cluster": f"auth={auth}", "wasm_store": str(store), "wasm_spool": str(spool),
+        "wasm_clock_speed": f"{speed:g}", "wasm_sample_interval": f"{sample_interval:g}",
+        "wasm_admin_listen": admin, "keep_host_header": "true",
+        "wasm_filter_config": filter_config,
+        **({"wasm_admin_token_file": str(admin_token_file)} if admin_token_file else {}),
+    }
+    sets = [arg for name, value in options.items() for arg in ("--set", f"{name}={value}")]
+    proxy = stack.enter_context(process(
+        [mitmdump, "-q", "-s", str(root / "addons" / "wasm_auth.py"),
+         "--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
+         "-p", str(proxy_port), *sets], proxy_port, run_dir / "mitmdump.log", env, timeout=60))
+    return Stack(auth, f"http://127.0.0.1:{proxy_port}", f"http://{admin}" if admin else None,
+                 store, spool, proxy)
