@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def mitmdump_path() -> str:
+    """The mitmdump of this Python environment (beside the interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mitmdump"
+    return str(beside) if beside.exists() else shutil.which("mitmdump") or "mitmdump"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -88,7 +94,7 @@ def local_stack(stack: ExitStack, run_dir: Path, *, speed: float, sample_interva
     reverse order. With `admin_token_file`, the admin endpoint listens with that token.
     """
     root = Path(__file__).resolve().parent.parent
-    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).parent / "mitmdump")
+    mitmdump = mitmdump_path()
     auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
     paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {"PYTHONPATH": os.pathsep.join(paths)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -21,6 +20,8 @@ from pathlib import Path
 import httpx
 import pymongo
 import pytest
+
+from scenarios.procs import mitmdump_path
 
 from .servers import FERRETDB_BIN, PYTHON, free_port, process
 
@@ -93,7 +94,7 @@ def stack(tmp: Path, store: str, db: pymongo.database.Database,  # type: ignore[
                   "--store", str(tmp / "auth-store")], auth_port, tmp / "auth.log", env), \
          process([PYTHON, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
                  tmp / "shop.log", env), \
-         process([shutil.which("mitmdump") or "mitmdump", "-q", "-s",
+         process([mitmdump_path(), "-q", "-s",
                   str(ROOT / "addons" / "wasm_auth.py"),
                   "--mode", f"reverse:http://127.0.0.1:{shop_port}",
                   "--listen-host", "127.0.0.1", "-p", str(proxy_port), *sets],
@@ -222,7 +223,7 @@ def test_bad_filter_is_a_clear_startup_error(tmp_path: Path) -> None:
     log = tmp_path / "mitmdump.log"
     with log.open("wb") as out:
         proc = subprocess.run(
-            [shutil.which("mitmdump") or "mitmdump", "-q", "-s",
+            [mitmdump_path(), "-q", "-s",
              str(ROOT / "addons" / "wasm_auth.py"), "-p", str(port),
              "--set", f"wasm_filter={bad}", "--set", "wasm_admin_listen="],
             stdout=out, stderr=subprocess.STDOUT, timeout=60,
@@ -331,7 +332,7 @@ def test_har_client_replay_through_the_addon(tmp_path: Path, mongo_uri: str) -> 
             assert write_har(trace, har, tokens=tokens) == 20
             with (tmp_path / "mitmdump.log").open("wb") as out:
                 proc = subprocess.run(
-                    [shutil.which("mitmdump") or "mitmdump", "-n", "-q", "-C", str(har),
+                    [mitmdump_path(), "-n", "-q", "-C", str(har),
                      "-s", str(ROOT / "addons" / "wasm_auth.py"),
                      "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
                      "--set", f"wasm_store={uri}", "--set", f"wasm_spool={tmp_path / 'spool'}",

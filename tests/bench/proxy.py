@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from scenarios.procs import free_port, process
+from scenarios.procs import free_port, mitmdump_path, process
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "proxy.json"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load = wrk if shutil.which("wrk") else python_load
-    mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).parent / "mitmdump")
+    mitmdump = mitmdump_path()
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
