@@ -239,8 +239,13 @@ def test_errors_are_counted_not_fatal(servers: Servers, hold: bool, error: str) 
     finally:
         sink.close()
     assert s.sent == 6 and s.errors == 6
-    (status, n), = s.status.items()
-    assert status.startswith(error) and n == 6
+    # Every exchange failed and was counted; a closed connection shows as a disconnect or a
+    # reset depending on timing, so only the family is fixed.
+    assert sum(s.status.values()) == 6
+    assert all(status.startswith("error:") for status in s.status)
+    if error != "error:":
+        assert any(status in (error, "error:ClientOSError", "error:ClientConnectionResetError")
+                   for status in s.status), s.status
     assert s.latency_ms == {}
     assert s.auth_status == {"login 200": 3, "logout 200": 3}
 
