@@ -340,6 +340,27 @@ class RawInstance:
             self._raise(error)
         return int(self._a32[0])
 
+    def call2(self, func: ctypes.c_void_p, p0: int, p1: int) -> int:
+        """`call` with two parameters (context create)."""
+        a64 = self._a64
+        a64[0] = p0
+        a64[2] = p1
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        if error or self._trap.value:
+            self._raise(error)
+        return int(self._a32[0])
+
+    def call3(self, func: ctypes.c_void_p, p0: int, p1: int, p2: int) -> int:
+        """`call` with three parameters (request and response headers)."""
+        a64 = self._a64
+        a64[0] = p0
+        a64[2] = p1
+        a64[4] = p2
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        if error or self._trap.value:
+            self._raise(error)
+        return int(self._a32[0])
+
     def call1(self, func: ctypes.c_void_p, p0: int) -> int:
         """`call` with one parameter (the hot path: allocations, context callbacks)."""
         self._a64[0] = p0

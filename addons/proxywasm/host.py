@@ -185,7 +185,8 @@ class Stream:
             return self.decision if self.decision else self._fail(str(e), headers)
         finally:
             host._busy -= 1
-            host._drain_deliveries()
+            if host._deliveries:
+                host._drain_deliveries()
         if self.decision is None:
             self.settle(action)
         return self.decision

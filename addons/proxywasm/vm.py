@@ -401,7 +401,8 @@ class Vm:
         self.contexts[ctx.id] = ctx
         self.raw.arm(self.deadline)
         if self._on_context_create is not None:
-            self.call(self._on_context_create, ctx.id, ROOT_CONTEXT_ID)
+            _active[0] = self
+            self.raw.call2(self._on_context_create, ctx.id, ROOT_CONTEXT_ID)
         return ctx
 
     def on_request_headers(self, ctx: StreamContext, end_of_stream: bool) -> int:
@@ -410,8 +411,9 @@ class Vm:
         if self._on_request_headers is None:
             return int(Action.CONTINUE)
         self.effective = ctx.id
+        _active[0] = self
         try:
-            return self.call(
+            return self.raw.call3(
                 self._on_request_headers, ctx.id, len(ctx.request_headers), int(end_of_stream)
             )
         finally:
@@ -434,8 +436,9 @@ class Vm:
         """`proxy_on_done`, then (unless the guest defers with false) log and delete."""
         self.effective = ctx.id
         self.raw.arm(self.deadline)
+        _active[0] = self
         try:
-            done = 1 if self._on_done is None else self.call(self._on_done, ctx.id)
+            done = 1 if self._on_done is None else self.raw.call1(self._on_done, ctx.id)
             if done:
                 self._delete_context(ctx)
             else:
@@ -445,10 +448,11 @@ class Vm:
 
     def _delete_context(self, ctx: StreamContext) -> None:
         try:
+            _active[0] = self
             if self._on_log is not None:
-                self.call(self._on_log, ctx.id)
+                self.raw.call1(self._on_log, ctx.id)
             if self._on_delete is not None:
-                self.call(self._on_delete, ctx.id)
+                self.raw.call1(self._on_delete, ctx.id)
         finally:
             self.contexts.pop(ctx.id, None)
             for call_id in ctx.calls:
