@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -766,7 +767,16 @@ def test_the_daemon_process_runs_until_sigterm(embedded: Store) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while embedded.db.decisions.count_documents({}) == 0:
+
+        def decided() -> bool:
+            # The daemon process writes the embedded store meanwhile: a reader may meet its
+            # SQLite lock and must simply try again (as the daemon itself does).
+            try:
+                return embedded.db.decisions.count_documents({}) > 0
+            except sqlite3.OperationalError:
+                return False
+
+        while not decided():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
