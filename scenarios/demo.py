@@ -67,10 +67,12 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
         # Only logouts evict, as in the paper's filter: a TTL longer than the experiment. Times
         # in the filter's configuration are host-clock times, so the auth timeout scales with
         # the clock: 1 s of wall time.
-        local = local_stack(stack, state, speed=config.speed,
-                            sample_interval=config.sample_interval,
-                            filter_config=json.dumps({"ttl_seconds": 2 * config.count + 600,
-                                                      "timeout_ms": int(1000 * config.speed)}))
+        local = local_stack(stack, state, options={
+            "wasm_clock_speed": f"{config.speed:g}",
+            "wasm_sample_interval": f"{config.sample_interval:g}",
+            "wasm_filter_config": json.dumps({"ttl_seconds": 2 * config.count + 600,
+                                              "timeout_ms": int(1000 * config.speed)}),
+        })
         print(f"demo: replaying {config.count} logins then {config.count} logouts at "
               f"{config.speed:g}× through the proxy")
         summary = replay(trace, ReplayConfig(
@@ -79,7 +81,7 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
         print(summary.format())
         time.sleep(2 * config.sample_interval / config.speed + 0.2)  # a last sample
         stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers
-    db = open_store(str(local.store))
+    db = open_store(local.store)
     try:
         samples = read_frame(db, "samples", {"instance": "shop.example"})
     finally:

@@ -255,8 +255,11 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
           file=sys.stderr)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        local = local_stack(stack, run_dir, speed=speed, sample_interval=sample_interval,
-                            filter_config=filter_config(speed), admin_token_file=token_file)
+        local = local_stack(stack, run_dir, options={
+            "wasm_clock_speed": f"{speed:g}", "wasm_sample_interval": f"{sample_interval:g}",
+            "wasm_filter_config": filter_config(speed),
+            "wasm_admin_token_file": str(token_file),
+        })
         store = local.store
         env = {"PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -264,7 +267,7 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
         daemon_log = (run_dir / "manager.log").open("wb")
         stack.callback(daemon_log.close)
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "manager", "run", "--store", str(store),
+            [sys.executable, "-m", "manager", "run", "--store", store,
              "--admin", str(local.admin), "--token-file", str(token_file),
              "--policy", policy, "--interval", f"{interval_wall:g}s",
              # Samples reach the store about a second of wall time late: reach back further.
@@ -285,7 +288,7 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
             logger.warning("the manager exited with %s: see %s", code, run_dir / "manager.log")
         stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers
     elapsed = time.perf_counter() - t0
-    db = open_store(str(store))
+    db = open_store(store)
     try:
         samples = read_frame(db, SAMPLES, {})
         requests = read_frame(db, REQUESTS, {}, ["time", "instance", "generation", "decision",

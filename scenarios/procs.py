@@ -81,42 +81,45 @@ class Stack:
     auth: str
     proxy: str
     admin: str | None
-    store: Path
+    store: str
     spool: Path
     proxy_process: subprocess.Popen[bytes]
 
 
-def local_stack(stack: ExitStack, run_dir: Path, *, speed: float, sample_interval: float,
-                filter_config: str, admin_token_file: Path | None = None) -> Stack:
+def local_stack(stack: ExitStack, run_dir: Path, *, store: str | None = None,
+                options: dict[str, str] | None = None) -> Stack:
     """Start the auth server, the shop and mitmdump with the addon on 127.0.0.1.
 
-    Everything lives in `run_dir` (logs, spool, the embedded stores); `stack` stops it all, in
-    reverse order. With `admin_token_file`, the admin endpoint listens with that token.
+    Logs, spool and the auth server's embedded store live in `run_dir`; the addon's metrics go
+    to `store` (default: an embedded store in `run_dir`). `options` are addon options
+    (`wasm_clock_speed`, `wasm_admin_token`, …) merged over the defaults here — merged, because
+    mitmproxy ignores a script whose option is given twice. The admin endpoint listens when
+    `wasm_admin_token` or `wasm_admin_token_file` is among them. `stack` stops it all.
     """
     root = Path(__file__).resolve().parent.parent
-    mitmdump = mitmdump_path()
+    run_dir.mkdir(parents=True, exist_ok=True)
     auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
     paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {"PYTHONPATH": os.pathsep.join(paths)}
-    store, spool = run_dir / "store", run_dir / "spool"
+    store = store or str(run_dir / "store")
+    spool = run_dir / "spool"
     auth = f"http://127.0.0.1:{auth_port}"
-    admin = f"127.0.0.1:{admin_port}" if admin_token_file is not None else ""
+    options = options or {}
+    admin = (f"127.0.0.1:{admin_port}"
+             if {"wasm_admin_token", "wasm_admin_token_file"} & options.keys() else "")
     stack.enter_context(process(
         [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
          "--store", str(run_dir / "auth-store")], auth_port, run_dir / "auth.log", env))
     stack.enter_context(process(
         [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
         run_dir / "shop.log", env))
-    options = {
-        "wasm_cluster": f"auth={auth}", "wasm_store": str(store), "wasm_spool": str(spool),
-        "wasm_clock_speed": f"{speed:g}", "wasm_sample_interval": f"{sample_interval:g}",
-        "wasm_admin_listen": admin, "keep_host_header": "true",
-        "wasm_filter_config": filter_config,
-        **({"wasm_admin_token_file": str(admin_token_file)} if admin_token_file else {}),
+    settings = {
+        "wasm_cluster": f"auth={auth}", "wasm_store": store, "wasm_spool": str(spool),
+        "wasm_admin_listen": admin, "keep_host_header": "true", **options,
     }
-    sets = [arg for name, value in options.items() for arg in ("--set", f"{name}={value}")]
+    sets = [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]
     proxy = stack.enter_context(process(
-        [mitmdump, "-q", "-s", str(root / "addons" / "wasm_auth.py"),
+        [mitmdump_path(), "-q", "-s", str(root / "addons" / "wasm_auth.py"),
          "--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
          "-p", str(proxy_port), *sets], proxy_port, run_dir / "mitmdump.log", env, timeout=60))
     return Stack(auth, f"http://127.0.0.1:{proxy_port}", f"http://{admin}" if admin else None,

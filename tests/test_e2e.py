@@ -21,7 +21,7 @@ import httpx
 import pymongo
 import pytest
 
-from scenarios.procs import mitmdump_path
+from scenarios.procs import local_stack, mitmdump_path
 
 from .servers import FERRETDB_BIN, PYTHON, free_port, process
 
@@ -74,33 +74,13 @@ class Stack:
 @contextlib.contextmanager
 def stack(tmp: Path, store: str, db: pymongo.database.Database,  # type: ignore[type-arg]
           **options: str) -> Iterator[Stack]:
-    """Auth server, shop and mitmdump with the addon, writing metrics to `store`.
-
-    `options` override the addon's options below (mitmproxy ignores a script whose option is
-    given twice, so they are merged, not appended).
-    """
-    tmp.mkdir(parents=True, exist_ok=True)
-    auth_port, shop_port, proxy_port, admin_port = (free_port() for _ in range(4))
-    env = {"PYTHONPATH": str(ROOT)}
-    spool = tmp / "spool"
-    settings = {
-        "wasm_cluster": f"auth=http://127.0.0.1:{auth_port}", "wasm_store": store,
-        "wasm_spool": str(spool), "wasm_admin_listen": f"127.0.0.1:{admin_port}",
-        "wasm_admin_token": ADMIN_TOKEN, "wasm_sample_interval": "0.5",
-        "keep_host_header": "true", **options,
-    }
-    sets = [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]
-    with process([PYTHON, "-m", "scenarios", "auth-server", "--port", str(auth_port),
-                  "--store", str(tmp / "auth-store")], auth_port, tmp / "auth.log", env), \
-         process([PYTHON, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
-                 tmp / "shop.log", env), \
-         process([mitmdump_path(), "-q", "-s",
-                  str(ROOT / "addons" / "wasm_auth.py"),
-                  "--mode", f"reverse:http://127.0.0.1:{shop_port}",
-                  "--listen-host", "127.0.0.1", "-p", str(proxy_port), *sets],
-                 proxy_port, tmp / "mitmdump.log", env, timeout=60):
-        yield Stack(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{auth_port}",
-                    f"http://127.0.0.1:{admin_port}", db, spool, tmp / "mitmdump.log")
+    """Auth server, shop and mitmdump with the addon (scenarios.procs.local_stack), writing
+    metrics to `store`, with an admin endpoint; `options` override the addon's options."""
+    with contextlib.ExitStack() as exits:
+        local = local_stack(exits, tmp, store=store, options={
+            "wasm_admin_token": ADMIN_TOKEN, "wasm_sample_interval": "0.5", **options})
+        assert local.admin is not None
+        yield Stack(local.proxy, local.auth, local.admin, db, local.spool, tmp / "mitmdump.log")
 
 
 @pytest.fixture
