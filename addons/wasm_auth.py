@@ -375,7 +375,9 @@ class WasmAuth:
         self.settings = settings
         self._build_host(previous)
         if self._running and previous is not None:
-            asyncio.get_running_loop().create_task(self._restart_services(previous))
+            task = asyncio.get_running_loop().create_task(self._restart_services())
+            self._closing.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._closing.discard)
 
     def _build_host(self, previous: Settings | None) -> None:
         """(Re)create the host when anything it depends on changed."""
@@ -482,7 +484,7 @@ class WasmAuth:
             # while nothing is served. What cannot be delivered stays spooled for next time.
             await asyncio.to_thread(self._final_drain, self.settings)
 
-    async def _restart_services(self, previous: Settings) -> None:
+    async def _restart_services(self) -> None:
         await self._stop_services()
         await self._start_services()
 
