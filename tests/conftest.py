@@ -18,7 +18,8 @@ from addons.proxywasm import (
     Stream,
     VirtualClock,
 )
-from addons.proxywasm.vm import ROOT_CONTEXT_ID, StreamContext, Vm
+from addons.proxywasm.context import ROOT_CONTEXT_ID, StreamContext
+from addons.proxywasm.vm import Vm
 
 from .servers import ferretdb
 

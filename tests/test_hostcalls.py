@@ -12,7 +12,7 @@ import pytest
 
 from addons.proxywasm import HttpCallResponse, Status, serialize_map
 from addons.proxywasm.abi import BufferType, MapType, MetricType, WasiErrno
-from addons.proxywasm.vm import HOSTCALLS
+from addons.proxywasm.exports import HOSTCALLS
 
 from .wat import module, trampolines
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addons.proxywasm.vm import HOSTCALLS
+from addons.proxywasm.exports import HOSTCALLS
 
 _T = {"i": "i32", "I": "i64"}
 

@@ -19,6 +19,7 @@ from .calls import (
     InProcessDispatcher,
 )
 from .clock import Clock, ScaledClock, VirtualClock, WallClock
+from .context import LocalResponse
 from .headers import MapFormatError, deserialize_map, serialize_map
 from .host import (
     AuthCallRecord,
@@ -26,13 +27,14 @@ from .host import (
     FilterInstance,
     Host,
     HostEvents,
-    Limits,
     Observation,
     RestartError,
     RestartRecord,
     Stream,
 )
-from .vm import FilterLoadError, FilterModule, FilterStartError, LocalResponse
+from .limits import Limits
+from .module import FilterLoadError, FilterModule
+from .vm import FilterStartError
 
 __all__ = [
     "WASM_PAGE_SIZE", "Action", "AuthCallRecord", "BufferType", "Clock", "Decision",

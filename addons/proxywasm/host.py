@@ -29,29 +29,17 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from . import _wasmtime as raw
-from .abi import WASM_PAGE_SIZE, Action
+from .abi import WASM_PAGE_SIZE, Action, Status
 from .calls import Dispatcher, HttpCall, HttpCallResponse
 from .clock import Clock, WallClock
+from .context import LocalResponse, PendingCall, StreamContext
 from .headers import Pairs
-from .vm import FilterModule, FilterStartError, LocalResponse, PendingCall, StreamContext, Vm
+from .limits import Limits
+from .module import FilterModule
+from .vm import FilterStartError, Vm
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Resource limits and failure handling for every instance of a host."""
-
-    memory_bytes: int = 256 * 2**20
-    """Linear-memory cap per instance; `memory.grow` past it fails (0: no cap)."""
-    deadline_ms: float = 100.0
-    """A guest call running longer than this is interrupted (epoch deadline)."""
-    crash_window_s: float = 60.0
-    """Crashes closer together than this count as a crash loop."""
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 30.0
-    stream_timeout_s: float = 30.0
-    """A paused stream with no pending call that gets no decision in this time fails."""
+guest_logger = logging.getLogger("wasm_reclaim.guest")
 
 
 class Decision(NamedTuple):
@@ -480,8 +468,16 @@ class Host:
 
     def start_call(
         self, vm: Vm, call: PendingCall, headers: Pairs, body: bytes, trailers: Pairs
-    ) -> bool:
-        """Hand a call made by `vm` to the dispatcher; schedule its deadline."""
+    ) -> int:
+        """Hand a call made by `vm` to the dispatcher; schedule its deadline.
+
+        Returns a `Status`: BAD_ARGUMENT for an unknown cluster, INTERNAL_FAILURE if the
+        dispatcher cannot start it, OK once started.
+        """
+        if not self.dispatcher.has_cluster(call.cluster):
+            guest_logger.warning("[%s] proxy_http_call to unknown cluster %r", vm.instance_id,
+                                 call.cluster)
+            return Status.BAD_ARGUMENT
         http_call = HttpCall(call.cluster, headers, body, trailers,
                              (call.deadline_ns - call.started_ns) // 1_000_000)
 
@@ -495,9 +491,9 @@ class Host:
             self.dispatcher.start(http_call, deliver)
         except Exception as e:
             logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
-            return False
+            return Status.INTERNAL_FAILURE
         heapq.heappush(self._timers, (call.deadline_ns, next(self._seq), vm, call.id))
-        return True
+        return Status.OK
 
     def _drain_deliveries(self) -> None:
         while self._deliveries and not self._busy:

@@ -1,0 +1,78 @@
+"""What each context of a VM knows (cpp-host's context.cc): stream contexts, pending calls.
+
+The root context (id 1) is the VM itself: its tick period, metrics and outbound calls live on
+the `Vm`. A `StreamContext` is one HTTP stream: its header maps, and what the filter decided
+for it (a local response, a reset, a resume). A `PendingCall` is an outbound `proxy_http_call`
+waiting for its answer or its deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .abi import MetricType
+from .headers import Pairs
+
+ROOT_CONTEXT_ID = 1
+
+
+class LocalResponse(NamedTuple):
+    """A response the filter sends itself instead of forwarding the request."""
+
+    status: int
+    body: bytes = b""
+    headers: Pairs = []  # noqa: RUF012 - NamedTuple defaults are never mutated here
+    details: str = ""
+
+
+class StreamContext:
+    """Host-side state of one HTTP stream context in a Vm."""
+
+    __slots__ = (
+        "calls", "closed", "done_pending", "id", "local_response", "modified", "outbound",
+        "request_headers", "request_trailers", "response_headers", "response_trailers", "resumed",
+        "stream",
+    )
+
+    def __init__(self, context_id: int, stream: Any) -> None:
+        self.id = context_id
+        self.stream = stream
+        self.request_headers: Pairs = []
+        self.request_trailers: Pairs = []
+        self.response_headers: Pairs = []
+        self.response_trailers: Pairs = []
+        self.local_response: LocalResponse | None = None
+        self.modified = False  # the filter changed a header map
+        self.resumed = False
+        self.closed = False
+        self.done_pending = False
+        self.calls: set[int] = set()
+        self.outbound = 0
+
+
+class PendingCall:
+    """An outbound `proxy_http_call` waiting for its response or its deadline."""
+
+    __slots__ = ("cluster", "context_id", "deadline_ns", "id", "path", "started_ns")
+
+    def __init__(
+        self, call_id: int, context_id: int, cluster: str, path: str, started_ns: int,
+        deadline_ns: int,
+    ) -> None:
+        self.id = call_id
+        self.context_id = context_id
+        self.cluster = cluster
+        self.path = path
+        self.started_ns = started_ns
+        self.deadline_ns = deadline_ns
+
+
+class Metric:
+    """A metric the guest defined with `proxy_define_metric`."""
+
+    __slots__ = ("name", "type", "value")
+
+    def __init__(self, name: str, metric_type: MetricType) -> None:
+        self.name = name
+        self.type = metric_type
+        self.value = 0

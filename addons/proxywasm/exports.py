@@ -1,0 +1,584 @@
+"""The host calls (cpp-host's exports.cc): check the arguments, read guest memory, delegate.
+
+Each function here is one import a filter may make, called with the active `Vm` and the
+guest's parameters as ints (i32 unsigned: pointers, sizes, ids; i64 signed). It checks its
+arguments, reads guest memory through the VM's bounds-checked accessors, delegates to the VM,
+its context or the host services, and writes results back. It returns a `Status` (or a WASI
+errno for the `wasi_snapshot_preview1` functions); a bad guest pointer is
+`INVALID_MEMORY_ACCESS` (WASI `FAULT`), never an exception.
+
+`HOSTCALLS` maps (module, name) to the signature and the function; `module.py` links them.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+
+from . import _wasmtime as raw
+from .abi import BufferType, LogLevel, MapType, MetricType, Status, StreamType, WasiErrno
+from .context import ROOT_CONTEXT_ID, LocalResponse, Metric, PendingCall
+from .headers import MapFormatError, deserialize_map, serialize_map
+from .vm import M32, Vm
+
+guest_logger = logging.getLogger("wasm_reclaim.guest")
+
+BAD_MEMORY = Status.INVALID_MEMORY_ACCESS
+_BUFFER_TYPES = frozenset(BufferType)
+_MAP_TYPES = frozenset(MapType)
+_STREAM_TYPES = frozenset(StreamType)
+_METRIC_TYPES = frozenset(MetricType)
+MAX_LOG_MESSAGE = 16 * 1024
+MAX_RANDOM_BYTES = 64 * 1024
+
+_PY_LEVEL = {
+    LogLevel.TRACE: logging.DEBUG,
+    LogLevel.DEBUG: logging.DEBUG,
+    LogLevel.INFO: logging.INFO,
+    LogLevel.WARN: logging.WARNING,
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.CRITICAL: logging.CRITICAL,
+}
+
+
+# ---- logging, time, ticks ----
+
+
+def proxy_log(vm: Vm, level: int, ptr: int, size: int) -> int:
+    if level not in _PY_LEVEL:
+        return Status.BAD_ARGUMENT
+    if not vm.in_bounds(ptr, size):
+        return Status.INVALID_MEMORY_ACCESS
+    py_level = _PY_LEVEL[LogLevel(level)]
+    if guest_logger.isEnabledFor(py_level):
+        data = vm.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
+        guest_logger.log(
+            py_level, "[%s gen %d] %s", vm.instance_id, vm.generation,
+            data.decode("utf-8", "replace"),
+        )
+    return Status.OK
+
+
+def proxy_get_log_level(vm: Vm, ret_level: int) -> int:
+    level = guest_logger.getEffectiveLevel()
+    abi_level = (
+        LogLevel.DEBUG if level <= logging.DEBUG else LogLevel.INFO if level <= logging.INFO
+        else LogLevel.WARN if level <= logging.WARNING
+        else LogLevel.ERROR if level <= logging.ERROR else LogLevel.CRITICAL
+    )
+    return Status.OK if vm.write_u32(ret_level, abi_level) else BAD_MEMORY
+
+
+def proxy_get_current_time_nanoseconds(vm: Vm, ret_time: int) -> int:
+    return Status.OK if vm.write_u64(ret_time, vm.host.clock.now_ns()) else BAD_MEMORY
+
+
+def proxy_set_tick_period_milliseconds(vm: Vm, period_ms: int) -> int:
+    vm.tick_period_ns = period_ms * 1_000_000
+    vm.next_tick_ns = vm.host.clock.now_ns() + vm.tick_period_ns if period_ms else 0
+    vm.host.schedule_changed()
+    return Status.OK
+
+
+# ---- buffers ----
+
+
+def proxy_get_buffer_bytes(
+    vm: Vm, buf: int, start: int, max_size: int, ret_ptr: int, ret_size: int,
+) -> int:
+    if buf not in _BUFFER_TYPES:
+        return Status.BAD_ARGUMENT
+    data = vm.buffers.get(buf)
+    if data is None:
+        return Status.NOT_FOUND
+    if start > len(data):
+        return Status.BAD_ARGUMENT
+    return vm.return_bytes(data[start : start + max_size], ret_ptr, ret_size)
+
+
+def proxy_get_buffer_status(vm: Vm, buf: int, ret_size: int, ret_flags: int) -> int:
+    if buf not in _BUFFER_TYPES:
+        return Status.BAD_ARGUMENT
+    data = vm.buffers.get(buf)
+    if data is None:
+        return Status.NOT_FOUND
+    if not (vm.write_u32(ret_size, len(data)) and vm.write_u32(ret_flags, 0)):
+        return BAD_MEMORY
+    return Status.OK
+
+
+def proxy_set_buffer_bytes(
+    vm: Vm, buf: int, start: int, size: int, value_ptr: int, value_size: int,
+) -> int:
+    if buf not in _BUFFER_TYPES:
+        return Status.BAD_ARGUMENT
+    data = vm.buffers.get(buf)
+    if data is None:
+        return Status.NOT_FOUND
+    value = vm.read(value_ptr, value_size)
+    if value is None:
+        return BAD_MEMORY
+    start = min(start, len(data))
+    vm.buffers[buf] = data[:start] + value + data[start + size :]
+    return Status.OK
+
+
+# ---- header maps ----
+
+
+def proxy_get_header_map_pairs(vm: Vm, map_type: int, ret_ptr: int, ret_size: int) -> int:
+    if map_type not in _MAP_TYPES:
+        return Status.BAD_ARGUMENT
+    pairs = vm.header_map(map_type)
+    if pairs is None:
+        return Status.NOT_FOUND
+    return vm.return_bytes(serialize_map(pairs), ret_ptr, ret_size)
+
+
+def proxy_get_header_map_size(vm: Vm, map_type: int, ret_size: int) -> int:
+    if map_type not in _MAP_TYPES:
+        return Status.BAD_ARGUMENT
+    pairs = vm.header_map(map_type)
+    if pairs is None:
+        return Status.NOT_FOUND
+    return Status.OK if vm.write_u32(ret_size, len(serialize_map(pairs))) else BAD_MEMORY
+
+
+def proxy_set_header_map_pairs(vm: Vm, map_type: int, ptr: int, size: int) -> int:
+    if map_type not in _MAP_TYPES:
+        return Status.BAD_ARGUMENT
+    data = vm.read(ptr, size)
+    if data is None:
+        return BAD_MEMORY
+    try:
+        pairs = [(k.lower(), v) for k, v in deserialize_map(data)]
+    except MapFormatError as e:
+        guest_logger.warning("[%s] proxy_set_header_map_pairs: %s", vm.instance_id, e)
+        return Status.BAD_ARGUMENT
+    return Status.OK if vm.set_header_map(map_type, pairs) else Status.NOT_FOUND
+
+
+def proxy_get_header_map_value(
+    vm: Vm, map_type: int, key_ptr: int, key_size: int, ret_ptr: int, ret_size: int,
+) -> int:
+    if map_type not in _MAP_TYPES:
+        return Status.BAD_ARGUMENT
+    key = vm.read(key_ptr, key_size)
+    if key is None:
+        return BAD_MEMORY
+    pairs = vm.header_map(map_type)
+    if pairs is None:
+        return Status.NOT_FOUND
+    key = key.lower()
+    for k, v in pairs:
+        if k == key:
+            return vm.return_bytes(v, ret_ptr, ret_size)
+    return Status.NOT_FOUND
+
+
+def _edit_map(
+    vm: Vm, map_type: int, key_ptr: int, key_size: int, value: bytes | None, mode: str,
+) -> int:
+    if map_type not in _MAP_TYPES:
+        return Status.BAD_ARGUMENT
+    key = vm.read(key_ptr, key_size)
+    if key is None or value is None:
+        return BAD_MEMORY
+    pairs = vm.header_map(map_type)
+    if pairs is None or map_type >= MapType.GRPC_CALL_INITIAL_METADATA:
+        return Status.NOT_FOUND
+    key = key.lower()
+    if mode == "add":
+        new = [*pairs, (key, value)]
+    else:
+        new = [(k, v) for k, v in pairs if k != key]
+        if mode == "replace":
+            new.append((key, value))
+    vm.set_header_map(map_type, new)
+    return Status.OK
+
+
+def proxy_add_header_map_value(
+    vm: Vm, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int,
+) -> int:
+    return _edit_map(vm, map_type, key_ptr, key_size, vm.read(value_ptr, value_size), "add")
+
+
+def proxy_replace_header_map_value(
+    vm: Vm, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int,
+) -> int:
+    value = vm.read(value_ptr, value_size)
+    return _edit_map(vm, map_type, key_ptr, key_size, value, "replace")
+
+
+def proxy_remove_header_map_value(vm: Vm, map_type: int, key_ptr: int, key_size: int) -> int:
+    return _edit_map(vm, map_type, key_ptr, key_size, b"", "remove")
+
+
+# ---- streams ----
+
+
+def proxy_continue_stream(vm: Vm, stream_type: int) -> int:
+    if stream_type not in _STREAM_TYPES:
+        return Status.BAD_ARGUMENT
+    if stream_type not in (StreamType.HTTP_REQUEST, StreamType.HTTP_RESPONSE):
+        return Status.UNIMPLEMENTED
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is None:
+        return Status.NOT_FOUND
+    ctx.resumed = True
+    return Status.OK
+
+
+def proxy_continue_request(vm: Vm) -> int:
+    return proxy_continue_stream(vm, StreamType.HTTP_REQUEST)
+
+
+def proxy_continue_response(vm: Vm) -> int:
+    return proxy_continue_stream(vm, StreamType.HTTP_RESPONSE)
+
+
+def proxy_close_stream(vm: Vm, stream_type: int) -> int:
+    if stream_type not in _STREAM_TYPES:
+        return Status.BAD_ARGUMENT
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is None:
+        return Status.NOT_FOUND
+    ctx.closed = True
+    return Status.OK
+
+
+def proxy_send_local_response(
+    vm: Vm, status: int, details_ptr: int, details_size: int, body_ptr: int, body_size: int,
+    headers_ptr: int, headers_size: int, _grpc_status: int,
+) -> int:
+    details = vm.read(details_ptr, details_size)
+    body = vm.read(body_ptr, body_size)
+    headers_raw = vm.read(headers_ptr, headers_size)
+    if details is None or body is None or headers_raw is None:
+        return BAD_MEMORY
+    try:
+        headers = [(k.lower(), v) for k, v in deserialize_map(headers_raw)]
+    except MapFormatError as e:
+        guest_logger.warning("[%s] proxy_send_local_response: %s", vm.instance_id, e)
+        return Status.BAD_ARGUMENT
+    if not 100 <= status <= 999:
+        return Status.BAD_ARGUMENT
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is None:
+        return Status.NOT_FOUND
+    ctx.local_response = LocalResponse(
+        status, body, headers, details.decode("utf-8", "replace")
+    )
+    return Status.OK
+
+
+def proxy_set_effective_context(vm: Vm, context_id: int) -> int:
+    if context_id != ROOT_CONTEXT_ID and context_id not in vm.contexts:
+        return Status.BAD_ARGUMENT
+    vm.effective = context_id
+    return Status.OK
+
+
+def proxy_done(vm: Vm) -> int:
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is None or not ctx.done_pending:
+        return Status.NOT_FOUND
+    vm.delete_context(ctx)
+    vm.host.context_released(vm)
+    return Status.OK
+
+
+# ---- outbound HTTP calls ----
+
+
+def proxy_http_call(
+    vm: Vm, upstream_ptr: int, upstream_size: int, headers_ptr: int, headers_size: int,
+    body_ptr: int, body_size: int, trailers_ptr: int, trailers_size: int, timeout_ms: int,
+    ret_call_id: int,
+) -> int:
+    upstream = vm.read(upstream_ptr, upstream_size)
+    headers_raw = vm.read(headers_ptr, headers_size)
+    body = vm.read(body_ptr, body_size)
+    trailers_raw = vm.read(trailers_ptr, trailers_size)
+    if upstream is None or headers_raw is None or body is None or trailers_raw is None:
+        return BAD_MEMORY
+    if not vm.in_bounds(ret_call_id, 4):
+        return BAD_MEMORY
+    try:
+        headers = deserialize_map(headers_raw)
+        trailers = deserialize_map(trailers_raw)
+    except MapFormatError as e:
+        guest_logger.warning("[%s] proxy_http_call: %s", vm.instance_id, e)
+        return Status.BAD_ARGUMENT
+    cluster = upstream.decode("utf-8", "replace")
+    names = {k.lower() for k, _ in headers}
+    if not {b":authority", b":method", b":path"} <= names:
+        return Status.BAD_ARGUMENT
+    call_id = vm.next_call_id
+    now = vm.host.clock.now_ns()
+    path = next((v for k, v in headers if k.lower() == b":path"), b"").decode("latin-1")
+    call = PendingCall(
+        call_id, vm.effective, cluster, path, now, now + max(timeout_ms, 1) * 1_000_000
+    )
+    status = vm.host.start_call(vm, call, headers, body, trailers)
+    if status != Status.OK:
+        return status
+    vm.next_call_id += 1
+    vm.calls[call_id] = call
+    vm.outbound += 1
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is not None:
+        ctx.calls.add(call_id)
+        ctx.outbound += 1
+    vm.write_u32(ret_call_id, call_id)
+    return Status.OK
+
+
+def proxy_get_status(vm: Vm, ret_code: int, ret_ptr: int, ret_size: int) -> int:
+    if vm.call_response is None:
+        return Status.NOT_FOUND
+    if not vm.write_u32(ret_code, vm.call_response[0]):
+        return BAD_MEMORY
+    message = b"" if vm.call_response[1] else b"call failed"
+    return vm.return_bytes(message, ret_ptr, ret_size)
+
+
+# ---- metrics ----
+
+
+def proxy_define_metric(
+    vm: Vm, metric_type: int, name_ptr: int, name_size: int, ret_id: int,
+) -> int:
+    if metric_type not in _METRIC_TYPES:
+        return Status.BAD_ARGUMENT
+    name = vm.read_str(name_ptr, name_size)
+    if name is None or not vm.in_bounds(ret_id, 4):
+        return BAD_MEMORY
+    metric_id = vm.metric_ids.get(name)
+    if metric_id is None:
+        metric_id = vm.next_metric_id
+        vm.next_metric_id += 1
+        vm.metric_ids[name] = metric_id
+        vm.metrics[metric_id] = Metric(name, MetricType(metric_type))
+    vm.write_u32(ret_id, metric_id)
+    return Status.OK
+
+
+def proxy_increment_metric(vm: Vm, metric_id: int, delta: int) -> int:
+    metric = vm.metrics.get(metric_id)
+    if metric is None:
+        return Status.NOT_FOUND
+    if metric.type == MetricType.COUNTER and delta < 0:
+        return Status.BAD_ARGUMENT
+    metric.value += delta
+    return Status.OK
+
+
+def proxy_record_metric(vm: Vm, metric_id: int, value: int) -> int:
+    metric = vm.metrics.get(metric_id)
+    if metric is None:
+        return Status.NOT_FOUND
+    metric.value = value & 0xFFFFFFFFFFFFFFFF  # the ABI's value is a u64
+    return Status.OK
+
+
+def proxy_get_metric(vm: Vm, metric_id: int, ret_value: int) -> int:
+    metric = vm.metrics.get(metric_id)
+    if metric is None:
+        return Status.NOT_FOUND
+    return Status.OK if vm.write_u64(ret_value, metric.value) else BAD_MEMORY
+
+
+# ---- shared data (shared by every instance of this host; survives restarts) ----
+
+
+def proxy_set_shared_data(
+    vm: Vm, key_ptr: int, key_size: int, value_ptr: int, value_size: int, cas: int,
+) -> int:
+    key = vm.read(key_ptr, key_size)
+    value = vm.read(value_ptr, value_size)
+    if key is None or value is None:
+        return BAD_MEMORY
+    shared = vm.host.shared_data
+    current = shared.get(key)
+    if cas and current is not None and current[1] != cas:
+        return Status.CAS_MISMATCH
+    next_cas = ((current[1] + 1) & M32 or 1) if current else 1
+    shared[key] = (value, next_cas)
+    return Status.OK
+
+
+def proxy_get_shared_data(
+    vm: Vm, key_ptr: int, key_size: int, ret_ptr: int, ret_size: int, ret_cas: int,
+) -> int:
+    key = vm.read(key_ptr, key_size)
+    if key is None or not vm.in_bounds(ret_cas, 4):
+        return BAD_MEMORY
+    entry = vm.host.shared_data.get(key)
+    if entry is None:
+        return Status.NOT_FOUND
+    status = vm.return_bytes(entry[0], ret_ptr, ret_size)
+    if status == Status.OK:
+        vm.write_u32(ret_cas, entry[1])
+    return status
+
+
+# ---- properties ----
+
+
+def proxy_get_property(vm: Vm, path_ptr: int, path_size: int, ret_ptr: int, ret_size: int) -> int:
+    path = vm.read(path_ptr, path_size)
+    if path is None:
+        return BAD_MEMORY
+    value = _property(vm, tuple(p for p in path.split(b"\0") if p))
+    if value is None:
+        return Status.NOT_FOUND
+    return vm.return_bytes(value, ret_ptr, ret_size)
+
+
+def _property(vm: Vm, path: tuple[bytes, ...]) -> bytes | None:
+    """The cheap properties: plugin identity and the effective stream's request line."""
+    plugin = {
+        (b"plugin_name",): vm.host.plugin_name.encode(),
+        (b"plugin_root_id",): vm.host.plugin_name.encode(),
+        (b"plugin_vm_id",): vm.instance_id.encode(),
+    }
+    if path in plugin:
+        return plugin[path]
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is None or len(path) != 2 or path[0] != b"request":
+        return None
+    header = {b"path": b":path", b"method": b":method", b"host": b":authority",
+              b"scheme": b":scheme"}.get(path[1])
+    if header is None:
+        return None
+    return next((v for k, v in ctx.request_headers if k == header), None)
+
+
+# ---- unimplemented by design: a status, never a crash ----
+
+
+def unimplemented(vm: Vm, *_params: int) -> int:
+    return Status.UNIMPLEMENTED
+
+
+def not_found(vm: Vm, *_params: int) -> int:
+    return Status.NOT_FOUND
+
+
+# ---- WASI preview1 ----
+
+
+def fd_write(vm: Vm, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int:
+    if fd not in (1, 2):
+        return WasiErrno.BADF
+    vec = vm.read(iovs, 8 * iovs_len)
+    if vec is None or not vm.in_bounds(ret_written, 4):
+        return WasiErrno.FAULT
+    chunks = []
+    for i in range(iovs_len):
+        ptr, size = struct.unpack_from("<II", vec, 8 * i)
+        chunk = vm.read(ptr, size)
+        if chunk is None:
+            return WasiErrno.FAULT
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    level = logging.INFO if fd == 1 else logging.ERROR
+    text = data[:MAX_LOG_MESSAGE].decode("utf-8", "replace").rstrip("\n")
+    if text:
+        guest_logger.log(level, "[%s gen %d] %s", vm.instance_id, vm.generation, text)
+    vm.write_u32(ret_written, len(data))
+    return WasiErrno.SUCCESS
+
+
+def clock_time_get(vm: Vm, clock_id: int, _precision: int, ret_time: int) -> int:
+    if clock_id not in (0, 1):
+        return WasiErrno.NOTSUP
+    ok = vm.write_u64(ret_time, vm.host.clock.now_ns())
+    return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
+
+
+def random_get(vm: Vm, ptr: int, size: int) -> int:
+    if size > MAX_RANDOM_BYTES:
+        return WasiErrno.INVAL
+    ok = vm.write(ptr, vm.host.random_bytes(size))
+    return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
+
+
+def zero_sizes(vm: Vm, ret_count: int, ret_size: int) -> int:
+    """environ_sizes_get / args_sizes_get: no variables, no arguments."""
+    ok = vm.write_u32(ret_count, 0) and vm.write_u32(ret_size, 0)
+    return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
+
+
+def empty_get(vm: Vm, _array: int, _buffer: int) -> int:
+    """environ_get / args_get after zero sizes: nothing to write."""
+    return WasiErrno.SUCCESS
+
+
+def proc_exit(vm: Vm, code: int) -> None:
+    raise raw.HostTrap(f"the filter called proc_exit({code})")
+
+
+def sched_yield(vm: Vm) -> int:
+    return WasiErrno.SUCCESS
+
+
+# (module, name) -> ((params, results), implementation). Signatures: i = i32, I = i64.
+HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None]]] = {
+    ("env", "proxy_log"): (("iii", "i"), proxy_log),
+    ("env", "proxy_get_log_level"): (("i", "i"), proxy_get_log_level),
+    ("env", "proxy_get_current_time_nanoseconds"): (
+        ("i", "i"), proxy_get_current_time_nanoseconds),
+    ("env", "proxy_set_tick_period_milliseconds"): (
+        ("i", "i"), proxy_set_tick_period_milliseconds),
+    ("env", "proxy_get_buffer_bytes"): (("iiiii", "i"), proxy_get_buffer_bytes),
+    ("env", "proxy_get_buffer_status"): (("iii", "i"), proxy_get_buffer_status),
+    ("env", "proxy_set_buffer_bytes"): (("iiiii", "i"), proxy_set_buffer_bytes),
+    ("env", "proxy_get_header_map_pairs"): (("iii", "i"), proxy_get_header_map_pairs),
+    ("env", "proxy_get_header_map_size"): (("ii", "i"), proxy_get_header_map_size),
+    ("env", "proxy_set_header_map_pairs"): (("iii", "i"), proxy_set_header_map_pairs),
+    ("env", "proxy_get_header_map_value"): (("iiiii", "i"), proxy_get_header_map_value),
+    ("env", "proxy_add_header_map_value"): (("iiiii", "i"), proxy_add_header_map_value),
+    ("env", "proxy_replace_header_map_value"): (
+        ("iiiii", "i"), proxy_replace_header_map_value),
+    ("env", "proxy_remove_header_map_value"): (("iii", "i"), proxy_remove_header_map_value),
+    ("env", "proxy_continue_stream"): (("i", "i"), proxy_continue_stream),
+    ("env", "proxy_continue_request"): (("", "i"), proxy_continue_request),
+    ("env", "proxy_continue_response"): (("", "i"), proxy_continue_response),
+    ("env", "proxy_close_stream"): (("i", "i"), proxy_close_stream),
+    ("env", "proxy_send_local_response"): (("iiiiiiii", "i"), proxy_send_local_response),
+    ("env", "proxy_http_call"): (("iiiiiiiiii", "i"), proxy_http_call),
+    ("env", "proxy_get_status"): (("iii", "i"), proxy_get_status),
+    ("env", "proxy_set_effective_context"): (("i", "i"), proxy_set_effective_context),
+    ("env", "proxy_done"): (("", "i"), proxy_done),
+    ("env", "proxy_define_metric"): (("iiii", "i"), proxy_define_metric),
+    ("env", "proxy_increment_metric"): (("iI", "i"), proxy_increment_metric),
+    ("env", "proxy_record_metric"): (("iI", "i"), proxy_record_metric),
+    ("env", "proxy_get_metric"): (("ii", "i"), proxy_get_metric),
+    ("env", "proxy_set_shared_data"): (("iiiii", "i"), proxy_set_shared_data),
+    ("env", "proxy_get_shared_data"): (("iiiii", "i"), proxy_get_shared_data),
+    ("env", "proxy_get_property"): (("iiii", "i"), proxy_get_property),
+    ("env", "proxy_set_property"): (("iiii", "i"), unimplemented),
+    ("env", "proxy_register_shared_queue"): (("iii", "i"), unimplemented),
+    ("env", "proxy_resolve_shared_queue"): (("iiiii", "i"), unimplemented),
+    ("env", "proxy_enqueue_shared_queue"): (("iii", "i"), unimplemented),
+    ("env", "proxy_dequeue_shared_queue"): (("iii", "i"), unimplemented),
+    ("env", "proxy_grpc_call"): (("iiiiiiiiiiii", "i"), unimplemented),
+    ("env", "proxy_grpc_stream"): (("iiiiiiiii", "i"), unimplemented),
+    ("env", "proxy_grpc_send"): (("iiii", "i"), unimplemented),
+    ("env", "proxy_grpc_cancel"): (("i", "i"), unimplemented),
+    ("env", "proxy_grpc_close"): (("i", "i"), unimplemented),
+    ("env", "proxy_call_foreign_function"): (("iiiiii", "i"), not_found),
+    ("wasi_snapshot_preview1", "fd_write"): (("iiii", "i"), fd_write),
+    ("wasi_snapshot_preview1", "clock_time_get"): (("iIi", "i"), clock_time_get),
+    ("wasi_snapshot_preview1", "random_get"): (("ii", "i"), random_get),
+    ("wasi_snapshot_preview1", "environ_sizes_get"): (("ii", "i"), zero_sizes),
+    ("wasi_snapshot_preview1", "environ_get"): (("ii", "i"), empty_get),
+    ("wasi_snapshot_preview1", "args_sizes_get"): (("ii", "i"), zero_sizes),
+    ("wasi_snapshot_preview1", "args_get"): (("ii", "i"), empty_get),
+    ("wasi_snapshot_preview1", "proc_exit"): (("i", ""), proc_exit),
+    ("wasi_snapshot_preview1", "sched_yield"): (("", "i"), sched_yield),
+}
