@@ -277,7 +277,7 @@ class WasmAuth:
         self.module: FilterModule | None = None
         self.host: Host | None = None
         self.clock: Clock = WallClock()
-        self.metrics: Any = None  # addons.spool.MetricsLog once running
+        self.metrics: Any = None  # addons.telemetry.spool.MetricsLog once running
         self.shipper: subprocess.Popen[bytes] | None = None
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -438,7 +438,7 @@ class WasmAuth:
         s = self.settings
         assert s is not None
         if s.log_metrics:
-            from addons.spool import MetricsLog
+            from addons.telemetry.spool import MetricsLog
 
             self.metrics = MetricsLog(s.spool_dir)
             self.shipper = self._start_shipper(s)
@@ -490,7 +490,7 @@ class WasmAuth:
 
     @staticmethod
     def _shipper_args(s: Settings) -> list[str]:
-        args = [sys.executable, "-m", "addons.spool", "ship", "--spool", str(s.spool_dir),
+        args = [sys.executable, "-m", "addons.telemetry.spool", "ship", "--spool", str(s.spool_dir),
                 "--store", s.store, "--nice", "10"]
         if s.retention_s:
             args += ["--retention", str(s.retention_s)]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from addons.store import DATABASE, is_mongo_uri, redact
+from addons.telemetry.store import DATABASE, is_mongo_uri, redact
 from manager.daemon import Daemon, DaemonConfig
 from manager.estimate import EstimatorParams
 from manager.policies import (

@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from addons.store import (
+from addons.telemetry.store import (
     DATABASE,
     DECISIONS,
     SAMPLES,
@@ -114,7 +114,7 @@ _FEW: Final = 5  # instance names listed in one aggregated log line
 class DaemonConfig:
     """Everything the daemon needs; the CLI builds it (``python -m manager run --help``)."""
 
-    #: ``mongodb://…`` or the embedded store's directory (addons.store).
+    #: ``mongodb://…`` or the embedded store's directory (addons.telemetry.store).
     store: str
     params: PolicyParams
     #: The CLI spelling of the policy, recorded with every decision.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from addons.store import close_store, open_store, read_frame
+from addons.telemetry.store import close_store, open_store, read_frame
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.fig4 import FIG4_COLUMNS, plot_fig4, summarize_fig4
 from scenarios.procs import local_stack, stop

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from addons.store import DECISIONS, REQUESTS, SAMPLES, close_store, open_store, read_frame
+from addons.telemetry.store import DECISIONS, REQUESTS, SAMPLES, close_store, open_store, read_frame
 from manager.estimate import EstimatorParams
 from manager.policies import RatioParams, parse_policy
 from scenarios.eclog import EClogConvertParams, EClogGenParams

@@ -63,7 +63,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from addons.store import open_store, redact
+from addons.telemetry.store import open_store, redact
 from scenarios.trace import ScenarioError
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import pytest
 from mitmproxy.test import taddons, tflow
 
 from addons.admin import AdminServer
-from addons.store import DATABASE, close_store, open_store
+from addons.telemetry.store import DATABASE, close_store, open_store
 from addons.wasm_auth import WasmAuth
 from manager.__main__ import build_config, build_parser, main, policy_params
 from manager.admin_client import AdminClient, AdminError, parse_instances, parse_restart

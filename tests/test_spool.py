@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from addons import spool
-from addons import store as st
-from addons.spool import MetricsLog, Shipper, ready_segments, ship
+from addons.telemetry import spool
+from addons.telemetry import store as st
+from addons.telemetry.spool import MetricsLog, Shipper, ready_segments, ship
 
 from .servers import FERRETDB_BIN, free_port, process
 
@@ -111,7 +111,7 @@ def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 
 @pytest.fixture
 def log_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="addons.spool")
+    caplog.set_level(logging.INFO, logger="addons.telemetry.spool")
     return caplog
 
 
@@ -506,7 +506,7 @@ def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path
     err = tmp_path / "shipper.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with err.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "addons.spool", "ship", *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "addons.telemetry.spool", "ship", *args], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=out)
     return proc, err
 

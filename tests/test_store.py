@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
-from addons import store as st
+from addons.telemetry import store as st
 
 from .servers import free_port
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from addons.store import DATABASE, SAMPLES, close_store, open_store
+from addons.telemetry.store import DATABASE, SAMPLES, close_store, open_store
 from manager.daemon import Daemon, DaemonConfig, DecisionOutcome, PassReport
 from manager.policies import PolicyParams, decide, initial_state, parse_policy
 from tests.servers import ferretdb

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from addons import store as st
-from addons.spool import MetricsLog, Shipper, ready_segments
+from addons.telemetry import store as st
+from addons.telemetry.spool import MetricsLog, Shipper, ready_segments
 from tests.servers import ferretdb
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "store.json"

@@ -55,7 +55,7 @@ from typing import IO, Any, Final
 
 from pymongo.errors import OperationFailure
 
-from addons import store as st
+from addons.telemetry import store as st
 
 logger = logging.getLogger(__name__)
 
@@ -639,8 +639,8 @@ def ship(spool_dir: Path, store: str, *, retention: float = 0.0, once: bool = Fa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m addons.spool ship --spool DIR --store STORE [...]`."""
-    parser = argparse.ArgumentParser(prog="python -m addons.spool",
+    """`python -m addons.telemetry.spool ship --spool DIR --store STORE [...]`."""
+    parser = argparse.ArgumentParser(prog="python -m addons.telemetry.spool",
                                      description="Deliver spooled metrics documents to a store.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ship", help="deliver the spool's segments to the store",
