@@ -490,8 +490,8 @@ class WasmAuth:
 
     @staticmethod
     def _shipper_args(s: Settings) -> list[str]:
-        args = [sys.executable, "-m", "addons.telemetry.spool", "ship", "--spool", str(s.spool_dir),
-                "--store", s.store, "--nice", "10"]
+        args = [sys.executable, "-m", "addons.telemetry.shipper", "ship",
+                "--spool", str(s.spool_dir), "--store", s.store, "--nice", "10"]
         if s.retention_s:
             args += ["--retention", str(s.retention_s)]
         return args

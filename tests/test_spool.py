@@ -21,7 +21,8 @@ import pytest
 
 from addons.telemetry import spool
 from addons.telemetry import store as st
-from addons.telemetry.spool import MetricsLog, Shipper, ready_segments, ship
+from addons.telemetry.shipper import Shipper, ship
+from addons.telemetry.spool import MetricsLog, ready_segments
 
 from .servers import FERRETDB_BIN, free_port, process
 
@@ -112,6 +113,7 @@ def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 @pytest.fixture
 def log_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO, logger="addons.telemetry.spool")
+    caplog.set_level(logging.INFO, logger="addons.telemetry.shipper")
     return caplog
 
 
@@ -506,7 +508,7 @@ def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path
     err = tmp_path / "shipper.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with err.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "addons.telemetry.spool", "ship", *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "addons.telemetry.shipper", "ship", *args], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=out)
     return proc, err
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from addons.telemetry import store as st
-from addons.telemetry.spool import MetricsLog, Shipper, ready_segments
+from addons.telemetry.shipper import Shipper
+from addons.telemetry.spool import MetricsLog, ready_segments
 from tests.servers import ferretdb
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "store.json"
