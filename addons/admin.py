@@ -10,13 +10,17 @@ wrong token gets 401. It binds 127.0.0.1 by default. Responses are JSON.
                                       allocated_bytes_after}; body (optional JSON):
                                       {"reason": "...", "requested_by": "..."}
 
-An unknown instance is 404, a malformed body 400, a wrong method 405; nothing a client sends
-can crash the proxy. A restart here is the same operation as the `wasm.restart` command.
+An unknown instance is 404, a malformed body (not a JSON object, an unknown key, a wrong
+type) 400, a wrong method 405, a body over 16 KiB 413 (at once when Content-Length declares
+it); nothing a client sends can crash the proxy or write more than one log line, escaped
+(`addons.logsafe`), and repeated lines are rate-limited. A restart here is the same
+operation as the `wasm.restart` command.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -26,9 +30,16 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from addons.logsafe import OneLine, RateLimit, escape, install
+
 logger = logging.getLogger(__name__)
+http_logger = logging.getLogger(__name__ + ".http")
+"""aiohttp's own server log (malformed requests): one line each, rate-limited."""
 
 MAX_BODY = 16 * 1024
+RESTART_KEYS = frozenset({"reason", "requested_by", "mode"})
+"""The keys a restart body may have; `mode` is `cold` or `warm` (SPEC §10)."""
+RESTART_MODES = ("cold", "warm")
 
 
 class AdminBackend(Protocol):
@@ -61,6 +72,57 @@ def parse_listen(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), port
 
 
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def check_listen(listen: tuple[str, int] | None, allow_remote: bool) -> str | None:
+    """Refuse a non-loopback admin address unless allowed; the warning to log if allowed.
+
+    ValueError names the option that allows it.
+    """
+    if listen is None or is_loopback(listen[0]):
+        return None
+    if not allow_remote:
+        raise ValueError(
+            f"wasm_admin_listen: {listen[0]} is not a loopback address; the admin endpoint can "
+            "restart filters, so it listens on 127.0.0.1 unless wasm_admin_allow_remote is set")
+    return (f"wasm admin endpoint listens on {listen[0]}:{listen[1]}, beyond this machine "
+            "(wasm_admin_allow_remote): anyone who can reach it and has the token can restart "
+            "filters")
+
+
+def bearer_token(header: str) -> str | None:
+    """The credentials of an `Authorization: Bearer …` header (scheme case-insensitive)."""
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+def parse_restart_body(body: Any) -> dict[str, str]:
+    """Check a restart body: an object with only known keys, each a string. ValueError if not."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    unknown = sorted(set(body) - RESTART_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(escape(str(k), 40) for k in unknown)}; "
+                         f"known: {', '.join(sorted(RESTART_KEYS))}")
+    for key, value in body.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string")
+    if "mode" in body and body["mode"] not in RESTART_MODES:
+        raise ValueError(f"mode must be one of {', '.join(RESTART_MODES)}")
+    return dict(body)
+
+
 def load_or_create_token(path: Path) -> str:
     """The token in `path`, or a new random one written there with mode 0600."""
     try:
@@ -78,22 +140,37 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _payload_errors() -> type[Exception]:
+    """What reading a request body raises when the client disconnects mid-body."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return HttpProcessingError
+
+
+def _error(status: int, message: str, *, close: bool = False) -> web.Response:
+    response = web.json_response({"error": message}, status=status)
+    if close:
+        response.force_close()
+    return response
 
 
 def make_app(backend: AdminBackend, token: str) -> web.Application:
     """The aiohttp application serving the admin API for `backend`."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
-        if not hmac.compare_digest(given, expected):
-            logger.warning("admin: %s %s from %s refused: %s", request.method, request.path,
-                           request.remote, "no token" if not given else "wrong token")
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        header = request.headers.get("Authorization", "")
+        given = bearer_token(header)
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+            logger.warning("admin: %s %s from %s refused: %s", escape(request.method, 20),
+                           escape(request.raw_path, 100), escape(request.remote, 60),
+                           "no bearer token" if given is None else "wrong token")
+            refusal = web.json_response({"error": "missing or wrong bearer token"},
+                                        status=401, headers={"WWW-Authenticate": "Bearer"})
+            if request.can_read_body:
+                refusal.force_close()  # don't wait for a body nobody will read
+            return refusal
         try:
             response: web.StreamResponse = await handler(request)
         except web.HTTPException as e:
@@ -108,27 +185,39 @@ def make_app(backend: AdminBackend, token: str) -> web.Application:
 
     async def restart(request: web.Request) -> web.Response:
         instance_id = request.match_info["id"]
-        body: dict[str, Any] = {}
+        body: dict[str, str] = {}
         if request.can_read_body:
-            raw = await request.content.read(MAX_BODY + 1)
+            if request.content_length is not None and request.content_length > MAX_BODY:
+                # Answer now and close: the rest of the body is never read.
+                return _error(413, f"body larger than {MAX_BODY} bytes", close=True)
+            try:
+                raw = await request.content.read(MAX_BODY + 1)
+                error = None
+            except (ConnectionError, OSError, web.HTTPException, _payload_errors()) as e:
+                raw, error = b"", type(e).__name__
+            if error is None and request.content_length is not None and (
+                    len(raw) < request.content_length):
+                error = f"{len(raw)} of {request.content_length} bytes"
+            if error is not None:
+                logger.warning("admin: %s %s from %s: the client went away mid-body (%s)",
+                               escape(request.method, 20), escape(request.raw_path, 100),
+                               escape(request.remote, 60), error)
+                return _error(400, "incomplete body", close=True)
             if len(raw) > MAX_BODY:
-                return _error(413, f"body larger than {MAX_BODY} bytes")
+                return _error(413, f"body larger than {MAX_BODY} bytes", close=True)
             if raw.strip():
                 try:
-                    parsed = json.loads(raw)
+                    body = parse_restart_body(json.loads(raw))
                 except (ValueError, UnicodeDecodeError) as e:
-                    return _error(400, f"body is not JSON: {e}")
-                if not isinstance(parsed, dict):
-                    return _error(400, "body must be a JSON object")
-                body = parsed
+                    message = str(e) if not isinstance(e, json.JSONDecodeError) else (
+                        f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
+                    return _error(400, message)
         reason = body.get("reason", "admin")
         requested_by = body.get("requested_by") or f"admin@{request.remote}"
-        if not isinstance(reason, str) or not isinstance(requested_by, str):
-            return _error(400, "reason and requested_by must be strings")
         try:
             result = backend.restart_instance(instance_id, reason[:200], requested_by[:200])
         except KeyError:
-            return _error(404, f"no instance {instance_id!r}")
+            return _error(404, f"no instance {escape(instance_id, 100)!r}")
         except RuntimeError as e:
             return _error(503, str(e))
         return web.json_response(result)
@@ -150,7 +239,10 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and serve; OSError (e.g. the port is taken) propagates with its reason."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        install([logger.name], RateLimit())
+        install([http_logger.name], OneLine(), RateLimit())
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               logger=http_logger)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:

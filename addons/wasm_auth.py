@@ -36,7 +36,7 @@ from mitmproxy import command, ctx, exceptions, http
 if __package__ in (None, "") and "addons" not in sys.modules:  # run as a script from a clone
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from addons.admin import AdminServer, load_or_create_token, parse_listen
+from addons.admin import AdminServer, check_listen, load_or_create_token, parse_listen
 from addons.proxywasm import (
     WASM_PAGE_SIZE,
     AuthCallRecord,
@@ -309,6 +309,9 @@ class WasmAuth:
         loader.add_option("wasm_admin_listen", str, "127.0.0.1:9901",
                           "HOST:PORT of the admin endpoint (bearer token required); empty "
                           "disables it.")
+        loader.add_option("wasm_admin_allow_remote", bool, False,
+                          "Allow wasm_admin_listen on an address other than loopback (a "
+                          "warning is logged); refused otherwise.")
         loader.add_option("wasm_admin_token", str, "",
                           "Bearer token of the admin endpoint. Empty: read or generate one in "
                           "the 0600 file wasm_admin_token_file.")
@@ -336,6 +339,7 @@ class WasmAuth:
         o = ctx.options
         try:
             listen = parse_listen(o.wasm_admin_listen)
+            remote_warning = check_listen(listen, o.wasm_admin_allow_remote)
             settings = Settings(
                 filter_path=Path(o.wasm_filter).expanduser(),
                 plugin_configuration=parse_filter_config(o.wasm_filter_config),
@@ -356,6 +360,9 @@ class WasmAuth:
             )
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from e
+        if remote_warning and (self.settings is None
+                               or self.settings.admin_listen != settings.admin_listen):
+            logger.warning(remote_warning)
         if settings.instance_key not in ("host", "single"):
             raise exceptions.OptionsError(
                 f"wasm_instance_key: expected 'host' or 'single', got {settings.instance_key!r}")
