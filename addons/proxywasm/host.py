@@ -34,8 +34,10 @@ from .calls import Dispatcher, HttpCall, HttpCallResponse
 from .clock import Clock, WallClock
 from .context import LocalResponse, PendingCall, StreamContext
 from .headers import Pairs
+from .journal import Entry, Journal, JournalConfig, Outcome
 from .limits import Limits
 from .module import FilterModule
+from .replay import ReplayError, replay, replay_into
 from .vm import FilterStartError, Vm
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,12 @@ class RestartRecord:
     allocated_bytes_before: int
     allocated_bytes_after: int
     duration_s: float
+    mode: RestartMode = "cold"
+    """How the new generation started: `warm` (the old one's journal replayed) or `cold`."""
+    fallback: str | None = None
+    """Why a warm restart that was asked for ran cold (None: it ran as asked)."""
+    replayed: int = 0
+    """Journaled requests replayed into the new generation (warm only)."""
 
 
 class AuthCallRecord(NamedTuple):
@@ -124,6 +132,10 @@ class HostEvents:
         """A generation trapped."""
 
 
+RestartMode = Literal["cold", "warm"]
+RESTART_MODES: tuple[RestartMode, ...] = ("cold", "warm")
+
+
 class RestartError(Exception):
     """An explicit restart failed; the old generation keeps serving."""
 
@@ -139,7 +151,7 @@ class Stream:
     the exchange is over (after the response, or at once for a local response).
     """
 
-    __slots__ = ("ctx", "decision", "instance", "on_decision", "started_ns", "vm")
+    __slots__ = ("ctx", "decision", "entry", "instance", "on_decision", "started_ns", "vm")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
@@ -148,6 +160,8 @@ class Stream:
         self.decision: Decision | None = None
         self.on_decision: Callable[[Decision], None] | None = None
         self.started_ns = 0
+        self.entry: Entry | None = None
+        """This request as the journal records it (None when nothing is journaled)."""
 
     @property
     def generation(self) -> int:
@@ -167,6 +181,10 @@ class Stream:
         try:
             ctx = self.ctx = vm.new_context(self)
             ctx.request_headers = [(k.lower(), v) for k, v in headers]
+            journal = self.instance.journal
+            if journal is not None and journal.wants(vm.generation):
+                self.entry = Entry(vm.generation, self.started_ns, ctx.request_headers,
+                                   end_of_stream)
             action = vm.on_request_headers(ctx, end_of_stream)
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
@@ -228,6 +246,8 @@ class Stream:
         if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
             return
         ctx.response_headers = [(k.lower(), v) for k, v in headers]
+        if self.entry is not None:
+            self.entry.saw_response(self.instance.host.clock.now_ns(), ctx.response_headers)
         try:
             vm.on_response_headers(ctx, end_of_stream)
         except raw.GuestTrap as e:
@@ -237,6 +257,7 @@ class Stream:
         """End the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`."""
         vm, ctx = self.vm, self.ctx
         self.ctx = None
+        entry, self.entry = self.entry, None
         if self.decision is None:
             self._fail("stream closed before the filter decided")
         if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
@@ -247,6 +268,12 @@ class Stream:
             self.instance.crashed(vm, e)
             return
         self.instance.host.context_released(vm)
+        decision = self.decision
+        if entry is not None and decision is not None and decision.error is None:
+            response = decision.response
+            entry.outcome = Outcome(decision.action,
+                                    response.status if response is not None else None)
+            self.instance.journal_commit(entry)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +294,9 @@ class FilterInstance:
         self.retry_at_ns = 0
         self.restarts = 0
         self.vm = self._new_vm()
+        config = host.journal_config
+        self.journal = Journal(config, self.generation) if config is not None else None
+        """The requests a warm restart replays (None: journaling is off)."""
 
     def _new_vm(self) -> Vm:
         vm = Vm(self.host.module, self.host, self.id, self.generation + 1)
@@ -292,20 +322,39 @@ class FilterInstance:
             len(self.draining),
         )
 
-    def restart(self, reason: str, requested_by: str) -> RestartRecord:
+    def restart(self, reason: str, requested_by: str, mode: RestartMode = "cold"
+                ) -> RestartRecord:
         """Replace the current generation with a fresh instance of the compiled module.
 
+        `mode="warm"` replays the journal into the new instance first, so it starts with the
+        old one's live cache (see `journal.py` and `replay.py`); when that cannot be done
+        safely the restart runs cold and the record's `fallback` says why.
         Raises `RestartError` if the new instance cannot start; the old one keeps serving.
         """
+        if mode not in RESTART_MODES:
+            raise ValueError(f"restart mode must be 'cold' or 'warm', got {mode!r}")
         t0 = time.perf_counter()
         old = self.vm
         before = old.allocated_pages() * WASM_PAGE_SIZE if old is not None else 0
         generation_before = self.generation
+        fallback: str | None = None
+        replayed = 0
+        new: Vm | None = None
         try:
-            new = self._new_vm()
+            if mode == "warm":
+                new, replayed, fallback = self._warm_vm()
+            if new is None:
+                new = self._new_vm()
         except FilterStartError as e:
             raise RestartError(f"restart of {self.id} failed, generation "
                                f"{generation_before} keeps serving: {e}") from e
+        self.generation = new.generation
+        ran: RestartMode = "warm" if mode == "warm" and fallback is None else "cold"
+        if self.journal is not None:
+            if ran == "warm":
+                self.journal.carry_to(new.generation)
+            else:
+                self.journal.reset(new.generation)
         self.vm = new
         self.down_reason = ""
         if old is not None:
@@ -314,16 +363,64 @@ class FilterInstance:
         record = RestartRecord(
             self.id, self.tenant, self.host.clock.now_ns() / 1e9, reason, requested_by,
             generation_before, new.generation, before,
-            new.allocated_pages() * WASM_PAGE_SIZE, time.perf_counter() - t0,
+            new.allocated_pages() * WASM_PAGE_SIZE, time.perf_counter() - t0, ran, fallback,
+            replayed,
         )
+        if fallback is not None:
+            logger.warning("warm restart of %s ran cold: %s", self.id, fallback)
         logger.info(
-            "restarted %s: generation %d -> %d (%s, by %s), allocated %d -> %d bytes",
-            self.id, generation_before, new.generation, reason, requested_by, before,
+            "restarted %s (%s%s): generation %d -> %d (%s, by %s), allocated %d -> %d bytes",
+            self.id, ran, f", {replayed} requests replayed" if ran == "warm" else "",
+            generation_before, new.generation, reason, requested_by, before,
             record.allocated_bytes_after,
         )
         self.host.events.on_restart(record)
         self.host.schedule_changed()
         return record
+
+    def _warm_vm(self) -> tuple[Vm | None, int, str | None]:
+        """A new VM with the journal replayed: (vm, requests replayed, None), or
+        (None, 0, why not) when the restart must run cold."""
+        journal = self.journal
+        if journal is None:
+            return None, 0, "journaling is off for this host (no journal to replay)"
+        if self.vm is None:
+            return None, 0, "no running generation to take the cache from"
+        if journal.overflowed is not None:
+            return None, 0, journal.overflowed
+        host = self.host
+        now = host.clock.now_ns()
+        generation = self.generation + 1
+
+        def new_vm(services: object) -> Vm:
+            return Vm(host.module, services, self.id, generation)  # type: ignore[arg-type]
+
+        try:
+            result = replay(host, new_vm, journal.replayable(now), now)
+        except ReplayError as e:
+            return None, 0, str(e)
+        return result.vm, result.requests, None
+
+    def journal_commit(self, entry: Entry) -> None:
+        """A journaled stream closed: keep it, and if it belongs to a generation this one
+        warm-started from, replay it here too (its effect reached only the old one)."""
+        journal = self.journal
+        if journal is None:
+            return
+        late = entry.generation != journal.generation
+        if not journal.commit(entry, self.host.clock.now_ns()) or not late:
+            return
+        vm = self.vm
+        if vm is None or vm.closed:
+            return
+        try:
+            replay_into(vm, entry)
+        except ReplayError as e:
+            logger.warning("%s: a request of generation %d that finished after the warm "
+                           "restart could not be replayed into generation %d: %s",
+                           self.id, entry.generation, vm.generation, e)
+        except raw.GuestTrap as e:
+            self.crashed(vm, e)
 
     def _retire(self, vm: Vm) -> None:
         """Drop `vm` now if idle; otherwise let its streams finish first."""
@@ -388,6 +485,8 @@ class FilterInstance:
             return
         self.restarts += 1
         self.down_reason = ""
+        if self.journal is not None:
+            self.journal.reset(self.vm.generation)
         self.host.events.on_restart(RestartRecord(
             self.id, self.tenant, self.host.clock.now_ns() / 1e9, "crash", "host", before,
             self.vm.generation, 0, self.vm.allocated_pages() * WASM_PAGE_SIZE, 0.0,
@@ -418,6 +517,7 @@ class Host:
         events: HostEvents | None = None,
         plugin_name: str = "wasm_auth",
         seed: int | None = None,
+        journal: JournalConfig | None = None,
     ) -> None:
         self.module = module
         self.dispatcher = dispatcher
@@ -428,6 +528,8 @@ class Host:
         self.fail_open = fail_open
         self.events = events or HostEvents()
         self.plugin_name = plugin_name
+        self.journal_config = journal
+        """Journal requests for warm restarts (None: every restart runs cold)."""
         self.instances: dict[str, FilterInstance] = {}
         self.shared_data: dict[bytes, tuple[bytes, int]] = {}
         self._random = random.Random(seed) if seed is not None else None
@@ -449,9 +551,10 @@ class Host:
             self.schedule_changed()
         return inst
 
-    def restart(self, instance_id: str, reason: str, requested_by: str) -> RestartRecord:
-        """Restart an instance by id (KeyError if unknown)."""
-        return self.instances[instance_id].restart(reason, requested_by)
+    def restart(self, instance_id: str, reason: str, requested_by: str,
+                mode: RestartMode = "cold") -> RestartRecord:
+        """Restart an instance by id, `cold` or `warm` (KeyError if unknown)."""
+        return self.instances[instance_id].restart(reason, requested_by, mode)
 
     def close(self) -> None:
         """Drop every instance."""
@@ -493,6 +596,9 @@ class Host:
             logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
             return Status.INTERNAL_FAILURE
         heapq.heappush(self._timers, (call.deadline_ns, next(self._seq), vm, call.id))
+        ctx = vm.contexts.get(call.context_id)
+        if ctx is not None and ctx.stream.entry is not None:
+            ctx.stream.entry.add_call(call.id, call.cluster, headers, body, trailers)
         return Status.OK
 
     def _drain_deliveries(self) -> None:
@@ -520,6 +626,8 @@ class Host:
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None:
             ctx.calls.discard(call_id)
+            if ctx.stream.entry is not None:
+                ctx.stream.entry.answer(call_id, now, response)
         if vm.closed:
             return
         if response is None:

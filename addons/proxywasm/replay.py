@@ -1,0 +1,294 @@
+"""Warm restart: replay a generation's journal into a fresh instance (SPEC §10).
+
+The new VM does not see the host while it is replayed. It sees `ReplayServices`, which stand
+in for the host's services:
+
+- **the clock** is set to each journaled event's original time (the request, each call's
+  answer, the response, the close), in the order they happened across requests, and the
+  VM's own ticks run at their times in between, so what the filter computes from time (an
+  entry's expiry) is what it computed the first time;
+- **outbound calls** never leave the process: the k-th call a replayed request makes is
+  compared with the k-th call it made originally (cluster, headers, body, trailers) and gets
+  the original answer at the original time;
+- **shared data** is a copy of the host's, so a replay changes nothing outside the new VM;
+- releasing contexts and tick schedules are the replay's own business.
+
+The contract (what a filter must satisfy for a warm restart to rebuild its state): it is
+deterministic given its configuration, the request headers (and response headers), the time
+and its calls' answers; its state after a request that made a call does not depend on earlier
+requests carrying the same credentials (what a cache does: it called because it had nothing);
+and it makes outbound calls only while handling a request. When the replay can tell that this
+does not hold, it raises `ReplayError` and the host restarts cold instead, recording why:
+
+- the replay trapped or was interrupted;
+- a replayed request made a call the journal cannot answer (more calls than recorded, or one
+  that differs from the recorded call), or fewer calls than recorded;
+- a call from outside a request (a tick, the root context);
+- a replayed request was decided differently (continue / respond with another status / reset);
+- a replayed stream was left open.
+
+A filter that breaks the contract without showing it (say, reading `random_get` into its
+state) gets a warm generation that differs from the old one; that is the contract's limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import _wasmtime as raw
+from .abi import Action
+from .calls import HttpCallResponse
+from .headers import Pairs
+from .journal import Entry, Outcome
+
+if TYPE_CHECKING:
+    from .vm import PendingCall, StreamContext, Vm
+
+
+class ReplayError(Exception):
+    """The journal could not be replayed; the message says why (the restart goes cold)."""
+
+
+class ReplayResult(NamedTuple):
+    """A VM rebuilt from a journal."""
+
+    vm: Vm
+    requests: int
+    """Journaled requests replayed."""
+    calls: int
+    """Outbound calls answered from the journal."""
+    duration_s: float
+
+
+class _Clock:
+    __slots__ = ("now",)
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def now_ns(self) -> int:
+        return self.now
+
+
+class _Replayed:
+    """The stream object of a replayed request's context."""
+
+    __slots__ = ("action", "call_ids", "ctx", "entry", "next_call")
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.ctx: StreamContext | None = None
+        self.action = int(Action.PAUSE)
+        self.next_call = 0
+        self.call_ids: dict[int, int] = {}  # call index in the entry -> call id in this VM
+
+
+class ReplayServices:
+    """What a VM sees instead of its host while it is replayed."""
+
+    def __init__(self, host: Any, start_ns: int) -> None:
+        self._host = host
+        self.clock = _Clock(start_ns)
+        self.shared_data: dict[bytes, tuple[bytes, int]] = dict(host.shared_data)
+        self.failure: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Limits, configurations, the plugin name, randomness and `dispatcher.has_cluster`
+        # are the host's own.
+        return getattr(self._host, name)
+
+    def start_call(self, vm: Vm, call: PendingCall, headers: Pairs, body: bytes,
+                   trailers: Pairs) -> bool:
+        """Accept the call if it is the one the request made originally; never send it."""
+        ctx = vm.contexts.get(call.context_id)
+        replayed = ctx.stream if ctx is not None else None
+        if not isinstance(replayed, _Replayed):
+            self.fail("the filter made an outbound call outside a request (from its root "
+                      "context or a tick); the journal cannot answer it")
+            return False
+        entry, k = replayed.entry, replayed.next_call
+        if k >= len(entry.calls):
+            self.fail(f"a replayed request made {k + 1} outbound calls, the original "
+                      f"{len(entry.calls)}; the journal cannot answer the extra one")
+            return False
+        recorded = entry.calls[k]
+        if (recorded.cluster, recorded.headers, recorded.body, recorded.trailers) != (
+                call.cluster, headers, body, trailers):
+            self.fail(f"a replayed request's outbound call to {call.cluster} differs from the "
+                      "recorded one; the journal cannot answer it")
+            return False
+        replayed.call_ids[k] = call.id
+        replayed.next_call = k + 1
+        return True
+
+    def context_released(self, vm: Vm) -> None:
+        """Nothing drains during a replay."""
+
+    def schedule_changed(self) -> None:
+        """The replay runs the VM's ticks itself."""
+
+    def fail(self, reason: str) -> None:
+        """Remember the first reason the replay cannot go on."""
+        if self.failure is None:
+            self.failure = reason
+
+
+def outcome_of(ctx: StreamContext, action: int) -> Outcome:
+    """What the filter decided for a stream so far (as `Stream.settle` reads it)."""
+    if ctx.local_response is not None:
+        return Outcome("respond", ctx.local_response.status)
+    if ctx.closed:
+        return Outcome("reset")
+    if action == Action.CONTINUE or ctx.resumed:
+        return Outcome("continue")
+    return Outcome("none")
+
+
+def _deliver(vm: Vm, call: PendingCall, response: HttpCallResponse | None) -> None:
+    """Hand a recorded answer to the filter exactly as the host does."""
+    if response is None:
+        vm.on_http_call_response(call, 0, [], b"", [])
+    else:
+        headers = [(b":status", str(response.status).encode()), *response.headers]
+        vm.on_http_call_response(call, response.status, headers, response.body,
+                                 response.trailers)
+
+
+class _Replayer:
+    def __init__(self, vm: Vm, services: ReplayServices, ticks: bool) -> None:
+        self.vm = vm
+        self.services = services
+        self.ticks = ticks
+        self.calls = 0
+
+    def advance(self, t: int) -> None:
+        """Move the clock to `t`, running the VM's ticks due on the way at their times."""
+        vm, clock = self.vm, self.services.clock
+        if self.ticks:
+            while vm.tick_period_ns and vm.next_tick_ns <= t:
+                clock.now = max(clock.now, vm.next_tick_ns)
+                vm.on_tick()
+                self._check()
+                vm.next_tick_ns = clock.now + vm.tick_period_ns
+        clock.now = max(clock.now, t)
+
+    def _check(self) -> None:
+        if self.services.failure is not None:
+            raise ReplayError(self.services.failure)
+
+    def run(self, entries: Sequence[Entry], until_ns: int | None) -> None:
+        """Replay `entries` (in the order they closed), then advance to `until_ns`."""
+        events: list[tuple[int, int, int, int, _Replayed]] = []
+        for index, entry in enumerate(entries):
+            replayed = _Replayed(entry)
+            last = 0
+            for seq, (t, phase, k) in enumerate(entry.events()):
+                last = max(last, t)
+                events.append((last, index, seq, (phase << 16) | (k & 0xFFFF), replayed))
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        vm = self.vm
+        opened: list[_Replayed] = []
+        for t, _, _, code, replayed in events:
+            self.advance(t)
+            phase, k = code >> 16, code & 0xFFFF
+            if phase == 0:
+                ctx = replayed.ctx = vm.new_context(replayed)
+                opened.append(replayed)
+                ctx.request_headers = list(replayed.entry.request_headers)
+                replayed.action = vm.on_request_headers(ctx, replayed.entry.end_of_stream)
+            elif phase == 1:
+                self._answer(replayed, k)
+            elif phase == 2:
+                open_ctx = replayed.ctx
+                if open_ctx is not None and open_ctx.id in vm.contexts:
+                    open_ctx.response_headers = list(replayed.entry.response_headers or [])
+                    vm.on_response_headers(open_ctx, True)
+            else:
+                self._close(replayed)
+            self._check()
+        if until_ns is not None:
+            self.advance(until_ns)
+        left = sum(1 for r in opened if r.ctx is not None and r.ctx.id in vm.contexts)
+        if left:
+            raise ReplayError(f"{left} replayed stream(s) were left open")
+
+    def _answer(self, replayed: _Replayed, k: int) -> None:
+        vm = self.vm
+        call_id = replayed.call_ids.get(k)
+        call = vm.calls.pop(call_id, None) if call_id is not None else None
+        if call is None:
+            raise ReplayError(
+                f"a replayed request made {replayed.next_call} outbound call(s), the original "
+                f"{len(replayed.entry.calls)}: the filter did not decide as it did")
+        ctx = replayed.ctx
+        if ctx is not None:
+            ctx.calls.discard(call.id)
+        _deliver(vm, call, replayed.entry.calls[k].answer)
+        self.calls += 1
+
+    def _close(self, replayed: _Replayed) -> None:
+        vm, ctx = self.vm, replayed.ctx
+        if ctx is None or ctx.id not in vm.contexts:
+            return
+        got, want = outcome_of(ctx, replayed.action), replayed.entry.outcome
+        if got != want:
+            raise ReplayError(
+                f"a replayed request was decided {_show(got)}, originally {_show(want)}: the "
+                "filter is not deterministic given headers, time and call answers")
+        vm.finish_context(ctx)
+
+
+def _show(o: Outcome) -> str:
+    return o.action if o.status is None else f"{o.action} {o.status}"
+
+
+def replay(host: Any, new_vm: Callable[[ReplayServices], Vm], entries: Sequence[Entry],
+           now_ns: int) -> ReplayResult:
+    """A fresh VM with `entries` replayed into it, ready to serve at `now_ns`.
+
+    `new_vm(services)` creates the VM against the given services (it may raise
+    `FilterStartError`). Raises `ReplayError` when the replay shows the filter breaks the
+    contract; the VM is then closed. On success the VM sees the real host again, its clock is
+    at `now_ns` with its ticks caught up, and its request and call counters start at zero
+    (replayed work is not traffic; `ReplayResult` counts it).
+    """
+    t0 = time.perf_counter()
+    start = min((e.request_ns for e in entries), default=now_ns)
+    services = ReplayServices(host, min(start, now_ns))
+    vm = new_vm(services)
+    replayer = _Replayer(vm, services, ticks=True)
+    try:
+        replayer.run(entries, now_ns)
+    except raw.GuestTrap as e:
+        vm.close()
+        kind = "was interrupted after its deadline" if e.interrupted else "trapped"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ReplayError(f"the replay {kind}: {first}") from e
+    except ReplayError:
+        vm.close()
+        raise
+    vm.host = host
+    vm.requests = vm.outbound = 0
+    vm.started_ns = now_ns
+    vm.tick_armed = False
+    return ReplayResult(vm, len(entries), replayer.calls, time.perf_counter() - t0)
+
+
+def replay_into(vm: Vm, entry: Entry) -> None:
+    """Replay one entry into a serving VM (a request of the old generation that finished
+    after a warm restart), at its original times, without ticks.
+
+    Raises `ReplayError` if it does not replay as recorded (the VM keeps serving; the entry's
+    effect may be partial) and lets `GuestTrap` through (the host handles a crash).
+    """
+    host = vm.host
+    services = ReplayServices(host, entry.request_ns)
+    requests, outbound = vm.requests, vm.outbound
+    vm.host = services  # type: ignore[assignment]
+    try:
+        _Replayer(vm, services, ticks=False).run([entry], None)
+    finally:
+        vm.host = host
+        vm.requests, vm.outbound = requests, outbound
