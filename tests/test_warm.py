@@ -310,6 +310,43 @@ def test_a_request_in_flight_during_the_restart_reaches_the_new_generation(
     assert p.auth.calls == calls
 
 
+def test_a_replay_in_steps_takes_in_what_happened_meanwhile(filter_module: FilterModule) -> None:
+    p = Proxy(filter_module)
+    users = tokens(60)
+    p.auth.valid.update(users)
+    for t in users[:40]:
+        p.request(t)
+    prepared = p.inst.prepare_warm()
+    served = 0
+    while not prepared.step(10):
+        if served < 20:  # the old generation keeps serving between steps: new logins
+            p.request(users[40 + served])
+            served += 1
+    for t in users[40 + served:]:
+        p.request(t)
+    assert served >= 5 and prepared.backlog > 0
+    p.request(users[1], b"/logout")  # an eviction after the replay began
+    calls = p.auth.calls
+    record = p.inst.restart("test", "pytest", "warm", prepared)
+    assert (record.mode, record.fallback) == ("warm", None)
+    assert p.live() == 59
+    assert all(p.request(t).outbound == 0 for t in users if t != users[1])
+    assert p.auth.calls == calls
+    assert p.request(users[1]).outbound == 1
+
+
+def test_a_prepared_replay_is_dropped_if_the_instance_restarted_meanwhile(
+        filter_module: FilterModule) -> None:
+    p = Proxy(filter_module)
+    p.auth.valid.add(b"some-token-1")
+    p.request(b"some-token-1")
+    prepared = p.inst.prepare_warm()
+    p.inst.restart("someone else", "pytest")
+    assert prepared.step(100) and prepared.fallback is not None
+    record = p.inst.restart("test", "pytest", "warm", prepared)
+    assert record.mode == "warm" and record.replayed == 0  # a fresh replay of the new journal
+
+
 def test_overflow_falls_back_to_cold_and_says_why(filter_module: FilterModule) -> None:
     p = Proxy(filter_module, max_bytes=20_000)
     users = tokens(100)

@@ -37,7 +37,7 @@ from .headers import Pairs
 from .journal import Entry, Journal, JournalConfig, Outcome
 from .limits import Limits
 from .module import FilterModule
-from .replay import ReplayError, replay, replay_into
+from .replay import Replay, ReplayError, ReplayServices, replay_into
 from .vm import FilterStartError, Vm
 
 logger = logging.getLogger(__name__)
@@ -322,13 +322,14 @@ class FilterInstance:
             len(self.draining),
         )
 
-    def restart(self, reason: str, requested_by: str, mode: RestartMode = "cold"
-                ) -> RestartRecord:
+    def restart(self, reason: str, requested_by: str, mode: RestartMode = "cold",
+                prepared: WarmStart | None = None) -> RestartRecord:
         """Replace the current generation with a fresh instance of the compiled module.
 
         `mode="warm"` replays the journal into the new instance first, so it starts with the
         old one's live cache (see `journal.py` and `replay.py`); when that cannot be done
-        safely the restart runs cold and the record's `fallback` says why.
+        safely the restart runs cold and the record's `fallback` says why. `prepared` is a
+        replay begun with `prepare_warm` (it is finished here, at once).
         Raises `RestartError` if the new instance cannot start; the old one keeps serving.
         """
         if mode not in RESTART_MODES:
@@ -342,7 +343,9 @@ class FilterInstance:
         new: Vm | None = None
         try:
             if mode == "warm":
-                new, replayed, fallback = self._warm_vm()
+                new, replayed, fallback = self._warm_vm(prepared)
+            elif prepared is not None:
+                prepared.abort()
             if new is None:
                 new = self._new_vm()
         except FilterStartError as e:
@@ -378,28 +381,20 @@ class FilterInstance:
         self.host.schedule_changed()
         return record
 
-    def _warm_vm(self) -> tuple[Vm | None, int, str | None]:
+    def prepare_warm(self) -> WarmStart:
+        """Begin rebuilding the next generation from the journal; the current one keeps
+        serving. Step it (`WarmStart.step`) between requests, then pass it to `restart`.
+        May raise FilterStartError."""
+        return WarmStart(self)
+
+    def _warm_vm(self, prepared: WarmStart | None) -> tuple[Vm | None, int, str | None]:
         """A new VM with the journal replayed: (vm, requests replayed, None), or
         (None, 0, why not) when the restart must run cold."""
-        journal = self.journal
-        if journal is None:
-            return None, 0, "journaling is off for this host (no journal to replay)"
-        if self.vm is None:
-            return None, 0, "no running generation to take the cache from"
-        if journal.overflowed is not None:
-            return None, 0, journal.overflowed
-        host = self.host
-        now = host.clock.now_ns()
-        generation = self.generation + 1
-
-        def new_vm(services: object) -> Vm:
-            return Vm(host.module, services, self.id, generation)  # type: ignore[arg-type]
-
-        try:
-            result = replay(host, new_vm, journal.replayable(now), now)
-        except ReplayError as e:
-            return None, 0, str(e)
-        return result.vm, result.requests, None
+        if prepared is None or not prepared.current():
+            if prepared is not None:
+                prepared.abort()
+            prepared = WarmStart(self)
+        return prepared.finish()
 
     def journal_commit(self, entry: Entry) -> None:
         """A journaled stream closed: keep it, and if it belongs to a generation this one
@@ -496,6 +491,109 @@ class FilterInstance:
     def vms(self) -> list[Vm]:
         """Every live generation: the current one first."""
         return ([self.vm] if self.vm is not None else []) + self.draining
+
+
+class WarmStart:
+    """The next generation of an instance being rebuilt from its journal, step by step.
+
+    Made by `FilterInstance.prepare_warm`. `step` replays a bounded number of events and picks
+    up what the journal recorded meanwhile; `finish` (called by `restart`) replays the rest
+    and hands over the VM. When the replay cannot be done safely, `fallback` says why.
+    """
+
+    def __init__(self, instance: FilterInstance) -> None:
+        self.instance = instance
+        self.fallback: str | None = None
+        self.replay: Replay | None = None
+        self.generation = instance.generation
+        journal = instance.journal
+        self.epoch = journal.epoch if journal is not None else -1
+        self.seen = 0
+        if journal is None:
+            self.fallback = "journaling is off for this host (no journal to replay)"
+        elif instance.vm is None:
+            self.fallback = "no running generation to take the cache from"
+        elif journal.overflowed is not None:
+            self.fallback = journal.overflowed
+        if self.fallback is not None or journal is None:
+            return
+        host = instance.host
+        now = host.clock.now_ns()
+        generation = instance.generation + 1
+
+        def new_vm(services: object) -> Vm:
+            return Vm(host.module, services, instance.id, generation)  # type: ignore[arg-type]
+
+        entries = journal.replayable(now)
+        self.seen = journal.seq
+        try:
+            self.replay = Replay(host, new_vm, entries, now)
+        except ReplayError as e:
+            self.fallback = str(e)
+
+    def current(self) -> bool:
+        """The instance has not restarted since, nor has its journal been reset."""
+        j = self.instance.journal
+        return (self.instance.generation == self.generation and j is not None
+                and j.epoch == self.epoch)
+
+    def _catch_up(self) -> None:
+        j = self.instance.journal
+        if self.replay is None or j is None:
+            return
+        if j.overflowed is not None:
+            self.fallback = j.overflowed
+        elif j.seq > self.seen:
+            self.replay.add(j.since(self.seen))
+            self.seen = j.seq
+
+    def step(self, max_events: int) -> bool:
+        """Replay up to `max_events` events; True when caught up with the journal (or
+        failed: `fallback` says why)."""
+        if self.replay is None or self.fallback is not None:
+            return True
+        if not self.current():
+            self.fallback = "the instance restarted while its warm restart was being prepared"
+            self.abort()
+            return True
+        try:
+            self._catch_up()
+            if self.fallback is not None:
+                self.abort()
+                return True
+            return self.replay.step(max_events)
+        except ReplayError as e:
+            self.fallback = str(e)
+            self.replay = None
+            return True
+
+    @property
+    def backlog(self) -> int:
+        """Events still to replay, counting what the journal recorded meanwhile."""
+        j = self.instance.journal
+        waiting = j.seq - self.seen if j is not None else 0
+        return (self.replay.pending if self.replay is not None else 0) + waiting
+
+    def finish(self) -> tuple[Vm | None, int, str | None]:
+        """(vm, requests replayed, None), or (None, 0, why the restart must run cold)."""
+        if self.replay is None or self.fallback is not None:
+            self.abort()
+            return None, 0, self.fallback
+        try:
+            self._catch_up()
+            if self.fallback is not None:
+                self.abort()
+                return None, 0, self.fallback
+            result = self.replay.finish(self.instance.host.clock.now_ns())
+        except ReplayError as e:
+            return None, 0, str(e)
+        return result.vm, result.requests, None
+
+    def abort(self) -> None:
+        """Drop the VM being rebuilt."""
+        if self.replay is not None:
+            self.replay.abort()
+            self.replay = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class Entry:
     __slots__ = (
         "alive", "anchor", "call_ids", "calls", "closed_ns", "credentials", "end_of_stream",
         "generation", "outcome", "request_headers", "request_ns", "response_headers",
-        "response_ns", "size",
+        "response_ns", "seq", "size",
     )
 
     def __init__(self, generation: int, request_ns: int, request_headers: Pairs,
@@ -153,6 +153,8 @@ class Entry:
         self.credentials: tuple[tuple[bytes, bytes], ...] = ()
         self.alive = True
         self.size = 0
+        self.seq = 0
+        """Order of commit in its journal (1, 2, ...)."""
 
     # ---- recording (called by the host) ----
 
@@ -238,6 +240,10 @@ class Journal:
         self.entries: deque[Entry] = deque()
         self.bytes = 0
         self.overflowed: str | None = None
+        self.epoch = 0
+        """Changes at every restart: a replay prepared in another epoch is stale."""
+        self.seq = 0
+        """Entries committed so far (the last entry's `seq`)."""
         self._owner: dict[tuple[bytes, bytes], Entry] = {}  # credential -> latest anchor
         self._names: dict[bytes, int] = {}  # header name -> credentials of that name
 
@@ -248,12 +254,14 @@ class Journal:
         self.generation = generation
         self.inherited.clear()
         self.overflowed = None
+        self.epoch += 1
         self._clear()
 
     def carry_to(self, generation: int) -> None:
         """A warm restart: `generation` holds what the journal describes."""
         self.inherited.add(self.generation)
         self.generation = generation
+        self.epoch += 1
 
     def _clear(self) -> None:
         for e in self.entries:
@@ -292,6 +300,8 @@ class Journal:
         entry.size = (ENTRY_OVERHEAD + _pairs_size(entry.request_headers)
                       + sum(c.size() for c in entry.calls)
                       + (_pairs_size(entry.response_headers) if entry.response_headers else 0))
+        self.seq += 1
+        entry.seq = self.seq
         self.entries.append(entry)
         self.bytes += entry.size
         if self.bytes > self.config.max_bytes:
@@ -338,3 +348,14 @@ class Journal:
         """The entries a warm restart at `now_ns` replays, in the order they closed."""
         self.prune(now_ns)
         return [e for e in self.entries if e.replayable]
+
+    def since(self, seq: int) -> list[Entry]:
+        """The replayable entries committed after entry `seq`, in order."""
+        out: list[Entry] = []
+        for e in reversed(self.entries):
+            if e.seq <= seq:
+                break
+            if e.replayable:
+                out.append(e)
+        out.reverse()
+        return out

@@ -157,11 +157,43 @@ def _deliver(vm: Vm, call: PendingCall, response: HttpCallResponse | None) -> No
 
 
 class _Replayer:
+    """Feeds journaled entries into a VM, event by event, in the order they happened."""
+
     def __init__(self, vm: Vm, services: ReplayServices, ticks: bool) -> None:
         self.vm = vm
         self.services = services
         self.ticks = ticks
         self.calls = 0
+        self.requests = 0
+        self._events: list[tuple[int, int, int, int, _Replayed]] = []
+        self._next = 0
+        self._opened: list[_Replayed] = []
+        self._batch = 0
+
+    def add(self, entries: Sequence[Entry]) -> None:
+        """Queue `entries` (in the order they closed) after everything queued before.
+
+        Within one call, events are merged by their original times. Entries added later are
+        replayed after the earlier ones; their times are clamped so the clock never goes back.
+        """
+        self._batch += 1
+        events: list[tuple[int, int, int, int, _Replayed]] = []
+        for index, entry in enumerate(entries):
+            replayed = _Replayed(entry)
+            last = 0
+            for seq, (t, phase, k) in enumerate(entry.events()):
+                last = max(last, t)
+                events.append((last, index, seq, (phase << 16) | (k & 0xFFFF), replayed))
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        del self._events[:self._next]
+        self._next = 0
+        self._events.extend(events)
+        self.requests += len(entries)
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet replayed."""
+        return len(self._events) - self._next
 
     def advance(self, t: int) -> None:
         """Move the clock to `t`, running the VM's ticks due on the way at their times."""
@@ -178,24 +210,18 @@ class _Replayer:
         if self.services.failure is not None:
             raise ReplayError(self.services.failure)
 
-    def run(self, entries: Sequence[Entry], until_ns: int | None) -> None:
-        """Replay `entries` (in the order they closed), then advance to `until_ns`."""
-        events: list[tuple[int, int, int, int, _Replayed]] = []
-        for index, entry in enumerate(entries):
-            replayed = _Replayed(entry)
-            last = 0
-            for seq, (t, phase, k) in enumerate(entry.events()):
-                last = max(last, t)
-                events.append((last, index, seq, (phase << 16) | (k & 0xFFFF), replayed))
-        events.sort(key=lambda e: (e[0], e[1], e[2]))
-        vm = self.vm
-        opened: list[_Replayed] = []
-        for t, _, _, code, replayed in events:
+    def step(self, max_events: int) -> bool:
+        """Replay up to `max_events` queued events; True when none is left."""
+        vm, events = self.vm, self._events
+        end = min(len(events), self._next + max_events)
+        while self._next < end:
+            t, _, _, code, replayed = events[self._next]
+            self._next += 1
             self.advance(t)
             phase, k = code >> 16, code & 0xFFFF
             if phase == 0:
                 ctx = replayed.ctx = vm.new_context(replayed)
-                opened.append(replayed)
+                self._opened.append(replayed)
                 ctx.request_headers = list(replayed.entry.request_headers)
                 replayed.action = vm.on_request_headers(ctx, replayed.entry.end_of_stream)
             elif phase == 1:
@@ -208,9 +234,15 @@ class _Replayer:
             else:
                 self._close(replayed)
             self._check()
+        return self._next >= len(events)
+
+    def finish(self, until_ns: int | None) -> None:
+        """Replay what is queued, advance to `until_ns`, and check nothing was left open."""
+        self.step(len(self._events))
         if until_ns is not None:
             self.advance(until_ns)
-        left = sum(1 for r in opened if r.ctx is not None and r.ctx.id in vm.contexts)
+        vm = self.vm
+        left = sum(1 for r in self._opened if r.ctx is not None and r.ctx.id in vm.contexts)
         if left:
             raise ReplayError(f"{left} replayed stream(s) were left open")
 
@@ -244,36 +276,78 @@ def _show(o: Outcome) -> str:
     return o.action if o.status is None else f"{o.action} {o.status}"
 
 
+def _trap_reason(e: raw.GuestTrap) -> str:
+    kind = "was interrupted after its deadline" if e.interrupted else "trapped"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    return f"the replay {kind}: {first}"
+
+
+class Replay:
+    """A new generation being rebuilt from a journal, in steps.
+
+    The old generation keeps serving while the replay runs (`step` between requests), so a
+    request never waits for more than one step; what the journal records meanwhile is added
+    (`add`) and replayed too, and `finish` hands the VM over. Every method raises
+    `ReplayError` when the replay shows the filter breaks the contract; the VM is then closed.
+    """
+
+    def __init__(self, host: Any, new_vm: Callable[[ReplayServices], Vm],
+                 entries: Sequence[Entry], now_ns: int) -> None:
+        """`new_vm(services)` creates the VM against the given services (it may raise
+        `FilterStartError`)."""
+        self.t0 = time.perf_counter()
+        self.host = host
+        start = min((e.request_ns for e in entries), default=now_ns)
+        self.services = ReplayServices(host, min(start, now_ns))
+        self.vm = new_vm(self.services)
+        self._replayer = _Replayer(self.vm, self.services, ticks=True)
+        self._replayer.add(entries)
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except raw.GuestTrap as e:
+            self.vm.close()
+            raise ReplayError(_trap_reason(e)) from e
+        except ReplayError:
+            self.vm.close()
+            raise
+
+    def add(self, entries: Sequence[Entry]) -> None:
+        """Replay `entries` too (journaled since the replay began)."""
+        self._replayer.add(entries)
+
+    def step(self, max_events: int) -> bool:
+        """Replay up to `max_events` events; True when everything added so far is replayed."""
+        return bool(self._guard(lambda: self._replayer.step(max_events)))
+
+    @property
+    def pending(self) -> int:
+        """Events added and not yet replayed."""
+        return self._replayer.pending
+
+    def abort(self) -> None:
+        """Give up: drop the VM."""
+        self.vm.close()
+
+    def finish(self, now_ns: int) -> ReplayResult:
+        """Replay what is left, catch the ticks up to `now_ns`, and return the VM, which
+        sees the real host again; its request and call counters start at zero (replayed work
+        is not traffic; the result counts it)."""
+        self._guard(lambda: self._replayer.finish(now_ns))
+        vm = self.vm
+        vm.host = self.host
+        vm.requests = vm.outbound = 0
+        vm.started_ns = now_ns
+        vm.tick_armed = False
+        r = self._replayer
+        return ReplayResult(vm, r.requests, r.calls, time.perf_counter() - self.t0)
+
+
 def replay(host: Any, new_vm: Callable[[ReplayServices], Vm], entries: Sequence[Entry],
            now_ns: int) -> ReplayResult:
-    """A fresh VM with `entries` replayed into it, ready to serve at `now_ns`.
-
-    `new_vm(services)` creates the VM against the given services (it may raise
-    `FilterStartError`). Raises `ReplayError` when the replay shows the filter breaks the
-    contract; the VM is then closed. On success the VM sees the real host again, its clock is
-    at `now_ns` with its ticks caught up, and its request and call counters start at zero
-    (replayed work is not traffic; `ReplayResult` counts it).
-    """
-    t0 = time.perf_counter()
-    start = min((e.request_ns for e in entries), default=now_ns)
-    services = ReplayServices(host, min(start, now_ns))
-    vm = new_vm(services)
-    replayer = _Replayer(vm, services, ticks=True)
-    try:
-        replayer.run(entries, now_ns)
-    except raw.GuestTrap as e:
-        vm.close()
-        kind = "was interrupted after its deadline" if e.interrupted else "trapped"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ReplayError(f"the replay {kind}: {first}") from e
-    except ReplayError:
-        vm.close()
-        raise
-    vm.host = host
-    vm.requests = vm.outbound = 0
-    vm.started_ns = now_ns
-    vm.tick_armed = False
-    return ReplayResult(vm, len(entries), replayer.calls, time.perf_counter() - t0)
+    """A fresh VM with `entries` replayed into it at once, ready to serve at `now_ns`."""
+    return Replay(host, new_vm, entries, now_ns).finish(now_ns)
 
 
 def replay_into(vm: Vm, entry: Entry) -> None:
@@ -287,8 +361,10 @@ def replay_into(vm: Vm, entry: Entry) -> None:
     services = ReplayServices(host, entry.request_ns)
     requests, outbound = vm.requests, vm.outbound
     vm.host = services  # type: ignore[assignment]
+    replayer = _Replayer(vm, services, ticks=False)
+    replayer.add([entry])
     try:
-        _Replayer(vm, services, ticks=False).run([entry], None)
+        replayer.finish(None)
     finally:
         vm.host = host
         vm.requests, vm.outbound = requests, outbound
