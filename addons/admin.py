@@ -7,8 +7,11 @@ wrong token gets 401. It binds 127.0.0.1 by default. Responses are JSON.
     GET  /instances                  [{id, tenant, generation, allocated_pages, allocated_bytes,
                                        requests, outbound, started_at, ...}]
     POST /instances/{id}/restart     {id, generation, allocated_bytes_before,
-                                      allocated_bytes_after}; body (optional JSON):
-                                      {"reason": "...", "requested_by": "..."}
+                                      allocated_bytes_after, mode, fallback, replayed};
+                                      body (optional JSON): {"reason": "...",
+                                      "requested_by": "...", "mode": "cold"|"warm"}
+                                      (mode: default wasm_restart_mode; the answer's `mode`
+                                      is what ran, `fallback` why a warm one ran cold)
 
 An unknown instance is 404, a malformed body (not a JSON object, an unknown key, a wrong
 type) 400, a wrong method 405, a body over 16 KiB 413 (at once when Content-Length declares
@@ -49,9 +52,10 @@ class AdminBackend(Protocol):
         """Every instance, as the `/instances` JSON objects."""
         ...
 
-    def restart_instance(self, instance_id: str, reason: str, requested_by: str
-                         ) -> dict[str, Any]:
-        """Restart; KeyError for an unknown id, RuntimeError if the restart failed."""
+    async def restart_instance_async(self, instance_id: str, reason: str, requested_by: str,
+                                     mode: str | None = None) -> dict[str, Any]:
+        """Restart (`mode`: cold, warm, None for the default); KeyError for an unknown id,
+        ValueError for a bad mode, RuntimeError if the restart failed."""
         ...
 
 
@@ -214,8 +218,10 @@ def make_app(backend: AdminBackend, token: str) -> web.Application:
                     return _error(400, message)
         reason = body.get("reason", "admin")
         requested_by = body.get("requested_by") or f"admin@{request.remote}"
+        mode = body.get("mode")
         try:
-            result = backend.restart_instance(instance_id, reason[:200], requested_by[:200])
+            result = await backend.restart_instance_async(instance_id, reason[:200],
+                                                          requested_by[:200], mode)
         except KeyError:
             return _error(404, f"no instance {escape(instance_id, 100)!r}")
         except RuntimeError as e:

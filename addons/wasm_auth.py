@@ -55,6 +55,8 @@ from addons.proxywasm import (
 )
 from addons.proxywasm.clock import Clock
 from addons.proxywasm.headers import Pairs
+from addons.proxywasm.host import RestartMode
+from addons.proxywasm.journal import JournalConfig, window_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILTER = ROOT / "filters" / "auth_cache.wasm"
 STATE_DIR = Path(".wasm-reclaim")
 LIVE_ENTRIES, LIVE_BYTES = "auth_cache.live_entries", "auth_cache.live_bytes"
+REPLAY_STEP = 500
+"""Events a warm restart replays between two turns of the event loop (admin endpoint)."""
+REPLAY_ROUNDS = 10_000
+"""Steps before the rest of a warm replay runs at once (traffic outpacing the replay)."""
 DENIED_MARK = ":no_entry:"
 FAILED_MARK = ":warning:"
 
@@ -117,6 +123,29 @@ def parse_positive(name: str, value: str) -> float:
     if not number > 0 or number != number or number == float("inf"):
         raise ValueError(f"{name}: must be a positive number, got {value!r}")
     return number
+
+
+def parse_restart_mode(value: str, where: str = "wasm_restart_mode") -> RestartMode:
+    """`cold` or `warm` (any case, spaces ignored)."""
+    mode = value.strip().lower()
+    if mode == "cold":
+        return "cold"
+    if mode == "warm":
+        return "warm"
+    raise ValueError(f"{where}: expected 'cold' or 'warm', got {value!r}")
+
+
+def parse_journal(window: str, limit_mib: int, plugin_configuration: bytes
+                  ) -> JournalConfig | None:
+    """The journal for warm restarts: None when `limit_mib` is 0; its window is `window`
+    seconds, or (0) the filter configuration's `ttl_seconds` (else 600 s)."""
+    if limit_mib < 0:
+        raise ValueError(f"wasm_journal_limit: must be 0 (off) or more MiB, got {limit_mib}")
+    if limit_mib == 0:
+        return None
+    seconds = 0.0 if window.strip() in ("", "0") else parse_positive("wasm_journal_window",
+                                                                     window)
+    return JournalConfig(window_from_config(plugin_configuration, seconds), limit_mib * 2**20)
 
 
 def parse_store(value: str) -> str:
@@ -237,6 +266,8 @@ class Settings(NamedTuple):
     deadline_ms: int
     log_metrics: bool
     retention_s: int
+    restart_mode: RestartMode
+    journal: JournalConfig | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +360,16 @@ class WasmAuth:
                           "A filter callback running longer than this is interrupted (ms).")
         loader.add_option("wasm_log_metrics", bool, True,
                           "Record requests, auth calls, samples and restarts in the store.")
+        loader.add_option("wasm_restart_mode", str, "cold",
+                          "How restarts run unless asked otherwise: 'cold' (a fresh instance, "
+                          "empty cache) or 'warm' (the new instance gets the old one's live "
+                          "cache by replaying the journal; no auth call; cold if unsafe).")
+        loader.add_option("wasm_journal_window", str, "0",
+                          "Seconds of requests the warm-restart journal keeps (host clock); 0: "
+                          "the filter configuration's ttl_seconds, else 600.")
+        loader.add_option("wasm_journal_limit", int, 64,
+                          "Memory cap of the warm-restart journal per instance, in MiB; past "
+                          "it a warm restart runs cold. 0 turns journaling off.")
         loader.add_option("wasm_retention", int, 0,
                           "Embedded store only: keep samples, requests and auth calls this many "
                           "seconds (host clock); 0 keeps everything.")
@@ -340,9 +381,10 @@ class WasmAuth:
         try:
             listen = parse_listen(o.wasm_admin_listen)
             remote_warning = check_listen(listen, o.wasm_admin_allow_remote)
+            plugin_configuration = parse_filter_config(o.wasm_filter_config)
             settings = Settings(
                 filter_path=Path(o.wasm_filter).expanduser(),
-                plugin_configuration=parse_filter_config(o.wasm_filter_config),
+                plugin_configuration=plugin_configuration,
                 clusters=parse_clusters(o.wasm_cluster),
                 instance_key=o.wasm_instance_key,
                 store=parse_store(o.wasm_store),
@@ -357,6 +399,9 @@ class WasmAuth:
                 deadline_ms=o.wasm_deadline_ms,
                 log_metrics=o.wasm_log_metrics,
                 retention_s=o.wasm_retention,
+                restart_mode=parse_restart_mode(o.wasm_restart_mode),
+                journal=parse_journal(o.wasm_journal_window, o.wasm_journal_limit,
+                                      plugin_configuration),
             )
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from e
@@ -391,7 +436,7 @@ class WasmAuth:
         s = self.settings
         assert s is not None and self.module is not None
         host_fields = ("filter_path", "plugin_configuration", "clusters", "memory_limit_mib",
-                       "fail_open", "clock_speed", "deadline_ms")
+                       "fail_open", "clock_speed", "deadline_ms", "journal")
         if self.host is not None and previous is not None and all(
                 getattr(previous, f) == getattr(s, f) for f in host_fields):
             return
@@ -404,6 +449,7 @@ class WasmAuth:
             limits=Limits(memory_bytes=s.memory_limit_mib * 2**20, deadline_ms=s.deadline_ms),
             fail_open=s.fail_open,
             events=_Recorder(self),
+            journal=s.journal,
         )
         # Fail at configuration time, not on the first request, if the filter cannot start.
         try:
@@ -686,20 +732,64 @@ class WasmAuth:
             "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
         } for o in self.host.observe()]
 
-    def restart_instance(self, instance_id: str, reason: str, requested_by: str
-                         ) -> dict[str, Any]:
-        """Restart one instance (KeyError if unknown, RuntimeError if it failed)."""
+    def _restart_mode(self, mode: str | None) -> RestartMode:
+        if mode is None or not mode.strip():
+            return self.settings.restart_mode if self.settings is not None else "cold"
+        return parse_restart_mode(mode, "mode")
+
+    def restart_instance(self, instance_id: str, reason: str, requested_by: str,
+                         mode: str | None = None) -> dict[str, Any]:
+        """Restart one instance now, `cold` or `warm` (default `wasm_restart_mode`); a warm
+        replay runs to its end before this returns. KeyError if unknown, ValueError for a bad
+        mode, RuntimeError if the restart failed."""
+        ran = self._restart_mode(mode)
         if self.host is None or instance_id not in self.host.instances:
             raise KeyError(instance_id)
         try:
-            record = self.host.restart(instance_id, reason, requested_by)
+            record = self.host.restart(instance_id, reason, requested_by, ran)
         except RestartError as e:
             raise RuntimeError(str(e)) from e
-        self._sample(instance_id)
+        return self._restarted(record)
+
+    async def restart_instance_async(self, instance_id: str, reason: str, requested_by: str,
+                                     mode: str | None = None) -> dict[str, Any]:
+        """As `restart_instance`, but a warm replay runs in steps of `REPLAY_STEP` events
+        while the current generation keeps serving, so no request waits for the whole replay
+        (the admin endpoint's way)."""
+        ran = self._restart_mode(mode)
+        if self.host is None or instance_id not in self.host.instances:
+            raise KeyError(instance_id)
+        prepared = None
+        if ran == "warm":
+            inst = self.host.instances[instance_id]
+            try:
+                prepared = inst.prepare_warm()
+            except FilterStartError as e:
+                raise RuntimeError(f"restart of {instance_id} failed: {e}") from e
+            # Replay in steps, taking in what the journal records meanwhile; once caught up
+            # (or after enough rounds, if traffic outpaces the replay) `restart` replays the
+            # rest at once and swaps generations without awaiting, so no request is lost.
+            rounds = 0
+            while prepared.fallback is None and rounds < REPLAY_ROUNDS and not (
+                    prepared.step(REPLAY_STEP) and prepared.backlog <= REPLAY_STEP):
+                rounds += 1
+                await asyncio.sleep(0)
+            if self.host is None or self.host.instances.get(instance_id) is not inst:
+                prepared.abort()
+                raise KeyError(instance_id)
+        try:
+            record = self.host.restart(instance_id, reason, requested_by, ran, prepared)
+        except RestartError as e:
+            raise RuntimeError(str(e)) from e
+        return self._restarted(record)
+
+    def _restarted(self, record: RestartRecord) -> dict[str, Any]:
+        self._sample(record.instance)
         return {"id": record.instance, "generation": record.generation,
                 "generation_before": record.generation_before,
                 "allocated_bytes_before": record.allocated_bytes_before,
-                "allocated_bytes_after": record.allocated_bytes_after}
+                "allocated_bytes_after": record.allocated_bytes_after,
+                "mode": record.mode, "fallback": record.fallback, "replayed": record.replayed}
 
     @command.command("wasm.status")
     def status(self) -> str:
@@ -717,10 +807,12 @@ class WasmAuth:
         return "\n".join(lines)
 
     @command.command("wasm.restart")
-    def restart(self, instance: str) -> str:
-        """Restart a filter instance: a fresh instance of the compiled module."""
+    def restart(self, instance: str, mode: str = "") -> str:
+        """Restart a filter instance, mode 'cold' or 'warm' (default wasm_restart_mode)."""
         try:
-            r = self.restart_instance(instance, "command", "wasm.restart")
+            r = self.restart_instance(instance, "command", "wasm.restart", mode or None)
+        except ValueError as e:
+            raise exceptions.CommandError(str(e)) from e
         except KeyError:
             known = ", ".join(sorted(self.host.instances)) if self.host else ""
             raise exceptions.CommandError(
@@ -728,8 +820,10 @@ class WasmAuth:
             ) from None
         except RuntimeError as e:
             raise exceptions.CommandError(str(e)) from e
-        return (f"restarted {r['id']}: generation {r['generation_before']} -> {r['generation']}, "
-                f"allocated {r['allocated_bytes_before'] // 1024} -> "
+        how = f"{r['mode']}, {r['replayed']} requests replayed" if r["mode"] == "warm" else (
+            f"cold: {r['fallback']}" if r["fallback"] else "cold")
+        return (f"restarted {r['id']} ({how}): generation {r['generation_before']} -> "
+                f"{r['generation']}, allocated {r['allocated_bytes_before'] // 1024} -> "
                 f"{r['allocated_bytes_after'] // 1024} KiB")
 
 addons = [WasmAuth()]

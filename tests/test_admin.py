@@ -84,6 +84,10 @@ async def test_instances_and_restart(client) -> None:
     body = await r.json()
     assert body["id"] == "shop.example" and body["generation"] == 1
     assert body["allocated_bytes_before"] >= body["allocated_bytes_after"] > 0
+    assert (body["mode"], body["fallback"]) == ("cold", None)
+    r = await client.post("/instances/shop.example/restart", headers=AUTH, json={"mode": "warm"})
+    body = await r.json()
+    assert (body["generation"], body["mode"], body["fallback"]) == (2, "warm", None)
     r = await client.get("/healthz", headers=AUTH)
     assert (await r.json()) == {"status": "ok"}
 
@@ -95,6 +99,7 @@ async def test_instances_and_restart(client) -> None:
     ("POST", "/instances/shop.example/restart", {"json": {"reason": 5}}, 400),
     ("POST", "/instances/shop.example/restart", {"json": {"reasn": "typo"}}, 400),
     ("POST", "/instances/shop.example/restart", {"json": {"mode": "hot"}}, 400),
+    ("POST", "/instances/shop.example/restart", {"json": {"mode": 1}}, 400),
     ("POST", "/instances/shop.example/restart", {"data": b"x" * 20000}, 413),
     ("GET", "/instances/shop.example/restart", {}, 405),
     ("DELETE", "/instances", {}, 405),

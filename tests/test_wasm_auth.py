@@ -14,13 +14,16 @@ from mitmproxy.test import taddons, tflow
 
 from addons import wasm_auth
 from addons.proxywasm import Decision, LocalResponse
+from addons.proxywasm.journal import JournalConfig
 from addons.wasm_auth import (
     WasmAuth,
     describe,
     instance_key,
     parse_clusters,
     parse_filter_config,
+    parse_journal,
     parse_positive,
+    parse_restart_mode,
     parse_store,
     request_pairs,
     token_hash,
@@ -160,6 +163,9 @@ def base_options(tmp_path) -> dict[str, object]:
     ("wasm_admin_listen", "127.0.0.1:99999", "out of range"),
     ("wasm_memory_limit", 0, "at least 1 MiB"),
     ("wasm_filter", "/nonexistent/filter.wasm", "cannot read filter"),
+    ("wasm_restart_mode", "hot", "expected 'cold' or 'warm'"),
+    ("wasm_journal_window", "soon", "wasm_journal_window: 'soon' is not a number"),
+    ("wasm_journal_limit", -1, "must be 0 \\(off\\) or more MiB"),
 ])
 async def test_bad_options_are_options_errors(tmp_path, option, value, message) -> None:
     addon = WasmAuth()
@@ -266,6 +272,42 @@ async def test_restart_command(tmp_path, auth_server) -> None:
         await addon.request(f)
         assert "wasm: miss" in f.comment and "gen 1" in f.comment  # the cache was dropped
         await addon.done()
+
+
+async def test_warm_restart_command_keeps_the_cache(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       wasm_filter_config='{"ttl_seconds": 120}', **base_options(tmp_path))
+        for token in ("x-good", "y-good", "x-good"):
+            await addon.request(make_flow(token))
+        out = tctx.command(addon.restart, "shop.example", "warm")
+        assert "(warm, 3 requests replayed): generation 0 -> 1" in out
+        f = make_flow("y-good")
+        await addon.request(f)
+        assert "wasm: hit" in f.comment and "gen 1" in f.comment  # the cache survived
+        tctx.configure(addon, wasm_restart_mode="warm")
+        assert "(warm, 4 requests replayed): generation 1 -> 2" in tctx.command(
+            addon.restart, "shop.example")
+        assert "(cold): generation 2 -> 3" in tctx.command(addon.restart, "shop.example", "cold")
+        with pytest.raises(exceptions.CommandError, match="mode: expected 'cold' or 'warm'"):
+            tctx.command(addon.restart, "shop.example", "tepid")
+        await addon.done()
+
+
+@pytest.mark.parametrize(("window", "limit", "config", "expected"), [
+    ("0", 64, b'{"ttl_seconds": 300}', JournalConfig(301.0, 64 * 2**20)),
+    ("120", 8, b'{"ttl_seconds": 300}', JournalConfig(121.0, 8 * 2**20)),
+    ("", 64, b"", JournalConfig(601.0, 64 * 2**20)),
+    ("120", 0, b"", None),
+])
+def test_parse_journal(window, limit, config, expected) -> None:
+    assert parse_journal(window, limit, config) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("cold", "cold"), (" WARM ", "warm")])
+def test_parse_restart_mode(value, expected) -> None:
+    assert parse_restart_mode(value) == expected
 
 
 async def test_flow_already_answered_is_left_alone(tmp_path) -> None:

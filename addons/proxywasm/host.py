@@ -650,9 +650,10 @@ class Host:
         return inst
 
     def restart(self, instance_id: str, reason: str, requested_by: str,
-                mode: RestartMode = "cold") -> RestartRecord:
+                mode: RestartMode = "cold", prepared: WarmStart | None = None
+                ) -> RestartRecord:
         """Restart an instance by id, `cold` or `warm` (KeyError if unknown)."""
-        return self.instances[instance_id].restart(reason, requested_by, mode)
+        return self.instances[instance_id].restart(reason, requested_by, mode, prepared)
 
     def close(self) -> None:
         """Drop every instance."""
