@@ -521,8 +521,8 @@ class WarmStart:
         now = host.clock.now_ns()
         generation = instance.generation + 1
 
-        def new_vm(services: object) -> Vm:
-            return Vm(host.module, services, instance.id, generation)  # type: ignore[arg-type]
+        def new_vm(services: ReplayServices) -> Vm:
+            return Vm(host.module, services, instance.id, generation)
 
         entries = journal.replayable(now)
         self.seen = journal.seq

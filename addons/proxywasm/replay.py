@@ -38,13 +38,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _wasmtime as raw
-from .abi import Action
+from .abi import Action, Status
 from .calls import HttpCallResponse
+from .clock import Clock
 from .headers import Pairs
 from .journal import Entry, Outcome
 
 if TYPE_CHECKING:
-    from .vm import PendingCall, StreamContext, Vm
+    from .context import PendingCall, StreamContext
+    from .vm import HostServices, Vm
 
 
 class ReplayError(Exception):
@@ -86,42 +88,48 @@ class _Replayed:
 
 
 class ReplayServices:
-    """What a VM sees instead of its host while it is replayed."""
+    """What a VM sees instead of its host while it is replayed (`vm.HostServices`)."""
 
-    def __init__(self, host: Any, start_ns: int) -> None:
+    def __init__(self, host: HostServices, start_ns: int) -> None:
         self._host = host
-        self.clock = _Clock(start_ns)
+        self.time = _Clock(start_ns)
+        """The replay's clock, set by the replay."""
+        self.clock: Clock = self.time
+        self.limits = host.limits
+        self.plugin_name = host.plugin_name
+        self.plugin_configuration = host.plugin_configuration
+        self.vm_configuration = host.vm_configuration
         self.shared_data: dict[bytes, tuple[bytes, int]] = dict(host.shared_data)
         self.failure: str | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        # Limits, configurations, the plugin name, randomness and `dispatcher.has_cluster`
-        # are the host's own.
-        return getattr(self._host, name)
+    def random_bytes(self, n: int) -> bytes:
+        """The host's randomness (a filter whose state depends on it breaks the contract)."""
+        return self._host.random_bytes(n)
 
     def start_call(self, vm: Vm, call: PendingCall, headers: Pairs, body: bytes,
-                   trailers: Pairs) -> bool:
-        """Accept the call if it is the one the request made originally; never send it."""
+                   trailers: Pairs) -> int:
+        """Accept the call if it is the one the request made originally; never send it.
+        Returns a `Status`: OK, or INTERNAL_FAILURE when the journal cannot answer it."""
         ctx = vm.contexts.get(call.context_id)
         replayed = ctx.stream if ctx is not None else None
         if not isinstance(replayed, _Replayed):
             self.fail("the filter made an outbound call outside a request (from its root "
                       "context or a tick); the journal cannot answer it")
-            return False
+            return Status.INTERNAL_FAILURE
         entry, k = replayed.entry, replayed.next_call
         if k >= len(entry.calls):
             self.fail(f"a replayed request made {k + 1} outbound calls, the original "
                       f"{len(entry.calls)}; the journal cannot answer the extra one")
-            return False
+            return Status.INTERNAL_FAILURE
         recorded = entry.calls[k]
         if (recorded.cluster, recorded.headers, recorded.body, recorded.trailers) != (
                 call.cluster, headers, body, trailers):
             self.fail(f"a replayed request's outbound call to {call.cluster} differs from the "
                       "recorded one; the journal cannot answer it")
-            return False
+            return Status.INTERNAL_FAILURE
         replayed.call_ids[k] = call.id
         replayed.next_call = k + 1
-        return True
+        return Status.OK
 
     def context_released(self, vm: Vm) -> None:
         """Nothing drains during a replay."""
@@ -197,7 +205,7 @@ class _Replayer:
 
     def advance(self, t: int) -> None:
         """Move the clock to `t`, running the VM's ticks due on the way at their times."""
-        vm, clock = self.vm, self.services.clock
+        vm, clock = self.vm, self.services.time
         if self.ticks:
             while vm.tick_period_ns and vm.next_tick_ns <= t:
                 clock.now = max(clock.now, vm.next_tick_ns)
@@ -291,7 +299,7 @@ class Replay:
     `ReplayError` when the replay shows the filter breaks the contract; the VM is then closed.
     """
 
-    def __init__(self, host: Any, new_vm: Callable[[ReplayServices], Vm],
+    def __init__(self, host: HostServices, new_vm: Callable[[ReplayServices], Vm],
                  entries: Sequence[Entry], now_ns: int) -> None:
         """`new_vm(services)` creates the VM against the given services (it may raise
         `FilterStartError`)."""
@@ -344,7 +352,7 @@ class Replay:
         return ReplayResult(vm, r.requests, r.calls, time.perf_counter() - self.t0)
 
 
-def replay(host: Any, new_vm: Callable[[ReplayServices], Vm], entries: Sequence[Entry],
+def replay(host: HostServices, new_vm: Callable[[ReplayServices], Vm], entries: Sequence[Entry],
            now_ns: int) -> ReplayResult:
     """A fresh VM with `entries` replayed into it at once, ready to serve at `now_ns`."""
     return Replay(host, new_vm, entries, now_ns).finish(now_ns)
@@ -360,7 +368,7 @@ def replay_into(vm: Vm, entry: Entry) -> None:
     host = vm.host
     services = ReplayServices(host, entry.request_ns)
     requests, outbound = vm.requests, vm.outbound
-    vm.host = services  # type: ignore[assignment]
+    vm.host = services
     replayer = _Replayer(vm, services, ticks=False)
     replayer.add([entry])
     try:
