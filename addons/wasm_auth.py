@@ -27,15 +27,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.utils import human
 
 if __package__ in (None, "") and "addons" not in sys.modules:  # run as a script from a clone
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from addons import lifecycle
 from addons.admin import AdminServer, check_listen, load_or_create_token, parse_listen
 from addons.proxywasm import (
     WASM_PAGE_SIZE,
@@ -51,6 +53,7 @@ from addons.proxywasm import (
     RestartError,
     RestartRecord,
     ScaledClock,
+    Stream,
     WallClock,
 )
 from addons.proxywasm.clock import Clock
@@ -154,6 +157,16 @@ def parse_store(value: str) -> str:
     if value.startswith(("mongodb://", "mongodb+srv://")):
         return value
     return str(Path(value or STATE_DIR / "store").expanduser())
+
+
+def stream_limit(stream_large_bodies: str | None) -> int:
+    """How much of a streamed body a pausing filter may hold back: mitmproxy's
+    `stream_large_bodies` (bodies larger than that are streamed), else 1 MiB."""
+    try:
+        size = human.parse_size(stream_large_bodies)
+    except ValueError:
+        size = None
+    return size or 1 << 20
 
 
 class RequestView(NamedTuple):
@@ -315,6 +328,10 @@ class WasmAuth:
         self._last_pages: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
+        self._open: dict[str, lifecycle.Exchange] = {}
+        self._exports: frozenset[str] = frozenset()
+        self._lifecycle = False
+        self._stream_limit = 1 << 20
 
     # ---- options ----
 
@@ -425,6 +442,9 @@ class WasmAuth:
             except FilterLoadError as e:
                 raise exceptions.OptionsError(f"wasm_filter: {e}") from e
         self.settings = settings
+        self._exports = self.module.exports
+        self._lifecycle = lifecycle.needs_lifecycle(self._exports)
+        self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
         self._build_host(previous)
         if self._running and previous is not None:
             task = asyncio.get_running_loop().create_task(self._restart_services())
@@ -647,11 +667,70 @@ class WasmAuth:
         if self.metrics is not None:
             self.metrics.write(collection, doc)
 
-    # ---- the hook ----
+    # ---- the hooks (the stream lifecycle: addons/lifecycle.py) ----
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A request mitmproxy streams: its headers leave now, so the filter sees them now."""
+        if (not self._lifecycle or not flow.request.stream or self.host is None
+                or flow.response is not None or flow.error is not None):
+            return None
+        return self._request(flow, streamed=True)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        """A buffered request: headers, body, trailers; a streamed one: its trailers."""
         if flow.response is not None or flow.error is not None or self.host is None:
             return
+        if self._open:
+            ex = self._open.get(flow.id)
+            if ex is not None:
+                if ex.stream is not None and ex.request_streamed:
+                    await lifecycle.streamed_request_trailers(flow, ex, self._exports)
+                return
+        await self._request(flow, streamed=False)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A response mitmproxy streams: its headers leave now, so the filter sees them now."""
+        if not self._lifecycle or flow.response is None or not flow.response.stream:
+            return None
+        ex = self._open.get(flow.id)
+        if ex is None or ex.stream is None:
+            return None
+        return lifecycle.streamed_response_headers(flow, ex, self._exports, self._stream_limit)
+
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The response (the upstream's or a local one): its phases, then the stream ends."""
+        ex = self._open.pop(flow.id, None) if self._open else None
+        if ex is None:
+            return None
+        if ex.stream is None:
+            self._finish(flow, ex)
+            return None
+        return self._response(flow, ex)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The exchange failed (reset, upstream unreachable): the stream ends."""
+        ex = self._open.pop(flow.id, None) if self._open else None
+        if ex is not None:
+            self._finish(flow, ex)
+
+    async def _response(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
+        try:
+            await lifecycle.response_phases(flow, ex, self._exports)
+        finally:
+            self._finish(flow, ex)
+
+    def _finish(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
+        """Close the stream (log, done, delete) and write the request's record."""
+        if ex.stream is not None:
+            stream, ex.stream = ex.stream, None
+            stream.close()
+        record = ex.record
+        if record is not None:
+            record["status"] = flow.response.status_code if flow.response is not None else None
+            self.write("requests", record)
+
+    async def _request(self, flow: http.HTTPFlow, streamed: bool) -> None:
+        assert self.host is not None
         s = self.settings
         assert s is not None
         req = view(flow.request)
@@ -664,19 +743,16 @@ class WasmAuth:
             self._fail(flow, key, str(e))
             return
         stream = inst.stream()
-        decision = stream.request_headers(request_pairs(flow.request, req.authority))
+        request = flow.request
+        end_of_stream = not streamed and not request.raw_content and not request.trailers
+        decision = stream.request_headers(request_pairs(request, req.authority), end_of_stream)
         if decision is None:
-            waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-
-            def resolve(d: Decision) -> None:
-                if not waiter.done():
-                    waiter.set_result(d)
-
-            stream.on_decision = resolve
-            decision = await waiter
-        stream.close()
+            decision = await lifecycle.wait(stream, decision)
+        keep = self._lifecycle and decision.action == "continue"
+        if not keep:
+            stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
-        self._apply(flow, decision)
+        self._apply(flow, decision, stream if keep else None, streamed)
         hashed = token_hash(req.authorization)
         word = verdict(decision, hashed is not None)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
@@ -685,29 +761,39 @@ class WasmAuth:
             flow.marked = DENIED_MARK
         elif word == "error":
             flow.marked = FAILED_MARK
+        record = None
         if self.metrics is not None:
-            self.write("requests", {
+            record = {
                 "time": self.clock.now_ns() / 1e9, "instance": key, "tenant": inst.tenant,
                 "generation": decision.generation, "method": flow.request.method,
-                "path": flow.request.path, "decision": word,
-                "status": decision.response.status if decision.response else None,
+                "path": flow.request.path, "decision": word, "status": None,
                 "outbound": decision.outbound, "latency_ms": round(latency_ms, 3),
                 "token_hash": hashed,
-            })
+            }
             if self._last_pages.get(key) != pages:
                 self._sample(key)  # allocated memory changed: sample now, not only on the period
+        if keep or record is not None:
+            ex = lifecycle.Exchange(stream if keep else None, record)
+            self._open[flow.id] = ex
+            if keep:
+                if streamed:
+                    lifecycle.streamed_request_headers_continued(
+                        flow, ex, self._exports, self._stream_limit)
+                else:
+                    await lifecycle.request_rest(flow, stream, self._exports)
 
-    def _apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    def _apply(self, flow: http.HTTPFlow, decision: Decision, stream: Stream | None,
+               streamed: bool) -> None:
         """Forward, answer locally, or reset, as the filter decided."""
         if decision.action == "respond" and decision.response is not None:
-            r = decision.response
-            flow.response = http.Response.make(
-                r.status, r.body, [(k, v) for k, v in r.headers if not k.startswith(b":")])
+            flow.response = lifecycle.local_response(decision.response)
+            if streamed:
+                flow.request.stream = False
         elif decision.action == "reset":
             flow.kill()
-        elif decision.modified:
-            flow.request.headers = http.Headers(
-                [(k, v) for k, v in decision.request_headers if not k.startswith(b":")])
+        elif stream is None and decision.modified:
+            lifecycle.apply_request_headers(flow.request, decision.request_headers)
+            lifecycle.keep_framing(flow.request, streamed)
 
     def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
         s = self.settings

@@ -14,6 +14,8 @@ from .abi import MetricType
 from .headers import Pairs
 
 ROOT_CONTEXT_ID = 1
+REQUEST_BODY_DIRTY = 1 << 8
+RESPONSE_BODY_DIRTY = 1 << 9
 
 
 class LocalResponse(NamedTuple):
@@ -29,9 +31,9 @@ class StreamContext:
     """Host-side state of one HTTP stream context in a Vm."""
 
     __slots__ = (
-        "calls", "closed", "done_pending", "id", "local_response", "modified", "outbound",
-        "request_headers", "request_trailers", "response_headers", "response_trailers", "resumed",
-        "stream",
+        "calls", "closed", "dirty", "done_pending", "id", "local_response", "modified", "outbound",
+        "properties", "request_body", "request_headers", "request_trailers", "response_body",
+        "response_headers", "response_trailers", "resumed", "stream",
     )
 
     def __init__(self, context_id: int, stream: Any) -> None:
@@ -41,8 +43,16 @@ class StreamContext:
         self.request_trailers: Pairs = []
         self.response_headers: Pairs = []
         self.response_trailers: Pairs = []
+        self.request_body: bytes | None = None
+        """The request body buffer while the filter may see it (None: not available)."""
+        self.response_body: bytes | None = None
         self.local_response: LocalResponse | None = None
         self.modified = False  # the filter changed a header map
+        self.dirty = 0
+        """What the filter changed: bit `1 << MapType` per header map, REQUEST_BODY_DIRTY and
+        RESPONSE_BODY_DIRTY for the bodies."""
+        self.properties: dict[bytes, bytes] | None = None
+        """Filter state set with `proxy_set_property` on this stream."""
         self.resumed = False
         self.closed = False
         self.done_pending = False

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from . import _wasmtime as raw
 from .abi import BufferType, LogLevel, MapType, MetricType, Status, StreamType, WasiErrno
 from .context import ROOT_CONTEXT_ID, LocalResponse, Metric, PendingCall
-from .headers import MapFormatError, deserialize_map, serialize_map
+from .headers import MapFormatError, deserialize_map, serialize_map, serialized_size
 from .vm import M32, Vm
 
 guest_logger = logging.getLogger("wasm_reclaim.guest")
@@ -89,7 +89,7 @@ def proxy_get_buffer_bytes(
 ) -> int:
     if buf not in _BUFFER_TYPES:
         return Status.BAD_ARGUMENT
-    data = vm.buffers.get(buf)
+    data = vm.buffer(buf)
     if data is None:
         return Status.NOT_FOUND
     if start > len(data):
@@ -100,7 +100,7 @@ def proxy_get_buffer_bytes(
 def proxy_get_buffer_status(vm: Vm, buf: int, ret_size: int, ret_flags: int) -> int:
     if buf not in _BUFFER_TYPES:
         return Status.BAD_ARGUMENT
-    data = vm.buffers.get(buf)
+    data = vm.buffer(buf)
     if data is None:
         return Status.NOT_FOUND
     if not (vm.write_u32(ret_size, len(data)) and vm.write_u32(ret_flags, 0)):
@@ -111,16 +111,18 @@ def proxy_get_buffer_status(vm: Vm, buf: int, ret_size: int, ret_flags: int) -> 
 def proxy_set_buffer_bytes(
     vm: Vm, buf: int, start: int, size: int, value_ptr: int, value_size: int,
 ) -> int:
+    """Replace `size` bytes at `start` with the value: prepend (0, 0), append (start at or past
+    the end), replace or inject (the spec's semantics, which include Envoy's)."""
     if buf not in _BUFFER_TYPES:
         return Status.BAD_ARGUMENT
-    data = vm.buffers.get(buf)
+    data = vm.buffer(buf)
     if data is None:
         return Status.NOT_FOUND
     value = vm.read(value_ptr, value_size)
     if value is None:
         return BAD_MEMORY
     start = min(start, len(data))
-    vm.buffers[buf] = data[:start] + value + data[start + size :]
+    vm.set_buffer(buf, data[:start] + value + data[start + size :])
     return Status.OK
 
 
@@ -142,7 +144,7 @@ def proxy_get_header_map_size(vm: Vm, map_type: int, ret_size: int) -> int:
     pairs = vm.header_map(map_type)
     if pairs is None:
         return Status.NOT_FOUND
-    return Status.OK if vm.write_u32(ret_size, len(serialize_map(pairs))) else BAD_MEMORY
+    return Status.OK if vm.write_u32(ret_size, serialized_size(pairs)) else BAD_MEMORY
 
 
 def proxy_set_header_map_pairs(vm: Vm, map_type: int, ptr: int, size: int) -> int:

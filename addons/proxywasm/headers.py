@@ -31,6 +31,13 @@ def serialize_map(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+def serialized_size(pairs: Pairs) -> int:
+    """The length of `serialize_map(pairs)`, without building it."""
+    if not pairs:
+        return 0
+    return 4 + 10 * len(pairs) + sum(len(k) + len(v) for k, v in pairs)
+
+
 def deserialize_map(data: bytes) -> Pairs:
     """Decode a serialized map; raise `MapFormatError` saying where the encoding is broken."""
     if len(data) <= 1:

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from . import _wasmtime as raw
 from .abi import WASM_PAGE_SIZE, Action, Status
@@ -144,20 +144,29 @@ class RestartError(Exception):
 
 
 class Stream:
-    """One HTTP request through one filter instance.
+    """One HTTP request/response pair through one filter instance (one stream context).
 
-    Call `request_headers()`; it returns a `Decision`, or None while the filter waits for an
-    outbound call, in which case `on_decision` is called when it decides. Call `close()` when
-    the exchange is over (after the response, or at once for a local response).
+    The phases run in Envoy's order: `request_headers()`, `request_body()`,
+    `request_trailers()`, then `response_headers()`, `response_body()`, `response_trailers()`,
+    and `close()` (`proxy_on_log`, `proxy_on_done`, `proxy_on_delete`). Each phase returns a
+    `Decision`, or None while the filter has paused it (waiting for an outbound call, or for
+    `proxy_continue_stream`), in which case `on_decision` is called when it decides. What the
+    filter changed is in `ctx` (header maps, bodies; `ctx.dirty` says which) until `close()`.
     """
 
-    __slots__ = ("ctx", "decision", "entry", "instance", "on_decision", "started_ns", "vm")
+    __slots__ = ("ctx", "decision", "entry", "instance", "last", "on_decision", "started_ns",
+                 "vm", "waiting")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
         self.vm = vm
         self.ctx: StreamContext | None = None
         self.decision: Decision | None = None
+        """The request's decision (from its first phase): what the records report."""
+        self.last: Decision | None = None
+        """The decision of the latest phase."""
+        self.waiting = False
+        """A phase has run and its decision is still pending (the filter paused it)."""
         self.on_decision: Callable[[Decision], None] | None = None
         self.started_ns = 0
         self.entry: Entry | None = None
@@ -167,6 +176,12 @@ class Stream:
     def generation(self) -> int:
         """The generation serving this stream."""
         return self.vm.generation if self.vm is not None else self.instance.generation
+
+    @property
+    def open(self) -> bool:
+        """The stream context is alive (not closed, its generation did not fail)."""
+        vm, ctx = self.vm, self.ctx
+        return vm is not None and ctx is not None and not vm.closed and ctx.id in vm.contexts
 
     def request_headers(self, headers: Pairs, end_of_stream: bool = True) -> Decision | None:
         """Run the filter on the request headers (names are matched case-insensitively)."""
@@ -178,6 +193,7 @@ class Stream:
             return self._fail(f"filter instance {self.instance.id} is down: "
                               f"{self.instance.down_reason}", headers)
         host._busy += 1
+        self.waiting = True
         try:
             ctx = self.ctx = vm.new_context(self)
             ctx.request_headers = [(k.lower(), v) for k, v in headers]
@@ -188,20 +204,81 @@ class Stream:
             action = vm.on_request_headers(ctx, end_of_stream)
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
-            return self.decision if self.decision else self._fail(str(e), headers)
+            return self.last if not self.waiting else self._fail(str(e), headers)
         finally:
             host._busy -= 1
             if host._deliveries:
                 host._drain_deliveries()
-        if self.decision is None:
+        if self.waiting:
             self.settle(action)
-        return self.decision
+        return None if self.waiting else self.last
+
+    def request_body(self, body: bytes, end_of_stream: bool) -> Decision | None:
+        """Run `proxy_on_request_body` on `body` (the whole body, or the chunks buffered so
+        far); the filter may read and replace it (`ctx.request_body`)."""
+        return self._phase(_REQUEST_BODY, body, end_of_stream)
+
+    def request_trailers(self, trailers: Pairs) -> Decision | None:
+        """Run `proxy_on_request_trailers`."""
+        return self._phase(_REQUEST_TRAILERS, trailers, True)
+
+    def response_headers(self, headers: Pairs, end_of_stream: bool = True) -> Decision | None:
+        """Run `proxy_on_response_headers` (`:status` first, as the filter sees it)."""
+        return self._phase(_RESPONSE_HEADERS, headers, end_of_stream)
+
+    def response_body(self, body: bytes, end_of_stream: bool) -> Decision | None:
+        """Run `proxy_on_response_body` on `body`; the filter may replace it."""
+        return self._phase(_RESPONSE_BODY, body, end_of_stream)
+
+    def response_trailers(self, trailers: Pairs) -> Decision | None:
+        """Run `proxy_on_response_trailers`."""
+        return self._phase(_RESPONSE_TRAILERS, trailers, True)
+
+    def _phase(self, phase: int, data: Any, end_of_stream: bool) -> Decision | None:
+        vm, ctx = self.vm, self.ctx
+        if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
+            if vm is not None and vm.closed and vm.broken is not None:
+                return self._fail(f"filter failed: {vm.broken}")
+            return self._continue()
+        host = self.instance.host
+        ctx.resumed = False
+        ctx.local_response = None
+        host._busy += 1
+        self.waiting = True
+        try:
+            if phase == _REQUEST_BODY:
+                ctx.request_body = data
+                action = vm.on_request_body(ctx, len(data), end_of_stream)
+            elif phase == _REQUEST_TRAILERS:
+                ctx.request_trailers = [(k.lower(), v) for k, v in data]
+                action = vm.on_request_trailers(ctx)
+            elif phase == _RESPONSE_HEADERS:
+                ctx.response_headers = [(k.lower(), v) for k, v in data]
+                if self.entry is not None:
+                    self.entry.saw_response(host.clock.now_ns(), ctx.response_headers)
+                action = vm.on_response_headers(ctx, end_of_stream)
+            elif phase == _RESPONSE_BODY:
+                ctx.response_body = data
+                action = vm.on_response_body(ctx, len(data), end_of_stream)
+            else:
+                ctx.response_trailers = [(k.lower(), v) for k, v in data]
+                action = vm.on_response_trailers(ctx)
+        except raw.GuestTrap as e:
+            self.instance.crashed(vm, e)
+            return self.last if not self.waiting else self._fail(str(e))
+        finally:
+            host._busy -= 1
+            if host._deliveries:
+                host._drain_deliveries()
+        if self.waiting:
+            self.settle(action)
+        return None if self.waiting else self.last
 
     def settle(self, action: int = Action.PAUSE) -> None:
         """Turn the context's state into a decision, if the filter has made one."""
         ctx = self.ctx
         vm = self.vm
-        if ctx is None or vm is None or self.decision is not None:
+        if ctx is None or vm is None or not self.waiting:
             return
         if ctx.local_response is not None:
             kind: Literal["continue", "respond", "reset"] = "respond"
@@ -215,6 +292,13 @@ class Stream:
             kind, ctx.request_headers, ctx.local_response, ctx.outbound, vm.generation, None,
             ctx.modified,
         ))
+
+    def _continue(self) -> Decision:
+        """The phase goes on untouched (the stream context is gone: nothing to run)."""
+        decision = Decision("continue", [], None, 0, self.generation)
+        self.waiting = True
+        self._decide(decision)
+        return decision
 
     def _fail(self, error: str, headers: Pairs | None = None) -> Decision:
         """Decide by the fail policy because the filter failed."""
@@ -231,35 +315,33 @@ class Stream:
             )
             decision = Decision("respond", request_headers, response, outbound, self.generation,
                                 error)
+        self.waiting = True
         self._decide(decision)
         return decision
 
     def _decide(self, decision: Decision) -> None:
-        if self.decision is None:
-            self.decision = decision
+        if self.waiting:
+            self.waiting = False
+            self.last = decision
+            if self.decision is None:
+                self.decision = decision
             if self.on_decision is not None:
                 self.on_decision(decision)
 
-    def response_headers(self, headers: Pairs, end_of_stream: bool = True) -> None:
-        """Run the filter on the response headers, if it has that callback."""
-        vm, ctx = self.vm, self.ctx
-        if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
-            return
-        ctx.response_headers = [(k.lower(), v) for k, v in headers]
-        if self.entry is not None:
-            self.entry.saw_response(self.instance.host.clock.now_ns(), ctx.response_headers)
-        try:
-            vm.on_response_headers(ctx, end_of_stream)
-        except raw.GuestTrap as e:
-            self.instance.crashed(vm, e)
+    def fail_pending(self, error: str) -> None:
+        """The filter failed: decide a paused phase by the fail policy."""
+        if self.waiting:
+            self._fail(error)
 
     def close(self) -> None:
-        """End the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`."""
+        """End the stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`."""
         vm, ctx = self.vm, self.ctx
         self.ctx = None
         entry, self.entry = self.entry, None
         if self.decision is None:
+            self.waiting = True
             self._fail("stream closed before the filter decided")
+        self.waiting = False
         if vm is None or ctx is None or vm.closed or ctx.id not in vm.contexts:
             return
         try:
@@ -274,6 +356,9 @@ class Stream:
             entry.outcome = Outcome(decision.action,
                                     response.status if response is not None else None)
             self.instance.journal_commit(entry)
+
+
+_REQUEST_BODY, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_BODY, _RESPONSE_TRAILERS = range(5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +527,7 @@ class FilterInstance:
         streams = [ctx.stream for ctx in vm.contexts.values()]
         vm.close()
         for stream in streams:
-            stream._fail(f"filter {kind}: {message}")
+            stream.fail_pending(f"filter {kind}: {message}")
         if vm in self.draining:
             self.draining.remove(vm)
             return
@@ -751,7 +836,7 @@ class Host:
         """After a callback, turn the decisions the filter made into stream decisions."""
         for ctx in list(vm.contexts.values()):
             stream = ctx.stream
-            if stream.decision is None:
+            if stream.waiting:
                 stream.settle()
         self.context_released(vm)
 
@@ -836,8 +921,8 @@ class Host:
             for vm in inst.vms():
                 for ctx in list(vm.contexts.values()):
                     s = ctx.stream
-                    if s.decision is None and not ctx.calls and now - s.started_ns > limit:
-                        s._fail("the filter paused the request and never resumed it")
+                    if s.waiting and not ctx.calls and now - s.started_ns > limit:
+                        s.fail_pending("the filter paused the stream and never resumed it")
 
     def observe(self) -> list[Observation]:
         """Observations of every instance."""

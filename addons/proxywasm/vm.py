@@ -25,7 +25,14 @@ import wasmtime
 from . import _wasmtime as raw
 from .abi import Action, BufferType, MapType, Status
 from .clock import Clock
-from .context import ROOT_CONTEXT_ID, Metric, PendingCall, StreamContext
+from .context import (
+    REQUEST_BODY_DIRTY,
+    RESPONSE_BODY_DIRTY,
+    ROOT_CONTEXT_ID,
+    Metric,
+    PendingCall,
+    StreamContext,
+)
 from .headers import Pairs
 from .limits import Limits
 
@@ -139,7 +146,12 @@ class Vm:
         self._alloc = f("proxy_on_memory_allocate") or f("malloc")
         self._on_context_create = f("proxy_on_context_create")
         self._on_request_headers = f("proxy_on_request_headers")
+        self._on_request_body = f("proxy_on_request_body")
+        self._on_request_trailers = f("proxy_on_request_trailers")
         self._on_response_headers = f("proxy_on_response_headers")
+        self._on_response_body = f("proxy_on_response_body")
+        self._on_response_trailers = f("proxy_on_response_trailers")
+        self._on_queue_ready = f("proxy_on_queue_ready")
         self._on_http_call_response = f("proxy_on_http_call_response")
         self._on_tick = f("proxy_on_tick")
         self._on_done = f("proxy_on_done")
@@ -255,25 +267,48 @@ class Vm:
         finally:
             self.effective = ROOT_CONTEXT_ID
 
-    def on_response_headers(self, ctx: StreamContext, end_of_stream: bool) -> int:
-        """Run `proxy_on_response_headers` if exported; return the action."""
-        if self._on_response_headers is None:
+    def _stream_call(self, func: Any, ctx: StreamContext, size: int, *rest: int) -> int:
+        """Run one stream callback with `ctx` effective; CONTINUE if it is not exported."""
+        if func is None:
             return int(Action.CONTINUE)
         self.raw.arm(self.deadline)
         self.effective = ctx.id
         try:
-            return self.call(
-                self._on_response_headers, ctx.id, len(ctx.response_headers), int(end_of_stream)
-            )
+            return self.call(func, ctx.id, size, *rest)
         finally:
             self.effective = ROOT_CONTEXT_ID
 
+    def on_request_body(self, ctx: StreamContext, size: int, end_of_stream: bool) -> int:
+        """Run `proxy_on_request_body` if exported; return the action."""
+        return self._stream_call(self._on_request_body, ctx, size, int(end_of_stream))
+
+    def on_request_trailers(self, ctx: StreamContext) -> int:
+        """Run `proxy_on_request_trailers` if exported; return the action."""
+        return self._stream_call(self._on_request_trailers, ctx, len(ctx.request_trailers))
+
+    def on_response_headers(self, ctx: StreamContext, end_of_stream: bool) -> int:
+        """Run `proxy_on_response_headers` if exported; return the action."""
+        return self._stream_call(
+            self._on_response_headers, ctx, len(ctx.response_headers), int(end_of_stream)
+        )
+
+    def on_response_body(self, ctx: StreamContext, size: int, end_of_stream: bool) -> int:
+        """Run `proxy_on_response_body` if exported; return the action."""
+        return self._stream_call(self._on_response_body, ctx, size, int(end_of_stream))
+
+    def on_response_trailers(self, ctx: StreamContext) -> int:
+        """Run `proxy_on_response_trailers` if exported; return the action."""
+        return self._stream_call(self._on_response_trailers, ctx, len(ctx.response_trailers))
+
     def finish_context(self, ctx: StreamContext) -> None:
-        """`proxy_on_done`, then (unless the guest defers with false) log and delete."""
+        """End a stream as Envoy does: `proxy_on_log`, then `proxy_on_done`, then (unless the
+        guest defers with false, and later calls `proxy_done`) `proxy_on_delete`."""
         self.effective = ctx.id
         self.raw.arm(self.deadline)
         _active[0] = self
         try:
+            if self._on_log is not None:
+                self.raw.call1(self._on_log, ctx.id)
             done = 1 if self._on_done is None else self.raw.call1(self._on_done, ctx.id)
             if done:
                 self.delete_context(ctx)
@@ -283,10 +318,9 @@ class Vm:
             self.effective = ROOT_CONTEXT_ID
 
     def delete_context(self, ctx: StreamContext) -> None:
+        """`proxy_on_delete`, then forget the context and its pending calls."""
         try:
             _active[0] = self
-            if self._on_log is not None:
-                self.raw.call1(self._on_log, ctx.id)
             if self._on_delete is not None:
                 self.raw.call1(self._on_delete, ctx.id)
         finally:
@@ -380,6 +414,34 @@ class Vm:
         data = self.read(ptr, size)
         return None if data is None else data.decode("utf-8", "replace")
 
+    # ---- buffers -----------------------------------------------------------------------------
+
+    def buffer(self, buf: int) -> bytes | None:
+        """The buffer `buf` as visible from the effective context, or None (NOT_FOUND).
+
+        The bodies belong to the effective stream (from its body callback on, until it ends);
+        the configurations and an outbound call's body exist only in their callbacks.
+        """
+        if buf <= BufferType.HTTP_RESPONSE_BODY:
+            ctx = self.contexts.get(self.effective)
+            if ctx is None:
+                return None
+            return ctx.request_body if buf == BufferType.HTTP_REQUEST_BODY else ctx.response_body
+        return self.buffers.get(buf)
+
+    def set_buffer(self, buf: int, data: bytes) -> None:
+        """Replace a buffer that `buffer(buf)` returned."""
+        if buf <= BufferType.HTTP_RESPONSE_BODY:
+            ctx = self.contexts[self.effective]
+            if buf == BufferType.HTTP_REQUEST_BODY:
+                ctx.request_body = data
+                ctx.dirty |= REQUEST_BODY_DIRTY
+            else:
+                ctx.response_body = data
+                ctx.dirty |= RESPONSE_BODY_DIRTY
+        else:
+            self.buffers[buf] = data
+
     # ---- header maps -------------------------------------------------------------------------
 
     def header_map(self, map_type: int) -> Pairs | None:
@@ -407,6 +469,7 @@ class Vm:
         if ctx is None:
             return False
         ctx.modified = True
+        ctx.dirty |= 1 << map_type
         if map_type == MapType.HTTP_REQUEST_HEADERS:
             ctx.request_headers = pairs
         elif map_type == MapType.HTTP_RESPONSE_HEADERS:

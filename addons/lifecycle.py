@@ -1,0 +1,401 @@
+"""The Proxy-Wasm HTTP stream lifecycle on mitmproxy's hooks.
+
+Envoy runs a filter's stream callbacks in this order, and so does the addon:
+
+    proxy_on_request_headers, proxy_on_request_body, proxy_on_request_trailers,
+    proxy_on_response_headers, proxy_on_response_body, proxy_on_response_trailers,
+    proxy_on_log, proxy_on_done, proxy_on_delete
+
+mitmproxy's hooks carry them (`wasm_auth.WasmAuth` delegates here):
+
+- `requestheaders`: only for a request mitmproxy streams (`stream_large_bodies`): its headers
+  leave before the body, so the filter sees them now, with `end_of_stream=false`;
+- `request`: a buffered request's headers (`end_of_stream` true only without body and
+  trailers), then its whole body (`end_of_stream` true unless trailers follow), then its
+  trailers; for a streamed request only its trailers;
+- `responseheaders`: only for a streamed response: its headers;
+- `response`: a buffered response's headers, body and trailers (or a streamed one's
+  trailers), then the end of the stream (log, done, delete);
+- `error`: the end of the stream when the exchange failed (reset, upstream unreachable).
+
+A filter that exports no callback beyond the request headers (and no `proxy_on_log`) pays for
+none of this: its stream ends right after its request decision, as it always did.
+
+Streamed bodies go to the filter chunk by chunk, through the message's `stream` callable. A
+filter that pauses a chunk (Envoy's StopIterationAndBuffer) makes the host hold it back and
+give it again with the next chunk, so the filter sees the body accumulate; the end of the body
+releases whatever is held, whatever the filter answers, because mitmproxy cannot keep a
+streamed message waiting. A local response from a streamed request body replaces the upstream's
+answer (the rest of the body is dropped); a local response from a streamed response body, whose
+headers already left, resets the stream instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from addons.proxywasm import Decision, LocalResponse, Stream
+from addons.proxywasm.abi import MapType
+from addons.proxywasm.context import REQUEST_BODY_DIRTY, RESPONSE_BODY_DIRTY
+from addons.proxywasm.headers import Pairs
+
+#: Callbacks that need the stream open past the request decision.
+LIFECYCLE_CALLBACKS = (
+    "proxy_on_request_body", "proxy_on_request_trailers", "proxy_on_response_headers",
+    "proxy_on_response_body", "proxy_on_response_trailers", "proxy_on_log",
+)
+
+_REQUEST_HEADERS = 1 << MapType.HTTP_REQUEST_HEADERS
+_REQUEST_TRAILERS = 1 << MapType.HTTP_REQUEST_TRAILERS
+_RESPONSE_HEADERS = 1 << MapType.HTTP_RESPONSE_HEADERS
+_RESPONSE_TRAILERS = 1 << MapType.HTTP_RESPONSE_TRAILERS
+
+
+def needs_lifecycle(exports: frozenset[str]) -> bool:
+    """Whether a module with these exports needs the stream open past the request decision."""
+    return any(name in exports for name in LIFECYCLE_CALLBACKS)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: mitmproxy messages <-> the filter's maps and buffers
+# --------------------------------------------------------------------------------------------
+
+
+def response_pairs(response: http.Response) -> Pairs:
+    """The response as the filter sees it: `:status`, then every header as bytes."""
+    return [(b":status", str(response.status_code).encode()), *response.headers.fields]
+
+
+def local_response(r: LocalResponse) -> http.Response:
+    """The mitmproxy response for a filter's local response (pseudo-headers dropped)."""
+    return http.Response.make(r.status, r.body, [(k, v) for k, v in r.headers
+                                                 if not k.startswith(b":")])
+
+
+def apply_request_headers(request: http.Request, pairs: Pairs) -> None:
+    """Make the request what the filter's header map says, pseudo-headers included.
+
+    `:method`, `:path` and `:scheme` set the request line; `:authority` sets the Host header
+    (HTTP/1) or the authority (HTTP/2). The upstream a request goes to stays the one mitmproxy
+    chose (the reverse-proxy target, or the client's destination).
+    """
+    fields = []
+    for name, value in pairs:
+        if not name.startswith(b":"):
+            fields.append((name, value))
+        elif name == b":method":
+            request.data.method = value
+        elif name == b":path":
+            request.data.path = value
+        elif name == b":scheme":
+            request.data.scheme = value
+        elif name == b":authority":
+            authority = value
+            if request.is_http2 or request.is_http3:
+                request.data.authority = authority
+            elif not any(n.lower() == b"host" for n, _ in pairs):
+                fields.insert(0, (b"host", authority))
+    request.headers = http.Headers(fields)
+
+
+def apply_response_headers(response: http.Response, pairs: Pairs) -> None:
+    """Make the response what the filter's header map says; `:status` sets its status."""
+    fields = []
+    for name, value in pairs:
+        if not name.startswith(b":"):
+            fields.append((name, value))
+        elif name == b":status":
+            try:
+                status = int(value)
+            except ValueError:
+                continue
+            if 100 <= status <= 999:
+                response.status_code = status
+    response.headers = http.Headers(fields)
+
+
+def set_body(message: http.Message, body: bytes) -> None:
+    """Replace a buffered message's body as it goes on the wire; Content-Length follows."""
+    message.raw_content = body
+    if "transfer-encoding" not in message.headers:
+        message.headers["content-length"] = str(len(body))
+
+
+def keep_framing(message: http.Message, streamed: bool) -> None:
+    """After the filter edited the headers, make sure the body still has a length.
+
+    A filter that removed Content-Length must not lose the body: a buffered body gets its
+    length back; a streamed HTTP/1 body is sent chunked.
+    """
+    headers = message.headers
+    if "content-length" in headers or "transfer-encoding" in headers:
+        return
+    if streamed:
+        if message.http_version.startswith("HTTP/1"):
+            headers["transfer-encoding"] = "chunked"
+    elif message.raw_content:
+        headers["content-length"] = str(len(message.raw_content))
+
+
+def unframe_for_streaming(message: http.Message) -> None:
+    """A streamed body the filter may resize: drop Content-Length (chunked on HTTP/1)."""
+    if "content-length" in message.headers:
+        del message.headers["content-length"]
+    keep_framing(message, streamed=True)
+
+
+def trailers_allowed(flow: http.HTTPFlow, message: http.Message) -> bool:
+    """Trailers go on the wire where the protocol carries them: HTTP/2 and HTTP/3, or a
+    message that already had trailers."""
+    return message.trailers is not None or not flow.request.http_version.startswith("HTTP/1")
+
+
+def set_trailers(message: http.Message, pairs: Pairs) -> None:
+    """Replace the message's trailers with the filter's map."""
+    fields = [(k, v) for k, v in pairs if not k.startswith(b":")]
+    message.trailers = http.Headers(fields) if fields else None
+
+
+# --------------------------------------------------------------------------------------------
+# One exchange: the stream and what the addon records about it
+# --------------------------------------------------------------------------------------------
+
+
+class Exchange:
+    """One flow through the filter: its stream (while open) and its pending request record."""
+
+    __slots__ = ("local", "record", "request_streamed", "reset", "response_streamed", "stream")
+
+    def __init__(self, stream: Stream | None, record: dict[str, Any] | None) -> None:
+        self.stream = stream
+        self.record = record
+        self.request_streamed = False
+        self.response_streamed = False
+        self.local: LocalResponse | None = None
+        """A local response decided while the request streamed: it replaces the answer."""
+        self.reset = False
+        """A streamed phase decided to reset the stream: the next hook kills the flow."""
+
+
+async def wait(stream: Stream, decision: Decision | None) -> Decision:
+    """The phase's decision: at once, or when the paused filter decides."""
+    if decision is not None:
+        return decision
+    waiter: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+
+    def resolve(d: Decision) -> None:
+        if not waiter.done():
+            waiter.set_result(d)
+
+    stream.on_decision = resolve
+    try:
+        return await waiter
+    finally:
+        stream.on_decision = None
+
+
+def _apply_request(flow: http.HTTPFlow, stream: Stream, streamed: bool) -> None:
+    ctx = stream.ctx
+    if ctx is None or not ctx.dirty:
+        return
+    request = flow.request
+    if ctx.dirty & _REQUEST_HEADERS:
+        apply_request_headers(request, ctx.request_headers)
+    if not streamed and ctx.dirty & REQUEST_BODY_DIRTY and ctx.request_body is not None:
+        set_body(request, ctx.request_body)
+    if ctx.dirty & _REQUEST_TRAILERS and trailers_allowed(flow, request):
+        set_trailers(request, ctx.request_trailers)
+    keep_framing(request, streamed)
+    ctx.dirty = 0
+
+
+def _apply_response(flow: http.HTTPFlow, stream: Stream, streamed: bool) -> None:
+    ctx = stream.ctx
+    response = flow.response
+    if ctx is None or not ctx.dirty or response is None:
+        return
+    if ctx.dirty & _RESPONSE_HEADERS:
+        apply_response_headers(response, ctx.response_headers)
+    if not streamed and ctx.dirty & RESPONSE_BODY_DIRTY and ctx.response_body is not None:
+        set_body(response, ctx.response_body)
+    if ctx.dirty & _RESPONSE_TRAILERS and trailers_allowed(flow, response):
+        set_trailers(response, ctx.response_trailers)
+    keep_framing(response, streamed)
+    ctx.dirty = 0
+
+
+def kill(flow: http.HTTPFlow) -> None:
+    """Reset the exchange (once)."""
+    if flow.killable:
+        flow.kill()  # type: ignore[no-untyped-call]
+
+
+def _act(flow: http.HTTPFlow, decision: Decision) -> bool:
+    """Carry out a local response or a reset; True if the phase chain stops here."""
+    if decision.action == "respond" and decision.response is not None:
+        flow.response = local_response(decision.response)
+        return True
+    if decision.action == "reset":
+        kill(flow)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# The phases after the request headers
+# --------------------------------------------------------------------------------------------
+
+
+async def request_rest(flow: http.HTTPFlow, stream: Stream, exports: frozenset[str]) -> None:
+    """A buffered request after its headers continued: its body, then its trailers."""
+    request = flow.request
+    body = request.raw_content or b""
+    trailers = request.trailers
+    if body and "proxy_on_request_body" in exports:
+        d = await wait(stream, stream.request_body(body, not trailers))
+        if _act(flow, d):
+            return
+    if trailers and "proxy_on_request_trailers" in exports:
+        d = await wait(stream, stream.request_trailers(list(trailers.fields)))
+        if _act(flow, d):
+            return
+    _apply_request(flow, stream, streamed=False)
+
+
+def streamed_request_headers_continued(
+    flow: http.HTTPFlow, ex: Exchange, exports: frozenset[str], limit: int
+) -> None:
+    """A streamed request's headers continued: apply them, and stream its body to the filter."""
+    stream = ex.stream
+    assert stream is not None
+    ex.request_streamed = True
+    _apply_request(flow, stream, streamed=True)
+    if "proxy_on_request_body" in exports:
+        unframe_for_streaming(flow.request)
+        flow.request.stream = body_streamer(flow, ex, request=True, limit=limit)
+
+
+async def streamed_request_trailers(
+    flow: http.HTTPFlow, ex: Exchange, exports: frozenset[str]
+) -> None:
+    """A streamed request reached its end (the `request` hook): its trailers, if any."""
+    stream = ex.stream
+    trailers = flow.request.trailers
+    if stream is None or not trailers or "proxy_on_request_trailers" not in exports:
+        return
+    d = await wait(stream, stream.request_trailers(list(trailers.fields)))
+    if d.action == "respond" and d.response is not None:
+        ex.local = d.response
+    elif d.action == "reset":
+        ex.reset = True
+    else:
+        _apply_request(flow, stream, streamed=True)
+
+
+async def streamed_response_headers(
+    flow: http.HTTPFlow, ex: Exchange, exports: frozenset[str], limit: int
+) -> None:
+    """A streamed response's headers (the `responseheaders` hook)."""
+    stream = ex.stream
+    response = flow.response
+    assert stream is not None and response is not None
+    if ex.local is not None or ex.reset:
+        return
+    ex.response_streamed = True
+    d = await wait(stream, stream.response_headers(response_pairs(response), False))
+    if d.action == "respond" and d.response is not None:
+        # Nothing left yet: the local response replaces the upstream's, which is not streamed.
+        flow.response = local_response(d.response)
+        ex.response_streamed = False
+        ex.local = d.response
+        return
+    if d.action == "reset":
+        kill(flow)
+        return
+    _apply_response(flow, stream, streamed=True)
+    if "proxy_on_response_body" in exports:
+        unframe_for_streaming(response)
+        response.stream = body_streamer(flow, ex, request=False, limit=limit)
+
+
+async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[str]) -> None:
+    """The `response` hook: a buffered response's headers, body and trailers, or a streamed
+    one's trailers; a local response decided while the request streamed replaces it."""
+    stream = ex.stream
+    if stream is None:
+        return
+    if ex.reset:
+        kill(flow)
+        return
+    if ex.local is not None and not ex.response_streamed:
+        flow.response = local_response(ex.local)
+        return
+    response = flow.response
+    assert response is not None
+    trailers = response.trailers
+    if not ex.response_streamed:
+        body = response.raw_content or b""
+        if "proxy_on_response_headers" in exports:
+            d = await wait(stream, stream.response_headers(
+                response_pairs(response), not body and not trailers))
+            if _act(flow, d):
+                return
+        if body and "proxy_on_response_body" in exports:
+            d = await wait(stream, stream.response_body(body, not trailers))
+            if _act(flow, d):
+                return
+    if trailers and "proxy_on_response_trailers" in exports:
+        d = await wait(stream, stream.response_trailers(list(trailers.fields)))
+        if d.action == "reset" or (ex.response_streamed and d.action == "respond"):
+            kill(flow)
+            return
+        if _act(flow, d):
+            return
+    _apply_response(flow, stream, streamed=ex.response_streamed)
+
+
+def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: int
+                  ) -> Callable[[bytes], bytes]:
+    """The `stream` callable that gives a streamed body to the filter chunk by chunk.
+
+    mitmproxy calls it with each chunk, and with b"" at the end of the body (after any
+    trailers arrived). A paused chunk is held back and given again with the next one, up to
+    `limit` bytes (then released as if the filter continued).
+    """
+    held = bytearray()
+
+    def chunk(data: bytes) -> bytes:
+        stream = ex.stream
+        if stream is None or ex.reset or ex.local is not None:
+            return b""  # the stream was answered or reset: the rest of the body is dropped
+        end = not data
+        held.extend(data)
+        message = flow.request if request else flow.response
+        eos = end and not (message is not None and message.trailers)
+        buf = bytes(held)
+        d = (stream.request_body(buf, eos) if request else stream.response_body(buf, eos))
+        ctx = stream.ctx
+        out = buf
+        if ctx is not None:
+            body = ctx.request_body if request else ctx.response_body
+            out = body if body is not None else buf
+        if d is None and not end and len(out) <= limit:
+            held[:] = out  # StopIterationAndBuffer: hold, give it again with the next chunk
+            return b""
+        held.clear()
+        if d is not None and d.action == "respond" and d.response is not None:
+            if request:
+                ex.local = d.response
+            else:
+                ex.reset = True
+            return b""
+        if d is not None and d.action == "reset":
+            ex.reset = True
+            return b""
+        return out
+
+    return chunk

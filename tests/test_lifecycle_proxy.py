@@ -1,0 +1,357 @@
+"""The HTTP lifecycle on mitmproxy's hooks: in-process through the addon's hooks, and end to end
+through a real mitmdump against a real upstream on 127.0.0.1.
+
+The filter (inline WAT) rewrites in every phase: the request's :path and a header (and removes
+Content-Length, which must not lose the body), appends to the request body, sets :status and a
+header on the response, prepends to the response body, and logs on_log, on_done and on_delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import wasmtime
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+
+from addons.wasm_auth import WasmAuth
+from scenarios.procs import free_port, mitmdump_path, process
+
+from .wat import module, trampolines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REWRITER = trampolines(
+    "proxy_replace_header_map_value", "proxy_remove_header_map_value",
+    "proxy_add_header_map_value", "proxy_set_buffer_bytes", "proxy_log",
+    "proxy_send_local_response",
+) + """
+  (data (i32.const 1000) ":path")
+  (data (i32.const 1010) "/rewritten")
+  (data (i32.const 1030) "content-length")
+  (data (i32.const 1050) "x-eos")
+  (data (i32.const 1060) "+wasm")
+  (data (i32.const 1070) ":status")
+  (data (i32.const 1080) "201")
+  (data (i32.const 1090) "x-resp")
+  (data (i32.const 1100) "wasm:")
+  (data (i32.const 1110) "on_log")
+  (data (i32.const 1120) "on_done")
+  (data (i32.const 1130) "on_delete")
+  (data (i32.const 1140) "x-teapot")
+  (data (i32.const 1160) "short and stout")
+  (global $eos (mut i32) (i32.const 48))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param $c i32) (param $n i32) (param $eos i32) (result i32)
+    (i32.store8 (i32.const 1200) (i32.add (i32.const 48) (local.get $eos)))
+    (drop (call $proxy_replace_header_map_value (i32.const 0) (i32.const 1000) (i32.const 5) (i32.const 1010) (i32.const 10)))
+    (drop (call $proxy_remove_header_map_value (i32.const 0) (i32.const 1030) (i32.const 14)))
+    (drop (call $proxy_add_header_map_value (i32.const 0) (i32.const 1050) (i32.const 5) (i32.const 1200) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_request_body") (param $c i32) (param $size i32) (param $eos i32) (result i32)
+    (if (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param $c i32) (param $n i32) (param $eos i32) (result i32)
+    (drop (call $proxy_replace_header_map_value (i32.const 2) (i32.const 1070) (i32.const 7) (i32.const 1080) (i32.const 3)))
+    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 0))
+  (func (export "proxy_on_response_body") (param $c i32) (param $size i32) (param $eos i32) (result i32)
+    (if (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 1100) (i32.const 5)))))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32)
+    (drop (call $proxy_log (i32.const 2) (i32.const 1110) (i32.const 6))))
+  (func (export "proxy_on_done") (param i32) (result i32)
+    (drop (call $proxy_log (i32.const 2) (i32.const 1120) (i32.const 7)))
+    (i32.const 1))
+  (func (export "proxy_on_delete") (param i32)
+    (drop (call $proxy_log (i32.const 2) (i32.const 1130) (i32.const 9))))
+"""
+
+# The same filter, but the response phase answers locally (a teapot) instead of the upstream.
+TEAPOT = REWRITER.replace(
+    """    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 0))""",
+    """    (drop (call $proxy_send_local_response (i32.const 418) (i32.const 0) (i32.const 0)
+      (i32.const 1160) (i32.const 15) (i32.const 0) (i32.const 0) (i32.const 0)))
+    (i32.const 1))""")
+
+
+def write_filter(tmp_path: Path, wat: str, name: str = "rewriter.wasm") -> Path:
+    path = tmp_path / name
+    path.write_bytes(wasmtime.wat2wasm(module(wat)))
+    return path
+
+
+def base_options(tmp_path: Path) -> dict[str, object]:
+    return {"wasm_log_metrics": False, "wasm_admin_listen": "",
+            "wasm_spool": str(tmp_path / "spool"), "wasm_store": str(tmp_path / "store")}
+
+
+async def run_hook(result) -> None:
+    if result is not None:
+        await result
+
+
+# ---- in-process, through the hooks ----------------------------------------------------------
+
+
+async def test_every_phase_rewrites_through_the_hooks(tmp_path, caplog) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.method = "POST"
+        f.request.content = b"hello"
+        assert f.request.headers["content-length"] == "5"
+        with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
+            await addon.request(f)
+            assert f.request.path == "/rewritten"
+            assert f.request.headers["x-eos"] == "0"  # a body follows the headers
+            assert f.request.raw_content == b"hello+wasm"
+            assert f.request.headers["content-length"] == "10"  # removed, then made right
+            assert addon._open  # the stream stays open until the response
+            f.response = tflow.tresp(content=b"answer")
+            await run_hook(addon.response(f))
+        assert f.response.status_code == 201 and f.response.headers["x-resp"] == "201"
+        assert f.response.raw_content == b"wasm:answer"
+        assert f.response.headers["content-length"] == "11"
+        logged = [r.getMessage().split()[-1] for r in caplog.records
+                  if r.name == "wasm_reclaim.guest"]
+        assert logged == ["on_log", "on_done", "on_delete"]
+        assert not addon._open
+        await addon.done()
+
+
+async def test_headers_only_request_has_end_of_stream(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.content = b""
+        await addon.request(f)
+        assert f.request.headers["x-eos"] == "1"
+        assert "content-length" not in f.request.headers  # no body: none needed
+        await addon.done()
+
+
+async def test_local_response_in_the_response_phase_replaces_the_upstreams(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TEAPOT)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        await addon.request(f)
+        f.response = tflow.tresp(content=b"the upstream's")
+        await run_hook(addon.response(f))
+        assert f.response.status_code == 418 and f.response.content == b"short and stout"
+        assert not addon._open
+        await addon.done()
+
+
+async def test_an_error_ends_the_stream(tmp_path, caplog) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        await addon.request(f)
+        with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
+            addon.error(f)
+        assert "on_delete" in caplog.text and not addon._open
+        inst = next(iter(addon.host.instances.values()))
+        assert inst.vm.contexts == {}
+        await addon.done()
+
+
+async def test_streamed_bodies_go_chunk_by_chunk(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.method = "POST"
+        f.request.stream = True  # what stream_large_bodies does in requestheaders
+        await run_hook(addon.requestheaders(f))
+        assert f.request.path == "/rewritten" and f.request.headers["x-eos"] == "0"
+        assert callable(f.request.stream)
+        assert "content-length" not in f.request.headers
+        assert f.request.headers["transfer-encoding"] == "chunked"
+        chunks = [f.request.stream(b"ab"), f.request.stream(b"cd"), f.request.stream(b"")]
+        assert chunks == [b"ab", b"cd", b"+wasm"]
+        await addon.request(f)  # the end of a streamed request: nothing more to run
+        f.response = tflow.tresp(content=None)
+        f.response.stream = True
+        await run_hook(addon.responseheaders(f))
+        assert f.response.status_code == 201
+        out = [f.response.stream(b"xy"), f.response.stream(b"")]
+        # Each callback sees only its chunk: the prepend at the end lands in the last one.
+        assert out == [b"xy", b"wasm:"]
+        await run_hook(addon.response(f))
+        assert not addon._open
+        await addon.done()
+
+
+PAUSER = REWRITER.replace(
+    """    (if (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))))
+    (i32.const 0))""",
+    """    (if (result i32) (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))
+      (i32.const 0)) (else (i32.const 1))))""")
+
+
+async def test_a_paused_streamed_chunk_is_held_and_given_again(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, PAUSER)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.stream = True
+        await run_hook(addon.requestheaders(f))
+        assert [f.request.stream(b"ab"), f.request.stream(b"cd"),
+                f.request.stream(b"")] == [b"", b"", b"abcd+wasm"]
+        addon.error(f)
+        await addon.done()
+
+
+TRAILERS = REWRITER + """
+  (data (i32.const 1300) "x-t")
+  (data (i32.const 1310) "changed")
+  (func (export "proxy_on_request_trailers") (param i32 i32) (result i32)
+    (drop (call $proxy_replace_header_map_value (i32.const 1) (i32.const 1300) (i32.const 3) (i32.const 1310) (i32.const 7)))
+    (i32.const 0))
+  (func (export "proxy_on_response_trailers") (param i32 i32) (result i32)
+    (drop (call $proxy_replace_header_map_value (i32.const 3) (i32.const 1300) (i32.const 3) (i32.const 1310) (i32.const 7)))
+    (i32.const 0))
+"""
+
+
+async def test_http2_trailers_reach_the_filter_and_come_back(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TRAILERS)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.http_version = "HTTP/2.0"
+        f.request.trailers = http.Headers([(b"x-t", b"1")])
+        await addon.request(f)
+        assert f.request.trailers["x-t"] == "changed"
+        assert f.request.raw_content == b"content"  # end_of_stream false: trailers followed
+        f.response = tflow.tresp(content=b"r")
+        f.response.http_version = "HTTP/2.0"
+        f.response.trailers = http.Headers([(b"x-t", b"2")])
+        await run_hook(addon.response(f))
+        assert f.response.trailers["x-t"] == "changed"
+        await addon.done()
+
+
+# ---- end to end: a real mitmdump ------------------------------------------------------------
+
+
+class Echo(BaseHTTPRequestHandler):
+    """Answers every request with what it received, as JSON."""
+
+    def _answer(self) -> None:
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        if self.headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if not size:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        out = json.dumps({"method": self.command, "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": body.decode("latin-1")}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def mitmdump(tmp_path: Path, upstream: int, wasm: Path, *extra: str) -> Iterator[str]:
+    port = free_port()
+    args = [mitmdump_path(), "-s", str(ROOT / "addons" / "wasm_auth.py"),
+            "--mode", f"reverse:http://127.0.0.1:{upstream}", "--listen-host", "127.0.0.1",
+            "-p", str(port), "--set", f"wasm_filter={wasm}", "--set", "wasm_log_metrics=false",
+            "--set", "wasm_admin_listen=", *extra]
+    with process(args, port, tmp_path / "mitmdump.log", {"PYTHONPATH": str(ROOT)}, timeout=60):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.e2e
+def test_lifecycle_through_a_real_mitmdump(tmp_path) -> None:
+    wasm = write_filter(tmp_path, REWRITER)
+    with echo_server() as upstream, mitmdump(tmp_path, upstream, wasm) as proxy:
+        r = httpx.post(f"{proxy}/original", content=b"hello", timeout=10)
+        assert r.status_code == 201 and r.headers["x-resp"] == "201"
+        assert r.content.startswith(b"wasm:")
+        assert int(r.headers["content-length"]) == len(r.content)
+        seen = json.loads(r.content[len(b"wasm:"):])
+        assert seen["path"] == "/rewritten" and seen["method"] == "POST"
+        assert seen["body"] == "hello+wasm" and seen["headers"]["content-length"] == "10"
+        assert seen["headers"]["x-eos"] == "0"
+        # A large body that mitmproxy streams goes through the filter chunk by chunk.
+    with echo_server() as upstream, mitmdump(tmp_path, upstream, wasm,
+                                             "--set", "stream_large_bodies=1k") as proxy:
+        big = b"x" * 50_000
+        r = httpx.post(f"{proxy}/big", content=big, timeout=10)
+        assert r.status_code == 201
+        # The echo is streamed too: the filter's prepend at the end of the body lands last.
+        assert r.content.endswith(b"wasm:") and "content-length" not in r.headers
+        seen = json.loads(r.content[: -len(b"wasm:")])
+        assert seen["body"] == (big + b"+wasm").decode()
+        assert seen["headers"]["transfer-encoding"] == "chunked"
+    deadline = time.monotonic() + 5
+    log = ""
+    while time.monotonic() < deadline:
+        log = (tmp_path / "mitmdump.log").read_text()
+        if "on_delete" in log:
+            break
+        time.sleep(0.1)
+    order = [w for line in log.splitlines() for w in ("on_log", "on_done", "on_delete")
+             if line.rstrip().endswith(w)]
+    assert order[:3] == ["on_log", "on_done", "on_delete"], log[-2000:]
+
+
+@pytest.mark.e2e
+def test_local_response_in_the_response_phase_through_a_real_mitmdump(tmp_path) -> None:
+    wasm = write_filter(tmp_path, TEAPOT, "teapot.wasm")
+    with echo_server() as upstream, mitmdump(tmp_path, upstream, wasm) as proxy:
+        r = httpx.get(f"{proxy}/", timeout=10)
+        assert r.status_code == 418 and r.content == b"short and stout"
+
