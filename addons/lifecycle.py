@@ -41,7 +41,8 @@ from mitmproxy import http
 from addons.proxywasm import Decision, LocalResponse, Stream
 from addons.proxywasm.abi import MapType
 from addons.proxywasm.context import REQUEST_BODY_DIRTY, RESPONSE_BODY_DIRTY
-from addons.proxywasm.headers import Pairs
+from addons.proxywasm.headers import Pairs, serialize_map
+from addons.proxywasm.properties import Attributes, Path, boolean, int64
 
 #: Callbacks that need the stream open past the request decision.
 LIFECYCLE_CALLBACKS = (
@@ -158,6 +159,109 @@ def set_trailers(message: http.Message, pairs: Pairs) -> None:
     """Replace the message's trailers with the filter's map."""
     fields = [(k, v) for k, v in pairs if not k.startswith(b":")]
     message.trailers = http.Headers(fields) if fields else None
+
+
+# --------------------------------------------------------------------------------------------
+# Properties: the Envoy attributes mitmproxy knows, read from the flow when asked
+# --------------------------------------------------------------------------------------------
+
+
+def _header(message: http.Message | None, name: str) -> bytes | None:
+    if message is None:
+        return None
+    for k, v in message.headers.fields:
+        if k.lower() == name.encode():
+            return v
+    return None
+
+
+def _address(addr: Any) -> bytes | None:
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
+
+def _port(addr: Any) -> bytes | None:
+    return int64(addr[1]) if addr else None
+
+
+def _head_size(message: http.Message) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in message.headers.fields)
+
+
+def _body_size(message: http.Message | None) -> bytes | None:
+    if message is None:
+        return None
+    return int64(len(message.raw_content or b""))
+
+
+def _tls_version(flow: http.HTTPFlow) -> bytes | None:
+    version = flow.client_conn.tls_version
+    return version.encode() if version else None
+
+
+def _cluster(flow: http.HTTPFlow) -> bytes:
+    # Named as a Higress (Istio) route names its upstream cluster.
+    return f"outbound|{flow.request.port}||{flow.request.host}".encode()
+
+
+_ATTRIBUTES: dict[Path, Callable[[http.HTTPFlow], bytes | None]] = {
+    (b"request", b"path"): lambda f: f.request.data.path,
+    (b"request", b"url_path"): lambda f: f.request.data.path.partition(b"?")[0],
+    (b"request", b"host"): lambda f: f.request.host_header.encode() if f.request.host_header
+    else f.request.data.host.encode(),
+    (b"request", b"scheme"): lambda f: f.request.data.scheme or b"http",
+    (b"request", b"method"): lambda f: f.request.data.method,
+    (b"request", b"headers"): lambda f: serialize_map(
+        [(k.lower(), v) for k, v in f.request.headers.fields]),
+    (b"request", b"referer"): lambda f: _header(f.request, "referer"),
+    (b"request", b"useragent"): lambda f: _header(f.request, "user-agent"),
+    (b"request", b"id"): lambda f: _header(f.request, "x-request-id") or f.id.encode(),
+    (b"request", b"protocol"): lambda f: f.request.data.http_version,
+    (b"request", b"time"): lambda f: int64(int(f.request.timestamp_start * 1e9)),
+    (b"request", b"size"): lambda f: _body_size(f.request),
+    (b"request", b"total_size"): lambda f: int64(
+        _head_size(f.request) + len(f.request.raw_content or b"")),
+    (b"response", b"code"): lambda f: int64(f.response.status_code) if f.response else None,
+    (b"response", b"code_details"): lambda f: (b"via_upstream" if f.response else None),
+    (b"response", b"headers"): lambda f: serialize_map(
+        [(k.lower(), v) for k, v in f.response.headers.fields]) if f.response else None,
+    (b"response", b"size"): lambda f: _body_size(f.response),
+    (b"response", b"total_size"): lambda f: int64(
+        _head_size(f.response) + len(f.response.raw_content or b"")) if f.response else None,
+    (b"source", b"address"): lambda f: _address(f.client_conn.peername),
+    (b"source", b"port"): lambda f: _port(f.client_conn.peername),
+    (b"destination", b"address"): lambda f: _address(f.client_conn.sockname),
+    (b"destination", b"port"): lambda f: _port(f.client_conn.sockname),
+    (b"connection", b"id"): lambda f: int64(
+        int.from_bytes(bytes.fromhex(f.client_conn.id.replace("-", ""))[:8], "little")
+        & 0x7FFFFFFFFFFFFFFF),
+    (b"connection", b"mtls"): lambda f: boolean(bool(f.client_conn.certificate_list)),
+    (b"connection", b"requested_server_name"): lambda f: (f.client_conn.sni or "").encode(),
+    (b"connection", b"tls_version"): _tls_version,
+    (b"upstream", b"address"): lambda f: _address(f.server_conn.peername or f.server_conn.address),
+    (b"upstream", b"port"): lambda f: _port(f.server_conn.peername or f.server_conn.address),
+    (b"cluster_name",): _cluster,
+    (b"route_name",): _cluster,
+}
+
+
+def flow_attributes(flow: http.HTTPFlow) -> Attributes:
+    """The properties of a stream, read from its flow when the filter asks (nothing is built
+    ahead): `request.*`, `response.*`, `source.*`, `destination.*`, `connection.*`,
+    `upstream.*`, `cluster_name` and `route_name`; `request.headers.<name>` for one header."""
+
+    def get(path: Path) -> bytes | None:
+        read = _ATTRIBUTES.get(path)
+        if read is not None:
+            return read(flow)
+        if len(path) == 3 and path[1] == b"headers" and path[0] in (b"request", b"response"):
+            message = flow.request if path[0] == b"request" else flow.response
+            return _header(message, path[2].decode("latin-1").lower())
+        return None
+
+    return get
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -97,24 +96,24 @@ def parse_clusters(specs: Sequence[str]) -> dict[str, str]:
     return clusters
 
 
-def parse_filter_config(value: str) -> bytes:
-    """The plugin configuration: JSON text, or `@path` to a JSON file; checked to be JSON."""
-    text = value.strip()
-    where = "wasm_filter_config"
-    if text.startswith("@"):
-        path = Path(text[1:]).expanduser()
+def parse_config_bytes(value: str, where: str) -> bytes:
+    """A configuration passed to the filter as bytes: the text itself, or `@path` to a file.
+
+    The host does not interpret it (JSON is the reference filter's format, not the host's),
+    as Envoy passes `configuration` through.
+    """
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
         try:
-            text = path.read_text()
+            return path.read_bytes()
         except OSError as e:
             raise ValueError(f"{where}: cannot read {path}: {e.strerror or e}") from e
-        where = str(path)
-    if not text.strip():
-        return b""
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    return text.encode()
+    return value.strip().encode()
+
+
+def parse_filter_config(value: str) -> bytes:
+    """The plugin configuration (`wasm_filter_config`): text, or `@path` to a file."""
+    return parse_config_bytes(value.strip(), "wasm_filter_config")
 
 
 def parse_positive(name: str, value: str) -> float:
@@ -265,6 +264,9 @@ class Settings(NamedTuple):
 
     filter_path: Path
     plugin_configuration: bytes
+    vm_configuration: bytes
+    root_id: str
+    vm_id: str
     clusters: dict[str, str]
     instance_key: str
     store: str
@@ -331,6 +333,7 @@ class WasmAuth:
         self._open: dict[str, lifecycle.Exchange] = {}
         self._exports: frozenset[str] = frozenset()
         self._lifecycle = False
+        self._properties = False
         self._stream_limit = 1 << 20
 
     # ---- options ----
@@ -339,8 +342,17 @@ class WasmAuth:
         loader.add_option("wasm_filter", str, str(DEFAULT_FILTER),
                           "Path to the Proxy-Wasm filter (.wasm, ABI 0.2.1 or 0.2.0).")
         loader.add_option("wasm_filter_config", str, "",
-                          "Plugin configuration for the filter: JSON text, or @path to a JSON "
-                          "file. Empty: the filter's defaults.")
+                          "Plugin configuration for the filter, passed as bytes: the text, or "
+                          "@path to a file (the bundled filter takes JSON). Empty: the filter's "
+                          "defaults.")
+        loader.add_option("wasm_root_id", str, "",
+                          "Root id of the plugin (Envoy's root_id): which root context of the "
+                          "module serves; the filter reads it as plugin_root_id.")
+        loader.add_option("wasm_vm_id", str, "",
+                          "VM id (Envoy's vm_id); the filter reads it as plugin_vm_id.")
+        loader.add_option("wasm_vm_config", str, "",
+                          "VM configuration given to proxy_on_vm_start, as bytes: the text, or "
+                          "@path to a file.")
         loader.add_option("wasm_cluster", Sequence[str], [],
                           "Where proxy_http_call may go: NAME=URL, repeatable "
                           "(e.g. auth=http://127.0.0.1:8081).")
@@ -402,6 +414,9 @@ class WasmAuth:
             settings = Settings(
                 filter_path=Path(o.wasm_filter).expanduser(),
                 plugin_configuration=plugin_configuration,
+                vm_configuration=parse_config_bytes(o.wasm_vm_config.strip(), "wasm_vm_config"),
+                root_id=o.wasm_root_id,
+                vm_id=o.wasm_vm_id,
                 clusters=parse_clusters(o.wasm_cluster),
                 instance_key=o.wasm_instance_key,
                 store=parse_store(o.wasm_store),
@@ -444,6 +459,7 @@ class WasmAuth:
         self.settings = settings
         self._exports = self.module.exports
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
+        self._properties = "proxy_get_property" in self.module.imports
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
         self._build_host(previous)
         if self._running and previous is not None:
@@ -455,8 +471,9 @@ class WasmAuth:
         """(Re)create the host when anything it depends on changed."""
         s = self.settings
         assert s is not None and self.module is not None
-        host_fields = ("filter_path", "plugin_configuration", "clusters", "memory_limit_mib",
-                       "fail_open", "clock_speed", "deadline_ms", "journal")
+        host_fields = ("filter_path", "plugin_configuration", "vm_configuration", "root_id",
+                       "vm_id", "clusters", "memory_limit_mib", "fail_open", "clock_speed",
+                       "deadline_ms", "journal")
         if self.host is not None and previous is not None and all(
                 getattr(previous, f) == getattr(s, f) for f in host_fields):
             return
@@ -465,6 +482,9 @@ class WasmAuth:
             self.module,
             HttpxDispatcher(s.clusters, clock_speed=s.clock_speed),
             plugin_configuration=s.plugin_configuration,
+            vm_configuration=s.vm_configuration,
+            root_id=s.root_id,
+            vm_id=s.vm_id,
             clock=self.clock,
             limits=Limits(memory_bytes=s.memory_limit_mib * 2**20, deadline_ms=s.deadline_ms),
             fail_open=s.fail_open,
@@ -743,6 +763,8 @@ class WasmAuth:
             self._fail(flow, key, str(e))
             return
         stream = inst.stream()
+        if self._properties:
+            stream.attributes = lifecycle.flow_attributes(flow)
         request = flow.request
         end_of_stream = not streamed and not request.raw_content and not request.trailers
         decision = stream.request_headers(request_pairs(request, req.authority), end_of_stream)

@@ -62,11 +62,10 @@ def test_parse_filter_config(tmp_path) -> None:
     f = tmp_path / "cfg.json"
     f.write_text('{"fail_open": true}')
     assert parse_filter_config(f"@{f}") == b'{"fail_open": true}'
-    with pytest.raises(ValueError, match=r"not JSON: .* line 1 column 2"):
-        parse_filter_config("{nope")
-    with pytest.raises(ValueError, match=r"cfg\.json: not JSON"):
-        f.write_text("[1,")
-        parse_filter_config(f"@{f}")
+    # The host passes the configuration through as bytes: JSON is the filter's format.
+    assert parse_filter_config("{nope") == b"{nope"
+    f.write_bytes(b"key=value\n\xff\x00")
+    assert parse_filter_config(f"@{f}") == b"key=value\n\xff\x00"
     with pytest.raises(ValueError, match="cannot read"):
         parse_filter_config(f"@{tmp_path / 'missing.json'}")
 
@@ -155,7 +154,8 @@ def base_options(tmp_path) -> dict[str, object]:
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("wasm_cluster", ["auth"], "expected NAME=URL"),
     ("wasm_instance_key", "tenant", "expected 'host' or 'single'"),
-    ("wasm_filter_config", "{", "not JSON"),
+    ("wasm_filter_config", "{", "rejected its plugin configuration"),
+    ("wasm_vm_config", "@/nonexistent/vm.cfg", "wasm_vm_config: cannot read"),
     ("wasm_filter_config", '{"entry_size": -5}', "rejected its plugin configuration"),
     ("wasm_clock_speed", "0", "must be a positive number"),
     ("wasm_sample_interval", "soon", "is not a number"),

@@ -51,7 +51,7 @@ class StreamContext:
         self.dirty = 0
         """What the filter changed: bit `1 << MapType` per header map, REQUEST_BODY_DIRTY and
         RESPONSE_BODY_DIRTY for the bodies."""
-        self.properties: dict[bytes, bytes] | None = None
+        self.properties: dict[tuple[bytes, ...], bytes] | None = None
         """Filter state set with `proxy_set_property` on this stream."""
         self.resumed = False
         self.closed = False

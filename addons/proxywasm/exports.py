@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 
 from . import _wasmtime as raw
+from . import properties
 from .abi import BufferType, LogLevel, MapType, MetricType, Status, StreamType, WasiErrno
 from .context import ROOT_CONTEXT_ID, LocalResponse, Metric, PendingCall
 from .headers import MapFormatError, deserialize_map, serialize_map, serialized_size
@@ -51,6 +52,8 @@ def proxy_log(vm: Vm, level: int, ptr: int, size: int) -> int:
     if not vm.in_bounds(ptr, size):
         return Status.INVALID_MEMORY_ACCESS
     py_level = _PY_LEVEL[LogLevel(level)]
+    if vm.starting and py_level > logging.WARNING:
+        py_level = logging.WARNING  # a start-up message, not an error of the proxy's start
     if guest_logger.isEnabledFor(py_level):
         data = vm.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
         guest_logger.log(
@@ -431,32 +434,58 @@ def proxy_get_shared_data(
 
 
 def proxy_get_property(vm: Vm, path_ptr: int, path_size: int, ret_ptr: int, ret_size: int) -> int:
+    """Returns: OK, NOT_FOUND (no such property), INVALID_MEMORY_ACCESS."""
     path = vm.read(path_ptr, path_size)
     if path is None:
         return BAD_MEMORY
-    value = _property(vm, tuple(p for p in path.split(b"\0") if p))
+    value = _property(vm, properties.split(path))
     if value is None:
         return Status.NOT_FOUND
     return vm.return_bytes(value, ret_ptr, ret_size)
 
 
-def _property(vm: Vm, path: tuple[bytes, ...]) -> bytes | None:
-    """The cheap properties: plugin identity and the effective stream's request line."""
-    plugin = {
-        (b"plugin_name",): vm.host.plugin_name.encode(),
-        (b"plugin_root_id",): vm.host.plugin_name.encode(),
-        (b"plugin_vm_id",): vm.instance_id.encode(),
-    }
-    if path in plugin:
-        return plugin[path]
+_REQUEST_LINE = {b"path": b":path", b"method": b":method", b"host": b":authority",
+                 b"scheme": b":scheme"}
+
+
+def _property(vm: Vm, path: properties.Path) -> bytes | None:
+    """Filter state first, then the plugin's properties, then what the stream knows."""
     ctx = vm.contexts.get(vm.effective)
-    if ctx is None or len(path) != 2 or path[0] != b"request":
-        return None
-    header = {b"path": b":path", b"method": b":method", b"host": b":authority",
-              b"scheme": b":scheme"}.get(path[1])
-    if header is None:
-        return None
-    return next((v for k, v in ctx.request_headers if k == header), None)
+    state = ctx.properties if ctx is not None else vm.properties
+    if state:
+        value = state.get(path)
+        if value is not None:
+            return value
+    value = vm.plugin_properties.get(path)
+    if value is not None or ctx is None:
+        return value
+    attributes = getattr(ctx.stream, "attributes", None)
+    if attributes is not None:
+        return attributes(path)  # type: ignore[no-any-return]
+    if len(path) == 2 and path[0] == b"request" and path[1] in _REQUEST_LINE:
+        header = _REQUEST_LINE[path[1]]  # no embedder: the request line from the headers
+        return next((v for k, v in ctx.request_headers if k == header), None)
+    return None
+
+
+def proxy_set_property(
+    vm: Vm, path_ptr: int, path_size: int, value_ptr: int, value_size: int,
+) -> int:
+    """Keep filter state: per stream in a stream context, per VM in the root context.
+
+    Returns: OK, INVALID_MEMORY_ACCESS."""
+    path = vm.read(path_ptr, path_size)
+    value = vm.read(value_ptr, value_size)
+    if path is None or value is None:
+        return BAD_MEMORY
+    ctx = vm.contexts.get(vm.effective)
+    if ctx is not None:
+        if ctx.properties is None:
+            ctx.properties = {}
+        ctx.properties[properties.split(path)] = value
+    else:
+        vm.properties[properties.split(path)] = value
+    return Status.OK
 
 
 # ---- unimplemented by design: a status, never a crash ----
@@ -487,7 +516,7 @@ def fd_write(vm: Vm, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int
             return WasiErrno.FAULT
         chunks.append(chunk)
     data = b"".join(chunks)
-    level = logging.INFO if fd == 1 else logging.ERROR
+    level = logging.INFO if fd == 1 else logging.WARNING if vm.starting else logging.ERROR
     text = data[:MAX_LOG_MESSAGE].decode("utf-8", "replace").rstrip("\n")
     if text:
         guest_logger.log(level, "[%s gen %d] %s", vm.instance_id, vm.generation, text)
@@ -498,7 +527,7 @@ def fd_write(vm: Vm, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int
 def clock_time_get(vm: Vm, clock_id: int, _precision: int, ret_time: int) -> int:
     if clock_id not in (0, 1):
         return WasiErrno.NOTSUP
-    ok = vm.write_u64(ret_time, vm.host.clock.now_ns())
+    ok = vm.write_u64(ret_time, max(vm.host.clock.now_ns(), vm.wasi_time_floor_ns))
     return WasiErrno.SUCCESS if ok else WasiErrno.FAULT
 
 
@@ -526,6 +555,69 @@ def proc_exit(vm: Vm, code: int) -> None:
 
 def sched_yield(vm: Vm) -> int:
     return WasiErrno.SUCCESS
+
+
+_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH")  # userdata, tag, clock id, timeout, precision, flags
+_EVENT = struct.Struct("<QHB5xQH6x")  # userdata, error, type, nbytes, flags (32 bytes)
+_FD_EVENT = {1: 1, 2: 2}  # subscription tag -> event type (fd_read, fd_write)
+
+
+def poll_oneoff(vm: Vm, in_ptr: int, out_ptr: int, nsubscriptions: int, ret_nevents: int) -> int:
+    """Every subscription is ready at once: a clock has expired (the host never sleeps inside
+    a callback; Go's scheduler polls this when it idles), an fd is writable or has nothing.
+
+    A sleep is not waited out but skipped: the guest's WASI clocks then read at least the time
+    it would have woken at, so a guest that sleeps sees the time it expects (also on a virtual
+    clock), and its clocks never go back.
+
+    Returns: SUCCESS, INVAL (no subscriptions), FAULT.
+    """
+    if nsubscriptions == 0:
+        return WasiErrno.INVAL
+    subs = vm.read(in_ptr, 48 * nsubscriptions)
+    if subs is None or not vm.in_bounds(out_ptr, 32 * nsubscriptions):
+        return WasiErrno.FAULT
+    events = bytearray()
+    now = max(vm.host.clock.now_ns(), vm.wasi_time_floor_ns)
+    for i in range(nsubscriptions):
+        userdata, tag = struct.unpack_from("<QB", subs, 48 * i)
+        if tag == 0:
+            _, _, clock_id, timeout, _, flags = _SUBSCRIPTION.unpack_from(subs, 48 * i)
+            wake = timeout if flags & 1 else now + timeout  # 1: an absolute time
+            if clock_id in (0, 1) and wake > vm.wasi_time_floor_ns:
+                vm.wasi_time_floor_ns = wake
+            events += _EVENT.pack(userdata, WasiErrno.SUCCESS, 0, 0, 0)
+        else:
+            events += _EVENT.pack(userdata, WasiErrno.BADF, _FD_EVENT.get(tag, 1), 0, 0)
+    if not (vm.write(out_ptr, bytes(events)) and vm.write_u32(ret_nevents, nsubscriptions)):
+        return WasiErrno.FAULT
+    return WasiErrno.SUCCESS
+
+
+def fd_fdstat_get(vm: Vm, fd: int, ret_stat: int) -> int:
+    """stdin, stdout and stderr are character devices (no rights to seek); nothing else is
+    open. Returns: SUCCESS, BADF, FAULT."""
+    if fd > 2:
+        return WasiErrno.BADF
+    rights = 0x40 if fd else 0x2  # fd_write for stdout/stderr, fd_read for stdin
+    stat = struct.pack("<BxHxxxxQQ", 2, 0, rights, 0)
+    return WasiErrno.SUCCESS if vm.write(ret_stat, stat) else WasiErrno.FAULT
+
+
+def fd_fdstat_set_flags(vm: Vm, fd: int, _flags: int) -> int:
+    """Flags of stdin, stdout and stderr (Go makes them non-blocking): accepted, nothing
+    changes. Returns: SUCCESS, BADF."""
+    return WasiErrno.SUCCESS if fd <= 2 else WasiErrno.BADF
+
+
+def fd_prestat_get(vm: Vm, fd: int, ret_prestat: int) -> int:
+    """No directory is pre-opened: BADF ends the guest's scan of pre-opens."""
+    return WasiErrno.BADF
+
+
+def fd_prestat_dir_name(vm: Vm, fd: int, path_ptr: int, path_len: int) -> int:
+    """No directory is pre-opened: BADF."""
+    return WasiErrno.BADF
 
 
 # (module, name) -> ((params, results), implementation). Signatures: i = i32, I = i64.
@@ -563,7 +655,7 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
     ("env", "proxy_set_shared_data"): (("iiiii", "i"), proxy_set_shared_data),
     ("env", "proxy_get_shared_data"): (("iiiii", "i"), proxy_get_shared_data),
     ("env", "proxy_get_property"): (("iiii", "i"), proxy_get_property),
-    ("env", "proxy_set_property"): (("iiii", "i"), unimplemented),
+    ("env", "proxy_set_property"): (("iiii", "i"), proxy_set_property),
     ("env", "proxy_register_shared_queue"): (("iii", "i"), unimplemented),
     ("env", "proxy_resolve_shared_queue"): (("iiiii", "i"), unimplemented),
     ("env", "proxy_enqueue_shared_queue"): (("iii", "i"), unimplemented),
@@ -583,4 +675,13 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
     ("wasi_snapshot_preview1", "args_get"): (("ii", "i"), empty_get),
     ("wasi_snapshot_preview1", "proc_exit"): (("i", ""), proc_exit),
     ("wasi_snapshot_preview1", "sched_yield"): (("", "i"), sched_yield),
+    ("wasi_snapshot_preview1", "poll_oneoff"): (("iiii", "i"), poll_oneoff),
+    ("wasi_snapshot_preview1", "fd_fdstat_get"): (("ii", "i"), fd_fdstat_get),
+    ("wasi_snapshot_preview1", "fd_fdstat_set_flags"): (("ii", "i"), fd_fdstat_set_flags),
+    ("wasi_snapshot_preview1", "fd_prestat_get"): (("ii", "i"), fd_prestat_get),
+    ("wasi_snapshot_preview1", "fd_prestat_dir_name"): (("iii", "i"), fd_prestat_dir_name),
 }
+# The same functions under their older module name.
+HOSTCALLS.update({("wasi_unstable", name): entry
+                  for (module, name), entry in list(HOSTCALLS.items())
+                  if module == "wasi_snapshot_preview1"})

@@ -37,6 +37,7 @@ from .headers import Pairs
 from .journal import Entry, Journal, JournalConfig, Outcome
 from .limits import Limits
 from .module import FilterModule
+from .properties import Attributes
 from .replay import Replay, ReplayError, ReplayServices, replay_into
 from .vm import FilterStartError, Vm
 
@@ -154,8 +155,8 @@ class Stream:
     filter changed is in `ctx` (header maps, bodies; `ctx.dirty` says which) until `close()`.
     """
 
-    __slots__ = ("ctx", "decision", "entry", "instance", "last", "on_decision", "started_ns",
-                 "vm", "waiting")
+    __slots__ = ("attributes", "ctx", "decision", "entry", "instance", "last", "on_decision",
+                 "started_ns", "vm", "waiting")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
@@ -171,6 +172,8 @@ class Stream:
         self.started_ns = 0
         self.entry: Entry | None = None
         """This request as the journal records it (None when nothing is journaled)."""
+        self.attributes: Attributes | None = None
+        """What the embedder knows of this stream, as properties (`request.*`, …)."""
 
     @property
     def generation(self) -> int:
@@ -699,6 +702,8 @@ class Host:
         fail_open: bool = False,
         events: HostEvents | None = None,
         plugin_name: str = "wasm_auth",
+        root_id: str = "",
+        vm_id: str = "",
         seed: int | None = None,
         journal: JournalConfig | None = None,
     ) -> None:
@@ -713,6 +718,10 @@ class Host:
         self.plugin_name = plugin_name
         self.journal_config = journal
         """Journal requests for warm restarts (None: every restart runs cold)."""
+        self.root_id = root_id
+        """The root id (Envoy's `root_id`): which root context of the module serves; SDKs read
+        it as the property `plugin_root_id`."""
+        self.vm_id = vm_id
         self.instances: dict[str, FilterInstance] = {}
         self.shared_data: dict[bytes, tuple[bytes, int]] = {}
         self._random = random.Random(seed) if seed is not None else None

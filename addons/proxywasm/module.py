@@ -47,6 +47,7 @@ class FilterModule:
             )
         self.abi_version = versions[0].removeprefix("proxy_abi_version_").replace("_", ".")
         self.exports = frozenset(exports)
+        self.imports = frozenset(imp.name or "" for imp in self.module.imports)
         if "memory" not in exports:
             raise FilterLoadError(f"{name}: the module does not export its memory as 'memory'")
         if "proxy_on_memory_allocate" not in exports and "malloc" not in exports:
@@ -59,7 +60,8 @@ class FilterModule:
         try:
             self.pre = linker.instantiate_pre(self.module)
         except wasmtime.WasmtimeError as e:
-            raise FilterLoadError(f"{name}: cannot link the module: {e}") from e
+            raise FilterLoadError(
+                f"{name}: cannot link the module: {raw.summarize(str(e))}") from e
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> FilterModule:
@@ -72,7 +74,11 @@ class FilterModule:
         return cls(data, name=str(p))
 
     def _define_imports(self, linker: wasmtime.Linker) -> None:
-        """Define every function the module imports: implemented ones, or named stubs."""
+        """Define every function the module imports: implemented ones, or named stubs.
+
+        A function imported twice (some toolchains do) is defined once and serves both.
+        """
+        defined: dict[tuple[str, str], str] = {}
         for imp in self.module.imports:
             ty = imp.type
             if not isinstance(ty, wasmtime.FuncType):
@@ -81,6 +87,14 @@ class FilterModule:
                     "the host provides only functions"
                 )
             key = (imp.module, imp.name or "")
+            if key in defined:
+                if defined[key] != _sig(ty):
+                    raise FilterLoadError(
+                        f"{self.name}: imports {imp.module}.{imp.name} twice with different "
+                        f"types, {defined[key]} and {_sig(ty)}"
+                    )
+                continue
+            defined[key] = _sig(ty)
             entry = HOSTCALLS.get(key)
             if entry is not None:
                 sig, impl = entry

@@ -35,6 +35,7 @@ from .context import (
 )
 from .headers import Pairs
 from .limits import Limits
+from .properties import Path, plugin_properties
 
 M32 = 0xFFFFFFFF
 
@@ -67,6 +68,8 @@ class HostServices(Protocol):
     clock: Clock
     limits: Limits
     plugin_name: str
+    root_id: str
+    vm_id: str
     plugin_configuration: bytes
     vm_configuration: bytes
     shared_data: dict[bytes, tuple[bytes, int]]
@@ -111,6 +114,11 @@ class Vm:
         self.outbound = 0
         self.broken: str | None = None
         self.closed = False
+        self.wasi_time_floor_ns = 0
+        """WASI clocks read at least this: where a skipped sleep (`poll_oneoff`) woke."""
+        self.starting = True
+        """Start-up callbacks run: the guest's errors are logged as warnings, so that a filter
+        that complains while starting does not stop mitmproxy's start (its ErrorCheck)."""
         self.tick_period_ns = 0
         self.next_tick_ns = 0
         self.tick_armed = False
@@ -121,6 +129,9 @@ class Vm:
         self.effective = ROOT_CONTEXT_ID
         self.buffers: dict[int, bytes] = {}
         self.call_response: tuple[int, Pairs, Pairs] | None = None
+        self.properties: dict[Path, bytes] = {}
+        """Filter state the root context set with `proxy_set_property`."""
+        self.plugin_properties = plugin_properties(host.plugin_name, host.root_id, host.vm_id)
         self._next_context = ROOT_CONTEXT_ID + 1
         self.next_call_id = 1
         self.next_metric_id = 1
@@ -203,6 +214,7 @@ class Vm:
             raise
         finally:
             self.buffers = {}
+            self.starting = False
 
     def _export(self, name: str) -> Any:
         return self.raw.func(name) if name in self.module.exports else None
