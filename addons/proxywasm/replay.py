@@ -97,6 +97,8 @@ class ReplayServices:
         self.clock: Clock = self.time
         self.limits = host.limits
         self.plugin_name = host.plugin_name
+        self.root_id = host.root_id
+        self.vm_id = host.vm_id
         self.plugin_configuration = host.plugin_configuration
         self.vm_configuration = host.vm_configuration
         self.shared_data: dict[bytes, tuple[bytes, int]] = dict(host.shared_data)
