@@ -44,6 +44,7 @@ lint: setup
 [group('check')]
 bench: setup
     {{python}} -m tests.bench.host
+    {{python}} -m tests.bench.deadline
     {{python}} -m tests.bench.store
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.replay

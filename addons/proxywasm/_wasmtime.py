@@ -17,6 +17,7 @@ except for bounds-checked reads and writes of linear memory.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import queue
 import struct
@@ -35,6 +36,10 @@ EPOCH_TICK_S = 0.01
 """How often the epoch ticker advances the engine's epoch (10 ms). Each tick wakes a Python
 thread that needs the GIL for a moment; 100 a second is enough for a 100 ms deadline."""
 
+HOST_TIME_FACTOR = 10
+"""A guest call whose host calls (with its own guest time) take this many deadlines of CPU is
+interrupted too: a filter looping on host calls is still a filter running too long."""
+
 ValRaw = _b.wasmtime_val_raw_t
 VAL_SIZE = ctypes.sizeof(ValRaw)  # 16: every raw value slot is as wide as a v128
 HostImpl = Callable[..., int | None]
@@ -46,9 +51,6 @@ _lib = ctypes.CDLL(_b.dll._name)  # type: ignore[attr-defined]
 _func_call = _lib.wasmtime_func_call_unchecked
 _func_call.argtypes = None  # type: ignore[assignment]
 _func_call.restype = ctypes.c_void_p
-_set_deadline = _lib.wasmtime_context_set_epoch_deadline
-_set_deadline.argtypes = None  # type: ignore[assignment]
-_set_deadline.restype = None
 _memory_size_bytes = _b._wasmtime_memory_data_size
 _memory_data = _b._wasmtime_memory_data
 _memory_pages = _b._wasmtime_memory_size
@@ -120,30 +122,112 @@ def engine() -> wasmtime.Engine:
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
-    """Advance the engine's epoch once per EPOCH_TICK_S of real time.
+    """Advance the engine's epoch by one every EPOCH_TICK_S of real time, never in a burst.
 
-    A late wake-up (the thread was not scheduled) catches up on the ticks it missed, so the
-    epoch tracks real time and a deadline's error is one late wake-up, not the sum of many.
+    A late wake-up (the thread was not scheduled, or waited for the GIL) adds one tick, not
+    the ticks it missed: an epoch is only a prompt to look at the guest's clock (see
+    `GuestMeter`), so catching up would only make more prompts at once.
     """
     increment = _b._wasmtime_engine_increment_epoch
     ptr = eng.ptr()
-    start = time.monotonic()
-    ticks = 0
     while True:
         time.sleep(EPOCH_TICK_S)
-        due = int((time.monotonic() - start) / EPOCH_TICK_S)
-        while ticks < due:
-            increment(ptr)
-            ticks += 1
+        increment(ptr)
 
 
-def deadline_ticks(deadline_ms: float) -> int:
-    """Epoch ticks for a guest-call deadline of `deadline_ms`.
+# --------------------------------------------------------------------------------------------
+# Deadlines on guest time
+# --------------------------------------------------------------------------------------------
+#
+# An epoch deadline alone counts wall time: a call that armed before the ticker was starved
+# (or that waited for the GIL, or while the host lowered headers) could trap at once on a
+# burst of ticks. So the epoch only prompts a check: every store's deadline is one epoch
+# ahead, and when it is reached wasmtime calls `_on_epoch`, which measures the guest's own CPU
+# time (CLOCK_THREAD_CPUTIME_ID of the thread running it, minus the time spent in host
+# functions) and either extends the deadline by one epoch or interrupts the call.
+#
+# Measuring costs a system call (about 0.8 µs here), so it starts lazily: at the first epoch
+# prompt within a guest call. A call shorter than a tick is never measured; the time before the
+# first prompt (at most one tick when the ticker is on time) is not counted, which is why the
+# guest budget is the deadline minus two ticks: a looping call is interrupted after between
+# deadline - 2 ticks and the deadline of guest time, however busy the machine. A starved ticker
+# delays the check, never makes it trip: a trip always means the guest ran its budget.
 
-    One tick of margin: the deadline counts from the last tick before the call started, so a
-    call traps after (ticks - 1, ticks] tick periods, within `deadline_ms` of its start.
+
+class GuestMeter:
+    """The guest time of the running guest call, measured from its first epoch prompt."""
+
+    __slots__ = ("guest_ns", "host_ns", "mark")
+
+    def __init__(self, now_ns: int) -> None:
+        self.guest_ns = 0
+        """Guest CPU time measured so far."""
+        self.host_ns = 0
+        """CPU time in host functions (and guest code they call) since measuring started."""
+        self.mark = now_ns
+        """Thread CPU time when the current guest stretch started."""
+
+
+_meter: list[GuestMeter | None] = [None]
+"""The meter of the guest call running now (calls never interleave), or None if unmeasured.
+A guest call resets it when it returns; a host function restores its caller's."""
+_thread_ns = time.thread_time_ns
+_by_data: dict[int, RawInstance] = {}
+_next_data = itertools.count(1)
+
+
+def deadline_budget_ns(deadline_ms: float) -> int:
+    """The guest CPU time a call may use (ns) for a deadline of `deadline_ms`.
+
+    Two ticks less than the deadline (at least one tick): one tick may pass before measuring
+    starts, and one between the checks.
     """
-    return max(1, int(deadline_ms / (EPOCH_TICK_S * 1000)) - 1)
+    tick_ns = int(EPOCH_TICK_S * 1e9)
+    return max(tick_ns, int(deadline_ms * 1e6) - 2 * tick_ns)
+
+
+_EPOCH_CALLBACK_T = ctypes.CFUNCTYPE(
+    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_UPDATE_DEADLINE_CONTINUE = 0
+_error_new = _b._wasmtime_error_new
+
+
+def _on_epoch(_ctx: int, data: int | None, delta: Any, kind: Any) -> int:
+    """wasmtime's epoch-deadline callback: extend by one epoch, or interrupt the call."""
+    now = _thread_ns()
+    delta[0] = 1
+    kind[0] = _UPDATE_DEADLINE_CONTINUE
+    meter = _meter[0]
+    if meter is None:
+        _meter[0] = GuestMeter(now)
+        return 0
+    meter.guest_ns += now - meter.mark
+    meter.mark = now
+    inst = _by_data.get(data or 0)
+    if inst is None:
+        return 0
+    budget = inst.budget_ns
+    if meter.guest_ns < budget and meter.guest_ns + meter.host_ns < budget * HOST_TIME_FACTOR:
+        return 0
+    deadline_ms = (budget + 2 * EPOCH_TICK_S * 1e9) / 1e6
+    if meter.guest_ns >= budget:
+        message = (f"interrupted: the guest ran {meter.guest_ns / 1e6:.0f} ms of its own time "
+                   f"in one call (deadline {deadline_ms:.0f} ms)")
+    else:
+        message = (f"interrupted: one call ran {(meter.guest_ns + meter.host_ns) / 1e6:.0f} ms "
+                   f"of CPU, most of it in host calls ({HOST_TIME_FACTOR} × the "
+                   f"{deadline_ms:.0f} ms deadline)")
+    inst.interrupted = message
+    error = _error_new(message.encode())
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
+_epoch_callback = _EPOCH_CALLBACK_T(_on_epoch)
+_set_epoch_callback = _lib.wasmtime_store_epoch_deadline_callback
+_set_epoch_callback.argtypes = None  # type: ignore[assignment]
+_set_epoch_callback.restype = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +322,8 @@ def define_host_function(
     i32 parameters arrive as unsigned ints (pointers and sizes need no masking), i64 ones as
     signed ints. `impl` returns the i32 result, or None for a function without results.
     `HostTrap` becomes a trap with its message; any other exception becomes a trap naming the
-    host function, and is logged, so a host bug never crashes the proxy.
+    host function, and is logged, so a host bug never crashes the proxy. While the calling
+    guest call is being measured, the time spent here is host time, not guest time.
     """
     qualified = f"{module}.{name}"
     params = [str(p) for p in ty.params]
@@ -246,7 +331,7 @@ def define_host_function(
     size = layout.size
     unpack = layout.unpack
 
-    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
+    def run(args: int) -> int:
         try:
             target = active[0]
             if target is None:
@@ -260,6 +345,20 @@ def define_host_function(
         except BaseException as e:
             logger.exception("host function %s failed", qualified)
             return make_trap(f"host function {qualified} failed: {e!r}")
+
+    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
+        meter = _meter[0]
+        if meter is None:  # the call is not being measured (the usual case): no clock reads
+            return run(args)
+        entered = _thread_ns()
+        meter.guest_ns += entered - meter.mark
+        try:
+            return run(args)
+        finally:  # host time is not guest time; a guest call made from here had its own meter
+            _meter[0] = meter
+            left = _thread_ns()
+            meter.host_ns += left - entered
+            meter.mark = left
 
     cb = _CALLBACK(callback)
     _KEEPALIVE.append(cb)
@@ -284,10 +383,22 @@ class RawInstance:
         self.store = wasmtime.Store(engine())
         if memory_limit_bytes > 0:
             self.store.set_limits(memory_size=memory_limit_bytes)
-        # Instantiation runs start functions: give it a deadline like any other call.
-        self.store.set_epoch_deadline(deadline_ticks(1000))
+        self.budget_ns = deadline_budget_ns(1000)
+        """Guest CPU time one call may use (see `arm`); instantiation runs start functions."""
+        self.interrupted: str | None = None
+        self._data = next(_next_data)
+        _by_data[self._data] = self
+        _set_epoch_callback(self.store.ptr(), _epoch_callback, ctypes.c_void_p(self._data),
+                            None)
+        self.store.set_epoch_deadline(1)
         self._ctx = self.store._context()
-        self._instance = pre.instantiate(self.store)
+        try:
+            self._instance = pre.instantiate(self.store)
+        except BaseException:
+            _by_data.pop(self._data, None)
+            raise
+        finally:
+            _meter[0] = None
         self._args = (ValRaw * 16)()
         self._a64 = (ctypes.c_int64 * (16 * VAL_SIZE // 8)).from_buffer(self._args)
         self._a32 = (ctypes.c_int32 * (16 * VAL_SIZE // 4)).from_buffer(self._args)
@@ -323,9 +434,9 @@ class RawInstance:
             return None
         return ctypes.c_void_p(ctypes.addressof(item.of.func))
 
-    def arm(self, ticks: int) -> None:
-        """Set the epoch deadline: guest code running `ticks` epochs from now traps."""
-        _set_deadline(self._cv, ctypes.c_uint64(ticks))
+    def arm(self, budget_ns: int) -> None:
+        """Set the guest CPU time each following call may use (`deadline_budget_ns`)."""
+        self.budget_ns = budget_ns
 
     def call(self, func: ctypes.c_void_p, *params: int) -> int:
         """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
@@ -336,6 +447,7 @@ class RawInstance:
         for i, p in enumerate(params):
             a64[2 * i] = p
         error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
         return int(self._a32[0])
@@ -346,6 +458,7 @@ class RawInstance:
         a64[0] = p0
         a64[2] = p1
         error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
         return int(self._a32[0])
@@ -357,6 +470,7 @@ class RawInstance:
         a64[2] = p1
         a64[4] = p2
         error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
         return int(self._a32[0])
@@ -365,18 +479,28 @@ class RawInstance:
         """`call` with one parameter (the hot path: allocations, context callbacks)."""
         self._a64[0] = p0
         error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
         return int(self._a32[0])
 
     def _raise(self, error: int | None) -> None:
+        stopped, self.interrupted = self.interrupted, None
+        if stopped is not None:  # our epoch callback stopped it: the guest ran too long
+            if error:
+                _b._wasmtime_error_delete(ctypes.cast(
+                    ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
+            if self._trap.value:
+                _b._wasm_trap_delete(ctypes.cast(
+                    ctypes.c_void_p(self._trap.value), ctypes.POINTER(ffi.wasm_trap_t)))
+                self._trap.value = 0
+            raise GuestTrap(stopped, interrupted=True)
         if self._trap.value:
             ptr = ctypes.cast(ctypes.c_void_p(self._trap.value), ctypes.POINTER(ffi.wasm_trap_t))
             self._trap.value = 0
             trap = wasmtime.Trap._from_ptr(ptr)
             message = summarize(trap.message)
-            interrupted = trap.trap_code == wasmtime.TrapCode.INTERRUPT
-            raise GuestTrap(message, interrupted=interrupted)
+            raise GuestTrap(message, interrupted=trap.trap_code == wasmtime.TrapCode.INTERRUPT)
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t))
         )
@@ -393,6 +517,7 @@ class RawInstance:
     def close(self, *, wait: bool = False) -> None:
         """Drop the store, which frees the linear memory: on the reaper thread unless `wait`."""
         self._exports.clear()
+        _by_data.pop(self._data, None)
         if wait:
             self.store.close()
         else:

@@ -109,7 +109,7 @@ class Vm:
         self.instance_id = instance_id
         self.generation = generation
         self.started_ns = host.clock.now_ns()
-        self.deadline = raw.deadline_ticks(host.limits.deadline_ms)
+        self.deadline = raw.deadline_budget_ns(host.limits.deadline_ms)
         self.requests = 0
         self.outbound = 0
         self.broken: str | None = None
@@ -245,9 +245,9 @@ class Vm:
     def call(self, func: Any, *params: int) -> int:
         """Call a guest export; raise `GuestTrap` on a trap.
 
-        The deadline is the one the entry point armed: every method that enters the guest
-        from outside (a request, a response, a tick, a call's answer) arms it first, so a
-        looping filter is interrupted within `Limits.deadline_ms` of that entry.
+        Every guest call has the budget armed last (`Limits.deadline_ms` of the guest's own
+        time, ten times that while starting): a looping filter is interrupted within the
+        deadline of guest time, and host time or a busy machine never counts (`_wasmtime`).
         """
         # Guest calls never interleave across VMs (a host function only calls back into its
         # own VM), so the active slot needs no restoring afterwards.

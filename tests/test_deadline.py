@@ -1,0 +1,130 @@
+"""A deadline trip means the guest itself ran too long.
+
+A burst of epoch ticks (a starved ticker catching up), host time inside a call (a slow host
+function, lowering headers, waiting for the GIL) and a busy machine must never interrupt a
+healthy call; a looping filter is interrupted every time, also when it loops on host calls.
+The only assertions are "was it interrupted"; how fast is measured by `tests.bench.deadline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+import wasmtime
+
+from addons.proxywasm import (
+    FilterModule,
+    Host,
+    HttpCallResponse,
+    InProcessDispatcher,
+    Limits,
+    VirtualClock,
+)
+from addons.proxywasm._wasmtime import engine
+from tests.bench import deadline as bench
+
+from .wat import module, trampolines
+
+# proxy_on_request_headers: log "x" through the host, then do a little guest work and continue.
+# With x-mode "loop" it logs forever (a filter looping on host calls).
+LOGGING_FILTER = trampolines("proxy_log", "proxy_get_header_map_value") + """
+  (data (i32.const 300) "x-mode")
+  (data (i32.const 320) "x")
+  (func $work (param $n i32) (result i32)
+    (local $i i32)
+    (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (local.get $n))))
+    (local.get $i))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $proxy_get_header_map_value (i32.const 0) (i32.const 300) (i32.const 6)
+                                                   (i32.const 200) (i32.const 204)))
+      (then (loop $forever
+        (drop (call $proxy_log (i32.const 2) (i32.const 320) (i32.const 1)))
+        (drop (call $work (i32.const 1000)))
+        (br $forever))))
+    (drop (call $proxy_log (i32.const 2) (i32.const 320) (i32.const 1)))
+    (drop (call $work (i32.const 1000)))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+"""
+
+
+def make_host(deadline_ms: float = 100) -> Host:
+    clock = VirtualClock()
+    disp = InProcessDispatcher(lambda call: HttpCallResponse(200), clock.now_ns)
+    wasm = wasmtime.wat2wasm(module(LOGGING_FILTER))
+    return Host(FilterModule(wasm), disp, clock=clock, limits=Limits(deadline_ms=deadline_ms))
+
+
+class _OnGuestLog(logging.Handler):
+    """Runs `action` inside the host call whenever the guest logs."""
+
+    def __init__(self, action) -> None:
+        super().__init__(logging.DEBUG)
+        self.action = action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.action()
+
+
+@pytest.fixture
+def on_guest_log() -> Iterator[list[_OnGuestLog]]:
+    installed: list[_OnGuestLog] = []
+    guest = logging.getLogger("wasm_reclaim.guest")
+    level = guest.level
+    guest.setLevel(logging.INFO)
+    yield installed
+    for handler in installed:
+        guest.removeHandler(handler)
+    guest.setLevel(level)
+
+
+def _install(installed: list[_OnGuestLog], action) -> None:
+    handler = _OnGuestLog(action)
+    logging.getLogger("wasm_reclaim.guest").addHandler(handler)
+    installed.append(handler)
+
+
+def test_a_burst_of_ticks_does_not_interrupt_a_healthy_call(on_guest_log) -> None:
+    eng = engine()
+    # The ticker was starved and catches up while the host runs: 50 epochs (500 ms) at once.
+    _install(on_guest_log, lambda: [eng.increment_epoch() for _ in range(50)])
+    host = make_host()
+    inst = host.instance("shop")
+    for _ in range(20):
+        decision = inst.stream().request_headers([(b":path", b"/")])
+        assert decision is not None and decision.error is None, decision
+    assert inst.generation == 0
+
+
+def test_host_time_inside_a_call_is_not_guest_time(on_guest_log) -> None:
+    def slow_host_call() -> None:  # 300 ms of host CPU: three deadlines' worth
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    _install(on_guest_log, slow_host_call)
+    host = make_host()
+    inst = host.instance("shop")
+    decision = inst.stream().request_headers([(b":path", b"/")])
+    assert decision is not None and decision.error is None, decision
+
+
+def test_a_filter_looping_on_host_calls_is_interrupted() -> None:
+    host = make_host()
+    inst = host.instance("shop")
+    decision = inst.stream().request_headers([(b":path", b"/"), (b"x-mode", b"loop")])
+    assert decision is not None and decision.error is not None
+    assert "interrupted" in decision.error
+
+
+def test_no_false_trip_and_every_true_trip_under_contention() -> None:
+    """3 busy processes on the machine's cores and a GIL-holding thread; the short form of
+    `python -m tests.bench.deadline` (1 M requests there)."""
+    result = bench.run(requests=20_000, loops=3, busy=3)
+    assert result["healthy"]["false_trips"] == 0, result["healthy"]["errors"]
+    assert result["looping"]["trapped"] == result["looping"]["calls"]
