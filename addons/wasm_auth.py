@@ -38,6 +38,15 @@ if __package__ in (None, "") and "addons" not in sys.modules:  # run as a script
 
 from addons import lifecycle
 from addons.admin import AdminServer, check_listen, load_or_create_token, parse_listen
+from addons.instance_bounds import (
+    OVERFLOW_MODES,
+    InstanceBounds,
+    InvalidKey,
+    Refusal,
+    parse_allow,
+    parse_instance_key,
+)
+from addons.logsafe import RateLimit, escape, install
 from addons.proxywasm import (
     WASM_PAGE_SIZE,
     AuthCallRecord,
@@ -70,6 +79,8 @@ REPLAY_STEP = 500
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
 REPLAY_ROUNDS = 10_000
 """Steps before the rest of a warm replay runs at once (traffic outpacing the replay)."""
+IDLE_SAMPLE_EVERY = 60
+"""An instance whose observation did not change is sampled once per this many intervals."""
 DENIED_MARK = ":no_entry:"
 FAILED_MARK = ":warning:"
 
@@ -174,19 +185,23 @@ class RequestView(NamedTuple):
     authority: bytes
     """The Host header (or HTTP/2 :authority), else the request's host."""
     authorization: bytes | None
+    hosts: int = 1
+    """How many Host header fields the request has (more than one is refused)."""
 
 
 def view(request: http.Request) -> RequestView:
     """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear)."""
     host = authorization = None
+    hosts = 0
     for name, value in request.headers.fields:
         lowered = name.lower()
         if lowered == b"host":
             host = value
+            hosts += 1
         elif lowered == b"authorization":
             authorization = value
     authority = host or request.data.authority or request.data.host.encode("idna")
-    return RequestView(authority, authorization)
+    return RequestView(authority, authorization, hosts)
 
 
 def instance_key(authority: bytes, mode: str) -> str:
@@ -194,14 +209,10 @@ def instance_key(authority: bytes, mode: str) -> str:
 
     In reverse mode mitmproxy rewrites the Host header to the upstream before any hook runs,
     so every flow to one upstream shares an instance; with `keep_host_header` the client's
-    Host survives and each virtual host gets its own instance.
+    Host survives and each virtual host gets its own instance. `InvalidKey` (a ValueError)
+    for a Host that is not a host name or address.
     """
-    if mode == "single":
-        return "single"
-    host = authority.decode("utf-8", "replace").lower()
-    if host.startswith("["):  # [IPv6]:port
-        return host.partition("]")[0] + "]"
-    return host.rpartition(":")[0] if host.count(":") == 1 else host or "default"
+    return parse_instance_key(authority, mode)
 
 
 def request_pairs(request: http.Request, authority: bytes) -> Pairs:
@@ -230,14 +241,21 @@ def token_hash(authorization: bytes | None) -> str | None:
 
 
 def verdict(decision: Decision, has_token: bool) -> str:
-    """One word for what the filter did: hit, miss, deny, error, reset or continue."""
+    """One word for what the filter did: hit, miss, deny, error, fail_open, reset or continue.
+
+    `fail_open` is a request forwarded without an answer from the filter (it failed, and
+    `wasm_fail_open` let it through) or from its auth calls (the filter's own fail-open).
+    """
     if decision.error is not None:
-        return "error"
+        return "fail_open" if decision.action == "continue" else "error"
     if decision.action == "reset":
         return "reset"
     if decision.action == "respond":
         status = decision.response.status if decision.response else 0
         return "deny" if status in (401, 403) else "error" if status >= 500 else "respond"
+    if decision.action == "continue" and decision.outbound and (
+            decision.failed_calls >= decision.outbound):
+        return "fail_open"  # forwarded although no auth call got an answer
     if not has_token:
         return "continue"
     return "miss" if decision.outbound else "hit"
@@ -269,6 +287,9 @@ class Settings(NamedTuple):
     vm_id: str
     clusters: dict[str, str]
     instance_key: str
+    instance_allow: tuple[str, ...]
+    max_instances: int
+    instance_overflow: str
     store: str
     spool_dir: Path
     sample_interval: float
@@ -307,7 +328,7 @@ class _Recorder(HostEvents):
         self.addon.write("restarts", doc)
 
     def on_crash(self, instance: str, generation: int, error: str) -> None:
-        logger.error("wasm filter %s generation %d failed: %s", instance, generation, error)
+        """The host has logged the crash (once); nothing more to say."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +349,9 @@ class WasmAuth:
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pages: dict[str, int] = {}
+        self._last_sample: dict[str, tuple[tuple[Any, ...], int]] = {}
+        """Per instance: what its last sample showed, and how many intervals ago."""
+        self.bounds: InstanceBounds | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
         self._open: dict[str, lifecycle.Exchange] = {}
@@ -359,6 +383,17 @@ class WasmAuth:
         loader.add_option("wasm_instance_key", str, "host",
                           "One filter instance per upstream host ('host', the paper's one "
                           "filter per site), or one for all traffic ('single').")
+        loader.add_option("wasm_instance_allow", Sequence[str], [],
+                          "Instance keys (hosts) that may have their own filter instance: glob "
+                          "patterns such as shop.example or *.shop.example, repeatable. Empty: "
+                          "every valid host.")
+        loader.add_option("wasm_max_instances", int, 1000,
+                          "At most this many filter instances; a new one evicts the least "
+                          "recently used idle instance.")
+        loader.add_option("wasm_instance_overflow", str, "reject",
+                          "A request beyond the instance bounds (host not allowed, or every "
+                          "instance busy): 'reject' (421, or 503 with Retry-After) or 'shared' "
+                          "(served by one shared instance, '*').")
         loader.add_option("wasm_store", str, "",
                           "Where metrics go: a mongodb:// URI, or a directory for the embedded "
                           "store. Empty: $MONGODB_URI, else .wasm-reclaim/store.")
@@ -419,6 +454,9 @@ class WasmAuth:
                 vm_id=o.wasm_vm_id,
                 clusters=parse_clusters(o.wasm_cluster),
                 instance_key=o.wasm_instance_key,
+                instance_allow=parse_allow(o.wasm_instance_allow),
+                max_instances=o.wasm_max_instances,
+                instance_overflow=o.wasm_instance_overflow,
                 store=parse_store(o.wasm_store),
                 spool_dir=Path(o.wasm_spool).expanduser(),
                 sample_interval=parse_positive("wasm_sample_interval", o.wasm_sample_interval),
@@ -443,6 +481,12 @@ class WasmAuth:
         if settings.instance_key not in ("host", "single"):
             raise exceptions.OptionsError(
                 f"wasm_instance_key: expected 'host' or 'single', got {settings.instance_key!r}")
+        if settings.max_instances < 1:
+            raise exceptions.OptionsError("wasm_max_instances: must be at least 1")
+        if settings.instance_overflow not in OVERFLOW_MODES:
+            raise exceptions.OptionsError(
+                f"wasm_instance_overflow: expected one of {', '.join(OVERFLOW_MODES)}, got "
+                f"{settings.instance_overflow!r}")
         if settings.memory_limit_mib < 1:
             raise exceptions.OptionsError("wasm_memory_limit: must be at least 1 MiB")
         if settings.deadline_ms < 1:
@@ -462,6 +506,10 @@ class WasmAuth:
         self._properties = "proxy_get_property" in self.module.imports
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
         self._build_host(previous)
+        assert self.host is not None
+        self.bounds = InstanceBounds(self.host, settings.instance_allow, settings.max_instances,
+                                     settings.instance_overflow)
+        self.bounds.on_evict.append(self._forget)
         if self._running and previous is not None:
             task = asyncio.get_running_loop().create_task(self._restart_services())
             self._closing.add(task)  # keep a reference until it is done
@@ -501,6 +549,7 @@ class WasmAuth:
         host.instances.clear()
         old, self.host = self.host, host
         self._last_pages.clear()
+        self._last_sample.clear()
         if old is not None:
             old.close()
             with contextlib.suppress(RuntimeError):  # no loop yet: nothing was connected
@@ -517,6 +566,9 @@ class WasmAuth:
 
     async def running(self) -> None:
         self._running = True
+        # What clients make us log (refusals, failed auth calls) is rate-limited.
+        install([logger.name, "addons.proxywasm.calls", "addons.proxywasm.host",
+                 "wasm_reclaim.guest"], RateLimit())
         await self._start_services()
 
     async def done(self) -> None:
@@ -567,7 +619,7 @@ class WasmAuth:
             await self.host.dispatcher.aclose()
         metrics, self.metrics = self.metrics, None
         if metrics is not None:
-            self._sample_all_to(metrics)  # a last sample, so the store sees the final state
+            self._sample_all_to(metrics, every=True)  # the store sees the final state
             await asyncio.to_thread(metrics.flush)
         if self.shipper is not None:
             await asyncio.to_thread(self._stop_shipper, self.shipper)
@@ -658,13 +710,24 @@ class WasmAuth:
         if self.metrics is not None:
             self._sample_all_to(self.metrics)
 
-    def _sample_all_to(self, metrics: Any) -> None:
+    def _sample_all_to(self, metrics: Any, *, every: bool = False) -> None:
+        """Sample the instances whose observation changed (or all, if `every`).
+
+        An unchanged instance is sampled once per IDLE_SAMPLE_EVERY intervals, so the manager
+        still sees time pass for it.
+        """
         if self.host is None:
             return
         for inst in list(self.host.instances.values()):
-            self._sample(inst.id, metrics)
+            self._sample(inst.id, metrics, only_if_changed=not every)
 
-    def _sample(self, instance_id: str, metrics: Any = None) -> None:
+    def _forget(self, instance_id: str) -> None:
+        """An instance was evicted: drop what sampling remembered of it."""
+        self._last_pages.pop(instance_id, None)
+        self._last_sample.pop(instance_id, None)
+
+    def _sample(self, instance_id: str, metrics: Any = None, *,
+                only_if_changed: bool = False) -> None:
         metrics = metrics or self.metrics
         if self.host is None or metrics is None:
             return
@@ -672,6 +735,14 @@ class WasmAuth:
         if inst is None:
             return
         o = inst.observe()
+        seen = (o.generation, o.allocated_pages, o.requests, o.outbound, o.state, o.draining,
+                o.metrics.get(LIVE_ENTRIES), o.metrics.get(LIVE_BYTES))
+        last = self._last_sample.get(instance_id)
+        if only_if_changed and last is not None and last[0] == seen and (
+                last[1] + 1 < IDLE_SAMPLE_EVERY):
+            self._last_sample[instance_id] = (seen, last[1] + 1)
+            return
+        self._last_sample[instance_id] = (seen, 0)
         self._last_pages[instance_id] = o.allocated_pages
         metrics.write("samples", {
             "time": self.clock.now_ns() / 1e9, "instance": o.id, "tenant": o.tenant,
@@ -754,14 +825,27 @@ class WasmAuth:
         s = self.settings
         assert s is not None
         req = view(flow.request)
-        key = instance_key(req.authority, s.instance_key)
-        t0 = time.perf_counter()
+        if req.hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
+            self._refuse(flow, Refusal(400, f"{req.hosts} Host header fields"))
+            return
         try:
-            inst = self.host.instance(key)
+            key = instance_key(req.authority, s.instance_key)
+        except InvalidKey as e:
+            self._refuse(flow, Refusal(400, str(e)))
+            return
+        t0 = time.perf_counter()
+        assert self.bounds is not None
+        try:
+            got = self.bounds.get(key)
         except FilterStartError as e:
             logger.error("wasm: instance %s cannot start: %s", key, e)
             self._fail(flow, key, str(e))
             return
+        if isinstance(got, Refusal):
+            self._refuse(flow, got)
+            return
+        inst = got
+        key = inst.id  # the shared instance serves keys beyond the bounds
         stream = inst.stream()
         if self._properties:
             stream.attributes = lifecycle.flow_attributes(flow)
@@ -816,6 +900,25 @@ class WasmAuth:
         elif stream is None and decision.modified:
             lifecycle.apply_request_headers(flow.request, decision.request_headers)
             lifecycle.keep_framing(flow.request, streamed)
+
+    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """Answer a request no filter instance may take (bad Host, beyond the bounds)."""
+        headers = {"content-type": "text/plain"}
+        if refusal.retry_after is not None:
+            headers["retry-after"] = str(refusal.retry_after)
+        flow.response = http.Response.make(refusal.status, refusal.reason.encode() + b"\n",
+                                           headers)
+        flow.comment = f"wasm: refused · {refusal.reason}"
+        flow.marked = DENIED_MARK
+        logger.info("wasm: refused %s %s: %s", escape(flow.request.method, 20),
+                    escape(flow.request.path, 100), refusal.reason)
+        if self.metrics is not None:
+            self.write("requests", {
+                "time": self.clock.now_ns() / 1e9, "instance": None, "tenant": None,
+                "generation": None, "method": flow.request.method, "path": flow.request.path,
+                "decision": "refused", "status": refusal.status, "outbound": 0,
+                "latency_ms": 0.0, "token_hash": None,
+            })
 
     def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
         s = self.settings
@@ -912,6 +1015,9 @@ class WasmAuth:
             lines.append(f"{r['id']:<28} {r['generation']:>4} {r['allocated_pages']:>6} "
                          f"{r['allocated_pages'] * WASM_PAGE_SIZE // 1024:>8} "
                          f"{r['requests']:>9} {r['outbound']:>9} {live:>7}")
+        if self.bounds is not None and (self.bounds.evicted or self.bounds.refused):
+            lines.append(f"idle instances evicted: {self.bounds.evicted}, requests beyond the "
+                         f"instance bounds refused: {self.bounds.refused}")
         return "\n".join(lines)
 
     @command.command("wasm.restart")

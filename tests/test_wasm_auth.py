@@ -103,7 +103,7 @@ def test_view_and_request_pairs() -> None:
     f.request.headers["Host"] = "Shop.Example"
     f.request.headers["Authorization"] = "Bearer abc"
     req = view(f.request)
-    assert req == (b"Shop.Example", b"Bearer abc")
+    assert req == (b"Shop.Example", b"Bearer abc", 1)
     assert view(tflow.tflow().request).authority == b"address"  # no Host: the request's host
     pairs = dict(request_pairs(f.request, req.authority))
     assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
@@ -130,7 +130,7 @@ def test_token_hash_never_contains_the_token(header, hashed) -> None:
     (Decision("respond", [], LocalResponse(503), 1), True, "error"),
     (Decision("respond", [], LocalResponse(302), 0), True, "respond"),
     (Decision("reset", [], None, 0), True, "reset"),
-    (Decision("continue", [], None, 0, 0, "trap"), True, "error"),
+    (Decision("continue", [], None, 0, 0, "trap"), True, "fail_open"),
 ])
 def test_verdict(decision, has_token, word) -> None:
     assert verdict(decision, has_token) == word

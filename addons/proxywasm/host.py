@@ -59,6 +59,8 @@ class Decision(NamedTuple):
     """Set when the fail policy decided because the filter failed."""
     modified: bool = False
     """The filter changed the request headers (forward `request_headers`, not the original)."""
+    failed_calls: int = 0
+    """Outbound calls of this stream that got no 2xx answer (failed, timed out, or refused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +157,8 @@ class Stream:
     filter changed is in `ctx` (header maps, bodies; `ctx.dirty` says which) until `close()`.
     """
 
-    __slots__ = ("attributes", "ctx", "decision", "entry", "instance", "last", "on_decision",
-                 "started_ns", "vm", "waiting")
+    __slots__ = ("attributes", "ctx", "decision", "entry", "failed_calls", "instance", "last",
+                 "on_decision", "started_ns", "vm", "waiting")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
@@ -174,6 +176,7 @@ class Stream:
         """This request as the journal records it (None when nothing is journaled)."""
         self.attributes: Attributes | None = None
         """What the embedder knows of this stream, as properties (`request.*`, …)."""
+        self.failed_calls = 0
 
     @property
     def generation(self) -> int:
@@ -293,7 +296,7 @@ class Stream:
             return
         self._decide(Decision(
             kind, ctx.request_headers, ctx.local_response, ctx.outbound, vm.generation, None,
-            ctx.modified,
+            ctx.modified, self.failed_calls,
         ))
 
     def _continue(self) -> Decision:
@@ -311,13 +314,14 @@ class Stream:
             self.ctx.request_headers if self.ctx is not None else []
         )
         if fail_open:
-            decision = Decision("continue", request_headers, None, outbound, self.generation, error)
+            decision = Decision("continue", request_headers, None, outbound, self.generation, error,
+                                failed_calls=self.failed_calls)
         else:
             response = LocalResponse(
                 503, b"filter unavailable\n", [(b"content-type", b"text/plain")], "filter_error"
             )
             decision = Decision("respond", request_headers, response, outbound, self.generation,
-                                error)
+                                error, failed_calls=self.failed_calls)
         self.waiting = True
         self._decide(decision)
         return decision
@@ -749,6 +753,18 @@ class Host:
         """Restart an instance by id, `cold` or `warm` (KeyError if unknown)."""
         return self.instances[instance_id].restart(reason, requested_by, mode, prepared)
 
+    def evict(self, instance_id: str) -> None:
+        """Drop an instance and its memory (its streams should be over; KeyError if unknown).
+
+        Its next request starts a new instance at generation 0, as for a new key.
+        """
+        inst = self.instances.pop(instance_id)
+        self._down.discard(instance_id)
+        for vm in inst.vms():
+            vm.close()
+        inst.vm = None
+        inst.draining.clear()
+
     def close(self) -> None:
         """Drop every instance."""
         for inst in self.instances.values():
@@ -821,6 +837,8 @@ class Host:
             ctx.calls.discard(call_id)
             if ctx.stream.entry is not None:
                 ctx.stream.entry.answer(call_id, now, response)
+            if response is None or not 200 <= response.status < 300:
+                ctx.stream.failed_calls += 1
         if vm.closed:
             return
         if response is None:
