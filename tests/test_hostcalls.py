@@ -388,8 +388,8 @@ def test_properties(harness) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "proxy_register_shared_queue", "proxy_enqueue_shared_queue", "proxy_grpc_cancel",
-    "proxy_grpc_call",
+    "proxy_grpc_call", "proxy_grpc_stream", "proxy_grpc_send", "proxy_grpc_cancel",
+    "proxy_grpc_close",
 ])
 def test_declared_but_unsupported_calls_return_unimplemented(harness, name) -> None:
     h = with_all(harness, name)

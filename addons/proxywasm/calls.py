@@ -62,6 +62,15 @@ class HttpCallResponse(NamedTuple):
 Deliver = Callable[[HttpCallResponse | None], None]
 
 
+def call_url(base: str, call: HttpCall) -> str:
+    """The URL of an outbound call: the cluster's base URL, its scheme replaced by the call's
+    `:scheme` (http or https) when given, then the call's `:path`."""
+    scheme = (call.header(b":scheme") or b"").decode("latin-1").lower()
+    if scheme in ("http", "https"):
+        base = scheme + base[base.index("://"):]
+    return base + call.path
+
+
 class Dispatcher:
     """Base class: sends outbound calls. Subclasses implement `has_cluster` and `start`."""
 
@@ -131,7 +140,9 @@ class HttpxDispatcher(Dispatcher):
     """Real HTTP calls with httpx on the running asyncio loop.
 
     `clusters` maps a cluster name to a base URL (`auth=http://127.0.0.1:8081`); the call's
-    `:path` is appended to it and `:authority` becomes the Host header.
+    `:path` is appended to it, `:method` is the method, `:scheme` (when given) replaces the
+    URL's scheme, and `:authority` becomes the Host header (the only one: a `host` header the
+    filter also sent is dropped, so no call fails on two Host headers).
     """
 
     def __init__(self, clusters: Mapping[str, str], *, max_connections: int = 100,
@@ -163,11 +174,12 @@ class HttpxDispatcher(Dispatcher):
     async def _send(self, call: HttpCall, deliver: Deliver) -> None:
         import httpx
 
-        url = self.clusters[call.cluster] + call.path
-        headers = [(k, v) for k, v in call.headers if not k.startswith(b":")]
+        url = call_url(self.clusters[call.cluster], call)
         authority = call.header(b":authority")
+        headers = [(k, v) for k, v in call.headers
+                   if not k.startswith(b":") and not (authority and k.lower() == b"host")]
         if authority:
-            headers.append((b"host", authority))
+            headers.insert(0, (b"host", authority))
         try:
             resp = await self._client.request(
                 call.method, url, headers=headers, content=call.body or None,

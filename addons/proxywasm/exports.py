@@ -430,6 +430,61 @@ def proxy_get_shared_data(
     return status
 
 
+# ---- shared queues ----
+
+
+def proxy_register_shared_queue(vm: Vm, name_ptr: int, name_size: int, ret_id: int) -> int:
+    """Returns: OK, INVALID_MEMORY_ACCESS."""
+    name = vm.read_str(name_ptr, name_size)
+    if name is None or not vm.in_bounds(ret_id, 4):
+        return BAD_MEMORY
+    vm.write_u32(ret_id, vm.host.shared_queues.register(vm.host.vm_id, name, vm))
+    return Status.OK
+
+
+def proxy_resolve_shared_queue(
+    vm: Vm, vm_id_ptr: int, vm_id_size: int, name_ptr: int, name_size: int, ret_id: int,
+) -> int:
+    """Returns: OK, NOT_FOUND (nobody registered it), INVALID_MEMORY_ACCESS."""
+    vm_id = vm.read_str(vm_id_ptr, vm_id_size)
+    name = vm.read_str(name_ptr, name_size)
+    if vm_id is None or name is None or not vm.in_bounds(ret_id, 4):
+        return BAD_MEMORY
+    queue_id = vm.host.shared_queues.resolve(vm_id, name)
+    if queue_id is None:
+        return Status.NOT_FOUND
+    vm.write_u32(ret_id, queue_id)
+    return Status.OK
+
+
+def proxy_enqueue_shared_queue(vm: Vm, queue_id: int, value_ptr: int, value_size: int) -> int:
+    """Returns: OK, NOT_FOUND (no such queue), INVALID_MEMORY_ACCESS."""
+    value = vm.read(value_ptr, value_size)
+    if value is None:
+        return BAD_MEMORY
+    queue = vm.host.shared_queues.get(queue_id)
+    if queue is None:
+        return Status.NOT_FOUND
+    queue.items.append(value)
+    vm.host.queue_ready(queue_id)
+    return Status.OK
+
+
+def proxy_dequeue_shared_queue(vm: Vm, queue_id: int, ret_ptr: int, ret_size: int) -> int:
+    """Returns: OK, EMPTY, NOT_FOUND (no such queue), INVALID_MEMORY_ACCESS."""
+    queue = vm.host.shared_queues.get(queue_id)
+    if queue is None:
+        return Status.NOT_FOUND
+    if not (vm.in_bounds(ret_ptr, 4) and vm.in_bounds(ret_size, 4)):
+        return BAD_MEMORY
+    if not queue.items:
+        return Status.EMPTY
+    status = vm.return_bytes(queue.items[0], ret_ptr, ret_size)
+    if status == Status.OK:
+        queue.items.popleft()
+    return status
+
+
 # ---- properties ----
 
 
@@ -656,10 +711,10 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
     ("env", "proxy_get_shared_data"): (("iiiii", "i"), proxy_get_shared_data),
     ("env", "proxy_get_property"): (("iiii", "i"), proxy_get_property),
     ("env", "proxy_set_property"): (("iiii", "i"), proxy_set_property),
-    ("env", "proxy_register_shared_queue"): (("iii", "i"), unimplemented),
-    ("env", "proxy_resolve_shared_queue"): (("iiiii", "i"), unimplemented),
-    ("env", "proxy_enqueue_shared_queue"): (("iii", "i"), unimplemented),
-    ("env", "proxy_dequeue_shared_queue"): (("iii", "i"), unimplemented),
+    ("env", "proxy_register_shared_queue"): (("iii", "i"), proxy_register_shared_queue),
+    ("env", "proxy_resolve_shared_queue"): (("iiiii", "i"), proxy_resolve_shared_queue),
+    ("env", "proxy_enqueue_shared_queue"): (("iii", "i"), proxy_enqueue_shared_queue),
+    ("env", "proxy_dequeue_shared_queue"): (("iii", "i"), proxy_dequeue_shared_queue),
     ("env", "proxy_grpc_call"): (("iiiiiiiiiiii", "i"), unimplemented),
     ("env", "proxy_grpc_stream"): (("iiiiiiiii", "i"), unimplemented),
     ("env", "proxy_grpc_send"): (("iiii", "i"), unimplemented),

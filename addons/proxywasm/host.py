@@ -17,6 +17,7 @@ when crashes repeat.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -39,6 +40,7 @@ from .limits import Limits
 from .module import FilterModule
 from .properties import Attributes
 from .replay import Replay, ReplayError, ReplayServices, replay_into
+from .shared import SharedQueues
 from .vm import FilterStartError, Vm
 
 logger = logging.getLogger(__name__)
@@ -728,6 +730,7 @@ class Host:
         self.vm_id = vm_id
         self.instances: dict[str, FilterInstance] = {}
         self.shared_data: dict[bytes, tuple[bytes, int]] = {}
+        self.shared_queues = SharedQueues()
         self._random = random.Random(seed) if seed is not None else None
         self._timers: list[tuple[int, int, Vm, int]] = []  # (due, seq, vm, call id or 0=tick)
         self._seq = itertools.count()
@@ -867,6 +870,30 @@ class Host:
                 stream.settle()
         self.context_released(vm)
 
+    def queue_ready(self, queue_id: int) -> None:
+        """Tell every live VM that registered the queue, once no guest code runs."""
+        queue = self.shared_queues.get(queue_id)
+        if queue is None:
+            return
+        for vm in queue.subscribers:
+            if not vm.closed:
+                self._deliveries.append(functools.partial(self._queue_ready, vm, queue_id))
+
+    def _queue_ready(self, vm: Vm, queue_id: int) -> None:
+        if vm.closed:
+            return
+        self._busy += 1
+        try:
+            vm.on_queue_ready(queue_id)
+        except raw.GuestTrap as e:
+            inst = self.instances.get(vm.instance_id)
+            if inst is not None:
+                inst.crashed(vm, e)
+            return
+        finally:
+            self._busy -= 1
+        self._settle(vm)
+
     def context_released(self, vm: Vm) -> None:
         """A stream or call of `vm` ended: drop a draining generation once idle."""
         inst = self.instances.get(vm.instance_id)
@@ -899,6 +926,8 @@ class Host:
         """Run everything due by now: deliveries, call deadlines, ticks, crash recovery."""
         now = self.clock.now_ns()
         self.dispatcher.poll(now)
+        if self._deliveries:
+            self._drain_deliveries()
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, vm, call_id = heapq.heappop(timers)

@@ -43,6 +43,7 @@ from .calls import HttpCallResponse
 from .clock import Clock
 from .headers import Pairs
 from .journal import Entry, Outcome
+from .shared import SharedQueues
 
 if TYPE_CHECKING:
     from .context import PendingCall, StreamContext
@@ -102,7 +103,12 @@ class ReplayServices:
         self.plugin_configuration = host.plugin_configuration
         self.vm_configuration = host.vm_configuration
         self.shared_data: dict[bytes, tuple[bytes, int]] = dict(host.shared_data)
+        self.shared_queues = SharedQueues()
+        """A replay's queues are its own: what it enqueues reaches no live filter."""
         self.failure: str | None = None
+
+    def queue_ready(self, queue_id: int) -> None:
+        """Nothing to tell during a replay."""
 
     def random_bytes(self, n: int) -> bytes:
         """The host's randomness (a filter whose state depends on it breaks the contract)."""

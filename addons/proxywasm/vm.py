@@ -36,6 +36,7 @@ from .context import (
 from .headers import Pairs
 from .limits import Limits
 from .properties import Path, plugin_properties
+from .shared import SharedQueues
 
 M32 = 0xFFFFFFFF
 
@@ -73,6 +74,7 @@ class HostServices(Protocol):
     plugin_configuration: bytes
     vm_configuration: bytes
     shared_data: dict[bytes, tuple[bytes, int]]
+    shared_queues: SharedQueues
 
     def random_bytes(self, n: int) -> bytes:
         """Randomness for WASI `random_get`."""
@@ -86,6 +88,10 @@ class HostServices(Protocol):
 
     def context_released(self, vm: Vm) -> None:
         """A stream context or call of `vm` ended."""
+        ...
+
+    def queue_ready(self, queue_id: int) -> None:
+        """Something was enqueued: tell the queue's VMs (`proxy_on_queue_ready`), later."""
         ...
 
     def schedule_changed(self) -> None:
@@ -359,6 +365,13 @@ class Vm:
             self.buffers = {}
             self.call_response = None
             self.effective = ROOT_CONTEXT_ID
+
+    def on_queue_ready(self, queue_id: int) -> None:
+        """Run `proxy_on_queue_ready` on the root context, if exported."""
+        if self._on_queue_ready is not None:
+            self.raw.arm(self.deadline)
+            self.effective = ROOT_CONTEXT_ID
+            self.call(self._on_queue_ready, ROOT_CONTEXT_ID, queue_id)
 
     def on_tick(self) -> None:
         """Run `proxy_on_tick` on the root context."""
