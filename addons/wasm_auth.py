@@ -57,6 +57,7 @@ from addons.proxywasm import (
     Host,
     HostEvents,
     HttpxDispatcher,
+    InProcessDispatcher,
     Limits,
     RestartError,
     RestartRecord,
@@ -302,6 +303,7 @@ class Settings(NamedTuple):
     deadline_ms: int
     log_metrics: bool
     retention_s: int
+    services: tuple[Path, ...]
     restart_mode: RestartMode
     journal: JournalConfig | None
 
@@ -355,6 +357,9 @@ class WasmAuth:
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
         self._open: dict[str, lifecycle.Exchange] = {}
+        self._service_modules: dict[Path, FilterModule] = {}
+        self.services: list[Host] = []
+        """The service plugins' hosts (wasm_service), each with one root-only instance."""
         self._exports: frozenset[str] = frozenset()
         self._lifecycle = False
         self._properties = False
@@ -374,6 +379,10 @@ class WasmAuth:
                           "module serves; the filter reads it as plugin_root_id.")
         loader.add_option("wasm_vm_id", str, "",
                           "VM id (Envoy's vm_id); the filter reads it as plugin_vm_id.")
+        loader.add_option("wasm_service", Sequence[str], [],
+                          "A plugin that runs as a singleton service, with only a root context "
+                          "(ticks, outbound calls, shared data and queues shared with the "
+                          "filter): PATH to its .wasm, repeatable. It starts with the proxy.")
         loader.add_option("wasm_vm_config", str, "",
                           "VM configuration given to proxy_on_vm_start, as bytes: the text, or "
                           "@path to a file.")
@@ -469,6 +478,7 @@ class WasmAuth:
                 deadline_ms=o.wasm_deadline_ms,
                 log_metrics=o.wasm_log_metrics,
                 retention_s=o.wasm_retention,
+                services=tuple(Path(p).expanduser() for p in o.wasm_service),
                 restart_mode=parse_restart_mode(o.wasm_restart_mode),
                 journal=parse_journal(o.wasm_journal_window, o.wasm_journal_limit,
                                       plugin_configuration),
@@ -500,6 +510,7 @@ class WasmAuth:
                 self.module = FilterModule.from_file(settings.filter_path)
             except FilterLoadError as e:
                 raise exceptions.OptionsError(f"wasm_filter: {e}") from e
+        self._load_services(settings)
         self.settings = settings
         self._exports = self.module.exports
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
@@ -562,6 +573,56 @@ class WasmAuth:
                     ", ".join(f"{k}={v}" for k, v in s.clusters.items()) or "none",
                     f", clock ×{s.clock_speed:g}" if s.clock_speed != 1 else "")
 
+    def _load_services(self, s: Settings) -> None:
+        """Compile the service plugins and check that each starts (a one-line error if not)."""
+        modules: dict[Path, FilterModule] = {}
+        for path in s.services:
+            module = self._service_modules.get(path)
+            try:
+                module = module or FilterModule.from_file(path)
+                probe = Host(module, InProcessDispatcher(lambda call: None, self.clock.now_ns),
+                             plugin_configuration=b"",
+                             vm_configuration=s.vm_configuration, root_id=s.root_id,
+                             vm_id=s.vm_id, plugin_name=f"service:{path.stem}")
+                try:
+                    probe.instance("__probe__")
+                finally:
+                    probe.close()
+            except (FilterLoadError, FilterStartError) as e:
+                raise exceptions.OptionsError(f"wasm_service: {e}") from e
+            modules[path] = module
+        self._service_modules = modules
+
+    def _start_plugin_services(self) -> None:
+        """Start each service plugin's singleton instance; its ticks start now."""
+        s = self.settings
+        assert s is not None and self.host is not None
+        for path, module in self._service_modules.items():
+            host = Host(
+                module, HttpxDispatcher(s.clusters, clock_speed=s.clock_speed),
+                vm_configuration=s.vm_configuration, root_id=s.root_id, vm_id=s.vm_id,
+                plugin_name=f"service:{path.stem}", clock=self.clock,
+                limits=Limits(memory_bytes=s.memory_limit_mib * 2**20,
+                              deadline_ms=s.deadline_ms),
+                events=_Recorder(self),
+            )
+            host.shared_data = self.host.shared_data  # one VM id: one shared data, one set of
+            host.shared_queues = self.host.shared_queues  # queues, as Envoy keys them
+            try:
+                host.instance(f"service:{path.stem}")
+            except FilterStartError as e:
+                logger.error("wasm_service %s cannot start: %s", path, e)
+                host.close()
+                continue
+            self.services.append(host)
+            logger.info("wasm: service %s started", path)
+
+    async def _stop_plugin_services(self) -> None:
+        services, self.services = self.services, []
+        for host in services:
+            await host.dispatcher.aclose()
+            host.close()
+
     # ---- lifecycle ----
 
     async def running(self) -> None:
@@ -587,6 +648,7 @@ class WasmAuth:
 
             self.metrics = MetricsLog(s.spool_dir)
             self.shipper = self._start_shipper(s)
+        self._start_plugin_services()
         self._tasks = [asyncio.create_task(self._poll_loop(), name="wasm-poll"),
                        asyncio.create_task(self._sample_loop(), name="wasm-samples")]
         if s.log_metrics:
@@ -615,6 +677,7 @@ class WasmAuth:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
+        await self._stop_plugin_services()
         if self.host is not None:
             await self.host.dispatcher.aclose()
         metrics, self.metrics = self.metrics, None
@@ -678,9 +741,9 @@ class WasmAuth:
         Every 50 ms of wall time (less on a sped-up clock, so a 1 s tick stays a tick).
         """
         while True:
-            if self.host is not None:
+            for host in [self.host, *self.services] if self.host is not None else []:
                 try:
-                    self.host.poll()
+                    host.poll()
                 except Exception:
                     logger.exception("wasm: host poll failed")
             speed = self.settings.clock_speed if self.settings else 1.0

@@ -110,6 +110,10 @@ def test_decisions_documents_and_admin(live: Stack) -> None:
     decisions = {d["path"]: d["decision"] for d in live.db.requests.find({}, {"_id": 0})}
     assert decisions == {"/product/1": "miss", "/product/2": "hit", "/product/3": "deny",
                          "/product/4": "deny"}
+    # The status the client got: the upstream's for forwarded requests, the filter's own else.
+    statuses = {d["path"]: d["status"] for d in live.db.requests.find({}, {"_id": 0})}
+    assert statuses == {"/product/1": 200, "/product/2": 200, "/product/3": 401,
+                        "/product/4": 401}
     live.wait_for("auth_calls", {"status": {"$in": [200, 401]}}, 2)
     live.wait_for("samples", {"instance": "shop.example"}, 2)
     for collection in ("requests", "auth_calls", "samples"):

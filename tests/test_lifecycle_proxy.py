@@ -355,3 +355,30 @@ def test_local_response_in_the_response_phase_through_a_real_mitmdump(tmp_path) 
         r = httpx.get(f"{proxy}/", timeout=10)
         assert r.status_code == 418 and r.content == b"short and stout"
 
+
+
+# ---- requests.status: the answer the client got ---------------------------------------------
+
+
+async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> None:
+    from addons.telemetry.spool import MetricsLog, read_segment, ready_segments
+
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TEAPOT)),
+                       **base_options(tmp_path))
+        addon.metrics = MetricsLog(tmp_path / "spool")  # as running() does with metrics on
+        upstream = tflow.tflow()
+        await addon.request(upstream)
+        killed = tflow.tflow()
+        await addon.request(killed)
+        addon.error(killed)  # the exchange failed before any answer
+        upstream.response = tflow.tresp(status_code=204)
+        await run_hook(addon.response(upstream))  # the filter answers 418 instead
+        addon.metrics.flush()
+        docs = [doc for path in ready_segments(tmp_path / "spool")
+                for collection, doc in read_segment(path) if collection == "requests"]
+        assert sorted(d["status"] is None for d in docs) == [False, True]
+        assert [d["status"] for d in docs if d["status"] is not None] == [418]
+        addon.metrics = None
+        await addon.done()
