@@ -828,7 +828,12 @@ class WasmAuth:
         if (not self._lifecycle or not flow.request.stream or self.host is None
                 or flow.response is not None or flow.error is not None):
             return None
-        return self._request(flow, streamed=True)
+        return self._streamed_request(flow)
+
+    async def _streamed_request(self, flow: http.HTTPFlow) -> None:
+        await self._request(flow, streamed=True)
+        if flow.response is not None:  # answered (locally, refused, failed): nothing to stream
+            flow.request.stream = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """A buffered request: headers, body, trailers; a streamed one: its trailers."""
@@ -956,8 +961,6 @@ class WasmAuth:
         """Forward, answer locally, or reset, as the filter decided."""
         if decision.action == "respond" and decision.response is not None:
             flow.response = lifecycle.local_response(decision.response)
-            if streamed:
-                flow.request.stream = False
         elif decision.action == "reset":
             flow.kill()
         elif stream is None and decision.modified:
