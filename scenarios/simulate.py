@@ -9,7 +9,9 @@ generation, generation, and the filter's ground-truth gauges).
 
 A `controller` (for example a restart policy) is called after every sampling round with the
 new samples and may return instance ids to restart, exactly as the manager daemon would
-through the admin endpoint.
+through the admin endpoint. Restarts run in `SimConfig.restart_mode`: `warm` journals every
+instance's requests and replays them into the new generation (`addons.proxywasm.replay`), the
+same host code as the live proxy's warm restart.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from addons.proxywasm import (
     RestartRecord,
     VirtualClock,
 )
+from addons.proxywasm.host import RESTART_MODES, RestartMode
+from addons.proxywasm.journal import JournalConfig, window_from_config
 from scenarios.trace import Event, Trace
 
 logger = logging.getLogger(__name__)
@@ -75,6 +79,24 @@ class SimConfig:
     """Epoch deadline of a guest call, in wall-clock time. Generous on purpose: it still stops a
     runaway filter, but a loaded machine's scheduling stall must not look like a crash (and a
     crash restart, dropping the cache) in a virtual-time experiment."""
+    restart_mode: RestartMode = "cold"
+    """How the controller's restarts run: `cold`, or `warm` (the journal replayed)."""
+    journal_window_s: float = 0.0
+    """Warm only: seconds of requests journaled; 0: the filter configuration's TTL."""
+    journal_limit_mib: int = 256
+    """Warm only: the journal's memory cap per instance (past it a warm restart runs cold)."""
+
+    def __post_init__(self) -> None:
+        if self.restart_mode not in RESTART_MODES:
+            raise ValueError(f"restart_mode must be 'cold' or 'warm', got {self.restart_mode!r}")
+
+    def journal(self) -> JournalConfig | None:
+        """The host's journal: only when restarts run warm (it costs time per request)."""
+        if self.restart_mode != "warm":
+            return None
+        return JournalConfig(
+            window_from_config(self.plugin_configuration.encode(), self.journal_window_s),
+            self.journal_limit_mib * 2**20)
 
 
 class AuthServer:
@@ -145,6 +167,7 @@ class Simulation:
                           deadline_ms=config.deadline_ms),
             events=self.recorder,
             seed=config.seed,
+            journal=config.journal(),
         )
         self.interval_ns = int(config.sample_interval * 1e9)
         self.next_sample_ns = self.start_ns
@@ -189,7 +212,8 @@ class Simulation:
                 new = pd.DataFrame(self.samples[self.unseen:], columns=SAMPLE_COLUMNS)
                 self.unseen = len(self.samples)
                 for instance_id in controller(new, now):
-                    self.host.restart(instance_id, "policy", "simulation")
+                    self.host.restart(instance_id, "policy", "simulation",
+                                      self.config.restart_mode)
 
     # ---- events ----
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
 from scenarios.__main__ import main as scenarios_main
@@ -76,3 +78,34 @@ def test_fig4_command_writes_csv_and_png(tmp_path, capsys) -> None:
     series = pd.read_csv(tmp_path / "fig4.csv")
     assert series["tokens"].max() == 32
     assert (tmp_path / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_warm_restarts_keep_the_hit_rate_and_auth_calls_of_none(tmp_path) -> None:
+    from scenarios.standard import week_trace
+
+    trace = week_trace(True, tmp_path)
+    config = SimConfig(plugin_configuration='{"ttl_seconds": 600}', sample_interval=5.0,
+                       decision_interval=30.0)
+    restarts: list[float] = []
+
+    def every_20_minutes(samples: pd.DataFrame, now: float) -> list[str]:
+        if not restarts or now - restarts[-1] >= 1200:
+            restarts.append(now)
+            return sorted(set(samples["instance"]))
+        return []
+
+    none = simulate(trace, config)
+    cold = simulate(trace, config, every_20_minutes)
+    restarts.clear()
+    warm = simulate(trace, replace(config, restart_mode="warm"), every_20_minutes)
+    assert len(warm.restarts) == len(cold.restarts) >= 10
+    assert (warm.restarts["mode"] == "warm").all() and warm.restarts["fallback"].isna().all()
+    assert (cold.restarts["mode"] == "cold").all()
+    assert warm.auth_requests == none.auth_requests < cold.auth_requests
+    decided = ["hit", "miss"]
+    assert (warm.requests["decision"].value_counts()[decided]
+            == none.requests["decision"].value_counts()[decided]).all()
+    # memory: warm restarts still free the surplus (each new generation is no bigger)
+    before = warm.restarts["allocated_bytes_before"]
+    assert (warm.restarts["allocated_bytes_after"] <= before).all()
+    assert (warm.restarts["allocated_bytes_after"] < before).any()
