@@ -78,8 +78,6 @@ STATE_DIR = Path(".wasm-reclaim")
 LIVE_ENTRIES, LIVE_BYTES = "auth_cache.live_entries", "auth_cache.live_bytes"
 REPLAY_STEP = 500
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
-REPLAY_ROUNDS = 10_000
-"""Steps before the rest of a warm replay runs at once (traffic outpacing the replay)."""
 IDLE_SAMPLE_EVERY = 60
 """An instance whose observation did not change is sampled once per this many intervals."""
 DENIED_MARK = ":no_entry:"
@@ -1036,26 +1034,9 @@ class WasmAuth:
         ran = self._restart_mode(mode)
         if self.host is None or instance_id not in self.host.instances:
             raise KeyError(instance_id)
-        prepared = None
-        if ran == "warm":
-            inst = self.host.instances[instance_id]
-            try:
-                prepared = inst.prepare_warm()
-            except FilterStartError as e:
-                raise RuntimeError(f"restart of {instance_id} failed: {e}") from e
-            # Replay in steps, taking in what the journal records meanwhile; once caught up
-            # (or after enough rounds, if traffic outpaces the replay) `restart` replays the
-            # rest at once and swaps generations without awaiting, so no request is lost.
-            rounds = 0
-            while prepared.fallback is None and rounds < REPLAY_ROUNDS and not (
-                    prepared.step(REPLAY_STEP) and prepared.backlog <= REPLAY_STEP):
-                rounds += 1
-                await asyncio.sleep(0)
-            if self.host is None or self.host.instances.get(instance_id) is not inst:
-                prepared.abort()
-                raise KeyError(instance_id)
         try:
-            record = self.host.restart(instance_id, reason, requested_by, ran, prepared)
+            record = await self.host.restart_in_steps(instance_id, reason, requested_by, ran,
+                                                      REPLAY_STEP)
         except RestartError as e:
             raise RuntimeError(str(e)) from e
         return self._restarted(record)

@@ -452,3 +452,30 @@ def test_a_contract_keeping_wat_filter_restarts_warm() -> None:
     _serve(host, clock, 3)
     record = host.instance("shop").restart("test", "pytest", "warm")
     assert (record.mode, record.replayed) == ("warm", 3)
+
+
+async def test_restart_in_steps_serves_requests_meanwhile(filter_module: FilterModule) -> None:
+    import asyncio
+
+    p = Proxy(filter_module)
+    users = tokens(200)
+    p.auth.valid.update(users)
+    for t in users[:150]:
+        p.request(t)
+    served: list[Decision] = []
+
+    async def traffic() -> None:
+        for t in users[150:]:  # logins while the replay runs, each served by the old generation
+            served.append(p.request(t))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(traffic())
+    record = await p.host.restart_in_steps("shop", "test", "pytest", "warm", step_events=20)
+    await task
+    assert (record.mode, record.fallback) == ("warm", None)
+    during = [d for d in served if d.generation == record.generation_before]
+    assert len(during) >= 10  # requests did not wait for the whole replay
+    assert len(served) == 50 and all(d.action == "continue" for d in served)
+    calls = p.auth.calls
+    assert all(p.request(t).outbound == 0 for t in users)  # nothing was lost on the way
+    assert p.auth.calls == calls

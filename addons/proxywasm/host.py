@@ -17,6 +17,7 @@ when crashes repeat.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 import itertools
@@ -767,6 +768,36 @@ class Host:
             vm.close()
         inst.vm = None
         inst.draining.clear()
+
+    async def restart_in_steps(self, instance_id: str, reason: str, requested_by: str,
+                               mode: RestartMode = "warm", step_events: int = 500,
+                               max_rounds: int = 10_000) -> RestartRecord:
+        """Restart as `restart` does, but replay a warm restart's journal `step_events` events
+        at a time, yielding to the event loop between steps, while the current generation
+        keeps serving: a request waits for one step at most, never for the whole replay.
+
+        What the journal records meanwhile is replayed too. Once caught up (or after
+        `max_rounds` steps, should traffic outpace the replay) the rest is replayed and the
+        generations swap without yielding, so no request is lost or served by neither.
+        KeyError if the instance is unknown or goes away meanwhile.
+        """
+        if mode != "warm":
+            return self.restart(instance_id, reason, requested_by, mode)
+        inst = self.instances[instance_id]
+        try:
+            prepared = inst.prepare_warm()
+        except FilterStartError as e:
+            raise RestartError(f"restart of {instance_id} failed, generation "
+                               f"{inst.generation} keeps serving: {e}") from e
+        rounds = 0
+        while prepared.fallback is None and rounds < max_rounds and not (
+                prepared.step(step_events) and prepared.backlog <= step_events):
+            rounds += 1
+            await asyncio.sleep(0)
+        if self.instances.get(instance_id) is not inst:
+            prepared.abort()
+            raise KeyError(instance_id)
+        return inst.restart(reason, requested_by, mode, prepared)
 
     def close(self) -> None:
         """Drop every instance."""
