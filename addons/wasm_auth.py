@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILTER = ROOT / "filters" / "auth_cache.wasm"
 STATE_DIR = Path(".wasm-reclaim")
 LIVE_ENTRIES, LIVE_BYTES = "auth_cache.live_entries", "auth_cache.live_bytes"
-REPLAY_STEP = 500
+REPLAY_STEP = 200
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
 IDLE_SAMPLE_EVERY = 60
 """An instance whose observation did not change is sampled once per this many intervals."""

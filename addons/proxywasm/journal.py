@@ -58,10 +58,13 @@ DEFAULT_WINDOW_S = 600.0
 """When neither the option nor the filter configuration gives a TTL: the paper's 10 minutes."""
 WINDOW_MARGIN_S = 1.0
 """Added to the TTL so an anchor closing just inside the TTL is never cut by clock rounding."""
-ENTRY_OVERHEAD = 320
-"""Bytes counted per entry for the Python objects around the data (measured: tests/bench)."""
-PAIR_OVERHEAD = 64
-"""Bytes counted per header pair (a tuple of two bytes objects) besides the data."""
+ENTRY_OVERHEAD = 480
+"""Bytes counted per entry for the Python objects around the data (checked against
+tracemalloc by tests/bench/warm.py)."""
+CALL_OVERHEAD = 320
+"""Bytes counted per journaled call (its record and its answer) besides the data."""
+PAIR_OVERHEAD = 130
+"""Bytes counted per header pair (a tuple of two bytes objects in a list) besides the data."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,7 @@ class CallRecord:
         if self.answer is not None:
             a = self.answer
             n += len(a.body) + _pairs_size(a.headers) + _pairs_size(a.trailers)
-        return n + PAIR_OVERHEAD * 2
+        return n + CALL_OVERHEAD
 
 
 class Outcome(NamedTuple):
