@@ -109,6 +109,10 @@ def parse_restart(payload: object) -> RestartResult:
     )
 
 
+WARM_TIMEOUT_S = 120.0
+"""How long a warm restart may take to answer (it replays the instance's journal first)."""
+
+
 class AdminClient:
     """Async client of one admin endpoint, with a bearer token and a timeout per request."""
 
@@ -144,12 +148,17 @@ class AdminClient:
         except ValueError as e:
             raise self._bad("GET", "/instances", str(e)) from e
 
-    async def restart(self, instance_id: str, reason: str, requested_by: str) -> RestartResult:
-        """``POST /instances/{id}/restart``. Raises AdminError (``not-found`` for a 404)."""
+    async def restart(self, instance_id: str, reason: str, requested_by: str,
+                      mode: str | None = None) -> RestartResult:
+        """``POST /instances/{id}/restart``, ``mode`` ``cold`` or ``warm`` (None: the proxy's
+        ``wasm_restart_mode``). A warm restart replays the journal first, so it may wait up to
+        ``WARM_TIMEOUT_S`` for the answer. Raises AdminError (``not-found`` for a 404)."""
         path = f"/instances/{quote(instance_id, safe='')}/restart"
-        payload = await self._request(
-            "POST", path, json={"reason": reason, "requested_by": requested_by}
-        )
+        body = {"reason": reason, "requested_by": requested_by}
+        if mode is not None:
+            body["mode"] = mode
+        timeout = max(self.timeout_s, WARM_TIMEOUT_S) if mode == "warm" else None
+        payload = await self._request("POST", path, json=body, timeout=timeout)
         try:
             return parse_restart(payload)
         except ValueError as e:
@@ -165,11 +174,15 @@ class AdminClient:
             in_doubt=in_doubt,
         )
 
-    async def _request(self, method: str, path: str, json: object = None) -> object:
+    async def _request(self, method: str, path: str, json: object = None,
+                       timeout: float | None = None) -> object:
         url = self.base_url
         mutating = method != "GET"
         try:
-            response = await self._client.request(method, path, json=json)
+            if timeout is None:
+                response = await self._client.request(method, path, json=json)
+            else:
+                response = await self._client.request(method, path, json=json, timeout=timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
             # Nothing was sent: safe to retry.
             raise AdminError(
@@ -181,7 +194,7 @@ class AdminClient:
             raise AdminError(
                 "timeout",
                 f"admin endpoint {url} did not answer {method} {path} within "
-                f"{self.timeout_s:g} s",
+                f"{timeout or self.timeout_s:g} s",
                 in_doubt=mutating,
             ) from e
         except httpx.TransportError as e:

@@ -928,6 +928,11 @@ async def test_admin_client_against_the_endpoint(proxy: Proxy) -> None:
         with pytest.raises(AdminError) as e:
             await client.restart("nope", "test", "pytest")
         assert e.value.kind == "not-found" and not e.value.in_doubt
+        name = HOSTS[0]
+        warm = await client.restart(name, "test", "pytest", "warm")
+        assert (warm.raw["mode"], warm.raw["fallback"]) == ("warm", None)
+        cold = await client.restart(name, "test", "pytest")
+        assert cold.raw["mode"] == "cold" and cold.generation == warm.generation + 1
         client.set_token("wrong")
         with pytest.raises(AdminError) as e:
             await client.instances()
