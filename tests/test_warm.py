@@ -479,3 +479,37 @@ async def test_restart_in_steps_serves_requests_meanwhile(filter_module: FilterM
     calls = p.auth.calls
     assert all(p.request(t).outbound == 0 for t in users)  # nothing was lost on the way
     assert p.auth.calls == calls
+
+
+BODY_COUNTER = CALLING_FILTER.replace('(func (export "proxy_on_done")', """
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (data (i32.const 400) "body_bytes")
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const 400) (i32.const 10) (i32.const 420)))
+    (i32.const 1))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (drop (call $inc (i32.load (i32.const 420)) (i64.extend_i32_u (local.get 1))))
+    (i32.const 0))
+  (func (export "proxy_on_done")""", 1)
+
+
+def test_later_phases_are_journaled_and_replayed() -> None:
+    host, clock = _wat_proxy(BODY_COUNTER)
+    inst = host.instance("shop")
+    for i in range(3):
+        clock.advance(1)
+        s = inst.stream()
+        d = s.request_headers([(b"x-mode", b"call"), (b"authorization", b"Bearer token-%06d" % i)])
+        while d is None:
+            clock.advance(0.01)
+            host.poll()
+            d = s.decision
+        clock.advance(0.01)
+        s.response_headers([(b":status", b"200")], False)
+        s.response_body(b"x" * (100 + i), True)
+        s.close()
+    assert inst.observe().metrics["body_bytes"] == 303
+    record = inst.restart("test", "pytest", "warm")
+    assert (record.mode, record.fallback) == ("warm", None)
+    assert inst.observe().metrics["body_bytes"] == 303  # the response bodies were replayed

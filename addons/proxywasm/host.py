@@ -36,7 +36,17 @@ from .calls import Dispatcher, HttpCall, HttpCallResponse
 from .clock import Clock, WallClock
 from .context import LocalResponse, PendingCall, StreamContext
 from .headers import Pairs
-from .journal import Entry, Journal, JournalConfig, Outcome
+from .journal import (
+    REQUEST_BODY,
+    REQUEST_TRAILERS,
+    RESPONSE_BODY,
+    RESPONSE_HEADERS,
+    RESPONSE_TRAILERS,
+    Entry,
+    Journal,
+    JournalConfig,
+    Outcome,
+)
 from .limits import Limits
 from .module import FilterModule
 from .properties import Attributes
@@ -254,6 +264,9 @@ class Stream:
         ctx.local_response = None
         host._busy += 1
         self.waiting = True
+        if self.entry is not None:
+            self.entry.saw_phase(host.clock.now_ns(), phase, data if isinstance(data, bytes)
+                                 else [(k.lower(), v) for k, v in data], end_of_stream)
         try:
             if phase == _REQUEST_BODY:
                 ctx.request_body = data
@@ -263,8 +276,6 @@ class Stream:
                 action = vm.on_request_trailers(ctx)
             elif phase == _RESPONSE_HEADERS:
                 ctx.response_headers = [(k.lower(), v) for k, v in data]
-                if self.entry is not None:
-                    self.entry.saw_response(host.clock.now_ns(), ctx.response_headers)
                 action = vm.on_response_headers(ctx, end_of_stream)
             elif phase == _RESPONSE_BODY:
                 ctx.response_body = data
@@ -368,7 +379,8 @@ class Stream:
             self.instance.journal_commit(entry)
 
 
-_REQUEST_BODY, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_BODY, _RESPONSE_TRAILERS = range(5)
+_REQUEST_BODY, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_BODY, _RESPONSE_TRAILERS = (
+    REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ The host cannot see the filter's state, only what crosses the ABI. The rule:
 
 1. An *anchor* is a request whose handling made at least one outbound call. It is journaled
    with its request headers, every call it made (cluster, headers, body, trailers), every
-   answer with its time (None for a call that failed or timed out), its response headers if
-   the filter saw them, and its decision.
+   answer with its time (None for a call that failed or timed out), every later phase the
+   filter saw (request body and trailers, response headers, body and trailers, with their
+   times), and its decision.
 2. Its *credentials* are the pieces (the whole value, and each blank-separated word, of at
    least `MIN_CREDENTIAL` bytes) of its non-pseudo request headers that the filter copied into
    one of its calls: for the auth filter, `authorization: Bearer <token>`. They are what the
@@ -58,6 +59,9 @@ DEFAULT_WINDOW_S = 600.0
 """When neither the option nor the filter configuration gives a TTL: the paper's 10 minutes."""
 WINDOW_MARGIN_S = 1.0
 """Added to the TTL so an anchor closing just inside the TTL is never cut by clock rounding."""
+REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS = range(5)
+"""The stream phases after the request headers, as the host runs them and the journal keeps
+them (`Stream._phase`)."""
 ENTRY_OVERHEAD = 480
 """Bytes counted per entry for the Python objects around the data (checked against
 tracemalloc by tests/bench/warm.py)."""
@@ -134,8 +138,7 @@ class Entry:
 
     __slots__ = (
         "alive", "anchor", "call_ids", "calls", "closed_ns", "credentials", "end_of_stream",
-        "generation", "outcome", "request_headers", "request_ns", "response_headers",
-        "response_ns", "seq", "size",
+        "generation", "outcome", "phases", "request_headers", "request_ns", "seq", "size",
     )
 
     def __init__(self, generation: int, request_ns: int, request_headers: Pairs,
@@ -147,8 +150,8 @@ class Entry:
         self.calls: list[CallRecord] = []
         self.call_ids: dict[int, int] = {}
         """The original call id -> index in `calls` (while recording)."""
-        self.response_headers: Pairs | None = None
-        self.response_ns = 0
+        self.phases: list[tuple[int, int, Pairs | bytes, bool]] = []
+        """(time, phase, headers or body, end_of_stream) of every later phase, in order."""
         self.outcome = Outcome("none")
         self.closed_ns = 0
         self.anchor: Entry | None = None
@@ -174,9 +177,10 @@ class Entry:
             record = self.calls[index]
             record.answered, record.answered_ns, record.answer = True, now_ns, response
 
-    def saw_response(self, now_ns: int, headers: Pairs) -> None:
-        """The filter ran on the response headers."""
-        self.response_ns, self.response_headers = now_ns, headers
+    def saw_phase(self, now_ns: int, phase: int, data: Pairs | bytes,
+                  end_of_stream: bool) -> None:
+        """The filter ran on a later phase of the stream (`REQUEST_BODY` …)."""
+        self.phases.append((now_ns, phase, data, end_of_stream))
 
     @property
     def complete(self) -> bool:
@@ -188,18 +192,19 @@ class Entry:
         """An anchor, or a dependent whose anchor is still in the journal."""
         return self.alive and (self.anchor is None or self.anchor.alive)
 
-    def events(self) -> Iterator[tuple[int, int, int]]:
-        """(time, phase, call index) of what the replay does for this entry, in order.
+    def events(self) -> list[tuple[int, int, int]]:
+        """(time, kind, index) of what the replay does for this entry, in time order.
 
-        Phases: 0 request headers, 1 a call's answer, 2 response headers, 3 close.
+        Kinds: 0 request headers, 1 the answer to call `index`, 2 later phase `index`
+        (`phases`), 3 close. Ties keep this order.
         """
-        yield self.request_ns, 0, -1
-        for i, c in enumerate(self.calls):
-            if c.answered:  # an unanswered call was dropped with its stream
-                yield max(c.answered_ns, self.request_ns), 1, i
-        if self.response_headers is not None:
-            yield self.response_ns, 2, -1
-        yield max(self.closed_ns, self.request_ns), 3, -1
+        events = [(self.request_ns, 0, -1)]
+        events += [(c.answered_ns, 1, i) for i, c in enumerate(self.calls)
+                   if c.answered]  # an unanswered call was dropped with its stream
+        events += [(p[0], 2, i) for i, p in enumerate(self.phases)]
+        events.sort(key=lambda e: e[0])  # stable: at equal times, answers before phases
+        events.append((max(self.closed_ns, self.request_ns), 3, -1))
+        return events
 
 
 def _pairs_size(pairs: Pairs) -> int:
@@ -302,7 +307,8 @@ class Journal:
             entry.anchor = anchor
         entry.size = (ENTRY_OVERHEAD + _pairs_size(entry.request_headers)
                       + sum(c.size() for c in entry.calls)
-                      + (_pairs_size(entry.response_headers) if entry.response_headers else 0))
+                      + sum(PAIR_OVERHEAD + (len(d) if isinstance(d, bytes) else _pairs_size(d))
+                            for _, _, d, _ in entry.phases))
         self.seq += 1
         entry.seq = self.seq
         self.entries.append(entry)

@@ -42,7 +42,15 @@ from .abi import Action, Status
 from .calls import HttpCallResponse
 from .clock import Clock
 from .headers import Pairs
-from .journal import Entry, Outcome
+from .journal import (
+    REQUEST_BODY,
+    REQUEST_TRAILERS,
+    RESPONSE_BODY,
+    RESPONSE_HEADERS,
+    RESPONSE_TRAILERS,
+    Entry,
+    Outcome,
+)
 from .shared import SharedQueues
 
 if TYPE_CHECKING:
@@ -78,12 +86,14 @@ class _Clock:
 class _Replayed:
     """The stream object of a replayed request's context."""
 
-    __slots__ = ("action", "call_ids", "ctx", "entry", "next_call")
+    __slots__ = ("action", "call_ids", "ctx", "decided", "entry", "next_call")
 
     def __init__(self, entry: Entry) -> None:
         self.entry = entry
         self.ctx: StreamContext | None = None
         self.action = int(Action.PAUSE)
+        self.decided: Outcome | None = None
+        """The request's decision (what the original's `Stream.decision` recorded)."""
         self.next_call = 0
         self.call_ids: dict[int, int] = {}  # call index in the entry -> call id in this VM
 
@@ -243,13 +253,15 @@ class _Replayer:
             elif phase == 1:
                 self._answer(replayed, k)
             elif phase == 2:
-                open_ctx = replayed.ctx
-                if open_ctx is not None and open_ctx.id in vm.contexts:
-                    open_ctx.response_headers = list(replayed.entry.response_headers or [])
-                    vm.on_response_headers(open_ctx, True)
+                self._phase(replayed, k)
             else:
                 self._close(replayed)
             self._check()
+            now_ctx = replayed.ctx
+            if replayed.decided is None and now_ctx is not None and phase != 3:
+                decided = outcome_of(now_ctx, replayed.action)
+                if decided.action != "none":
+                    replayed.decided = decided
         return self._next >= len(events)
 
     def finish(self, until_ns: int | None) -> None:
@@ -276,11 +288,35 @@ class _Replayer:
         _deliver(vm, call, replayed.entry.calls[k].answer)
         self.calls += 1
 
+    def _phase(self, replayed: _Replayed, index: int) -> None:
+        """A later phase of the stream, as `Stream._phase` runs it."""
+        vm, ctx = self.vm, replayed.ctx
+        if ctx is None or ctx.id not in vm.contexts:
+            return
+        _, phase, data, end_of_stream = replayed.entry.phases[index]
+        ctx.resumed = False
+        ctx.local_response = None
+        if phase == REQUEST_BODY and isinstance(data, bytes):
+            ctx.request_body = data
+            replayed.action = vm.on_request_body(ctx, len(data), end_of_stream)
+        elif phase == REQUEST_TRAILERS and isinstance(data, list):
+            ctx.request_trailers = list(data)
+            replayed.action = vm.on_request_trailers(ctx)
+        elif phase == RESPONSE_HEADERS and isinstance(data, list):
+            ctx.response_headers = list(data)
+            replayed.action = vm.on_response_headers(ctx, end_of_stream)
+        elif phase == RESPONSE_BODY and isinstance(data, bytes):
+            ctx.response_body = data
+            replayed.action = vm.on_response_body(ctx, len(data), end_of_stream)
+        elif phase == RESPONSE_TRAILERS and isinstance(data, list):
+            ctx.response_trailers = list(data)
+            replayed.action = vm.on_response_trailers(ctx)
+
     def _close(self, replayed: _Replayed) -> None:
         vm, ctx = self.vm, replayed.ctx
         if ctx is None or ctx.id not in vm.contexts:
             return
-        got, want = outcome_of(ctx, replayed.action), replayed.entry.outcome
+        got, want = replayed.decided or Outcome("none"), replayed.entry.outcome
         if got != want:
             raise ReplayError(
                 f"a replayed request was decided {_show(got)}, originally {_show(want)}: the "
