@@ -45,6 +45,7 @@ lint: setup
 bench: setup
     {{python}} -m tests.bench.host
     {{python}} -m tests.bench.deadline
+    {{python}} -m tests.bench.hostflood
     {{python}} -m tests.bench.store
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.replay
