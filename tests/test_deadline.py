@@ -17,7 +17,9 @@ import wasmtime
 
 from addons.proxywasm import (
     FilterModule,
+    FilterStartError,
     Host,
+    HostEvents,
     HttpCallResponse,
     InProcessDispatcher,
     Limits,
@@ -128,3 +130,39 @@ def test_no_false_trip_and_every_true_trip_under_contention() -> None:
     result = bench.run(requests=20_000, loops=3, busy=3)
     assert result["healthy"]["false_trips"] == 0, result["healthy"]["errors"]
     assert result["looping"]["trapped"] == result["looping"]["calls"]
+
+
+# ---- back-off per module, across instances -----------------------------------------------
+
+
+class _Crashes(HostEvents):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_crash(self, instance: str, generation: int, error: str) -> None:
+        self.count += 1
+
+
+def test_a_filter_looping_across_many_instances_backs_off_as_a_module() -> None:
+    """A new Host per request, each looping: the deadline is paid a few times, not each time,
+    and the tenant whose instance is healthy is served throughout."""
+    clock = VirtualClock()
+    disp = InProcessDispatcher(lambda call: HttpCallResponse(200), clock.now_ns)
+    events = _Crashes()
+    host = Host(FilterModule(wasmtime.wat2wasm(module(LOGGING_FILTER))), disp, clock=clock,
+                limits=Limits(deadline_ms=20), events=events)
+    good = host.instance("good.example")
+    served = 0
+    for i in range(30):
+        try:
+            inst = host.instance(f"h{i}.example")
+        except FilterStartError:
+            inst = None  # the module backs off: the request fails by policy, fast
+        if inst is not None:
+            decision = inst.stream().request_headers([(b":path", b"/"), (b"x-mode", b"loop")])
+            assert decision is not None and decision.error is not None
+        g = good.stream().request_headers([(b":path", b"/")])
+        served += g is not None and g.error is None
+        clock.advance(0.01)
+    assert events.count <= Limits().module_crash_threshold + 1  # before: 30, one per Host
+    assert served == 30

@@ -558,6 +558,7 @@ class FilterInstance:
         self.vm = None
         self.host._down.add(self.id)
         now = self.host.clock.now_ns()
+        self.host.module_crashed(now, f"{self.id} {kind}")
         self.crashes.append(now)
         window = int(self.host.limits.crash_window_s * 1e9)
         recent = sum(1 for t in self.crashes if now - t <= window)
@@ -573,8 +574,11 @@ class FilterInstance:
         self.maybe_recover()
 
     def maybe_recover(self) -> None:
-        """Start a new generation after a crash once the back-off has passed."""
-        if self.vm is not None or self.host.clock.now_ns() < self.retry_at_ns:
+        """Start a new generation after a crash once its and the module's back-off passed."""
+        if self.vm is not None:
+            return
+        now = self.host.clock.now_ns()
+        if now < self.retry_at_ns or now < self.host.module_retry_at_ns:
             return
         before = self.generation
         try:
@@ -750,6 +754,11 @@ class Host:
         self._busy = 0
         self._deliveries: deque[Callable[[], None]] = deque()
         self._down: set[str] = set()
+        self.module_crashes: deque[int] = deque(maxlen=64)
+        """When instances of the module crashed (host clock, ns)."""
+        self.module_recent_crashes = 0
+        self.module_retry_at_ns = 0
+        """Until then no new instance starts and no crashed one restarts (module back-off)."""
         self._next_stall_check = 0
 
     # ---- instances ----
@@ -758,10 +767,37 @@ class Host:
         """The instance `instance_id`, started on first use (may raise FilterStartError)."""
         inst = self.instances.get(instance_id)
         if inst is None:
+            if self.clock.now_ns() < self.module_retry_at_ns:
+                raise FilterStartError(
+                    f"the filter is backing off after {self.module_recent_crashes} crashes of "
+                    f"its instances within {self.limits.crash_window_s:.0f} s; no new instance "
+                    f"starts for {(self.module_retry_at_ns - self.clock.now_ns()) / 1e9:.1f} s")
             inst = FilterInstance(self, instance_id, tenant or instance_id)
             self.instances[instance_id] = inst
             self.schedule_changed()
         return inst
+
+    def module_crashed(self, now: int, reason: str) -> None:
+        """One of the module's instances crashed: back the whole module off if they repeat.
+
+        Back-off per instance alone lets a filter that loops on some requests cost a deadline
+        per request when each request makes a new instance (a new Host each time); counted
+        across instances, repeated crashes stop new instances and restarts for a while, so the
+        event loop serves the other tenants' healthy instances.
+        """
+        self.module_crashes.append(now)
+        window = int(self.limits.crash_window_s * 1e9)
+        recent = self.module_recent_crashes = sum(
+            1 for t in self.module_crashes if now - t <= window)
+        threshold = self.limits.module_crash_threshold
+        if recent < threshold:
+            return
+        delay = min(self.limits.backoff_initial_s * 2 ** (recent - threshold),
+                    self.limits.backoff_max_s)
+        self.module_retry_at_ns = max(self.module_retry_at_ns, now + int(delay * 1e9))
+        logger.warning("the filter crashed %d times within %.0f s across its instances "
+                       "(last: %s); no new instance starts for %.1f s", recent,
+                       self.limits.crash_window_s, reason, delay)
 
     def restart(self, instance_id: str, reason: str, requested_by: str,
                 mode: RestartMode = "cold", prepared: WarmStart | None = None
@@ -961,8 +997,10 @@ class Host:
             best = due
         for instance_id in self._down:
             inst = self.instances.get(instance_id)
-            if inst is not None and (best is None or inst.retry_at_ns < best):
-                best = inst.retry_at_ns
+            if inst is not None:
+                retry = max(inst.retry_at_ns, self.module_retry_at_ns)
+                if best is None or retry < best:
+                    best = retry
         return best
 
     def poll(self) -> None:
