@@ -797,7 +797,7 @@ class WasmAuth:
             return
         o = inst.observe()
         seen = (o.generation, o.allocated_pages, o.requests, o.outbound, o.state, o.draining,
-                o.metrics.get(LIVE_ENTRIES), o.metrics.get(LIVE_BYTES))
+                o.metrics.get(LIVE_ENTRIES), o.metrics.get(LIVE_BYTES), o.memory_cap_hits)
         last = self._last_sample.get(instance_id)
         if only_if_changed and last is not None and last[0] == seen and (
                 last[1] + 1 < IDLE_SAMPLE_EVERY):
@@ -811,7 +811,7 @@ class WasmAuth:
             "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,
             "requests": o.requests, "outbound": o.outbound,
             "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
-            "state": o.state,
+            "state": o.state, "memory_cap_hits": o.memory_cap_hits,
         })
 
     def write(self, collection: str, doc: dict[str, Any]) -> None:
@@ -1005,6 +1005,7 @@ class WasmAuth:
             "requests": o.requests, "outbound": o.outbound, "started_at": o.started_at,
             "state": o.state, "draining": o.draining,
             "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
+            "memory_cap_hits": o.memory_cap_hits,
         } for o in self.host.observe()]
 
     def _restart_mode(self, mode: str | None) -> RestartMode:
@@ -1056,12 +1057,13 @@ class WasmAuth:
         if not rows:
             return "no filter instances yet"
         lines = [f"{'instance':<28} {'gen':>4} {'pages':>6} {'KiB':>8} {'requests':>9} "
-                 f"{'outbound':>9} {'live':>7}"]
+                 f"{'outbound':>9} {'live':>7} {'at cap':>6}"]
         for r in rows:
             live = r["live_entries"] if r["live_entries"] is not None else "-"
             lines.append(f"{r['id']:<28} {r['generation']:>4} {r['allocated_pages']:>6} "
                          f"{r['allocated_pages'] * WASM_PAGE_SIZE // 1024:>8} "
-                         f"{r['requests']:>9} {r['outbound']:>9} {live:>7}")
+                         f"{r['requests']:>9} {r['outbound']:>9} {live:>7} "
+                         f"{r['memory_cap_hits']:>6}")
         if self.bounds is not None and (self.bounds.evicted or self.bounds.refused):
             lines.append(f"idle instances evicted: {self.bounds.evicted}, requests beyond the "
                          f"instance bounds refused: {self.bounds.refused}")

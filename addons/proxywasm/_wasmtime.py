@@ -66,9 +66,11 @@ _i32_at = ctypes.c_int32.from_address
 class GuestTrap(Exception):
     """The guest trapped, was interrupted by its deadline, or a host call failed inside it."""
 
-    def __init__(self, message: str, *, interrupted: bool = False) -> None:
+    def __init__(self, message: str, *, interrupted: bool = False, capped: bool = False) -> None:
         super().__init__(message)
         self.interrupted = interrupted
+        self.capped = capped
+        """Not a trap: the linear memory reached its cap, so the filter cannot allocate."""
 
 
 def summarize(message: str) -> str:

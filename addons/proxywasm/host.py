@@ -96,6 +96,8 @@ class Observation:
     draining: int = 0
     """Older generations still finishing streams."""
     state: Literal["running", "down"] = "running"
+    memory_cap_hits: int = 0
+    """Generations of this instance that reached the linear-memory cap (memory.grow failing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +223,8 @@ class Stream:
                 self.entry = Entry(vm.generation, self.started_ns, ctx.request_headers,
                                    end_of_stream)
             action = vm.on_request_headers(ctx, end_of_stream)
+            if self.instance.capped(vm):
+                return self.last if not self.waiting else self._fail(vm.broken or "", headers)
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
             return self.last if not self.waiting else self._fail(str(e), headers)
@@ -283,6 +287,8 @@ class Stream:
             else:
                 ctx.response_trailers = [(k.lower(), v) for k, v in data]
                 action = vm.on_response_trailers(ctx)
+            if self.instance.capped(vm):
+                return self.last if not self.waiting else self._fail(vm.broken or "")
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
             return self.last if not self.waiting else self._fail(str(e))
@@ -397,6 +403,7 @@ class FilterInstance:
         self.vm: Vm | None = None
         self.draining: list[Vm] = []
         self.crashes: deque[int] = deque(maxlen=32)
+        self.memory_cap_hits = 0
         self.down_reason = ""
         self.retry_at_ns = 0
         self.restarts = 0
@@ -421,13 +428,29 @@ class FilterInstance:
         vm = self.vm
         if vm is None:
             return Observation(self.id, self.tenant, self.generation, 0.0, 0, 0, 0, 0, {},
-                               len(self.draining), "down")
+                               len(self.draining), "down", self.memory_cap_hits)
         pages = vm.allocated_pages()
         return Observation(
             self.id, self.tenant, vm.generation, vm.started_ns / 1e9, pages,
             pages * WASM_PAGE_SIZE, vm.requests, vm.outbound, vm.metric_values(),
-            len(self.draining),
+            len(self.draining), "running", self.memory_cap_hits,
         )
+
+    def capped(self, vm: Vm) -> bool:
+        """True if `vm` has no room left for one more page under the memory cap.
+
+        From then on every `memory.grow` fails and the filter cannot allocate: that is a
+        failure like a trap (logged once, counted, its streams fail by the fail policy, and
+        the instance restarts with back-off). Checked after each callback that ran normally.
+        """
+        cap = self.host.limits.memory_bytes
+        if cap <= 0 or vm.closed or vm.allocated_pages() * WASM_PAGE_SIZE + WASM_PAGE_SIZE <= cap:
+            return False
+        self.memory_cap_hits += 1
+        self.crashed(vm, raw.GuestTrap(
+            f"linear memory reached the cap of {cap // 2**20} MiB (wasm_memory_limit): "
+            "memory.grow fails from here on", capped=True))
+        return True
 
     def restart(self, reason: str, requested_by: str, mode: RestartMode = "cold",
                 prepared: WarmStart | None = None) -> RestartRecord:
@@ -542,7 +565,8 @@ class FilterInstance:
         if vm.closed:
             return
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        kind = "interrupted after its deadline" if error.interrupted else "trapped"
+        kind = ("interrupted after its deadline" if error.interrupted
+                else "reached its memory cap" if error.capped else "trapped")
         logger.error("filter %s generation %d %s: %s", self.id, vm.generation, kind, message)
         self.host.events.on_crash(self.id, vm.generation, message)
         vm.broken = message
@@ -932,6 +956,8 @@ class Host:
         self._busy += 1
         try:
             vm.on_http_call_response(call, status, headers, body, trailers)
+            if inst is not None and inst.capped(vm):
+                return
         except raw.GuestTrap as e:
             if inst is not None:
                 inst.crashed(vm, e)
@@ -1038,6 +1064,8 @@ class Host:
         self._busy += 1
         try:
             vm.on_tick()
+            if inst.capped(vm):
+                return
         except raw.GuestTrap as e:
             inst.crashed(vm, e)
             return
