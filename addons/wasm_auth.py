@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import os
 import subprocess
@@ -69,13 +67,15 @@ from addons.proxywasm.clock import Clock
 from addons.proxywasm.headers import Pairs
 from addons.proxywasm.host import RestartMode
 from addons.proxywasm.journal import JournalConfig, window_from_config
+from addons.telemetry import records
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILTER = ROOT / "filters" / "auth_cache.wasm"
 STATE_DIR = Path(".wasm-reclaim")
-LIVE_ENTRIES, LIVE_BYTES = "auth_cache.live_entries", "auth_cache.live_bytes"
+LIVE_ENTRIES, LIVE_BYTES = records.LIVE_ENTRIES, records.LIVE_BYTES
+HEARTBEAT_S = 5.0  # wall seconds between two `proxies` documents
 REPLAY_STEP = 200
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
 IDLE_SAMPLE_EVERY = 60
@@ -178,6 +178,16 @@ def stream_limit(stream_large_bodies: str | None) -> int:
     return size or 1 << 20
 
 
+def parse_proxy_id(value: str, listen_port: int | None) -> str:
+    """`wasm_proxy_id`: the name given, else host name and listen port."""
+    value = value.strip()
+    if not value:
+        return records.default_proxy_id(listen_port)
+    if len(value) > 200 or not value.isprintable():
+        raise ValueError(f"wasm_proxy_id: at most 200 printable characters, got {value!r:.60}")
+    return value
+
+
 class RequestView(NamedTuple):
     """What the hook needs from a request, read from its raw header fields in one pass."""
 
@@ -228,36 +238,8 @@ def request_pairs(request: http.Request, authority: bytes) -> Pairs:
     ]
 
 
-def token_hash(authorization: bytes | None) -> str | None:
-    """A short SHA-256 of the bearer token: tokens are never stored or logged in clear."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(b" ")
-    token = token.strip()
-    if scheme.lower() != b"bearer" or not token:
-        return None
-    return hashlib.sha256(token).hexdigest()[:16]
-
-
-def verdict(decision: Decision, has_token: bool) -> str:
-    """One word for what the filter did: hit, miss, deny, error, fail_open, reset or continue.
-
-    `fail_open` is a request forwarded without an answer from the filter (it failed, and
-    `wasm_fail_open` let it through) or from its auth calls (the filter's own fail-open).
-    """
-    if decision.error is not None:
-        return "fail_open" if decision.action == "continue" else "error"
-    if decision.action == "reset":
-        return "reset"
-    if decision.action == "respond":
-        status = decision.response.status if decision.response else 0
-        return "deny" if status in (401, 403) else "error" if status >= 500 else "respond"
-    if decision.action == "continue" and decision.outbound and (
-            decision.failed_calls >= decision.outbound):
-        return "fail_open"  # forwarded although no auth call got an answer
-    if not has_token:
-        return "continue"
-    return "miss" if decision.outbound else "hit"
+token_hash = records.token_hash
+verdict = records.verdict
 
 
 def describe(word: str, instance: str, generation: int, pages: int, latency_ms: float,
@@ -301,6 +283,7 @@ class Settings(NamedTuple):
     deadline_ms: int
     log_metrics: bool
     retention_s: int
+    proxy_id: str
     services: tuple[Path, ...]
     restart_mode: RestartMode
     journal: JournalConfig | None
@@ -318,14 +301,10 @@ class _Recorder(HostEvents):
         self.addon = addon
 
     def on_auth_call(self, record: AuthCallRecord) -> None:
-        doc = record._asdict()
-        doc["latency_ms"] = round(doc.pop("latency_s") * 1000, 3)
-        self.addon.write("auth_calls", doc)
+        self.addon.write("auth_calls", records.auth_call(self.addon.proxy_id, record))
 
     def on_restart(self, record: RestartRecord) -> None:
-        doc = dataclasses.asdict(record)
-        doc["duration_ms"] = round(doc.pop("duration_s") * 1000, 3)
-        self.addon.write("restarts", doc)
+        self.addon.write("restarts", records.restart(self.addon.proxy_id, record))
 
     def on_crash(self, instance: str, generation: int, error: str) -> None:
         """The host has logged the crash (once); nothing more to say."""
@@ -349,6 +328,8 @@ class WasmAuth:
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pages: dict[str, int] = {}
+        self._counts: dict[str, list[int]] = {}  # decisions per instance since its last sample
+        self._started_at = time.time()
         self._last_sample: dict[str, tuple[tuple[Any, ...], int]] = {}
         """Per instance: what its last sample showed, and how many intervals ago."""
         self.bounds: InstanceBounds | None = None
@@ -441,6 +422,9 @@ class WasmAuth:
         loader.add_option("wasm_journal_limit", int, 64,
                           "Memory cap of the warm-restart journal per instance, in MiB; past "
                           "it a warm restart runs cold. 0 turns journaling off.")
+        loader.add_option("wasm_proxy_id", str, "",
+                          "This proxy's name in the store: every document carries it, and an "
+                          "instance is (proxy, instance). Empty: host name and listen port.")
         loader.add_option("wasm_retention", int, 0,
                           "Embedded store only: keep samples, requests and auth calls this many "
                           "seconds (host clock); 0 keeps everything.")
@@ -476,6 +460,7 @@ class WasmAuth:
                 deadline_ms=o.wasm_deadline_ms,
                 log_metrics=o.wasm_log_metrics,
                 retention_s=o.wasm_retention,
+                proxy_id=parse_proxy_id(o.wasm_proxy_id, o.listen_port),
                 services=tuple(Path(p).expanduser() for p in o.wasm_service),
                 restart_mode=parse_restart_mode(o.wasm_restart_mode),
                 journal=parse_journal(o.wasm_journal_window, o.wasm_journal_limit,
@@ -666,6 +651,8 @@ class WasmAuth:
                     f"token in {s.admin_token_file}")
                 logger.info("wasm admin endpoint on http://%s:%d (%s)", host, self.admin.port,
                             where)
+        if s.log_metrics:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="wasm-heartbeat"))
 
     async def _stop_services(self) -> None:
         for task in self._tasks:
@@ -805,14 +792,35 @@ class WasmAuth:
             return
         self._last_sample[instance_id] = (seen, 0)
         self._last_pages[instance_id] = o.allocated_pages
-        metrics.write("samples", {
-            "time": self.clock.now_ns() / 1e9, "instance": o.id, "tenant": o.tenant,
-            "generation": o.generation, "started_at": o.started_at,
-            "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,
-            "requests": o.requests, "outbound": o.outbound,
-            "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
-            "state": o.state, "memory_cap_hits": o.memory_cap_hits,
-        })
+        counts = self._counts.pop(instance_id, records.NO_COUNTS)
+        metrics.write("samples", records.sample(self.proxy_id, self.clock.now_ns() / 1e9, o,
+                                                counts))
+
+    @property
+    def proxy_id(self) -> str:
+        """This proxy's name in the store (`wasm_proxy_id`)."""
+        return self.settings.proxy_id if self.settings is not None else ""
+
+    def heartbeat(self) -> None:
+        """Register this proxy in `proxies`: its admin URL and the time (never a token)."""
+        if self.metrics is None:
+            return
+        admin_url = None
+        if self.admin is not None and self.settings and self.settings.admin_listen is not None:
+            host = self.settings.admin_listen[0]
+            host = f"[{host}]" if ":" in host else host
+            admin_url = f"http://{host}:{self.admin.port}"
+        self.metrics.write("proxies", records.proxy(
+            self.proxy_id, admin_url, time.time(), self._started_at, os.getpid(),
+            len(self.host.instances) if self.host is not None else 0))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                self.heartbeat()
+            except Exception:
+                logger.exception("wasm: heartbeat failed")
+            await asyncio.sleep(HEARTBEAT_S)
 
     def write(self, collection: str, doc: dict[str, Any]) -> None:
         """Record a document (no-op when metrics are off or not running)."""
@@ -935,13 +943,15 @@ class WasmAuth:
             flow.marked = FAILED_MARK
         record = None
         if self.metrics is not None:
-            record = {
-                "time": self.clock.now_ns() / 1e9, "instance": key, "tenant": inst.tenant,
-                "generation": decision.generation, "method": flow.request.method,
-                "path": flow.request.path, "decision": word, "status": None,
-                "outbound": decision.outbound, "latency_ms": round(latency_ms, 3),
-                "token_hash": hashed,
-            }
+            slot = records.COUNTED.get(word)
+            if slot is not None:
+                counts = self._counts.get(key)
+                if counts is None:
+                    counts = self._counts[key] = [0, 0, 0, 0]
+                counts[slot] += 1
+            record = records.request(self.proxy_id, self.clock.now_ns() / 1e9, key, inst.tenant,
+                                     decision, word, flow.request.method, flow.request.path,
+                                     latency_ms, hashed)
             if self._last_pages.get(key) != pages:
                 self._sample(key)  # allocated memory changed: sample now, not only on the period
         if keep or record is not None:
@@ -977,12 +987,9 @@ class WasmAuth:
         logger.info("wasm: refused %s %s: %s", escape(flow.request.method, 20),
                     escape(flow.request.path, 100), refusal.reason)
         if self.metrics is not None:
-            self.write("requests", {
-                "time": self.clock.now_ns() / 1e9, "instance": None, "tenant": None,
-                "generation": None, "method": flow.request.method, "path": flow.request.path,
-                "decision": "refused", "status": refusal.status, "outbound": 0,
-                "latency_ms": 0.0, "token_hash": None,
-            })
+            self.write("requests", records.refused(
+                self.proxy_id, self.clock.now_ns() / 1e9, flow.request.method,
+                flow.request.path, refusal.status))
 
     def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
         s = self.settings
@@ -1000,7 +1007,7 @@ class WasmAuth:
         if self.host is None:
             return []
         return [{
-            "id": o.id, "tenant": o.tenant, "generation": o.generation,
+            "proxy": self.proxy_id, "id": o.id, "tenant": o.tenant, "generation": o.generation,
             "allocated_pages": o.allocated_pages, "allocated_bytes": o.allocated_bytes,
             "requests": o.requests, "outbound": o.outbound, "started_at": o.started_at,
             "state": o.state, "draining": o.draining,
@@ -1044,7 +1051,7 @@ class WasmAuth:
 
     def _restarted(self, record: RestartRecord) -> dict[str, Any]:
         self._sample(record.instance)
-        return {"id": record.instance, "generation": record.generation,
+        return {"proxy": self.proxy_id, "id": record.instance, "generation": record.generation,
                 "generation_before": record.generation_before,
                 "allocated_bytes_before": record.allocated_bytes_before,
                 "allocated_bytes_after": record.allocated_bytes_after,

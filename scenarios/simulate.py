@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from addons.instance_bounds import parse_instance_key
 from addons.proxywasm import (
     WASM_PAGE_SIZE,
+    AuthCallRecord,
     Decision,
     FilterModule,
     Host,
@@ -39,22 +41,21 @@ from addons.proxywasm import (
 )
 from addons.proxywasm.host import RESTART_MODES, RestartMode
 from addons.proxywasm.journal import JournalConfig, window_from_config
+from addons.telemetry import records
 from scenarios.trace import Event, Trace
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FILTER = Path(__file__).resolve().parent.parent / "filters" / "auth_cache.wasm"
-LIVE_ENTRIES = "auth_cache.live_entries"
-LIVE_BYTES = "auth_cache.live_bytes"
+LIVE_ENTRIES = records.LIVE_ENTRIES
+LIVE_BYTES = records.LIVE_BYTES
 
-SAMPLE_COLUMNS = [
-    "time", "instance", "tenant", "generation", "started_at", "allocated_pages",
-    "allocated_bytes", "requests", "outbound", "live_entries", "live_bytes",
-    "hits", "misses", "denied", "errors",
-]
-"""The addon's sample fields, plus what the filter decided since the previous sample (the
-simulation knows it per request; the live addon writes it per request to `requests`)."""
-REQUEST_COLUMNS = ["time", "instance", "generation", "kind", "decision", "status", "outbound"]
+SAMPLE_COLUMNS = list(records.SAMPLE_FIELDS)
+"""The `samples` documents' fields, as the live addon writes them (addons.telemetry.records)."""
+REQUEST_COLUMNS = [*records.REQUEST_FIELDS, "kind"]
+"""The `requests` documents' fields, plus the trace event's kind (request or logout)."""
+PROXY_ID = "simulation"
+"""The simulated proxy's name: the `proxy` field of every document."""
 
 Controller = Callable[[pd.DataFrame, float], Iterable[str]]
 """Called with the newest samples and the time; returns instance ids to restart."""
@@ -132,18 +133,25 @@ class SimResult:
     start: float
     """Virtual time of the trace's start, seconds since the epoch."""
     meta: dict[str, Any] = field(default_factory=dict)
+    auth_calls: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """The `auth_calls` documents, one row each."""
 
 
-_ZERO = (0, 0, 0, 0)
-_SLOT = {"hit": 0, "miss": 1, "deny": 2, "error": 3}
+_ZERO = records.NO_COUNTS
+_SLOT = records.COUNTED
 
 
 class _Recorder(HostEvents):
-    def __init__(self) -> None:
-        self.restarts: list[RestartRecord] = []
+    def __init__(self, proxy: str) -> None:
+        self.proxy = proxy
+        self.restarts: list[dict[str, Any]] = []
+        self.auth_calls: list[dict[str, Any]] = []
 
     def on_restart(self, record: RestartRecord) -> None:
-        self.restarts.append(record)
+        self.restarts.append(records.restart(self.proxy, record))
+
+    def on_auth_call(self, record: AuthCallRecord) -> None:
+        self.auth_calls.append(records.auth_call(self.proxy, record))
 
 
 class Simulation:
@@ -154,7 +162,7 @@ class Simulation:
         self.clock = VirtualClock()
         self.start_ns = self.clock.now_ns()
         self.auth = AuthServer()
-        self.recorder = _Recorder()
+        self.recorder = _Recorder(PROXY_ID)
         self.dispatcher = InProcessDispatcher(
             self.auth, self.clock.now_ns, latency_s=config.auth_latency
         )
@@ -177,6 +185,7 @@ class Simulation:
         self.samples: list[tuple[Any, ...]] = []
         self.requests: list[tuple[Any, ...]] = []
         self.counts: dict[str, list[int]] = {}  # instance -> hits, misses, denied, errors
+        self.proxy = PROXY_ID
 
     # ---- time ----
 
@@ -198,14 +207,10 @@ class Simulation:
     def _sample(self, controller: Controller | None) -> None:
         now_ns = self.clock.now_ns()
         now = now_ns / 1e9
+        sample_row, proxy = records.sample_row, self.proxy
         for inst in self.host.instances.values():
             o = inst.observe()
-            counts = self.counts.pop(o.id, _ZERO)
-            self.samples.append((
-                now, o.id, o.tenant, o.generation, o.started_at, o.allocated_pages,
-                o.allocated_bytes, o.requests, o.outbound, o.metrics.get(LIVE_ENTRIES, 0),
-                o.metrics.get(LIVE_BYTES, 0), *counts,
-            ))
+            self.samples.append(sample_row(proxy, now, o, self.counts.pop(o.id, _ZERO)))
         if controller is not None and now_ns >= self.next_decision_ns:
             self.next_decision_ns += self.decision_ns
             if len(self.samples) > self.unseen:
@@ -218,8 +223,9 @@ class Simulation:
     # ---- events ----
 
     def instance_id(self, event: Event) -> str:
-        """Which filter instance serves `event`."""
-        return event.host or "default" if self.config.instance_key == "host" else "single"
+        """Which filter instance serves `event`: the live addon's rule (the host without its
+        port, or one for all)."""
+        return parse_instance_key((event.host or "default").encode(), self.config.instance_key)
 
     def handle(self, event: Event) -> None:
         """Apply one trace event at the current virtual time."""
@@ -239,20 +245,17 @@ class Simulation:
         requests = self.requests
         counts = self.counts
 
+        method, path = event.method or "GET", event.path or "/"
+        hashed = records.token_hash(headers[3][1])
+        proxy = self.proxy
+
         def record(decision: Decision) -> None:
-            resp = decision.response
-            status = resp.status if resp is not None else 200
-            if decision.error is not None:
-                verdict = "error"
-            elif decision.action != "continue":
-                verdict = "deny" if status in (401, 403) else "error"
-            elif kind == "logout":
-                verdict = "logout"
-            else:
-                verdict = "hit" if decision.outbound == 0 else "miss"
-            instance_id = stream.instance.id
-            requests.append((t, instance_id, decision.generation, kind, verdict, status,
-                             decision.outbound))
+            verdict = records.verdict(decision, True, logout=kind == "logout")
+            inst = stream.instance
+            requests.append((*records.request_row(proxy, t, inst.id, inst.tenant, decision,
+                                                  verdict, method, path, 0.0, hashed,
+                                                  forwarded_status=200), kind))
+            instance_id = inst.id
             slot = _SLOT.get(verdict)
             if slot is not None:
                 c = counts.get(instance_id)
@@ -288,12 +291,13 @@ class Simulation:
 
     def result(self) -> SimResult:
         """The recorded frames."""
-        restarts = pd.DataFrame([asdict(r) for r in self.recorder.restarts],
-                                columns=[f.name for f in fields(RestartRecord)])
+        restarts = pd.DataFrame(self.recorder.restarts, columns=list(records.RESTART_FIELDS))
         return SimResult(
             samples=pd.DataFrame(self.samples, columns=SAMPLE_COLUMNS),
             requests=pd.DataFrame(self.requests, columns=REQUEST_COLUMNS),
             restarts=restarts,
+            auth_calls=pd.DataFrame(self.recorder.auth_calls,
+                                    columns=list(records.AUTH_CALL_FIELDS)),
             auth_requests=self.auth.verified,
             start=self.start_ns / 1e9,
         )

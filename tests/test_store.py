@@ -49,7 +49,7 @@ def sample(instance: str, t: float, pages: int = 17, **extra: Any) -> dict[str, 
 def test_collection_names_are_the_contract() -> None:
     assert st.DATABASE == "wasm_reclaim"
     assert st.COLLECTIONS == ("requests", "auth_calls", "samples", "restarts", "decisions",
-                              "users", "tokens")
+                              "users", "tokens", "proxies", "leases")
     assert set(st.TIME_SERIES) <= set(st.BY_INSTANCE_TIME) <= set(st.COLLECTIONS)
     assert all(st.valid_collection_name(c) for c in st.COLLECTIONS)
 
@@ -119,7 +119,7 @@ def test_ensure_indexes(db: st.Database) -> None:
     assert made is True
     for name in st.BY_INSTANCE_TIME:
         keys = [list(ix["key"].items()) for ix in db[name].list_indexes()]
-        assert [("instance", 1), ("time", 1)] in keys, name
+        assert [("proxy", 1), ("instance", 1), ("time", 1)] in keys, name
     db.users.insert_one({"name": "alice"})
     with pytest.raises(DuplicateKeyError):
         db.users.insert_one({"name": "alice"})
@@ -307,3 +307,30 @@ def test_embedded_store_one_writer_and_concurrent_reader_processes(tmp_path: Pat
         assert last == BATCH * BATCHES
         assert reads >= 2, "the reader must have read while the writer wrote"
     assert st.open_store(path).samples.count_documents({}) == BATCH * BATCHES
+
+
+# ---- registries and leases -----------------------------------------------------------------
+
+
+def test_register_keeps_one_document_per_proxy(db: st.Database) -> None:
+    docs = [{"_id": f"x-{i}", "proxy": p, "heartbeat": float(i), "admin_url": f"http://{p}"}
+            for i, p in enumerate(["a", "b", "a"])]
+    assert st.register(db, st.PROXIES, docs[:2]) == 2
+    assert st.register(db, st.PROXIES, docs) == 2  # again, and a's newer heartbeat wins
+    stored = {d["_id"]: d for d in db[st.PROXIES].find({})}
+    assert set(stored) == {"a", "b"} and stored["a"]["heartbeat"] == 2.0
+    assert [d["_id"] for d in st.live_proxies(db, now=3.0, max_age=1.5)] == ["a"]
+    assert [d["_id"] for d in st.live_proxies(db, now=3.0, max_age=10)] == ["a", "b"]
+
+
+def test_lease_has_one_holder_until_it_expires(db: st.Database) -> None:
+    assert st.acquire_lease(db, "manager", "m1", now=100.0, period=10.0)
+    assert not st.acquire_lease(db, "manager", "m2", now=105.0, period=10.0)  # standby
+    assert st.acquire_lease(db, "manager", "m1", now=108.0, period=10.0)  # renewed to 118
+    assert not st.acquire_lease(db, "manager", "m2", now=117.0, period=10.0)
+    assert st.acquire_lease(db, "manager", "m2", now=118.5, period=10.0)  # m1 died: taken
+    assert not st.acquire_lease(db, "manager", "m1", now=119.0, period=10.0)
+    st.release_lease(db, "manager", "m1")  # not m1's any more: nothing happens
+    assert not st.acquire_lease(db, "manager", "m1", now=119.0, period=10.0)
+    st.release_lease(db, "manager", "m2")
+    assert st.acquire_lease(db, "manager", "m1", now=119.5, period=10.0)

@@ -119,7 +119,7 @@ def test_token_hash_never_contains_the_token(header, hashed) -> None:
     h = token_hash(header.encode() or None)
     assert (h is not None) == hashed
     if h is not None:
-        assert len(h) == 16 and "secret" not in h and "token" not in h
+        assert len(h) == 64 and "secret" not in h and "token" not in h
 
 
 @pytest.mark.parametrize(("decision", "has_token", "word"), [

@@ -165,6 +165,9 @@ class Shipper:
             if not st.valid_collection_name(c):
                 self._keep_rejected(c, [(d, INVALID_COLLECTION) for d in docs], segment)
                 continue
+            if c in st.REGISTRIES:  # one document per proxy: replaced, not inserted
+                self.delivered += st.register(self.db, c, docs)
+                continue
             result = st.insert_new(self.db, c, docs)
             if result.rejected:
                 self._keep_rejected(c, result.rejected, segment)

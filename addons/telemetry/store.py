@@ -66,11 +66,16 @@ RESTARTS: Final = "restarts"      # every restart of an instance (who asked, pag
 DECISIONS: Final = "decisions"    # the manager's decisions, with their reasons
 USERS: Final = "users"            # the auth server's users (unique `name`)
 TOKENS: Final = "tokens"          # the auth server's tokens, hashed (unique `hash`)
+PROXIES: Final = "proxies"        # each proxy's admin URL and heartbeat (`_id`: the proxy id)
+LEASES: Final = "leases"          # which manager is active, until when (`_id`: the lease name)
 
-COLLECTIONS: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS, USERS, TOKENS)
+COLLECTIONS: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS, USERS, TOKENS,
+                      PROXIES, LEASES)
 
-# Collections the manager reads by (instance, time): each gets that compound index.
+# Collections read by (proxy, instance, time): each gets that compound index.
 BY_INSTANCE_TIME: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS)
+# Collections of one document per key, replaced rather than inserted (`register`).
+REGISTRIES: Final = (PROXIES,)
 # Time series that retention prunes (restarts and decisions are few and stay).
 TIME_SERIES: Final = (SAMPLES, REQUESTS, AUTH_CALLS)
 # (collection, field) pairs with a unique index, used by the auth server.
@@ -176,7 +181,8 @@ def is_embedded(db: Database) -> bool:
 def ensure_indexes(db: Database) -> bool:
     """Create the indexes the manager and the auth server rely on; idempotent.
 
-    On a server: (instance, time) on `BY_INSTANCE_TIME`, unique `users.name` and `tokens.hash`.
+    On a server: (proxy, instance, time) on `BY_INSTANCE_TIME`, unique `users.name` and
+    `tokens.hash`.
     The embedded store has no indexes: there the collections are only created (so readers in
     other processes never meet a half-created SQLite file) and False is returned. Raises
     pymongo's errors when the server is unreachable.
@@ -192,7 +198,8 @@ def ensure_indexes(db: Database) -> bool:
                         raise
         return False
     for name in BY_INSTANCE_TIME:
-        db[name].create_index([("instance", pymongo.ASCENDING), ("time", pymongo.ASCENDING)])
+        db[name].create_index([("proxy", pymongo.ASCENDING), ("instance", pymongo.ASCENDING),
+                               ("time", pymongo.ASCENDING)])
     for name, key in UNIQUE_KEYS:
         db[name].create_index(key, unique=True)
     return True
@@ -375,6 +382,57 @@ def embedded_ids_present(db: Database, collection: str, ids: Sequence[Any]) -> s
         stored = {d["_id"] for d in db[collection].find({}, {"_id": 1})}
         return {i for i in ids if i in stored}
     return present
+
+
+def register(db: Database, collection: str, docs: list[dict[str, Any]],
+             key: str = "proxy") -> int:
+    """Replace, for each value of `key` among `docs`, the document of `collection` whose
+    `_id` is that value with the last of them (a registry: one document per key, such as a
+    proxy and its latest heartbeat). Returns how many were written. Idempotent."""
+    latest: dict[Any, dict[str, Any]] = {}
+    for doc in docs:
+        if isinstance(doc.get(key), str):
+            latest[doc[key]] = doc
+    for value, doc in latest.items():
+        db[collection].replace_one({"_id": value}, {**doc, "_id": value}, upsert=True)
+    return len(latest)
+
+
+def live_proxies(db: Database, now: float, max_age: float) -> list[dict[str, Any]]:
+    """The `proxies` documents whose heartbeat is at most `max_age` seconds before `now`
+    (wall clock), sorted by proxy id."""
+    docs = [d for d in db[PROXIES].find({}) if isinstance(d.get("heartbeat"), int | float)
+            and now - d["heartbeat"] <= max_age and isinstance(d.get("_id"), str)]
+    return sorted(docs, key=lambda d: str(d["_id"]))
+
+
+def acquire_lease(db: Database, name: str, holder: str, now: float, period: float) -> bool:
+    """Take or renew lease `name` for `holder` until `now + period` (wall clock).
+
+    True if `holder` holds it now: it was free, expired, or already `holder`'s. One document
+    per lease, changed only by a conditional update (atomic on a MongoDB-protocol server), so
+    of two managers at most one holds it at a time.
+    """
+    from addons.telemetry import records
+
+    expires = now + period
+    try:
+        db[LEASES].insert_one(records.lease(name, holder, expires, now, now))
+        return True
+    except DuplicateKeyError:
+        pass
+    except Exception as e:  # montydb's own duplicate error
+        if "duplicate" not in str(e).lower():
+            raise
+    result = db[LEASES].update_one(
+        {"_id": name, "$or": [{"holder": holder}, {"expires": {"$lt": now}}]},
+        {"$set": {"holder": holder, "expires": expires, "renewed_at": now}})
+    return bool(result.matched_count)
+
+
+def release_lease(db: Database, name: str, holder: str) -> None:
+    """Give lease `name` up if `holder` holds it (a standby takes over at once)."""
+    db[LEASES].delete_one({"_id": name, "holder": holder})
 
 
 # ---- reading ------------------------------------------------------------------------------

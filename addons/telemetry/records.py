@@ -1,0 +1,260 @@
+"""The documents of the store: one schema and one builder for each, shared by every writer.
+
+The live addon (`addons/wasm_auth.py`), the simulation (`scenarios/simulate.py`) and the
+manager (`manager/daemon.py`) build their documents here, so a live run and a simulated run of
+the same trace produce documents of the same shape (`tests/test_records.py` checks it field by
+field on a real mitmdump).
+
+Collection    written by            one document per
+-----------   -------------------   -----------------------------------------------------------
+samples       addon, simulation     instance and sampling round (every wasm_sample_interval,
+                                    and whenever allocated memory changes)
+requests      addon, simulation     request the proxy received
+auth_calls    addon, simulation     outbound call of a filter instance to the auth server
+restarts      addon, simulation     restart of an instance
+decisions     manager               decision of the manager, with what it did about it
+proxies       addon                 proxy: its admin URL and a heartbeat (never a token)
+leases        manager               named lease: which manager is active, until when
+
+Every document carries `proxy` (the `wasm_proxy_id` option: by default host name and listen
+port). An instance is identified by (proxy, instance) everywhere.
+
+Times: `time` is the proxy's host clock (seconds since the epoch; scaled by `wasm_clock_speed`
+in demos), `heartbeat`, `expires` and `decided_at` are wall time.
+
+Words of `requests.decision` (what the filter did):
+`hit` (authorized from the cache), `miss` (authorized after an auth call), `deny` (a local
+401/403), `error` (the filter failed, or answered 5xx), `respond` (another local response),
+`reset` (the filter asked to reset the stream: the connection is closed), `continue` (no bearer
+token; the filter let the request through), `fail_open` (forwarded without an answer: the
+filter failed and `wasm_fail_open` let it through, or none of its auth calls got an answer and
+the filter's own fail-open did), `logout` (a logout the filter handled; the simulation's, which
+knows the trace's logouts), `refused` (no filter instance may take it: a bad Host, beyond the
+instance bounds; `instance` is None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from addons.proxywasm import AuthCallRecord, Decision, Observation, RestartRecord
+
+# ---- samples -------------------------------------------------------------------------------
+
+SAMPLE_FIELDS: Final = (
+    "proxy", "time", "instance", "tenant", "generation", "started_at", "allocated_pages",
+    "allocated_bytes", "requests", "outbound", "live_entries", "live_bytes", "state",
+    "memory_cap_hits", "hits", "misses", "denied", "errors",
+)
+"""A sample: what the host observes of an instance (allocated memory, requests and outbound
+calls of the current generation: the paper's three metrics), the filter's ground truth
+(`live_entries`, `live_bytes`: None when the filter does not report them), how often the
+generation hit the memory cap (`memory_cap_hits`) and what the filter
+decided since the previous sample of the instance (`hits`, `misses`, `denied`, `errors`)."""
+
+LIVE_ENTRIES: Final = "auth_cache.live_entries"  # the filter's metrics holding ground truth
+LIVE_BYTES: Final = "auth_cache.live_bytes"
+
+#: Slots of the per-instance decision counts carried by samples, by decision word.
+COUNTED: Final = {"hit": 0, "miss": 1, "deny": 2, "error": 3}
+NO_COUNTS: Final = (0, 0, 0, 0)
+
+
+def sample_row(proxy: str, time: float, o: Observation,
+               counts: tuple[int, int, int, int] | list[int] = NO_COUNTS) -> tuple[Any, ...]:
+    """A sample as a tuple in `SAMPLE_FIELDS` order (the simulation's fast path)."""
+    metrics = o.metrics
+    return (proxy, time, o.id, o.tenant, o.generation, o.started_at, o.allocated_pages,
+            o.allocated_bytes, o.requests, o.outbound, metrics.get(LIVE_ENTRIES),
+            metrics.get(LIVE_BYTES), o.state, o.memory_cap_hits, *counts)
+
+
+def sample(proxy: str, time: float, o: Observation,
+           counts: tuple[int, int, int, int] | list[int] = NO_COUNTS) -> dict[str, Any]:
+    """A `samples` document."""
+    return dict(zip(SAMPLE_FIELDS, sample_row(proxy, time, o, counts), strict=True))
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+REQUEST_FIELDS: Final = (
+    "proxy", "time", "instance", "tenant", "generation", "method", "path", "decision",
+    "status", "outbound", "latency_ms", "token_hash",
+)
+"""A request: the filter's decision (a word, see the module's docstring), the status the client
+got (the local response's, or the upstream's when forwarded; the simulation's upstream answers
+200), the outbound calls it made, the filter's latency (ms, wall clock; 0 in the simulation,
+whose clock is virtual) and the token's hash."""
+
+
+def token_hash(authorization: bytes | None) -> str | None:
+    """The SHA-256 (64 hex digits) of the bearer token of an Authorization value, or None.
+
+    The same hash as the auth server's `tokens.hash`, so the two join; tokens are never stored
+    or logged in clear.
+    """
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return hashlib.sha256(token).hexdigest()
+
+
+def verdict(decision: Decision, has_token: bool, *, logout: bool = False) -> str:
+    """One word for what the filter did (see the module's docstring)."""
+    if decision.error is not None:
+        return "fail_open" if decision.action == "continue" else "error"
+    if decision.action == "reset":
+        return "reset"
+    if decision.action == "respond":
+        status = decision.response.status if decision.response else 0
+        return "deny" if status in (401, 403) else "error" if status >= 500 else "respond"
+    if decision.action == "continue" and decision.outbound and (
+            decision.failed_calls >= decision.outbound):
+        return "fail_open"  # forwarded although no auth call got an answer
+    if not has_token:
+        return "continue"
+    if logout:
+        return "logout"
+    return "miss" if decision.outbound else "hit"
+
+
+def request_row(proxy: str, time: float, instance: str, tenant: str, decision: Decision,
+                word: str, method: str, path: str, latency_ms: float, hashed: str | None,
+                forwarded_status: int | None = None) -> tuple[Any, ...]:
+    """A request as a tuple in `REQUEST_FIELDS` order; `forwarded_status` is the upstream's
+    answer to a forwarded request (None while it is not known)."""
+    return (proxy, time, instance, tenant, decision.generation, method, path, word,
+            decision.response.status if decision.response is not None else forwarded_status,
+            decision.outbound, round(latency_ms, 3), hashed)
+
+
+def refused(proxy: str, time: float, method: str, path: str, status: int) -> dict[str, Any]:
+    """A `requests` document for a request no filter instance could take."""
+    return {"proxy": proxy, "time": time, "instance": None, "tenant": None, "generation": None,
+            "method": method, "path": path, "decision": "refused", "status": status,
+            "outbound": 0, "latency_ms": 0.0, "token_hash": None}
+
+
+def request(proxy: str, time: float, instance: str, tenant: str, decision: Decision,
+            word: str, method: str, path: str, latency_ms: float,
+            hashed: str | None) -> dict[str, Any]:
+    """A `requests` document."""
+    return dict(zip(REQUEST_FIELDS, request_row(proxy, time, instance, tenant, decision, word,
+                                                method, path, latency_ms, hashed), strict=True))
+
+
+# ---- auth calls and restarts ----------------------------------------------------------------
+
+AUTH_CALL_FIELDS: Final = (
+    "proxy", "instance", "tenant", "generation", "time", "cluster", "path", "status",
+    "outcome", "latency_ms",
+)
+"""An outbound call: `status` None when it failed or timed out; `outcome` ok, timeout or
+error; `latency_ms` on the host clock."""
+
+
+def auth_call(proxy: str, record: AuthCallRecord) -> dict[str, Any]:
+    """An `auth_calls` document."""
+    return {"proxy": proxy, "instance": record.instance, "tenant": record.tenant,
+            "generation": record.generation, "time": record.time, "cluster": record.cluster,
+            "path": record.path, "status": record.status, "outcome": record.outcome,
+            "latency_ms": round(record.latency_s * 1000, 3)}
+
+
+RESTART_FIELDS: Final = (
+    "proxy", "instance", "tenant", "time", "reason", "requested_by", "generation_before",
+    "generation", "allocated_bytes_before", "allocated_bytes_after", "duration_ms", "mode",
+    "fallback", "replayed",
+)
+"""A restart: who asked and why, generations and allocated bytes before and after,
+`duration_ms` of wall time to start the new generation, `mode` (warm or cold), `fallback` (why
+a warm restart ran cold) and `replayed` (journaled requests replayed, warm only)."""
+
+
+def restart(proxy: str, record: RestartRecord) -> dict[str, Any]:
+    """A `restarts` document."""
+    return {"proxy": proxy, "instance": record.instance, "tenant": record.tenant,
+            "time": record.time, "reason": record.reason, "requested_by": record.requested_by,
+            "generation_before": record.generation_before, "generation": record.generation,
+            "allocated_bytes_before": record.allocated_bytes_before,
+            "allocated_bytes_after": record.allocated_bytes_after,
+            "duration_ms": round(record.duration_s * 1000, 3), "mode": record.mode,
+            "fallback": record.fallback, "replayed": record.replayed}
+
+
+# ---- decisions -----------------------------------------------------------------------------
+
+DECISION_OUTCOMES: Final = (
+    "keep",              # the policy said keep
+    "restarted",         # restarted through the admin endpoint
+    "dry-run",           # a restart decision under --dry-run: nothing done
+    "stale",             # the decision's generation is no longer the instance's current one
+    "already-applied",   # this (proxy, instance, generation) was restarted before
+    "unknown-instance",  # the proxy does not serve this instance (GET /instances)
+    "no-heartbeat",      # the instance's proxy sent no recent heartbeat: not restarted
+    "in-doubt",          # the restart request's answer was lost; the next listing tells
+    "failed",            # the restart request failed (see `detail`)
+)
+
+
+def decision(proxy: str, fields: Mapping[str, Any], page_bytes: int, *, record_id: str,
+             decided_at: float, policy_spec: str, requested_by: str, dry_run: bool,
+             outcome: str, detail: str | None,
+             admin_result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A `decisions` document: the policy's decision (`fields`: the fields of
+    `manager.policies.Decision`, its `instance` the proxy's instance name) with the byte
+    counterparts of its page figures, and what the manager did about it.
+
+    `now` is decide()'s time (the samples' clock), `decided_at` wall time.
+    """
+    record: dict[str, Any] = {"_id": record_id, "proxy": proxy, **fields}
+    for name in ("required", "surplus", "baseline", "true_required", "true_surplus"):
+        pages = record.get(f"{name}_pages")
+        if f"{name}_pages" in record:
+            record[f"{name}_bytes"] = None if pages is None else pages * page_bytes
+    record.update(now=record.get("decided_at"), decided_at=decided_at, policy_spec=policy_spec,
+                  requested_by=requested_by, dry_run=dry_run, applied=outcome == "restarted",
+                  outcome=outcome, detail=detail,
+                  admin_result=None if admin_result is None else dict(admin_result))
+    return record
+
+
+# ---- proxies and leases --------------------------------------------------------------------
+
+PROXY_FIELDS: Final = ("_id", "proxy", "admin_url", "heartbeat", "started_at", "pid",
+                       "hostname", "instances")
+"""A proxy's registration, replaced at every heartbeat: `_id` is the proxy id; `admin_url`
+None when its admin endpoint is off; `heartbeat` and `started_at` wall time; `instances` how
+many it serves. Never a token."""
+
+
+def default_proxy_id(listen_port: int | None) -> str:
+    """`wasm_proxy_id`'s default: the host name and the proxy's listen port."""
+    return f"{socket.gethostname()}:{listen_port if listen_port is not None else 8080}"
+
+
+def proxy(proxy_id: str, admin_url: str | None, heartbeat: float, started_at: float, pid: int,
+          instances: int) -> dict[str, Any]:
+    """A `proxies` document (upserted by `_id`)."""
+    return {"_id": proxy_id, "proxy": proxy_id, "admin_url": admin_url, "heartbeat": heartbeat,
+            "started_at": started_at, "pid": pid, "hostname": socket.gethostname(),
+            "instances": instances}
+
+
+LEASE_FIELDS: Final = ("_id", "holder", "expires", "acquired_at", "renewed_at")
+"""A lease: `_id` its name (`manager` for the active manager), `holder` who holds it
+(host name, pid and a random part), `expires` wall time."""
+
+
+def lease(name: str, holder: str, expires: float, acquired_at: float,
+          renewed_at: float) -> dict[str, Any]:
+    """A `leases` document."""
+    return {"_id": name, "holder": holder, "expires": expires, "acquired_at": acquired_at,
+            "renewed_at": renewed_at}
