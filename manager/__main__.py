@@ -3,6 +3,9 @@
     python -m manager run --store .wasm-reclaim/store --admin http://127.0.0.1:9901 \\
         --token-file .wasm-reclaim/admin-token --policy ratio
 
+Many proxies: ``--admin`` repeated, or ``--proxies-from-store`` (the proxies that registered
+in the store with a recent heartbeat), with ``--lease`` so that at most one manager acts.
+
 Every option's default is shown by ``--help``: the paper's value where the paper gives one
 (paper §3), otherwise our choice and the tag of its reason in manager/AMBIGUITIES.md.
 """
@@ -19,10 +22,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
+
+import httpx
 
 from addons.telemetry.store import DATABASE, is_mongo_uri, redact
-from manager.daemon import Daemon, DaemonConfig
+from manager.daemon import Daemon, DaemonConfig, Endpoint
 from manager.estimate import EstimatorParams
 from manager.policies import (
     PolicyParams,
@@ -107,9 +112,16 @@ _RATIO_OPTIONS: Final[list[tuple[str, str, Callable[[str], Any], str]]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``python -m manager --help``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m manager",
         description="Restart manager for Proxy-Wasm filter instances (paper §3): reads the "
                     "samples the wasm_auth addon stores, decides with a policy, and restarts "
@@ -143,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="database in the store (default %(default)s)")
     admin = where.add_mutually_exclusive_group()
     admin.add_argument(
-        "--admin", default=DEFAULT_ADMIN, metavar="URL",
-        help="the proxy's admin endpoint (default %(default)s: the addon's wasm_admin_listen)")
+        "--admin", action="append", default=None, metavar="URL",
+        help=f"a proxy's admin endpoint; repeat it for several proxies (default {DEFAULT_ADMIN}: "
+             "the addon's wasm_admin_listen)")
+    admin.add_argument(
+        "--proxies-from-store", action="store_true",
+        help="the admin endpoints of the proxies registered in the store's proxies collection "
+             "with a recent heartbeat (see --heartbeat), each with its token from --token-dir "
+             "or the shared --token-file/--token")
     admin.add_argument(
         "--no-admin", action="store_true",
         help="decide from the store alone, without asking the proxy (only with --dry-run)")
@@ -156,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--token", default=None,
                        help="the admin bearer token itself (visible in the process list: "
                             "prefer --token-file)")
+    where.add_argument(
+        "--token-dir", type=Path, default=None, metavar="DIR",
+        help="with --proxies-from-store: a directory with one token file per proxy, named by "
+             "its proxy id (wasm_proxy_id); proxies without one use --token-file")
+    where.add_argument(
+        "--heartbeat", type=_duration, default=_DAEMON.heartbeat_s, metavar="DURATION",
+        help=f"ignore instances whose proxy sent no heartbeat for this long (wall clock; "
+             f"default {_dur(_DAEMON.heartbeat_s or 0)}; 0: do not ask for heartbeats)")
+    where.add_argument(
+        "--lease", type=_duration, default=None, metavar="DURATION",
+        help="hold the store's manager lease for this long, renewed every pass: a second "
+             "manager with --lease waits as a standby and takes over within one lease period "
+             "when the first stops (default: no lease; 15s is a good value)")
 
     policy = run.add_argument_group("policy")
     policy.add_argument(
@@ -236,6 +267,34 @@ def read_token(path: Path) -> str:
     return token
 
 
+def admin_endpoint(text: str) -> str:
+    """An ``--admin`` value as a base URL (``host:port`` gets ``http://``); ConfigError, one
+    line, for anything else (a comma list, a bad port, a path)."""
+    value = text.strip()
+    if not value:
+        raise ConfigError("--admin is empty")
+    if "," in value or any(c.isspace() for c in value):
+        raise ConfigError(f"--admin {text!r}: one URL per --admin (repeat --admin for several "
+                          "proxies)")
+    if "://" not in value:
+        value = f"http://{value}"
+    scheme = value.partition("://")[0].lower()
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"--admin {text!r}: expected an http:// or https:// URL")
+    try:
+        url = httpx.URL(value)
+        port = url.port
+    except (httpx.InvalidURL, ValueError) as e:
+        raise ConfigError(f"--admin {text!r}: not a URL ({e})") from None
+    if not url.host:
+        raise ConfigError(f"--admin {text!r}: no host")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--admin {text!r}: port {port} is not between 1 and 65535")
+    if url.query or url.fragment or url.path not in ("", "/"):
+        raise ConfigError(f"--admin {text!r}: give the endpoint's base URL, without a path")
+    return value.rstrip("/")
+
+
 def policy_params(args: argparse.Namespace) -> PolicyParams:
     """``--policy`` with the ratio options and ``--retry-after`` applied. ValueError if bad."""
     params = parse_policy(args.policy)
@@ -265,29 +324,53 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     store = args.store or os.environ.get("MONGODB_URI") or DEFAULT_STORE
+    if is_mongo_uri(store):
+        from pymongo.errors import InvalidURI
+        from pymongo.uri_parser import parse_uri
+
+        try:
+            parse_uri(store, warn=True)
+        except (InvalidURI, ValueError) as e:
+            raise ConfigError(f"--store {redact(store)}: {str(e).splitlines()[0]}") from None
     admin_url: str | None = None
+    endpoints: tuple[Endpoint, ...] = ()
     token, token_file = "", None
+    if args.token_dir is not None and not args.proxies_from_store:
+        raise ConfigError("--token-dir goes with --proxies-from-store")
+    if args.token_dir is not None and not args.token_dir.is_dir():
+        raise ConfigError(f"--token-dir {args.token_dir}: not a directory")
     if args.no_admin:
         if not args.dry_run:
             raise ConfigError("--no-admin needs --dry-run: restarts go through the admin "
                               "endpoint")
     else:
-        admin_url = args.admin.strip()
-        if "://" not in admin_url:
-            admin_url = f"http://{admin_url}"
-        if not admin_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--admin {args.admin!r}: expected an http:// URL")
+        urls = [] if args.proxies_from_store else [
+            admin_endpoint(a) for a in (args.admin or [DEFAULT_ADMIN])]
+        if len(set(urls)) != len(urls):
+            raise ConfigError("--admin: the same endpoint is given twice")
         if args.token is not None:
             token = args.token.strip()
             if not token:
                 raise ConfigError("--token is empty")
+        elif args.proxies_from_store and args.token_dir is not None:
+            token_file = args.token_file
+            token = read_token(token_file) if token_file is not None else ""
         else:
             token_file = args.token_file or DEFAULT_TOKEN_FILE
             token = read_token(token_file)
+        if len(urls) == 1:
+            admin_url = urls[0]
+        else:
+            endpoints = tuple(Endpoint(u, token, token_file) for u in urls)
+    if args.lease is not None and args.lease < 3 * args.interval:
+        raise ConfigError(f"--lease {args.lease:g}s: give at least three --interval "
+                          f"({3 * args.interval:g}s), so that passes renew it in time")
     try:
         return DaemonConfig(
             store=store, database=args.database, params=params, policy_spec=args.policy,
-            admin_url=admin_url, token=token, token_file=token_file,
+            admin_url=admin_url, token=token, token_file=token_file, endpoints=endpoints,
+            proxies_from_store=args.proxies_from_store, token_dir=args.token_dir,
+            heartbeat_s=args.heartbeat or None, lease_s=args.lease,
             interval_s=args.interval, dry_run=args.dry_run, overlap_s=args.overlap,
             backfill_s=args.backfill, forget_after_s=args.forget_after,
             timeout_s=args.timeout, backoff_max_s=args.backoff_max,
@@ -309,7 +392,9 @@ def configure_logging(verbosity: int) -> None:
 
 async def serve(config: DaemonConfig, *, once: bool) -> int:
     """Run the daemon (until SIGINT/SIGTERM) or one pass; the exit status."""
-    target = "no admin endpoint" if config.admin_url is None else config.admin_url
+    endpoints = [e.url for e in config.all_endpoints()]
+    target = ("admin endpoints from the store's proxies" if config.proxies_from_store
+              else ", ".join(endpoints) or "no admin endpoint")
     logger.info("policy %s, store %s (database %s), %s%s",
                 config.policy_spec or config.params.name, redact(config.store), config.database,
                 target, ", dry run" if config.dry_run else "")

@@ -40,7 +40,7 @@ class AdminError(Exception):
 
 @dataclass(frozen=True)
 class Instance:
-    """One entry of ``GET /instances``."""
+    """One entry of ``GET /instances``: instance ``id`` of proxy ``proxy``."""
 
     id: str
     tenant: str
@@ -50,6 +50,7 @@ class Instance:
     allocated_bytes: int
     requests: int
     outbound: int
+    proxy: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def parse_instances(payload: object) -> dict[str, Instance]:
             allocated_pages=_int(item, "allocated_pages"),
             allocated_bytes=_int(item, "allocated_bytes"),
             requests=_int(item, "requests"), outbound=_int(item, "outbound"),
+            proxy=str(item.get("proxy") or ""),
         )
     return out
 

@@ -2,11 +2,16 @@
 
 One *pass* (:meth:`Daemon.run_pass`)::
 
-    GET /instances            which instances the proxy serves, at which generation
+    lease                     renew (or wait as a standby while another manager holds it)
+    proxies                   which proxies sent a heartbeat recently (the `proxies` collection)
+    GET /instances            of every proxy: which instances it serves, at which generation
     samples since the cursor  one query: time > (newest sample seen − overlap)
     decide(state, new, now)   manager.policies, exactly as the simulator calls it
     POST …/restart            for each restart decision whose generation is still current
     insert decisions          every decision, with what was done about it
+
+An instance is (proxy, instance) everywhere: in the policy state (keyed by
+``instance_key(proxy, instance)``), the cursors, the restarts done and the decision records.
 
 :meth:`Daemon.run` repeats passes every ``interval_s`` and backs off (doubling up to
 ``backoff_max_s``) while the store or the admin endpoint fails; nothing is lost meanwhile.
@@ -26,6 +31,12 @@ Guarantees:
 - *Clocks.* The rules run on the samples' clock (the proxy's host clock, maybe scaled by
   ``wasm_clock_speed``); ``now`` passed to ``decide()`` is the newest sample time seen, and
   ``decided_at`` in the records is wall time (A14).
+- *Many proxies, one active manager.* Admin endpoints are given (``--admin``, repeatable) or
+  read from the `proxies` collection. An endpoint that fails does not stop the others. Rows
+  of a proxy without a recent heartbeat are ignored. With a lease (``lease_s``) only the
+  manager holding the `leases` document acts; another waits as a standby and takes over
+  within one lease period (plus one poll) of the first one's death; a restart is only sent
+  while the lease has more than ``timeout_s`` left.
 - *Lives.* A proxy restart starts every instance again at generation 0. The rows of an
   instance's earlier lives are ignored, and an instance whose generation goes back with a later
   start is forgotten and learned afresh. (Assumes the proxy's clock does not go back across its
@@ -44,7 +55,9 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
@@ -57,19 +70,23 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from addons.telemetry import records
 from addons.telemetry.store import (
     DATABASE,
     DECISIONS,
     SAMPLES,
     Database,
+    acquire_lease,
     close_store,
     ensure_indexes,
     insert_new,
     is_embedded,
     is_mongo_uri,
+    live_proxies,
     open_store,
     read_frame,
     redact,
+    release_lease,
 )
 from manager.admin_client import AdminClient, AdminError, Instance
 from manager.estimate import OBSERVABLE_COLUMNS
@@ -97,12 +114,52 @@ Outcome = Literal[
     "stale",             # the decision's generation is no longer the instance's current one
     "already-applied",   # this (instance, generation) was restarted before
     "unknown-instance",  # the proxy does not serve this instance (GET /instances)
+    "no-heartbeat",      # the instance's proxy sent no recent heartbeat: not restarted
     "in-doubt",          # the restart request's answer was lost; the next listing tells
     "failed",            # the restart request failed (see ``detail``)
 ]
 
 _DECISION_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Decision))
 _FEW: Final = 5  # instance names listed in one aggregated log line
+SEP: Final = "\x1f"  # between proxy and instance in a key: no host name or proxy id has it
+
+
+def instance_key(proxy: str, instance: str) -> str:
+    """The daemon's key of instance ``instance`` of proxy ``proxy``."""
+    return f"{proxy}{SEP}{instance}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(proxy, instance) of a key."""
+    proxy, sep, instance = key.partition(SEP)
+    return (proxy, instance) if sep else ("", key)
+
+
+def show(key: str) -> str:
+    """A key for humans: ``instance@proxy``."""
+    proxy, instance = split_key(key)
+    return f"{instance}@{proxy}" if proxy else instance
+
+
+def keyed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Sample rows with ``instance`` replaced by the key (proxy, instance) and no ``proxy``
+    column; a row without a string proxy belongs to proxy ""."""
+    if frame.empty or "instance" not in frame.columns:
+        return frame.drop(columns="proxy", errors="ignore")
+    proxy = frame["proxy"] if "proxy" in frame.columns else pd.Series("", index=frame.index)
+    proxy = proxy.where(proxy.map(lambda p: isinstance(p, str)), "")
+    ok = frame["instance"].map(lambda i: isinstance(i, str))
+    key = (proxy + SEP + frame["instance"].where(ok, "")).where(ok, frame["instance"])
+    return frame.drop(columns="proxy", errors="ignore").assign(instance=key)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A proxy's admin endpoint and its bearer token (re-read from ``token_file`` after a 401)."""
+
+    url: str
+    token: str
+    token_file: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,10 +196,29 @@ class DaemonConfig:
     timeout_s: float = 5.0
     #: Decision records kept in memory while the store cannot take them (oldest dropped).
     pending_limit: int = 100_000
+    #: Several admin endpoints (``--admin`` repeated); when empty, ``admin_url`` is the one.
+    endpoints: tuple[Endpoint, ...] = ()
+    #: Read the admin endpoints from the `proxies` collection (proxies with a recent heartbeat).
+    proxies_from_store: bool = False
+    #: With ``proxies_from_store``: a directory holding one token file per proxy, named by the
+    #: proxy id; a proxy without one uses ``token``/``token_file``.
+    token_dir: Path | None = None
+    #: With admin endpoints, rows of a proxy whose heartbeat is older than this (wall seconds)
+    #: are ignored; None: no heartbeat needed. (Deciding from the store alone needs none.)
+    heartbeat_s: float | None = 30.0
+    #: Hold the lease ``lease_name`` for this long (renewed every pass): at most one active
+    #: manager. None: no lease.
+    lease_s: float | None = None
+    lease_name: str = "manager"
 
     def __post_init__(self) -> None:
-        if self.admin_url is None and not self.dry_run:
+        if (self.admin_url is None and not self.endpoints and not self.proxies_from_store
+                and not self.dry_run):
             raise ValueError("without an admin endpoint the manager can only --dry-run")
+        for name in ("heartbeat_s", "lease_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("interval_s", "forget_after_s", "backoff_min_s", "backoff_max_s",
                      "timeout_s"):
             value = getattr(self, name)
@@ -153,6 +229,20 @@ class DaemonConfig:
         if self.backfill_s is not None and not self.backfill_s > 0:
             raise ValueError(f"backfill_s must be positive, got {self.backfill_s!r}")
 
+    def all_endpoints(self) -> tuple[Endpoint, ...]:
+        """The admin endpoints given (none with ``proxies_from_store``: they come from the
+        store)."""
+        if self.endpoints or self.proxies_from_store:
+            return self.endpoints
+        if self.admin_url is None:
+            return ()
+        return (Endpoint(self.admin_url, self.token, self.token_file),)
+
+    @property
+    def admin_mode(self) -> bool:
+        """Whether restarts go through admin endpoints (else: decide from the store alone)."""
+        return bool(self.all_endpoints()) or self.proxies_from_store
+
     @property
     def requested_by(self) -> str:
         """What the restarts say asked for them: ``manager:<policy>``."""
@@ -162,6 +252,10 @@ class DaemonConfig:
         """The sample fields the policy may read (ground truth only for the oracle)."""
         extra = ["live_bytes"] if isinstance(self.params, OracleParams) else []
         return [*OBSERVABLE_COLUMNS, *extra]
+
+    def read_columns(self) -> list[str]:
+        """The sample fields read from the store: the policy's and `proxy`."""
+        return ["proxy", *self.sample_columns()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +388,7 @@ def _mib(n: float) -> str:
 
 
 def _names(names: Collection[str]) -> str:
-    ordered = sorted(names)
+    ordered = sorted(show(n) for n in names)
     more = len(ordered) - _FEW
     return ", ".join(ordered[:_FEW]) + (f" and {more} more" if more > 0 else "")
 
@@ -337,6 +431,12 @@ class PassReport:
     pending: int = 0  #: decision records still waiting for the store
     foreign_restarts: int = 0  #: generations moved on by someone else
     seconds: float = 0.0
+    #: another manager holds the lease: this one only waits
+    standby: bool = False
+    #: rows ignored because their proxy sent no recent heartbeat
+    no_heartbeat: int = 0
+    #: admin endpoints that failed this pass (the others were used)
+    unreachable: list[str] = field(default_factory=list)
 
     def fail(self, component: str, message: str, *, unauthorized: bool = False) -> None:
         """Mark the pass failed (the first failure is the one reported)."""
@@ -351,10 +451,15 @@ class PassReport:
     def summary(self, limit: int = 20) -> str:
         """A few lines for humans: counts, then every restart decision, then a few keeps."""
         counts = self.counts()
-        served = "" if self.listed is None else f", {self.listed} instance(s) served by the proxy"
+        if self.standby:
+            return f"pass: standby (another manager holds the lease); {self.seconds * 1000:.0f} ms"
+        served = "" if self.listed is None else (
+            f", {self.listed} instance(s) served by the proxies")
         head = (
             f"pass: {self.samples} new sample(s)"
             + (f" ({self.dropped} ignored)" if self.dropped else "")
+            + (f" ({self.no_heartbeat} of proxies without a heartbeat)"
+               if self.no_heartbeat else "")
             + served
             + f"; {len(self.decisions)} decision(s)"
             + (": " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) if counts else "")
@@ -369,10 +474,13 @@ class PassReport:
         for o in shown:
             d = o.decision
             extra = f" [{o.detail}]" if o.detail else ""
-            lines.append(f"  {o.outcome:<16} {d.instance} gen {d.generation}: {d.reason}{extra}")
+            lines.append(f"  {o.outcome:<16} {show(d.instance)} gen {d.generation}: "
+                         f"{d.reason}{extra}")
         if len(shown) < len(self.decisions):
             lines.append(f"  … and {len(self.decisions) - len(shown)} more in the decisions "
                          "collection")
+        if self.unreachable:
+            lines.append(f"unreachable: {', '.join(self.unreachable)}")
         if self.pending:
             lines.append(f"{self.pending} decision record(s) wait for the store")
         return "\n".join(lines)
@@ -394,11 +502,19 @@ class Daemon:
         self.config = config
         self.params = config.params
         self.state: PolicyState = initial_state(config.params)
-        self.admin: AdminClient | None = None
-        if config.admin_url is not None:
-            hint = f"--token-file {config.token_file}" if config.token_file else "--token"
-            self.admin = AdminClient(config.admin_url, config.token, timeout_s=config.timeout_s,
-                                     token_hint=hint)
+        #: admin clients by URL (from the configuration, or the proxies in the store)
+        self.admins: dict[str, AdminClient] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        for endpoint in config.all_endpoints():
+            self._add_admin(endpoint)
+        #: the admin client of each listed instance's proxy
+        self._client_of: dict[str, AdminClient] = {}
+        #: the proxy ids each admin URL answered for
+        self._url_proxies: dict[str, set[str]] = {}
+        self._failing_urls: set[str] = set()
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lease_until = -math.inf  # wall time until which this manager holds the lease
+        self._standby_logged: str | None = None
         #: newest sample time passed to decide(), per instance
         self.cursor: dict[str, float] = {}
         #: newest sample time seen (the samples' clock); -inf before the first sample
@@ -417,19 +533,35 @@ class Daemon:
         self._id_prefix = f"manager-{secrets.token_hex(6)}-"
         self._seq = 0
         self._listed_once = False
-        self._token = config.token
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="manager-store")
         self._db: Database | None = None
         self._columns = config.sample_columns()
+        self._read_columns = config.read_columns()
 
     # ---- lifecycle ----
 
+    @property
+    def admin(self) -> AdminClient | None:
+        """The admin client when there is exactly one (the common single-proxy case)."""
+        return next(iter(self.admins.values())) if len(self.admins) == 1 else None
+
+    def _add_admin(self, endpoint: Endpoint) -> AdminClient:
+        hint = f"--token-file {endpoint.token_file}" if endpoint.token_file else "--token"
+        client = AdminClient(endpoint.url, endpoint.token, timeout_s=self.config.timeout_s,
+                             token_hint=hint)
+        self.admins[endpoint.url] = client
+        self._endpoints[endpoint.url] = endpoint
+        return client
+
     async def aclose(self) -> None:
-        """Close the admin client and the store (pending decision records are lost: flush
-        first with :meth:`flush`)."""
-        if self.admin is not None:
-            await self.admin.aclose()
+        """Close the admin clients and the store, giving the lease up (pending decision
+        records are lost: flush first with :meth:`flush`)."""
+        for client in self.admins.values():
+            await client.aclose()
+        if self._lease_until > -math.inf:
+            with contextlib.suppress(Exception):
+                await self._in_store(self._release_sync)
         await self._in_store(self._close_sync)
         self._executor.shutdown(wait=True)
 
@@ -469,21 +601,25 @@ class Daemon:
         await self.flush()
 
     def reload_token(self) -> bool:
-        """Re-read ``token_file`` (after a 401); True if it now holds another token."""
-        path = self.config.token_file
-        if path is None or self.admin is None:
-            return False
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            logger.error("cannot re-read the admin token file %s: %s", path, e.strerror or e)
-            return False
-        if not token or token == self._token:
-            return False
-        self._token = token
-        self.admin.set_token(token)
-        logger.info("the admin token file %s holds a new token; using it", path)
-        return True
+        """Re-read the token files (after a 401); True if one now holds another token."""
+        changed = False
+        for url, endpoint in list(self._endpoints.items()):
+            path = endpoint.token_file
+            if path is None or url not in self.admins:
+                continue
+            try:
+                token = path.read_text().strip()
+            except OSError as e:
+                logger.error("cannot re-read the admin token file %s: %s", path,
+                             e.strerror or e)
+                continue
+            if not token or token == endpoint.token:
+                continue
+            self._endpoints[url] = dataclasses.replace(endpoint, token=token)
+            self.admins[url].set_token(token)
+            logger.info("the admin token file %s holds a new token; using it", path)
+            changed = True
+        return changed
 
     # ---- one pass ----
 
@@ -504,12 +640,26 @@ class Daemon:
 
     async def _pass(self, report: PassReport) -> None:
         wall = time.time()
+        alive: set[str] | None = None
+        try:
+            if self.config.lease_s is not None and not await self._in_store(
+                    self._lease_sync, wall):
+                report.standby = True
+                return
+            heartbeat = self.config.heartbeat_s is not None and self.config.admin_mode
+            if heartbeat or self.config.proxies_from_store:
+                registered = await self._in_store(self._proxies_sync, wall)
+                if heartbeat:
+                    alive = {str(d["_id"]) for d in registered}
+                if self.config.proxies_from_store:
+                    await self._sync_admins(registered)
+        except StoreError as e:
+            report.fail("store", str(e))
+            return
         listing: dict[str, Instance] | None = None
-        if self.admin is not None:
-            try:
-                listing = await self.admin.instances()
-            except AdminError as e:
-                report.fail("admin", e.message, unauthorized=e.kind == "unauthorized")
+        if self.config.admin_mode:
+            listing = await self._list(report)
+            if listing is None:
                 return
             report.listed = len(listing)
             self._note_listing(listing, wall, report)
@@ -520,6 +670,13 @@ class Daemon:
         except StoreError as e:
             report.fail("store", str(e))
             return
+        raw = keyed(raw)
+        if alive is not None and not raw.empty:
+            proxy = raw["instance"].map(lambda k: split_key(k)[0] if isinstance(k, str) else "")
+            live = proxy.isin(alive).to_numpy()
+            if not live.all():
+                report.no_heartbeat = int((~live).sum())
+                raw = raw.loc[live]
         for d in self.decide_new(raw, report):
             report.decisions.append(await self._act(d, listing, report))
         self._pending.extend(self._record(o, wall) for o in report.decisions)
@@ -589,7 +746,8 @@ class Daemon:
                 if newest:
                     after = float(newest[0]["time"]) - self.config.backfill_s
             query: dict[str, Any] = {} if after == -math.inf else {"time": {"$gt": after}}
-            return read_frame(db, SAMPLES, query, self._columns).reindex(columns=self._columns)
+            return read_frame(db, SAMPLES, query, self._read_columns).reindex(
+                columns=self._read_columns)
         except Exception as e:
             self._drop_db()
             raise StoreError(self._store_message("read samples from", e)) from e
@@ -608,8 +766,8 @@ class Daemon:
             rows = [d for d in docs
                     if isinstance(t := d.get("time"), int | float) and t > after]
         if not rows:
-            return pd.DataFrame(columns=self._columns)
-        return pd.DataFrame.from_records(rows).reindex(columns=self._columns)
+            return pd.DataFrame(columns=self._read_columns)
+        return pd.DataFrame.from_records(rows).reindex(columns=self._read_columns)
 
     def _db_sync(self) -> Database:
         if self._db is None:
@@ -653,6 +811,134 @@ class Daemon:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    # ---- proxies, endpoints and the lease ----
+
+    def _lease_sync(self, wall: float) -> bool:
+        """(store thread) Take or renew the lease; True if this manager is the active one."""
+        assert self.config.lease_s is not None
+        try:
+            held = acquire_lease(self._db_sync(), self.config.lease_name, self._holder, wall,
+                                 self.config.lease_s)
+        except Exception as e:
+            self._drop_db()
+            raise StoreError(self._store_message("take the lease in", e)) from e
+        was_active = self._lease_until > -math.inf and self._standby_logged is None
+        if held:
+            self._lease_until = wall + self.config.lease_s
+            if not was_active:
+                logger.info("active: this manager (%s) holds the lease %r", self._holder,
+                            self.config.lease_name)
+            self._standby_logged = None
+            return True
+        self._lease_until = -math.inf
+        holder = self._lease_holder_sync()
+        if self._standby_logged != holder:
+            logger.info("standby: %s holds the lease %r; taking over when it expires", holder,
+                        self.config.lease_name)
+            self._standby_logged = holder
+        return False
+
+    def _lease_holder_sync(self) -> str:
+        from addons.telemetry.store import LEASES
+
+        doc = self._db_sync()[LEASES].find_one({"_id": self.config.lease_name})
+        return str(doc.get("holder")) if doc else "another manager"
+
+    def _release_sync(self) -> None:
+        release_lease(self._db_sync(), self.config.lease_name, self._holder)
+
+    def _proxies_sync(self, wall: float) -> list[dict[str, Any]]:
+        """(store thread) The proxies with a recent heartbeat."""
+        max_age = self.config.heartbeat_s if self.config.heartbeat_s is not None else math.inf
+        try:
+            return live_proxies(self._db_sync(), wall, max_age)
+        except Exception as e:
+            self._drop_db()
+            raise StoreError(self._store_message("read the proxies from", e)) from e
+
+    def _token_for(self, proxy: str) -> tuple[str, Path | None]:
+        """The token of ``proxy``'s admin endpoint: its file in ``token_dir``, else the shared
+        one. ``""`` if there is none."""
+        directory = self.config.token_dir
+        if directory is not None:
+            path = directory / proxy
+            try:
+                token = path.read_text().strip()
+            except OSError:
+                pass
+            else:
+                if token:
+                    return token, path
+        return self.config.token, self.config.token_file
+
+    async def _sync_admins(self, registered: list[dict[str, Any]]) -> None:
+        """Admin clients for the registered proxies with an admin URL; close the others."""
+        wanted: dict[str, str] = {}
+        for doc in registered:
+            url = doc.get("admin_url")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                wanted[url] = str(doc["_id"])
+        for url in [u for u in self.admins if u not in wanted]:
+            client = self.admins.pop(url)
+            self._endpoints.pop(url, None)
+            self._failing_urls.discard(url)
+            logger.info("proxy at %s has no recent heartbeat; not asking it any more", url)
+            await client.aclose()
+        for url, proxy in wanted.items():
+            if url in self.admins:
+                continue
+            token, path = self._token_for(proxy)
+            if not token:
+                logger.warning("no admin token for proxy %s (%s): give --token-file, or a file "
+                               "named %s in --token-dir", proxy, url, proxy)
+                continue
+            self._add_admin(Endpoint(url, token, path))
+            logger.info("proxy %s: admin endpoint %s (from the store)", proxy, url)
+
+    async def _list(self, report: PassReport) -> dict[str, Instance] | None:
+        """GET /instances of every endpoint, merged by key; None (the pass failed) when every
+        endpoint failed. An endpoint that fails is logged when it starts and stops failing."""
+        urls = list(self.admins)
+        answers = await asyncio.gather(*(self.admins[u].instances() for u in urls),
+                                       return_exceptions=True)
+        listing: dict[str, Instance] = {}
+        self._client_of = {}
+        failures: list[AdminError] = []
+        for url, answer in zip(urls, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, AdminError):
+                    raise answer
+                failures.append(answer)
+                report.unreachable.append(url)
+                if url not in self._failing_urls and len(urls) > 1:
+                    logger.warning("%s; carrying on with the other proxies", answer.message)
+                self._failing_urls.add(url)
+                continue
+            if url in self._failing_urls and len(urls) > 1:
+                logger.info("admin endpoint %s answers again", url)
+            self._failing_urls.discard(url)
+            client = self.admins[url]
+            proxies = self._url_proxies.setdefault(url, set())
+            for inst in answer.values():
+                proxies.add(inst.proxy)
+                key = instance_key(inst.proxy, inst.id)
+                listing[key] = inst
+                self._client_of[key] = client
+        if urls and len(failures) == len(urls):
+            first = failures[0]
+            report.fail("admin", first.message if len(urls) == 1 else
+                        f"no admin endpoint answered ({len(urls)}): {first.message}",
+                        unauthorized=any(e.kind == "unauthorized" for e in failures))
+            return None
+        if not urls and not self.config.proxies_from_store:
+            report.fail("admin", "no admin endpoint")
+            return None
+        return listing
+
+    def _down_proxies(self) -> set[str]:
+        """Proxies whose admin endpoint failed this pass: their instances are not known gone."""
+        return {p for u in self._failing_urls for p in self._url_proxies.get(u, ())}
+
     # ---- the admin listing ----
 
     def _note_listing(self, listing: Mapping[str, Instance], wall: float,
@@ -666,36 +952,38 @@ class Daemon:
             if current.generation > generation:
                 self.applied[name, generation] = True
                 logger.info("the restart of %s generation %d took effect (its answer was lost)",
-                            name, generation)
+                            show(name), generation)
                 self._expected[name] = current.generation
             else:
                 del self.applied[name, generation]
                 logger.warning("the restart of %s generation %d did not take effect; the "
-                               "policy may ask again", name, generation)
+                               "policy may ask again", show(name), generation)
         new: list[str] = []
-        for inst in listing.values():
-            before = self.generations.get(inst.id)
-            expected = self._expected.pop(inst.id, None)
+        for key, inst in listing.items():
+            before = self.generations.get(key)
+            expected = self._expected.pop(key, None)
             if before is None:
-                new.append(inst.id)
+                new.append(key)
             elif inst.generation > before and inst.generation != expected:
                 report.foreign_restarts += 1
                 logger.info("%s was restarted by someone else: generation %d → %d; the policy "
-                            "takes the new generation from its samples", inst.id, before,
+                            "takes the new generation from its samples", show(key), before,
                             inst.generation)
             elif inst.generation < before:
                 logger.info("%s went back from generation %d to %d: the proxy was restarted",
-                            inst.id, before, inst.generation)
-            self.generations[inst.id] = inst.generation
+                            show(key), before, inst.generation)
+            self.generations[key] = inst.generation
         if new and not self._listed_once:
-            logger.info("the proxy at %s serves %d instance(s): %s", self.config.admin_url,
+            logger.info("the proxies at %s serve %d instance(s): %s", ", ".join(self.admins),
                         len(new), _names(new))
         elif new:
             logger.info("new instance(s): %s", _names(new))
         self._listed_once = True
 
         known = set(self.generations) | set(self.state.slots.names)
-        gone = [n for n in known if n not in listing and n not in self.missing_since]
+        down = self._down_proxies()
+        gone = [n for n in known if n not in listing and n not in self.missing_since
+                and split_key(n)[0] not in down]
         back = [n for n in self.missing_since if n in listing]
         for name in back:
             del self.missing_since[name]
@@ -749,48 +1037,55 @@ class Daemon:
         if d.action == "keep":
             return DecisionOutcome(d, "keep")
         name, key = d.instance, (d.instance, d.generation)
+        shown = show(name)
         if self.config.dry_run:
-            logger.info("dry run: would restart %s generation %d (%s): %s", name, d.generation,
+            logger.info("dry run: would restart %s generation %d (%s): %s", shown, d.generation,
                         d.policy, d.reason)
             return DecisionOutcome(d, "dry-run")
-        assert self.admin is not None and listing is not None
+        assert listing is not None
         inst = listing.get(name)
-        if inst is None:
+        client = self._client_of.get(name)
+        if inst is None or client is None:
+            if split_key(name)[0] in self._down_proxies():
+                return DecisionOutcome(d, "failed", "its proxy's admin endpoint did not answer")
             if name not in self.missing_since:
                 self.missing_since[name] = time.time()
                 logger.warning("not restarting %s: the proxy does not serve it (missing from "
-                               "GET /instances)", name)
+                               "GET /instances)", shown)
             return DecisionOutcome(d, "unknown-instance",
                                    "not in GET /instances: the proxy does not serve it")
+        if self.config.lease_s is not None and (
+                time.time() > self._lease_until - self.config.timeout_s):
+            return DecisionOutcome(d, "failed", "the lease expires before a restart could end")
         if inst.generation != d.generation:
             logger.debug("not restarting %s: decided for generation %d, the proxy runs %d",
-                         name, d.generation, inst.generation)
+                         shown, d.generation, inst.generation)
             return DecisionOutcome(
                 d, "stale", f"the proxy runs generation {inst.generation}, not {d.generation}")
         if key in self.applied:
             return DecisionOutcome(d, "already-applied",
                                    f"generation {d.generation} was restarted before")
         try:
-            result = await self.admin.restart(name, d.reason, self.config.requested_by)
+            result = await client.restart(inst.id, d.reason, self.config.requested_by)
         except AdminError as e:
             if e.in_doubt:
                 self.applied[key] = False
                 logger.warning("restart of %s generation %d in doubt: %s; the next listing "
-                               "shows whether it happened", name, d.generation, e.message)
+                               "shows whether it happened", shown, d.generation, e.message)
                 return DecisionOutcome(d, "in-doubt", e.message)
             if e.kind == "not-found":
                 return DecisionOutcome(d, "unknown-instance", e.message)
             if e.kind in ("unreachable", "unauthorized"):
                 report.fail("admin", e.message, unauthorized=e.kind == "unauthorized")
             else:
-                logger.error("restart of %s generation %d failed: %s", name, d.generation,
+                logger.error("restart of %s generation %d failed: %s", shown, d.generation,
                              e.message)
             return DecisionOutcome(d, "failed", e.message)
         self.applied[key] = True
         self._expected[name] = result.generation
         listing[name] = dataclasses.replace(inst, generation=result.generation)
         logger.info(
-            "restarted %s generation %d → %d (%s: %s); allocated %s → %s", name, d.generation,
+            "restarted %s generation %d → %d (%s: %s); allocated %s → %s", shown, d.generation,
             result.generation, d.policy, d.reason, _mib(result.allocated_bytes_before),
             _mib(result.allocated_bytes_after),
         )
@@ -799,21 +1094,15 @@ class Daemon:
     # ---- writing ----
 
     def _record(self, o: DecisionOutcome, wall: float) -> dict[str, Any]:
-        record = decision_record(o.decision)
+        d = o.decision
+        fields = {name: getattr(d, name) for name in _DECISION_FIELDS}
+        proxy, fields["instance"] = split_key(d.instance)
         self._seq += 1
-        record.update(
-            _id=f"{self._id_prefix}{self._seq}",
-            now=record["decided_at"],  # decide()'s now: the samples' clock
-            decided_at=wall,
-            policy_spec=self.config.policy_spec or self.params.name,
-            requested_by=self.config.requested_by,
-            dry_run=self.config.dry_run,
-            applied=o.outcome == "restarted",
-            outcome=o.outcome,
-            detail=o.detail,
-            admin_result=o.admin_result,
-        )
-        return record
+        return records.decision(
+            proxy, fields, d.page_bytes, record_id=f"{self._id_prefix}{self._seq}",
+            decided_at=wall, policy_spec=self.config.policy_spec or self.params.name,
+            requested_by=self.config.requested_by, dry_run=self.config.dry_run,
+            outcome=o.outcome, detail=o.detail, admin_result=o.admin_result)
 
     async def flush(self, report: PassReport | None = None) -> None:
         """Write the pending decision records; on failure keep them (bounded) for later."""

@@ -43,8 +43,10 @@ from manager.daemon import (
     clean_samples,
     decision_record,
     forget_instances,
+    instance_key,
     latest_life,
     renewed_instances,
+    split_key,
 )
 from manager.estimate import EstimatorParams
 from manager.policies import (
@@ -61,6 +63,12 @@ from tests.servers import free_port
 from tests.test_policies import ModelFilter, sale_traffic
 
 TOKEN = "daemon-test-token"
+PROXY = "test-proxy"
+
+
+def K(instance: str) -> str:
+    """The daemon's key of `instance` on the test's proxy."""
+    return instance_key(PROXY, instance)
 PAGE = 65536
 
 
@@ -82,7 +90,7 @@ class Store:
 
     def write(self, docs: list[dict[str, Any]]) -> None:
         if docs:
-            self.db.samples.insert_many([dict(d) for d in docs])
+            self.db.samples.insert_many([{"proxy": PROXY, **d} for d in docs])
 
     def decisions(self) -> list[dict[str, Any]]:
         docs = list(self.db.decisions.find({}, {"_id": 0}))
@@ -119,7 +127,7 @@ async def addon(tmp_path: Path) -> AsyncIterator[WasmAuth]:
     """The real wasm_auth addon with one filter instance per host in HOSTS (generation 0)."""
     wasm = WasmAuth()
     with taddons.context(wasm) as tctx:
-        tctx.configure(wasm, wasm_log_metrics=False, wasm_admin_listen="",
+        tctx.configure(wasm, wasm_log_metrics=False, wasm_admin_listen="", wasm_proxy_id=PROXY,
                        wasm_store=str(tmp_path / "proxy-store"),
                        wasm_spool=str(tmp_path / "spool"))
         for host in HOSTS:
@@ -240,7 +248,8 @@ def sample(instance: str, generation: int, t: float, started_at: float = 0.0, pa
     """One sample document as the addon writes it."""
     out = int(t - started_at) if outbound is None else outbound
     return {
-        "time": float(t), "instance": instance, "tenant": instance, "generation": generation,
+        "time": float(t), "proxy": PROXY, "instance": instance, "tenant": instance,
+        "generation": generation,
         "started_at": float(started_at), "allocated_pages": pages,
         "allocated_bytes": pages * PAGE, "requests": 3 * out, "outbound": out,
         "live_entries": 1, "live_bytes": 1024.0, "state": "running",
@@ -257,13 +266,15 @@ def daemon_for(store: Store, admin: Proxy | str | None, policy: str, **kw: Any) 
     config = DaemonConfig(
         store=store.uri, database=store.database, params=parse_policy(policy),
         policy_spec=policy, admin_url=url, token=kw.pop("token", TOKEN),
-        backoff_min_s=0.01, backoff_max_s=0.05, timeout_s=kw.pop("timeout_s", 2.0), **kw,
+        backoff_min_s=0.01, backoff_max_s=0.05, timeout_s=kw.pop("timeout_s", 2.0),
+        heartbeat_s=kw.pop("heartbeat_s", None), **kw,
     )
     return Daemon(config)
 
 
 def outcomes(report: Any) -> dict[tuple[str, int], str]:
-    return {(o.decision.instance, o.decision.generation): o.outcome for o in report.decisions}
+    return {(split_key(o.decision.instance)[1], o.decision.generation): o.outcome
+            for o in report.decisions}
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
@@ -391,14 +402,14 @@ async def test_a_lost_answer_is_not_restarted_twice(embedded: Store, proxy: Prox
         report = await daemon.run_pass()
         assert outcomes(report) == {("a.example", 0): "in-doubt"}
         assert proxy.generation("a.example") == 1
-        assert daemon.applied == {("a.example", 0): False}
+        assert daemon.applied == {(K("a.example"), 0): False}
 
         # The policy asks again for generation 0 (past retry_after): the listing shows
         # generation 1, so the doubt resolves and nothing is restarted a second time.
         embedded.write(series("a.example", 0, range(1900, 2000, 50)))
         with caplog.at_level(logging.INFO, logger="manager"):
             report = await daemon.run_pass()
-        assert "the restart of a.example generation 0 took effect" in caplog.text
+        assert "the restart of a.example@test-proxy generation 0 took effect" in caplog.text
         assert outcomes(report) == {("a.example", 0): "stale"}
         assert proxy.generation("a.example") == 1
 
@@ -416,7 +427,7 @@ async def test_a_request_that_never_arrived_is_asked_again(embedded: Store, prox
         embedded.write(series("a.example", 0, range(1900, 2000, 50)))
         with caplog.at_level(logging.WARNING, logger="manager"):
             report = await daemon.run_pass()
-        assert "the restart of a.example generation 0 did not take effect" in caplog.text
+        assert "the restart of a.example@test-proxy generation 0 did not take effect" in caplog.text
         assert outcomes(report) == {("a.example", 0): "restarted"}
         assert proxy.generation("a.example") == 1
 
@@ -427,9 +438,10 @@ async def test_one_decision_is_applied_at_most_once(embedded: Store, proxy: Prox
     embedded.write(series("a.example", 0, range(0, 1900, 50)))
     async with daemon_for(embedded, proxy, "fixed:30m") as daemon:
         assert daemon.admin is not None
-        listing = await daemon.admin.instances()
-        [d], _ = decide(initial_state(FixedParams(uptime_s=1800)),
-                        pd.DataFrame(series("a.example", 0, [1850.0])), 0.0,
+        listing = await daemon._list(PassReport())
+        assert listing is not None
+        rows = pd.DataFrame(series("a.example", 0, [1850.0])).assign(instance=K("a.example"))
+        [d], _ = decide(initial_state(FixedParams(uptime_s=1800)), rows, 0.0,
                         FixedParams(uptime_s=1800))
         first = await daemon._act(d, dict(listing), PassReport())
         second = await daemon._act(d, dict(listing), PassReport())
@@ -453,11 +465,11 @@ async def test_a_restart_by_someone_else_is_noticed(store: Store, proxy: Proxy,
         with caplog.at_level(logging.INFO, logger="manager"):
             report = await daemon.run_pass()
     assert report.foreign_restarts == 1
-    assert "a.example was restarted by someone else: generation 0 → 1" in caplog.text
+    assert "a.example@test-proxy was restarted by someone else: generation 0 → 1" in caplog.text
     [o] = report.decisions
     assert (o.decision.generation, o.outcome) == (1, "keep")
     assert o.decision.uptime_s == pytest.approx(100.0)  # counted from the new start
-    assert state_frame(daemon.state).loc["a.example", "generation"] == 1
+    assert state_frame(daemon.state).loc[K("a.example"), "generation"] == 1
     assert proxy.generation("a.example") == 1
 
 
@@ -470,17 +482,17 @@ async def test_unknown_and_vanished_instances(embedded: Store, proxy: Proxy,
             assert outcomes(report) == {("ghost.example", 0): "unknown-instance"}
             embedded.write(series("ghost.example", 0, range(1900, 2100, 100)))
             report = await daemon.run_pass()  # logged once, not again
-            assert "ghost.example" in state_frame(daemon.state).index
+            assert K("ghost.example") in state_frame(daemon.state).index
             await asyncio.sleep(0.25)
             report = await daemon.run_pass()
         assert caplog.text.count("ghost.example") == 2  # "not restarting", then "dropped"
-        assert "not restarting ghost.example: the proxy does not serve it" in caplog.text
+        assert "not restarting ghost.example@test-proxy: the proxy does not serve it" in caplog.text
         assert "dropped the state of 1 instance(s) gone from the proxy: ghost.example" in caplog.text
-        assert "ghost.example" not in state_frame(daemon.state).index
+        assert K("ghost.example") not in state_frame(daemon.state).index
         # Its old samples within the overlap are not decided again.
         embedded.write([sample("b.example", 0, 2105.0, started_at=2100.0)])
         report = await daemon.run_pass()
-        assert [o.decision.instance for o in report.decisions] == ["b.example"]
+        assert [o.decision.instance for o in report.decisions] == [K("b.example")]
     assert all(g == 0 for g in (proxy.generation(h) for h in HOSTS))
 
 
@@ -492,13 +504,13 @@ async def test_a_new_life_of_the_proxy_starts_afresh(embedded: Store,
     embedded.write(first)
     async with daemon_for(embedded, None, "fixed:10m", dry_run=True) as daemon:
         await daemon.run_pass()
-        assert state_frame(daemon.state).loc["a.example", "generation"] == 2
+        assert state_frame(daemon.state).loc[K("a.example"), "generation"] == 2
         embedded.write(series("a.example", 0, range(1000, 1700, 10), 1000.0))
         with caplog.at_level(logging.INFO, logger="manager"):
             report = await daemon.run_pass()
-    assert "a.example began a new life" in caplog.text
+    assert "a.example@test-proxy began a new life" in caplog.text
     assert outcomes(report) == {("a.example", 0): "dry-run"}
-    assert state_frame(daemon.state).loc["a.example", "started_at"] == 1000.0
+    assert state_frame(daemon.state).loc[K("a.example"), "started_at"] == 1000.0
     # A fresh daemon reading both lives at once only takes the latest.
     async with daemon_for(embedded, None, "fixed:10m", dry_run=True) as fresh:
         report = await fresh.run_pass()
@@ -539,7 +551,7 @@ async def test_each_pass_reads_only_new_samples(store: Store) -> None:
         assert report.samples == 3 and report.now == 120.0
     if store.kind == "ferretdb":  # the query on time has its index
         keys = [list(v["key"]) for v in store.db.samples.index_information().values()]
-        assert [("time", 1)] in keys and [("instance", 1), ("time", 1)] in keys
+        assert [("time", 1)] in keys and [("proxy", 1), ("instance", 1), ("time", 1)] in keys
 
 
 async def test_backfill_limits_the_first_read(embedded: Store) -> None:
@@ -571,6 +583,7 @@ async def test_a_wrong_token_gives_one_clear_line_and_no_crash(
     token_file.write_text("wrong-token\n")
     config = DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=proxy.url,
                           token="wrong-token", token_file=token_file, backoff_min_s=0.01,
+                          heartbeat_s=None,
                           backoff_max_s=0.02, interval_s=0.01)
     stop = asyncio.Event()
     async with Daemon(config) as daemon:
@@ -680,12 +693,13 @@ async def test_cli_once_restarts_and_prints_a_summary(embedded: Store, proxy: Pr
     embedded.write(series("a.example", 0, range(0, 2000, 10)) + series("b.example", 0, range(0, 600, 10)))
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    argv = ["run", "--store", embedded.uri, "--admin", proxy.url, "--token-file", str(token_file),
+    argv = ["run", "--store", embedded.uri, "--heartbeat", "0", "--admin", proxy.url,
+            "--token-file", str(token_file),
             "--policy", "fixed:30m", "--once"]
     assert await asyncio.to_thread(main, argv) == 0
     out = capsys.readouterr().out
     assert "2 decision(s): 1 keep, 1 restarted" in out
-    assert "restarted        a.example gen 0: uptime 30.0 min ≥ 30 min" in out
+    assert "restarted        a.example@test-proxy gen 0: uptime 30.0 min ≥ 30 min" in out
     assert proxy.generation("a.example") == 1
     # Unreachable endpoint: exit status 1.
     argv[argv.index("--admin") + 1] = f"http://127.0.0.1:{free_port()}"
@@ -707,7 +721,7 @@ def test_cli_dry_run_without_admin(embedded: Store, capsys: pytest.CaptureFixtur
     (["--policy", "bogus"], "unknown policy 'bogus'"),
     (["--token-file", "/nonexistent/token"], "no admin token file /nonexistent/token: start the proxy first"),
     (["--token", " "], "--token is empty"),
-    (["--admin", "ftp://x", "--token", "t"], "expected an http:// URL"),
+    (["--admin", "ftp://x", "--token", "t"], "expected an http:// or https:// URL"),
     (["--interval", "0", "--token", "t"], "interval_s must be a positive number"),
 ])
 def test_cli_configuration_errors(argv: list[str], message: str,
@@ -786,7 +800,7 @@ def test_the_daemon_process_runs_until_sigterm(embedded: Store) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert "dry run: would restart a.example generation 0 (fixed): uptime 30.0 min ≥ 30 min" in err
+    assert "dry run: would restart a.example@test-proxy generation 0 (fixed): uptime 30.0 min ≥ 30 min" in err
     assert err.rstrip().endswith("manager: stopped")
 
 
