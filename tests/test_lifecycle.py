@@ -240,3 +240,40 @@ def test_a_trap_in_the_response_phase_fails_by_policy(harness) -> None:
     d = stream.response_headers(RESPONSE, True)
     assert d.action == "respond" and d.response.status == 503 and d.error
     stream.close()  # the generation is gone: nothing left to run, nothing raised
+
+
+CALL_FROM_RESPONSE = trampolines(
+    "proxy_http_call", "proxy_set_effective_context", "proxy_continue_stream",
+    "proxy_add_header_map_value",
+) + """
+  (data (i32.const 1000) "auth")
+  (data (i32.const 1100) "\\03\\00\\00\\00\\07\\00\\00\\00\\03\\00\\00\\00\\05\\00\\00\\00\\01\\00\\00\\00\\0a\\00\\00\\00\\01\\00\\00\\00:method\\00GET\\00:path\\00/\\00:authority\\00a\\00")
+  (data (i32.const 1200) "x-called")
+  (data (i32.const 1210) "yes")
+  (global $ctx (mut i32) (i32.const 0))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_headers") (param $c i32) (param i32 i32) (result i32)
+    (global.set $ctx (local.get $c))
+    (drop (call $proxy_http_call (i32.const 1000) (i32.const 4) (i32.const 1100) (i32.const 61)
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1300)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $proxy_set_effective_context (global.get $ctx)))
+    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1200) (i32.const 8) (i32.const 1210) (i32.const 3)))
+    (drop (call $proxy_continue_stream (i32.const 1))))
+"""
+
+
+def test_outbound_call_from_the_response_phase_pauses_and_resumes(harness) -> None:
+    h = harness(module(CALL_FROM_RESPONSE))
+    stream = h.instance.stream()
+    assert stream.request_headers(HEADERS).action == "continue"
+    decided = []
+    stream.on_decision = decided.append
+    assert stream.response_headers(RESPONSE, True) is None  # paused on its call
+    assert len(h.calls) == 1 and h.calls[0].path == "/"
+    h.clock.set_ns(h.host.next_event_ns())
+    h.host.poll()  # the call's answer arrives; the filter resumes the response
+    assert decided and decided[-1].action == "continue"
+    assert (b"x-called", b"yes") in stream.ctx.response_headers
+    stream.close()
