@@ -831,8 +831,8 @@ class WasmAuth:
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A request mitmproxy streams: its headers leave now, so the filter sees them now."""
-        if (not self._lifecycle or not flow.request.stream or self.host is None
-                or flow.response is not None or flow.error is not None):
+        if (not flow.request.stream or self.host is None or flow.response is not None
+                or flow.error is not None):
             return None
         return self._streamed_request(flow)
 
@@ -845,12 +845,11 @@ class WasmAuth:
         """A buffered request: headers, body, trailers; a streamed one: its trailers."""
         if flow.response is not None or flow.error is not None or self.host is None:
             return
-        if self._open:
+        if flow.request.stream:  # streamed: its headers ran in requestheaders
             ex = self._open.get(flow.id)
-            if ex is not None:
-                if ex.stream is not None and ex.request_streamed:
-                    await lifecycle.streamed_request_trailers(flow, ex, self._exports)
-                return
+            if ex is not None and ex.stream is not None and ex.request_streamed:
+                await lifecycle.streamed_request_trailers(flow, ex, self._exports)
+            return
         await self._request(flow, streamed=False)
 
     def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:

@@ -382,3 +382,33 @@ async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> 
         assert [d["status"] for d in docs if d["status"] is not None] == [418]
         addon.metrics = None
         await addon.done()
+
+
+HEADERS_ONLY = trampolines("proxy_send_local_response", "proxy_add_header_map_value") + """
+  (data (i32.const 1000) "x-seen")
+  (data (i32.const 1010) "1")
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (drop (call $proxy_add_header_map_value (i32.const 0) (i32.const 1000) (i32.const 6) (i32.const 1010) (i32.const 1)))
+    (i32.const 0))
+  (func (export "calls") (result i32) (global.get $calls))
+"""
+
+
+async def test_a_streamed_request_is_decided_before_its_headers_leave(tmp_path) -> None:
+    # A filter with only request-header callbacks (like the reference filter) must decide a
+    # streamed request in requestheaders, before mitmproxy sends its headers upstream.
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, HEADERS_ONLY)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.stream = True
+        await run_hook(addon.requestheaders(f))
+        assert f.request.headers["x-seen"] == "1" and f.request.stream is True
+        await addon.request(f)  # the end of the streamed body: the filter does not run again
+        [inst] = addon.host.instances.values()
+        assert inst.vm.call(inst.vm.raw.func("calls")) == 1
+        assert inst.vm.contexts == {}  # no lifecycle callbacks: the stream already ended
+        await addon.done()
