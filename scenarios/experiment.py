@@ -94,8 +94,10 @@ def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
         made.extend(decisions)
         return [d.instance for d in decisions if d.action == "restart"]
 
+    # The policy's restart mode (`mode=warm`) decides how the simulated host restarts.
+    sim = replace(config.sim, restart_mode=getattr(params, "restart_mode", config.sim.restart_mode))
     t0 = time.perf_counter()
-    result = Simulation(config.sim).run(trace, None if spec == "none" else controller)
+    result = Simulation(sim).run(trace, None if spec == "none" else controller)
     elapsed = time.perf_counter() - t0
     estimator = params.estimator if isinstance(params, RatioParams) else EstimatorParams()
     return PolicyRun(

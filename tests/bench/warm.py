@@ -10,7 +10,8 @@ Measures, with the reference filter under the real host:
 - memory after a warm restart against the live bytes: after a peak of logins of which most
   have expired, allocated bytes before and after a warm restart, the filter's live bytes, and
   the same after a cold restart;
-- the journal's own memory: its estimate (`Journal.bytes`) against tracemalloc's count.
+- the journal's own memory: its estimate (`Journal.bytes`) against tracemalloc's count;
+- what journaling costs a request: a cache hit and a miss with the journal on and off.
 
 Results print as a Markdown table and are written to `results/bench/warm.json`.
 """
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -212,32 +214,96 @@ def bench_journal_memory(module: FilterModule, n_tokens: int, hits: int) -> dict
             "measured_bytes_per_entry": measured / entries}
 
 
+def bench_overhead(module: FilterModule, n: int, runs: int) -> dict[str, Any]:
+    """µs per request (hits, then misses) with journaling on and off."""
+    out: dict[str, Any] = {}
+    for journal in (True, False):
+        hit, miss = [], []
+        for _ in range(runs):
+            clock = VirtualClock()
+            b = Bench(module, clock)
+            if not journal:
+                b.inst.journal = None
+            t0 = time.perf_counter()
+            for i in range(n):
+                b.request(b"token-%08d" % i)
+            t1 = time.perf_counter()
+            for i in range(n):
+                b.request(b"token-%08d" % i)
+            t2 = time.perf_counter()
+            miss.append((t1 - t0) / n * 1e6)
+            hit.append((t2 - t1) / n * 1e6)
+            b.host.close()
+        out["on" if journal else "off"] = {"hit_us": statistics.median(hit),
+                                           "miss_us": statistics.median(miss)}
+    return out
+
+
+PARTS = ("replay", "waiting", "memory", "journal_memory", "overhead")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller journals (smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}")
     module = FilterModule.from_file(DEFAULT_FILTER)
     sizes = [(500, 1)] if args.quick else [(1000, 1), (10_000, 1), (10_000, 4)]
     runs = 1 if args.quick else 3
     print("benchmarking warm restarts …", file=sys.stderr)
     results: dict[str, Any] = {
         "machine": platform.platform(), "python": platform.python_version(),
-        "replay": [bench_replay(module, n, h, runs) for n, h in sizes],
-        "waiting": bench_waiting(module, 500 if args.quick else 5000, 1),
-        "memory": bench_memory(module, 1000 if args.quick else 10_000),
-        "journal_memory": bench_journal_memory(module, 500 if args.quick else 5000, 1),
+        "load_average": os.getloadavg()[0],
     }
+    if "replay" in parts:
+        results["replay"] = [bench_replay(module, n, h, runs) for n, h in sizes]
+    if "waiting" in parts:
+        results["waiting"] = bench_waiting(module, 500 if args.quick else 5000, 1)
+    if "memory" in parts:
+        results["memory"] = bench_memory(module, 1000 if args.quick else 10_000)
+    if "journal_memory" in parts:
+        results["journal_memory"] = bench_journal_memory(module, 500 if args.quick else 5000, 1)
+    if "overhead" in parts:
+        results["overhead"] = bench_overhead(module, 2000 if args.quick else 20_000, runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print("| journal | entries | journal MiB | warm restart | per entry | serving it live, "
-          "per request | cold restart |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results["replay"]:
-        print(f"| {r['tokens']:,} tokens × (1 miss + {r['hits_per_token']} hits) | "
-              f"{r['entries']:,} | {r['journal_mib']:.1f} | {r['warm_ms']:.0f} ms | "
-              f"{r['per_entry_us']:.0f} µs | {r['serve_us']:.0f} µs | {r['cold_ms']:.2f} ms |")
-    w = results["waiting"]
+    report(results)
+    print(f"\n(written to {args.out})", file=sys.stderr)
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
+    """Print the results as Markdown tables."""
+    print(f"load average at the start: {results['load_average']:.1f}\n")
+    if "replay" in results:
+        print("| journal | entries | journal MiB | warm restart | per entry | serving it live, "
+              "per request | cold restart |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results["replay"]:
+            print(f"| {r['tokens']:,} tokens × (1 miss + {r['hits_per_token']} hits) | "
+                  f"{r['entries']:,} | {r['journal_mib']:.1f} | {r['warm_ms']:.0f} ms | "
+                  f"{r['per_entry_us']:.0f} µs | {r['serve_us']:.0f} µs | {r['cold_ms']:.2f} ms |")
+    if "waiting" in results:
+        _report_waiting(results["waiting"])
+    if "memory" in results:
+        _report_memory(results["memory"])
+    if "journal_memory" in results:
+        j = results["journal_memory"]
+        print(f"\njournal memory per entry: estimate {j['estimate_bytes_per_entry']:.0f} B, "
+              f"tracemalloc {j['measured_bytes_per_entry']:.0f} B ({j['entries']:,} entries)")
+    if "overhead" in results:
+        o = results["overhead"]
+        print("\n| journaling | hit | miss |\n|---|---|---|")
+        for k in ("off", "on"):
+            print(f"| {k} | {o[k]['hit_us']:.1f} µs | {o[k]['miss_us']:.1f} µs |")
+
+
+def _report_waiting(w: dict[str, Any]) -> None:
     print(f"\n| warm restart of {w['tokens']:,} tokens, a request every ms | restart | "
           "longest wait | median wait | served meanwhile |\n|---|---|---|---|---|")
     for how in ("at_once", "in_steps"):
@@ -245,18 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {how.replace('_', ' ')} | {r['restart_ms']:.0f} ms | "
               f"{r['longest_wait_ms']:.1f} ms | {r['median_wait_ms']:.2f} ms | "
               f"{r['requests_served_meanwhile']} |")
-    m = results["memory"]
+
+
+def _report_memory(m: dict[str, Any]) -> None:
     print(f"\n| after a peak of {m['tokens_at_peak']:,} logins, 90 % expired | allocated "
           "before | allocated after | live bytes after |\n|---|---|---|---|")
     for mode in ("warm", "cold"):
         r = m[mode]
         print(f"| {mode} restart | {r['allocated_before_kib']:,.0f} KiB | "
               f"{r['allocated_after_kib']:,.0f} KiB | {r['live_after_kib']:,.0f} KiB |")
-    j = results["journal_memory"]
-    print(f"\njournal memory per entry: estimate {j['estimate_bytes_per_entry']:.0f} B, "
-          f"tracemalloc {j['measured_bytes_per_entry']:.0f} B ({j['entries']:,} entries)")
-    print(f"\n(written to {args.out})", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
