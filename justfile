@@ -50,6 +50,7 @@ bench: setup
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.replay
     {{python}} -m tests.bench.manager
+    {{python}} -m tests.bench.warm
 
 # Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
 [group('build')]
