@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterator
+from itertools import chain
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -141,16 +142,18 @@ class Entry:
         "generation", "outcome", "phases", "request_headers", "request_ns", "seq", "size",
     )
 
-    def __init__(self, generation: int, request_ns: int, request_headers: Pairs,
-                 end_of_stream: bool) -> None:
+    def __init__(self, generation: int, request_ns: int,
+                 request_headers: Sequence[tuple[bytes, bytes]], end_of_stream: bool) -> None:
         self.generation = generation
         self.request_ns = request_ns
         self.request_headers = request_headers
         self.end_of_stream = end_of_stream
-        self.calls: list[CallRecord] = []
-        self.call_ids: dict[int, int] = {}
+        # Empty tuples until something is added: a journal of many thousand entries keeps
+        # few containers for the garbage collector to scan.
+        self.calls: list[CallRecord] | tuple[()] = ()
+        self.call_ids: dict[int, int] | None = None
         """The original call id -> index in `calls` (while recording)."""
-        self.phases: list[tuple[int, int, Pairs | bytes, bool]] = []
+        self.phases: list[tuple[int, int, Pairs | bytes, bool]] | tuple[()] = ()
         """(time, phase, headers or body, end_of_stream) of every later phase, in order."""
         self.outcome = Outcome("none")
         self.closed_ns = 0
@@ -167,12 +170,15 @@ class Entry:
     def add_call(self, call_id: int, cluster: str, headers: Pairs, body: bytes,
                  trailers: Pairs) -> None:
         """The filter made an outbound call for this request."""
+        if not isinstance(self.calls, list):
+            self.calls, self.call_ids = [], {}
+        assert self.call_ids is not None
         self.call_ids[call_id] = len(self.calls)
         self.calls.append(CallRecord(cluster, headers, body, trailers))
 
     def answer(self, call_id: int, now_ns: int, response: HttpCallResponse | None) -> None:
         """The call `call_id` got `response` (None: failed or timed out) at `now_ns`."""
-        index = self.call_ids.get(call_id)
+        index = self.call_ids.get(call_id) if self.call_ids is not None else None
         if index is not None:
             record = self.calls[index]
             record.answered, record.answered_ns, record.answer = True, now_ns, response
@@ -180,6 +186,8 @@ class Entry:
     def saw_phase(self, now_ns: int, phase: int, data: Pairs | bytes,
                   end_of_stream: bool) -> None:
         """The filter ran on a later phase of the stream (`REQUEST_BODY` …)."""
+        if not isinstance(self.phases, list):
+            self.phases = []
         self.phases.append((now_ns, phase, data, end_of_stream))
 
     @property
@@ -207,8 +215,8 @@ class Entry:
         return events
 
 
-def _pairs_size(pairs: Pairs) -> int:
-    return sum(len(k) + len(v) + PAIR_OVERHEAD for k, v in pairs)
+def _pairs_size(pairs: Sequence[tuple[bytes, bytes]]) -> int:
+    return sum(map(len, chain.from_iterable(pairs))) + PAIR_OVERHEAD * len(pairs)
 
 
 def _pieces(value: bytes) -> Iterator[bytes]:
@@ -222,7 +230,8 @@ def _pieces(value: bytes) -> Iterator[bytes]:
                 yield w
 
 
-def credentials_of(request_headers: Pairs, calls: list[CallRecord]) -> set[tuple[bytes, bytes]]:
+def credentials_of(request_headers: Sequence[tuple[bytes, bytes]], calls: Sequence[CallRecord]
+                   ) -> set[tuple[bytes, bytes]]:
     """(header name, piece) of the request that the filter copied into one of its calls."""
     blob = b"\0".join(
         [v for c in calls for _, v in c.headers] + [c.body for c in calls if c.body]
@@ -305,6 +314,8 @@ class Journal:
             if anchor is None:
                 return False
             entry.anchor = anchor
+        entry.call_ids = None
+        entry.request_headers = tuple(entry.request_headers)  # (tuples: no GC tracking)
         entry.size = (ENTRY_OVERHEAD + _pairs_size(entry.request_headers)
                       + sum(c.size() for c in entry.calls)
                       + sum(PAIR_OVERHEAD + (len(d) if isinstance(d, bytes) else _pairs_size(d))
@@ -321,7 +332,7 @@ class Journal:
             self._clear()
         return True
 
-    def _anchor_of(self, headers: Pairs) -> Entry | None:
+    def _anchor_of(self, headers: Sequence[tuple[bytes, bytes]]) -> Entry | None:
         """The latest live anchor one of whose credentials `headers` carry."""
         names = self._names
         if not names:
@@ -330,10 +341,14 @@ class Journal:
         owner = self._owner
         for name, value in headers:
             if name in names:
-                for piece in _pieces(value):
-                    a = owner.get((name, piece))
-                    if a is not None and (best is None or a.closed_ns > best.closed_ns):
-                        best = a
+                a = owner.get((name, value))  # the whole value: the common case, no split
+                if a is None:
+                    for piece in _pieces(value):
+                        a = owner.get((name, piece))
+                        if a is not None:
+                            break
+                if a is not None and (best is None or a.closed_ns > best.closed_ns):
+                    best = a
         return best
 
     def prune(self, now_ns: int) -> None:
