@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from itertools import chain
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal, NamedTuple
 
 from .calls import HttpCallResponse
