@@ -8,8 +8,8 @@ dispatcher that never answers cannot stall a stream.
 
 - `InProcessDispatcher`: a Python function answers, after a latency in host-clock time; used by
   simulations in virtual time and by tests.
-- `HttpxDispatcher`: real HTTP through an `httpx.AsyncClient` (keep-alive pool, timeout); used
-  by the mitmproxy addon. Calls never block the event loop.
+- `HttpxDispatcher`: real HTTP through an `httpx.AsyncClient` (keep-alive pool); used by the
+  mitmproxy addon. Calls never block the event loop. The call's timeout is the host's alone.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from typing import NamedTuple
 from .headers import Pairs
 
 logger = logging.getLogger(__name__)
+
+TIMEOUT_GRACE = 2.0
+"""httpx gives up on a call after this many times its timeout: by then the host has."""
 
 
 class HttpCall(NamedTuple):
@@ -180,15 +183,20 @@ class HttpxDispatcher(Dispatcher):
                    if not k.startswith(b":") and not (authority and k.lower() == b"host")]
         if authority:
             headers.insert(0, (b"host", authority))
+        # One timeout, the filter's: the host enforces it on its own clock and records it as
+        # `timeout`. httpx's timer only ends a call the host has given up on, so it runs
+        # longer (TIMEOUT_GRACE) and bounds the whole exchange, not each read.
+        limit = call.timeout_ms / 1000 / self.clock_speed * TIMEOUT_GRACE
         try:
-            resp = await self._client.request(
-                call.method, url, headers=headers, content=call.body or None,
-                timeout=call.timeout_ms / 1000 / self.clock_speed,
-            )
+            async with asyncio.timeout(limit):
+                resp = await self._client.request(
+                    call.method, url, headers=headers, content=call.body or None, timeout=None)
+        except TimeoutError:
+            return  # no delivery: the host's own timer ends the call, as `timeout`
         except httpx.HTTPError as e:
             logger.warning(
-                "outbound call to cluster %s (%s) failed: %s", call.cluster, url,
-                type(e).__name__ + (f": {e}" if str(e) else ""),
+                "outbound call to cluster %s (%s) failed: %s", call.cluster,
+                self.clusters[call.cluster], type(e).__name__ + (f": {e}" if str(e) else ""),
             )
             deliver(None)
             return
