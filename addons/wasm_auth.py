@@ -68,6 +68,7 @@ from addons.proxywasm.headers import Pairs
 from addons.proxywasm.host import RestartMode
 from addons.proxywasm.journal import JournalConfig, window_from_config
 from addons.telemetry import records
+from addons.telemetry.spool import redact_names
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ class Settings(NamedTuple):
     retention_s: int
     proxy_id: str
     services: tuple[Path, ...]
+    redact_params: frozenset[str]
     restart_mode: RestartMode
     journal: JournalConfig | None
 
@@ -425,6 +427,10 @@ class WasmAuth:
         loader.add_option("wasm_proxy_id", str, "",
                           "This proxy's name in the store: every document carries it, and an "
                           "instance is (proxy, instance). Empty: host name and listen port.")
+        loader.add_option("wasm_redact_params", str, "",
+                          "More query parameters whose values never reach the spool or the "
+                          "store, comma-separated (access_token, token, key, api_key and other "
+                          "usual ones always are).")
         loader.add_option("wasm_retention", int, 0,
                           "Embedded store only: keep samples, requests and auth calls this many "
                           "seconds (host clock); 0 keeps everything.")
@@ -462,6 +468,7 @@ class WasmAuth:
                 retention_s=o.wasm_retention,
                 proxy_id=parse_proxy_id(o.wasm_proxy_id, o.listen_port),
                 services=tuple(Path(p).expanduser() for p in o.wasm_service),
+                redact_params=redact_names(o.wasm_redact_params),
                 restart_mode=parse_restart_mode(o.wasm_restart_mode),
                 journal=parse_journal(o.wasm_journal_window, o.wasm_journal_limit,
                                       plugin_configuration),
@@ -629,7 +636,7 @@ class WasmAuth:
         if s.log_metrics:
             from addons.telemetry.spool import MetricsLog
 
-            self.metrics = MetricsLog(s.spool_dir)
+            self.metrics = MetricsLog(s.spool_dir, redact=s.redact_params)
             self.shipper = self._start_shipper(s)
         self._start_plugin_services()
         self._tasks = [asyncio.create_task(self._poll_loop(), name="wasm-poll"),
@@ -683,27 +690,31 @@ class WasmAuth:
 
     @staticmethod
     def _shipper_args(s: Settings) -> list[str]:
+        """The shipper's command line: never the store, whose URI may hold a password (see
+        `_shipper_env`); it exits when this process dies."""
         args = [sys.executable, "-m", "addons.telemetry.shipper", "ship",
-                "--spool", str(s.spool_dir), "--store", s.store, "--nice", "10"]
+                "--spool", str(s.spool_dir), "--nice", "10", "--parent", str(os.getpid())]
         if s.retention_s:
             args += ["--retention", str(s.retention_s)]
         return args
 
     @staticmethod
-    def _shipper_env() -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": os.pathsep.join(
+    def _shipper_env(s: Settings) -> dict[str, str]:
+        from addons.telemetry.shipper import STORE_ENV
+
+        return {**os.environ, STORE_ENV: s.store, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
     def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
         """The process that delivers spooled documents to the store."""
-        return subprocess.Popen(self._shipper_args(s), env=self._shipper_env(),
+        return subprocess.Popen(self._shipper_args(s), env=self._shipper_env(s),
                                 stdin=subprocess.DEVNULL)
 
     def _final_drain(self, s: Settings) -> None:
         args = [*self._shipper_args(s), "--exit-when-idle"]
         try:
-            subprocess.run(args, env=self._shipper_env(), stdin=subprocess.DEVNULL, timeout=30,
-                           check=False)
+            subprocess.run(args, env=self._shipper_env(s), stdin=subprocess.DEVNULL,
+                           timeout=30, check=False)
         except subprocess.TimeoutExpired:
             logger.warning("wasm: metrics not all delivered in 30 s; they stay in %s and are "
                            "delivered next time", s.spool_dir)

@@ -87,14 +87,15 @@ class Stack:
 
 
 def local_stack(stack: ExitStack, run_dir: Path, *, store: str | None = None,
-                options: dict[str, str] | None = None) -> Stack:
+                options: dict[str, str] | None = None, quiet: bool = True) -> Stack:
     """Start the auth server, the shop and mitmdump with the addon on 127.0.0.1.
 
     Logs, spool and the auth server's embedded store live in `run_dir`; the addon's metrics go
     to `store` (default: an embedded store in `run_dir`). `options` are addon options
     (`wasm_clock_speed`, `wasm_admin_token`, …) merged over the defaults here — merged, because
     mitmproxy ignores a script whose option is given twice. The admin endpoint listens when
-    `wasm_admin_token` or `wasm_admin_token_file` is among them. `stack` stops it all.
+    `wasm_admin_token` or `wasm_admin_token_file` is among them. `quiet=False` keeps
+    mitmdump's log lines (warnings and up, no flows) in the log. `stack` stops it all.
     """
     root = Path(__file__).resolve().parent.parent
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,8 @@ def local_stack(stack: ExitStack, run_dir: Path, *, store: str | None = None,
     }
     sets = [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]
     proxy = stack.enter_context(process(
-        [mitmdump_path(), "-q", "-s", str(root / "addons" / "wasm_auth.py"),
+        [mitmdump_path(), *(["-q"] if quiet else ["--set", "flow_detail=0"]),
+         "-s", str(root / "addons" / "wasm_auth.py"),
          "--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
          "-p", str(proxy_port), *sets], proxy_port, run_dir / "mitmdump.log", env, timeout=60))
     return Stack(auth, f"http://127.0.0.1:{proxy_port}", f"http://{admin}" if admin else None,

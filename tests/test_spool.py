@@ -157,7 +157,7 @@ def test_flush_writes_one_complete_segment_and_rotates(tmp_path: Path) -> None:
     assert segs[0].read_bytes().endswith(b"\n")
     assert log.status() | {"spool": None} == {
         "spool": None, "buffered": 0, "spooled_docs": 3, "segments_written": 2,
-        "segments_pending": 2, "rejected": 0, "dropped": 0, "last_error": None}
+        "segments_pending": 2, "rejected": 0, "escaped": 0, "dropped": 0, "last_error": None}
 
 
 def test_segments_sort_in_write_order_across_runs(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -17,10 +18,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from pymongo.errors import OperationFailure
 
@@ -33,13 +34,19 @@ from addons.telemetry.spool import (
     SEGMENT_PREFIX,
     SEGMENT_SUFFIX,
     TMP_SUFFIX,
-    _encode,
+    _encode_ascii,
     _read_batch,
     count_documents,
+    open_private,
+    private_dir,
     ready_segments,
 )
 
 logger = logging.getLogger(__name__)
+
+STORE_ENV: Final = "WASM_RECLAIM_STORE"
+"""The environment variable the shipper reads its store from when `--store` is not given: the
+addon passes the store this way, so a password in a MongoDB URI is never on a command line."""
 
 # ==== the shipper ============================================================================
 
@@ -79,8 +86,7 @@ class Shipper:
                  backoff: tuple[float, float] = (0.5, 10.0), drain_timeout: float = 10.0,
                  retention_every: float = 10.0, batch_docs: int = 5_000,
                  db: st.Database | None = None) -> None:
-        self.spool_dir = Path(spool_dir)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir = private_dir(Path(spool_dir))
         self.store = store
         self.where = st.redact(store)
         self.retention = retention
@@ -183,12 +189,11 @@ class Shipper:
 
     def _keep_rejected(self, collection: str, rejected: list[tuple[dict[str, Any], int]],
                        segment: str) -> None:
-        folder = self.spool_dir / REJECTED_DIR
-        folder.mkdir(exist_ok=True)
+        folder = private_dir(self.spool_dir / REJECTED_DIR)
         path = folder / (segment or f"rejected-{time.time_ns()}{SEGMENT_SUFFIX}")
-        with path.open("a", encoding="utf-8") as f:
+        with os.fdopen(open_private(path, append=True), "w", encoding="ascii") as f:
             for doc, code in rejected:
-                f.write(_encode({"c": collection, "d": doc, "e": code}) + "\n")
+                f.write(_encode_ascii({"c": collection, "d": doc, "e": code}) + "\n")
         self.rejected += len(rejected)
         codes = sorted({code for _, code in rejected})
         logger.error("store %s refused %d documents of %s for good (error codes %s); kept in %s",
@@ -268,7 +273,8 @@ class Shipper:
             finally:
                 waiting = count_documents(ready_segments(self.spool_dir))
                 logger.info("shipper stopped: %d documents delivered, %d already stored, "
-                            "%d waiting in %s", self.delivered, self.duplicates, waiting,
+                            "%d quarantined in %s, %d waiting in %s", self.delivered,
+                            self.duplicates, self.rejected, REJECTED_DIR, waiting,
                             self.spool_dir)
 
     def _loop(self, *, once: bool, exit_when_idle: bool) -> int:
@@ -306,6 +312,7 @@ class Shipper:
         """Hold the spool's lock file (waiting for another shipper to finish); yields False if
         stopped while waiting."""
         path = self.spool_dir / LOCK_FILE
+        os.close(open_private(path, append=True))
         with path.open("a+") as f:
             waited = False
             while True:
@@ -338,6 +345,37 @@ class Shipper:
             st.close_store(self.db)
 
 
+PR_SET_PDEATHSIG: Final = 1  # prctl(2)
+
+
+def watch_parent(parent: int, stop: Callable[[], None], every: float = 1.0) -> None:
+    """Call `stop` once process `parent` is no longer this process's parent (it died and we
+    were re-parented), so the shipper never outlives its proxy.
+
+    On Linux the kernel signals us at once (prctl PR_SET_PDEATHSIG, SIGUSR2); the signal also
+    comes when the thread that started us ends, so the parent is checked before stopping. A
+    thread also checks every `every` seconds, for other systems and a parent that died before
+    the prctl.
+    """
+
+    def check(*_: object) -> None:
+        if os.getppid() != parent:
+            stop()
+
+    signal.signal(signal.SIGUSR2, check)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
+    check()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        stop()
+
+    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
 def _read_pid(f: IO[str]) -> str:
     f.seek(0)
     return f.read().strip()
@@ -365,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        description="Deliver ready segments until SIGTERM/SIGINT, then drain "
                                    "(at most 10 s) and exit 0; undelivered segments stay.")
     p.add_argument("--spool", type=Path, required=True, help="spool directory")
-    p.add_argument("--store", required=True,
-                   help="mongodb://… URI, or a directory for the embedded store")
+    p.add_argument("--store", default=os.environ.get(STORE_ENV),
+                   help="mongodb://… URI, or a directory for the embedded store (default: "
+                        f"${STORE_ENV}, which keeps a password off the command line)")
     p.add_argument("--database", default=st.DATABASE, help="database name (default %(default)s)")
     p.add_argument("--retention", type=float, default=0.0, metavar="S",
                    help="delete samples/requests/auth_calls older than the newest time seen "
@@ -380,10 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=0, metavar="N",
                    help="lower this process's CPU priority by N (the proxy's addon uses 10: "
                         "delivery can wait, serving cannot)")
+    p.add_argument("--parent", type=int, metavar="PID",
+                   help="deliver what is ready and exit when process PID, our parent, dies "
+                        "(the addon passes its own pid)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if not args.store:
+        parser.error(f"give --store, or set ${STORE_ENV}")
     if args.nice:
         os.nice(args.nice)
+    os.umask(0o077)  # the spool's files and the embedded store's: private to the user
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [wasm shipper] %(levelname)s: %(message)s")
@@ -397,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: shipper.stop())
+    if args.parent:
+        watch_parent(args.parent, shipper.stop)
     try:
         return shipper.run(once=args.once, exit_when_idle=args.exit_when_idle)
     finally:

@@ -12,8 +12,8 @@ separate process, the *shipper*, delivers it:
 
 Spool format
 ------------
-A spool is a directory of *segments*. A segment is a file of JSON Lines (UTF-8, ASCII-escaped),
-one document per line:
+A spool is a directory (mode 0700) of *segments*. A segment is a file (mode 0600) of JSON
+Lines, UTF-8, one document per line:
 
     {"c":"requests","d":{"time":1732610000.25,"instance":"shop",…,"_id":"3f9c1a2b7d4e-17"}}
 
@@ -23,7 +23,27 @@ delivered twice is stored once. A segment is written as `seg-<boot>-<boot_id>-<n
 (`<boot>`: the MetricsLog's start, ns since the epoch, 20 digits; `<n>`: 8 digits) and renamed
 atomically to `….jsonl` when complete, so the shipper only sees complete files and delivers
 them in name order: older proxy runs first, then in the order they were written.
-`rejected/` holds documents the store refused for good (same format, plus `"e": <error code>`).
+`rejected/` holds documents the store refused for good (same format, plus `"e": <error code>`):
+the dead letters.
+
+Text that is not UTF-8
+----------------------
+mitmproxy decodes a request's method and path with `surrogateescape`, so a client that sends
+`GET /caf\\xe9` makes a string with a lone surrogate, which neither UTF-8 nor BSON can encode. Such
+text is escaped when the document is spooled (`escape_text`): backslashes are doubled, a byte
+that `surrogateescape` kept becomes `\\xNN`, any other lone surrogate `\\uXXXX`. The document's
+`escaped` field lists the fields so escaped (`unescape_text` gives the original back), so the
+store holds valid UTF-8 and nothing is lost. The shipper escapes documents of older spools the
+same way, and quarantines any document the store still refuses, so one document never blocks the
+others.
+
+Credentials in paths
+--------------------
+A request path can carry a credential (`/account?access_token=…`). Before a document is
+spooled, the values of such parameters in its `path` (query parameters, and `;name=value`
+parameters of path segments) become `REDACTED` (`redact_path`): the names in
+`REDACT_PARAMS`, any name ending in one of `REDACT_SUFFIXES`, and the names the operator adds
+(the addon's `wasm_redact_params`), compared without case, percent-decoded, `-` as `_`.
 
 What can be lost
 ----------------
@@ -41,13 +61,15 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+from urllib.parse import unquote_plus
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +81,32 @@ LOCK_FILE: Final = ".shipper.lock"
 ORPHAN_AGE_S: Final = 60.0  # a .tmp this old belongs to a proxy that died while flushing
 INVALID_COLLECTION: Final = -2  # rejection code: documents for a collection name MongoDB refuses
 
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+ESCAPED: Final = "escaped"  # the field listing a document's escaped text fields
+REDACTED: Final = "REDACTED"
+REDACT_PARAMS: Final = frozenset({
+    "access_token", "refresh_token", "id_token", "token", "key", "api_key", "apikey",
+    "password", "passwd", "pwd", "secret", "client_secret", "auth", "authorization",
+    "sig", "signature", "x_amz_signature", "x_amz_credential", "x_amz_security_token",
+    "session", "sessionid", "jsessionid", "phpsessid", "jwt", "code", "ticket",
+})
+REDACT_SUFFIXES: Final = ("_token", "_secret", "_key", "_password", "_signature")
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def private_dir(path: Path) -> Path:
+    """Make directory `path` (and its parents) if needed; the directory itself mode 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def open_private(path: Path, append: bool = False) -> int:
+    """A file descriptor for writing `path`, created with mode 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.open(path, flags, 0o600)
 
 
 def segment_name(boot_ns: int, boot_id: str, n: int) -> str:
@@ -88,21 +135,142 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def encode_lines(batch: Sequence[tuple[str, dict[str, Any]]]
-                 ) -> tuple[list[str], list[tuple[str, dict[str, Any]]], dict[str, int]]:
-    """Spool lines for `batch`: (lines, the items they encode, rejected count per collection).
+def redact_names(extra: str | Sequence[str] = "") -> frozenset[str]:
+    """`REDACT_PARAMS` plus `extra` (comma-separated text or a list), normalized."""
+    items = extra.split(",") if isinstance(extra, str) else extra
+    return REDACT_PARAMS | {_param_key(n) for n in items if n.strip()}
+
+
+def _param_key(name: str) -> str:
+    return unquote_plus(name).strip().lower().replace("-", "_")
+
+
+def _redact_pairs(text: str, sep: str, names: frozenset[str]) -> str:
+    pairs = text.split(sep)
+    for i, pair in enumerate(pairs):
+        name, eq, value = pair.partition("=")
+        if eq and value:
+            key = _param_key(name)
+            if key in names or key.endswith(REDACT_SUFFIXES):
+                pairs[i] = f"{name}={REDACTED}"
+    return sep.join(pairs)
+
+
+def redact_path(path: str, names: frozenset[str] = REDACT_PARAMS) -> str:
+    """`path` with the values of credential parameters (see the module's docstring) replaced
+    by `REDACTED`; everything else byte for byte as it was."""
+    if "=" not in path:
+        return path
+    base, qmark, query = path.partition("?")
+    if ";" in base:
+        base = "/".join(_redact_pairs(seg, ";", names) if ";" in seg else seg
+                        for seg in base.split("/"))
+    if qmark:
+        query = _redact_pairs(query, "&", names)
+    return base + qmark + query
+
+
+def escape_text(text: str) -> str:
+    """`text` as valid UTF-8, losslessly: backslashes doubled, a byte `surrogateescape` kept
+    (U+DC80..U+DCFF) as `\\xNN`, any other lone surrogate as `\\uXXXX`. Only for text that
+    UTF-8 cannot encode; `unescape_text` reverses it."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_UNESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+def unescape_text(text: str) -> str:
+    """The original of `escape_text(original)` (a field the document's `escaped` lists)."""
+
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code == "\\":
+            return "\\"
+        return chr(0xDC00 + int(code[1:], 16)) if code[0] == "x" else chr(int(code[1:], 16))
+
+    return _UNESCAPE.sub(one, text)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with every text (keys too, at any depth) that UTF-8 cannot encode escaped, and
+    their dotted field names (escaped themselves) in `escaped`; `doc` itself when there is
+    none."""
+    fields: list[str] = []
+
+    def walk(value: Any, where: str) -> Any:
+        if isinstance(value, str):
+            if _utf8(value):
+                return value
+            fields.append(where)
+            return escape_text(value)
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                key = k if not isinstance(k, str) or _utf8(k) else escape_text(k)
+                name = f"{where}.{key}" if where else str(key)
+                if key is not k:
+                    fields.append(name + ".<key>")
+                out[key] = walk(v, name)
+            return out
+        if isinstance(value, list | tuple):
+            return [walk(v, f"{where}.{i}") for i, v in enumerate(value)]
+        return value
+
+    escaped = walk(doc, "")
+    if not fields:
+        return doc
+    return {**escaped, ESCAPED: fields}
+
+
+class Encoded(NamedTuple):
+    """Spool lines for a batch (valid UTF-8), and what it took to make them."""
+
+    lines: list[str]
+    kept: list[tuple[str, dict[str, Any]]]  # the items the lines encode
+    rejected: dict[str, int]                # per collection: documents JSON cannot encode
+    escaped: int                            # documents whose text had to be escaped
+
+
+def encode_lines(batch: Sequence[tuple[str, dict[str, Any]]]) -> Encoded:
+    """Spool lines for `batch`.
 
     NaN and ±Infinity become null: JSON has no such numbers, and FerretDB drops the connection
-    on them, which would stall the spool. A document JSON cannot encode (bytes, a datetime, a
-    cycle) is rejected and left out.
+    on them, which would stall the spool. Text UTF-8 cannot encode (a client's non-UTF-8 bytes,
+    kept by surrogateescape) is escaped (`escape_document`). A document JSON cannot encode
+    (bytes, a datetime, a cycle) is rejected and left out.
     """
     try:
-        return [_encode({"c": c, "d": d}) for c, d in batch], list(batch), {}
+        lines = [_encode({"c": c, "d": d}) for c, d in batch]
     except (TypeError, ValueError, RecursionError):
         pass
-    lines: list[str] = []
+    else:
+        # str.isascii() is O(1) in CPython; only a line with other characters is checked
+        if all(line.isascii() or _utf8(line) for line in lines):
+            return Encoded(lines, list(batch), {}, 0)
+    lines = []
     kept: list[tuple[str, dict[str, Any]]] = []
     rejected: dict[str, int] = {}
+    escaped = 0
     for c, d in batch:
         try:
             try:
@@ -110,18 +278,24 @@ def encode_lines(batch: Sequence[tuple[str, dict[str, Any]]]
             except ValueError:  # a non-finite float
                 d = _finite(d)
                 line = _encode({"c": c, "d": d})
+            if not (line.isascii() or _utf8(line)):
+                d = escape_document(d)
+                line = _encode({"c": c, "d": d})
+                escaped += 1
         except (TypeError, ValueError, RecursionError):
             rejected[c] = rejected.get(c, 0) + 1
             continue
         lines.append(line)
         kept.append((c, d))
-    return lines, kept, rejected
+    return Encoded(lines, kept, rejected, escaped)
 
 
 def read_segment(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """The (collection, document) pairs of a segment; malformed lines are skipped and logged.
 
     A malformed line only comes from a torn write (an adopted `.tmp`) or outside tampering.
+    Lone surrogates (`\\udcXX` escapes, from a spool written before text was escaped) are
+    escaped now (`escape_document`).
     """
     items: list[tuple[str, dict[str, Any]]] = []
     bad = 0
@@ -137,6 +311,8 @@ def read_segment(path: Path) -> list[tuple[str, dict[str, Any]]]:
             except (ValueError, KeyError, TypeError):
                 bad += 1
                 continue
+            if b"\\ud" in line:
+                d = escape_document(d)
             items.append((c, d))
     if bad:
         logger.warning("spool segment %s: %d malformed lines skipped", path.name, bad)
@@ -190,13 +366,14 @@ class MetricsLog:
     counted in `dropped`; `last_error` says why.
     """
 
-    def __init__(self, spool_dir: Path, *, max_buffer: int = 50_000, fsync: bool = False) -> None:
+    def __init__(self, spool_dir: Path, *, max_buffer: int = 50_000, fsync: bool = False,
+                 redact: frozenset[str] = REDACT_PARAMS) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be at least 1, not {max_buffer}")
-        self.spool_dir = Path(spool_dir)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir = private_dir(Path(spool_dir))
         self.max_buffer = max_buffer
         self.fsync = fsync
+        self.redact = redact
         self.boot_id = secrets.token_hex(6)
         self._boot_ns = time.time_ns()
         self._id_prefix = f"{self.boot_id}-"
@@ -210,6 +387,7 @@ class MetricsLog:
         self.spooled_docs = 0
         self.segments_written = 0
         self.rejected = 0  # documents JSON could not encode (never spooled)
+        self.escaped = 0   # documents with text that was not UTF-8, spooled escaped
         self.dropped = 0   # documents refused because the spool was unwritable and memory full
         self.last_error: str | None = None
 
@@ -248,7 +426,7 @@ class MetricsLog:
         return {"spool": str(self.spool_dir), "buffered": self.buffered,
                 "spooled_docs": self.spooled_docs, "segments_written": self.segments_written,
                 "segments_pending": self.segments_pending(), "rejected": self.rejected,
-                "dropped": self.dropped, "last_error": self.last_error}
+                "escaped": self.escaped, "dropped": self.dropped, "last_error": self.last_error}
 
     def _flush(self, *, blocking: bool) -> int:
         if not self._flush_lock.acquire(blocking=blocking):
@@ -258,7 +436,14 @@ class MetricsLog:
                 batch, self._buffer = self._buffer, []
             if not batch:
                 return 0
-            lines, kept, rejected = encode_lines(batch)
+            batch = [(c, self._redacted(d)) for c, d in batch]
+            lines, kept, rejected, escaped = encode_lines(batch)
+            if escaped:
+                if not self.escaped:  # once: a client can send such bytes at will
+                    logger.warning("metrics: %d documents held text that is not UTF-8 (bytes a "
+                                   "client sent); stored escaped, see their `escaped` field",
+                                   escaped)
+                self.escaped += escaped
             if rejected:
                 self.rejected += sum(rejected.values())
                 self.last_error = f"documents JSON cannot encode were rejected: {rejected}"
@@ -287,14 +472,22 @@ class MetricsLog:
         finally:
             self._flush_lock.release()
 
+    def _redacted(self, doc: dict[str, Any]) -> dict[str, Any]:
+        path = doc.get("path")
+        if isinstance(path, str) and "=" in path:
+            clean = redact_path(path, self.redact)
+            if clean != path:
+                return {**doc, "path": clean}
+        return doc
+
     def _write_segment(self, lines: list[str]) -> None:
         name = segment_name(self._boot_ns, self.boot_id, self._segment)
         ready = self.spool_dir / name
         tmp = self.spool_dir / (name + TMP_SUFFIX)
         if not self.spool_dir.is_dir():  # removed while we run: make it again
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.spool_dir)
         try:
-            with tmp.open("wb") as f:
+            with os.fdopen(open_private(tmp), "wb") as f:
                 f.write("\n".join(lines).encode())
                 f.write(b"\n")
                 if self.fsync:

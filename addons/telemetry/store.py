@@ -40,6 +40,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,9 @@ def open_store(store: str, database: str = DATABASE, *, timeout: float = 5.0) ->
     For a URI, `timeout` (seconds) bounds server selection and connecting; pymongo connects
     lazily, so an unreachable server shows on the first operation as a
     `pymongo.errors.ConnectionFailure`, never here. For a path, the directory is created with
-    the SQLite engine if needed; a directory holding a montydb store with another engine is a
-    `ValueError`, and so is an empty `store`. Close with `close_store`.
+    the SQLite engine if needed and made private (mode 0700); a directory holding a montydb
+    store with another engine is a `ValueError`, and so is an empty `store`. Close with
+    `close_store`.
     """
     if not store:
         raise ValueError("no store: give a mongodb:// URI or a directory")
@@ -151,7 +153,9 @@ def open_store(store: str, database: str = DATABASE, *, timeout: float = 5.0) ->
 def _open_embedded(path: Path, database: str) -> Database:
     import montydb
 
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: documents and token hashes
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
     ident = path / _MONTY_IDENT
     if not ident.exists():
         # Two processes may create the store at once (the shipper and the auth server):
@@ -160,12 +164,28 @@ def _open_embedded(path: Path, database: str) -> Database:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not ident.exists():
                 montydb.set_storage(os.fspath(path), storage=EMBEDDED_ENGINE)
+                _private_files(path)
     engine = ident.read_text().strip()
     if engine != EMBEDDED_ENGINE:
         raise ValueError(f"{path} is a montydb store with the {engine!r} engine; wasm-reclaim "
                          f"needs {EMBEDDED_ENGINE!r} (safe for concurrent processes)")
     db: Database = montydb.MontyClient(os.fspath(path))[database]
     return db
+
+
+def _private_files(path: Path) -> None:
+    """Make the files (mode 0600) and folders (0700) under `path` that we own private. SQLite
+    gives a collection's journal files the mode of its database file."""
+    uid = os.getuid()
+    for root, dirs, files in os.walk(path):
+        for names, private in ((dirs, 0o700), (files, 0o600)):
+            for name in names:
+                where = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    info = os.lstat(where)
+                    if info.st_uid == uid and info.st_mode & 0o077 and not stat.S_ISLNK(
+                            info.st_mode):
+                        os.chmod(where, private)
 
 
 def close_store(db: Database) -> None:
@@ -196,6 +216,8 @@ def ensure_indexes(db: Database) -> bool:
                 except Exception:  # another process created it meanwhile (montydb or sqlite3)
                     if name not in db.list_collection_names():
                         raise
+        repository: Any = db.client.address  # montydb's: the store's directory
+        _private_files(Path(repository))
         return False
     for name in BY_INSTANCE_TIME:
         db[name].create_index([("proxy", pymongo.ASCENDING), ("instance", pymongo.ASCENDING),
@@ -217,6 +239,8 @@ def valid_collection_name(name: str) -> bool:
 
 DUPLICATE_KEY: Final = 11000  # MongoDB's error code for a duplicate `_id`
 INVALID_DOCUMENT: Final = -1  # our code for a document the client library cannot encode
+# What pymongo raises for a document it cannot encode: never a reason to stop delivering others.
+_UNENCODABLE: Final = (InvalidDocument, OverflowError, UnicodeEncodeError)
 
 
 @dataclass(frozen=True)
@@ -254,8 +278,8 @@ def insert_new(db: Database, collection: str, docs: list[dict[str, Any]]) -> Del
         rejected = [(docs[err["index"]], int(err.get("code", 0)))
                     for err in errors if err.get("code") != DUPLICATE_KEY]
         return Delivery(int(e.details.get("nInserted", 0)), dups, rejected)
-    except (InvalidDocument, OverflowError):  # a document BSON can't encode (too large, an
-        return _insert_one_by_one(db, collection, docs)  # int beyond 64 bits): one at a time
+    except _UNENCODABLE:  # a document BSON can't encode (too large, an int beyond 64 bits,
+        return _insert_one_by_one(db, collection, docs)  # a lone surrogate): one at a time
     return Delivery(len(docs), 0)
 
 
@@ -268,7 +292,7 @@ def _insert_one_by_one(db: Database, collection: str, docs: list[dict[str, Any]]
             inserted += 1
         except DuplicateKeyError:
             dups += 1
-        except (InvalidDocument, OverflowError):
+        except _UNENCODABLE:
             rejected.append((doc, INVALID_DOCUMENT))
     return Delivery(inserted, dups, rejected)
 
