@@ -93,12 +93,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def shipper_of(proxy_pid: int) -> int | None:
-    """The metrics shipper the proxy started (a child running the spool's `ship` command)."""
-    for pid in children(proxy_pid):
-        if "ship" in cmdline(pid):
-            return pid
-    return None
+def shipper_of(proxy_pid: int, timeout: float = 30.0) -> int | None:
+    """The metrics shipper the proxy started (a child running the `ship` command), waiting
+    up to `timeout` seconds for it to appear."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in children(proxy_pid):
+            if "ship" in cmdline(pid):
+                return pid
+        if time.monotonic() > deadline or not alive(proxy_pid):
+            return None
+        time.sleep(0.1)
 
 
 def rss_mib(pid: int) -> float:
