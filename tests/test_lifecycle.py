@@ -277,3 +277,20 @@ def test_outbound_call_from_the_response_phase_pauses_and_resumes(harness) -> No
     assert decided and decided[-1].action == "continue"
     assert (b"x-called", b"yes") in stream.ctx.response_headers
     stream.close()
+
+
+def test_a_paused_phase_times_out_from_its_own_start(rec) -> None:
+    h = rec
+    act(h, "response_headers", PAUSE)
+    stream = h.instance.stream()
+    stream.request_headers(HEADERS)
+    h.clock.advance(31)  # a slow upstream: longer than stream_timeout_s since the request
+    decided = []
+    stream.on_decision = decided.append
+    assert stream.response_headers(RESPONSE, True) is None
+    h.clock.advance(2)
+    h.host.poll()
+    assert not decided  # the pause began 2 s ago, not 33
+    h.clock.advance(30)
+    h.host.poll()
+    assert decided and decided[0].error and "never resumed" in decided[0].error

@@ -173,7 +173,7 @@ class Stream:
     """
 
     __slots__ = ("attributes", "ctx", "decision", "entry", "failed_calls", "instance", "last",
-                 "on_decision", "started_ns", "vm", "waiting")
+                 "on_decision", "phase_ns", "started_ns", "vm", "waiting")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
@@ -187,6 +187,8 @@ class Stream:
         """A phase has run and its decision is still pending (the filter paused it)."""
         self.on_decision: Callable[[Decision], None] | None = None
         self.started_ns = 0
+        self.phase_ns = 0
+        """When the latest phase began (a paused phase fails after `stream_timeout_s`)."""
         self.entry: Entry | None = None
         """This request as the journal records it (None when nothing is journaled)."""
         self.attributes: Attributes | None = None
@@ -207,7 +209,7 @@ class Stream:
     def request_headers(self, headers: Pairs, end_of_stream: bool = True) -> Decision | None:
         """Run the filter on the request headers (names are matched case-insensitively)."""
         host = self.instance.host
-        self.started_ns = host.clock.now_ns()
+        self.started_ns = self.phase_ns = host.clock.now_ns()
         vm = self.vm
         if vm is None or vm.closed:
             self.instance.maybe_recover()
@@ -264,6 +266,7 @@ class Stream:
                 return self._fail(f"filter failed: {vm.broken}")
             return self._continue()
         host = self.instance.host
+        self.phase_ns = host.clock.now_ns()
         ctx.resumed = False
         ctx.local_response = None
         host._busy += 1
@@ -1086,7 +1089,7 @@ class Host:
             for vm in inst.vms():
                 for ctx in list(vm.contexts.values()):
                     s = ctx.stream
-                    if s.waiting and not ctx.calls and now - s.started_ns > limit:
+                    if s.waiting and not ctx.calls and now - s.phase_ns > limit:
                         s.fail_pending("the filter paused the stream and never resumed it")
 
     def observe(self) -> list[Observation]:
