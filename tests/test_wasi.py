@@ -59,7 +59,8 @@ def test_poll_oneoff_answers_every_subscription_at_once(harness) -> None:
 
 def test_fd_calls_have_sane_answers(harness) -> None:
     h = harness(module(trampolines(*[("wasi_snapshot_preview1", n) for n in (
-        "fd_fdstat_get", "fd_prestat_get", "fd_prestat_dir_name", "fd_fdstat_set_flags")])))
+        "fd_fdstat_get", "fd_prestat_get", "fd_prestat_dir_name", "fd_fdstat_set_flags",
+        "fd_close")])))
     assert h.call("fd_fdstat_get", 1, 1024) == WasiErrno.SUCCESS
     filetype, flags, rights = struct.unpack_from("<BxHxxxxQ", h.vm.read(1024, 24))
     assert (filetype, flags) == (2, 0) and rights & 0x40  # a character device, writable
@@ -69,6 +70,8 @@ def test_fd_calls_have_sane_answers(harness) -> None:
     assert h.call("fd_prestat_dir_name", 3, 1024, 10) == WasiErrno.BADF
     assert h.call("fd_fdstat_set_flags", 1, 4) == WasiErrno.SUCCESS
     assert h.call("fd_fdstat_set_flags", 9, 4) == WasiErrno.BADF
+    assert h.call("fd_close", 2) == WasiErrno.SUCCESS
+    assert h.call("fd_close", 5) == WasiErrno.BADF
 
 
 def test_wasi_unstable_is_an_alias(harness) -> None:

@@ -665,6 +665,11 @@ def fd_fdstat_set_flags(vm: Vm, fd: int, _flags: int) -> int:
     return WasiErrno.SUCCESS if fd <= 2 else WasiErrno.BADF
 
 
+def fd_close(vm: Vm, fd: int) -> int:
+    """Nothing is open but stdin, stdout and stderr, which stay open. Returns: SUCCESS, BADF."""
+    return WasiErrno.SUCCESS if fd <= 2 else WasiErrno.BADF
+
+
 def fd_prestat_get(vm: Vm, fd: int, ret_prestat: int) -> int:
     """No directory is pre-opened: BADF ends the guest's scan of pre-opens."""
     return WasiErrno.BADF
@@ -734,6 +739,7 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
     ("wasi_snapshot_preview1", "fd_fdstat_get"): (("ii", "i"), fd_fdstat_get),
     ("wasi_snapshot_preview1", "fd_fdstat_set_flags"): (("ii", "i"), fd_fdstat_set_flags),
     ("wasi_snapshot_preview1", "fd_prestat_get"): (("ii", "i"), fd_prestat_get),
+    ("wasi_snapshot_preview1", "fd_close"): (("i", "i"), fd_close),
     ("wasi_snapshot_preview1", "fd_prestat_dir_name"): (("iii", "i"), fd_prestat_dir_name),
 }
 # The same functions under their older module name.
