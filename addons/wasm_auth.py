@@ -624,6 +624,7 @@ class WasmAuth:
 
     async def done(self) -> None:
         self._running = False
+        self._end_open_exchanges()
         await self._stop_services()
         await asyncio.gather(*self._closing, return_exceptions=True)
         if self.host is not None:
@@ -893,6 +894,16 @@ class WasmAuth:
             await lifecycle.response_phases(flow, ex, self._exports)
         finally:
             self._finish(flow, ex)
+
+    def _end_open_exchanges(self) -> None:
+        """The proxy stops with exchanges in flight: end their streams, keep their records."""
+        exchanges, self._open = list(self._open.values()), {}
+        for ex in exchanges:
+            if ex.stream is not None:
+                stream, ex.stream = ex.stream, None
+                stream.close()
+            if ex.record is not None:
+                self.write("requests", ex.record)
 
     def _finish(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
         """Close the stream (log, done, delete) and write the request's record."""

@@ -412,3 +412,25 @@ async def test_a_streamed_request_is_decided_before_its_headers_leave(tmp_path) 
         assert inst.vm.call(inst.vm.raw.func("calls")) == 1
         assert inst.vm.contexts == {}  # no lifecycle callbacks: the stream already ended
         await addon.done()
+
+
+async def test_stopping_ends_open_streams_and_keeps_their_records(tmp_path) -> None:
+    from addons.telemetry.spool import MetricsLog, read_segment, ready_segments
+
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        addon.metrics = MetricsLog(tmp_path / "spool")
+        f = tflow.tflow()
+        await addon.request(f)  # in flight: no response yet
+        [inst] = addon.host.instances.values()
+        assert inst.vm.contexts
+        addon._end_open_exchanges()
+        assert inst.vm.contexts == {} and not addon._open
+        addon.metrics.flush()
+        docs = [doc for path in ready_segments(tmp_path / "spool")
+                for collection, doc in read_segment(path) if collection == "requests"]
+        assert len(docs) == 1 and docs[0]["status"] is None
+        addon.metrics = None
+        await addon.done()
