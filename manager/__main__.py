@@ -1,7 +1,7 @@
 """``python -m manager run``: the restart manager daemon (SPEC §8).
 
     python -m manager run --store .wasm-reclaim/store --admin http://127.0.0.1:9901 \\
-        --token-file .wasm-reclaim/admin-token --policy ratio
+        --token-file .wasm-reclaim/admin-token --policy adaptive
 
 Many proxies: ``--admin`` repeated, or ``--proxies-from-store`` (the proxies that registered
 in the store with a recent heartbeat), with ``--lease`` so that at most one manager acts.
@@ -30,6 +30,7 @@ from addons.telemetry.store import DATABASE, is_mongo_uri, redact
 from manager.daemon import Daemon, DaemonConfig, Endpoint
 from manager.estimate import EstimatorParams
 from manager.policies import (
+    AdaptiveParams,
     PolicyParams,
     RatioParams,
     parse_duration,
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "with backoff.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="policies (--policy):\n"
-               "  ratio                 the paper's rule (default); options above or in the\n"
+               "  adaptive              the best host-visible rule (default): restart when the\n"
+               "                        surplus it frees outweighs the cache it drops;\n"
+               "                        adaptive:call_cost=1800,horizon=3h,budget=0.01\n"
+               "  ratio                 the paper's rule; options above or in the\n"
                "                        spec: ratio:measure=15m,ttl_cap=10m,trend_z=3\n"
                "  fixed:30m             restart when uptime ≥ 30 min\n"
                "  threshold:64MiB       restart when allocated memory ≥ 64 MiB\n"
@@ -190,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = run.add_argument_group("policy")
     policy.add_argument(
-        "--policy", default="ratio", metavar="SPEC",
-        help="ratio | fixed:DURATION | threshold:SIZE | none | oracle, with optional "
-             ",key=value settings (default %(default)s: the paper's rule)")
+        "--policy", default="adaptive", metavar="SPEC",
+        help="adaptive | ratio | fixed:DURATION | threshold:SIZE | none | oracle, with optional "
+             ",key=value settings (default %(default)s: the best host-visible rule; ratio is "
+             "the paper's)")
     policy.add_argument(
         "--retry-after", type=_duration, default=None, metavar="DURATION",
         help=f"after asking to restart a generation, ignore its samples this long (samples' "
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ratio = run.add_argument_group(
         "ratio policy", "Settings of the paper's rule; they override the same keys in --policy. "
+                        "The estimator's (--measure … --trend-window) also apply to adaptive. "
                         "Tags (A1…) refer to manager/AMBIGUITIES.md.")
     for flag, _field, parse, text in _ESTIMATOR_OPTIONS + _RATIO_OPTIONS:
         metavar = "DURATION" if parse is _duration else "N"
@@ -307,9 +313,12 @@ def policy_params(args: argparse.Namespace) -> PolicyParams:
     ratio["first_decision_restarts"] = args.first_restart
     estimator = {k: v for k, v in estimator.items() if v is not None}
     ratio = {k: v for k, v in ratio.items() if v is not None}
+    if ratio and not isinstance(params, RatioParams):
+        raise ValueError(f"the ratio policy's options do not apply to --policy {args.policy}")
+    if estimator and not isinstance(params, RatioParams | AdaptiveParams):
+        raise ValueError(f"the estimator's options do not apply to --policy {args.policy}")
     if estimator or ratio:
-        if not isinstance(params, RatioParams):
-            raise ValueError(f"the ratio policy's options do not apply to --policy {args.policy}")
+        assert isinstance(params, RatioParams | AdaptiveParams)
         params = dataclasses.replace(
             params, estimator=dataclasses.replace(params.estimator, **estimator), **ratio)
     if args.retry_after is not None:

@@ -130,14 +130,25 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
 
 
+RESTART_MODES: Final = ("cold",)
+"""How a policy's restarts are carried out. ``cold``: a fresh instance, the cache is dropped."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Common:
     #: After asking to restart a generation, ignore its samples this long before asking again
     #: (samples written just before the restart; a restart that failed is asked again after it).
     retry_after_s: float = 60.0
+    #: How the restarts this policy asks for are carried out (:data:`RESTART_MODES`).
+    restart_mode: str = "cold"
 
     def __post_init__(self) -> None:
         _check_positive(type(self).__name__, retry_after_s=self.retry_after_s)
+        if self.restart_mode not in RESTART_MODES:
+            raise ValueError(
+                f"{type(self).__name__}.restart_mode must be one of {', '.join(RESTART_MODES)}, "
+                f"got {self.restart_mode!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,7 +233,62 @@ class OracleParams(_Common):
         )
 
 
-PolicyParams = NoneParams | FixedParams | ThresholdParams | RatioParams | OracleParams
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveParams(_Common):
+    """The best rule we have from what the host sees (P, Q, O, uptime); the manager's default.
+
+    A cost model: restart when the surplus-time the restart removes outweighs the auth calls it
+    causes. With N = O(t) − O(t − ttl) estimated live entries, H = the requests of the last ttl
+    that made no outbound call (hits), required R = floor + N/k and surplus S = P − R pages:
+
+    - the restart causes about C = min(N, H) extra auth calls (a live entry costs a call only
+      if its token comes back before it expires; recent hits bound how many do) (B2);
+    - it removes about S · ``horizon`` page-seconds of surplus, where the horizon starts at
+      ``horizon_s`` and is halved for an instance whose memory regrew to its pre-restart size
+      within one ttl of a restart (back-off) and doubled back after a restart that held (B6);
+    - restart when S · horizon ≥ ``call_cost_page_s`` · C, S ≥ ``min_free_pages``, N is not
+      rising over the trend window, the generation has lived ``min_uptime_ttls`` ttls, and the
+      estimated extra calls of all restarts stay within ``budget_share`` of the instance's
+      outbound calls (B3–B5).
+
+    No measurement period and no unconditional first restart: k and the TTL start at the
+    estimator's defaults and are refitted on every generation whose pages grew by at least
+    ``estimator.min_growth_pages`` in its first ``estimator.measure_s`` (B7). Every parameter is
+    in ``manager/AMBIGUITIES.md`` (B1–B8).
+    """
+
+    name: ClassVar[str] = "adaptive"
+    estimator: EstimatorParams = field(default_factory=EstimatorParams)
+    #: Page-seconds of surplus one extra auth call is worth (B3).
+    call_cost_page_s: float = 1800.0
+    #: How long freed memory is assumed to stay freed, before any back-off (B6).
+    horizon_s: float = 3 * 3600.0
+    #: The smallest restart worth making, in pages (B3).
+    min_free_pages: float = 2.0
+    #: A generation lives at least this many ttls before it may be restarted (B4).
+    min_uptime_ttls: float = 1.0
+    #: Estimated extra calls of all restarts ≤ this share of the instance's outbound calls (B5).
+    budget_share: float = 0.01
+    #: Horizon divisor when memory regrew to its pre-restart size within one ttl (B6).
+    backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(
+            "AdaptiveParams", call_cost_page_s=self.call_cost_page_s, horizon_s=self.horizon_s,
+            min_free_pages=self.min_free_pages, budget_share=self.budget_share,
+        )
+        if not (math.isfinite(self.min_uptime_ttls) and self.min_uptime_ttls >= 0):
+            raise ValueError(
+                f"AdaptiveParams.min_uptime_ttls must be ≥ 0, got {self.min_uptime_ttls!r}"
+            )
+        if not (math.isfinite(self.backoff) and self.backoff >= 1):
+            raise ValueError(f"AdaptiveParams.backoff must be ≥ 1, got {self.backoff!r}")
+
+
+PolicyParams = (
+    NoneParams | FixedParams | ThresholdParams | RatioParams | OracleParams | AdaptiveParams
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +310,8 @@ _SLOT_DTYPES: Final[Mapping[str, type]] = {
 }
 _SLOT_FILL: Final[Mapping[str, float]] = {
     "generation": -1, "last_time": -math.inf, "falling": False, "learned": False,
-    "k_seen": False, "ttl_seen": False,
+    "k_seen": False, "ttl_seen": False, "spent": 0.0, "outbound_done": 0.0,
+    "last_outbound": 0.0,
 }
 
 
@@ -253,7 +320,8 @@ class Slots:
     """Per-instance scalars, one array element per instance (its *slot*), in order of first sight.
 
     Per generation: generation … falling. Learned in the ratio policy's measurement period and
-    kept across generations: learned … modal_entries.
+    kept across generations: learned … modal_entries (adaptive relearns k and ttl). The
+    adaptive policy's own: horizon … relearn_at.
     """
 
     names: tuple[str, ...]
@@ -273,6 +341,19 @@ class Slots:
     baseline_entries: FloatArray
     median_entries: FloatArray
     modal_entries: FloatArray
+    #: adaptive: how long freed memory is expected to stay freed (s), halved on regrowth (B6)
+    horizon: FloatArray
+    #: adaptive: estimated extra auth calls of its restarts so far (B5)
+    spent: FloatArray
+    #: adaptive: outbound calls of the instance's finished generations (B5)
+    outbound_done: FloatArray
+    #: adaptive: O at the latest sample of the current generation
+    last_outbound: FloatArray
+    #: adaptive: pages of the previous generation when we restarted it (NaN: not ours, or
+    #: checked) (B6)
+    pre_pages: FloatArray
+    #: adaptive: when this generation's growth is fitted for k and the TTL (NaN: done) (B7)
+    relearn_at: FloatArray
     #: name → slot (derived from ``names``)
     slot_of: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
@@ -415,6 +496,7 @@ def initial_state(params: PolicyParams) -> PolicyState:
 
 _HISTORY_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     "none": (), "fixed": (), "threshold": (), "ratio": ("outbound", "pages"), "oracle": ("live",),
+    "adaptive": ("outbound", "pages", "requests"),
 }
 
 
@@ -468,6 +550,8 @@ class _Verdict:
     explain: Callable[[IntArray], list[str]]
     slots: Slots
     history: History
+    #: Called with the rows chosen for a restart, returns the slots after those restarts.
+    on_restart: Callable[[Slots, IntArray], Slots] | None = None
 
 
 _Policy = Callable[[Any, Slots, History, _Rows, IntArray, IntArray], _Verdict]
@@ -596,6 +680,8 @@ def _round(
     slots = slots.updated(seg_slot, last_time=rows.time[ends - 1])
     if restarting.any():
         slots = slots.updated(seg_slot[restarting], asked_at=rows.time[chosen[restarting]])
+        if verdict.on_restart is not None:
+            slots = verdict.on_restart(slots, chosen[restarting])
     return decisions, PolicyState(state.policy, slots, verdict.history)
 
 
@@ -614,23 +700,30 @@ def _enter(
     time = rows.time[firsts]
     base = rows.allocated_bytes[firsts] if isinstance(params, OracleParams) else rows.pages[firsts]
     measure_end = time + (params.estimator.measure_s if isinstance(params, RatioParams) else 0.0)
+    if isinstance(params, AdaptiveParams):
+        slots = _adaptive_enter(params, slots, rows, firsts)
+        base = np.fmin(slots.base[at], base)  # a fresh instance's pages: the least seen (B1)
     slots = slots.updated(
         at, generation=rows.generation[firsts], started_at=rows.started_at[firsts],
         first_seen=time, last_time=-math.inf, asked_at=math.nan, base=base,
         measure_end=measure_end, falling=False,
     )
     history = history.without(at)
-    if isinstance(params, RatioParams):  # the known start, O = 0 (A6)
+    if isinstance(params, RatioParams | AdaptiveParams):  # the known start, O = 0 (A6)
         early = rows.started_at[firsts] < time
+        zeros = np.zeros(int(early.sum()))
+        start = {"outbound": zeros, "pages": rows.pages[firsts][early], "requests": zeros}
         history = history.append(
             at[early], rows.started_at[firsts][early],
-            {"outbound": np.zeros(int(early.sum())), "pages": rows.pages[firsts][early]},
+            {name: start[name] for name in history.values},
         )
     return slots, history
 
 
 def _page_bytes(params: PolicyParams) -> int:
-    return params.estimator.page_bytes if isinstance(params, RatioParams) else WASM_PAGE_BYTES
+    if isinstance(params, RatioParams | AdaptiveParams):
+        return params.estimator.page_bytes
+    return WASM_PAGE_BYTES
 
 
 def _mib(pages: float, page_bytes: int) -> str:
@@ -919,12 +1012,222 @@ def _oracle(
     return _Verdict(restart, inputs, explain, slots, history.keep_from(cut))
 
 
+# ----------------------------------------------------------------------------------------------
+# adaptive: a cost model on host-visible data
+# ----------------------------------------------------------------------------------------------
+
+
+def _adaptive_enter(
+    params: AdaptiveParams, slots: Slots, rows: _Rows, firsts: IntArray
+) -> Slots:
+    """Per-instance bookkeeping when generations start at rows ``firsts`` (before the generic
+    reset): defaults for k and the TTL on first sight, the previous generation's calls, and
+    the pages it had if we restarted it (for the regrowth check, B6)."""
+    at = rows.slot[firsts]
+    est = params.estimator
+    new = np.isnan(slots.k[at])
+    ours = ~np.isnan(slots.asked_at[at]) & (slots.generation[at] >= 0)
+    return slots.updated(
+        at,
+        k=np.where(new, est.k_default, slots.k[at]),
+        ttl=np.where(new, est.ttl_cap_s, slots.ttl[at]),
+        k_seen=np.where(new, False, slots.k_seen[at]),
+        ttl_seen=np.where(new, False, slots.ttl_seen[at]),
+        horizon=np.where(new, params.horizon_s, slots.horizon[at]),
+        outbound_done=slots.outbound_done[at] + slots.last_outbound[at],
+        last_outbound=0.0,
+        pre_pages=np.where(ours, slots.pre_pages[at], math.nan),
+        relearn_at=rows.started_at[firsts] + est.measure_s,
+    )
+
+
+def _adaptive_relearn(
+    params: AdaptiveParams, slots: Slots, history: History, at: IntArray
+) -> Slots:
+    """Refit k and the TTL on the first ``measure_s`` of the generations of slots ``at`` (B7).
+
+    A fit replaces a value only when it saw it (k: the pages grew ``min_growth_pages``; TTL:
+    expiry showed as a page deficit); an unseen TTL keeps the previous one rather than falling
+    back to the cap. The window is the generation's start, the same as the paper's measurement
+    period: a longer window mid-growth fitted 112–289 s TTLs and caused restart storms.
+    """
+    est = params.estimator
+    k, ttl = slots.k[at].copy(), slots.ttl[at].copy()
+    k_seen, ttl_seen = slots.k_seen[at].copy(), slots.ttl_seen[at].copy()
+    for j, slot in enumerate(at.tolist()):
+        seg = history.segment(slot)
+        t = history.time[seg]
+        mine = (t >= slots.first_seen[slot]) & (t <= slots.relearn_at[slot])
+        fit = fit_growth(
+            t[mine], history.values["outbound"][seg][mine], history.values["pages"][seg][mine],
+            float(slots.started_at[slot]), est,
+        )
+        if fit.k_seen:
+            k[j], k_seen[j] = fit.k, True
+        if fit.ttl_seen:
+            ttl[j], ttl_seen[j] = fit.ttl, True
+    return slots.updated(
+        at, k=k, ttl=ttl, k_seen=k_seen, ttl_seen=ttl_seen, relearn_at=math.nan, learned=True
+    )
+
+
+@dataclass(frozen=True)
+class AdaptiveInputs:
+    """What the adaptive rule weighs at each sample (pages, calls, seconds)."""
+
+    entries: FloatArray  #: N, estimated live entries
+    required: FloatArray  #: R = floor + N/k, at most P
+    surplus: FloatArray  #: S = P − R
+    extra_calls: FloatArray  #: C = min(N, hits in the last ttl)
+    rising: BoolArray  #: N grew over the trend window
+    benefit: FloatArray  #: S · horizon, page-seconds
+    cost: FloatArray  #: C · call_cost_page_s, page-seconds
+    budget_left: FloatArray  #: calls the budget still allows
+    restart: BoolArray
+
+
+def adaptive_rule(
+    *, uptime: FloatArray, pages: FloatArray, entries: FloatArray, entries_before: FloatArray,
+    hits: FloatArray, floor: FloatArray | float, k: FloatArray | float,
+    ttl: FloatArray | float, horizon: FloatArray | float, spent: FloatArray | float,
+    outbound_total: FloatArray | float, params: AdaptiveParams,
+) -> AdaptiveInputs:
+    """The adaptive rule (see :class:`AdaptiveParams`), vectorized over samples.
+
+    ``entries``/``entries_before``: N now and one trend window ago; ``hits``: requests of the
+    last ttl without an outbound call; ``outbound_total``: the instance's calls over all its
+    generations. NaN inputs fail their condition.
+    """
+    required = np.minimum(floor + entries / k, pages)
+    surplus = pages - required
+    extra = np.minimum(entries, np.maximum(hits, 0.0))
+    rising = entries > entries_before
+    benefit = surplus * horizon
+    cost = extra * params.call_cost_page_s
+    budget_left = np.asarray(params.budget_share * outbound_total - spent, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        restart = (
+            (uptime >= params.min_uptime_ttls * np.asarray(ttl))
+            & (surplus >= params.min_free_pages)
+            & (benefit >= cost)
+            & ~rising
+            & (extra <= budget_left)
+        )
+    return AdaptiveInputs(
+        entries, required, surplus, extra, rising, benefit, cost, budget_left, restart
+    )
+
+
+def _adaptive(
+    params: AdaptiveParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
+    ends: IntArray,
+) -> _Verdict:
+    est = params.estimator
+    slot = rows.slot
+    history = history.append(
+        slot, rows.time,
+        {"outbound": rows.outbound, "pages": rows.pages, "requests": rows.requests},
+    )
+    # Refit k and the TTL once the generation's fitting window has passed (B7).
+    last = ends - 1
+    due = rows.time[last] >= slots.relearn_at[slot[last]]  # NaN: done
+    if due.any():
+        slots = _adaptive_relearn(params, slots, history, slot[last][due])
+
+    # Back-off (B6): memory back at its pre-restart size within one ttl of our restart.
+    uptime = rows.time - rows.started_at
+    k, ttl = slots.k[slot], slots.ttl[slot]
+    pre = slots.pre_pages[slot]
+    with np.errstate(invalid="ignore"):
+        regrew = (uptime <= ttl) & (rows.pages >= pre)
+        held = (uptime > ttl) & ~regrew
+    regrew_any = np.maximum.reduceat(regrew, starts)
+    held_any = np.maximum.reduceat(held, starts)
+    seg_slot = slot[starts]
+    horizon = slots.horizon[seg_slot]
+    horizon = np.where(regrew_any, horizon / params.backoff, horizon)
+    horizon = np.where(~regrew_any & held_any, np.minimum(horizon * params.backoff,
+                                                          params.horizon_s), horizon)
+    checked = regrew_any | held_any
+    slots = slots.updated(
+        seg_slot, horizon=horizon,
+        pre_pages=np.where(checked, math.nan, slots.pre_pages[seg_slot]),
+    )
+
+    outbound_of, requests_of = history.lookups(slot, ("outbound", 0.0), ("requests", 0.0))
+    window = est.trend_window_s
+    o_now = outbound_of(rows.time)
+    entries = np.maximum(o_now - outbound_of(rows.time - ttl), 0.0)
+    entries_before = np.maximum(
+        outbound_of(rows.time - window) - outbound_of(rows.time - window - ttl), 0.0
+    )
+    hits = (requests_of(rows.time) - requests_of(rows.time - ttl)) - entries
+    a = adaptive_rule(
+        uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
+        hits=hits, floor=slots.base[slot], k=k, ttl=ttl, horizon=slots.horizon[slot],
+        spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
+        params=params,
+    )
+    inputs = {
+        "required_pages": a.required, "surplus_pages": a.surplus,
+        "estimated_entries": a.entries, "ttl_s": ttl, "k": k,
+    }
+
+    def one(
+        restart: bool, pages: float, s: float, n: float, c: float, hz: float, benefit: float,
+        cost: float, rising: bool, left: float, up: float, ttl: float, k: float,
+    ) -> str:
+        parts = [
+            (up >= params.min_uptime_ttls * ttl,
+             f"uptime {up / 60:.0f} min < {params.min_uptime_ttls:g} ttl ({ttl:.0f} s)"),
+            (s >= params.min_free_pages,
+             f"surplus {s:.1f} pages < {params.min_free_pages:g}"),
+            (benefit >= cost,
+             f"frees {s:.1f} pages × {hz / 3600:.1f} h = {benefit:,.0f} page·s < "
+             f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"),
+            (not rising, "live entries rising"),
+            (c <= left, f"budget: {c:.0f} extra calls > {max(left, 0):.0f} left"),
+        ]
+        head = (
+            f"allocated {pages:.0f} pages, required {pages - s:.1f} (N {n:.0f}, k {k:.0f}, "
+            f"ttl {ttl:.0f} s)"
+        )
+        if restart:
+            return (
+                f"{head}; frees {s:.1f} pages × {hz / 3600:.1f} h = {benefit:,.0f} page·s ≥ "
+                f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"
+            )
+        return f"keep: {head}; " + "; ".join(why for ok, why in parts if not ok)
+
+    def explain(chosen: IntArray) -> list[str]:
+        columns = (
+            a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, slots.horizon[slot],
+            a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k,
+        )
+        return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
+
+    def on_restart(after: Slots, chosen: IntArray) -> Slots:
+        at = slot[chosen]
+        return after.updated(
+            at, spent=after.spent[at] + a.extra_calls[chosen], pre_pages=rows.pages[chosen]
+        )
+
+    slots = slots.updated(seg_slot, last_outbound=rows.outbound[last])
+    # History: back to t − ttl − L, or all of the generation until its fit has run.
+    cut = np.full(len(slots.names), -math.inf)
+    cut[seg_slot] = np.where(
+        np.isnan(slots.relearn_at[seg_slot]), rows.time[last] - ttl[last] - window, -math.inf
+    )
+    return _Verdict(a.restart, inputs, explain, slots, history.keep_from(cut), on_restart)
+
+
 _POLICIES: Final[Mapping[type, _Policy]] = {
     NoneParams: _none,
     FixedParams: _fixed,
     ThresholdParams: _threshold,
     RatioParams: _ratio,
     OracleParams: _oracle,
+    AdaptiveParams: _adaptive,
 }
 
 
@@ -973,21 +1276,25 @@ def _parse_bool(text: str) -> bool:
 _Option = tuple[str, Callable[[str], object], bool]
 _COMMON_OPTIONS: Final[dict[str, _Option]] = {
     "retry_after": ("retry_after_s", parse_duration, False),
+    "mode": ("restart_mode", str, False),
+}
+_ESTIMATOR_OPTIONS: Final[dict[str, _Option]] = {
+    "measure": ("measure_s", parse_duration, True),
+    "ttl_cap": ("ttl_cap_s", parse_duration, True),
+    "ttl_resolution": ("ttl_resolution_s", parse_duration, True),
+    "ttl_min_deficit": ("ttl_min_deficit_pages", float, True),
+    "min_growth": ("min_growth_pages", float, True),
+    "k_default": ("k_default", float, True),
+    "class_width": ("class_width_pages", float, True),
+    "skip_fill": ("baseline_skip_fill", _parse_bool, True),
+    "trend_window": ("trend_window_s", parse_duration, True),
 }
 _OPTIONS: Final[dict[str, dict[str, _Option]]] = {
     "none": {},
     "fixed": {"uptime": ("uptime_s", parse_duration, False)},
     "threshold": {"allocated": ("allocated_bytes", parse_size, False)},
     "ratio": {
-        "measure": ("measure_s", parse_duration, True),
-        "ttl_cap": ("ttl_cap_s", parse_duration, True),
-        "ttl_resolution": ("ttl_resolution_s", parse_duration, True),
-        "ttl_min_deficit": ("ttl_min_deficit_pages", float, True),
-        "min_growth": ("min_growth_pages", float, True),
-        "k_default": ("k_default", float, True),
-        "class_width": ("class_width_pages", float, True),
-        "skip_fill": ("baseline_skip_fill", _parse_bool, True),
-        "trend_window": ("trend_window_s", parse_duration, True),
+        **_ESTIMATOR_OPTIONS,
         "trend_min": ("trend_min_pages", float, False),
         "trend_z": ("trend_noise_z", float, False),
         "require_turn": ("require_turn", _parse_bool, False),
@@ -998,12 +1305,21 @@ _OPTIONS: Final[dict[str, dict[str, _Option]]] = {
         "surplus_ratio": ("surplus_ratio", float, False),
         "window": ("window_s", parse_duration, False),
     },
+    "adaptive": {
+        **_ESTIMATOR_OPTIONS,
+        "call_cost": ("call_cost_page_s", float, False),
+        "horizon": ("horizon_s", parse_duration, False),
+        "min_free": ("min_free_pages", float, False),
+        "min_uptime": ("min_uptime_ttls", float, False),
+        "budget": ("budget_share", float, False),
+        "backoff": ("backoff", float, False),
+    },
 }
 # The first value may be given without its key: fixed:30m, threshold:64MiB.
 _POSITIONAL: Final = {"fixed": "uptime", "threshold": "allocated"}
 _CLASSES: Final[dict[str, type[PolicyParams]]] = {
     "none": NoneParams, "fixed": FixedParams, "threshold": ThresholdParams,
-    "ratio": RatioParams, "oracle": OracleParams,
+    "ratio": RatioParams, "oracle": OracleParams, "adaptive": AdaptiveParams,
 }
 
 
@@ -1011,8 +1327,10 @@ def parse_policy(spec: str) -> PolicyParams:
     """Policy parameters from a CLI spec: ``name[:value][,key=value…]``.
 
     Examples: ``none``, ``fixed:30m``, ``fixed:2h``, ``threshold:64MiB``, ``ratio``,
-    ``ratio:measure=15m,ttl_cap=10m``, ``oracle``, ``oracle:surplus_ratio=2``. Every policy also
-    takes ``retry_after=<duration>``. Raises ValueError saying what is wrong and what is allowed.
+    ``ratio:measure=15m,ttl_cap=10m``, ``oracle``, ``oracle:surplus_ratio=2``, ``adaptive``,
+    ``adaptive:call_cost=3600,horizon=2h``. Every policy also takes ``retry_after=<duration>``
+    and ``mode=<restart mode>`` (:data:`RESTART_MODES`). Raises ValueError saying what is wrong
+    and what is allowed.
     """
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()

@@ -21,6 +21,7 @@ from scenarios.eclog import (
     EClogColumns,
     EClogConvertParams,
     EClogGenParams,
+    Sale,
     eclog_to_trace,
     generate_eclog,
     parse_time,
@@ -159,6 +160,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         default=d.spike_duration,
         help="seconds until the spike's login rate has fallen to 1%%",
     )
+    p.add_argument(
+        "--sale", action="append", default=[], metavar="SPEC",
+        help="a sale (repeatable; they merge): DAY[@HOUR][:SHAPE[:USERS[:DURATION[:RISE]]]], "
+             "SHAPE flash (default), ramp or long-tail, e.g. 4@20:flash:3000, 1@9:ramp:2000:8h",
+    )
     p.add_argument("--time-format", choices=("iso", "epoch"), default=d.time_format)
     _columns_arg(p)
 
@@ -185,6 +191,7 @@ def _generate(a: argparse.Namespace) -> int:
         spike_new_users=a.spike_users,
         spike_rise=a.spike_rise,
         spike_duration=a.spike_duration,
+        sales=tuple(Sale.parse(spec) for spec in a.sale),
         time_format=a.time_format,
         seed=a.seed,
     )
@@ -508,7 +515,8 @@ def split_policies(text: str) -> list[str]:
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, required=True, help="trace (JSON Lines)")
-    p.add_argument("--policies", default="none,fixed:30m,fixed:2h,threshold:1MiB,ratio,oracle",
+    p.add_argument("--policies",
+                   default="none,fixed:30m,fixed:2h,threshold:1MiB,ratio,adaptive,oracle",
                    help="comma-separated policy specs (python -m manager run --help)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
@@ -517,6 +525,28 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between manager passes")
     p.add_argument("--auth-latency", type=float, default=0.005, help="auth answer delay, s")
     p.add_argument("--title", default="", help="plot and table title (default: trace name)")
+    p.add_argument("--filter-config", default="", metavar="JSON",
+                   help="the filter's plugin configuration: JSON text or @path, e.g. "
+                        "'{\"ttl_seconds\": 300}' (default: the filter's defaults, TTL 600 s)")
+
+
+def filter_config(text: str) -> str:
+    """The filter's configuration from JSON text or ``@path``, checked to be a JSON object."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ScenarioError(f"--filter-config: cannot read {text[1:]}: "
+                                f"{e.strerror or e}") from None
+    if not text.strip():
+        return ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"--filter-config: not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ScenarioError("--filter-config: expected a JSON object, e.g. {\"ttl_seconds\": 300}")
+    return json.dumps(value)
 
 
 def _experiment(a: argparse.Namespace) -> int:
@@ -526,7 +556,8 @@ def _experiment(a: argparse.Namespace) -> int:
 
     config = ExperimentConfig(sim=SimConfig(sample_interval=a.sample_interval,
                                             decision_interval=a.decision_interval,
-                                            auth_latency=a.auth_latency))
+                                            auth_latency=a.auth_latency,
+                                            plugin_configuration=filter_config(a.filter_config)))
     specs = split_policies(a.policies)
     runs = run_policies(a.trace, specs, config, a.jobs, progress=_tty())
     summary = write_report(runs, config, a.out, a.title or a.trace.stem)

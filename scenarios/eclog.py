@@ -457,6 +457,105 @@ def _epoch_seconds(times: pd.Series) -> npt.NDArray[np.float64]:
 # -- the generator ---------------------------------------------------------------------------
 
 
+SaleShape = Literal["flash", "ramp", "long-tail"]
+SALE_SHAPES: Final[tuple[SaleShape, ...]] = ("flash", "ramp", "long-tail")
+
+
+@dataclass(frozen=True)
+class Sale:
+    """One sale: ``new_users`` NEW visitors whose session starts follow ``shape`` from ``hour``
+    on ``day`` (0: the first day), over ``duration`` seconds.
+
+    - ``flash``: a flash crowd; the rate rises linearly for ``rise`` seconds, then decays
+      exponentially to 1 % of its peak at ``duration``;
+    - ``ramp``: a slow ramp; the rate rises linearly for ``rise`` seconds (most of the sale),
+      then falls linearly to 0 at ``duration``;
+    - ``long-tail``: a quick rise (``rise``), then a power-law tail, rate ∝ (1 + s/τ)^−1.5 with
+      τ = ``duration``/20, cut at ``duration``.
+    """
+
+    day: int
+    hour: float = 20.0
+    new_users: int = 3000
+    shape: SaleShape = "flash"
+    rise: float = 300.0
+    duration: float = 3600.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.day >= 0, "sale day must be >= 0"),
+            (0 <= self.hour < 24, "sale hour must be in [0, 24)"),
+            (self.new_users >= 0, "sale new_users must be >= 0"),
+            (self.shape in SALE_SHAPES, f"sale shape must be one of {', '.join(SALE_SHAPES)}"),
+            (0 < self.rise < self.duration, "a sale needs 0 < rise < duration"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EClogError(f"generator: {message}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Sale:
+        """``DAY[@HOUR][:SHAPE[:USERS[:DURATION[:RISE]]]]``, e.g. ``4@20:flash:3000``,
+        ``1@9:ramp:2000:8h:6h``, ``2:long-tail``; durations take s, m, h. EClogError if bad."""
+        parts = spec.strip().split(":")
+        try:
+            day_s, _, hour_s = parts[0].partition("@")
+            values: dict[str, Any] = {"day": int(day_s)}
+            if hour_s:
+                values["hour"] = float(hour_s)
+            if len(parts) > 1 and parts[1]:
+                values["shape"] = parts[1]
+            if len(parts) > 2 and parts[2]:
+                values["new_users"] = int(parts[2])
+            if len(parts) > 3 and parts[3]:
+                values["duration"] = _seconds(parts[3])
+            shape = values.get("shape", "flash")
+            duration = values.get("duration", cls.default_duration(shape))
+            values["duration"] = duration
+            values["rise"] = (_seconds(parts[4]) if len(parts) > 4 and parts[4]
+                              else cls.default_rise(shape, duration))
+            if len(parts) > 5:
+                raise ValueError("too many fields")
+        except ValueError as e:
+            raise EClogError(
+                f"sale {spec!r}: {e} (expected DAY[@HOUR][:SHAPE[:USERS[:DURATION[:RISE]]]], "
+                "e.g. 4@20:flash:3000)") from None
+        return cls(**values)
+
+    @staticmethod
+    def default_duration(shape: str) -> float:
+        """A flash crowd lasts an hour, a ramp 6 h, a long tail 12 h."""
+        return {"ramp": 6 * 3600.0, "long-tail": 12 * 3600.0}.get(shape, 3600.0)
+
+    @staticmethod
+    def default_rise(shape: str, duration: float) -> float:
+        """5 min for a flash crowd or a long tail; 80 % of the sale for a ramp."""
+        return 0.8 * duration if shape == "ramp" else min(300.0, duration / 2)
+
+    def density(self) -> npt.NDArray[np.float64]:
+        """Share of the sale's new visitors that arrive in each second after it starts."""
+        s = np.arange(math.ceil(self.duration), dtype=np.float64) + 0.5
+        up = s / self.rise
+        if self.shape == "flash":
+            tau = (self.duration - self.rise) / math.log(100)
+            down = np.exp(-(s - self.rise) / tau)
+        elif self.shape == "ramp":
+            down = np.maximum(1 - (s - self.rise) / (self.duration - self.rise), 0.0)
+        else:
+            tau = self.duration / 20
+            down = (1 + (s - self.rise) / tau) ** -1.5
+        rate = np.where(s < self.rise, up, down)
+        return np.asarray(rate / rate.sum(), dtype=np.float64)
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = text.strip().lower()
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
 @dataclass(frozen=True)
 class EClogGenParams:
     """A synthetic store's traffic (all times in seconds unless the name says otherwise).
@@ -474,7 +573,9 @@ class EClogGenParams:
     The sale spike (when ``spike_day`` is set: 0 is the first day) brings ``spike_new_users``
     NEW visitors whose session starts rise linearly for ``spike_rise`` seconds from
     ``spike_hour`` on that day, then decay exponentially to 1 % of the peak rate at
-    ``spike_duration`` seconds.
+    ``spike_duration`` seconds: a flash-crowd :class:`Sale`. ``sales`` adds any number of sales
+    of any shape (flash crowd, slow ramp, long tail); they overlap freely and merge into one
+    trace.
     """
 
     days: int = 1
@@ -495,6 +596,7 @@ class EClogGenParams:
     spike_new_users: int = 3000
     spike_rise: float = 300.0
     spike_duration: float = 3600.0
+    sales: tuple[Sale, ...] = ()
     time_format: Literal["iso", "epoch"] = "iso"
     seed: int = 1
 
@@ -518,6 +620,8 @@ class EClogGenParams:
             (0 <= self.spike_hour < 24, "spike_hour must be in [0, 24)"),
             (self.spike_new_users >= 0, "spike_new_users must be >= 0"),
             (0 < self.spike_rise < self.spike_duration, "need 0 < spike_rise < spike_duration"),
+            (all(sale.day < self.days for sale in self.sales),
+             f"a sale's day must be in [0, {self.days - 1}] (days after start)"),
             (self.time_format in ("iso", "epoch"), "time_format must be iso or epoch"),
         ]
         for ok, message in checks:
@@ -527,6 +631,14 @@ class EClogGenParams:
     @property
     def start_time(self) -> datetime:
         return datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)
+
+    def all_sales(self) -> tuple[Sale, ...]:
+        """``sales``, with the spike (if ``spike_day`` is set) as a flash-crowd sale first."""
+        if self.spike_day is None:
+            return self.sales
+        spike = Sale(day=self.spike_day, hour=self.spike_hour, new_users=self.spike_new_users,
+                     shape="flash", rise=self.spike_rise, duration=self.spike_duration)
+        return (spike, *self.sales)
 
     @property
     def spike_time(self) -> datetime | None:
@@ -545,12 +657,7 @@ def hourly_shape(params: EClogGenParams, hour_of_day: npt.ArrayLike) -> npt.NDAr
 
 def spike_density(params: EClogGenParams) -> npt.NDArray[np.float64]:
     """Share of the spike's new visitors that arrive in each second after the spike starts."""
-    s = np.arange(math.ceil(params.spike_duration), dtype=np.float64) + 0.5
-    tau = (params.spike_duration - params.spike_rise) / math.log(100)
-    rate = np.where(
-        s < params.spike_rise, s / params.spike_rise, np.exp(-(s - params.spike_rise) / tau)
-    )
-    return np.asarray(rate / rate.sum(), dtype=np.float64)
+    return Sale(day=0, rise=params.spike_rise, duration=params.spike_duration).density()
 
 
 # Pages: (prefix, number of ids, method, probability). URIs are codes into one vocabulary.
@@ -607,13 +714,16 @@ def generate_eclog(
     lam = sessions_per_s * hourly_shape(p, (sec % 86400) / 3600.0)
     counts = rng.poisson(lam)
     base_starts = np.repeat(sec, counts) + rng.random(int(counts.sum()))
-    spike_starts = np.empty(0)
-    if p.spike_day is not None and p.spike_new_users > 0:
-        density = spike_density(p)
-        offsets = rng.choice(len(density), size=p.spike_new_users, p=density)
-        t_spike = p.spike_day * 86400 + p.spike_hour * 3600
-        spike_starts = t_spike + offsets + rng.random(p.spike_new_users)
-        spike_starts = spike_starts[spike_starts < horizon]
+    spike_parts = [np.empty(0)]
+    for sale in p.all_sales():
+        if sale.new_users <= 0:
+            continue
+        density = sale.density()
+        offsets = rng.choice(len(density), size=sale.new_users, p=density)
+        t_spike = sale.day * 86400 + sale.hour * 3600
+        starts_of_sale = t_spike + offsets + rng.random(sale.new_users)
+        spike_parts.append(starts_of_sale[starts_of_sale < horizon])
+    spike_starts = np.concatenate(spike_parts)
     starts = np.concatenate([base_starts, spike_starts])
     is_spike = np.concatenate([np.zeros(len(base_starts), bool), np.ones(len(spike_starts), bool)])
     order = np.argsort(starts, kind="stable")

@@ -29,7 +29,6 @@ import pandas as pd
 from manager.estimate import EstimatorParams, estimate
 from manager.policies import (
     Decision,
-    RatioParams,
     decide,
     decisions_frame,
     initial_state,
@@ -42,10 +41,11 @@ logger = logging.getLogger(__name__)
 
 SERIES_COLUMNS = [
     "time", "instance", "generation", "allocated_bytes", "required_true", "surplus_true",
-    "required_est", "hits", "misses", "denied", "outbound", "restarted",
+    "required_est", "hits", "misses", "denied", "outbound", "restarted", "live_bytes",
 ]
 """Per sample and instance. `outbound` is the outbound calls made since the previous sample;
-`restarted` is 1 on the first sample of a generation the policy started."""
+`restarted` is 1 on the first sample of a generation the policy started; `live_bytes` is the
+filter's ground-truth gauge."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
     t0 = time.perf_counter()
     result = Simulation(sim).run(trace, None if spec == "none" else controller)
     elapsed = time.perf_counter() - t0
-    estimator = params.estimator if isinstance(params, RatioParams) else EstimatorParams()
+    estimator = getattr(params, "estimator", None) or EstimatorParams()
     return PolicyRun(
         policy=spec,
         series=policy_series(result.samples, estimator),

@@ -50,6 +50,7 @@ from manager.daemon import (
 )
 from manager.estimate import EstimatorParams
 from manager.policies import (
+    AdaptiveParams,
     FixedParams,
     RatioParams,
     ThresholdParams,
@@ -717,7 +718,8 @@ def test_cli_dry_run_without_admin(embedded: Store, capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--no-admin"], "--no-admin needs --dry-run"),
-    (["--policy", "fixed:30m", "--measure", "5m"], "ratio policy's options do not apply"),
+    (["--policy", "fixed:30m", "--measure", "5m"], "estimator's options do not apply"),
+    (["--policy", "adaptive", "--trend-z", "2"], "ratio policy's options do not apply"),
     (["--policy", "bogus"], "unknown policy 'bogus'"),
     (["--token-file", "/nonexistent/token"], "no admin token file /nonexistent/token: start the proxy first"),
     (["--token", " "], "--token is empty"),
@@ -753,6 +755,13 @@ def test_cli_ratio_options_override_the_spec() -> None:
     assert policy_params(build_parser().parse_args(
         ["run", "--policy", "threshold:64MiB", "--retry-after", "5m"])) == ThresholdParams(
             allocated_bytes=64 * 2**20, retry_after_s=300)
+
+
+def test_cli_adaptive_is_the_default_and_takes_the_estimator_options() -> None:
+    assert policy_params(build_parser().parse_args(["run"])) == AdaptiveParams()
+    assert policy_params(build_parser().parse_args(
+        ["run", "--policy", "adaptive:call_cost=60", "--ttl-cap", "5m"])) == AdaptiveParams(
+            call_cost_page_s=60, estimator=EstimatorParams(ttl_cap_s=300))
 
 
 def test_cli_store_and_token_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -810,10 +819,10 @@ def test_help_documents_every_parameter_with_its_default() -> None:
                          check=True).stdout
     for expected in [
         "--store", "$MONGODB_URI", ".wasm-reclaim/store", "--admin", "default http://127.0.0.1:9901",
-        "--token-file", "--token", "--policy", "default ratio", "--interval", "default 5s",
+        "--token-file", "--token", "--policy", "default adaptive", "--interval", "default 5s",
         "--once", "--dry-run", "--measure", "default 15m: paper", "--ttl-cap", "default 10m",
         "--trend-window", "default 60s", "--trend-z", "default 3", "--retry-after",
-        "--class-width", "--k-default", "default 63", "fixed:30m", "threshold:64MiB", "oracle",
+        "--class-width", "--k-default", "default 63", "fixed:30m", "threshold:64MiB", "oracle", "ratio",
     ]:
         assert expected in out, expected
     for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions:  # type: ignore[union-attr]
@@ -828,6 +837,7 @@ def test_help_documents_every_parameter_with_its_default() -> None:
 def test_decision_record_is_to_record() -> None:
     frame = pd.DataFrame(_model_rows())
     for params in (parse_policy("ratio:measure=2m,ttl_cap=1m"), parse_policy("oracle"),
+                   parse_policy("adaptive:ttl_cap=1m"),
                    parse_policy("fixed:1m"), parse_policy("threshold:1MiB")):
         decisions, _ = decide(initial_state(params), frame, 1.0, params)
         assert decisions

@@ -19,6 +19,7 @@ from scenarios.eclog import (
     EClogConvertParams,
     EClogError,
     EClogGenParams,
+    Sale,
     eclog_events,
     eclog_to_trace,
     generate_eclog,
@@ -321,6 +322,61 @@ def test_generator_spike_brings_new_users() -> None:
     assert per_5min[-1] < per_5min.max() / 10
     density = spike_density(p)
     assert density.sum() == pytest.approx(1.0) and len(density) == 3600
+
+
+def _sale_starts(df: pd.DataFrame) -> np.ndarray:
+    starts = df.groupby("_session").agg(t=("_t", "min"), spike=("_spike", "first"))
+    return np.sort(starts.loc[starts["spike"], "t"].to_numpy())
+
+
+@pytest.mark.parametrize(
+    ("shape", "busiest_hour", "share_after_half"),
+    [("flash", 0, (0.05, 0.14)), ("ramp", 4, (0.6, 0.8)), ("long-tail", 0, (0.07, 0.14))],
+)
+def test_generator_sale_shapes(shape: str, busiest_hour: int,
+                               share_after_half: tuple[float, float]) -> None:
+    sale = Sale.parse(f"0@6:{shape}:5000")
+    p = EClogGenParams(days=1, requests_per_hour=100, sales=(sale,), seed=4)
+    t = _sale_starts(generate_eclog(p)) - 6 * 3600
+    assert len(t) == 5000 and t.min() >= 0 and t.max() <= sale.duration
+    per_hour = np.bincount((t // 3600).astype(int))
+    # a flash crowd and a long tail peak at once, a ramp late; a long tail lasts 12 h, not 1
+    assert int(np.argmax(per_hour)) == busiest_hour
+    lo, hi = share_after_half
+    assert lo <= float(np.mean(t > sale.duration / 2)) <= hi
+
+
+def test_generator_merges_several_sales_and_keeps_the_spike() -> None:
+    sales = (Sale(day=0, hour=3, new_users=700, shape="ramp", rise=1800, duration=3600),
+             Sale(day=1, hour=20, new_users=500, shape="long-tail", rise=300, duration=7200))
+    p = EClogGenParams(days=2, requests_per_hour=200, spike_day=0, spike_hour=12,
+                       spike_new_users=300, sales=sales, seed=5)
+    t = _sale_starts(generate_eclog(p))
+    assert len(t) == 1500
+    assert np.sum((t >= 3 * 3600) & (t < 4 * 3600)) == 700
+    assert np.sum((t >= 12 * 3600) & (t < 13 * 3600)) == 300
+    assert np.sum(t >= 86400 + 20 * 3600) == 500
+    # the spike alone gives the same sessions as before sales existed
+    spike_only = EClogGenParams(days=1, spike_day=0, spike_new_users=300, seed=5)
+    assert spike_only.all_sales() == (Sale(day=0, hour=20, new_users=300),)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("x", "invalid literal"), ("1:sideways", "shape must be one of"), ("1@25", "hour"),
+    ("1:ramp:10:1h:2h", "0 < rise < duration"), ("1:flash:1:1:1:1", "too many fields"),
+])
+def test_sale_spec_errors(spec: str, message: str) -> None:
+    with pytest.raises(EClogError, match=message):
+        Sale.parse(spec)
+
+
+def test_sale_spec() -> None:
+    assert Sale.parse("4@20:flash:3000") == Sale(day=4, hour=20, new_users=3000)
+    assert Sale.parse("1@9:ramp:2000:8h") == Sale(day=1, hour=9, new_users=2000, shape="ramp",
+                                                  rise=0.8 * 8 * 3600, duration=8 * 3600)
+    assert Sale.parse("2:long-tail").duration == 12 * 3600
+    with pytest.raises(EClogError, match="sale's day"):
+        EClogGenParams(days=2, sales=(Sale(day=2),))
 
 
 def test_generator_is_deterministic_under_its_seed() -> None:

@@ -108,3 +108,34 @@ def test_unknown_policy_fails_before_running(tmp_path, capsys) -> None:
     basic_trace(BasicParams(count=5)).write_jsonl(trace)
     with pytest.raises(ValueError, match="sometimes"):
         run_policies(trace, ["none", "sometimes"], ExperimentConfig(), jobs=1)
+
+
+def test_experiment_filter_config_sets_the_ttl(tmp_path, capsys) -> None:
+    # 40 logins 1 s apart, each token used again 90 s later: cached under the default TTL
+    # (600 s), expired under a 60-s TTL, so every second request is a miss.
+    events = []
+    for i in range(40):
+        events += [Event.login(float(i), f"u{i}", f"t{i}"),
+                   Event(float(i), "request", f"u{i}", f"t{i}", "GET", "shop.example", "/"),
+                   Event(90.0 + i, "request", f"u{i}", f"t{i}", "GET", "shop.example", "/")]
+    trace = tmp_path / "again.jsonl"
+    Trace.from_events(sorted(events, key=lambda e: e.time)).write_jsonl(trace)
+    rates = {}
+    for name, config in (("default", []), ("short", ["--filter-config", '{"ttl_seconds": 60}'])):
+        assert scenarios_main(["experiment", "--trace", str(trace), "--policies", "none",
+                               "--out", str(tmp_path / name), "--jobs", "1",
+                               "--sample-interval", "1", *config]) == 0
+        rates[name] = float(pd.read_csv(tmp_path / name / "summary.csv")["hit_rate"].iloc[0])
+    assert rates == {"default": 0.5, "short": 0.0}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("{nope", "--filter-config: not JSON"), ("[1]", "expected a JSON object"),
+    ("@/nonexistent/config.json", "cannot read /nonexistent/config.json"),
+])
+def test_experiment_filter_config_errors(tmp_path, capsys, value, message) -> None:
+    trace = tmp_path / "basic.jsonl"
+    basic_trace(BasicParams(count=2)).write_jsonl(trace)
+    assert scenarios_main(["experiment", "--trace", str(trace), "--out", str(tmp_path / "o"),
+                           "--filter-config", value]) == 2
+    assert message in capsys.readouterr().err

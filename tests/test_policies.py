@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from manager.estimate import EstimatorParams, estimate
 from manager.policies import (
     MIB,
+    AdaptiveParams,
     Decision,
     FixedParams,
     NoneParams,
@@ -26,6 +27,7 @@ from manager.policies import (
     PolicyState,
     RatioParams,
     ThresholdParams,
+    adaptive_rule,
     decide,
     decisions_frame,
     initial_state,
@@ -498,6 +500,8 @@ POLICIES: list[PolicyParams] = [
         trend_noise_z=0.0, trend_min_pages=0.0, require_turn=True,
     ),
     OracleParams(min_reclaim_bytes=65536, window_s=5),
+    AdaptiveParams(call_cost_page_s=1.0, horizon_s=100.0, min_free_pages=1.0, budget_share=0.5,
+                   estimator=EstimatorParams(measure_s=40, ttl_cap_s=20, trend_window_s=5)),
 ]
 
 
@@ -609,6 +613,12 @@ def test_restarts_do_not_depend_on_how_samples_are_split_into_passes(
             first_decision_restarts=False,
         )),
         ("oracle", OracleParams()),
+        ("adaptive", AdaptiveParams()),
+        ("adaptive:call_cost=3600,horizon=2h,budget=0.02,min_free=1,backoff=3,min_uptime=2,"
+         "ttl_cap=5m,mode=cold", AdaptiveParams(
+            call_cost_page_s=3600, horizon_s=7200, budget_share=0.02, min_free_pages=1,
+            backoff=3, min_uptime_ttls=2, estimator=EstimatorParams(ttl_cap_s=300),
+        )),
         ("oracle:surplus_ratio=2,min_reclaim=4MiB,window=30s", OracleParams(
             surplus_ratio=2, min_reclaim_bytes=4 * MIB, window_s=30,
         )),
@@ -632,7 +642,9 @@ def test_parse_policy(spec: str, expected: PolicyParams) -> None:
         ("threshold:64M", "'64M' is not a size"),
         ("threshold:lots", "is not a size"),
         ("none:5m", "expected key=value, got '5m'"),
-        ("none:retry_after=1m,uptime=3m", "none takes retry_after; not 'uptime'"),
+        ("none:retry_after=1m,uptime=3m", "none takes retry_after, mode; not 'uptime'"),
+            ("fixed:1h,mode=lukewarm", "restart_mode must be one of cold"),
+            ("adaptive:budget=0", "budget_share must be a positive number"),
         ("ratio:measure", "expected key=value"),
         ("ratio:ttl=10m", "ratio takes measure, ttl_cap"),
         ("ratio:measure=0m", "measure_s must be a positive number"),
@@ -663,3 +675,115 @@ def test_parse_duration(text: str, seconds: float) -> None:
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+# ----------------------------------------------------------------------------------------------
+# adaptive: the cost model on host-visible data
+# ----------------------------------------------------------------------------------------------
+
+ADAPTIVE = AdaptiveParams(call_cost_page_s=100.0, horizon_s=1000.0, min_free_pages=2.0,
+                          budget_share=0.01)
+
+
+@pytest.mark.parametrize(
+    ("uptime", "pages", "entries", "before", "hits", "spent", "total", "restart"),
+    [
+        # frees 10 − (2 + 64/32) = 6 pages × 1000 s = 6000 ≥ 32 calls × 100 = 3200
+        (1000, 10, 64, 64, 32, 0, 10_000, True),
+        # the cache it drops costs more than it frees: 64 extra calls × 100 = 6400 > 6000
+        (1000, 10, 64, 64, 500, 0, 10_000, False),
+        # extra calls are at most the live entries, however many hits
+        (1000, 10, 64, 70, 10**6, 0, 10_000, False),
+        (1000, 12, 64, 70, 10**6, 0, 10_000, True),
+        # live entries rising: the cache is refilling, wait
+        (1000, 10, 64, 60, 32, 0, 10_000, False),
+        # younger than one ttl (600 s)
+        (500, 10, 64, 64, 32, 0, 10_000, False),
+        # frees less than min_free_pages
+        (1000, 5, 64, 64, 0, 0, 10_000, False),
+        # budget: 1% of 10,000 calls = 100; 80 spent leaves 20 < 32
+        (1000, 10, 64, 64, 32, 80, 10_000, False),
+        (1000, 10, 64, 64, 32, 60, 10_000, True),
+        # missing numbers fail
+        (1000, 10, math.nan, 64, 32, 0, 10_000, False),
+    ],
+)
+def test_adaptive_rule_table(
+    uptime: float, pages: float, entries: float, before: float, hits: float, spent: float,
+    total: float, restart: bool,
+) -> None:
+    def a(x: float) -> np.ndarray:
+        return np.array([x], dtype=np.float64)
+
+    got = adaptive_rule(
+        uptime=a(uptime), pages=a(pages), entries=a(entries), entries_before=a(before),
+        hits=a(hits), floor=2.0, k=32.0, ttl=600.0, horizon=1000.0, spent=spent,
+        outbound_total=total, params=ADAPTIVE,
+    )
+    assert bool(got.restart[0]) is restart
+
+
+def test_closed_loop_adaptive_restarts_once_after_the_sale() -> None:
+    params = parse_policy("adaptive:ttl_cap=2m,measure=5m,call_cost=20,horizon=10m,budget=0.05")
+    made, samples = closed_loop(params, sale_traffic(), 1500)
+    times = [d.time for d in made if d.action == "restart"]
+    # no unconditional first restart, nothing while the sale builds up, one as the cache drains
+    assert len(times) == 1 and 900 <= times[0] <= 1100
+    _, none_samples = closed_loop(NoneParams(), sale_traffic(), 1500)
+    tail = slice(1200, None)
+    assert samples["allocated_pages"].iloc[tail].mean() < 0.5 * none_samples[
+        "allocated_pages"
+    ].iloc[tail].mean()
+    # k and the TTL relearned from the first generation's growth (true: 32 entries/page, 120 s)
+    (restart,) = [d for d in made if d.action == "restart"]
+    assert restart.k is not None and restart.ttl_s is not None
+    assert abs(restart.k - 32) < 4 and abs(restart.ttl_s - 120) <= 15
+
+
+def test_adaptive_without_budget_does_not_restart() -> None:
+    params = parse_policy("adaptive:ttl_cap=2m,measure=5m,call_cost=20,horizon=10m,budget=1e-6")
+    made, _ = closed_loop(params, sale_traffic(), 1500)
+    assert not [d for d in made if d.action == "restart"]
+
+
+def _adaptive_state(params: AdaptiveParams, samples: pd.DataFrame) -> pd.DataFrame:
+    _, state = run(params, [samples])
+    return state_frame(state)
+
+
+def test_adaptive_backs_off_when_memory_regrows_within_a_ttl() -> None:
+    params = AdaptiveParams(call_cost_page_s=1.0, horizon_s=1000.0,
+                            estimator=EstimatorParams(ttl_cap_s=100, measure_s=1e6))
+    # Generation 0: grows from 4 to 30 pages, then idles for long enough: a restart.
+    gen0 = [("a", 0, float(t), 0.0, 4 if t == 10 else 30, 10) for t in range(10, 400, 10)]
+    decisions, state = run(params, [frame(gen0)])
+    (restart,) = restarts(decisions[0])
+    assert restart[1] == 0
+    # Generation 1 is back at 30 pages 50 s after the restart (< one ttl of 100 s).
+    gen1 = [("a", 1, 400.0 + t, 400.0, 30 if t >= 50 else 4, 300 + t) for t in range(10, 200, 10)]
+    _, state = run(params, [frame(gen1)], state)
+    assert state_frame(state).loc["a", "horizon"] == pytest.approx(500.0)
+    # A restart that held (nothing regrew within a ttl) doubles the horizon back, up to horizon_s.
+    gen2 = [("a", 2, 1000.0 + t, 1000.0, 4, 5) for t in range(10, 300, 10)]
+    state3 = dataclasses.replace(
+        state, slots=state.slots.updated(np.array([0]), pre_pages=30.0)
+    )
+    _, state3 = run(params, [frame(gen2)], state3)
+    assert state_frame(state3).loc["a", "horizon"] == pytest.approx(1000.0)
+
+
+def test_adaptive_floor_is_the_least_first_sample() -> None:
+    params = AdaptiveParams()
+    samples = frame([("a", 0, 10.0, 0.0, 3, 0), ("a", 1, 20.0, 15.0, 5, 100),
+                     ("a", 2, 30.0, 25.0, 4, 50)])
+    assert _adaptive_state(params, samples).loc["a", "base"] == 3
+
+
+def test_adaptive_never_reads_ground_truth() -> None:
+    samples = synthetic_samples(ttl=120, k=32, rate=80, duration=1200, jitter="poisson", seed=9)
+    garbage = samples.assign(live_entries=-1, live_bytes=-1.0)
+    params = AdaptiveParams(estimator=EstimatorParams(measure_s=300))
+    chunks = [slice(i, i + 50) for i in range(0, len(samples), 50)]
+    a, _ = run(params, [samples.iloc[c] for c in chunks])
+    b, _ = run(params, [garbage.iloc[c] for c in chunks])
+    assert a == b
