@@ -263,11 +263,13 @@ def evaluate(m: InstanceModel, cells: Sequence[int]) -> tuple[float, float]:
 
 
 def frontier(models: Sequence[InstanceModel], params: LimitParams) -> list[Schedule]:
-    """The frontier's points (one per distinct schedule), from no restart to many.
+    """The frontier's points (one per distinct schedule), from no restart (price ∞) to many.
 
     Prices are page-seconds per call (converted to byte-seconds with 64 KiB pages).
     """
     out: dict[tuple[tuple[str, tuple[float, ...]], ...], Schedule] = {}
+    never = {m.instance: () for m in models}
+    out[tuple(sorted(never.items()))] = Schedule(math.inf, never, none_surplus_byte_s(models), 0.0)
     for price in sorted(params.prices, reverse=True):
         restarts: dict[str, tuple[float, ...]] = {}
         surplus = calls = 0.0
@@ -303,15 +305,27 @@ def none_surplus_byte_s(models: Sequence[InstanceModel]) -> float:
     return sum(evaluate(m, [])[0] for m in models)
 
 
-def limit_at(table: pd.DataFrame, auth_vs_none: float) -> float:
-    """The least mean surplus on the frontier (its lower convex hull, interpolated) at an auth
-    cost; the no-restart surplus at or below 1×."""
-    t = table.sort_values("auth_vs_none")
-    x = t["auth_vs_none"].to_numpy(dtype=np.float64)
-    y = t["mean_surplus_mib"].to_numpy(dtype=np.float64)
-    if len(x) == 0:
+def pareto(x: FloatArray, y: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The points not dominated (lower x and lower y are better), sorted by x."""
+    order = np.lexsort((y, x))
+    x, y = x[order], y[order]
+    keep = y < np.minimum.accumulate(np.append(np.inf, y[:-1]))
+    return x[keep], y[keep]
+
+
+def curve_at(x: FloatArray, y: FloatArray, at: float) -> float:
+    """The Pareto curve of (x, y) points, linear between its points, at ``x = at``: the least y
+    reachable at that cost (NaN below the cheapest point; its last y beyond the dearest)."""
+    px, py = pareto(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    if len(px) == 0 or at < px[0] - 1e-12:
         return math.nan
-    return float(np.interp(auth_vs_none, x, np.minimum.accumulate(y)))
+    return float(np.interp(at, px, py))
+
+
+def limit_at(table: pd.DataFrame, auth_vs_none: float) -> float:
+    """The frontier's least mean surplus at an auth cost (relative to ``none``)."""
+    return curve_at(table["auth_vs_none"].to_numpy(), table["mean_surplus_mib"].to_numpy(),
+                    auth_vs_none)
 
 
 # ----------------------------------------------------------------------------------------------
