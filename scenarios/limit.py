@@ -268,7 +268,7 @@ def frontier(models: Sequence[InstanceModel], params: LimitParams) -> list[Sched
     Prices are page-seconds per call (converted to byte-seconds with 64 KiB pages).
     """
     out: dict[tuple[tuple[str, tuple[float, ...]], ...], Schedule] = {}
-    never = {m.instance: () for m in models}
+    never: dict[str, tuple[float, ...]] = {m.instance: () for m in models}
     out[tuple(sorted(never.items()))] = Schedule(math.inf, never, none_surplus_byte_s(models), 0.0)
     for price in sorted(params.prices, reverse=True):
         restarts: dict[str, tuple[float, ...]] = {}

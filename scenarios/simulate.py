@@ -215,7 +215,8 @@ class Simulation:
             self.next_decision_ns += self.decision_ns
             if len(self.samples) > self.unseen:
                 # Built column by column: three times cheaper than from rows, once a pass.
-                new = pd.DataFrame(dict(zip(SAMPLE_COLUMNS, zip(*self.samples[self.unseen:]),
+                rows = self.samples[self.unseen:]
+                new = pd.DataFrame(dict(zip(SAMPLE_COLUMNS, zip(*rows, strict=True),
                                             strict=True)))
                 self.unseen = len(self.samples)
                 for instance_id in controller(new, now):
