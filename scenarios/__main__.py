@@ -567,21 +567,30 @@ def _experiment(a: argparse.Namespace) -> int:
 
 
 def _standard_args(p: argparse.ArgumentParser) -> None:
+    from scenarios.standard import SCENARIOS
+
     p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
     p.add_argument("--quick", action="store_true", help="small traces, seconds (CI)")
     p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
-    p.add_argument("--only", action="append", default=[], choices=["basic", "week", "tenants"],
-                   help="run only this scenario (repeatable)")
+    p.add_argument("--only", action="append", default=[], choices=list(SCENARIOS),
+                   help="run only this scenario (repeatable; week runs only when named)")
+    p.add_argument("--holdout", action="store_true",
+                   help="run the held-out validation traces instead (no parameter was tuned "
+                        "on them); writes robustness-holdout.md")
 
 
 def _standard(a: argparse.Namespace) -> int:
     from scenarios.report import markdown_table
     from scenarios.standard import SCENARIOS, run_standard
 
-    summaries = run_standard(a.out, a.quick, a.jobs, progress=_tty(), only=a.only)
+    summaries = run_standard(a.out, a.quick, a.jobs, progress=_tty(), only=a.only,
+                             holdout=a.holdout)
     for name, table in summaries.items():
         print(f"\n## {SCENARIOS[name].title}\n")
         print(markdown_table(table), end="")
+    robustness = a.out / ("robustness-holdout.md" if a.holdout else "robustness.md")
+    if robustness.exists():
+        print(f"\n## Robustness\n\n{robustness.read_text()}", end="")
     print(f"\nwritten to {a.out}/")
     return 0
 

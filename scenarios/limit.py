@@ -39,7 +39,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from manager.estimate import EstimatorParams
-from scenarios.experiment import ExperimentConfig, policy_series, summarize
+from scenarios.experiment import ExperimentConfig, filter_module, policy_series, summarize
 from scenarios.simulate import Controller, Simulation
 from scenarios.trace import Trace
 
@@ -353,6 +353,7 @@ def schedule_controller(restarts: dict[str, tuple[float, ...]]) -> Controller:
 def simulate_schedule(trace: Trace, restarts: dict[str, tuple[float, ...]],
                       config: ExperimentConfig) -> dict[str, object]:
     """Run ``trace`` with restarts at the scheduled times; its summary (SPEC §7 metrics)."""
-    result = Simulation(config.sim).run(trace, schedule_controller(restarts))
+    module = filter_module(config.sim.filter_path)
+    result = Simulation(config.sim, module).run(trace, schedule_controller(restarts))
     series = policy_series(result.samples, EstimatorParams())
     return summarize(series, config, "schedule")

@@ -40,7 +40,7 @@ import pandas as pd
 
 from addons.telemetry.store import DECISIONS, REQUESTS, SAMPLES, close_store, open_store, read_frame
 from manager.estimate import EstimatorParams
-from manager.policies import RatioParams, parse_policy
+from manager.policies import AdaptiveParams, RatioParams, parse_policy
 from scenarios.eclog import EClogConvertParams, EClogGenParams
 from scenarios.experiment import (
     ExperimentConfig,
@@ -218,9 +218,11 @@ def live_samples(samples: pd.DataFrame, requests: pd.DataFrame,
 
 
 def estimator_of(spec: str) -> EstimatorParams:
-    """The estimator the policy `spec` uses (the default one for non-ratio policies)."""
+    """The estimator the policy `spec` uses (the default one for policies without one)."""
     params = parse_policy(spec)
-    return params.estimator if isinstance(params, RatioParams) else EstimatorParams()
+    if isinstance(params, RatioParams | AdaptiveParams):
+        return params.estimator
+    return EstimatorParams()
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Writes, for one trace, into its output directory:
 - `memory.png`: allocated, required (estimated and true) and surplus over time, restarts marked;
 - `hitrate.png`: cache hit rate over time;
 - `tradeoff.png`: mean surplus against extra auth-server requests, fixed and threshold sweeps as
-  lines, ratio and oracle as points.
+  lines, the offline-optimal frontier ("limit") when given, adaptive, ratio and oracle as points;
+- `rule.png`, `adaptive.png`: the ratio and adaptive rules at work on the busiest instance.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def markdown_table(summary: pd.DataFrame) -> str:
 
 
 def write_report(runs: Sequence[PolicyRun], config: ExperimentConfig, out: Path,
-                 title: str, main_policies: Sequence[str] | None = None) -> pd.DataFrame:
-    """Write tables, series and plots for `runs`; return the summary."""
+                 title: str, main_policies: Sequence[str] | None = None,
+                 limit: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write tables, series and plots for `runs` (and the `limit` frontier on the trade-off
+    plot, when given); return the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "series").mkdir(exist_ok=True)
     (out / "decisions").mkdir(exist_ok=True)
@@ -87,10 +90,11 @@ def write_report(runs: Sequence[PolicyRun], config: ExperimentConfig, out: Path,
     shown = [r for r in runs if main_policies is None or r.policy in main_policies]
     plot_memory(shown, out / "memory.png", title)
     plot_hit_rate(shown, config, out / "hitrate.png", title)
-    plot_tradeoff(summary, out / "tradeoff.png", title)
-    ratio = next((r for r in runs if r.policy.split(":")[0] == "ratio"), None)
-    if ratio is not None and len(ratio.decisions):
-        plot_rule(ratio, out / "rule.png", title)
+    plot_tradeoff(summary, out / "tradeoff.png", title, limit)
+    for name, file in (("ratio", "rule.png"), ("adaptive", "adaptive.png")):
+        rule = next((r for r in runs if r.policy.split(":")[0] == name), None)
+        if rule is not None and len(rule.decisions):
+            plot_rule(rule, out / file, title)
     return summary
 
 
@@ -164,10 +168,21 @@ def plot_hit_rate(runs: Sequence[PolicyRun], config: ExperimentConfig, path: Pat
     plt.close(fig)
 
 
-def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str) -> None:
-    """Mean surplus (x) against auth requests relative to `none` (y): lower-left is better."""
+def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str,
+                  limit: pd.DataFrame | None = None) -> None:
+    """Mean surplus (x) against auth requests relative to `none` (y): lower-left is better.
+
+    ``limit``: the offline-optimal frontier (columns mean_surplus_mib, auth_vs_none), drawn as a
+    staircase of what can be reached at each auth cost.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    if limit is not None and len(limit):
+        frontier = limit.sort_values("auth_vs_none")
+        top = float(summary["auth_vs_none"].max())
+        shown = frontier[frontier["auth_vs_none"] <= max(top, 1.0) * 1.02]
+        ax.plot(shown["mean_surplus_mib"], shown["auth_vs_none"], color="black", lw=1.2,
+                ls="--", marker=".", ms=4, label="limit (offline optimum)", zorder=1)
     kind = summary["policy"].str.split(":").str[0]
     for family, color, marker in (("fixed", "tab:blue", "o"), ("threshold", "tab:orange", "s")):
         sweep = summary[kind == family].sort_values("mean_surplus_mib")
@@ -178,8 +193,8 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str) -> None:
                 ax.annotate(row["policy"].split(":", 1)[1], (row["mean_surplus_mib"],
                             row["auth_vs_none"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points", color=color)
-    for family, color, marker in (("ratio", "tab:red", "*"), ("oracle", "tab:green", "D"),
-                                  ("none", "gray", "X")):
+    for family, color, marker in (("adaptive", "tab:purple", "P"), ("ratio", "tab:red", "*"),
+                                  ("oracle", "tab:green", "D"), ("none", "gray", "X")):
         point = summary[kind == family]
         if len(point):
             ax.plot(point["mean_surplus_mib"], point["auth_vs_none"], marker, color=color,
@@ -204,7 +219,7 @@ def busiest_window(series: pd.DataFrame, hours: float) -> tuple[float, float]:
 
 
 def plot_rule(run: PolicyRun, path: Path, title: str, hours: float = 8.0) -> None:
-    """The ratio rule at work on its busiest instance: P, required, surplus, baseline.
+    """A rule (ratio, adaptive) at work on its busiest instance: P, required, surplus, baseline.
 
     Reads the run's series (allocated, required_est, restarted) and its decisions (the
     baseline the rule compares with, once learned), around the peak allocation.
@@ -241,7 +256,7 @@ def plot_rule(run: PolicyRun, path: Path, title: str, hours: float = 8.0) -> Non
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"{title}: the ratio rule on {busiest}", fontsize=10)
+    ax.set_title(f"{title}: the {run.policy.split(':')[0]} rule on {busiest}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,24 +1,35 @@
 """The standard experiment set (`just experiment`): every figure and table of the README.
 
-Three traces, each run under the same policies in virtual time:
+Traces, each run under the same policies in virtual time:
 - `basic`: the paper's basic experiment (1024 logins at 1/s, then 1024 logouts), and its Fig. 4;
-- `week`: a generated EClog-format week with a sale spike on day 5 (sessions become tokens, an
-  idle gap longer than the TTL a new login);
 - `tenants`: three shops behind one proxy, one filter instance each, with different traffic
-  levels and a sale spike at one of them.
+  levels and a sale spike at one of them;
+- traffic of varied shapes (:data:`SHAPES`): generated EClog-format days with a flash crowd, a
+  slow ramp, a long tail, two sales merged, no sale at all; several seeds and two filter TTLs
+  (600 s and 300 s). Each has its robustness row (:mod:`scenarios.robustness`);
+- `week` (only when asked, `--only week`: it alone takes longer than the rest): a generated
+  EClog-format week with a sale spike on day 5.
 
 Policies: `none`, a sweep of `fixed` uptimes, a sweep of `threshold`s (fractions of the peak
-that `none` reached), `ratio` (the paper's rule) and `oracle` (ground truth). `--quick` runs
-small versions of the same traces in seconds (CI).
+that `none` reached), `adaptive` (the manager's default), `ratio` (the paper's rule) and `oracle`
+(ground truth); and `limit`, the offline-optimal frontier, computed from `none`'s run.
+`--holdout` runs traces no parameter was tuned on (other seeds and shapes), for validation.
+`--quick` runs small versions in seconds (CI).
+
+Every run of every trace goes to one pool of worker processes, so both cores stay busy.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import logging
+import multiprocessing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
+from typing import Final
 
 import pandas as pd
 
@@ -26,15 +37,18 @@ from scenarios.basic import BasicParams, basic_trace
 from scenarios.eclog import (
     EClogConvertParams,
     EClogGenParams,
+    Sale,
     eclog_to_trace,
     generate_eclog,
     read_eclog,
     write_eclog,
 )
-from scenarios.experiment import ExperimentConfig, PolicyRun, run_policies, with_sample_interval
+from scenarios.experiment import ExperimentConfig, PolicyRun, run_in_worker, with_sample_interval
 from scenarios.fig4 import plot_fig4, run_fig4
+from scenarios.limit import LimitParams, frontier, frontier_table, instance_models
 from scenarios.plots import plot_eclog
 from scenarios.report import write_report
+from scenarios.robustness import robustness_markdown, robustness_table
 from scenarios.trace import Event, Trace, TraceMeta
 
 logger = logging.getLogger(__name__)
@@ -49,6 +63,18 @@ class Scenario:
     fixed: tuple[str, ...]
     threshold_fractions: tuple[float, ...]
     sample_interval: float
+    ttl_s: float = 600.0
+    """The filter's TTL (its configuration's ``ttl_seconds``)."""
+    shape: EClogGenParams | None = None
+    """A generated EClog-format trace (two days of it, from midnight)."""
+    default: bool = True
+    """Part of the standard set unless asked for by name."""
+    holdout: bool = False
+    """A validation trace: run with ``--holdout`` only; no parameter was tuned on it."""
+
+    @property
+    def filter_config(self) -> str:
+        return "" if self.ttl_s == 600.0 else json.dumps({"ttl_seconds": self.ttl_s})
 
 
 def eclog_trace(gen: EClogGenParams, convert: EClogConvertParams, csv: Path) -> Trace:
@@ -93,18 +119,88 @@ def tenants_trace(quick: bool, work: Path) -> Trace:
     return Trace.from_events(events, meta)
 
 
+def _shape(seed: int, *sales: str, rate: float = 1500.0, days: int = 2) -> EClogGenParams:
+    return EClogGenParams(days=days, requests_per_hour=rate, seed=seed,
+                          sales=tuple(Sale.parse(spec) for spec in sales))
+
+
+_FIXED = ("fixed:2h", "fixed:30m", "fixed:6h", "fixed:24h")
+_THRESHOLDS = (0.5, 0.75)
+
+
+def _shaped(name: str, title: str, gen: EClogGenParams, ttl_s: float = 600.0,
+            holdout: bool = False) -> Scenario:
+    return Scenario(name, title, _FIXED, _THRESHOLDS, 5.0, ttl_s=ttl_s, shape=gen,
+                    default=not holdout, holdout=holdout)
+
+
+SHAPES: Final = (
+    _shaped("flash", "Flash crowd (2 days, a sale at 20:00 on day 2)",
+            _shape(21, "1@20:flash:2500")),
+    _shaped("ramp", "Slow ramp (2 days, a 6-h sale building up from 09:00 on day 2)",
+            _shape(22, "1@9:ramp:2500")),
+    _shaped("long-tail", "Long tail (2 days, a sale at 20:00 on day 2 fading over 12 h)",
+            _shape(23, "1@20:long-tail:2500")),
+    _shaped("two-sales", "Two sales merged (a flash crowd on day 1, a ramp on day 2)",
+            _shape(24, "0@20:flash:1500", "1@10:ramp:2000")),
+    _shaped("quiet", "Quiet (2 days of daily cycles, no sale)", _shape(25, rate=1200.0)),
+    _shaped("flash-ttl300", "Flash crowd, another seed, filter TTL 300 s",
+            _shape(26, "1@20:flash:2500"), ttl_s=300.0),
+    _shaped("two-sales-ttl300", "Two sales merged, another seed, filter TTL 300 s",
+            _shape(27, "0@20:flash:1500", "1@10:ramp:2000"), ttl_s=300.0),
+)
+"""Traffic of varied shapes, seeds and TTLs: the robustness table's rows."""
+
+HOLDOUT: Final = (
+    _shaped("holdout-flash", "Held out: a bigger flash crowd, 3000 req/h, seed 41",
+            _shape(41, "1@21:flash:4000", rate=3000.0), holdout=True),
+    _shaped("holdout-three-sales", "Held out: three sales of three shapes, seed 42",
+            _shape(42, "0@12:ramp:1200", "1@8:long-tail:1500", "1@20:flash:1500"),
+            holdout=True),
+    _shaped("holdout-quiet-ttl300", "Held out: quiet and small (600 req/h), TTL 300 s, seed 43",
+            _shape(43, rate=600.0), ttl_s=300.0, holdout=True),
+    _shaped("holdout-long-tail-ttl300", "Held out: long tail in the morning, TTL 300 s, seed 44",
+            _shape(44, "1@7:long-tail:3000"), ttl_s=300.0, holdout=True),
+)
+"""Validation traces no parameter was tuned on (``--holdout``)."""
+
 SCENARIOS = {
     "basic": Scenario("basic", "Basic experiment (1024 logins, then 1024 logouts)",
                       ("fixed:20m", "fixed:5m", "fixed:10m"), (0.5, 0.75), 1.0),
-    "week": Scenario("week", "EClog-format week with a sale spike",
-                     ("fixed:1h", "fixed:15m", "fixed:4h", "fixed:12h"), (0.5, 0.75), 5.0),
     "tenants": Scenario("tenants", "Three tenants, one instance each",
                         ("fixed:2h", "fixed:30m", "fixed:8h"), (0.5, 0.75), 5.0),
+    **{s.name: s for s in SHAPES},
+    "week": Scenario("week", "EClog-format week with a sale spike",
+                     ("fixed:1h", "fixed:15m", "fixed:4h", "fixed:12h"), (0.5, 0.75), 5.0,
+                     default=False),
+    **{s.name: s for s in HOLDOUT},
 }
+
+
+def shaped_trace(scenario: Scenario, quick: bool, work: Path) -> Trace:
+    """A generated EClog-format trace of ``scenario.shape`` (when quick: the four hours around
+    its last sale's start at a tenth of the rate, or the first day's evening)."""
+    gen = scenario.shape
+    assert gen is not None
+    start = end = None
+    if quick:
+        sales = gen.all_sales()
+        at = (pd.Timestamp(gen.start_time) + pd.Timedelta(days=sales[-1].day, hours=sales[-1].hour)
+              if sales else pd.Timestamp(gen.start_time) + pd.Timedelta(hours=18))
+        start, end = at - pd.Timedelta(hours=1), at + pd.Timedelta(hours=3)
+        gen = replace(gen, requests_per_hour=gen.requests_per_hour / 10,
+                      sales=tuple(replace(sale, new_users=sale.new_users // 10)
+                                  for sale in sales))
+    convert = EClogConvertParams(logouts=True, name=scenario.name, start=start, end=end,
+                                 ttl=scenario.ttl_s)
+    return eclog_trace(gen, convert, work / "eclog.csv")
 
 
 def make_trace(name: str, quick: bool, work: Path) -> Trace:
     """The trace of scenario `name` (its EClog CSVs go into `work`)."""
+    scenario = SCENARIOS[name]
+    if scenario.shape is not None:
+        return shaped_trace(scenario, quick, work)
     if name == "basic":
         return basic_trace(BasicParams(count=128 if quick else 1024))
     if name == "week":
@@ -119,44 +215,154 @@ def _kib(size_bytes: float) -> str:
     return f"{max(size_bytes / 2**10, 64):.0f}KiB"
 
 
+@dataclass
+class _Pending:
+    """A scenario on its way through the pool."""
+
+    scenario: Scenario
+    out: Path
+    trace_path: Path
+    config: ExperimentConfig
+    specs: list[str]
+    runs: dict[str, PolicyRun]
+
+
+def _first_specs(scenario: Scenario, quick: bool) -> list[str]:
+    fixed: Sequence[str] = scenario.fixed[:1] if quick else scenario.fixed
+    return ["none", "adaptive", "ratio", *fixed]
+
+
+def _second_specs(scenario: Scenario, quick: bool, none: PolicyRun) -> list[str]:
+    """Thresholds, and the oracle's smallest worthwhile restart, scale with `none`'s peak."""
+    fractions = scenario.threshold_fractions[-1:] if quick else scenario.threshold_fractions
+    peak = float(none.series.groupby("instance")["allocated_bytes"].max().max())
+    return [f"oracle:min_reclaim={_kib(0.1 * peak)}",
+            *(f"threshold:{_kib(f * peak)}" for f in fractions)]
+
+
+def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: int | None,
+                  progress: bool) -> dict[str, pd.DataFrame]:
+    """Run every policy of every scenario in one pool; write each scenario's report (with the
+    limit); return the summaries by scenario."""
+    pending: dict[str, _Pending] = {}
+    for scenario in scenarios:
+        where = out / scenario.name
+        where.mkdir(parents=True, exist_ok=True)
+        trace_path = where / "trace.jsonl"
+        make_trace(scenario.name, quick, where).write_jsonl(trace_path)
+        config = with_sample_interval(ExperimentConfig(), scenario.sample_interval)
+        config = replace(config, sim=replace(config.sim,
+                                             plugin_configuration=scenario.filter_config))
+        pending[scenario.name] = _Pending(scenario, where, trace_path, config, [], {})
+    jobs = max(1, jobs or multiprocessing.cpu_count())
+    summaries: dict[str, pd.DataFrame] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="run", desc="standard set")
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures: dict[concurrent.futures.Future[PolicyRun], str] = {}
+
+        def submit(name: str, specs: Sequence[str]) -> None:
+            p = pending[name]
+            for spec in specs:
+                p.specs.append(spec)
+                futures[pool.submit(run_in_worker, (p.trace_path, spec, p.config))] = name
+            if bar is not None:
+                bar.total += len(specs)
+                bar.refresh()
+
+        # Every `none` first: the thresholds and the oracle wait for its peak.
+        for name in pending:
+            submit(name, ["none"])
+        for name, p in pending.items():
+            submit(name, _first_specs(p.scenario, quick)[1:])
+        while futures:
+            done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
+            for future in done:
+                name = futures.pop(future)
+                run = future.result()
+                p = pending[name]
+                p.runs[run.policy] = run
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {run.policy}")
+                    bar.update()
+                if run.policy == "none":
+                    submit(name, _second_specs(p.scenario, quick, run))
+                if len(p.runs) == len(p.specs):
+                    summaries[name] = _report(p, quick)
+    if bar is not None:
+        bar.close()
+    return {s.name: summaries[s.name] for s in scenarios}
+
+
+def _report(p: _Pending, quick: bool) -> pd.DataFrame:
+    """Write the scenario's report: summary, plots, the limit."""
+    scenario = p.scenario
+    order = [*_first_specs(scenario, quick)]
+    order += [spec for spec in p.specs if spec not in order]
+    runs = [p.runs[spec] for spec in order]
+    fixed = [spec for spec in order if spec.startswith("fixed:")]
+    thresholds = [spec for spec in order if spec.startswith("threshold:")]
+    oracle = next(spec for spec in order if spec.startswith("oracle"))
+    main = ["none", *fixed[-2:], *thresholds[-1:], "ratio", "adaptive", oracle]
+    trace = Trace.read_jsonl(p.trace_path)
+    limit = limit_table(p.runs["none"], trace, scenario.ttl_s)
+    limit.to_csv(p.out / "limit.csv", index=False)
+    return write_report(runs, p.config, p.out, scenario.title, main_policies=main, limit=limit)
+
+
+def limit_table(none: PolicyRun, trace: Trace, ttl_s: float) -> pd.DataFrame:
+    """The offline-optimal frontier of a trace (rows like a summary's, policy ``limit``)."""
+    params = LimitParams(ttl_s=ttl_s, grid_s=300.0)
+    schedules = frontier(instance_models(none.series, trace, params), params)
+    duration = float(none.series["time"].max() - none.series["time"].min())
+    return frontier_table(schedules, max(duration, 1.0), none.auth_requests)
+
+
 def run_scenario(scenario: Scenario, out: Path, quick: bool, jobs: int | None,
                  progress: bool) -> pd.DataFrame:
-    """Write the trace, run `none` first (thresholds are fractions of its peak), then the rest."""
-    out.mkdir(parents=True, exist_ok=True)
-    trace_path = out / "trace.jsonl"
-    make_trace(scenario.name, quick, out).write_jsonl(trace_path)
-    config = with_sample_interval(ExperimentConfig(), scenario.sample_interval)
-    fixed: Sequence[str] = scenario.fixed[:1] if quick else scenario.fixed
-    fractions = scenario.threshold_fractions[-1:] if quick else scenario.threshold_fractions
-    first = run_policies(trace_path, ["none", "ratio", *fixed], config, jobs, progress)
-    none = first[0]
-    # Thresholds, and the oracle's smallest worthwhile restart, scale with the peak `none` saw.
-    peak = float(none.series.groupby("instance")["allocated_bytes"].max().max())
-    thresholds = [f"threshold:{_kib(f * peak)}" for f in fractions]
-    oracle = f"oracle:min_reclaim={_kib(0.1 * peak)}"
-    runs: list[PolicyRun] = first + run_policies(trace_path, [oracle, *thresholds], config, jobs,
-                                                 progress)
-    main = ["none", *fixed[-2:], *thresholds[-1:], "ratio", oracle]
-    return write_report(runs, config, out, scenario.title, main_policies=main)
+    """One scenario into ``out``: its trace, every policy, the report."""
+    return run_scenarios([scenario], out.parent, quick, jobs, progress)[scenario.name]
+
+
+def chosen(only: Sequence[str] = (), holdout: bool = False) -> list[Scenario]:
+    """The scenarios to run: ``only`` by name; else the default set, or the held-out one."""
+    if only:
+        return [SCENARIOS[name] for name in only]
+    return [s for s in SCENARIOS.values() if (s.holdout if holdout else s.default)]
 
 
 def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
-                 progress: bool = False, only: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
-    """Run the standard set into `out`; return the summaries by scenario."""
-    summaries = {}
-    for name, scenario in SCENARIOS.items():
-        if only and name not in only:
-            continue
-        logger.info("scenario %s", name)
-        summaries[name] = run_scenario(scenario, out / name, quick, jobs, progress)
-    if not only or "week" in only:
+                 progress: bool = False, only: Sequence[str] = (),
+                 holdout: bool = False) -> dict[str, pd.DataFrame]:
+    """Run the standard set (or the held-out traces) into `out`; return the summaries by
+    scenario. Writes the robustness table of the shaped traces to `out/robustness.md`."""
+    scenarios = chosen(only, holdout)
+    summaries = run_scenarios(scenarios, out, quick, jobs, progress)
+    shaped = [s for s in scenarios if s.shape is not None or s.name == "tenants"]
+    if shaped:
+        table = robustness_table(
+            {s.name: (summaries[s.name], pd.read_csv(out / s.name / "limit.csv"), s.ttl_s)
+             for s in shaped})
+        name = "robustness-holdout" if holdout else "robustness"
+        table.to_csv(out / f"{name}.csv", index=False)
+        (out / f"{name}.md").write_text(robustness_markdown(table))
+    names = {s.name for s in scenarios}
+    if "week" in names:
         # One generated EClog-format day, the sale day of the week: requests and active tokens.
         day = pd.Timestamp("2019-12-01T00:00Z") if quick else pd.Timestamp("2019-12-05T00:00Z")
         params = EClogConvertParams(name="EClog-format day with a sale at 20:00", start=day,
                                     end=day + pd.Timedelta(days=1))
         (out / "eclog").mkdir(parents=True, exist_ok=True)
         plot_eclog(out / "week" / "eclog.csv", out / "eclog" / "day.png", params=params)
-    if not only or "basic" in only:
+    if "two-sales" in names:
+        (out / "eclog").mkdir(parents=True, exist_ok=True)
+        plot_eclog(out / "two-sales" / "eclog.csv", out / "eclog" / "two-sales.png",
+                   params=EClogConvertParams(name="Two sales merged: generated EClog format"))
+    if "basic" in names:
         series = run_fig4(count=128 if quick else 1024)
         (out / "fig4").mkdir(parents=True, exist_ok=True)
         series.to_csv(out / "fig4" / "fig4.csv", index=False)

@@ -751,7 +751,7 @@ def test_cli_ratio_options_override_the_spec() -> None:
         measure_s=180, ttl_cap_s=120, trend_window_s=30, baseline_skip_fill=True, k_default=40)
     assert (params.trend_noise_z, params.trend_min_pages, params.require_turn,
             params.first_decision_restarts, params.retry_after_s) == (2.0, 2.0, True, False, 120.0)
-    assert policy_params(build_parser().parse_args(["run"])) == RatioParams()
+    assert policy_params(build_parser().parse_args(["run"])) == AdaptiveParams()
     assert policy_params(build_parser().parse_args(
         ["run", "--policy", "threshold:64MiB", "--retry-after", "5m"])) == ThresholdParams(
             allocated_bytes=64 * 2**20, retry_after_s=300)
@@ -771,7 +771,7 @@ def test_cli_store_and_token_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("MONGODB_URI", raising=False)
     config = build_config(build_parser().parse_args(["run"]))
     assert config.store == ".wasm-reclaim/store" and config.token == "tok"
-    assert config.admin_url == "http://127.0.0.1:9901" and config.params == RatioParams()
+    assert config.admin_url == "http://127.0.0.1:9901" and config.params == AdaptiveParams()
     assert config.token_file == Path(".wasm-reclaim/admin-token")
     monkeypatch.setenv("MONGODB_URI", "mongodb://db.example:27017/")
     config = build_config(build_parser().parse_args(["run", "--admin", "127.0.0.1:9999",

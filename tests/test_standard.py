@@ -6,20 +6,20 @@ import pandas as pd
 import pytest
 
 from scenarios.report import safe_name
-from scenarios.standard import run_standard
+from scenarios.standard import chosen, run_standard
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    return out, run_standard(out, quick=True, jobs=2, only=["basic", "week"])
+    return out, run_standard(out, quick=True, jobs=2, only=["basic", "week", "two-sales"])
 
 
-@pytest.mark.parametrize("scenario", ["basic", "week"])
+@pytest.mark.parametrize("scenario", ["basic", "week", "two-sales"])
 def test_outputs_exist(results, scenario) -> None:
     out, summaries = results
     for name in ("summary.csv", "summary.md", "memory.png", "hitrate.png", "tradeoff.png",
-                 "rule.png", "trace.jsonl"):
+                 "rule.png", "adaptive.png", "trace.jsonl", "limit.csv"):
         assert (out / scenario / name).stat().st_size > 0, f"{scenario}/{name}"
     summary = pd.read_csv(out / scenario / "summary.csv")
     assert list(summary["policy"]) == list(summaries[scenario]["policy"])
@@ -29,7 +29,7 @@ def test_outputs_exist(results, scenario) -> None:
     assert (out / "fig4" / "fig4.png").exists() and (out / "eclog" / "day.png").exists()
 
 
-@pytest.mark.parametrize("scenario", ["basic", "week"])
+@pytest.mark.parametrize("scenario", ["basic", "week", "two-sales"])
 def test_summary_agrees_with_the_series_and_oracle_beats_none(results, scenario) -> None:
     out, _ = results
     summary = pd.read_csv(out / scenario / "summary.csv").set_index("policy")
@@ -42,3 +42,35 @@ def test_summary_agrees_with_the_series_and_oracle_beats_none(results, scenario)
     oracle = next(p for p in summary.index if str(p).startswith("oracle"))
     assert summary.loc[oracle, "mean_surplus_mib"] <= summary.loc["none", "mean_surplus_mib"]
     assert summary.loc["none", "restarts"] == 0
+
+
+def test_robustness_table_of_the_shaped_traces(results) -> None:
+    out, summaries = results
+    table = pd.read_csv(out / "robustness.csv")
+    assert list(table["trace"]) == ["two-sales", "two-sales"]
+    assert list(table["policy"]) == ["adaptive", "ratio"]
+    summary = summaries["two-sales"].set_index("policy")
+    row = table.iloc[0]
+    assert row["mean_surplus_mib"] == pytest.approx(summary.loc["adaptive", "mean_surplus_mib"])
+    assert row["auth_vs_none"] == pytest.approx(summary.loc["adaptive", "auth_vs_none"])
+    assert "× limit" in (out / "robustness.md").read_text()
+    limit = pd.read_csv(out / "two-sales" / "limit.csv")
+    assert limit["restarts"].iloc[0] == 0
+    assert limit["mean_surplus_mib"].iloc[0] == pytest.approx(
+        summary.loc["none", "mean_surplus_mib"], rel=0.25, abs=0.01)
+    assert (out / "eclog" / "two-sales.png").stat().st_size > 0
+
+
+def test_the_default_set_holds_varied_shapes_and_two_ttls() -> None:
+    default = chosen()
+    names = [s.name for s in default]
+    assert "week" not in names and not any(s.holdout for s in default)
+    shaped = [s for s in default if s.shape is not None]
+    assert {s.ttl_s for s in shaped} == {300.0, 600.0}
+    shapes = {sale.shape for s in shaped for sale in s.shape.all_sales()}  # type: ignore[union-attr]
+    assert shapes == {"flash", "ramp", "long-tail"}
+    assert len({s.shape.seed for s in shaped}) == len(shaped)  # type: ignore[union-attr]
+    assert any(s.shape is not None and not s.shape.all_sales() for s in shaped)  # a quiet one
+    assert all(s.holdout for s in chosen(holdout=True))
+    held = {s.shape.seed for s in chosen(holdout=True)}  # type: ignore[union-attr]
+    assert not held & {s.shape.seed for s in shaped}  # type: ignore[union-attr]
