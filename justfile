@@ -52,6 +52,11 @@ bench: setup
     {{python}} -m tests.bench.manager
     {{python}} -m tests.bench.warm
 
+# The fault campaign against real processes on 127.0.0.1, its table as in the README (~25 min; `just faults --quick`: a few)
+[group('check')]
+faults *args: setup
+    {{python}} -m tests.faults {{args}}
+
 # Rebuild filters/auth_cache.wasm from its C sources (reproducible: same bytes each time)
 [group('build')]
 build-filter: setup
