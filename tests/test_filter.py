@@ -219,6 +219,37 @@ def test_concurrent_streams_each_get_their_own_verdict(filter_module: FilterModu
     for s, _ in opened:
         s.close()
     assert p.metric(LIVE_ENTRIES) == 2
+    assert len(p.auth.calls) == 4  # concurrent misses for one token share one call
+
+
+@pytest.mark.parametrize(("answer", "expected"), [(None, 200), (401, 401), (500, 503), (0, 503)])
+def test_concurrent_misses_for_one_token_make_one_call(filter_module: FilterModule,
+                                                      answer: int | None, expected: int) -> None:
+    p = Proxy(filter_module, {"timeout_ms": 200}, latency=0.05)
+    p.auth.status = answer
+    opened = [p.open(b"alice") for _ in range(16)]
+    assert all(d is None for _, d in opened)
+    p.advance(0.5)
+    assert len(p.auth.calls) == 1
+    assert [status(s.decision) for s, _ in opened if s.decision is not None] == [expected] * 16
+    for s, _ in opened:
+        s.close()
+    assert p.metric("auth_cache.misses") == 16
+    failures = p.metric("auth_cache.auth_failures")
+    assert failures == (1 if expected == 503 else 0)  # counted per call, not per stream
+
+
+def test_a_merged_call_outlives_the_stream_that_made_it(filter_module: FilterModule) -> None:
+    p = Proxy(filter_module, latency=0.05)
+    first, d1 = p.open(b"alice")
+    second, d2 = p.open(b"alice")
+    assert d1 is None and d2 is None and len(p.auth.calls) == 1
+    first.close()  # the client that caused the call went away: the host cancels its call
+    p.advance(0.1)
+    assert len(p.auth.calls) == 2  # made again for the stream still waiting
+    assert second.decision is not None and status(second.decision) == 200
+    second.close()
+    assert p.request(b"alice").outbound == 0  # cached by the call it shared
 
 
 def test_gauges_follow_entry_size(filter_module: FilterModule) -> None:

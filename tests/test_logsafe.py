@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
+import wasmtime
+from mitmproxy.test import taddons, tflow
 
 from addons.logsafe import OneLine, RateLimit, escape
+from addons.wasm_auth import WasmAuth
+
+from .servers import free_port
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -53,3 +59,64 @@ def test_rate_limit_lets_a_burst_through_then_counts() -> None:
     assert limit.filter(record)
     assert record.getMessage() == "refused 99 (7 similar lines suppressed)"
     assert limit.filter(_record("refused %s", 100))
+
+
+# ---- through the addon: how many lines a failure writes --------------------------------------
+
+
+def _options(tmp_path, **kw: object) -> dict[str, object]:
+    return {"wasm_log_metrics": False, "wasm_admin_listen": "",
+            "wasm_spool": str(tmp_path / "spool"), "wasm_store": str(tmp_path / "store"), **kw}
+
+
+def _flow(token: str | None = "t-good") -> tflow.HTTPFlow:
+    f = tflow.tflow()
+    f.request.headers["Host"] = "shop.example"
+    if token is not None:
+        f.request.headers["Authorization"] = f"Bearer {token}"
+    return f
+
+
+async def test_a_failed_auth_call_writes_one_line(tmp_path, caplog) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **_options(
+            tmp_path, wasm_cluster=[f"auth=http://127.0.0.1:{free_port()}"]))  # nobody there
+        await addon.request(_flow())  # start the instance; its first lines are start-up
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            f = _flow("other-token")
+            await addon.request(f)
+            await asyncio.sleep(0.1)
+        assert f.response is not None and f.response.status_code == 503
+        assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+        await addon.done()
+
+
+TRAPPING = """(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "client said:\\n[00:00:00.000] FORGED")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $log (i32.const 2) (i32.const 100) (i32.const 34)))
+    unreachable))"""
+
+
+async def test_a_crash_is_logged_once_and_guest_text_stays_on_its_line(tmp_path, caplog) -> None:
+    wasm = tmp_path / "trap.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(TRAPPING))
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **_options(tmp_path, wasm_filter=str(wasm)))
+        with caplog.at_level(logging.INFO):
+            f = _flow()
+            await addon.request(f)
+        assert f.response is not None and f.response.status_code == 503
+        crashes = [r for r in caplog.records if "trapped" in r.getMessage()]
+        assert len(crashes) == 1, [r.getMessage() for r in caplog.records]
+        assert all("\n" not in r.getMessage() for r in caplog.records)
+        assert any("client said:\\n[00:00:00.000] FORGED" in r.getMessage()
+                   for r in caplog.records)
+        await addon.done()

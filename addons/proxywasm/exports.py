@@ -16,6 +16,8 @@ import logging
 import struct
 from collections.abc import Callable
 
+from addons.logsafe import escape  # what a filter logs may carry what clients sent
+
 from . import _wasmtime as raw
 from . import properties
 from .abi import BufferType, LogLevel, MapType, MetricType, Status, StreamType, WasiErrno
@@ -58,7 +60,7 @@ def proxy_log(vm: Vm, level: int, ptr: int, size: int) -> int:
         data = vm.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
         guest_logger.log(
             py_level, "[%s gen %d] %s", vm.instance_id, vm.generation,
-            data.decode("utf-8", "replace"),
+            escape(data, MAX_LOG_MESSAGE),
         )
     return Status.OK
 
@@ -572,9 +574,10 @@ def fd_write(vm: Vm, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int
         chunks.append(chunk)
     data = b"".join(chunks)
     level = logging.INFO if fd == 1 else logging.WARNING if vm.starting else logging.ERROR
-    text = data[:MAX_LOG_MESSAGE].decode("utf-8", "replace").rstrip("\n")
-    if text:
-        guest_logger.log(level, "[%s gen %d] %s", vm.instance_id, vm.generation, text)
+    text = data[:MAX_LOG_MESSAGE].decode("utf-8", "surrogateescape").rstrip("\n")
+    for line in text.split("\n") if text else ():  # each line under the instance's prefix
+        guest_logger.log(level, "[%s gen %d] %s", vm.instance_id, vm.generation,
+                         escape(line, MAX_LOG_MESSAGE))
     vm.write_u32(ret_written, len(data))
     return WasiErrno.SUCCESS
 

@@ -9,8 +9,11 @@
  *     :path (before '?') == logout_path  evict the token, CONTINUE upstream
  *     cached and not expired ........... hits++, CONTINUE
  *     otherwise ........................ misses++, proxy_http_call
- *                                        GET auth_path on auth_cluster, PAUSE
- *   auth answer (proxy_on_http_call_response)
+ *                                        GET auth_path on auth_cluster, PAUSE;
+ *                                        if a call for the same token is
+ *                                        already in flight, wait for its
+ *                                        answer instead (merged), PAUSE
+ *   auth answer (proxy_on_http_call_response), for every stream waiting on it
  *     200 .............................. cache token for ttl, resume stream
  *     401 / 403 ........................ denied++, local 401 "token_rejected"
  *     other status, timeout, no answer . auth_failures++, then
@@ -26,8 +29,10 @@
  *
  * State. A Proxy-Wasm VM runs one plugin here, so the state is one static
  * ac_filter: configuration, cache, metric ids and the table of pending
- * auth calls (call id -> paused stream + token copy). Stream contexts keep
- * no other state. Every token or header value that outlives a callback is a
+ * auth calls (call id -> token copy + the paused streams waiting for it).
+ * Concurrent misses for one token share one call: a miss whose token
+ * already has a call in flight joins its streams. Stream contexts keep no
+ * other state. Every token or header value that outlives a callback is a
  * heap copy owned by this file.
  *
  * Decisions the ABI leaves open (documented in filters/README.md):
@@ -60,10 +65,13 @@
  * State
  * ------------------------------------------------------------------------ */
 
-/* One auth call in flight: one heap block, owned by the pending table. */
+/* One auth call in flight, owned by the pending table: one heap block, and
+ * a heap array of the streams waiting for its answer (the first made it). */
 typedef struct ac_pending {
     uint32_t call_id;        /* id returned by proxy_http_call */
-    uint32_t stream_id;      /* paused stream context */
+    uint32_t *streams;       /* paused stream contexts, nstreams of cap */
+    size_t nstreams;
+    size_t cap_streams;
     size_t token_len;
     char token[];            /* copy of the token, token_len bytes */
 } ac_pending;
@@ -203,12 +211,14 @@ static int ac_state_ready(void) {
     return 1;
 }
 
+static void ac_pending_free(ac_pending *p);
+
 /* Free the cache and every pending call (the root context is going away).
  * Configuration and metric ids are kept. Returns nothing. */
 static void ac_state_release(void) {
     ac_cache_free(ac_g.cache);
     ac_g.cache = NULL;
-    for (size_t i = 0; i < ac_g.npending; i++) AC_FREE(ac_g.pending[i]);
+    for (size_t i = 0; i < ac_g.npending; i++) ac_pending_free(ac_g.pending[i]);
     AC_FREE(ac_g.pending);
     ac_g.pending = NULL;
     ac_g.npending = 0;
@@ -218,6 +228,37 @@ static void ac_state_release(void) {
 /* ---------------------------------------------------------------------------
  * Pending auth calls
  * ------------------------------------------------------------------------ */
+
+/* Free a pending call and its array of streams. NULL is a no-op. */
+static void ac_pending_free(ac_pending *p) {
+    if (p == NULL) return;
+    AC_FREE(p->streams);
+    AC_FREE(p);
+}
+
+/* Add stream stream_id to the streams waiting for p. Returns 1, or 0 on out
+ * of memory (p is unchanged). */
+static int ac_pending_add_stream(ac_pending *p, uint32_t stream_id) {
+    if (p->nstreams == p->cap_streams) {
+        size_t cap = p->cap_streams ? p->cap_streams * 2 : 2;
+        uint32_t *s = AC_REALLOC(p->streams, cap * sizeof(*s));
+        if (s == NULL) return 0;
+        p->streams = s;
+        p->cap_streams = cap;
+    }
+    p->streams[p->nstreams++] = stream_id;
+    return 1;
+}
+
+/* The pending call for token tok[0..tok_len), or NULL if none is in
+ * flight. The table keeps ownership. */
+static ac_pending *ac_pending_find_token(const char *tok, size_t tok_len) {
+    for (size_t i = 0; i < ac_g.npending; i++) {
+        ac_pending *p = ac_g.pending[i];
+        if (p->token_len == tok_len && memcmp(p->token, tok, tok_len) == 0) return p;
+    }
+    return NULL;
+}
 
 /* Make room for one more pending call so that ac_pending_push cannot fail.
  * Returns 1, or 0 on out of memory (table unchanged). */
@@ -246,23 +287,11 @@ static ac_pending *ac_pending_remove_at(size_t i) {
 }
 
 /* Find and remove the pending call call_id. Returns it (caller owns and
- * frees it with AC_FREE) or NULL if unknown. */
+ * frees it with ac_pending_free) or NULL if unknown. */
 static ac_pending *ac_pending_take(uint32_t call_id) {
     for (size_t i = 0; i < ac_g.npending; i++)
         if (ac_g.pending[i]->call_id == call_id) return ac_pending_remove_at(i);
     return NULL;
-}
-
-/* Drop (free) every pending call of stream stream_id; their answers will
- * be ignored. Returns nothing. */
-static void ac_pending_drop_stream(uint32_t stream_id) {
-    size_t i = 0;
-    while (i < ac_g.npending) {
-        if (ac_g.pending[i]->stream_id == stream_id)
-            AC_FREE(ac_pending_remove_at(i)); /* slot i now holds another */
-        else
-            i++;
-    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -430,12 +459,11 @@ static void ac_resume(void) {
         ac_log_u64(PROXY_LOG_WARN, "proxy_continue_stream failed, status ", st);
 }
 
-/* The auth service could not give an answer: count it and apply the fail
- * mode. from_headers: we are still inside proxy_on_request_headers (so
- * fail-open means returning CONTINUE rather than resuming).
+/* Apply the fail mode to the effective stream: the auth service gave no
+ * usable answer. from_headers: we are still inside proxy_on_request_headers
+ * (so fail-open means returning CONTINUE rather than resuming).
  * Returns the action proxy_on_request_headers should return. */
-static proxy_action_t ac_auth_failed(int from_headers) {
-    ac_metric_inc(AC_METRIC_AUTH_FAILURES);
+static proxy_action_t ac_fail_mode(int from_headers) {
     if (ac_g.cfg.fail_open) {
         if (!from_headers) ac_resume();
         return PROXY_ACTION_CONTINUE;
@@ -444,18 +472,30 @@ static proxy_action_t ac_auth_failed(int from_headers) {
     return PROXY_ACTION_PAUSE;
 }
 
+/* The auth service could not give an answer for the stream being handled in
+ * proxy_on_request_headers: count it and apply the fail mode.
+ * Returns the action proxy_on_request_headers should return. */
+static proxy_action_t ac_auth_failed(int from_headers) {
+    ac_metric_inc(AC_METRIC_AUTH_FAILURES);
+    return ac_fail_mode(from_headers);
+}
+
 /* ---------------------------------------------------------------------------
  * Auth calls
  * ------------------------------------------------------------------------ */
 
 /* Ask the auth cluster about the request of stream stream_id, whose
- * Authorization value is auth[0..auth_len) and token tok[0..tok_len).
- * Returns PAUSE when the call is in flight (the pending table owns a copy
- * of the token), or the fail-mode action if the call could not be made. */
+ * Authorization value is auth[0..auth_len) and token tok[0..tok_len). If a
+ * call for the same token is already in flight, the stream waits for its
+ * answer instead of making another call.
+ * Returns PAUSE when the stream waits for a call (the pending table owns a
+ * copy of the token), or the fail-mode action if the call could not be made. */
 static proxy_action_t ac_start_auth_call(uint32_t stream_id, const char *auth,
                                          size_t auth_len, const char *tok,
                                          size_t tok_len) {
     const ac_config *cfg = &ac_g.cfg;
+    ac_pending *same = ac_pending_find_token(tok, tok_len);
+    if (same != NULL && ac_pending_add_stream(same, stream_id)) return PROXY_ACTION_PAUSE;
     ac_pair hdrs[4] = {
         {":method", 7, "GET", 3},
         {":path", 5, cfg->auth_path.data, cfg->auth_path.len},
@@ -468,13 +508,17 @@ static proxy_action_t ac_start_auth_call(uint32_t stream_id, const char *auth,
     ac_pending *p = AC_MALLOC(sizeof(*p) + tok_len);
     size_t hsize = 0;
     char *headers = ac_map_serialize(hdrs, 4, &hsize);
-    if (p == NULL || headers == NULL || !ac_pending_reserve()) {
-        AC_FREE(p);
+    if (p != NULL) {
+        p->streams = NULL;
+        p->nstreams = p->cap_streams = 0;
+    }
+    if (p == NULL || headers == NULL || !ac_pending_reserve() ||
+        !ac_pending_add_stream(p, stream_id)) {
+        ac_pending_free(p);
         AC_FREE(headers);
         ac_log(PROXY_LOG_ERROR, "out of memory starting an auth call");
         return ac_auth_failed(1);
     }
-    p->stream_id = stream_id;
     p->token_len = tok_len;
     memcpy(p->token, tok, tok_len);
 
@@ -484,7 +528,7 @@ static proxy_action_t ac_start_auth_call(uint32_t stream_id, const char *auth,
         NULL, 0, NULL, 0, cfg->timeout_ms, &call_id);
     AC_FREE(headers);
     if (st != PROXY_STATUS_OK) {
-        AC_FREE(p);
+        ac_pending_free(p);
         ac_log_u64(PROXY_LOG_WARN, "proxy_http_call to the auth cluster failed, status ",
                    st);
         return ac_auth_failed(1);
@@ -492,6 +536,67 @@ static proxy_action_t ac_start_auth_call(uint32_t stream_id, const char *auth,
     p->call_id = call_id;
     ac_pending_push(p);
     return PROXY_ACTION_PAUSE;
+}
+
+/* Ask the auth cluster again about p's token, on behalf of p->streams[0]
+ * (the stream that made the call is gone, and the host cancels a stream's
+ * calls with it). Sends "Bearer <token>". Returns 1 with p->call_id updated,
+ * or 0 if the call could not be made. */
+static int ac_pending_reissue(ac_pending *p) {
+    const ac_config *cfg = &ac_g.cfg;
+    if (proxy_set_effective_context(p->streams[0]) != PROXY_STATUS_OK) return 0;
+    char *auth = AC_MALLOC(7 + p->token_len);
+    if (auth == NULL) return 0;
+    memcpy(auth, "Bearer ", 7);
+    memcpy(auth + 7, p->token, p->token_len);
+    ac_pair hdrs[4] = {
+        {":method", 7, "GET", 3},
+        {":path", 5, cfg->auth_path.data, cfg->auth_path.len},
+        {":authority", 10, cfg->auth_authority.data, cfg->auth_authority.len},
+        {"authorization", 13, auth, 7 + p->token_len},
+    };
+    size_t hsize = 0;
+    char *headers = ac_map_serialize(hdrs, 4, &hsize);
+    AC_FREE(auth);
+    if (headers == NULL) return 0;
+    uint32_t call_id = 0;
+    proxy_status_t st = proxy_http_call(
+        cfg->auth_cluster.data, cfg->auth_cluster.len, headers, hsize,
+        NULL, 0, NULL, 0, cfg->timeout_ms, &call_id);
+    AC_FREE(headers);
+    if (st != PROXY_STATUS_OK) return 0;
+    p->call_id = call_id;
+    return 1;
+}
+
+/* Stream stream_id is gone: take it off every pending call. A call no stream
+ * waits for any more is dropped (its answer will be ignored). A call whose
+ * maker is gone while others still wait is made again for the next one; if
+ * that fails, the waiting streams get the fail mode. Returns nothing. */
+static void ac_stream_gone(uint32_t stream_id) {
+    size_t i = 0;
+    while (i < ac_g.npending) {
+        ac_pending *p = ac_g.pending[i];
+        int maker_gone = p->nstreams > 0 && p->streams[0] == stream_id;
+        size_t kept = 0;
+        for (size_t j = 0; j < p->nstreams; j++)
+            if (p->streams[j] != stream_id) p->streams[kept++] = p->streams[j];
+        p->nstreams = kept;
+        if (kept == 0) {
+            ac_pending_free(ac_pending_remove_at(i)); /* slot i now holds another */
+            continue;
+        }
+        if (maker_gone && !ac_pending_reissue(p)) {
+            ac_pending_remove_at(i);
+            ac_metric_inc(AC_METRIC_AUTH_FAILURES);
+            for (size_t j = 0; j < p->nstreams; j++)
+                if (proxy_set_effective_context(p->streams[j]) == PROXY_STATUS_OK)
+                    ac_fail_mode(0);
+            ac_pending_free(p);
+            continue;
+        }
+        i++;
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -641,12 +746,6 @@ void proxy_on_http_call_response(uint32_t root_id, uint32_t call_id,
         ac_log_u64(PROXY_LOG_DEBUG, "ignoring the answer to unknown call ", call_id);
         return;
     }
-    proxy_status_t st = proxy_set_effective_context(p->stream_id);
-    if (st != PROXY_STATUS_OK) {
-        ac_log_u64(PROXY_LOG_INFO, "stream of an auth call is gone, status ", st);
-        AC_FREE(p);
-        return;
-    }
 
     uint32_t status = 0;
     if (num_headers > 0) {
@@ -663,20 +762,33 @@ void proxy_on_http_call_response(uint32_t root_id, uint32_t call_id,
         if (rc != AC_CACHE_OK)
             ac_log(PROXY_LOG_WARN, "could not cache a token (out of memory)");
         ac_gauges_record();
-        ac_resume();
     } else if (status == 401 || status == 403) {
         ac_metric_inc(AC_METRIC_DENIED);
-        ac_reply_unauthorized("token_rejected");
     } else {
-        if (num_headers == 0)
-            ac_log(PROXY_LOG_INFO, "auth call failed (no answer)");
+        ac_metric_inc(AC_METRIC_AUTH_FAILURES);
+        if (num_headers == 0) /* the host logged why (timeout, refused): one line */
+            ac_log(PROXY_LOG_DEBUG, "auth call failed (no answer)");
         else if (status == 0)
             ac_log(PROXY_LOG_INFO, "auth answer without a valid :status");
         else
             ac_log_u64(PROXY_LOG_INFO, "auth service answered status ", status);
-        ac_auth_failed(0);
     }
-    AC_FREE(p);
+
+    /* Every stream that waits for this answer gets it. */
+    for (size_t i = 0; i < p->nstreams; i++) {
+        proxy_status_t st = proxy_set_effective_context(p->streams[i]);
+        if (st != PROXY_STATUS_OK) {
+            ac_log_u64(PROXY_LOG_INFO, "stream of an auth call is gone, status ", st);
+            continue;
+        }
+        if (status == 200)
+            ac_resume();
+        else if (status == 401 || status == 403)
+            ac_reply_unauthorized("token_rejected");
+        else
+            ac_fail_mode(0);
+    }
+    ac_pending_free(p);
 }
 
 /* ---------------------------------------------------------------------------
@@ -709,5 +821,5 @@ void proxy_on_delete(uint32_t context_id) {
         ac_g.root_id = 0;
         return;
     }
-    ac_pending_drop_stream(context_id);
+    ac_stream_gone(context_id);
 }
