@@ -147,24 +147,29 @@ def bench_simulation(users: int, requests_per_user: int) -> dict[str, float]:
 
 
 def bench_interrupt(runs: int = 5) -> dict[str, float]:
-    """ms until a filter looping in proxy_on_request_headers is interrupted (deadline 100 ms)."""
+    """Guest ms until a filter looping in proxy_on_request_headers is interrupted (deadline
+    100 ms): the thread's CPU time, which is what the deadline counts (wall time also counts
+    whatever else the machine runs; `wall_max` reports it)."""
     wat = """(module (memory (export "memory") 1)
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (loop $l (br $l)) (i32.const 0)))"""
     module = FilterModule(bytes(wasmtime.wat2wasm(wat)), name="loop.wat")
-    timings = []
+    timings: list[float] = []
+    walls: list[float] = []
     for _ in range(runs):
         # A fresh host each time: after a crash the instance backs off instead of running.
         host, _ = make_host(module, limits=Limits(deadline_ms=100))
         inst = host.instance("loop")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         decision = inst.stream().request_headers(HEADERS)
-        timings.append((time.perf_counter() - t0) * 1e3)
+        timings.append((time.thread_time() - c0) * 1e3)
+        walls.append((time.perf_counter() - t0) * 1e3)
         assert decision is not None and decision.error and "interrupted" in decision.error
         host.close()
-    return {"median": statistics.median(timings), "min": min(timings), "max": max(timings)}
+    return {"median": statistics.median(timings), "min": min(timings), "max": max(timings),
+            "wall_max": max(walls)}
 
 
 def bench_raw_calls(n: int = 100_000) -> dict[str, float]:
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"simulated replay ({sim['requests']:,} requests, hit rate {sim['hit_rate']:.0%})",
          f"{sim['requests_per_s']:,.0f} requests/s", "≥ 50,000/s",
          sim["requests_per_s"] >= TARGETS["sim_rps"]),
-        ("looping filter interrupted after",
+        ("looping filter interrupted after (guest time)",
          f"{results['interrupt_ms']['min']:.0f}–{results['interrupt_ms']['max']:.0f} ms",
          "≤ 100 ms", results["interrupt_ms"]["max"] <= 100.0),
         ("bare guest call: Func.__call__ / host entry point",
