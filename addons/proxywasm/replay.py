@@ -194,6 +194,9 @@ class _Replayer:
         self._events: list[tuple[int, int, int, int, _Replayed]] = []
         self._next = 0
         self._opened: list[_Replayed] = []
+        self._undecided: list[_Replayed] = []
+        """Opened streams not decided yet: a call's answer may decide any of them (a filter
+        that lets concurrent requests wait on one call), as `Host._settle` does live."""
         self._batch = 0
 
     def add(self, entries: Sequence[Entry]) -> None:
@@ -248,6 +251,7 @@ class _Replayer:
             if phase == 0:
                 ctx = replayed.ctx = vm.new_context(replayed)
                 self._opened.append(replayed)
+                self._undecided.append(replayed)
                 ctx.request_headers = list(replayed.entry.request_headers)
                 replayed.action = vm.on_request_headers(ctx, replayed.entry.end_of_stream)
             elif phase == 1:
@@ -262,7 +266,22 @@ class _Replayer:
                 decided = outcome_of(now_ctx, replayed.action)
                 if decided.action != "none":
                     replayed.decided = decided
+            if phase == 1:  # an answer may have decided other streams waiting on that call
+                self._settle_undecided()
         return self._next >= len(events)
+
+    def _settle_undecided(self) -> None:
+        still = []
+        for other in self._undecided:
+            ctx = other.ctx
+            if other.decided is not None or ctx is None or ctx.id not in self.vm.contexts:
+                continue
+            decided = outcome_of(ctx, other.action)
+            if decided.action != "none":
+                other.decided = decided
+            else:
+                still.append(other)
+        self._undecided = still
 
     def finish(self, until_ns: int | None) -> None:
         """Replay what is queued, advance to `until_ns`, and check nothing was left open."""
