@@ -19,20 +19,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, ClassVar, NamedTuple, cast
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http, types
 from mitmproxy.utils import human
 
-if __package__ in (None, "") and "addons" not in sys.modules:  # run as a script from a clone
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Import `addons` from the checkout this file is in, not from wherever pip put one: mitmproxy
+# runs `-s addons/wasm_auth.py` as the module `__mitmproxy_script__.wasm_auth`, so `import
+# addons` would find whichever checkout is installed, and a user with two checkouts would run
+# the other one's host without knowing it.
+if __name__ != "addons.wasm_auth":  # a script (mitmproxy's -s), not the package's module
+    _ROOT = Path(__file__).resolve().parent.parent
+    _LOADED = getattr(sys.modules.get("addons"), "__file__", None)
+    if "addons" in sys.modules and (_LOADED is None
+                                    or Path(_LOADED).resolve().parent.parent != _ROOT):
+        for _name in [m for m in sys.modules if m == "addons" or m.startswith("addons.")]:
+            del sys.modules[_name]
+    if str(_ROOT) not in sys.path[:1]:
+        sys.path.insert(0, str(_ROOT))
 
 from addons import lifecycle
 from addons.admin import AdminServer, check_listen, load_or_create_token, parse_listen
@@ -243,10 +257,28 @@ token_hash = records.token_hash
 verdict = records.verdict
 
 
+def logout_path(plugin_configuration: bytes) -> str:
+    """The path whose requests evict their token (the auth filter's `logout_path` key, default
+    `/logout`; empty: none)."""
+    try:
+        config = json.loads(plugin_configuration) if plugin_configuration.strip() else {}
+    except ValueError:
+        config = {}
+    value = config.get("logout_path", "/logout") if isinstance(config, dict) else "/logout"
+    return value if isinstance(value, str) else "/logout"
+
+
+def is_logout(path: bytes, logout: str) -> bool:
+    """Whether `path` (before any query) is the logout path."""
+    return bool(logout) and path.partition(b"?")[0] == logout.encode()
+
+
 def describe(word: str, instance: str, generation: int, pages: int, latency_ms: float,
-             decision: Decision) -> str:
-    """The flow comment mitmweb shows."""
-    parts = [f"wasm: {word}", f"instance {instance}", f"gen {generation}", f"{pages} pages",
+             decision: Decision, note: str = "") -> str:
+    """The flow comment mitmweb shows: `wasm: hit · instance shop · gen 0 · 17 pages · 0.4 ms`
+    (`note`, such as `token evicted`, after the word)."""
+    parts = [f"wasm: {word}", *([note] if note else []), f"instance {instance}",
+             f"gen {generation}", f"{pages} page{'' if pages == 1 else 's'}",
              f"{latency_ms:.1f} ms"]
     if decision.response is not None and decision.response.details:
         parts.append(decision.response.details)
@@ -312,6 +344,32 @@ class _Recorder(HostEvents):
         """The host has logged the crash (once); nothing more to say."""
 
 
+class ShipperLog:
+    """Relays the shipper process's log lines into this process's log, from a reader thread."""
+
+    LINE = re.compile(r"\[wasm shipper\] (DEBUG|INFO|WARNING|ERROR|CRITICAL): (.*)")
+    LEVELS: ClassVar[dict[str, int]] = {
+        "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+        "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line and not self.loop.is_closed():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        self.loop.call_soon_threadsafe(self.emit, line)
+
+    @classmethod
+    def emit(cls, line: str) -> None:
+        m = cls.LINE.search(line)
+        level = cls.LEVELS[m[1]] if m else logging.WARNING
+        logger.log(level, "wasm shipper: %s", m[2] if m else line)
+
+
 # --------------------------------------------------------------------------------------------
 # The addon
 # --------------------------------------------------------------------------------------------
@@ -335,6 +393,7 @@ class WasmAuth:
         self._last_sample: dict[str, tuple[tuple[Any, ...], int]] = {}
         """Per instance: what its last sample showed, and how many intervals ago."""
         self.bounds: InstanceBounds | None = None
+        self._logout_path = "/logout"
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
         self._open: dict[str, lifecycle.Exchange] = {}
@@ -438,6 +497,20 @@ class WasmAuth:
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith("wasm_") for name in updated):
             return
+        loading = self.host is None  # nothing configured yet: mitmproxy is loading the script
+        try:
+            self._configure()
+        except exceptions.OptionsError as e:
+            if loading:
+                self.settings = None
+                # Loading the script: mitmproxy would log the exception with its traceback.
+                # One line instead; mitmdump and mitmweb then stop with "Error logged during
+                # startup", and the addon stays inert.
+                logger.error("wasm_auth: %s", e)
+                return
+            raise exceptions.OptionsError(str(e)) from None  # a `set` later: rejected, kept
+
+    def _configure(self) -> None:
         o = ctx.options
         try:
             listen = parse_listen(o.wasm_admin_listen)
@@ -506,6 +579,7 @@ class WasmAuth:
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
         self._properties = "proxy_get_property" in self.module.imports
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
+        self._logout_path = logout_path(settings.plugin_configuration)
         self._build_host(previous)
         assert self.host is not None
         self.bounds = InstanceBounds(self.host, settings.instance_allow, settings.max_instances,
@@ -616,11 +690,23 @@ class WasmAuth:
     # ---- lifecycle ----
 
     async def running(self) -> None:
+        if self.settings is None:  # the options were refused at load: nothing to run
+            return
         self._running = True
         # What clients make us log (refusals, failed auth calls) is rate-limited.
         install([logger.name, "addons.proxywasm.calls", "addons.proxywasm.host",
                  "wasm_reclaim.guest"], RateLimit())
+        self._show_comment_column()
         await self._start_services()
+
+    @staticmethod
+    def _show_comment_column() -> None:
+        """In mitmweb, add the comment column (the filter's decision) unless the user chose
+        the columns with `web_columns`."""
+        o = ctx.options
+        if "web_columns" in o and not o.has_changed("web_columns") and (
+                "comment" not in o.web_columns):
+            o.update(web_columns=[*o.web_columns, "comment"])
 
     async def done(self) -> None:
         self._running = False
@@ -707,15 +793,28 @@ class WasmAuth:
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
     def _start_shipper(self, s: Settings) -> subprocess.Popen[bytes]:
-        """The process that delivers spooled documents to the store."""
-        return subprocess.Popen(self._shipper_args(s), env=self._shipper_env(s),
-                                stdin=subprocess.DEVNULL)
+        """The process that delivers spooled documents to the store.
+
+        Its log lines come through mitmproxy's log (the console's event list, mitmdump's
+        output), never straight onto the terminal, where they would print over the console.
+        """
+        proc = subprocess.Popen(self._shipper_args(s), env=self._shipper_env(s),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        relay = ShipperLog(asyncio.get_running_loop())
+        assert proc.stderr is not None
+        threading.Thread(target=relay.pump, args=(proc.stderr,), name="wasm-shipper-log",
+                         daemon=True).start()
+        return proc
 
     def _final_drain(self, s: Settings) -> None:
         args = [*self._shipper_args(s), "--exit-when-idle"]
         try:
-            subprocess.run(args, env=self._shipper_env(s), stdin=subprocess.DEVNULL,
-                           timeout=30, check=False)
+            done = subprocess.run(args, env=self._shipper_env(s), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
+                                  check=False)
+            for line in done.stderr.decode("utf-8", "replace").splitlines():
+                ShipperLog.emit(line)
         except subprocess.TimeoutExpired:
             logger.warning("wasm: metrics not all delivered in 30 s; they stay in %s and are "
                            "delivered next time", s.spool_dir)
@@ -941,6 +1040,8 @@ class WasmAuth:
             return
         inst = got
         key = inst.id  # the shared instance serves keys beyond the bounds
+        logout = is_logout(flow.request.data.path, self._logout_path)
+        cached_before = self._live_entries(inst) if logout else None
         stream = inst.stream()
         if self._properties:
             stream.attributes = lifecycle.flow_attributes(flow)
@@ -955,9 +1056,15 @@ class WasmAuth:
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision, stream if keep else None, streamed)
         hashed = token_hash(req.authorization)
-        word = verdict(decision, hashed is not None)
+        word = verdict(decision, hashed is not None, logout=logout)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
-        flow.comment = describe(word, key, decision.generation, pages, latency_ms, decision)
+        note = ""
+        if word == "logout" and cached_before is not None:
+            after = self._live_entries(inst)
+            note = ("token evicted" if after is not None and after < cached_before
+                    else "token was not cached")
+        flow.comment = describe(word, key, decision.generation, pages, latency_ms, decision,
+                                note)
         if word in ("deny", "reset"):
             flow.marked = DENIED_MARK
         elif word == "error":
@@ -984,6 +1091,11 @@ class WasmAuth:
                         flow, ex, self._exports, self._stream_limit)
                 else:
                     await lifecycle.request_rest(flow, stream, self._exports)
+
+    @staticmethod
+    def _live_entries(inst: Any) -> int | None:
+        """The filter's cached-entry gauge, when it reports one."""
+        return inst.vm.metric_values().get(LIVE_ENTRIES) if inst.vm is not None else None
 
     def _apply(self, flow: http.HTTPFlow, decision: Decision, stream: Stream | None,
                streamed: bool) -> None:
@@ -1096,6 +1208,19 @@ class WasmAuth:
             lines.append(f"idle instances evicted: {self.bounds.evicted}, requests beyond the "
                          f"instance bounds refused: {self.bounds.refused}")
         return "\n".join(lines)
+
+    INSTANCE_COLUMNS = ("instance", "tenant", "generation", "allocated_pages",
+                        "allocated_bytes", "requests", "outbound", "live_entries", "state")
+
+    @command.command("wasm.instances")
+    def instances(self) -> types.Data:
+        """Filter instances as a table: a header row, then one row per instance (the admin
+        API's GET /instances fields; mitmweb's command bar shows it as JSON)."""
+        rows = [list(self.INSTANCE_COLUMNS)]
+        for r in self.list_instances():
+            r = {**r, "instance": r["id"]}
+            rows.append(["" if r[c] is None else str(r[c]) for c in self.INSTANCE_COLUMNS])
+        return cast(types.Data, rows)
 
     @command.command("wasm.restart")
     def restart(self, instance: str, mode: str = "") -> str:

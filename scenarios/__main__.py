@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import NoReturn
 
+from scenarios.cli import count, non_negative, positive
+from scenarios.cli import port as port_number
 from scenarios.eclog import (
     EClogColumns,
     EClogConvertParams,
@@ -62,8 +65,9 @@ class Command:
 
 def _basic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="trace file to write (.jsonl)")
-    p.add_argument("--count", type=int, default=1024, help="users")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between logins/logouts")
+    p.add_argument("--count", type=count, default=1024, help="users")
+    p.add_argument("--interval", type=positive, default=1.0,
+                   help="seconds between logins/logouts")
     p.add_argument("--host", default="shop.example", help="upstream host")
     p.add_argument("--path", default="/", help="path of the request after each login")
     p.add_argument("--logout-order", choices=("fifo", "lifo"), default="fifo")
@@ -204,7 +208,7 @@ def _generate(a: argparse.Namespace) -> int:
 def _window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ttl",
-        type=float,
+        type=positive,
         default=600.0,
         help="idle seconds (log time) after which a new login starts",
     )
@@ -232,7 +236,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     _window_args(p)
     p.add_argument(
         "--speedup",
-        type=float,
+        type=positive,
         default=1.0,
         help="divide time offsets by this factor (60: an hour becomes a minute)",
     )
@@ -258,7 +262,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     _columns_arg(p)
     _window_args(p)
-    p.add_argument("--bin", type=float, default=60.0, help="seconds per rate bin")
+    p.add_argument("--bin", type=positive, default=60.0, help="seconds per rate bin")
 
 
 def _plot(a: argparse.Namespace) -> int:
@@ -309,19 +313,115 @@ def _har_read_args(p: argparse.ArgumentParser) -> None:
         help="entries without 'Authorization: Bearer'",
     )
     p.add_argument(
-        "--hash-tokens",
+        "--clear-tokens",
         action="store_true",
-        help="label tokens by a hash instead of the recorded credential",
+        help="keep the recorded bearer tokens in the trace (by default they are replaced by a "
+        "hash: browser recordings carry real credentials)",
     )
 
 
 def _har_read(a: argparse.Namespace) -> int:
     from scenarios.har import HarReadParams, read_har  # mitmproxy: only for HAR
 
-    trace = read_har(a.har, HarReadParams(a.missing_token, a.hash_tokens), progress=_tty())
+    params = HarReadParams(a.missing_token, hash_tokens=not a.clear_tokens)
+    trace = read_har(a.har, params, progress=_tty())
     trace.write_jsonl(a.out)
     c = trace.counts()
     _done(a.out, f"{c['login']} logins, {c['request']} requests, {c['logout']} logouts")
+    return 0
+
+
+def _har_replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("har", type=Path, help="HAR file (a browser recording, or har-write's)")
+    timing = p.add_mutually_exclusive_group()
+    timing.add_argument("--speed", type=positive, default=1.0,
+                        help="recorded seconds per second (also the addon's wasm_clock_speed)")
+    timing.add_argument("--fast", action="store_true",
+                        help="as fast as possible (order per token still holds)")
+    p.add_argument("--filter-config", default="",
+                   help="the filter's configuration (JSON), as wasm_filter_config")
+    p.add_argument("--state", type=Path, default=Path(".wasm-reclaim/har-replay"),
+                   help="logs, spool and embedded stores (a new subdirectory per run)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _har_replay(a: argparse.Namespace) -> int:
+    from scenarios.har_replay import HarReplayConfig, dumps, har_replay
+
+    if a.filter_config:
+        try:
+            json.loads(a.filter_config)
+        except json.JSONDecodeError as e:
+            raise ScenarioError(f"--filter-config: not JSON: {e.msg}") from None
+    if not a.har.is_file():
+        raise ScenarioError(f"{a.har}: no such file")
+    from scenarios.har import read_har
+
+    read_har(a.har)  # bad input fails here, before any server starts
+    result = har_replay(a.har, HarReplayConfig(speed=a.speed, fast=a.fast, state=a.state,
+                                               filter_config=a.filter_config,
+                                               progress=_tty()))
+    print(dumps(result) if a.json else result.format())
+    if not result.ok:
+        print(f"{PROG} har-replay: some requests failed: see {result.state}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- store: read what the addon and the manager stored -------------------------------------
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           parser_class=_Parser)
+
+    def where(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--store", default=None,
+                       help="mongodb://… URI or embedded-store directory (default: "
+                       "$MONGODB_URI, else .wasm-reclaim/store, as the addon's wasm_store)")
+        q.add_argument("--database", default="wasm_reclaim", help="database name")
+        q.add_argument("--timeout", type=positive, default=5.0,
+                       help="seconds to wait for a MongoDB server")
+
+    listing = sub.add_parser("list", help="collections and their document counts",
+                             formatter_class=_Help)
+    where(listing)
+    export = sub.add_parser("export", help="a collection as CSV (or JSON Lines)",
+                            formatter_class=_Help)
+    export.add_argument("collection", help="requests, auth_calls, samples, restarts, "
+                        "decisions, users, tokens…")
+    where(export)
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--fields", help="comma-separated fields, in this order (default: all)")
+    export.add_argument("--query", default="{}",
+                        help='a MongoDB query as JSON, e.g. \'{"decision": "miss"}\'')
+
+
+def _store(a: argparse.Namespace) -> int:
+    from scenarios.store_cli import export_collection, list_collections
+
+    store = a.store or os.environ.get("MONGODB_URI") or ".wasm-reclaim/store"
+    if a.action == "list":
+        for name, n in list_collections(store, a.database, a.timeout):
+            print(f"{name:<16} {n:>10}")
+        return 0
+    fields = [f.strip() for f in a.fields.split(",") if f.strip()] if a.fields else None
+    try:
+        query = json.loads(a.query)
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"--query: not JSON: {e.msg}") from None
+    if not isinstance(query, dict):
+        raise ScenarioError("--query: expected a JSON object")
+    if a.out is None:
+        n = export_collection(store, a.collection, sys.stdout, fmt=a.format, fields=fields,
+                              query=query, database=a.database, timeout=a.timeout)
+    else:
+        with open(a.out, "w", encoding="utf-8", newline="") as out:
+            n = export_collection(store, a.collection, out, fmt=a.format, fields=fields,
+                                  query=query, database=a.database, timeout=a.timeout)
+    if a.out is not None:
+        _done(a.out, f"{n} documents")
     return 0
 
 
@@ -332,7 +432,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", type=Path, help="trace file (.jsonl)")
     p.add_argument(
         "--ttl",
-        type=float,
+        type=positive,
         help="trace seconds that a session without logout lingers for 'tokens within TTL' "
         "(default: the trace's TTL / speed-up when recorded, else 600)",
     )
@@ -371,9 +471,9 @@ def _info(a: argparse.Namespace) -> int:
 def _fig4_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("results/fig4"),
                    help="directory for fig4.csv and fig4.png")
-    p.add_argument("--count", type=int, default=1024, help="logins, then as many logouts")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between events")
-    p.add_argument("--entry-size", type=int, default=1024, help="bytes per cache entry")
+    p.add_argument("--count", type=count, default=1024, help="logins, then as many logouts")
+    p.add_argument("--interval", type=positive, default=1.0, help="seconds between events")
+    p.add_argument("--entry-size", type=count, default=1024, help="bytes per cache entry")
     p.add_argument("--csv", action="store_true", help="also print the series as CSV")
 
 
@@ -383,7 +483,7 @@ def _fig4(a: argparse.Namespace) -> int:
     series = run_fig4(a.count, a.interval, a.entry_size, progress=_tty())
     a.out.mkdir(parents=True, exist_ok=True)
     series.to_csv(a.out / "fig4.csv", index=False)
-    plot_fig4(series, a.out / "fig4.png")
+    plot_fig4(series, a.out / "fig4.png", logins=a.count)
     if a.csv:
         print(series.to_csv(index=False), end="")
     print(summarize_fig4(series))
@@ -395,12 +495,13 @@ def _fig4(a: argparse.Namespace) -> int:
 
 
 def _listen_args(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--port", type=int, default=port, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=port_number, default=port,
+                   help="TCP port (0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
 
 
 def _auth_server_args(p: argparse.ArgumentParser) -> None:
-    _listen_args(p, 8081)
+    _listen_args(p, 8090)
     p.add_argument(
         "--store",
         default=".wasm-reclaim/auth-store",
@@ -408,14 +509,15 @@ def _auth_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-store", action="store_true", help="keep users and tokens in memory only")
     p.add_argument("--database", default="wasm_reclaim", help="database name in the store")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every /verify")
+    p.add_argument("--latency-ms", type=non_negative, default=0.0,
+                   help="delay added to every /verify")
     p.add_argument(
         "--fail-rate", type=float, default=0.0, help="share of /verify answered 503 (0..1)"
     )
     p.add_argument("--seed", type=int, help="seed of the failure injection")
     p.add_argument(
         "--token-lifetime",
-        type=float,
+        type=non_negative,
         default=86400.0,
         help="seconds a token stays valid (0: forever)",
     )
@@ -453,19 +555,19 @@ def _shop(a: argparse.Namespace) -> int:
 def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", type=Path, help="trace file (.jsonl)")
     p.add_argument("--proxy", default="http://127.0.0.1:8080", help="proxy (reverse mode) URL")
-    p.add_argument("--auth", default="http://127.0.0.1:8081", help="auth server URL")
+    p.add_argument("--auth", default="http://127.0.0.1:8090", help="auth server URL")
     timing = p.add_mutually_exclusive_group()
     timing.add_argument(
         "--speed",
-        type=float,
+        type=positive,
         default=1.0,
         help="trace seconds per second (60: an hour in a minute)",
     )
     timing.add_argument(
         "--fast", action="store_true", help="as fast as possible (order per session still holds)"
     )
-    p.add_argument("--concurrency", type=int, default=64, help="exchanges in flight at most")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per exchange")
+    p.add_argument("--concurrency", type=count, default=64, help="exchanges in flight at most")
+    p.add_argument("--timeout", type=positive, default=10.0, help="seconds per exchange")
     p.add_argument(
         "--no-auth-logout",
         action="store_true",
@@ -513,17 +615,33 @@ def split_policies(text: str) -> list[str]:
     return specs
 
 
+def checked_policies(text: str) -> list[str]:
+    """`split_policies`, each spec checked before anything runs."""
+    from manager.policies import parse_policy
+
+    specs = split_policies(text)
+    if not specs:
+        raise ScenarioError("--policies: no policy given")
+    for spec in specs:
+        try:
+            parse_policy(spec)
+        except ValueError as e:
+            raise ScenarioError(f"--policies: {e}") from None
+    return specs
+
+
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, required=True, help="trace (JSON Lines)")
     p.add_argument("--policies",
                    default="none,fixed:30m,fixed:2h,threshold:1MiB,ratio,adaptive,oracle",
                    help="comma-separated policy specs (python -m manager run --help)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
-    p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between samples")
-    p.add_argument("--decision-interval", type=float, default=30.0,
+    p.add_argument("--jobs", type=count, default=None, help="processes (default: cores)")
+    p.add_argument("--sample-interval", type=positive, default=5.0,
+                   help="seconds between samples")
+    p.add_argument("--decision-interval", type=positive, default=30.0,
                    help="seconds between manager passes")
-    p.add_argument("--auth-latency", type=float, default=0.005, help="auth answer delay, s")
+    p.add_argument("--auth-latency", type=non_negative, default=0.005, help="auth answer delay, s")
     p.add_argument("--title", default="", help="plot and table title (default: trace name)")
     p.add_argument("--filter-config", default="", metavar="JSON",
                    help="the filter's plugin configuration: JSON text or @path, e.g. "
@@ -558,7 +676,7 @@ def _experiment(a: argparse.Namespace) -> int:
                                             decision_interval=a.decision_interval,
                                             auth_latency=a.auth_latency,
                                             plugin_configuration=filter_config(a.filter_config)))
-    specs = split_policies(a.policies)
+    specs = checked_policies(a.policies)
     runs = run_policies(a.trace, specs, config, a.jobs, progress=_tty())
     summary = write_report(runs, config, a.out, a.title or a.trace.stem)
     print(markdown_table(summary), end="")
@@ -571,7 +689,7 @@ def _standard_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
     p.add_argument("--quick", action="store_true", help="small traces, seconds (CI)")
-    p.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
+    p.add_argument("--jobs", type=count, default=None, help="processes (default: cores)")
     p.add_argument("--only", action="append", default=[], choices=list(SCENARIOS),
                    help="run only this scenario (repeatable; week runs only when named)")
     p.add_argument("--holdout", action="store_true",
@@ -586,7 +704,7 @@ def _standard(a: argparse.Namespace) -> int:
     summaries = run_standard(a.out, a.quick, a.jobs, progress=_tty(), only=a.only,
                              holdout=a.holdout)
     for name, table in summaries.items():
-        print(f"\n## {SCENARIOS[name].title}\n")
+        print(f"\n## {SCENARIOS[name].heading(a.quick)}\n")
         print(markdown_table(table), end="")
     robustness = a.out / ("robustness-holdout.md" if a.holdout else "robustness.md")
     if robustness.exists():
@@ -602,8 +720,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="series and plot")
     p.add_argument("--state", type=Path, default=Path(".wasm-reclaim/demo"),
                    help="logs, spool and embedded stores (a new subdirectory per run)")
-    p.add_argument("--count", type=int, default=1024, help="logins, then as many logouts")
-    p.add_argument("--speed", type=float, default=60.0, help="wasm_clock_speed and replay speed")
+    p.add_argument("--count", type=count, default=1024, help="logins, then as many logouts")
+    p.add_argument("--speed", type=positive, default=60.0,
+                   help="wasm_clock_speed and replay speed")
 
 
 def _demo(a: argparse.Namespace) -> int:
@@ -647,10 +766,10 @@ COMMANDS: list[Command] = [
         _plot_args,
         _plot,
     ),
-    Command(
-        "har-write", "trace → HAR 1.2 (replay with: mitmdump -C x.har)", _har_write_args, _har_write
-    ),
+    Command("har-write", "trace → HAR 1.2", _har_write_args, _har_write),
     Command("har-read", "HAR recording → trace", _har_read_args, _har_read),
+    Command("har-replay", "replay a HAR through the addon against local servers; report the "
+            "decisions", _har_replay_args, _har_replay),
     Command("info", "summary of a trace: events, users, duration, peak tokens", _info_args, _info),
     Command("demo", "the basic experiment through a real mitmdump with the addon (~1 min)",
             _demo_args, _demo),
@@ -680,6 +799,8 @@ COMMANDS: list[Command] = [
     ),
     Command("live", "a policy through the real proxy and daemon, compared with its simulation",
             _live_args, _live),
+    Command("store", "read the store: list its collections, export one as CSV", _store_args,
+            _store),
 ]
 
 
@@ -706,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except ScenarioError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        return _reader_went_away()
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -713,6 +836,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (`… | head`): stop quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush does not fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 def _tty() -> bool:

@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
     series = demo_series(samples)
     config.out.mkdir(parents=True, exist_ok=True)
     series.to_csv(config.out / "samples.csv", index=False)
-    plot_fig4(series, config.out / "demo.png")
+    plot_fig4(series, config.out / "demo.png", logins=config.count)
     print(summarize_fig4(series))
     print(f"series: {config.out / 'samples.csv'}\nplot:   {config.out / 'demo.png'}")
     return series

@@ -210,17 +210,25 @@ def normalise(
             return raw[present[field]].astype(str).str.strip().reset_index(drop=True)
         return pd.Series([default] * n, dtype=str)
 
+    # A row with fewer fields than the header gets "" for the missing ones: a request always
+    # has a time, a URI and (where the column exists) a method, so an empty one is an error.
+    for field in ("time", "uri", "method"):
+        if field in present:
+            empty = (text(field) == "").to_numpy()
+            if empty.any():
+                i = int(np.argmax(empty))
+                raise EClogError(
+                    f"{name}:{first_line + i}: column {present[field]!r} is empty "
+                    f"(a row with fewer fields than the header?)"
+                )
     time_raw = text("time")
-    times = parse_times(time_raw)
+    times, problem = parse_times_checked(time_raw)
     bad = times.isna().to_numpy()
     if bad.any():
         i = int(np.argmax(bad))
-        raise EClogError(
-            f"{name}:{first_line + i}: column {present['time']!r}: cannot parse "
-            f"{time_raw.iloc[i]!r} as a time (ISO-8601 or epoch seconds)"
-        )
+        raise EClogError(f"{name}:{first_line + i}: column {present['time']!r}: "
+                         f"{time_problem(time_raw.iloc[i], problem.iloc[i])}")
     method = text("method", "GET").str.upper()
-    method = method.where(method != "", "GET")
     return pd.DataFrame(
         {
             "time": times,
@@ -238,19 +246,88 @@ def normalise(
     )
 
 
+TIME_FORMATS: Final = (
+    "ISO-8601, Apache, or epoch seconds, milliseconds, microseconds or .NET ticks"
+)
+TICKS_AT_EPOCH: Final = 621_355_968_000_000_000
+""".NET ``DateTime.Ticks`` (100 ns since 0001-01-01) of 1970-01-01T00:00:00Z."""
+# Numbers by magnitude (years 1973-5138 for each epoch unit; .NET ticks from 1585 on):
+_NUMERIC_UNITS: Final = (  # (upper bound of |value|, nanoseconds per unit)
+    (1e11, 10**9),  # epoch seconds
+    (1e14, 10**6),  # epoch milliseconds
+    (1e17, 10**3),  # epoch microseconds
+)
+_TICKS_RANGE: Final = (5e17, 3.2e18)  # DateTime.MinValue + 1585 years .. DateTime.MaxValue
+_NS_LIMIT: Final = 9.2e18  # datetime64[ns] holds ±292 years around 1970
+
+
+def numeric_times(numbers: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Numbers → (nanoseconds since the epoch, Int64 with NA where not a time; why not).
+
+    The unit is told by the magnitude (:data:`_NUMERIC_UNITS`, :data:`_TICKS_RANGE`): a log
+    of 2019 has 1.6e9 epoch seconds, 1.6e12 milliseconds, 1.6e15 microseconds and 6.4e17
+    .NET ticks (EClog's ``TimeStamp``, as a public script that reads the dataset parses it).
+    Why not: ``infinite``, ``unit`` (no known unit) or ``range`` (beyond datetime64[ns]).
+    """
+    v = numbers.to_numpy(dtype=float)
+    finite = np.isfinite(v)
+    scale = np.zeros(len(v), dtype="int64")  # nanoseconds per unit; 0: not an epoch unit
+    assigned = ~finite
+    for bound, per_unit in _NUMERIC_UNITS:
+        pick = ~assigned & (np.abs(v) < bound)
+        scale[pick] = per_unit
+        assigned |= pick
+    ticks = ~assigned & (v >= _TICKS_RANGE[0]) & (v < _TICKS_RANGE[1])
+    unknown = ~assigned & ~ticks
+    with np.errstate(invalid="ignore", over="ignore"):
+        approx = np.where(ticks, (v - TICKS_AT_EPOCH) * 100, v * scale)
+        beyond = finite & ~unknown & ~(np.abs(approx) < _NS_LIMIT)
+        ok = finite & ~unknown & ~beyond
+        if numbers.dtype.kind in "iu":  # exact: ticks have more digits than a float keeps
+            w = numbers.to_numpy(dtype="int64")
+            ns = np.where(ticks, (w - TICKS_AT_EPOCH) * 100, w * scale)
+        else:
+            ns = np.round(np.where(ok, approx, 0)).astype("int64")
+    why = np.select([~finite, unknown, beyond], ["infinite", "unit", "range"], "")
+    out = pd.Series(pd.array(np.where(ok, ns, 0), dtype="Int64"), index=numbers.index)
+    out[~ok] = pd.NA
+    return out, pd.Series(why, index=numbers.index, dtype=object)
+
+
+def time_problem(value: str, why: str = "") -> str:
+    """Why `value` is not a time, in words (`why` from :func:`numeric_times`)."""
+    if why == "infinite":
+        return f"{value!r} is not a finite number"
+    if why == "unit":
+        return f"{value!r} is a number in no known time unit ({TIME_FORMATS})"
+    if why == "range":
+        return f"{value!r} is beyond the supported years 1678-2261"
+    return f"cannot parse {value!r} as a time ({TIME_FORMATS})"
+
+
 def parse_times(raw: pd.Series) -> pd.Series:
     """Strings → ``datetime64[ns, UTC]``; NaT where a value is not a time.
 
-    Accepted: epoch seconds (integer or decimal), ISO-8601 (``2019-12-01T00:00:03``, a space
-    instead of ``T``, an optional offset; naive times are UTC), and the Apache log format
+    Accepted: numbers (epoch seconds, milliseconds or microseconds, or .NET ticks, told apart
+    by magnitude: :func:`numeric_times`), ISO-8601 (``2019-12-01T00:00:03``, a space instead
+    of ``T``, an optional offset; naive times are UTC), and the Apache log format
     ``01/Dec/2019:00:00:03 +0100``.
     """
+    return parse_times_checked(raw)[0]
+
+
+def parse_times_checked(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """:func:`parse_times`, and per value why it is not a time ("" where it is, or unknown)."""
     s = raw.astype(str).str.strip().reset_index(drop=True)
     out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns, UTC]")
+    reason = pd.Series("", index=s.index, dtype=object)
     numbers = pd.to_numeric(s, errors="coerce")
     is_num = numbers.notna()
     if is_num.any():
-        out[is_num] = pd.to_datetime(numbers[is_num], unit="s", utc=True).dt.as_unit("ns")
+        ns, why = numeric_times(numbers[is_num])
+        ok = ns.notna()
+        out[ns.index[ok]] = pd.to_datetime(ns[ok].astype("int64"), unit="ns", utc=True)
+        reason[why.index] = why.to_numpy()
     rest = ~is_num & (s != "")
     if rest.any():
         iso = pd.to_datetime(s[rest], format="ISO8601", utc=True, errors="coerce")
@@ -261,15 +338,15 @@ def parse_times(raw: pd.Series) -> pd.Series:
                 s[left], format="%d/%b/%Y:%H:%M:%S %z", utc=True, errors="coerce"
             )
             out[left] = apache.dt.as_unit("ns")
-    return out
+    return out, reason
 
 
 def parse_time(value: str) -> pd.Timestamp:
     """One time for ``--start``/``--end`` (same formats as :func:`parse_times`)."""
-    t = parse_times(pd.Series([value])).iloc[0]
-    if pd.isna(t):
-        raise EClogError(f"cannot parse {value!r} as a time (ISO-8601 or epoch seconds)")
-    return pd.Timestamp(t)
+    times, reason = parse_times_checked(pd.Series([value]))
+    if pd.isna(times.iloc[0]):
+        raise EClogError(time_problem(value, reason.iloc[0]))
+    return pd.Timestamp(times.iloc[0])
 
 
 def _missing_column(name: str, field: str, column: str, header: list[str]) -> str:

@@ -155,11 +155,12 @@ def _request(e: Event, scheme: str, tokens: Mapping[str, str] | None, ts: float)
 @dataclass(frozen=True)
 class HarReadParams:
     """``missing_token``: what to do with an entry without ``Authorization: Bearer``.
-    ``hash_tokens``: use ``h<sha256[:16]>`` of the bearer token as the label, so that real
-    credentials from a recording do not end up in trace files."""
+    ``hash_tokens``: use ``h<sha256[:16]>`` of the bearer token as the label (the default), so
+    that real credentials from a browser recording do not end up in trace files; False keeps
+    the recorded token as it is."""
 
     missing_token: Literal["skip", "error"] = "skip"
-    hash_tokens: bool = False
+    hash_tokens: bool = True
 
 
 def read_har(
@@ -264,29 +265,22 @@ def flows_to_events(
 
 def check_har(har: Mapping[str, Any], name: str = "<har>") -> list[dict[str, Any]]:
     """The entries, after checking the fields that the trace needs; errors name the field."""
-    log = har.get("log")
-    if not isinstance(log, dict):
+    if "log" not in har:
         raise HarError(f"{name}: log: missing field (not a HAR file?)")
-    entries = log.get("entries")
-    if not isinstance(entries, list):
-        raise HarError(f"{name}: log.entries: missing field or not a list")
+    log = _field(har, "log", dict, f"{name}: ")
+    entries: list[dict[str, Any]] = _field(log, "entries", list, f"{name}: log.")
     for i, entry in enumerate(entries):
         where = f"{name}: log.entries[{i}]"
         if not isinstance(entry, dict):
-            raise HarError(f"{where}: expected an object")
-        if not isinstance(entry.get("startedDateTime"), str):
-            raise HarError(f"{where}.startedDateTime: missing field")
-        req = entry.get("request")
-        if not isinstance(req, dict):
-            raise HarError(f"{where}.request: missing field")
+            raise HarError(f"{where}: expected an object, got {_what(entry)}")
+        _field(entry, "startedDateTime", str, f"{where}.")
+        req = _field(entry, "request", dict, f"{where}.")
         for f in ("method", "url"):
-            if not isinstance(req.get(f), str) or not req[f]:
-                raise HarError(f"{where}.request.{f}: missing field")
+            if not _field(req, f, str, f"{where}.request."):
+                raise HarError(f"{where}.request.{f}: empty")
         if not req["url"].startswith(("http://", "https://")):
             raise HarError(f"{where}.request.url: {req['url']!r} is not an http(s) URL")
-        headers = req.get("headers")
-        if not isinstance(headers, list):
-            raise HarError(f"{where}.request.headers: missing field")
+        headers = _field(req, "headers", list, f"{where}.request.")
         for j, h in enumerate(headers):
             ok = (
                 isinstance(h, dict)
@@ -298,6 +292,27 @@ def check_har(har: Mapping[str, Any], name: str = "<har>") -> list[dict[str, Any
                     f"{where}.request.headers[{j}]: expected {{name, value}} strings, got {h!r}"
                 )
     return entries
+
+
+_KINDS: Final[dict[type, str]] = {dict: "an object", list: "a list", str: "a string"}
+
+
+def _what(value: Any) -> str:
+    """A JSON value for an error message: its kind and the start of it."""
+    kinds: dict[type, str] = {**_KINDS, bool: "a boolean", int: "a number", float: "a number",
+                              type(None): "null"}
+    text = json.dumps(value, ensure_ascii=False)
+    return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'…' * (len(text) > 40)}"
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """`obj[key]`, checked to be of `kind`; the error says which of missing or wrong it is."""
+    if key not in obj:
+        raise HarError(f"{where}{key}: missing field")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise HarError(f"{where}{key}: not {_KINDS[kind]} (got {_what(value)})")
+    return value
 
 
 def _entry_time(entry: Mapping[str, Any], name: str, i: int) -> datetime:
@@ -314,6 +329,7 @@ def _with_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
     """Fill what mitmproxy's reader needs but traces do not (``time``, ``response``)."""
     out = dict(entry)
     out["request"] = {"httpVersion": "HTTP/1.1", **entry["request"]}
+    out["request"]["headers"] = drop_pseudo_headers(entry["request"]["headers"])
     out.setdefault("time", 0)
     response = entry.get("response")
     out["response"] = {
@@ -324,6 +340,15 @@ def _with_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
         **(response if isinstance(response, dict) else {}),
     }
     return out
+
+
+def drop_pseudo_headers(headers: list[Any]) -> list[Any]:
+    """HTTP/2 pseudo-headers (`:authority`, `:method`…) as Chrome records them are no header
+    fields (mitmproxy refuses them: `Received invalid header name`): the URL carries them."""
+    def name(h: Any) -> str:
+        return str(h.get("name", "") if isinstance(h, dict) else h[0])
+
+    return [h for h in headers if not name(h).startswith(":")]
 
 
 def _meta(log: Mapping[str, Any], name: str) -> TraceMeta:

@@ -19,6 +19,7 @@ Two things differ from the simulation's recording and are evened out before the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,9 +39,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from addons.telemetry.store import DECISIONS, REQUESTS, SAMPLES, close_store, open_store, read_frame
+from addons.telemetry.store import (
+    AUTH_CALLS,
+    DECISIONS,
+    REQUESTS,
+    SAMPLES,
+    close_store,
+    open_store,
+    read_frame,
+)
 from manager.estimate import EstimatorParams
 from manager.policies import AdaptiveParams, RatioParams, parse_policy
+from scenarios.cli import positive
 from scenarios.eclog import EClogConvertParams, EClogGenParams
 from scenarios.experiment import (
     ExperimentConfig,
@@ -54,7 +64,7 @@ from scenarios.replay import ReplayConfig, ReplaySummary, replay
 from scenarios.report import markdown_table, write_report
 from scenarios.simulate import SAMPLE_COLUMNS, SimConfig
 from scenarios.standard import eclog_trace
-from scenarios.trace import LOGOUT_PATH, Trace
+from scenarios.trace import LOGOUT_PATH, ScenarioError, Trace
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +94,8 @@ class LiveRun(PolicyRun):
     replay: ReplaySummary | None = None
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     """The samples as stored (before resampling)."""
+    auth_latency_s: float | None = None
+    """Mean host-clock latency of the answered auth calls (`measured_auth_latency`)."""
     request_log: pd.DataFrame = field(default_factory=pd.DataFrame)
     """The `requests` documents as stored."""
 
@@ -93,21 +105,44 @@ class LiveRun(PolicyRun):
 # --------------------------------------------------------------------------------------------
 
 
+AUTH_TIMEOUT_WALL_S = 5.0
+"""The filter's auth timeout in wall-clock seconds. Times in the filter's configuration are
+host-clock times and the live clock runs `speed` times faster, so the configured timeout is
+this × speed: at 120× the filter's default 1 s would be 8 ms of wall time, which a loaded
+machine's auth answers miss. The simulation's answers come after `auth_latency`, far below."""
+
+
 def filter_config(speed: float) -> str:
-    """The filter's configuration for both runs: its defaults, with the auth timeout at 1 s of
-    wall time (times in the configuration are host-clock times, and the live clock runs `speed`
-    times faster)."""
-    return json.dumps({"timeout_ms": max(1, int(1000 * speed))})
+    """The filter's configuration for both runs: its defaults, with the auth timeout at
+    AUTH_TIMEOUT_WALL_S of wall time."""
+    return json.dumps({"timeout_ms": max(1, round(AUTH_TIMEOUT_WALL_S * 1000 * speed))})
 
 
-def experiment_config(speed: float, **judging: Any) -> ExperimentConfig:
+def experiment_config(speed: float, auth_latency: float | None = None,
+                      **judging: Any) -> ExperimentConfig:
     """The simulated counterpart: 5 s samples, 30 s decisions, the live filter configuration.
 
-    `judging` overrides ExperimentConfig fields (warmup_s, min_window_requests…).
+    `auth_latency`: host-clock seconds until an auth answer (default the simulation's 5 ms);
+    the comparison passes what the live run measured. `judging` overrides ExperimentConfig
+    fields (warmup_s, min_window_requests…).
     """
     sim = SimConfig(sample_interval=SAMPLE_INTERVAL, decision_interval=DECISION_INTERVAL,
                     plugin_configuration=filter_config(speed))
+    if auth_latency is not None:
+        sim = dataclasses.replace(sim, auth_latency=auth_latency)
     return ExperimentConfig(sim=sim, **judging)
+
+
+def measured_auth_latency(auth_calls: pd.DataFrame) -> float | None:
+    """The mean host-clock latency of the live run's answered auth calls, in seconds (None
+    without any): what a miss cost in filter time, so the simulation can charge the same."""
+    if auth_calls.empty or "latency_ms" not in auth_calls:
+        return None
+    answered = auth_calls
+    if "outcome" in auth_calls:
+        answered = auth_calls[auth_calls["outcome"] == "ok"]
+    latency = pd.to_numeric(answered["latency_ms"], errors="coerce").dropna()
+    return float(latency.mean()) / 1000 if len(latency) else None
 
 
 def quick_trace(work: Path) -> Trace:
@@ -296,6 +331,7 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
         requests = read_frame(db, REQUESTS, {}, ["time", "instance", "generation", "decision",
                                                  "path", "status", "outbound"])
         decisions = read_frame(db, DECISIONS, {})
+        auth_calls = read_frame(db, AUTH_CALLS, {}, ["latency_ms", "outcome"])
     finally:
         close_store(db)
     if samples.empty:
@@ -312,6 +348,7 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
         replay=summary,
         samples=samples,
         request_log=requests,
+        auth_latency_s=measured_auth_latency(auth_calls),
     )
 
 
@@ -338,6 +375,44 @@ def compare(sim: PolicyRun, live: PolicyRun, config: ExperimentConfig) -> pd.Dat
     return pd.DataFrame(rows, columns=["metric", "sim", "live", "diff", "rel_diff"])
 
 
+AGREEMENT: dict[str, tuple[str, float]] = {
+    "decided_requests": ("relative", 0.01),
+    "hit_rate": ("absolute", 0.02),
+    "auth_requests": ("relative", 0.10),
+    "mean_allocated_mib": ("relative", 0.10),
+    "peak_allocated_mib": ("relative", 0.10),
+    "mean_required_mib": ("relative", 0.05),
+    "restarts": ("absolute", 0.0),
+}
+"""How close live and simulated must be (metric: kind of difference, bound): the bounds the
+README states. `relative` is |live − sim| / |sim|; `absolute` is |live − sim| (hit rate: 0.02 is
+2 points)."""
+
+
+def agreement(table: pd.DataFrame) -> pd.DataFrame:
+    """The AGREEMENT metrics of a comparison: metric, difference, bound, within (bool)."""
+    rows = []
+    for _, r in table[table["metric"].isin(list(AGREEMENT))].iterrows():
+        kind, bound = AGREEMENT[str(r["metric"])]
+        diff = abs(float(r["diff"]))
+        if kind == "relative":
+            diff = diff / abs(float(r["sim"])) if float(r["sim"]) else (math.inf if diff else 0.0)
+        rows.append({"metric": r["metric"], "difference": diff, "kind": kind, "bound": bound,
+                     "within": bool(diff <= bound + 1e-12)})
+    return pd.DataFrame(rows, columns=["metric", "difference", "kind", "bound", "within"])
+
+
+def agreement_markdown(agree: pd.DataFrame) -> str:
+    def shown(value: float, kind: str) -> str:
+        return f"{value:.1%}" if kind == "relative" else f"{value:.4g}"
+
+    lines = ["| metric | difference | bound | within |", "|---|---|---|---|"]
+    for _, r in agree.iterrows():
+        lines.append(f"| {r['metric']} | {shown(r['difference'], r['kind'])} | "
+                     f"{shown(r['bound'], r['kind'])} | {'yes' if r['within'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 EXPECTED = """\
 Expected differences. Both runs use the same trace, policy code, filter and filter
 configuration, 5 s samples and 30 s decisions; the live run differs where the real world does:
@@ -345,37 +420,48 @@ configuration, 5 s samples and 30 s decisions; the live run differs where the re
   millisecond of wall time is {ms:g} ms of host clock), and the replayer's lag shifts requests;
 - the live addon also samples whenever memory changed; its samples are resampled onto the 5 s
   grid, so a sample may show a state up to one interval old;
-- auth latency is real (milliseconds of wall time, × speed on the host clock) where the
-  simulation uses 5 ms; an entry is cached slightly later live;
+- auth latency is real (milliseconds of wall time, × speed on the host clock); the simulation
+  is given the mean the live run measured ({latency}), so a miss keeps the session's next
+  requests missing for as long in both;
 - hit and miss counts, auth requests and memory should match closely; restarts can differ in
   timing (the daemon sees samples about a second of wall time late, and decides on its own
   clock), and each restart moves hits, auth requests and surplus after it.
 """
 
 
-def comparison_markdown(table: pd.DataFrame, trace: str, policy: str, speed: float) -> str:
-    """The comparison as Markdown: a table and what to expect of it."""
+def comparison_markdown(table: pd.DataFrame, trace: str, policy: str, speed: float,
+                        auth_latency_s: float | None = None) -> str:
+    """The comparison as Markdown: a table, the agreement with its bounds, and what to expect
+    of it."""
     lines = [f"# Live vs simulated: `{policy}` on {trace} at {speed:g}×", "",
              "| metric | sim | live | live − sim | relative |", "|---|---|---|---|---|"]
     for metric, x, y, diff, rel in zip(table["metric"], table["sim"], table["live"],
                                        table["diff"], table["rel_diff"], strict=True):
         shown = "–" if not math.isfinite(rel) else f"{rel:+.1%}"
         lines.append(f"| {metric} | {x:,.4g} | {y:,.4g} | {diff:+,.4g} | {shown} |")
-    return "\n".join(lines) + "\n\n" + EXPECTED.format(ms=speed)
+    agree = agreement(table)
+    verdict = ("every bound holds" if agree["within"].all() else "outside the bounds: "
+               + ", ".join(agree.loc[~agree["within"], "metric"]))
+    latency = (f"{auth_latency_s * 1000:,.0f} ms of host clock, "
+               f"{auth_latency_s * 1000 / speed:.1f} ms of wall time"
+               if auth_latency_s is not None else "none measured: 5 ms")
+    return ("\n".join(lines) + f"\n\n## Agreement: {verdict}\n\n" + agreement_markdown(agree)
+            + "\n" + EXPECTED.format(ms=speed, latency=latency))
 
 
 def write_live_report(trace: Trace, live: PolicyRun, out: Path, speed: float,
                       config: ExperimentConfig | None = None) -> pd.DataFrame:
     """The live report in `out`, the simulated run of the same trace and policy in `out/sim`,
     and `comparison.md`/`comparison.csv`; returns the comparison."""
-    config = config or experiment_config(speed)
+    latency = getattr(live, "auth_latency_s", None)
+    config = config or experiment_config(speed, auth_latency=latency)
     out.mkdir(parents=True, exist_ok=True)
     sim = run_policy(trace, live.policy, config)
     live_summary = write_report([live], config, out, "live")
     sim_summary = write_report([sim], config, out / "sim", "simulated")
     table = compare(sim, live, config)
     table.to_csv(out / "comparison.csv", index=False)
-    text = comparison_markdown(table, trace.meta.name or "trace", live.policy, speed)
+    text = comparison_markdown(table, trace.meta.name or "trace", live.policy, speed, latency)
     (out / "comparison.md").write_text(text)
     logger.info("live summary:\n%s\nsimulated summary:\n%s", markdown_table(live_summary),
                 markdown_table(sim_summary))
@@ -396,9 +482,10 @@ def live_arguments(p: Any) -> None:
     p.add_argument("--policy", default=None,
                    help=f"policy spec for the daemon and the simulation (default: ratio; "
                         f"{QUICK_POLICY} with --quick)")
-    p.add_argument("--speed", type=float, default=120.0,
+    p.add_argument("--speed", type=positive, default=120.0,
                    help="wasm_clock_speed and replay speed")
-    p.add_argument("--out", type=Path, default=Path("results/live"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path(".wasm-reclaim/live/report"),
+                   help="output directory (results/live holds the README's copy)")
     p.add_argument("--state", type=Path, default=Path(".wasm-reclaim/live"),
                    help="logs, spool and embedded stores (a new subdirectory per run)")
     p.add_argument("--manager-arg", action="append", default=[], metavar="ARG",
@@ -407,6 +494,11 @@ def live_arguments(p: Any) -> None:
 
 def live_command(a: Any) -> int:
     """Run `python -m scenarios live`; the exit code."""
+    if a.policy:
+        try:
+            parse_policy(a.policy)
+        except ValueError as e:
+            raise ScenarioError(f"--policy: {e}") from None
     if a.quick:
         trace = quick_trace(a.out)
         trace.write_jsonl(a.out / "trace.jsonl")
@@ -415,7 +507,13 @@ def live_command(a: Any) -> int:
     policy = a.policy or (QUICK_POLICY if a.quick else "ratio")
     run = run_live(trace, policy, a.speed, a.state, a.manager_arg, progress=sys.stderr.isatty())
     table = write_live_report(trace, run, a.out, a.speed)
-    print(comparison_markdown(table, trace.meta.name or "trace", policy, a.speed), end="")
+    print(comparison_markdown(table, trace.meta.name or "trace", policy, a.speed,
+                              run.auth_latency_s), end="")
     print(f"written to {a.out}/ (live), {a.out / 'sim'}/ (simulated), "
           f"{a.out / 'comparison.md'}; state in {run.state}")
+    agree = agreement(table)
+    if not agree["within"].all():
+        print(f"python -m scenarios live: live and simulated differ beyond the bounds in "
+              f"{', '.join(agree.loc[~agree['within'], 'metric'])}", file=sys.stderr)
+        return 1
     return 0

@@ -59,7 +59,7 @@ class ReplayConfig:
     """How to replay: where to send, how fast, how many exchanges in flight."""
 
     proxy: str = "http://127.0.0.1:8080"
-    auth: str = "http://127.0.0.1:8081"
+    auth: str = "http://127.0.0.1:8090"
     speed: float = 1.0  # trace seconds per wall-clock second
     fast: bool = False  # ignore the timing: every event is due at once (order still holds)
     concurrency: int = 64

@@ -76,6 +76,15 @@ class Scenario:
     def filter_config(self) -> str:
         return "" if self.ttl_s == 600.0 else json.dumps({"ttl_seconds": self.ttl_s})
 
+    def heading(self, quick: bool = False) -> str:
+        """The title, with the basic experiment's count as run (128 when quick)."""
+        return self.title.format(count=basic_count(quick))
+
+
+def basic_count(quick: bool) -> int:
+    """Logins (and logouts) of the basic experiment: the paper's 1024, or 128 when quick."""
+    return 128 if quick else 1024
+
 
 def eclog_trace(gen: EClogGenParams, convert: EClogConvertParams, csv: Path) -> Trace:
     """Generate EClog-format CSV into `csv`, then read it back as a user's log would be."""
@@ -165,7 +174,7 @@ HOLDOUT: Final = (
 """Validation traces no parameter was tuned on (``--holdout``)."""
 
 SCENARIOS = {
-    "basic": Scenario("basic", "Basic experiment (1024 logins, then 1024 logouts)",
+    "basic": Scenario("basic", "Basic experiment ({count} logins, then {count} logouts)",
                       ("fixed:20m", "fixed:5m", "fixed:10m"), (0.5, 0.75), 1.0),
     "tenants": Scenario("tenants", "Three tenants, one instance each",
                         ("fixed:2h", "fixed:30m", "fixed:8h"), (0.5, 0.75), 5.0),
@@ -202,7 +211,7 @@ def make_trace(name: str, quick: bool, work: Path) -> Trace:
     if scenario.shape is not None:
         return shaped_trace(scenario, quick, work)
     if name == "basic":
-        return basic_trace(BasicParams(count=128 if quick else 1024))
+        return basic_trace(BasicParams(count=basic_count(quick)))
     if name == "week":
         return week_trace(quick, work)
     if name == "tenants":
@@ -311,7 +320,8 @@ def _report(p: _Pending, quick: bool) -> pd.DataFrame:
     trace = Trace.read_jsonl(p.trace_path)
     limit = limit_table(p.runs["none"], trace, scenario.ttl_s)
     limit.to_csv(p.out / "limit.csv", index=False)
-    return write_report(runs, p.config, p.out, scenario.title, main_policies=main, limit=limit)
+    return write_report(runs, p.config, p.out, scenario.heading(quick), main_policies=main,
+                        limit=limit)
 
 
 def limit_table(none: PolicyRun, trace: Trace, ttl_s: float) -> pd.DataFrame:
@@ -363,8 +373,8 @@ def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
         plot_eclog(out / "two-sales" / "eclog.csv", out / "eclog" / "two-sales.png",
                    params=EClogConvertParams(name="Two sales merged: generated EClog format"))
     if "basic" in names:
-        series = run_fig4(count=128 if quick else 1024)
+        series = run_fig4(count=basic_count(quick))
         (out / "fig4").mkdir(parents=True, exist_ok=True)
         series.to_csv(out / "fig4" / "fig4.csv", index=False)
-        plot_fig4(series, out / "fig4" / "fig4.png")
+        plot_fig4(series, out / "fig4" / "fig4.png", logins=basic_count(quick))
     return summaries

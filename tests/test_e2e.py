@@ -283,9 +283,9 @@ def test_live_replay_of_a_trace_through_the_proxy(live: Stack) -> None:
     assert summary.sent == 50 and summary.status == {"200": 50} and summary.errors == 0
     live.wait_for("requests", {}, 50)
     decisions = [d["decision"] for d in live.db.requests.find({}, {"decision": 1})]
-    # Each login's first request is a miss; each logout finds its token cached (a hit, then
-    # evicted by the filter and revoked at the auth server).
-    assert decisions.count("miss") == 25 and decisions.count("hit") == 25
+    # Each login's first request is a miss; each logout finds its token cached, evicts it
+    # (the filter) and revokes it (the auth server).
+    assert decisions.count("miss") == 25 and decisions.count("logout") == 25
     live.wait_for("auth_calls", {"status": 200}, 25)
     live.wait_for("samples", {"instance": "shop.example", "live_entries": 0, "outbound": 25}, 1)
 
@@ -325,7 +325,7 @@ def test_har_client_replay_through_the_addon(tmp_path: Path, mongo_uri: str) -> 
                     stdout=out, stderr=subprocess.STDOUT, timeout=120, env={**os.environ, **env})
             assert proc.returncode == 0, (tmp_path / "mitmdump.log").read_text()[-2000:]
         decisions = [d["decision"] for d in db.requests.find({}, {"decision": 1})]
-        assert sorted(set(decisions)) == ["hit", "miss"] and len(decisions) == 20
+        assert sorted(set(decisions)) == ["logout", "miss"] and len(decisions) == 20
         assert decisions.count("miss") == 10
     finally:
         client.drop_database(name)

@@ -23,6 +23,7 @@ from scenarios.har import (
     DEFAULT_BASE,
     HarError,
     HarReadParams,
+    drop_pseudo_headers,
     har_to_trace,
     load_har,
     read_har,
@@ -195,7 +196,7 @@ def test_reading_a_browser_recording() -> None:
         entry("2024-05-01T10:00:04Z", "https://app.example/api/auth/logout", "tok-A", "POST"),
         entry("2024-05-01T10:00:05Z", "https://app.example/", "tok-A"),
     )
-    t = har_to_trace(har, "rec.har")
+    t = har_to_trace(har, "rec.har", HarReadParams(hash_tokens=False))
     got = [(e.time, e.kind, e.user, e.token, e.method, e.host, e.path) for e in t]
     assert got == [
         (0.0, "login", "tok-A", "tok-A", "", "app.example", ""),
@@ -217,7 +218,7 @@ def test_reading_with_hashed_tokens_and_strict_tokens() -> None:
         entry("2024-05-01T10:00:00Z", "http://a.example/", "secret"),
         entry("2024-05-01T10:00:01", "http://a.example/x"),  # naive: UTC
     )
-    t = har_to_trace(har, "h.har", HarReadParams(hash_tokens=True))
+    t = har_to_trace(har, "h.har")  # hashed unless asked: recordings carry real tokens
     assert {e.token for e in t} == {"h2bb80d537b1da3e3"}
     assert "secret" not in json.dumps([e.token + e.user for e in t])
     with pytest.raises(HarError, match=r"h\.har: log\.entries\[1\]\.request\.headers: no "):
@@ -239,7 +240,9 @@ def test_reading_tolerates_missing_response_and_bom(tmp_path) -> None:
         ('{"log": {"entries": [\n  {"startedDateTime": }\n]}}', r"^x\.har:2:23: broken JSON: "),
         ("[]", r"^x\.har: expected a JSON object with 'log', got list"),
         ('{"lag": {}}', r"^x\.har: log: missing field \(not a HAR file\?\)"),
-        ('{"log": {"entries": {}}}', r"^x\.har: log\.entries: missing field or not a list"),
+        ('{"log": {"entries": {}}}', r"^x\.har: log\.entries: not a list \(got an object \{\}\)"),
+        ('{"log": {}}', r"^x\.har: log\.entries: missing field$"),
+        ('{"log": []}', r"^x\.har: log: not an object \(got a list \[\]\)"),
         ('{"log": {"entries": [7]}}', r"^x\.har: log\.entries\[0\]: expected an object"),
     ],
 )
@@ -279,6 +282,13 @@ def _set(path: tuple[str, ...], value: object):
         (_drop(("request", "headers")), r"log\.entries\[1\]\.request\.headers: missing field"),
         (_drop(("startedDateTime",)), r"log\.entries\[1\]\.startedDateTime: missing field"),
         (
+            _set(("request", "headers"), "oops"),
+            r"log\.entries\[1\]\.request\.headers: not a list \(got a string \"oops\"\)$",
+        ),
+        (_set(("request", "url"), 7), r"log\.entries\[1\]\.request\.url: not a string \(got a "),
+        (_set(("request",), None), r"log\.entries\[1\]\.request: not an object \(got null"),
+        (_set(("request", "method"), ""), r"log\.entries\[1\]\.request\.method: empty$"),
+        (
             _set(("startedDateTime",), "yesterday"),
             r"x\.har: log\.entries\[1\]\.startedDateTime: cannot parse 'yesterday' as ISO-8601",
         ),
@@ -309,6 +319,31 @@ def test_har_meta_header_errors() -> None:
     har["log"]["_trace"] = {"start": "soon"}  # type: ignore[index]
     with pytest.raises(HarError, match=r"^x\.har: log\._trace: field 'start': cannot parse"):
         har_to_trace(har, "x.har")
+
+
+def test_chrome_pseudo_headers_are_dropped() -> None:
+    """Chrome records HTTP/2 requests with `:authority`, `:method`, `:path` and `:scheme`
+    entries, which are not header fields: mitmproxy refuses to send them."""
+    e = entry("2024-05-01T10:00:00Z", "https://app.example/a?b=1", "tok-C")
+    e["request"]["headers"] = [  # type: ignore[index]
+        {"name": ":authority", "value": "app.example"}, {"name": ":method", "value": "GET"},
+        {"name": ":path", "value": "/a?b=1"}, {"name": ":scheme", "value": "https"},
+        *e["request"]["headers"]]  # type: ignore[index]
+    t = har_to_trace(recording(e), "chrome.har", HarReadParams(hash_tokens=False))
+    assert [(x.kind, x.host, x.path, x.token) for x in t] == [
+        ("login", "app.example", "", "tok-C"), ("request", "app.example", "/a?b=1", "tok-C")]
+    assert drop_pseudo_headers([{"name": ":authority", "value": "x"}, ["Host", "x"],
+                                [":path", "/"]]) == [["Host", "x"]]
+
+
+def test_cli_har_read_hashes_tokens_unless_asked(tmp_path) -> None:
+    path, out = tmp_path / "rec.har", tmp_path / "rec.jsonl"
+    path.write_text(json.dumps(recording(entry("2024-05-01T10:00:00Z", "http://a.example/",
+                                               "s3cret-token"))))
+    assert main(["har-read", str(path), "--out", str(out)]) == 0
+    assert "s3cret-token" not in out.read_text() and '"token": "h' in out.read_text()
+    assert main(["har-read", str(path), "--out", str(out), "--clear-tokens"]) == 0
+    assert '"token": "s3cret-token"' in out.read_text()
 
 
 def test_empty_har() -> None:

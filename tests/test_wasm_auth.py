@@ -19,6 +19,8 @@ from addons.wasm_auth import (
     WasmAuth,
     describe,
     instance_key,
+    is_logout,
+    logout_path,
     parse_clusters,
     parse_filter_config,
     parse_journal,
@@ -136,11 +138,36 @@ def test_verdict(decision, has_token, word) -> None:
     assert verdict(decision, has_token) == word
 
 
+def test_verdict_of_a_logout() -> None:
+    assert verdict(Decision("continue", [], None, 0), True, logout=True) == "logout"
+    assert verdict(Decision("respond", [], LocalResponse(401), 0), False, logout=True) == "deny"
+
+
 def test_describe_mentions_what_mitmweb_should_show() -> None:
     d = Decision("respond", [], LocalResponse(401, details="token_rejected"), 1, 3)
     text = describe("deny", "shop", 3, 17, 1.25, d)
     for part in ("deny", "instance shop", "gen 3", "17 pages", "1.2 ms", "token_rejected"):
         assert part in text
+
+
+def test_describe_counts_pages_in_english() -> None:
+    d = Decision("continue", [], None, 0)
+    assert " · 1 page · " in describe("hit", "shop", 0, 1, 0.4, d)
+    assert " · 2 pages · " in describe("hit", "shop", 0, 2, 0.4, d)
+    assert describe("logout", "shop", 0, 1, 0.4, d, "token evicted").startswith(
+        "wasm: logout · token evicted · instance shop")
+
+
+@pytest.mark.parametrize(("config", "path", "logout"), [
+    (b"", b"/logout", True),
+    (b"", b"/logout?next=/", True),
+    (b"", b"/logouts", False),
+    (b'{"logout_path": "/bye"}', b"/bye", True),
+    (b'{"logout_path": "/bye"}', b"/logout", False),
+    (b'{"logout_path": ""}', b"/logout", False),
+])
+def test_logout_path(config, path, logout) -> None:
+    assert is_logout(path, logout_path(config)) is logout
 
 
 # ---- configure() ------------------------------------------------------------------------------
@@ -179,9 +206,44 @@ async def test_garbage_wasm_is_an_options_error(tmp_path) -> None:
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"\x00asm\x01\x00\x00\x00garbage")
     addon = WasmAuth()
-    with taddons.context(addon) as tctx, pytest.raises(
-            exceptions.OptionsError, match="not a valid WebAssembly module"):
-        tctx.configure(addon, wasm_filter=str(bad), **base_options(tmp_path))
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **base_options(tmp_path))
+        with pytest.raises(exceptions.OptionsError, match="not a valid WebAssembly module"):
+            tctx.configure(addon, wasm_filter=str(bad))
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("wasm_cluster", ["auth"], "wasm_cluster: expected NAME=URL, got 'auth'"),
+    ("wasm_sample_interval", "soon", "wasm_sample_interval: 'soon' is not a number"),
+    ("wasm_filter_config", "{", "wasm_filter: proxy_on_configure returned false"),
+])
+async def test_bad_option_at_load_is_one_line(tmp_path, caplog, option, value, message) -> None:
+    """Loading the script, mitmproxy would log a raised OptionsError with its (chained)
+    traceback: the addon logs one line instead, and stays inert."""
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **{**base_options(tmp_path), option: value})
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].exc_info is None
+        assert errors[0].getMessage().startswith(f"wasm_auth: {message}")
+        assert "\n" not in errors[0].getMessage()
+        assert addon.settings is None and addon.host is None
+        await addon.running()  # nothing starts
+        f = make_flow("x")
+        await addon.request(f)
+        assert not f.comment
+        tctx.configure(addon, **{option: {"wasm_cluster": [], "wasm_sample_interval": "1"}
+                                 .get(option, "")})
+        assert addon.host is not None  # a good value later configures it
+
+
+async def test_bad_option_later_is_rejected_without_a_chain(tmp_path) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **base_options(tmp_path))
+        with pytest.raises(exceptions.OptionsError) as info:
+            tctx.configure(addon, wasm_filter_config="{")
+        assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 # ---- the request hook against a real auth server ------------------------------------------------
@@ -228,6 +290,42 @@ async def test_hit_miss_deny_through_the_hook(tmp_path, auth_server) -> None:
         status = tctx.command(addon.status)
         assert "shop.example" in status
         await addon.done()
+
+
+async def test_logout_shows_the_evicted_token(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       **base_options(tmp_path))
+        first, out, again = (make_flow("a-good"), make_flow("a-good", path="/logout"),
+                             make_flow("a-good", path="/logout"))
+        for f in (first, out, again):
+            await addon.request(f)
+        assert out.comment.startswith("wasm: logout · token evicted · instance shop.example")
+        assert out.response is None  # the logout goes upstream
+        assert again.comment.startswith("wasm: logout · token was not cached")
+        rows = tctx.command(addon.instances)
+        assert rows[0][:3] == ["instance", "tenant", "generation"]
+        table = dict(zip(rows[0], rows[1], strict=True))
+        assert table["instance"] == "shop.example" and table["requests"] == "3"
+        assert table["live_entries"] == "0" and int(table["allocated_pages"]) >= 1
+        await addon.done()
+
+
+async def test_comment_column_in_mitmweb_unless_the_user_chose_columns(tmp_path) -> None:
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    for chosen, expected in ((None, True), (["path", "status"], False)):
+        addon = WasmAuth()
+        with taddons.context(addon, WebAddon()) as tctx:
+            if chosen is not None:
+                tctx.options.update(web_columns=chosen)
+            tctx.configure(addon, **base_options(tmp_path))
+            await addon.running()
+            assert ("comment" in tctx.options.web_columns) is expected
+            if chosen is not None:
+                assert tctx.options.web_columns == chosen
+            await addon.done()
 
 
 async def test_one_instance_per_upstream_host(tmp_path, auth_server) -> None:

@@ -1,0 +1,106 @@
+"""EClog files as published: numeric timestamps in any of their units, and rows cut short."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+import pandas as pd
+import pytest
+
+from scenarios.__main__ import main
+from scenarios.eclog import TICKS_AT_EPOCH, EClogError, parse_time, parse_times, read_eclog
+
+HEADER = "IpId,UserId,TimeStamp,HttpMethod,Uri,HttpVersion,ResponseCode,Bytes,Referrer,UserAgent\n"
+T = datetime(2019, 12, 1, 0, 0, 3, tzinfo=UTC)
+EPOCH_S = int(T.timestamp())
+TICKS = TICKS_AT_EPOCH + EPOCH_S * 10_000_000
+
+
+def dotnet_ticks(dt: datetime) -> int:
+    """What .NET's `DateTime.Ticks` gives: 100 ns since 0001-01-01, computed independently."""
+    delta = dt.replace(tzinfo=None) - datetime(1, 1, 1)
+    return (delta.days * 86_400 + delta.seconds) * 10_000_000 + delta.microseconds * 10
+
+
+def csv(*stamps: str, extra: str = "") -> io.StringIO:
+    rows = "".join(f"1,5,{s},GET,/p,HTTP/1.1,200,123,-,UA\n" for s in stamps)
+    buf = io.StringIO(HEADER + rows + extra)
+    buf.name = "log.csv"
+    return buf
+
+
+def test_ticks_constant_is_dotnets() -> None:
+    assert TICKS == dotnet_ticks(T) == 637107552030000000
+
+
+@pytest.mark.parametrize("stamp", [
+    str(EPOCH_S),                      # epoch seconds
+    f"{EPOCH_S}.0",
+    str(EPOCH_S * 1000),               # epoch milliseconds (JavaScript, Java)
+    str(EPOCH_S * 1_000_000),          # epoch microseconds
+    str(dotnet_ticks(T)),              # .NET DateTime.Ticks, as EClog's TimeStamp is read
+    "2019-12-01T00:00:03",
+    "01/Dec/2019:01:00:03 +0100",
+])
+def test_every_time_unit_reads_as_the_same_instant(stamp) -> None:
+    df = read_eclog(csv(stamp))
+    assert df.loc[0, "time"] == pd.Timestamp(T)
+
+
+def test_ticks_keep_subsecond_precision() -> None:
+    t = parse_times(pd.Series([str(TICKS + 1234567)])).iloc[0]
+    assert t == pd.Timestamp(T) + pd.Timedelta(microseconds=123456.7)
+
+
+def test_a_file_of_ticks_converts_to_a_trace(tmp_path) -> None:
+    path = tmp_path / "eclog.csv"
+    path.write_text(HEADER + "".join(
+        f"1,5,{TICKS + i * 10_000_000},GET,/p{i},HTTP/1.1,200,1,-,UA\n" for i in range(3)))
+    out = tmp_path / "t.jsonl"
+    assert main(["eclog-convert", str(path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert '"start": "2019-12-01T00:00:03+00:00"' in text and '"time": 2.0' in text
+
+
+@pytest.mark.parametrize(("stamp", "message"), [
+    ("inf", r"log\.csv:3: column 'TimeStamp': 'inf' is not a finite number$"),
+    ("-inf", r"log\.csv:3: column 'TimeStamp': '-inf' is not a finite number$"),
+    ("1e30", r"log\.csv:3: column 'TimeStamp': '1e30' is a number in no known time unit"),
+    ("3e17", r"log\.csv:3: column 'TimeStamp': '3e17' is a number in no known time unit"),
+    ("99999999999999999", r"'99999999999999999' is a number in no known time unit"),
+    (str(EPOCH_S * 10), rf"'{EPOCH_S * 10}' is beyond the supported years 1678-2261"),
+    (str(TICKS_AT_EPOCH + 400 * 365 * 86_400 * 10**7), r"is beyond the supported years"),
+])
+def test_impossible_numbers_are_one_line_errors(stamp, message) -> None:
+    with pytest.raises(EClogError, match=message):
+        read_eclog(csv(str(EPOCH_S), stamp))
+
+
+def test_a_short_row_is_an_error_naming_its_line() -> None:
+    with pytest.raises(EClogError, match=r"^log\.csv:4: column 'Uri' is empty \(a row "
+                                         r"with fewer fields than the header\?\)$"):
+        read_eclog(csv(str(EPOCH_S), str(EPOCH_S), extra=f"1,5,{EPOCH_S}\n"))
+    with pytest.raises(EClogError, match=r"^log\.csv:2: column 'HttpMethod' is empty"):
+        read_eclog(csv(extra=f"1,5,{EPOCH_S},,/p,HTTP/1.1\n"))
+
+
+def test_anonymous_visitors_and_empty_optional_fields_are_fine() -> None:
+    df = read_eclog(csv(extra=f"7,,{EPOCH_S},POST,/cart,,,,,\n"))
+    assert df.loc[0, "user"] == "" and df.loc[0, "method"] == "POST"
+    assert pd.isna(df.loc[0, "status"]) and df.loc[0, "user_agent"] == ""
+
+
+def test_parse_time_names_the_problem() -> None:
+    assert parse_time(str(EPOCH_S * 1000)) == pd.Timestamp(T)
+    with pytest.raises(EClogError, match=r"^'inf' is not a finite number$"):
+        parse_time("inf")
+
+
+def test_the_command_line_gives_one_line(tmp_path, capsys) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text(HEADER + f"1,5,{EPOCH_S},GET,/,HTTP/1.1,200,1,-,UA\n1,5,inf,GET,/,,,,,\n")
+    assert main(["eclog-convert", str(path), "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m scenarios eclog-convert: error: {path}:3: column 'TimeStamp': "
+                   f"'inf' is not a finite number\n")

@@ -1,0 +1,75 @@
+"""`python -m scenarios store`: the stored collections, listed and exported as CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+
+import pymongo
+import pytest
+
+from addons.telemetry.store import close_store, insert_new, open_store
+from scenarios.__main__ import main
+
+DOCS = [
+    {"_id": f"r{i}", "time": 100.0 + (3 - i), "instance": "shop.example", "decision": word,
+     "path": f"/p{i}", "status": 200, "outbound": int(word == "miss")}
+    for i, word in enumerate(["miss", "hit", "logout", "hit"])
+]
+
+
+def fill(store: str) -> None:
+    db = open_store(store)
+    try:
+        assert insert_new(db, "requests", [dict(d) for d in DOCS]).inserted == 4
+        assert insert_new(db, "restarts", [{"_id": "x", "time": 1.0, "instance": "a"}]).inserted
+    finally:
+        close_store(db)
+
+
+def check_export(store: str, capsys) -> None:
+    assert main(["store", "list", "--store", store]) == 0
+    listed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert listed["requests"] == "4" and listed["restarts"] == "1"
+    assert main(["store", "export", "requests", "--store", store]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["path"] for r in rows] == ["/p3", "/p2", "/p1", "/p0"]  # by time
+    assert rows[0]["decision"] == "hit" and "_id" not in rows[0]
+    assert main(["store", "export", "requests", "--store", store, "--fields",
+                 "decision,path", "--query", '{"decision": "hit"}']) == 0
+    assert capsys.readouterr().out == "decision,path\nhit,/p3\nhit,/p1\n"
+    assert main(["store", "export", "requests", "--store", store, "--format", "jsonl",
+                 "--fields", "path,outbound"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[-1] == {"path": "/p0", "outbound": 1}
+
+
+def test_export_from_the_embedded_store(tmp_path, capsys) -> None:
+    store = str(tmp_path / "store")
+    fill(store)
+    check_export(store, capsys)
+    out = tmp_path / "requests.csv"
+    assert main(["store", "export", "requests", "--store", store, "--out", str(out)]) == 0
+    assert out.read_text().startswith("time,instance,decision,path,status,outbound\n")
+
+
+def test_reading_never_creates_a_store(tmp_path, capsys) -> None:
+    missing = tmp_path / "nothing-here"
+    assert main(["store", "list", "--store", str(missing)]) == 2
+    assert f"no embedded store at {missing}" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.mongo
+def test_export_from_mongodb(mongo_uri, capsys) -> None:
+    name = f"storecli_{uuid.uuid4().hex[:8]}"
+    uri = mongo_uri.rstrip("/") + "/" + name
+    fill(uri)
+    try:
+        check_export(uri, capsys)
+    finally:
+        client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri)  # type: ignore[type-arg]
+        client.drop_database(name)
+        client.close()
