@@ -71,6 +71,7 @@ from addons.proxywasm import (
     HttpxDispatcher,
     InProcessDispatcher,
     Limits,
+    LocalResponse,
     RestartError,
     RestartRecord,
     ScaledClock,
@@ -1125,13 +1126,26 @@ class WasmAuth:
                 flow.request.path, refusal.status))
 
     def _fail(self, flow: http.HTTPFlow, key: str, error: str) -> None:
+        """The instance cannot start (or the filter is backing off): decide by the fail policy,
+        and record the request like any other."""
         s = self.settings
-        assert s is not None
-        flow.comment = f"wasm: error · instance {key} · {error}"
-        flow.marked = FAILED_MARK
-        if not s.fail_open:
+        assert s is not None and self.host is not None
+        inst = self.host.instances.get(key)
+        generation = inst.generation if inst is not None else -1  # -1: none ever started
+        if s.fail_open:
+            decision = Decision("continue", [], None, 0, generation, error)
+        else:
+            decision = Decision("respond", [], LocalResponse(503), 0, generation, error)
             flow.response = http.Response.make(503, b"filter unavailable\n",
                                                {"content-type": "text/plain"})
+        word = verdict(decision, False)
+        flow.comment = f"wasm: {word} · instance {key} · {error}"
+        flow.marked = FAILED_MARK
+        if self.metrics is not None:
+            self.write("requests", records.request(
+                self.proxy_id, self.clock.now_ns() / 1e9, key, key, decision, word,
+                flow.request.method, flow.request.path, 0.0,
+                token_hash(view(flow.request).authorization)))
 
     # ---- commands and the admin backend ----
 

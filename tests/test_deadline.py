@@ -166,3 +166,33 @@ def test_a_filter_looping_across_many_instances_backs_off_as_a_module() -> None:
         clock.advance(0.01)
     assert events.count <= Limits().module_crash_threshold + 1  # before: 30, one per Host
     assert served == 30
+
+
+async def test_requests_failed_while_the_module_backs_off_are_recorded(tmp_path) -> None:
+    from mitmproxy.test import taddons, tflow
+
+    from addons.wasm_auth import WasmAuth
+
+    wasm = tmp_path / "loop.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(module(LOGGING_FILTER)))
+    addon = WasmAuth()
+    docs: list[dict[str, object]] = []
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(wasm), wasm_deadline_ms=20, wasm_admin_listen="",
+                       wasm_log_metrics=False, wasm_spool=str(tmp_path / "spool"),
+                       wasm_store=str(tmp_path / "store"))
+        addon.metrics = type("Sink", (), {"write": lambda self, c, d: docs.append(d)})()
+        flows = []
+        for i in range(8):
+            f = tflow.tflow()
+            f.request.headers["Host"] = f"h{i}.example"
+            f.request.headers["x-mode"] = "loop"
+            await addon.request(f)
+            addon.response(f)
+            flows.append(f)
+        assert all(f.response is not None and f.response.status_code == 503 for f in flows)
+        assert any("backing off" in f.comment for f in flows)
+        addon.metrics = None
+        await addon.done()
+    recorded = [d for d in docs if "decision" in d]
+    assert len(recorded) == 8 and {d["decision"] for d in recorded} == {"error"}
