@@ -512,6 +512,8 @@ class Daemon:
         #: the proxy ids each admin URL answered for
         self._url_proxies: dict[str, set[str]] = {}
         self._failing_urls: set[str] = set()
+        #: proxies whose admin endpoint answered GET /instances in this pass
+        self._answered: set[str] = set()
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lease_until = -math.inf  # wall time until which this manager holds the lease
         self._standby_logged: str | None = None
@@ -882,7 +884,8 @@ class Daemon:
             client = self.admins.pop(url)
             self._endpoints.pop(url, None)
             self._failing_urls.discard(url)
-            logger.info("proxy at %s has no recent heartbeat; not asking it any more", url)
+            logger.warning("the proxy at %s sent no heartbeat for %g s; not asking it any "
+                           "more", url, self.config.heartbeat_s or 0)
             await client.aclose()
         for url, proxy in wanted.items():
             if url in self.admins:
@@ -903,6 +906,7 @@ class Daemon:
                                        return_exceptions=True)
         listing: dict[str, Instance] = {}
         self._client_of = {}
+        self._answered = set()
         failures: list[AdminError] = []
         for url, answer in zip(urls, answers, strict=True):
             if isinstance(answer, BaseException):
@@ -924,6 +928,7 @@ class Daemon:
                 key = instance_key(inst.proxy, inst.id)
                 listing[key] = inst
                 self._client_of[key] = client
+            self._answered |= proxies
         if urls and len(failures) == len(urls):
             first = failures[0]
             report.fail("admin", first.message if len(urls) == 1 else
@@ -981,10 +986,15 @@ class Daemon:
         self._listed_once = True
 
         known = set(self.generations) | set(self.state.slots.names)
-        down = self._down_proxies()
+        # Gone: no longer listed by its proxy, which answered (a proxy that failed or is no
+        # longer asked says nothing about its instances).
         gone = [n for n in known if n not in listing and n not in self.missing_since
-                and split_key(n)[0] not in down]
+                and split_key(n)[0] in self._answered]
         back = [n for n in self.missing_since if n in listing]
+        gone_proxy = [n for n in self.missing_since if n not in listing
+                      and split_key(n)[0] not in self._answered]
+        for name in gone_proxy:  # its proxy is not asked now: not "missing", just unknown
+            del self.missing_since[name]
         for name in back:
             del self.missing_since[name]
         if back:

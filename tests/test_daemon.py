@@ -725,11 +725,31 @@ def test_cli_dry_run_without_admin(embedded: Store, capsys: pytest.CaptureFixtur
     (["--token", " "], "--token is empty"),
     (["--admin", "ftp://x", "--token", "t"], "expected an http:// or https:// URL"),
     (["--interval", "0", "--token", "t"], "interval_s must be a positive number"),
+    (["--admin", "127.0.0.1:9901,127.0.0.1:9902", "--token", "t"], "one URL per --admin"),
+    (["--admin", "127.0.0.1:99999", "--token", "t"], "port 99999 is not between 1 and 65535"),
+    (["--admin", "http://[::1", "--token", "t"], "not a URL"),
+    (["--admin", "http://h:1/instances", "--token", "t"], "without a path"),
+    (["--admin", "h:1", "--admin", "h:1", "--token", "t"], "the same endpoint is given twice"),
+    (["--store", "mongodb://h:99999/", "--token", "t"], "--store mongodb://h:99999/"),
+    (["--token-dir", "/nonexistent", "--token", "t"], "--token-dir goes with"),
+    (["--lease", "5s", "--interval", "5s", "--token", "t"], "give at least three --interval"),
 ])
 def test_cli_configuration_errors(argv: list[str], message: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", *argv]) == 2
-    assert message in capsys.readouterr().err
+    """A bad command line is one line on stderr and exit status 2, never a traceback."""
+    assert main(["run", *argv, "--once"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--interval", "soon"], ["run", "--bogus"], ["frobnicate"], [],
+])
+def test_cli_usage_errors_are_one_line(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "manager", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("argv", [["--interval", "soon"], ["--measure", "x"], ["--token", "a", "--token-file", "b"]])

@@ -448,10 +448,14 @@ def acquire_lease(db: Database, name: str, holder: str, now: float, period: floa
     except Exception as e:  # montydb's own duplicate error
         if "duplicate" not in str(e).lower():
             raise
-    result = db[LEASES].update_one(
-        {"_id": name, "$or": [{"holder": holder}, {"expires": {"$lt": now}}]},
-        {"$set": {"holder": holder, "expires": expires, "renewed_at": now}})
-    return bool(result.matched_count)
+    renewed = db[LEASES].update_one({"_id": name, "holder": holder},
+                                    {"$set": {"expires": expires, "renewed_at": now}})
+    if renewed.matched_count:
+        return True
+    taken = db[LEASES].update_one(
+        {"_id": name, "expires": {"$lt": now}},
+        {"$set": {"holder": holder, "expires": expires, "acquired_at": now, "renewed_at": now}})
+    return bool(taken.matched_count)
 
 
 def release_lease(db: Database, name: str, holder: str) -> None:
