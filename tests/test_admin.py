@@ -171,8 +171,9 @@ async def test_non_loopback_admin_listen_is_an_options_error_unless_allowed(
     opts = {"wasm_log_metrics": False, "wasm_spool": str(tmp_path / "spool"),
             "wasm_store": str(tmp_path / "store")}
     with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_admin_listen="", **opts)
         with pytest.raises(exceptions.OptionsError, match="not a loopback address"):
-            tctx.configure(addon, wasm_admin_listen="0.0.0.0:9901", **opts)
+            tctx.configure(addon, wasm_admin_listen="0.0.0.0:9901")
         with caplog.at_level(logging.WARNING, logger="addons.wasm_auth"):
             tctx.configure(addon, wasm_admin_listen="0.0.0.0:9901",
                            wasm_admin_allow_remote=True, **opts)
