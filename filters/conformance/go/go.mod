@@ -1,0 +1,3 @@
+module wasm-reclaim/conformance
+
+go 1.24
