@@ -35,6 +35,12 @@ live *args: setup
 test *args: setup
     {{python}} -m pytest {{args}}
 
+# The conformance suite: filters from the Rust, Go and AssemblyScript SDKs through mitmdump
+[group('check')]
+conformance *args: setup
+    bash filters/conformance/build.sh
+    {{python}} -m pytest -m conformance {{args}}
+
 # Lint: ruff and mypy (strict for the packages)
 [group('check')]
 lint: setup

@@ -1,0 +1,358 @@
+"""Conformance: filters built from three public Proxy-Wasm SDKs run through a real mitmdump.
+
+The filters (`filters/conformance/`: Rust proxy-wasm crate, standard Go wasip1 against the ABI,
+AssemblyScript @solo-io/proxy-runtime) all behave as filters/conformance/README.md says, so one
+set of assertions covers each SDK: what the client got, what the upstream and the outbound-call
+server received, and what the filter logged. Gaps of the host are listed in
+filters/conformance/GAPS.md; a test that shows one is marked xfail(strict=True) naming it.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conformance_h2 import h2_request
+from .conformance_stack import CALL_BODY, SDKS, UPSTREAM_BODY, Proxy, proxy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.conformance]
+
+REQUEST_PHASES = ("request_headers", "request_body")
+RESPONSE_PHASES = ("response_headers", "response_body")
+
+
+@pytest.fixture(scope="module", params=SDKS)
+def conf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[Proxy]:
+    sdk = request.param
+    with proxy(sdk, tmp_path_factory.mktemp(f"conformance-{sdk}")) as p:
+        yield p
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def send(conf: Proxy, method: str, path: str, body: bytes | None = None,
+         **headers: str) -> httpx.Response:
+    """One request through the proxy; header names use _ for -."""
+    named = {k.replace("_", "-"): v for k, v in headers.items()}
+    return httpx.request(method, conf.url + path, content=body, headers=named, timeout=20)
+
+
+def context_id(response: httpx.Response, sdk: str) -> str:
+    """The stream's context id, from the property the filter set and read back."""
+    state = str(response.headers.get("x-conf-state", ""))
+    assert state.startswith(f"{sdk}:"), f"x-conf-state is {state!r}"
+    return state.partition(":")[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up, headers, bodies
+# --------------------------------------------------------------------------------------------
+
+
+def test_filter_starts_with_its_configuration(conf: Proxy) -> None:
+    conf.wait_for_log(r"^vm_start size=0 vm_config=$")
+    conf.wait_for_log(r'^configure size=21 config=\{"conformance": true\}$')
+    if conf.sdk == "go":  # the Go runtime's os.Stdout goes through WASI fd_write
+        conf.wait_for_log(r"^stdout vm_start size=0$")
+
+
+def test_request_and_response_headers(conf: Proxy) -> None:
+    tag = uid()
+    r = send(conf, "GET", "/headers", x_conf_id=tag, x_conf_drop="1", x_conf_replace="original")
+    assert r.status_code == 200, r.text
+    assert r.content == UPSTREAM_BODY
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    assert seen.header("x-conf-sdk") == conf.sdk  # added
+    assert seen.header("x-conf-drop") is None  # removed
+    assert seen.headers_named("x-conf-replace") == [f"replaced-{conf.sdk}"]  # replaced
+    assert r.headers["x-conf-sdk"] == conf.sdk
+    assert r.headers["x-conf-upstream"] == "yes"  # the filter read the upstream's header
+    # A GET has no body: end_of_stream on the request headers, no request body callback.
+    assert r.headers["x-conf-seq"] == "request_headers:1,response_headers:0"
+
+
+def test_pseudo_headers_take_effect(conf: Proxy) -> None:
+    tag = uid()
+    r = send(conf, "GET", "/original", x_conf_id=tag, x_conf_path="/rewritten?q=1",
+             x_conf_status="202")
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    assert seen.path == "/rewritten?q=1"  # :path
+    assert r.status_code == 202  # :status
+    assert r.content == UPSTREAM_BODY
+
+
+def test_bodies(conf: Proxy) -> None:
+    tag = uid()
+    r = send(conf, "POST", "/body", b"hello", x_conf_id=tag, x_conf_body="1")
+    assert r.status_code == 200, r.text
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    want = f"hello|{conf.sdk}".encode()
+    assert seen.body == want
+    assert seen.header("content-length") == str(len(want))
+    assert r.content == UPSTREAM_BODY + f"|{conf.sdk}".encode()
+    assert r.headers["content-length"] == str(len(r.content))
+    assert r.headers["x-conf-seq"] == "request_headers:0,request_body:5:1,response_headers:0"
+    ctx = context_id(r, conf.sdk)
+    # The whole sequence, with the response body, is in the filter's on_log line.
+    conf.wait_for_log(rf"^log {ctx} seq=request_headers:0,request_body:5:1,response_headers:0,"
+                      rf"response_body:{len(UPSTREAM_BODY)}:1 code=200$")
+
+
+# --------------------------------------------------------------------------------------------
+# Local responses and outbound calls from each phase
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", REQUEST_PHASES + RESPONSE_PHASES)
+def test_local_response(conf: Proxy, phase: str) -> None:
+    tag = uid()
+    r = send(conf, "POST", f"/local/{phase}", b"hello", x_conf_id=tag, x_conf_local=phase)
+    assert r.status_code == 418, r.text
+    assert r.content == f"local {conf.sdk} {phase}".encode()
+    assert r.headers.get("x-conf-local") == phase
+    upstream_saw = conf.upstream.with_header("x-conf-id", tag)
+    # From the request phases the upstream never sees the request; from the response phases
+    # the local response replaces the upstream's answer.
+    assert len(upstream_saw) == (1 if phase in RESPONSE_PHASES else 0)
+
+
+@pytest.mark.parametrize("phase", REQUEST_PHASES + RESPONSE_PHASES)
+def test_outbound_call(conf: Proxy, phase: str) -> None:
+    tag = uid()
+    r = send(conf, "POST", f"/call/{phase}", b"hello", x_conf_id=tag, x_conf_call=phase)
+    assert r.status_code == 200, r.text
+    calls = conf.calls.matching(lambda s: s.path == f"/call/{phase}")
+    assert calls, f"the call server saw no /call/{phase}"
+    call = calls[-1]
+    assert call.method == "GET"
+    assert call.headers_named("host") == ["conf-call.test"]  # :authority, once
+    assert call.header("x-conf-sdk") == conf.sdk
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    result = f"200 {CALL_BODY.decode()}"
+    if phase == "request_headers":
+        assert seen.header("x-conf-call-result") == result
+    elif phase == "request_body":
+        assert seen.body == f"hello|call={result}".encode()
+    elif phase == "response_headers":
+        assert r.headers.get("x-conf-call-result") == result
+        assert r.content == UPSTREAM_BODY
+    else:
+        assert r.content == UPSTREAM_BODY + f"|call={result}".encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, shared data, shared queues, properties, ticks, logs
+# --------------------------------------------------------------------------------------------
+
+
+def test_metrics(conf: Proxy) -> None:
+    first = send(conf, "GET", "/metric")
+    second = send(conf, "GET", "/metric")
+    a, b = int(first.headers["x-conf-metric"]), int(second.headers["x-conf-metric"])
+    assert a >= 1
+    assert b == a + 1  # a counter defined, incremented and read back
+
+
+def test_shared_data(conf: Proxy) -> None:
+    first = send(conf, "GET", "/shared")
+    second = send(conf, "GET", "/shared")
+    a, b = int(first.headers["x-conf-count"]), int(second.headers["x-conf-count"])
+    assert a >= 1
+    assert b == a + 1  # read, then written back with the compare-and-swap value
+
+
+def test_shared_queue(conf: Proxy) -> None:
+    path = f"/queue-{uid()}"
+    send(conf, "GET", path)
+    # Enqueued by the stream, dequeued by the root context in proxy_on_queue_ready.
+    conf.wait_for_log(rf"^dequeued {conf.sdk} {re.escape(path)}$")
+    r = send(conf, "GET", "/queue-after")
+    assert r.headers["x-conf-queue-last"].startswith(f"{conf.sdk} /queue-")
+
+
+def test_ticks(conf: Proxy) -> None:
+    deadline = time.monotonic() + 15
+    first = None
+    while time.monotonic() < deadline:
+        ticks = send(conf, "GET", "/ticks").headers.get("x-conf-ticks", "")
+        if ticks.isdigit():
+            if first is None:
+                first = int(ticks)
+            elif int(ticks) > first:
+                return
+        time.sleep(0.3)
+    pytest.fail(f"the tick count did not grow within 15 s (first seen: {first})")
+
+
+def test_logs_and_stream_lifecycle(conf: Proxy) -> None:
+    path = f"/lifecycle-{uid()}"
+    r = send(conf, "GET", path)
+    ctx = context_id(r, conf.sdk)
+    conf.wait_for_log(rf"^request_headers GET {re.escape(path)}$")
+    conf.wait_for_log(rf"^log {ctx} seq=request_headers:1,response_headers:0,"
+                      rf"response_body:{len(UPSTREAM_BODY)}:1 code=200$")
+    lines = conf.guest_lines()
+    done = lines.index(f"done {ctx}")
+    logged = next(i for i, line in enumerate(lines) if line.startswith(f"log {ctx} "))
+    assert done < logged  # proxy_on_done, then proxy_on_log
+
+
+# Envoy serialises strings as their bytes and integers as 8-byte little-endian.
+def _int(value: bytes) -> int:
+    assert len(value) == 8, f"not an 8-byte integer: {value!r}"
+    return int(struct.unpack("<q", value)[0])
+
+
+_props: dict[str, dict[str, str]] = {}
+
+
+def properties(conf: Proxy) -> dict[str, str]:
+    """The filter's report of every property (hex, or !status), from one request per SDK."""
+    if conf.sdk not in _props:
+        r = send(conf, "GET", "/props/x?y=1", x_conf_props="1")
+        assert r.status_code == 200, r.text
+        report = r.headers["x-conf-props"]
+        _props[conf.sdk] = dict(item.partition("=")[::2] for item in report.split(";"))
+    return _props[conf.sdk]
+
+
+def _expect(conf: Proxy, name: str) -> object:
+    return {
+        "request.path": b"/props/x?y=1",
+        "request.url_path": b"/props/x",
+        "request.host": f"127.0.0.1:{conf.port}".encode(),
+        "request.scheme": b"http",
+        "request.method": b"GET",
+        "request.protocol": b"HTTP/1.1",
+        "destination.address": f"127.0.0.1:{conf.port}".encode(),
+        "destination.port": conf.port,
+        "response.code": 200,
+        "plugin_root_id": b"",
+        "plugin_vm_id": b"",
+        "upstream.address": f"127.0.0.1:{conf.upstream.port}".encode(),
+    }.get(name)
+
+
+@pytest.mark.parametrize("name", [
+    "request.path", "request.url_path", "request.host", "request.scheme", "request.method",
+    "request.protocol", "request.id", "source.address", "source.port", "destination.address",
+    "destination.port", "connection.id", "response.code", "plugin_name", "plugin_root_id",
+    "plugin_vm_id", "cluster_name", "upstream.address",
+])
+def test_property(conf: Proxy, name: str) -> None:
+    raw = properties(conf)[name]
+    assert not raw.startswith("!"), f"proxy_get_property({name}) returned status {raw[1:]}"
+    value = bytes.fromhex(raw)
+    expected = _expect(conf, name)
+    if isinstance(expected, int):
+        assert _int(value) == expected
+    elif expected is not None:
+        assert value == expected
+    elif name in ("source.port", "connection.id"):
+        assert _int(value) > 0 or name == "connection.id"
+    elif name == "source.address":
+        assert value.startswith(b"127.0.0.1:")
+    else:  # request.id, plugin_name, cluster_name: present and not empty
+        assert value, f"{name} is empty"
+
+
+def test_set_property_is_per_stream(conf: Proxy) -> None:
+    a, b = send(conf, "GET", "/state"), send(conf, "GET", "/state")
+    # Each stream reads back what it set itself: its own context id.
+    assert context_id(a, conf.sdk) != context_id(b, conf.sdk)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration like Envoy's: root id, VM id, VM configuration, a plugin configuration that is
+# not JSON
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+def test_configuration_options(sdk: str, tmp_path: Path) -> None:
+    options = {
+        "wasm_filter_config": "plain text, not JSON",
+        "wasm_vm_config": "vm configuration",
+        "wasm_root_id": "conformance",
+        "wasm_vm_id": "conf-vm",
+    }
+    with proxy(sdk, tmp_path, options) as p:
+        r = send(p, "GET", "/configured", x_conf_props="1")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-conf-config"] == "plain text, not JSON"
+        assert r.headers["x-conf-vm-config"] == "vm configuration"
+        props = dict(item.partition("=")[::2] for item in r.headers["x-conf-props"].split(";"))
+        assert bytes.fromhex(props["plugin_root_id"]) == b"conformance"
+        assert bytes.fromhex(props["plugin_vm_id"]) == b"conf-vm"
+        # The queue resolves under the configured VM id.
+        p.wait_for_log(r"^dequeued " + sdk + " /configured$")
+
+
+# --------------------------------------------------------------------------------------------
+# Trailers, where HTTP/2 carries them (client -> mitmdump -> upstream, all h2 over TLS)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=SDKS)
+def conf_h2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Proxy]:
+    sdk = request.param
+    with proxy(sdk, tmp_path_factory.mktemp(f"conformance-h2-{sdk}"), h2=True) as p:
+        yield p
+
+
+def test_h2_trailers(conf_h2: Proxy) -> None:
+    conf, tag = conf_h2, uid()
+    r = h2_request(conf.port, "POST", "/trailers", [("x-conf-id", tag)], b"hello",
+                   [("x-trailer-in", f"t-{tag}")])
+    assert r.status == 200
+    assert r.body == UPSTREAM_BODY
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    assert seen.body == b"hello"
+    assert dict(seen.trailers).get("x-trailer-in") == f"t-{tag}"
+    assert dict(seen.trailers).get("x-conf-trailer") == conf.sdk  # added in on_request_trailers
+    assert r.header("x-conf-request-trailer") == f"t-{tag}"  # read in on_request_trailers
+    # With trailers to come, the body is not the end of the stream.
+    assert r.header("x-conf-seq") == ("request_headers:0,request_body:5:0,request_trailers,"
+                                      "response_headers:0")
+    assert r.trailer("x-upstream-trailer") == "yes"
+    assert r.trailer("x-conf-trailer") == conf.sdk  # added in on_response_trailers
+    ctx = (r.header("x-conf-state") or "").partition(":")[2]
+    conf.wait_for_log(rf"^log {ctx} seq=request_headers:0,request_body:5:0,request_trailers,"
+                      rf"response_headers:0,response_body:{len(UPSTREAM_BODY)}:0,"
+                      rf"response_trailers code=200$")
+
+
+def test_h2_local_response_from_request_trailers(conf_h2: Proxy) -> None:
+    conf, tag = conf_h2, uid()
+    r = h2_request(conf.port, "POST", "/local/request_trailers",
+                   [("x-conf-id", tag), ("x-conf-local", "request_trailers")], b"hello",
+                   [("x-trailer-in", "t")])
+    assert r.status == 418
+    assert r.body == f"local {conf.sdk} request_trailers".encode()
+    assert conf.upstream.with_header("x-conf-id", tag) == []
+
+
+@pytest.mark.parametrize("phase", ["request_trailers", "response_trailers"])
+def test_h2_outbound_call_from_trailers(conf_h2: Proxy, phase: str) -> None:
+    conf, tag = conf_h2, uid()
+    r = h2_request(conf.port, "POST", f"/call/{phase}",
+                   [("x-conf-id", tag), ("x-conf-call", phase)], b"hello", [("x-trailer-in", "t")])
+    assert r.status == 200
+    assert conf.calls.matching(lambda s: s.path == f"/call/{phase}")
+    result = f"200 {CALL_BODY.decode()}"
+    if phase == "request_trailers":
+        [seen] = conf.upstream.with_header("x-conf-id", tag)
+        assert dict(seen.trailers).get("x-conf-call-result") == result
+    else:
+        assert r.trailer("x-conf-call-result") == result
