@@ -159,7 +159,7 @@ class H2Response:
 
 
 def h2_request(port: int, method: str, path: str, headers: Pairs, body: bytes,
-               trailers: Pairs, timeout: float = 20) -> H2Response:
+               trailers: Pairs, timeout: float = 10) -> H2Response:
     """One HTTP/2 request over TLS to 127.0.0.1:`port`, with request trailers."""
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -174,8 +174,9 @@ def h2_request(port: int, method: str, path: str, headers: Pairs, body: bytes,
         conn.send_headers(1, [(":method", method), (":path", path),
                               (":authority", f"127.0.0.1:{port}"), (":scheme", "https"),
                               *headers])
-        conn.send_data(1, body)
-        conn.send_headers(1, trailers, end_stream=True)
+        conn.send_data(1, body, end_stream=not trailers)
+        if trailers:
+            conn.send_headers(1, trailers, end_stream=True)
         sock.sendall(conn.data_to_send())
         status, response_headers, data, response_trailers = 0, [], b"", []
         while True:

@@ -31,6 +31,7 @@ BUILD = ROOT / "filters" / "conformance" / "build.sh"
 SDKS = ("rust", "go", "as")
 UPSTREAM_BODY = b"upstream-body"
 CALL_BODY = b"pong"
+STALL_SECONDS = 30
 
 _built: dict[str, Path] = {}
 
@@ -85,6 +86,8 @@ class Recorder:
             self.seen.append(Seen(request.method, request.path_qs,
                                   [(k.decode("latin-1"), v.decode("latin-1"))
                                    for k, v in request.raw_headers], body))
+        if request.path.startswith("/stall"):  # an upstream that does not answer in time
+            await asyncio.sleep(STALL_SECONDS)
         return web.Response(body=self.body, headers=self.headers)
 
     def matching(self, predicate: Callable[[Seen], bool]) -> list[Seen]:

@@ -163,7 +163,7 @@ func (s *stream) OnRequestHeaders(numHeaders uint32, eos bool) pw.Action {
 	s.props = header(pw.RequestHeaders, "x-conf-props") != ""
 	s.status = header(pw.RequestHeaders, "x-conf-status")
 	path := header(pw.RequestHeaders, ":path")
-	logf("request_headers %s %s", header(pw.RequestHeaders, ":method"), path)
+	logf("request_headers %d %s %s", s.id, header(pw.RequestHeaders, ":method"), path)
 
 	pw.AddHeader(pw.RequestHeaders, "x-conf-sdk", sdk)
 	pw.RemoveHeader(pw.RequestHeaders, "x-conf-drop")

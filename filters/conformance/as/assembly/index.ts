@@ -296,7 +296,7 @@ class ConfStream extends Context {
     this.props = request.get("x-conf-props") != "";
     this.status = request.get("x-conf-status");
     let path = request.get(":path");
-    info("request_headers " + request.get(":method") + " " + path);
+    info("request_headers " + this.context_id.toString() + " " + request.get(":method") + " " + path);
 
     request.add("x-conf-sdk", SDK);
     request.remove("x-conf-drop");

@@ -259,7 +259,7 @@ impl HttpContext for Stream {
         self.props = !get(self, "x-conf-props").is_empty();
         self.status = self.get_http_request_header("x-conf-status");
         let path = get(self, ":path");
-        log(&format!("request_headers {} {}", get(self, ":method"), path));
+        log(&format!("request_headers {} {} {}", self.id, get(self, ":method"), path));
 
         self.add_http_request_header("x-conf-sdk", SDK);
         self.remove_http_request_header("x-conf-drop");
