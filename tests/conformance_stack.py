@@ -138,6 +138,7 @@ class Proxy:
     log: Path
     upstream: Recorder | H2Upstream
     calls: Recorder
+    h2: bool = False
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -233,4 +234,4 @@ def proxy(sdk: str, run_dir: Path, options: dict[str, str] | None = None,
         if mitmdump.poll() is not None:
             raise StartError(f"mitmdump with the {sdk} filter exited at start: "
                              f"{start_failure(log.read_text(errors='replace'))}")
-        yield Proxy(sdk, f"http://127.0.0.1:{port}", port, log, upstream, calls)
+        yield Proxy(sdk, f"http://127.0.0.1:{port}", port, log, upstream, calls, h2)

@@ -121,6 +121,8 @@ type stream struct {
 	bodySize       uint32
 	requestTrailer *string
 	pending        string
+	tag, read      string
+	logged         bool
 }
 
 func header(t pw.MapType, name string) string {
@@ -162,6 +164,8 @@ func (s *stream) OnRequestHeaders(numHeaders uint32, eos bool) pw.Action {
 	s.body = header(pw.RequestHeaders, "x-conf-body") != ""
 	s.props = header(pw.RequestHeaders, "x-conf-props") != ""
 	s.status = header(pw.RequestHeaders, "x-conf-status")
+	s.tag = header(pw.RequestHeaders, "x-conf-tag")
+	s.read = header(pw.RequestHeaders, "x-conf-read")
 	path := header(pw.RequestHeaders, ":path")
 	logf("request_headers %d %s %s", s.id, header(pw.RequestHeaders, ":method"), path)
 
@@ -196,13 +200,15 @@ func (s *stream) OnRequestHeaders(numHeaders uint32, eos bool) pw.Action {
 		logf("set_property failed: %d", st)
 	}
 
-	vmID, _ := pw.GetProperty("plugin_vm_id")
-	if q, st := pw.ResolveQueue(string(vmID), queue); st == pw.StatusOK {
-		if st := pw.Enqueue(q, []byte(sdk+" "+path)); st != pw.StatusOK {
-			logf("enqueue_shared_queue failed: %d", st)
+	if item, st := pw.GetHeader(pw.RequestHeaders, "x-conf-enqueue"); st == pw.StatusOK {
+		vmID, _ := pw.GetProperty("plugin_vm_id")
+		if q, st := pw.ResolveQueue(string(vmID), queue); st == pw.StatusOK {
+			if st := pw.Enqueue(q, []byte(sdk+" "+item)); st != pw.StatusOK {
+				logf("enqueue_shared_queue failed: %d", st)
+			}
+		} else {
+			logf("resolve_shared_queue failed: %d", st)
 		}
-	} else {
-		logf("resolve_shared_queue failed: %d", st)
 	}
 
 	action, _ := s.phaseAction("request_headers")
@@ -266,6 +272,9 @@ func (s *stream) OnResponseHeaders(n uint32, eos bool) pw.Action {
 	}
 	if s.requestTrailer != nil {
 		report = append(report, [2]string{"x-conf-request-trailer", *s.requestTrailer})
+	}
+	if s.read != "" {
+		report = append(report, [2]string{"x-conf-read-value", shared(s.read)})
 	}
 	if s.props {
 		parts := make([]string, 0, len(props))
@@ -345,6 +354,13 @@ func (s *stream) OnHttpCallResponse(token, numHeaders, bodySize, numTrailers uin
 
 func (s *stream) OnDone() bool {
 	logf("done %d", s.id)
+	if s.tag != "" {
+		order := "before_log"
+		if s.logged {
+			order = "after_log"
+		}
+		pw.SetSharedData("conf.done."+s.tag, []byte(order), 0)
+	}
 	return true
 }
 
@@ -359,7 +375,12 @@ func (s *stream) OnLog() {
 	case st != pw.StatusNotFound:
 		code = fmt.Sprintf("!%d", st)
 	}
-	logf("log %d seq=%s code=%s", s.id, strings.Join(s.seq, ","), code)
+	line := fmt.Sprintf("seq=%s code=%s", strings.Join(s.seq, ","), code)
+	logf("log %d %s", s.id, line)
+	if s.tag != "" {
+		pw.SetSharedData("conf.log."+s.tag, []byte(line), 0)
+	}
+	s.logged = true
 }
 
 func (s *stream) OnDelete() {}

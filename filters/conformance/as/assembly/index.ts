@@ -221,6 +221,9 @@ class ConfStream extends Context {
   hasRequestTrailer: bool = false;
   requestTrailer: string = "";
   pending: string = "";
+  tag: string = "";
+  read: string = "";
+  logged: bool = false;
 
   constructor(context_id: u32, root_context: ConfRoot) {
     super(context_id, root_context);
@@ -295,6 +298,9 @@ class ConfStream extends Context {
     this.body = request.get("x-conf-body") != "";
     this.props = request.get("x-conf-props") != "";
     this.status = request.get("x-conf-status");
+    this.tag = request.get("x-conf-tag");
+    this.read = request.get("x-conf-read");
+    let item = request.get("x-conf-enqueue");
     let path = request.get(":path");
     info("request_headers " + this.context_id.toString() + " " + request.get(":method") + " " + path);
 
@@ -336,15 +342,17 @@ class ConfStream extends Context {
       info("set_property failed: " + setStatus.toString());
     }
 
-    let vmId = getProperty("plugin_vm_id").value;
-    let queueName = buf(QUEUE);
-    let out = new Out();
-    let resolved = imports.proxy_resolve_shared_queue(changetype<usize>(vmId), vmId.byteLength, changetype<usize>(queueName), queueName.byteLength, out.idPtr());
-    if (resolved == WasmResultValues.Ok) {
-      let status = enqueue_shared_queue(out.id, buf(SDK + " " + path));
-      if (status != WasmResultValues.Ok) info("enqueue_shared_queue failed: " + status.toString());
-    } else {
-      info("resolve_shared_queue failed: " + resolved.toString());
+    if (item != "") {
+      let vmId = getProperty("plugin_vm_id").value;
+      let queueName = buf(QUEUE);
+      let out = new Out();
+      let resolved = imports.proxy_resolve_shared_queue(changetype<usize>(vmId), vmId.byteLength, changetype<usize>(queueName), queueName.byteLength, out.idPtr());
+      if (resolved == WasmResultValues.Ok) {
+        let status = enqueue_shared_queue(out.id, buf(SDK + " " + item));
+        if (status != WasmResultValues.Ok) info("enqueue_shared_queue failed: " + status.toString());
+      } else {
+        info("resolve_shared_queue failed: " + resolved.toString());
+      }
     }
 
     if (this.phaseAction("request_headers")) return FilterHeadersStatusValues.StopIteration;
@@ -401,6 +409,7 @@ class ConfStream extends Context {
     response.add("x-conf-upstream", response.get("x-upstream"));
     response.add("x-conf-seq", this.seq.join(","));
     if (this.hasRequestTrailer) response.add("x-conf-request-trailer", this.requestTrailer);
+    if (this.read != "") response.add("x-conf-read-value", shared(this.read));
     if (this.props) {
       let parts: string[] = [];
       for (let i = 0; i < PROPS.length; i++) {
@@ -438,6 +447,9 @@ class ConfStream extends Context {
 
   onDone(): bool {
     info("done " + this.context_id.toString());
+    if (this.tag != "") {
+      setShared("conf.done." + this.tag, buf(this.logged ? "after_log" : "before_log"), 0);
+    }
     return true;
   }
 
@@ -451,7 +463,10 @@ class ConfStream extends Context {
     } else if (r.status != WasmResultValues.NotFound) {
       code = "!" + r.status.toString();
     }
-    info("log " + this.context_id.toString() + " seq=" + this.seq.join(",") + " code=" + code);
+    let line = "seq=" + this.seq.join(",") + " code=" + code;
+    info("log " + this.context_id.toString() + " " + line);
+    if (this.tag != "") setShared("conf.log." + this.tag, buf(line), 0);
+    this.logged = true;
   }
 }
 

@@ -155,6 +155,9 @@ struct Stream {
     body_size: usize,
     request_trailer: Option<String>,
     pending: Option<String>,
+    tag: String,
+    read: String,
+    logged: bool,
 }
 
 impl Stream {
@@ -245,6 +248,10 @@ impl Context for Stream {
 
     fn on_done(&mut self) -> bool {
         log(&format!("done {}", self.id));
+        if !self.tag.is_empty() {
+            let order = if self.logged { "after_log" } else { "before_log" };
+            let _ = hostcalls::set_shared_data(&format!("conf.done.{}", self.tag), Some(order.as_bytes()), None);
+        }
         true
     }
 }
@@ -257,6 +264,9 @@ impl HttpContext for Stream {
         self.call = get(self, "x-conf-call");
         self.body = !get(self, "x-conf-body").is_empty();
         self.props = !get(self, "x-conf-props").is_empty();
+        self.tag = get(self, "x-conf-tag");
+        self.read = get(self, "x-conf-read");
+        let enqueue = self.get_http_request_header("x-conf-enqueue");
         self.status = self.get_http_request_header("x-conf-status");
         let path = get(self, ":path");
         log(&format!("request_headers {} {} {}", self.id, get(self, ":method"), path));
@@ -295,15 +305,17 @@ impl HttpContext for Stream {
             log(&format!("set_property failed: {}", status_code(s)));
         }
 
-        let vm_id = text(hostcalls::get_property(vec!["plugin_vm_id"]).unwrap_or(None));
-        match hostcalls::resolve_shared_queue(&vm_id, QUEUE) {
-            Ok(Some(queue)) => {
-                if let Err(s) = hostcalls::enqueue_shared_queue(queue, Some(format!("{SDK} {path}").as_bytes())) {
-                    log(&format!("enqueue_shared_queue failed: {}", status_code(s)));
+        if let Some(item) = enqueue {
+            let vm_id = text(hostcalls::get_property(vec!["plugin_vm_id"]).unwrap_or(None));
+            match hostcalls::resolve_shared_queue(&vm_id, QUEUE) {
+                Ok(Some(queue)) => {
+                    if let Err(s) = hostcalls::enqueue_shared_queue(queue, Some(format!("{SDK} {item}").as_bytes())) {
+                        log(&format!("enqueue_shared_queue failed: {}", status_code(s)));
+                    }
                 }
+                Ok(None) => log(&format!("queue {QUEUE} not found")),
+                Err(s) => log(&format!("resolve_shared_queue failed: {}", status_code(s))),
             }
-            Ok(None) => log(&format!("queue {QUEUE} not found")),
-            Err(s) => log(&format!("resolve_shared_queue failed: {}", status_code(s))),
         }
 
         self.phase_action("request_headers").unwrap_or(Action::Continue)
@@ -360,6 +372,9 @@ impl HttpContext for Stream {
         if let Some(t) = self.request_trailer.clone() {
             report.push(("x-conf-request-trailer", t));
         }
+        if !self.read.is_empty() {
+            report.push(("x-conf-read-value", shared(&self.read)));
+        }
         if self.props {
             let props: Vec<String> = PROPS.iter().map(|p| format!("{p}={}", property(p))).collect();
             report.push(("x-conf-props", props.join(";")));
@@ -403,6 +418,11 @@ impl HttpContext for Stream {
             Ok(None) => "none".to_string(),
             Err(s) => format!("!{}", status_code(s)),
         };
-        log(&format!("log {} seq={} code={code}", self.id, self.seq.join(",")));
+        let line = format!("seq={} code={code}", self.seq.join(","));
+        log(&format!("log {} {line}", self.id));
+        if !self.tag.is_empty() {
+            let _ = hostcalls::set_shared_data(&format!("conf.log.{}", self.tag), Some(line.as_bytes()), None);
+        }
+        self.logged = true;
     }
 }
