@@ -159,7 +159,7 @@ class H2Response:
 
 
 def h2_request(port: int, method: str, path: str, headers: Pairs, body: bytes,
-               trailers: Pairs, timeout: float = 10) -> H2Response:
+               trailers: Pairs, timeout: float = 5) -> H2Response:
     """One HTTP/2 request over TLS to 127.0.0.1:`port`, with request trailers."""
     context = ssl.create_default_context()
     context.check_hostname = False

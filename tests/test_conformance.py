@@ -44,7 +44,7 @@ def send(conf: Proxy, method: str, path: str, body: bytes | None = None,
          **headers: str) -> httpx.Response:
     """One request through the proxy; header names use _ for -."""
     named = {k.replace("_", "-"): v for k, v in headers.items()}
-    return httpx.request(method, conf.url + path, content=body, headers=named, timeout=10)
+    return httpx.request(method, conf.url + path, content=body, headers=named, timeout=5)
 
 
 def shared_value(conf: Proxy, key: str, timeout: float = 15) -> str:
