@@ -271,7 +271,7 @@ def _auth_stats(url: str) -> dict[str, Any]:
     return data
 
 
-def run_live(trace: Trace, policy: str = "ratio", speed: float = 120.0,
+def run_live(trace: Trace, policy: str = "ratio", speed: float = 60.0,
              state: Path = Path(".wasm-reclaim/live"), policy_args: Sequence[str] = (),
              progress: bool = False, sample_interval: float = SAMPLE_INTERVAL,
              decision_interval: float = DECISION_INTERVAL) -> LiveRun:
@@ -389,6 +389,35 @@ README states. `relative` is |live − sim| / |sim|; `absolute` is |live − sim
 2 points)."""
 
 
+KEEP_UP_LAG_S = SAMPLE_INTERVAL
+"""Host-clock seconds the replay may fall behind its schedule (one sample interval)."""
+KEEP_UP_FAILED = 0.01
+"""Share of proxied requests that may fail (transport errors, 5xx: auth calls timed out)."""
+
+
+def keep_up_problems(summary: ReplaySummary | None, speed: float,
+                     auth_latency_s: float | None) -> list[str]:
+    """Why the live run is no counterpart of the simulation: the machine did not keep up at
+    `speed` (the replay fell behind by more than KEEP_UP_LAG_S of trace time, more than
+    KEEP_UP_FAILED of the requests failed, or an auth answer took longer than a sample
+    interval of host clock on average). Empty when it kept up."""
+    problems: list[str] = []
+    if summary is None:
+        return problems
+    if summary.max_lag_s is not None and summary.max_lag_s * speed > KEEP_UP_LAG_S:
+        problems.append(f"the replay fell {summary.max_lag_s:.1f} s of wall time behind "
+                        f"({summary.max_lag_s * speed:,.0f} s of trace time)")
+    failed = summary.errors + sum(n for status, n in summary.status.items()
+                                  if status.startswith("5"))
+    if summary.sent and failed > KEEP_UP_FAILED * summary.sent:
+        problems.append(f"{failed} of {summary.sent} requests failed (auth calls timed out "
+                        f"after {AUTH_TIMEOUT_WALL_S:g} s or the proxy was unreachable)")
+    if auth_latency_s is not None and auth_latency_s > SAMPLE_INTERVAL:
+        problems.append(f"an auth answer took {auth_latency_s / speed * 1000:,.0f} ms of wall "
+                        f"time on average ({auth_latency_s:,.1f} s of filter time)")
+    return problems
+
+
 def agreement(table: pd.DataFrame) -> pd.DataFrame:
     """The AGREEMENT metrics of a comparison: metric, difference, bound, within (bool)."""
     rows = []
@@ -421,8 +450,8 @@ configuration, 5 s samples and 30 s decisions; the live run differs where the re
 - the live addon also samples whenever memory changed; its samples are resampled onto the 5 s
   grid, so a sample may show a state up to one interval old;
 - auth latency is real (milliseconds of wall time, × speed on the host clock); the simulation
-  is given the mean the live run measured ({latency}), so a miss keeps the session's next
-  requests missing for as long in both;
+  is given the mean the live run measured ({latency}), so a miss keeps the
+  session's next requests missing for as long in both;
 - hit and miss counts, auth requests and memory should match closely; restarts can differ in
   timing (the daemon sees samples about a second of wall time late, and decides on its own
   clock), and each restart moves hits, auth requests and surplus after it.
@@ -430,7 +459,8 @@ configuration, 5 s samples and 30 s decisions; the live run differs where the re
 
 
 def comparison_markdown(table: pd.DataFrame, trace: str, policy: str, speed: float,
-                        auth_latency_s: float | None = None) -> str:
+                        auth_latency_s: float | None = None,
+                        problems: Sequence[str] = ()) -> str:
     """The comparison as Markdown: a table, the agreement with its bounds, and what to expect
     of it."""
     lines = [f"# Live vs simulated: `{policy}` on {trace} at {speed:g}×", "",
@@ -442,6 +472,9 @@ def comparison_markdown(table: pd.DataFrame, trace: str, policy: str, speed: flo
     agree = agreement(table)
     verdict = ("every bound holds" if agree["within"].all() else "outside the bounds: "
                + ", ".join(agree.loc[~agree["within"], "metric"]))
+    if problems:
+        verdict = ("not comparable, the machine did not keep up: " + "; ".join(problems)
+                   + f". ({verdict})")
     latency = (f"{auth_latency_s * 1000:,.0f} ms of host clock, "
                f"{auth_latency_s * 1000 / speed:.1f} ms of wall time"
                if auth_latency_s is not None else "none measured: 5 ms")
@@ -461,7 +494,9 @@ def write_live_report(trace: Trace, live: PolicyRun, out: Path, speed: float,
     sim_summary = write_report([sim], config, out / "sim", "simulated")
     table = compare(sim, live, config)
     table.to_csv(out / "comparison.csv", index=False)
-    text = comparison_markdown(table, trace.meta.name or "trace", live.policy, speed, latency)
+    problems = keep_up_problems(getattr(live, "replay", None), speed, latency)
+    text = comparison_markdown(table, trace.meta.name or "trace", live.policy, speed, latency,
+                               problems)
     (out / "comparison.md").write_text(text)
     logger.info("live summary:\n%s\nsimulated summary:\n%s", markdown_table(live_summary),
                 markdown_table(sim_summary))
@@ -482,7 +517,7 @@ def live_arguments(p: Any) -> None:
     p.add_argument("--policy", default=None,
                    help=f"policy spec for the daemon and the simulation (default: ratio; "
                         f"{QUICK_POLICY} with --quick)")
-    p.add_argument("--speed", type=positive, default=120.0,
+    p.add_argument("--speed", type=positive, default=60.0,
                    help="wasm_clock_speed and replay speed")
     p.add_argument("--out", type=Path, default=Path(".wasm-reclaim/live/report"),
                    help="output directory (results/live holds the README's copy)")
@@ -507,10 +542,15 @@ def live_command(a: Any) -> int:
     policy = a.policy or (QUICK_POLICY if a.quick else "ratio")
     run = run_live(trace, policy, a.speed, a.state, a.manager_arg, progress=sys.stderr.isatty())
     table = write_live_report(trace, run, a.out, a.speed)
-    print(comparison_markdown(table, trace.meta.name or "trace", policy, a.speed,
-                              run.auth_latency_s), end="")
+    print((a.out / "comparison.md").read_text(), end="")
     print(f"written to {a.out}/ (live), {a.out / 'sim'}/ (simulated), "
           f"{a.out / 'comparison.md'}; state in {run.state}")
+    problems = keep_up_problems(run.replay, a.speed, run.auth_latency_s)
+    if problems:
+        print(f"python -m scenarios live: this machine did not keep up at {a.speed:g}×: "
+              f"{'; '.join(problems)}; the comparison does not hold (try a lower --speed)",
+              file=sys.stderr)
+        return 1
     agree = agreement(table)
     if not agree["within"].all():
         print(f"python -m scenarios live: live and simulated differ beyond the bounds in "

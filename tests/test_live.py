@@ -115,3 +115,47 @@ def test_tiny_live_run_matches_what_was_sent_and_compares_with_the_simulation(
     metrics = set(summarize(sim.series, config, sim.policy)) - {"policy"}
     assert metrics <= set(table["metric"])
     assert table[["sim", "live", "diff"]].map(math.isfinite).all().all(), table
+
+
+def test_agreement_holds_within_the_bounds_only() -> None:
+    from scenarios.live import agreement
+
+    table = pd.DataFrame([
+        {"metric": "hit_rate", "sim": 0.86, "live": 0.85, "diff": -0.01},
+        {"metric": "auth_requests", "sim": 400.0, "live": 460.0, "diff": 60.0},
+        {"metric": "restarts", "sim": 1.0, "live": 1.0, "diff": 0.0},
+        {"metric": "instances", "sim": 1.0, "live": 9.0, "diff": 8.0},  # no bound: not judged
+    ])
+    got = agreement(table).set_index("metric")
+    assert list(got.index) == ["hit_rate", "auth_requests", "restarts"]
+    assert got.loc["hit_rate", "within"] and got.loc["restarts", "within"]
+    assert not got.loc["auth_requests", "within"]  # +15% > 10%
+    assert got.loc["auth_requests", "difference"] == pytest.approx(0.15)
+
+
+def test_a_machine_that_did_not_keep_up_is_named() -> None:
+    from scenarios.live import keep_up_problems, measured_auth_latency
+    from scenarios.replay import ReplaySummary
+
+    def summary(lag: float, status: dict[str, int], errors: int = 0) -> ReplaySummary:
+        return ReplaySummary(events=200, sent=100, status=status, errors=errors, latency_ms={},
+                             duration_s=1.0, rate=100.0, max_lag_s=lag, logins=10,
+                             auth_status={}, speed=60.0, target_rate=100.0)
+
+    assert keep_up_problems(summary(0.05, {"200": 100}), 60.0, 0.3) == []
+    lagged = keep_up_problems(summary(0.5, {"200": 100}), 60.0, 0.3)
+    assert len(lagged) == 1 and "30 s of trace time" in lagged[0]
+    failed = keep_up_problems(summary(0.05, {"200": 97, "503": 3}), 60.0, 0.3)
+    assert len(failed) == 1 and "3 of 100 requests failed" in failed[0]
+    slow = keep_up_problems(summary(0.05, {"200": 100}), 60.0, 12.0)
+    assert len(slow) == 1 and "200 ms of wall time" in slow[0]
+    calls = pd.DataFrame({"latency_ms": [100.0, 300.0, 9000.0],
+                          "outcome": ["ok", "ok", "timeout"]})
+    assert measured_auth_latency(calls) == pytest.approx(0.2)
+    assert measured_auth_latency(calls.iloc[:0]) is None
+
+
+def test_the_simulation_is_charged_the_measured_latency() -> None:
+    assert experiment_config(60.0).sim.auth_latency == 0.005
+    assert experiment_config(60.0, auth_latency=1.5).sim.auth_latency == 1.5
+    assert '"timeout_ms": 300000' in experiment_config(60.0).sim.plugin_configuration
