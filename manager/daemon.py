@@ -1076,7 +1076,10 @@ class Daemon:
             return DecisionOutcome(d, "already-applied",
                                    f"generation {d.generation} was restarted before")
         try:
-            result = await client.restart(inst.id, d.reason, self.config.requested_by)
+            # `mode=warm` asks for a warm restart; a cold policy leaves the proxy's
+            # wasm_restart_mode to decide.
+            mode = "warm" if self.params.restart_mode == "warm" else None
+            result = await client.restart(inst.id, d.reason, self.config.requested_by, mode)
         except AdminError as e:
             if e.in_doubt:
                 self.applied[key] = False

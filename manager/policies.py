@@ -130,8 +130,10 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
 
 
-RESTART_MODES: Final = ("cold",)
-"""How a policy's restarts are carried out. ``cold``: a fresh instance, the cache is dropped."""
+RESTART_MODES: Final = ("cold", "warm")
+"""How a policy's restarts are carried out. ``cold``: a fresh instance, the cache is dropped.
+``warm``: the new instance receives the old one's live cache, rebuilt from the proxy's journal
+(no auth call; the proxy runs it cold when that is unsafe, and its restart record says why)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -394,6 +394,17 @@ async def test_ratio_closed_loop_through_the_endpoint(store: Store, proxy: Proxy
 # ----------------------------------------------------------------------------------------------
 
 
+async def test_a_warm_policy_asks_for_warm_restarts(embedded: Store, proxy: Proxy) -> None:
+    embedded.write(series("a.example", 0, range(0, 2000, 10)))
+    async with daemon_for(embedded, proxy, "fixed:30m,mode=warm") as daemon:
+        report = await daemon.run_pass()
+        assert outcomes(report)[("a.example", 0)] == "restarted"
+        [record] = [r for r in embedded.decisions() if r["action"] == "restart"]
+        assert (record["admin_result"]["mode"], record["admin_result"]["fallback"]) == (
+            "warm", None)
+        assert proxy.generation("a.example") == 1
+
+
 async def test_a_lost_answer_is_not_restarted_twice(embedded: Store, proxy: Proxy,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     embedded.write(series("a.example", 0, range(0, 1900, 50)))

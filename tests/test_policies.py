@@ -614,6 +614,8 @@ def test_restarts_do_not_depend_on_how_samples_are_split_into_passes(
         )),
         ("oracle", OracleParams()),
         ("adaptive", AdaptiveParams()),
+        ("adaptive:mode=warm", AdaptiveParams(restart_mode="warm")),
+        ("fixed:30m,mode=warm", FixedParams(uptime_s=1800, restart_mode="warm")),
         ("adaptive:call_cost=3600,horizon=2h,budget=0.02,min_free=1,backoff=3,min_uptime=2,"
          "ttl_cap=5m,mode=cold", AdaptiveParams(
             call_cost_page_s=3600, horizon_s=7200, budget_share=0.02, min_free_pages=1,
@@ -643,7 +645,7 @@ def test_parse_policy(spec: str, expected: PolicyParams) -> None:
         ("threshold:lots", "is not a size"),
         ("none:5m", "expected key=value, got '5m'"),
         ("none:retry_after=1m,uptime=3m", "none takes retry_after, mode; not 'uptime'"),
-            ("fixed:1h,mode=lukewarm", "restart_mode must be one of cold"),
+            ("fixed:1h,mode=lukewarm", "restart_mode must be one of cold, warm"),
             ("adaptive:budget=0", "budget_share must be a positive number"),
         ("ratio:measure", "expected key=value"),
         ("ratio:ttl=10m", "ratio takes measure, ttl_cap"),
