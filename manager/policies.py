@@ -253,6 +253,11 @@ class AdaptiveParams(_Common):
       estimated extra calls of all restarts stay within ``budget_share`` of the instance's
       outbound calls (B3–B5).
 
+    With ``mode=warm`` a restart keeps the live cache (the proxy replays its journal), so it
+    causes no extra auth calls: C = 0, and the rule restarts whenever the other conditions hold
+    (enough surplus, N not rising, a ttl of uptime, by which the new generation's N counts
+    its own calls again).
+
     No measurement period and no unconditional first restart: k and the TTL start at the
     estimator's defaults and are refitted on every generation whose pages grew by at least
     ``estimator.min_growth_pages`` in its first ``estimator.measure_s`` (B7). Every parameter is
@@ -1103,6 +1108,8 @@ def adaptive_rule(
     required = np.minimum(floor + entries / k, pages)
     surplus = pages - required
     extra = np.minimum(entries, np.maximum(hits, 0.0))
+    if params.restart_mode == "warm":
+        extra = np.zeros_like(extra)  # a warm restart keeps the cache: it costs no auth call
     rising = entries > entries_before
     benefit = surplus * horizon
     cost = extra * params.call_cost_page_s

@@ -120,6 +120,15 @@ def filter_module(path: Path) -> FilterModule:
     return FilterModule.from_file(path)
 
 
+def policy_family(policy: str) -> str:
+    """A policy spec's family for tables and plots: its name (`fixed`, `threshold`, `none` …),
+    or `warm` for any policy whose restarts run warm (`…,mode=warm`, `adaptive:mode=warm`),
+    which must not join the cold sweeps and curves."""
+    name, _, rest = policy.partition(":")
+    options = {item.strip().lower() for item in rest.split(",")}
+    return "warm" if "mode=warm" in options else name.strip().lower()
+
+
 def run_in_worker(args: tuple[Path, str, ExperimentConfig]) -> PolicyRun:
     """`run_policy` on a trace file (what a worker process runs)."""
     trace_path, spec, config = args

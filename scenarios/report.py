@@ -7,7 +7,8 @@ Writes, for one trace, into its output directory:
 - `memory.png`: allocated, required (estimated and true) and surplus over time, restarts marked;
 - `hitrate.png`: cache hit rate over time;
 - `tradeoff.png`: mean surplus against extra auth-server requests, fixed and threshold sweeps as
-  lines, the offline-optimal frontier ("limit") when given, adaptive, ratio and oracle as points;
+  lines, the offline-optimal frontier ("limit") when given, adaptive, ratio and oracle as points,
+  and the policies whose restarts run warm (`mode=warm`) as their own points;
 - `rule.png`, `adaptive.png`: the ratio and adaptive rules at work on the busiest instance.
 """
 
@@ -21,7 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scenarios.experiment import ExperimentConfig, PolicyRun, summary_table, totals
+from scenarios.experiment import (
+    ExperimentConfig,
+    PolicyRun,
+    policy_family,
+    summary_table,
+    totals,
+)
 
 MIB = 2**20
 
@@ -183,7 +190,7 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str,
         shown = frontier[frontier["auth_vs_none"] <= max(top, 1.0) * 1.02]
         ax.plot(shown["mean_surplus_mib"], shown["auth_vs_none"], color="black", lw=1.2,
                 ls="--", marker=".", ms=4, label="limit (offline optimum)", zorder=1)
-    kind = summary["policy"].str.split(":").str[0]
+    kind = summary["policy"].map(policy_family)
     for family, color, marker in (("fixed", "tab:blue", "o"), ("threshold", "tab:orange", "s")):
         sweep = summary[kind == family].sort_values("mean_surplus_mib")
         if len(sweep):
@@ -199,6 +206,14 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str,
         if len(point):
             ax.plot(point["mean_surplus_mib"], point["auth_vs_none"], marker, color=color,
                     ms=12 if marker == "*" else 8, label=family, ls="none")
+    warm = summary[kind == "warm"]
+    if len(warm):
+        ax.plot(warm["mean_surplus_mib"], warm["auth_vs_none"], "^", color="tab:cyan", ms=9,
+                ls="none", label="warm restarts")
+        for _, row in warm.iterrows():
+            ax.annotate(row["policy"].replace(",mode=warm", "").replace(":mode=warm", ""),
+                        (row["mean_surplus_mib"], row["auth_vs_none"]), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points", color="tab:cyan")
     ax.set_xlabel("mean surplus [MiB] (true, all instances)")
     ax.set_ylabel("auth-server requests relative to none")
     ax.grid(alpha=0.25)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scenarios.experiment import policy_family
 from scenarios.limit import curve_at
 
 TARGETS = {"fixed_share": 0.5, "limit_multiple": 2.0, "auth_vs_none": 1.02}
@@ -45,7 +46,7 @@ def dominated_by(summary: pd.DataFrame, policy: str, tolerance: float = 1e-4) ->
     more surplus and no more auth calls, and less of one by more than ``tolerance`` (MiB, or
     the same share of none's calls).
     """
-    kind = summary["policy"].str.split(":").str[0]
+    kind = summary["policy"].map(policy_family)  # warm runs are no cold rival
     rivals = summary[kind.isin(["fixed", "threshold"])]
     s, a = (_value(summary, policy, c) for c in ("mean_surplus_mib", "auth_vs_none"))
     no_worse = ((rivals["mean_surplus_mib"] <= s + tolerance)
@@ -57,7 +58,7 @@ def dominated_by(summary: pd.DataFrame, policy: str, tolerance: float = 1e-4) ->
 
 def fixed_curve_at(summary: pd.DataFrame, auth_vs_none: float) -> float:
     """The fixed-interval curve's mean surplus at an auth cost (``none`` is its 1× end)."""
-    kind = summary["policy"].str.split(":").str[0]
+    kind = summary["policy"].map(policy_family)  # warm runs are no cold rival
     curve = summary[kind.isin(["fixed", "none"])]
     at = max(auth_vs_none, float(curve["auth_vs_none"].min()))
     return curve_at(curve["auth_vs_none"].to_numpy(), curve["mean_surplus_mib"].to_numpy(), at)

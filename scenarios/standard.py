@@ -33,6 +33,7 @@ from typing import Final
 
 import pandas as pd
 
+from manager.policies import parse_duration
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.eclog import (
     EClogConvertParams,
@@ -43,13 +44,20 @@ from scenarios.eclog import (
     read_eclog,
     write_eclog,
 )
-from scenarios.experiment import ExperimentConfig, PolicyRun, run_in_worker, with_sample_interval
+from scenarios.experiment import (
+    ExperimentConfig,
+    PolicyRun,
+    policy_family,
+    run_in_worker,
+    with_sample_interval,
+)
 from scenarios.fig4 import plot_fig4, run_fig4
 from scenarios.limit import LimitParams, frontier, frontier_table, instance_models
 from scenarios.plots import plot_eclog
 from scenarios.report import write_report
 from scenarios.robustness import robustness_markdown, robustness_table
 from scenarios.trace import Event, Trace, TraceMeta
+from scenarios.warm_table import warm_markdown, warm_table
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +246,16 @@ class _Pending:
 
 def _first_specs(scenario: Scenario, quick: bool) -> list[str]:
     fixed: Sequence[str] = scenario.fixed[:1] if quick else scenario.fixed
-    return ["none", "adaptive", "ratio", *fixed]
+    return ["none", "adaptive", "ratio", *fixed, *_warm_specs(scenario, quick)]
+
+
+def _warm_specs(scenario: Scenario, quick: bool) -> list[str]:
+    """Warm restarts beside the cold ones: `adaptive`, and (full runs) the shortest fixed
+    interval of the scenario's sweep."""
+    if quick:
+        return ["adaptive:mode=warm"]
+    shortest = min(scenario.fixed, key=lambda spec: parse_duration(spec.partition(":")[2]))
+    return ["adaptive:mode=warm", f"{shortest},mode=warm"]
 
 
 def _second_specs(scenario: Scenario, quick: bool, none: PolicyRun) -> list[str]:
@@ -313,10 +330,11 @@ def _report(p: _Pending, quick: bool) -> pd.DataFrame:
     order = [*_first_specs(scenario, quick)]
     order += [spec for spec in p.specs if spec not in order]
     runs = [p.runs[spec] for spec in order]
-    fixed = [spec for spec in order if spec.startswith("fixed:")]
+    fixed = [spec for spec in order if policy_family(spec) == "fixed"]
     thresholds = [spec for spec in order if spec.startswith("threshold:")]
     oracle = next(spec for spec in order if spec.startswith("oracle"))
-    main = ["none", *fixed[-2:], *thresholds[-1:], "ratio", "adaptive", oracle]
+    main = ["none", *fixed[-2:], *thresholds[-1:], "ratio", "adaptive", oracle,
+            *_warm_specs(scenario, quick)]
     trace = Trace.read_jsonl(p.trace_path)
     limit = limit_table(p.runs["none"], trace, scenario.ttl_s)
     limit.to_csv(p.out / "limit.csv", index=False)
@@ -360,6 +378,11 @@ def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
         name = "robustness-holdout" if holdout else "robustness"
         table.to_csv(out / f"{name}.csv", index=False)
         (out / f"{name}.md").write_text(robustness_markdown(table))
+    warm = warm_table(summaries)
+    if len(warm):
+        name = "warm-holdout" if holdout else "warm"
+        warm.to_csv(out / f"{name}.csv", index=False)
+        (out / f"{name}.md").write_text(warm_markdown(warm))
     names = {s.name for s in scenarios}
     if "week" in names:
         # One generated EClog-format day, the sale day of the week: requests and active tokens.

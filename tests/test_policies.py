@@ -748,6 +748,24 @@ def test_adaptive_without_budget_does_not_restart() -> None:
     assert not [d for d in made if d.action == "restart"]
 
 
+def test_warm_adaptive_restarts_where_cold_adaptive_would_not() -> None:
+    # A cache too valuable to drop cold (many hits on live entries) is no cost to a warm restart.
+    def a(x: float) -> np.ndarray:
+        return np.array([x], dtype=np.float64)
+
+    common = dict(uptime=a(700.0), pages=a(40.0), entries=a(600.0), entries_before=a(600.0),
+                  hits=a(5000.0), floor=2.0, k=32.0, ttl=600.0, horizon=1000.0, spent=0.0,
+                  outbound_total=1000.0)
+    cold = adaptive_rule(**common, params=ADAPTIVE)  # type: ignore[arg-type]
+    warm = adaptive_rule(**common, params=dataclasses.replace(  # type: ignore[arg-type]
+        ADAPTIVE, restart_mode="warm"))
+    assert not bool(cold.restart[0]) and float(cold.extra_calls[0]) == 600.0
+    assert bool(warm.restart[0]) and float(warm.extra_calls[0]) == 0.0
+    rising = adaptive_rule(**{**common, "entries_before": a(500.0)}, params=dataclasses.replace(  # type: ignore[arg-type]
+        ADAPTIVE, restart_mode="warm"))
+    assert not bool(rising.restart[0])  # still not while the cache refills
+
+
 def _adaptive_state(params: AdaptiveParams, samples: pd.DataFrame) -> pd.DataFrame:
     _, state = run(params, [samples])
     return state_frame(state)

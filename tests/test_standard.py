@@ -61,6 +61,20 @@ def test_robustness_table_of_the_shaped_traces(results) -> None:
     assert (out / "eclog" / "two-sales.png").stat().st_size > 0
 
 
+def test_warm_restarts_keep_none_s_auth_calls_and_hit_rate(results) -> None:
+    out, summaries = results
+    table = pd.read_csv(out / "warm.csv")
+    assert list(table["trace"]) == ["basic", "week", "two-sales"]
+    assert set(table["policy"]) == {"adaptive:mode=warm"}
+    for _, row in table.iterrows():
+        summary = summaries[row["trace"]].set_index("policy")
+        assert row["auth_vs_none"] == pytest.approx(1.0)  # no auth call from any restart
+        assert abs(row["hit_rate_vs_none_points"]) <= 0.1
+        assert summary.loc["adaptive:mode=warm", "auth_requests"] == summary.loc[
+            "none", "auth_requests"]
+    assert "meets every target" in (out / "warm.md").read_text()
+
+
 def test_the_default_set_holds_varied_shapes_and_two_ttls() -> None:
     default = chosen()
     names = [s.name for s in default]
