@@ -266,7 +266,7 @@ class DaemonConfig:
 def decision_record(d: Decision) -> dict[str, Any]:
     """``d.to_record()``, built without ``dataclasses.asdict`` (8× faster; same keys and values)."""
     record: dict[str, Any] = {name: getattr(d, name) for name in _DECISION_FIELDS}
-    for name in ("required", "surplus", "baseline"):
+    for name in ("required", "surplus", "baseline", "true_required", "true_surplus"):
         pages = record[f"{name}_pages"]
         record[f"{name}_bytes"] = None if pages is None else pages * d.page_bytes
     return record

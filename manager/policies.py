@@ -101,11 +101,15 @@ class Decision:
     ttl_s: float | None = None
     k: float | None = None
     live_bytes: float | None = None  #: ground truth, oracle only
+    #: the truth (oracle only): what a fresh instance would allocate, and the rest; never in
+    #: ``required_pages``/``surplus_pages``, which hold estimates (SPEC §10)
+    true_required_pages: float | None = None
+    true_surplus_pages: float | None = None
 
     def to_record(self) -> dict[str, object]:
         """A flat dict for the ``decisions`` collection (adds required/surplus/baseline bytes)."""
         record = dataclasses.asdict(self)
-        for name in ("required", "surplus", "baseline"):
+        for name in ("required", "surplus", "baseline", "true_required", "true_surplus"):
             pages = getattr(self, f"{name}_pages")
             record[f"{name}_bytes"] = None if pages is None else pages * self.page_bytes
         return record
@@ -114,7 +118,8 @@ class Decision:
 def decisions_frame(decisions: Iterable[Decision]) -> pd.DataFrame:
     """Decisions as a DataFrame, one row each, columns of :meth:`Decision.to_record`."""
     columns = [f.name for f in dataclasses.fields(Decision)] + [
-        "required_bytes", "surplus_bytes", "baseline_bytes",
+        "required_bytes", "surplus_bytes", "baseline_bytes", "true_required_bytes",
+        "true_surplus_bytes",
     ]
     return pd.DataFrame([d.to_record() for d in decisions], columns=columns)
 
@@ -337,7 +342,7 @@ class Slots:
     first_seen: FloatArray  #: first sample of this generation the policy saw
     last_time: FloatArray  #: latest sample seen (−inf before the first)
     asked_at: FloatArray  #: sample time of our restart decision for this generation (NaN: none)
-    base: FloatArray  #: ratio: pages at the generation's first sample (A5); oracle: bytes
+    first_pages: FloatArray  #: pages at the generation's first sample (A5), every policy
     measure_end: FloatArray  #: ratio: end of the measurement period (A11)
     falling: BoolArray  #: ratio: required was falling at the latest sample
     learned: BoolArray
@@ -705,14 +710,15 @@ def _enter(
     """Start new generations at rows ``firsts``: per-generation state starts afresh (A6, A11)."""
     at = rows.slot[firsts]
     time = rows.time[firsts]
-    base = rows.allocated_bytes[firsts] if isinstance(params, OracleParams) else rows.pages[firsts]
+    first_pages = rows.pages[firsts]
     measure_end = time + (params.estimator.measure_s if isinstance(params, RatioParams) else 0.0)
     if isinstance(params, AdaptiveParams):
         slots = _adaptive_enter(params, slots, rows, firsts)
-        base = np.fmin(slots.base[at], base)  # a fresh instance's pages: the least seen (B1)
+        # a fresh instance's pages: the least seen (B1)
+        first_pages = np.fmin(slots.first_pages[at], first_pages)
     slots = slots.updated(
         at, generation=rows.generation[firsts], started_at=rows.started_at[firsts],
-        first_seen=time, last_time=-math.inf, asked_at=math.nan, base=base,
+        first_seen=time, last_time=-math.inf, asked_at=math.nan, first_pages=first_pages,
         measure_end=measure_end, falling=False,
     )
     history = history.without(at)
@@ -812,7 +818,8 @@ def _learn(
         started_at = float(slots.started_at[slot])
         fit = fit_growth(t, o, p, started_at, est)
         b = baseline_from_entries(
-            measurement_entries(t, o, started_at, fit, est), float(slots.base[slot]), fit.k, est
+            measurement_entries(t, o, started_at, fit, est), float(slots.first_pages[slot]),
+            fit.k, est,
         )
         for name, value in (
             ("k", fit.k), ("k_seen", fit.k_seen), ("ttl", fit.ttl), ("ttl_seen", fit.ttl_seen),
@@ -880,7 +887,7 @@ def _ratio(
     if len(firsts):
         slots = _learn(params, slots, history, slot[firsts], rows.time[firsts])
 
-    k, ttl, base = slots.k[slot], slots.ttl[slot], slots.base[slot]
+    k, ttl, base = slots.k[slot], slots.ttl[slot], slots.first_pages[slot]
     baseline = base + slots.baseline_entries[slot] / k
     # O is 0 before the generation's first point; P is clamped to its first value (A6).
     outbound_of, pages_of = history.lookups(slot, ("outbound", 0.0), ("pages", None))
@@ -986,7 +993,7 @@ def _oracle(
     history = history.append(slot, rows.time, {"live": live})
     (live_of,) = history.lookups(slot, ("live", None))
     live_before = live_of(rows.time - params.window_s)
-    fresh = slots.base[slot] + live  # what a fresh instance would allocate
+    fresh = slots.first_pages[slot] * WASM_PAGE_BYTES + live  # what a fresh one would allocate
     reclaimable = rows.allocated_bytes - fresh
     with np.errstate(invalid="ignore"):
         restart = (
@@ -996,8 +1003,8 @@ def _oracle(
         )
     inputs = {
         "live_bytes": live,
-        "required_pages": fresh / WASM_PAGE_BYTES,
-        "surplus_pages": reclaimable / WASM_PAGE_BYTES,
+        "true_required_pages": fresh / WASM_PAGE_BYTES,
+        "true_surplus_pages": reclaimable / WASM_PAGE_BYTES,
     }
 
     def one(live: float, before: float, reclaimable: float, restart: bool) -> str:
@@ -1173,7 +1180,7 @@ def _adaptive(
     hits = (requests_of(rows.time) - requests_of(rows.time - ttl)) - entries
     a = adaptive_rule(
         uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
-        hits=hits, floor=slots.base[slot], k=k, ttl=ttl, horizon=slots.horizon[slot],
+        hits=hits, floor=slots.first_pages[slot], k=k, ttl=ttl, horizon=slots.horizon[slot],
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
         params=params,
     )

@@ -212,7 +212,7 @@ def test_ratio_keeps_what_it_learned_across_generations() -> None:
     )
     row = state_frame(state).loc["a"]
     assert bool(row["learned"]) and row["baseline_entries"] == pytest.approx(252.5)
-    assert row["generation"] == 1 and row["base"] == 6  # per generation
+    assert row["generation"] == 1 and row["first_pages"] == 6  # per generation
     last = decisions[1][-1]
     assert last.baseline_pages == pytest.approx(6 + 25.25)
     # N restarted with the generation: all 100 calls since the start, nothing from generation 0
@@ -346,8 +346,9 @@ def test_closed_loop_oracle_restarts_when_the_cache_is_small() -> None:
     made, _ = closed_loop(OracleParams(), sale_traffic(), 1500)
     (restart,) = [d for d in made if d.action == "restart"]
     assert restart.time > 900
-    assert restart.live_bytes is not None and restart.surplus_pages is not None
-    assert restart.surplus_pages * 65536 >= restart.live_bytes
+    assert restart.live_bytes is not None and restart.true_surplus_pages is not None
+    assert restart.surplus_pages is None  # the truth never goes in the estimate's fields
+    assert restart.true_surplus_pages * 65536 >= restart.live_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,7 +797,7 @@ def test_adaptive_floor_is_the_least_first_sample() -> None:
     params = AdaptiveParams()
     samples = frame([("a", 0, 10.0, 0.0, 3, 0), ("a", 1, 20.0, 15.0, 5, 100),
                      ("a", 2, 30.0, 25.0, 4, 50)])
-    assert _adaptive_state(params, samples).loc["a", "base"] == 3
+    assert _adaptive_state(params, samples).loc["a", "first_pages"] == 3
 
 
 def test_adaptive_never_reads_ground_truth() -> None:

@@ -133,7 +133,7 @@ class AuthCallRecord(NamedTuple):
     path: str
     status: int | None
     """HTTP status, or None when the call failed or timed out."""
-    outcome: Literal["ok", "timeout", "error", "late"]
+    outcome: Literal["ok", "timeout", "error"]
     latency_s: float
 
 
@@ -933,7 +933,7 @@ class Host:
             logger.debug("late or unknown response for call %d of %s gen %d ignored",
                          call_id, vm.instance_id, vm.generation)
             return
-        outcome: Literal["ok", "timeout", "error", "late"] = (
+        outcome: Literal["ok", "timeout", "error"] = (
             "timeout" if timed_out else "error" if response is None else "ok"
         )
         self.events.on_auth_call(AuthCallRecord(
