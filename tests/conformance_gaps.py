@@ -35,6 +35,10 @@ GAPS: list[Gap] = [
     Gap("G3", "the filter's log lines are rate-limited as one kind: the 6th line within 10 s "
               "is dropped",
         lambda test, sdk, p: test == "test_logs_reach_the_proxy_log"),
+    Gap("G4", "a streamed HTTP/1 body whose filter pauses a chunk is cut short: the held chunk "
+              "goes out as an empty chunk, which ends a chunked body",
+        lambda test, sdk, p: test in ("test_streamed_request_body",
+                                      "test_streamed_response_body")),
 ]
 
 

@@ -32,6 +32,7 @@ SDKS = ("rust", "go", "as")
 UPSTREAM_BODY = b"upstream-body"
 CALL_BODY = b"pong"
 STALL_SECONDS = 30
+BIG_BODY = bytes(range(256)) * 1024  # 256 KiB, above the proxy's stream_large_bodies (64k)
 
 _built: dict[str, Path] = {}
 
@@ -88,6 +89,8 @@ class Recorder:
                                    for k, v in request.raw_headers], body))
         if request.path.startswith("/stall"):  # an upstream that does not answer in time
             await asyncio.sleep(STALL_SECONDS)
+        if request.path.startswith("/big"):  # a body that mitmproxy streams
+            return web.Response(body=BIG_BODY, headers=self.headers)
         return web.Response(body=self.body, headers=self.headers)
 
     def matching(self, predicate: Callable[[Seen], bool]) -> list[Seen]:
@@ -218,6 +221,7 @@ def proxy(sdk: str, run_dir: Path, options: dict[str, str] | None = None,
             "wasm_deadline_ms": "2000",
             "keep_host_header": "true",
             "flow_detail": "0",
+            "stream_large_bodies": "64k",
             **(options or {}),
         }
         sets = [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]

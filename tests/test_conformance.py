@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from .conformance_h2 import h2_request
-from .conformance_stack import CALL_BODY, SDKS, UPSTREAM_BODY, Proxy, proxy
+from .conformance_stack import BIG_BODY, CALL_BODY, SDKS, UPSTREAM_BODY, Proxy, proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.conformance]
 
@@ -392,3 +392,32 @@ def test_h2_outbound_call_from_trailers(conf_h2: Proxy, phase: str) -> None:
         assert dict(seen.trailers).get("x-conf-call-result") == result
     else:
         assert r.trailer("x-conf-call-result") == result
+
+
+# --------------------------------------------------------------------------------------------
+# Bodies that mitmproxy streams (stream_large_bodies) go to the filter chunk by chunk
+# --------------------------------------------------------------------------------------------
+
+
+def test_streamed_request_body(conf: Proxy) -> None:
+    tag = uid()
+    r = send(conf, "POST", "/streamed", BIG_BODY, x_conf_id=tag, x_conf_body="1")
+    assert r.status_code == 200, r.text
+    [seen] = conf.upstream.with_header("x-conf-id", tag)
+    # The filter paused every chunk until the end of the stream and appended to the last one.
+    assert seen.body == BIG_BODY + f"|{conf.sdk}".encode()
+    seq = r.headers["x-conf-seq"].split(",")
+    bodies = [s for s in seq if s.startswith("request_body:")]
+    assert len(bodies) >= 2, seq  # chunk by chunk
+    assert all(b.endswith(":0") for b in bodies[:-1]) and bodies[-1].endswith(":1"), seq
+
+
+def test_streamed_response_body(conf: Proxy) -> None:
+    tag = uid()
+    r = send(conf, "GET", "/big", x_conf_body="1", x_conf_tag=tag)
+    assert r.status_code == 200, r.text
+    assert r.content == BIG_BODY + f"|{conf.sdk}".encode()
+    seq = on_log(conf, tag).split(" ")[0].removeprefix("seq=").split(",")
+    bodies = [s for s in seq if s.startswith("response_body:")]
+    assert len(bodies) >= 2, seq  # chunk by chunk
+    assert all(b.endswith(":0") for b in bodies[:-1]) and bodies[-1].endswith(":1"), seq
