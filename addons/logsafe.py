@@ -58,23 +58,29 @@ class OneLine(logging.Filter):
 
 
 class RateLimit(logging.Filter):
-    """At most `burst` lines per kind (the unformatted message) every `period_s` seconds.
+    """At most `burst` lines per kind every `period_s` seconds.
 
-    When a period in which lines were held back is over, the next line of that kind says how
-    many were suppressed. `clock` is injectable for tests.
+    A kind is the unformatted message (`"refused %s"`), or with `by_text` the formatted line:
+    for a logger whose lines share one format (a filter's own log), so that only repeats of
+    the same line are held back. When a period in which lines were held back is over, the next
+    line of that kind says how many were suppressed. `clock` is injectable for tests.
     """
 
+    MAX_KINDS = 4096
+
     def __init__(self, burst: int = 5, period_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, by_text: bool = False) -> None:
         super().__init__()
         self.burst = burst
         self.period_s = period_s
         self.clock = clock
+        self.by_text = by_text
         self._windows: dict[tuple[str, int, str], list[float]] = {}
         """(logger, level, message) → [window start, lines in window, suppressed]."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno,
+               record.getMessage() if self.by_text else str(record.msg))
         now = self.clock()
         window = self._windows.get(key)
         if window is None or now - window[0] >= self.period_s:
@@ -82,6 +88,8 @@ class RateLimit(logging.Filter):
             self._windows[key] = [now, 1, 0]
             if len(self._windows) > 1024:  # kinds are few; forget old ones if not
                 self._forget(now)
+                if len(self._windows) > self.MAX_KINDS:  # a flood of distinct lines
+                    self._windows = {key: self._windows[key]}
             if suppressed:
                 record.msg = f"{record.getMessage()} ({suppressed} similar lines suppressed)"
                 record.args = ()
@@ -98,7 +106,7 @@ class RateLimit(logging.Filter):
 
 
 def install(names: Iterable[str], *filters: logging.Filter) -> None:
-    """Add `filters` to each named logger, once (calling it again adds nothing)."""
+    """Add `filters` to each named logger, once per type (calling it again adds nothing)."""
     for name in names:
         target = logging.getLogger(name)
         for f in filters:

@@ -695,8 +695,9 @@ class WasmAuth:
             return
         self._running = True
         # What clients make us log (refusals, failed auth calls) is rate-limited.
-        install([logger.name, "addons.proxywasm.calls", "addons.proxywasm.host",
-                 "wasm_reclaim.guest"], RateLimit())
+        install([logger.name, "addons.proxywasm.calls", "addons.proxywasm.host"], RateLimit())
+        # A filter's lines share one format: only repeats of the same line are held back.
+        install(["wasm_reclaim.guest"], RateLimit(by_text=True))
         self._show_comment_column()
         await self._start_services()
 

@@ -32,9 +32,6 @@ GAPS: list[Gap] = [
     Gap("G2", "a body paused with trailers to come never reaches the trailers callback "
               "(HTTP/2 streams with trailers hang)",
         lambda test, sdk, p: test.startswith("test_h2_")),
-    Gap("G3", "the filter's log lines are rate-limited as one kind: the 6th line within 10 s "
-              "is dropped",
-        lambda test, sdk, p: test == "test_logs_reach_the_proxy_log"),
     Gap("G4", "a streamed HTTP/1 body whose filter pauses a chunk is cut short: the held chunk "
               "goes out as an empty chunk, which ends a chunked body",
         lambda test, sdk, p: test in ("test_streamed_request_body",

@@ -120,3 +120,11 @@ async def test_a_crash_is_logged_once_and_guest_text_stays_on_its_line(tmp_path,
         assert any("client said:\\n[00:00:00.000] FORGED" in r.getMessage()
                    for r in caplog.records)
         await addon.done()
+
+
+def test_rate_limit_by_text_holds_back_only_repeats_of_one_line() -> None:
+    limit = RateLimit(burst=2, period_s=10, clock=lambda: 0.0, by_text=True)
+    distinct = [limit.filter(_record("[%s] %s", "shop", f"line {i}")) for i in range(8)]
+    assert distinct == [True] * 8  # one format, eight lines: all of them
+    same = [limit.filter(_record("[%s] %s", "shop", "again")) for _ in range(5)]
+    assert same == [True, True, False, False, False]
