@@ -463,19 +463,21 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
 
 
 def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: int
-                  ) -> Callable[[bytes], bytes]:
+                  ) -> Callable[[bytes], list[bytes]]:
     """The `stream` callable that gives a streamed body to the filter chunk by chunk.
 
     mitmproxy calls it with each chunk, and with b"" at the end of the body (after any
     trailers arrived). A paused chunk is held back and given again with the next one, up to
-    `limit` bytes (then released as if the filter continued).
+    `limit` bytes (then released as if the filter continued). It returns the chunks to send
+    now: none (an empty list, never b"", which mitmproxy would send as an empty chunk, and an
+    empty chunk ends an HTTP/1 chunked body), or one.
     """
     held = bytearray()
 
-    def chunk(data: bytes) -> bytes:
+    def chunk(data: bytes) -> list[bytes]:
         stream = ex.stream
         if stream is None or ex.reset or ex.local is not None:
-            return b""  # the stream was answered or reset: the rest of the body is dropped
+            return []  # the stream was answered or reset: the rest of the body is dropped
         end = not data
         held.extend(data)
         message = flow.request if request else flow.response
@@ -489,17 +491,17 @@ def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: in
             out = body if body is not None else buf
         if d is None and not end and len(out) <= limit:
             held[:] = out  # StopIterationAndBuffer: hold, give it again with the next chunk
-            return b""
+            return []
         held.clear()
         if d is not None and d.action == "respond" and d.response is not None:
             if request:
                 ex.local = d.response
             else:
                 ex.reset = True
-            return b""
+            return []
         if d is not None and d.action == "reset":
             ex.reset = True
-            return b""
-        return out
+            return []
+        return [out] if out else []
 
     return chunk
