@@ -639,7 +639,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=count, default=None, help="processes (default: cores)")
     p.add_argument("--sample-interval", type=positive, default=5.0,
                    help="seconds between samples")
-    p.add_argument("--decision-interval", type=positive, default=30.0,
+    p.add_argument("--decision-interval", type=positive, default=60.0,
                    help="seconds between manager passes")
     p.add_argument("--auth-latency", type=non_negative, default=0.005, help="auth answer delay, s")
     p.add_argument("--title", default="", help="plot and table title (default: trace name)")

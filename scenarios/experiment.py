@@ -55,7 +55,9 @@ class ExperimentConfig:
     """How every policy of an experiment runs and is judged."""
 
     sim: SimConfig = field(default_factory=lambda: SimConfig(sample_interval=5.0,
-                                                             decision_interval=30.0))
+                                                             decision_interval=60.0))
+    """Samples every 5 s; the manager's pass every 60 s (its trend window, and how long it waits
+    before asking again for a restart: shorter passes only cost time in a simulation)."""
     host_memory_mib: float = 1024.0
     """Host memory for 'instances that fit' (SPEC §7)."""
     hit_window_s: float = 300.0
