@@ -95,14 +95,21 @@ class Schedule:
 
 def cache_entries(events: pd.DataFrame, ttl: float, instance_of: dict[str, str]) -> pd.DataFrame:
     """Every cache entry the filter would make without restarts: columns instance, created,
-    last_hit (= created without hits) and ended (expiry or logout), in seconds of trace.
+    last_hit (= created without hits), ended (expiry or logout) and hits (the hit times, a
+    tuple), in seconds of trace.
 
     Replays the filter's rules on ``events`` (time, kind, token, host; sorted by time): a request
     whose token has no unexpired entry creates one for ``ttl``; a logout evicts it.
     ``instance_of`` maps a host to its filter instance.
     """
-    entry: dict[tuple[str, str], list[float]] = {}  # (instance, token) → [created, expires, last]
-    rows: list[tuple[str, float, float, float]] = []
+    # (instance, token) → [created, expires, hit times]
+    entry: dict[tuple[str, str], tuple[float, float, list[float]]] = {}
+    rows: list[tuple[str, float, float, float, tuple[float, ...]]] = []
+
+    def close(inst: str, e: tuple[float, float, list[float]], end: float) -> None:
+        hits = e[2]
+        rows.append((inst, e[0], hits[-1] if hits else e[0], end, tuple(hits)))
+
     for t, kind, token, host in zip(events["time"].tolist(), events["kind"].tolist(),
                                     events["token"].tolist(), events["host"].tolist(),
                                     strict=True):
@@ -113,17 +120,18 @@ def cache_entries(events: pd.DataFrame, ttl: float, instance_of: dict[str, str])
         e = entry.get(key)
         if kind == "logout":
             if e is not None:
-                rows.append((inst, e[0], e[2], min(t, e[1])))
+                close(inst, e, min(t, e[1]))
                 del entry[key]
             continue
         if e is not None and t < e[1]:
-            e[2] = t
+            e[2].append(t)
             continue
         if e is not None:
-            rows.append((inst, e[0], e[2], e[1]))
-        entry[key] = [t, t + ttl, t]
-    rows.extend((inst, e[0], e[2], e[1]) for (inst, _), e in entry.items())
-    return pd.DataFrame(rows, columns=["instance", "created", "last_hit", "ended"])
+            close(inst, e, e[1])
+        entry[key] = (t, t + ttl, [])
+    for (inst, _), e in entry.items():
+        close(inst, e, e[1])
+    return pd.DataFrame(rows, columns=["instance", "created", "last_hit", "ended", "hits"])
 
 
 def instance_models(none_series: pd.DataFrame, trace: Trace, params: LimitParams,
@@ -167,31 +175,51 @@ def instance_models(none_series: pd.DataFrame, trace: Trace, params: LimitParams
                  - np.searchsorted(np.sort(ended), time, side="right"))
         ok = (count > 0) & (live > 0)
         entry_bytes = float(np.median(live[ok] / count[ok])) if ok.any() else 0.0
-        dropped_max, dropped_mean = _dropped(at, params, last, ended, entry_bytes)
+        dropped_max, dropped_mean = _dropped(at, params, created, ended, mine["hits"].tolist(),
+                                             entry_bytes)
         models.append(InstanceModel(str(instance), t0, params.grid_s, live_max, live_mean,
                                     busy, dropped_max, dropped_mean, offset, rho))
     return models
 
 
-def _dropped(at: FloatArray, params: LimitParams, last: FloatArray, ended: FloatArray,
-             entry_bytes: float) -> tuple[FloatArray, FloatArray]:
-    """Bytes of the entries live at each restart time ``at[i]`` with no hit after it, still live
-    at the start (and the middle) of cell i + o, o = 0 … ⌈ttl/grid⌉."""
+def _dropped(at: FloatArray, params: LimitParams, created: FloatArray, ended: FloatArray,
+             hits: list[tuple[float, ...]], entry_bytes: float) -> tuple[FloatArray, FloatArray]:
+    """Bytes of the entries a restart at ``at[i]`` drops that are still missing from the new
+    generation at the start (and the middle) of cell i + o, o = 0 … ⌈ttl/grid⌉, though the
+    ``none`` run still holds them: live at the restart, they come back only at their token's
+    next request (a hit in ``none``), if before they would have expired."""
     width = math.ceil(params.ttl_s / params.grid_s) + 1
-    order = np.argsort(last, kind="stable")
-    last, ended = last[order], ended[order]
-    lo = np.searchsorted(last, at - params.ttl_s, side="right")
-    hi = np.searchsorted(last, at, side="right")
+    t0 = float(at[0]) if len(at) else 0.0
+    order = np.argsort(created, kind="stable")
+    created, ended = created[order], ended[order]
+    hits = [hits[j] for j in order.tolist()]
+    # All hits flat, keyed by (entry, time): one searchsorted finds each entry's next hit.
+    span = float(max(ended.max(initial=0.0), at.max(initial=0.0)) - t0) + 2.0 * params.ttl_s + 1.0
+    owner = np.repeat(np.arange(len(hits)), [len(h) for h in hits])
+    flat = np.array([x for h in hits for x in h], dtype=np.float64)
+    keys = owner * span + (flat - t0)
+    ends = np.cumsum([len(h) for h in hits])
+    by_end = np.sort(ended)
     starts = at[:, None] + params.grid_s * np.arange(width)[None, :]
     dmax = np.zeros((len(at), width))
     dmean = np.zeros((len(at), width))
-    for i in range(len(at)):
-        e = ended[lo[i]:hi[i]]
-        e = e[e > at[i]]
-        if len(e):
-            e = np.sort(e)
-            dmax[i] = len(e) - np.searchsorted(e, starts[i], side="right")
-            dmean[i] = len(e) - np.searchsorted(e, starts[i] + params.grid_s / 2, side="right")
+    for i, t in enumerate(at.tolist()):
+        # Entries live at t: created ≤ t < ended (created within a ttl before t).
+        lo = int(np.searchsorted(created, t - params.ttl_s, side="right"))
+        hi = int(np.searchsorted(created, t, side="right"))
+        if hi <= lo or not (by_end > t).any():
+            continue
+        idx = np.arange(lo, hi)
+        idx = idx[ended[idx] > t]
+        if not len(idx):
+            continue
+        pos = np.searchsorted(keys, idx * span + (t - t0), side="right")
+        has_next = pos < ends[idx]
+        next_hit = np.where(has_next, flat[np.minimum(pos, len(flat) - 1)] if len(flat) else 0.0,
+                            np.inf)
+        back = np.sort(np.minimum(next_hit, ended[idx]))
+        dmax[i] = len(back) - np.searchsorted(back, starts[i], side="right")
+        dmean[i] = len(back) - np.searchsorted(back, starts[i] + params.grid_s / 2, side="right")
     return dmax * entry_bytes, dmean * entry_bytes
 
 
