@@ -120,19 +120,35 @@ def test_errors_logged_while_starting_are_warnings(harness, caplog) -> None:
 
 
 def go_filter() -> Path:
-    """Build tests/go/tiny with standard Go (cached by source hash)."""
+    """Build tests/go/tiny with standard Go (cached by source hash and Go version).
+
+    A missing or too old Go fails the test with one line saying so (never a silent skip).
+    """
     go = shutil.which("go")
     if go is None:
-        pytest.skip("Go >= 1.24 is not installed: the Go wasip1 filter cannot be built")
-    source = (GO_FILTER / "main.go").read_bytes() + (GO_FILTER / "go.mod").read_bytes()
+        pytest.fail("go not found: install Go >= 1.24 to build the Go wasip1 filter",
+                    pytrace=False)
+    version = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True,
+                             check=False).stdout.strip()
+    numbers = version.removeprefix("go").split(".")
+    if not (len(numbers) >= 2 and numbers[0].isdigit() and numbers[1].isdigit()
+            and (int(numbers[0]), int(numbers[1])) >= (1, 24)):
+        pytest.fail(f"{version or 'go'} is older than go1.24 (go:wasmexport needs Go >= 1.24)",
+                    pytrace=False)
+    source = (GO_FILTER / "main.go").read_bytes() + (GO_FILTER / "go.mod").read_bytes() + (
+        version.encode())
     cache = Path.home() / ".cache" / "wasm-reclaim" / "go-tiny"
     out = cache / f"{hashlib.sha256(source).hexdigest()[:16]}.wasm"
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "GOOS": "wasip1", "GOARCH": "wasm", "GOFLAGS": "-mod=mod"}
         tmp = out.with_suffix(".tmp")
-        subprocess.run([go, "build", "-buildmode=c-shared", "-o", str(tmp), "."],
-                       cwd=GO_FILTER, env=env, check=True, capture_output=True, timeout=600)
+        built = subprocess.run([go, "build", "-trimpath", "-buildmode=c-shared", "-o", str(tmp),
+                                "."], cwd=GO_FILTER, env=env, capture_output=True, text=True,
+                               timeout=600, check=False)
+        if built.returncode:
+            first = (built.stderr.strip().splitlines() or ["no output"])[0]
+            pytest.fail(f"go build of tests/go/tiny failed: {first}", pytrace=False)
         tmp.replace(out)
     return out
 
