@@ -27,7 +27,8 @@ give it again with the next chunk, so the filter sees the body accumulate; the e
 releases whatever is held, whatever the filter answers, because mitmproxy cannot keep a
 streamed message waiting. A local response from a streamed request body replaces the upstream's
 answer (the rest of the body is dropped); a local response from a streamed response body, whose
-headers already left, resets the stream instead.
+headers already left, resets the stream instead. As in Envoy, a local response sent from a
+request phase then runs through the response callbacks (`proxy_on_response_headers`, …).
 """
 
 from __future__ import annotations
@@ -408,6 +409,7 @@ async def streamed_response_headers(
     response = flow.response
     assert stream is not None and response is not None
     if ex.local is not None or ex.reset:
+        response.stream = False  # replaced or reset in the response hook: nothing leaves now
         return
     ex.response_streamed = True
     d = await wait(stream, stream.response_headers(response_pairs(response), False))
@@ -428,7 +430,11 @@ async def streamed_response_headers(
 
 async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[str]) -> None:
     """The `response` hook: a buffered response's headers, body and trailers, or a streamed
-    one's trailers; a local response decided while the request streamed replaces it."""
+    one's trailers; a local response decided while the request streamed replaces it.
+
+    A local response from a request phase goes through these callbacks too, as Envoy sends a
+    filter's local reply through its response callbacks; one from a response phase ends them.
+    """
     stream = ex.stream
     if stream is None:
         return
@@ -436,8 +442,8 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
         kill(flow)
         return
     if ex.local is not None and not ex.response_streamed:
-        flow.response = local_response(ex.local)
-        return
+        flow.response = local_response(ex.local)  # decided while the request streamed
+        ex.local = None
     response = flow.response
     assert response is not None
     trailers = response.trailers

@@ -1052,7 +1052,8 @@ class WasmAuth:
         decision = stream.request_headers(request_pairs(request, req.authority), end_of_stream)
         if decision is None:
             decision = await lifecycle.wait(stream, decision)
-        keep = self._lifecycle and decision.action == "continue"
+        # As in Envoy, a local response goes through the response callbacks too.
+        keep = self._lifecycle and decision.action != "reset"
         if not keep:
             stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000

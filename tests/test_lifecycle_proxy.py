@@ -436,3 +436,33 @@ async def test_stopping_ends_open_streams_and_keeps_their_records(tmp_path) -> N
         assert len(docs) == 1 and docs[0]["status"] is None
         addon.metrics = None
         await addon.done()
+
+
+DENY_THEN_DECORATE = trampolines("proxy_send_local_response", "proxy_add_header_map_value") + """
+  (data (i32.const 1000) "x-resp")
+  (data (i32.const 1010) "seen")
+  (data (i32.const 1020) "denied")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+      (i32.const 1020) (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0)))
+    (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1000) (i32.const 6) (i32.const 1010) (i32.const 4)))
+    (i32.const 0))
+"""
+
+
+async def test_a_local_response_goes_through_the_response_callbacks(tmp_path) -> None:
+    # As in Envoy: a filter's local reply runs through its response callbacks.
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, DENY_THEN_DECORATE)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        await addon.request(f)
+        assert f.response is not None and f.response.status_code == 403
+        await run_hook(addon.response(f))  # mitmproxy runs it for a local response too
+        assert f.response.status_code == 403 and f.response.content == b"denied"
+        assert f.response.headers["x-resp"] == "seen"
+        assert not addon._open
+        await addon.done()
