@@ -355,20 +355,47 @@ def _act(flow: http.HTTPFlow, decision: Decision) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-async def request_rest(flow: http.HTTPFlow, stream: Stream, exports: frozenset[str]) -> None:
-    """A buffered request after its headers continued: its body, then its trailers."""
+Step = Callable[[], "Decision | None"]
+
+
+async def run_phases(stream: Stream, steps: list[Step]) -> Decision | None:
+    """Run a buffered message's phases in order; the decision that counts.
+
+    As in Envoy, a phase that pauses does not hold back the next one: a paused headers
+    callback still gets the body, and a body paused with trailers to come still gets the
+    trailers; a later phase that continues lifts the pause. Only the last phase's pause is
+    waited out. A local response or a reset ends the chain. Phases whose callback the filter
+    does not export are not steps, so they never lift a pause. None: there were no steps.
+    """
+    decision: Decision | None = None
+    last = len(steps) - 1
+    for i, step in enumerate(steps):
+        decision = step()
+        if decision is None and i == last:
+            decision = await wait(stream, None)
+        if decision is not None and decision.action != "continue":
+            return decision
+    return decision
+
+
+def request_steps(flow: http.HTTPFlow, stream: Stream, exports: frozenset[str]) -> list[Step]:
+    """The phases of a buffered request after its headers: its body, then its trailers."""
     request = flow.request
     body = request.raw_content or b""
     trailers = request.trailers
+    steps: list[Step] = []
     if body and "proxy_on_request_body" in exports:
-        d = await wait(stream, stream.request_body(body, not trailers))
-        if _act(flow, d):
-            return
+        steps.append(lambda: stream.request_body(body, not trailers))
     if trailers and "proxy_on_request_trailers" in exports:
-        d = await wait(stream, stream.request_trailers(list(trailers.fields)))
-        if _act(flow, d):
-            return
-    _apply_request(flow, stream, streamed=False)
+        fields = list(trailers.fields)
+        steps.append(lambda: stream.request_trailers(fields))
+    return steps
+
+
+def apply_request(flow: http.HTTPFlow, stream: Stream, decision: Decision) -> None:
+    """A buffered request's phases ended: carry out what the filter decided and changed."""
+    if not _act(flow, decision):
+        _apply_request(flow, stream, streamed=False)
 
 
 def streamed_request_headers_continued(
@@ -447,25 +474,23 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
     response = flow.response
     assert response is not None
     trailers = response.trailers
+    steps: list[Step] = []
     if not ex.response_streamed:
         body = response.raw_content or b""
         if "proxy_on_response_headers" in exports:
-            d = await wait(stream, stream.response_headers(
-                response_pairs(response), not body and not trailers))
-            if _act(flow, d):
-                return
+            pairs = response_pairs(response)
+            steps.append(lambda: stream.response_headers(pairs, not body and not trailers))
         if body and "proxy_on_response_body" in exports:
-            d = await wait(stream, stream.response_body(body, not trailers))
-            if _act(flow, d):
-                return
+            steps.append(lambda: stream.response_body(body, not trailers))
     if trailers and "proxy_on_response_trailers" in exports:
-        d = await wait(stream, stream.response_trailers(list(trailers.fields)))
-        if d.action == "reset" or (ex.response_streamed and d.action == "respond"):
-            kill(flow)
-            return
-        if _act(flow, d):
-            return
-    _apply_response(flow, stream, streamed=ex.response_streamed)
+        fields = list(trailers.fields)
+        steps.append(lambda: stream.response_trailers(fields))
+    d = await run_phases(stream, steps)
+    if d is not None and ex.response_streamed and d.action != "continue":
+        kill(flow)  # the headers already left: a local response can only reset
+        return
+    if d is None or not _act(flow, d):
+        _apply_response(flow, stream, streamed=ex.response_streamed)
 
 
 def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: int

@@ -1049,7 +1049,14 @@ class WasmAuth:
             stream.attributes = lifecycle.flow_attributes(flow)
         request = flow.request
         end_of_stream = not streamed and not request.raw_content and not request.trailers
-        decision = stream.request_headers(request_pairs(request, req.authority), end_of_stream)
+        pairs = request_pairs(request, req.authority)
+        rest = (lifecycle.request_steps(flow, stream, self._exports)
+                if self._lifecycle and not streamed else [])
+        if rest:
+            decision = await lifecycle.run_phases(
+                stream, [lambda: stream.request_headers(pairs, end_of_stream), *rest])
+        else:
+            decision = stream.request_headers(pairs, end_of_stream)
         if decision is None:
             decision = await lifecycle.wait(stream, decision)
         # As in Envoy, a local response goes through the response callbacks too.
@@ -1088,12 +1095,9 @@ class WasmAuth:
         if keep or record is not None:
             ex = lifecycle.Exchange(stream if keep else None, record)
             self._open[flow.id] = ex
-            if keep:
-                if streamed:
-                    lifecycle.streamed_request_headers_continued(
-                        flow, ex, self._exports, self._stream_limit)
-                else:
-                    await lifecycle.request_rest(flow, stream, self._exports)
+            if keep and streamed and decision.action == "continue":
+                lifecycle.streamed_request_headers_continued(
+                    flow, ex, self._exports, self._stream_limit)
 
     @staticmethod
     def _live_entries(inst: Any) -> int | None:
@@ -1107,6 +1111,8 @@ class WasmAuth:
             flow.response = lifecycle.local_response(decision.response)
         elif decision.action == "reset":
             flow.kill()
+        elif stream is not None and not streamed:
+            lifecycle.apply_request(flow, stream, decision)  # headers, body, trailers
         elif stream is None and decision.modified:
             lifecycle.apply_request_headers(flow.request, decision.request_headers)
             lifecycle.keep_framing(flow.request, streamed)

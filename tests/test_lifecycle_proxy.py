@@ -8,6 +8,7 @@ header on the response, prepends to the response body, and logs on_log, on_done 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -464,5 +465,40 @@ async def test_a_local_response_goes_through_the_response_callbacks(tmp_path) ->
         await run_hook(addon.response(f))  # mitmproxy runs it for a local response too
         assert f.response.status_code == 403 and f.response.content == b"denied"
         assert f.response.headers["x-resp"] == "seen"
+        assert not addon._open
+        await addon.done()
+
+
+PAUSE_UNTIL_END = REWRITER.replace(
+    """    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 0))""",
+    """    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 1))""") + """
+  (func (export "proxy_on_request_trailers") (param i32 i32) (result i32) (i32.const 0))
+"""
+PAUSE_UNTIL_END = PAUSE_UNTIL_END.replace(
+    """    (if (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))))
+    (i32.const 0))""",
+    """    (if (result i32) (local.get $eos) (then
+      (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))
+      (i32.const 0)) (else (i32.const 1))))""")
+
+
+async def test_a_paused_phase_does_not_hold_back_the_next_one(tmp_path) -> None:
+    # As in Envoy: paused response headers still get the body (whose Continue lifts the
+    # pause), and a request body paused with trailers to come still gets the trailers.
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, PAUSE_UNTIL_END)),
+                       **base_options(tmp_path))
+        f = tflow.tflow()
+        f.request.http_version = "HTTP/2.0"
+        f.request.trailers = http.Headers([(b"x-t", b"1")])
+        await asyncio.wait_for(addon.request(f), 5)  # body paused (eos false), trailers go on
+        assert f.response is None and f.request.path == "/rewritten"
+        f.response = tflow.tresp(content=b"answer")
+        await asyncio.wait_for(run_hook(addon.response(f)), 5)  # headers paused, body continues
+        assert f.response.status_code == 201 and f.response.raw_content == b"wasm:answer"
         assert not addon._open
         await addon.done()
