@@ -450,3 +450,27 @@ def test_proc_exit_traps_with_its_code(harness) -> None:
     h = with_all(harness, (W, "proc_exit"))
     with pytest.raises(GuestTrap, match=r"proc_exit\(3\)"):
         h.call("proc_exit", 3)
+
+
+def test_distinct_guest_lines_are_distinct_log_kinds(harness, caplog) -> None:
+    # The proxy rate-limits each kind of log line (addons.logsafe.RateLimit counts records by
+    # their message); a filter's distinct lines must not count as one kind.
+    from addons.logsafe import RateLimit
+
+    h = with_all(harness, "proxy_log")
+    limit = RateLimit(burst=2, period_s=60, clock=lambda: 0.0)
+    logger = logging.getLogger("wasm_reclaim.guest")
+    logger.addFilter(limit)
+    try:
+        with caplog.at_level(logging.INFO, logger="wasm_reclaim.guest"):
+            for i in range(6):
+                ptr, n = h.put(1024, f"line {i}".encode())
+                h.call("proxy_log", 2, ptr, n)
+            for _ in range(4):
+                ptr, n = h.put(1024, b"same")
+                h.call("proxy_log", 2, ptr, n)
+    finally:
+        logger.removeFilter(limit)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [ln for ln in lines if "line" in ln] == [f"[t gen 0] line {i}" for i in range(6)]
+    assert sum("same" in ln for ln in lines) == 2  # repeats of one line are held back

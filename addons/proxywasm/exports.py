@@ -58,11 +58,15 @@ def proxy_log(vm: Vm, level: int, ptr: int, size: int) -> int:
         py_level = logging.WARNING  # a start-up message, not an error of the proxy's start
     if guest_logger.isEnabledFor(py_level):
         data = vm.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
-        guest_logger.log(
-            py_level, "[%s gen %d] %s", vm.instance_id, vm.generation,
-            escape(data, MAX_LOG_MESSAGE),
-        )
+        _guest_line(vm, py_level, escape(data, MAX_LOG_MESSAGE))
     return Status.OK
+
+
+def _guest_line(vm: Vm, level: int, text: str) -> None:
+    """One line of the filter's log. The record's message is the line itself (no arguments),
+    so a rate limit on the logger holds back repeats of one line, not every line of a filter
+    (Envoy logs every proxy_log call)."""
+    guest_logger.log(level, f"[{vm.instance_id} gen {vm.generation}] {text}")
 
 
 def proxy_get_log_level(vm: Vm, ret_level: int) -> int:
@@ -576,8 +580,7 @@ def fd_write(vm: Vm, fd: int, iovs: int, iovs_len: int, ret_written: int) -> int
     level = logging.INFO if fd == 1 else logging.WARNING if vm.starting else logging.ERROR
     text = data[:MAX_LOG_MESSAGE].decode("utf-8", "surrogateescape").rstrip("\n")
     for line in text.split("\n") if text else ():  # each line under the instance's prefix
-        guest_logger.log(level, "[%s gen %d] %s", vm.instance_id, vm.generation,
-                         escape(line, MAX_LOG_MESSAGE))
+        _guest_line(vm, level, escape(line, MAX_LOG_MESSAGE))
     vm.write_u32(ret_written, len(data))
     return WasiErrno.SUCCESS
 
