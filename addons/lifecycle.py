@@ -365,16 +365,25 @@ async def run_phases(stream: Stream, steps: list[Step]) -> Decision | None:
     callback still gets the body, and a body paused with trailers to come still gets the
     trailers; a later phase that continues lifts the pause. Only the last phase's pause is
     waited out. A local response or a reset ends the chain. Phases whose callback the filter
-    does not export are not steps, so they never lift a pause. None: there were no steps.
+    does not export are not steps, so they never lift a pause. One deviation, for safety: a
+    pause while the filter's outbound call is in flight (a filter pausing its headers to ask
+    an auth service) holds until that call is answered, even if a later phase continued.
+    None: there were no steps.
     """
     decision: Decision | None = None
     last = len(steps) - 1
+    paused = False
     for i, step in enumerate(steps):
         decision = step()
-        if decision is None and i == last:
+        if decision is None:
+            if i < last:
+                paused = True
+                continue
             decision = await wait(stream, None)
-        if decision is not None and decision.action != "continue":
+        if decision.action != "continue":
             return decision
+    if paused and decision is not None and stream.hold_for_calls():
+        decision = await wait(stream, None)
     return decision
 
 

@@ -294,3 +294,34 @@ def test_a_paused_phase_times_out_from_its_own_start(rec) -> None:
     h.clock.advance(30)
     h.host.poll()
     assert decided and decided[0].error and "never resumed" in decided[0].error
+
+
+CALL_IN_HEADERS = CALL_FROM_RESPONSE.replace(
+    '(func (export "proxy_on_response_headers")', '(func (export "proxy_on_request_headers")'
+).replace(
+    """  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $proxy_set_effective_context (global.get $ctx)))
+    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1200) (i32.const 8) (i32.const 1210) (i32.const 3)))
+    (drop (call $proxy_continue_stream (i32.const 1))))""",
+    """  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) (i32.const 0))""")
+
+
+async def test_a_continued_body_holds_while_the_headers_call_is_in_flight(harness) -> None:
+    import asyncio
+
+    from addons.lifecycle import run_phases
+
+    h = harness(module(CALL_IN_HEADERS))
+    stream = h.instance.stream()
+    task = asyncio.ensure_future(run_phases(stream, [
+        lambda: stream.request_headers(HEADERS, False),  # pauses on its auth-like call
+        lambda: stream.request_body(b"hello", True),  # continues, as an SDK's default does
+    ]))
+    await asyncio.sleep(0)
+    assert not task.done() and len(h.calls) == 1  # held: the call is not answered yet
+    h.clock.set_ns(h.host.next_event_ns())
+    h.host.poll()  # the answer arrives; nothing else holds the stream
+    decision = await asyncio.wait_for(task, 5)
+    assert decision.action == "continue"
+    stream.close()

@@ -172,8 +172,8 @@ class Stream:
     filter changed is in `ctx` (header maps, bodies; `ctx.dirty` says which) until `close()`.
     """
 
-    __slots__ = ("attributes", "ctx", "decision", "entry", "failed_calls", "instance", "last",
-                 "on_decision", "phase_ns", "started_ns", "vm", "waiting")
+    __slots__ = ("after_calls", "attributes", "ctx", "decision", "entry", "failed_calls",
+                 "instance", "last", "on_decision", "phase_ns", "started_ns", "vm", "waiting")
 
     def __init__(self, instance: FilterInstance, vm: Vm | None) -> None:
         self.instance = instance
@@ -189,6 +189,8 @@ class Stream:
         self.started_ns = 0
         self.phase_ns = 0
         """When the latest phase began (a paused phase fails after `stream_timeout_s`)."""
+        self.after_calls = False
+        """Held until the stream's outbound calls are answered, then continued."""
         self.entry: Entry | None = None
         """This request as the journal records it (None when nothing is journaled)."""
         self.attributes: Attributes | None = None
@@ -313,7 +315,7 @@ class Stream:
             kind: Literal["continue", "respond", "reset"] = "respond"
         elif ctx.closed:
             kind = "reset"
-        elif action == Action.CONTINUE or ctx.resumed:
+        elif action == Action.CONTINUE or ctx.resumed or (self.after_calls and not ctx.calls):
             kind = "continue"
         else:
             return
@@ -349,9 +351,22 @@ class Stream:
         self._decide(decision)
         return decision
 
+    def hold_for_calls(self) -> bool:
+        """Hold a continued phase while the stream's outbound calls are pending: it continues
+        once they are answered, unless the filter decides otherwise meanwhile. False if no
+        call is pending (nothing to hold)."""
+        ctx = self.ctx
+        if ctx is None or not ctx.calls or self.vm is None or self.vm.closed:
+            return False
+        self.waiting = True
+        self.after_calls = True
+        self.phase_ns = self.instance.host.clock.now_ns()
+        return True
+
     def _decide(self, decision: Decision) -> None:
         if self.waiting:
             self.waiting = False
+            self.after_calls = False
             self.last = decision
             if self.decision is None:
                 self.decision = decision
