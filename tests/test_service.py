@@ -58,6 +58,8 @@ async def test_a_broken_service_is_a_one_line_options_error(tmp_path) -> None:
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"\0asm garbage")
     addon = WasmAuth()
-    with taddons.context(addon) as tctx, pytest.raises(
-            exceptions.OptionsError, match=r"^wasm_service: .*bad\.wasm: not a valid"):
-        tctx.configure(addon, wasm_service=[str(bad)], **options(tmp_path))
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **options(tmp_path))
+        with pytest.raises(exceptions.OptionsError,
+                           match=r"^wasm_service: .*bad\.wasm: not a valid"):
+            tctx.configure(addon, wasm_service=[str(bad)])
