@@ -9,6 +9,7 @@ managers against one store: only the lease holder acts, and the standby takes ov
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -40,6 +41,38 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 90.0,
         time.sleep(0.3)
     tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def stop_processes_using(path: Path) -> None:
+    """SIGTERM every process of ours whose command line names `path` (a SIGKILLed proxy's
+    shipper outlives it), and wait for them."""
+    me = os.getuid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != me:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if str(path).encode() in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    def running(pid: int) -> bool:
+        try:
+            return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if running(p)]
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -147,6 +180,7 @@ def test_three_proxies_behind_haproxy_one_manager(
         dead = fleet.proxies[2]
         dead.process.send_signal(signal.SIGKILL)
         dead.process.wait(10)
+        exits.callback(stop_processes_using, tmp_path / dead.proxy_id)  # its orphan shipper
         restarted_before = {(d["proxy"], d["generation_before"]) for d in
                             db.restarts.find({"requested_by": "manager:threshold"})}
         statuses = login_and_get(fleet.auth, fleet.balancer, "big.example",
