@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import stat
@@ -69,6 +70,18 @@ def wait_for_paths(store: str, wanted: set[str], timeout: float = 60) -> set[str
             break
         time.sleep(0.3)
     return got
+
+
+def spooled(spool: Path) -> set[str]:
+    """The paths of the `requests` documents in the spool's ready segments."""
+    found = set()
+    for segment in spool.glob("seg-*.jsonl"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in segment.read_text().splitlines():
+                record = json.loads(line)
+                if record["c"] == st.REQUESTS:
+                    found.add(record["d"]["path"])
+    return found
 
 
 @pytest.fixture
@@ -162,7 +175,10 @@ def test_the_shipper_exits_when_mitmdump_is_killed(tmp_path: Path, mongo_db: str
         wanted = {f"/before-kill/{i}" for i in range(20)}
         for path in sorted(wanted):
             assert get(s, path, token).status_code == 200
-        time.sleep(1.5)  # the addon spools every 0.5 s
+        deadline = time.monotonic() + 60  # the addon spools every 0.5 s: wait until it did
+        while time.monotonic() < deadline and not wanted <= spooled(s.spool) | set(
+                paths(mongo_db)):
+            time.sleep(0.2)
         s.proxy_process.send_signal(signal.SIGKILL)
         s.proxy_process.wait()
         gone = wait_gone(shipper, 30)

@@ -308,14 +308,17 @@ Request = tuple[str, dict[str, str]]  # path, headers
 async def drive(base: str, make: Callable[[int], Request], *, rate: float,
                 duration: float | None = None, count: int | None = None,
                 expect: tuple[int, ...] = (200,), stop_event: asyncio.Event | None = None,
-                progress: Progress | None = None, timeout: float = 15.0,
-                into: Load | None = None) -> Load:
+                progress: Progress | None = None, timeout: float = 30.0,
+                into: Load | None = None, concurrency: int = 32) -> Load:
     """Send `make(i)` at `rate` per second, for `duration` seconds or `count` requests (or until
-    `stop_event`), without waiting for answers before sending the next; returns what came back.
+    `stop_event`), without waiting for answers before sending the next, but with at most
+    `concurrency` in flight (a slower proxy gets a lower rate, not a queue of timeouts);
+    returns what came back.
     """
     load = into or Load()
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     tasks: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
 
         async def one(path: str, headers: dict[str, str]) -> None:
@@ -327,6 +330,8 @@ async def drive(base: str, make: Callable[[int], Request], *, rate: float,
                 load.errors[type(e).__name__] += 1
                 load.failed.append(path)
                 return
+            finally:
+                slots.release()
             now = time.monotonic()
             load.statuses[r.status_code] += 1
             load.answered[path] = now
@@ -348,6 +353,7 @@ async def drive(base: str, make: Callable[[int], Request], *, rate: float,
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            await slots.acquire()
             path, headers = make(i)
             task = asyncio.create_task(one(path, headers))
             tasks.add(task)

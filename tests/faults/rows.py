@@ -62,7 +62,7 @@ class Plan:
 
     @classmethod
     def full(cls, rate: float) -> Plan:
-        return cls(False, rate, 60.0, 50, 100_000, 600.0, 10_000, 3_000, 5_000, 10.0)
+        return cls(False, rate, 60.0, 50, 100_000, 240.0, 10_000, 3_000, 3_000, 10.0)
 
     @classmethod
     def short(cls, rate: float) -> Plan:
@@ -143,6 +143,7 @@ def poison(ctx: Context, embedded: bool) -> Row:
     n = 20 if ctx.plan.quick else 100
     with stack(where / "stack", store) as live:
         token = live.login("poison")
+        _warm(live, token)
         raw = b"GET /poison/caf\xe9?q=\xff HTTP/1.1\r\nHost: shop.example\r\n\r\n"
         first = asyncio.run(raw_request(live.port, raw))
         load = asyncio.run(drive(live.proxy, _token_request(token, "poison/after"),
@@ -162,7 +163,8 @@ def poison(ctx: Context, embedded: bool) -> Row:
     return Row(f"poison document (non-UTF-8 path), {'embedded store' if embedded else 'FerretDB'}",
                _pct(len(load.failed), load.sent), _pct(len(missing), len(load.answered)),
                "yes" if not load.failed else "no",
-               f"raw request answered {first}; the poison document {fate}"
+               f"raw request answered {first}; the poison document {fate}; others: "
+               f"{load.summary()}"
                + ("; the stop ended with 'metrics not all delivered'" if undelivered else ""),
                ok)
 
