@@ -2,7 +2,8 @@
 
 - `t`rap: `unreachable`;
 - `l`oop: an endless loop (the host's deadline must cut it);
-- `g`row: `memory.grow` until it fails at the cap, then carry on as if nothing happened;
+- `g`row: `memory.grow` a page at a time until it fails at the cap, then carry on as if
+  nothing happened;
 - anything else, or no header: continue, no outbound call.
 """
 
@@ -27,7 +28,7 @@ FAULT_FILTER = module("""
     (if (i32.eq (local.get $mode) (i32.const 116)) (then unreachable))          ;; 't'rap
     (if (i32.eq (local.get $mode) (i32.const 108)) (then (loop $l (br $l))))   ;; 'l'oop
     (if (i32.eq (local.get $mode) (i32.const 103))                             ;; 'g'row
-      (then (loop $g (br_if $g (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))))
+      (then (loop $g (br_if $g (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))))
     (i32.const 0))
   (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
 """)
