@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = Row(name, "?", "?", "?", f"the row could not run: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", False)
             rows.append(row)
-            progress.say(("ok" if row.ok else "FAILS") + f": {row.notes}", force=True)
+            progress.say("| " + " | ".join(row.cells()) + " |", force=True)
     text = table(rows)
     print(text)
     print(f"\n{len(rows)} rows in {time.monotonic() - started:.0f} s on {os.cpu_count()} cores; "
