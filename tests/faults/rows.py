@@ -115,6 +115,11 @@ def _filter_errors(store: str) -> int:
     return len(read_docs(store, st.REQUESTS, {"decision": 1}, {"decision": "error"}))
 
 
+def _trips(log: str) -> int:
+    """Deadline trips the host logged ("… interrupted after its deadline …")."""
+    return sum(1 for ln in log.splitlines() if "interrupted" in ln and "deadline" in ln)
+
+
 def _outcomes(store: str) -> dict[str, int]:
     """Auth calls by outcome (`ok`, `timeout`, `error`)."""
     return dict(Counter(str(d.get("outcome"))
@@ -602,6 +607,7 @@ def fuzzed_headers(ctx: Context) -> Row:
                           headers={"Host": GOOD_HOST, "Authorization": f"Bearer {token}"})
         live.stop_clean()
         counts = log_counts(live.log_text())
+        trips = _trips(live.log_text())
     docs = read_docs(store, st.REQUESTS, {"path": 1, "decision": 1})
     paths = {str(d.get("path")) for d in docs}
     errors = sum(1 for d in docs if d.get("decision") == "error")
@@ -612,14 +618,14 @@ def fuzzed_headers(ctx: Context) -> Row:
     top = ", ".join(f"{n:,} × {s}" for s, n in statuses.most_common(6))
     ctx.progress.say(f"{plan.fuzz_sets:,} header sets into the host directly", force=True)
     direct, direct_errors, direct_s = fuzz_host(plan.fuzz_sets)
-    ok = (probe.status_code == 200 and not missing and errors == 0 and direct_errors == 0
+    ok = (probe.status_code == 200 and not missing and trips == 0 and direct_errors == 0
           and counts["tracebacks"] == 0)
     budget = " (time budget reached)" if sent < plan.fuzz_sets else ""
     return Row(f"fuzzed headers ({sent:,} sets through mitmdump in {took:.0f} s{budget}; "
                f"{plan.fuzz_sets:,} into the host)", _pct(no_answer, sent),
                _pct(len(missing), len(through_addon)),
                "yes" if probe.status_code == 200 else f"no ({probe.status_code})",
-               f"through mitmdump: {top}, {errors} answered 5xx by the filter, "
+               f"through mitmdump: {top}, {errors} answered 5xx by the filter, {trips} deadline trips, "
                f"{counts['tracebacks']} tracebacks in the log; into the host directly: "
                f"{dict(direct)}, {direct_errors} filter errors, {direct_s:.0f} s", ok)
 
@@ -788,7 +794,7 @@ def false_trips(ctx: Context) -> Row:
     errors = sum(1 for d in docs if d.get("decision") == "error")
     missing = lost(load, paths)
     drop(store)
-    trips = sum(1 for ln in log.splitlines() if "interrupted" in ln and "deadline" in ln)
+    trips = _trips(log)
     lat = list(load.latency_s.values())
     return Row(f"healthy filter, 3 busy processes on {os.cpu_count()} cores "
                f"({plan.trip_requests:,} requests)", _pct(len(load.failed), load.sent),
