@@ -25,13 +25,6 @@ class Gap:
 
 
 GAPS: list[Gap] = [
-    Gap("G1", "a paused proxy_on_response_headers withholds the body from proxy_on_response_body "
-              "(Envoy still calls it)",
-        lambda test, sdk, p: test in ("test_local_response", "test_outbound_call")
-        and p.get("phase") == "response_body"),
-    Gap("G2", "a body paused with trailers to come never reaches the trailers callback "
-              "(HTTP/2 streams with trailers hang)",
-        lambda test, sdk, p: test.startswith("test_h2_")),
 ]
 
 
