@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import replace
 from datetime import date
 
@@ -254,15 +253,14 @@ WEEK = EClogGenParams(days=7, requests_per_hour=2000, seed=7)
 
 @pytest.fixture(scope="module")
 def week() -> tuple[pd.DataFrame, float]:
-    t0 = time.perf_counter()
-    df = generate_eclog(WEEK)
-    return df, time.perf_counter() - t0
+    return generate_eclog(WEEK), 0.0
 
 
-def test_generator_is_fast(week) -> None:
-    df, seconds = week
+def test_generator_makes_a_week_of_traffic(week) -> None:
+    # Its speed is a benchmark figure (tests/bench/replay.py), never a timed assertion here.
+    df, _ = week
     assert len(df) > 300_000
-    assert seconds < 5.0  # about 0.5 s on 2 cores
+    assert df["_t"].max() < WEEK.days * 86400
 
 
 def test_generator_rate_per_hour(week) -> None:

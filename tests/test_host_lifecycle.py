@@ -6,8 +6,6 @@ a clear error, decide the request by the fail policy, and leave the host working
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import wasmtime
 
@@ -304,12 +302,9 @@ def test_trap_fails_every_stream_waiting_on_that_generation() -> None:
 def test_looping_filter_is_interrupted_by_its_deadline() -> None:
     host, _ = make_host(limits=Limits(deadline_ms=100))
     inst = host.instance("shop")
-    t0 = time.perf_counter()
-    d = inst.stream().request_headers([(b"x-mode", b"loop")])
-    elapsed = time.perf_counter() - t0
+    d = inst.stream().request_headers([(b"x-mode", b"loop")])  # returns: the deadline fired
     assert d is not None and d.response is not None and d.response.status == 503
     assert d.error is not None and "interrupted" in d.error
-    assert elapsed < 5  # it returned at all: the deadline fired (just bench measures how fast)
     assert inst.stream().request_headers([(b"x-mode", b"hit")]) is not None
 
 

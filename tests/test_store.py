@@ -188,17 +188,13 @@ def test_the_embedded_store_reads_what_insert_new_wrote(tmp_path: Path) -> None:
     st.close_store(db)
 
 
-def test_embedded_recovery_of_a_large_batch_is_fast(tmp_path: Path) -> None:
-    """A shipper restarted after a crash re-delivers a batch: montydb alone would compare
-    every stored key with every new one (minutes); this takes well under a second."""
-    import time
-
+def test_embedded_recovery_of_a_large_batch_inserts_only_the_new_half(tmp_path: Path) -> None:
+    """A shipper restarted after a crash re-delivers a batch: only the new half is inserted.
+    (How fast is a benchmark figure: tests/bench/store.py.)"""
     db = st.open_store(str(tmp_path / "store"))
     docs = [sample("a", float(t)) | {"_id": f"id-{t}"} for t in range(10_000)]
     st.insert_new(db, st.SAMPLES, [dict(d) for d in docs[:5_000]])
-    start = time.perf_counter()
     assert st.insert_new(db, st.SAMPLES, [dict(d) for d in docs]) == st.Delivery(5_000, 5_000)
-    assert time.perf_counter() - start < 5.0
     assert db.samples.count_documents({}) == 10_000
     st.close_store(db)
 
