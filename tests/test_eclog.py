@@ -257,7 +257,7 @@ def week() -> tuple[pd.DataFrame, float]:
 
 
 def test_generator_makes_a_week_of_traffic(week) -> None:
-    # Its speed is a benchmark figure (tests/bench/replay.py), never a timed assertion here.
+    # No timed assertion: unit tests check behaviour, benchmarks measure speed.
     df, _ = week
     assert len(df) > 300_000
     assert df["_t"].max() < WEEK.days * 86400
