@@ -436,10 +436,12 @@ def test_cli_basic_and_info(tmp_path, capsys) -> None:
     ("argv", "message"),
     [
         (["info", "missing.jsonl"], "info: error: missing.jsonl: No such file or directory"),
-        (["basic", "--out", "x.jsonl", "--count", "0"], "basic: error: basic: count must be >= 1"),
+        (["basic", "--out", "x.jsonl", "--count", "0"],
+         "basic: error: argument --count: must be at least 1, got '0'"),
         (["basic"], "error: the following arguments are required: --out"),
         (["nope"], "error: argument COMMAND: invalid choice"),
-        (["basic", "--out", "x", "--count", "many"], "error: argument --count: invalid int value"),
+        (["basic", "--out", "x", "--count", "many"],
+         "error: argument --count: 'many' is not a whole number"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message) -> None:
