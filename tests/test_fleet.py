@@ -136,13 +136,27 @@ def test_three_proxies_behind_haproxy_one_manager(
         # Traffic through the balancer: a busy site and a quiet one, on every proxy.
         statuses = login_and_get(fleet.auth, fleet.balancer, "big.example",
                                  [f"big{i}" for i in range(240)])
-        statuses += login_and_get(fleet.auth, fleet.balancer, "small.example",
-                                  [f"small{i}" for i in range(3)])
+        # The quiet site on every proxy: round robin sends 3 requests to 3 proxies unless a
+        # health check has just taken one out of rotation (a busy machine), so send rounds of 3
+        # until every proxy has an instance of it.
+        for round_ in range(10):
+            statuses += login_and_get(fleet.auth, fleet.balancer, "small.example",
+                                      [f"small{round_}-{i}" for i in range(3)])
+            time.sleep(1.0)  # a sample interval and the shipper's delivery
+            if all(any(d["proxy"] == p for d in db.samples.find(
+                    {"instance": "small.example"}, {"proxy": 1})) for p in ids):
+                break
         assert set(statuses) == {200}
-        served = wait_until("samples of both sites on every proxy", lambda: (
-            b := latest_bytes(db),
-            b if {(p, h) for p in ids for h in ("big.example", "small.example")} <= set(b)
-            else None)[1])
+        wanted = {(p, h) for p in ids for h in ("big.example", "small.example")}
+        try:
+            served = wait_until("samples of both sites on every proxy", lambda: (
+                b := latest_bytes(db), b if wanted <= set(b) else None)[1])
+        except AssertionError as e:
+            raise AssertionError(f"{e}; missing {sorted(wanted - set(latest_bytes(db)))}; "
+                                 f"haproxy: {(tmp_path / 'haproxy.log').read_text()[-2000:]}"
+                                 if (tmp_path / "haproxy.log").exists() else
+                                 f"{e}; missing {sorted(wanted - set(latest_bytes(db)))}"
+                                 ) from None
         big = min(v for (_, h), v in served.items() if h == "big.example")
         small = max(v for (_, h), v in served.items() if h == "small.example")
         assert big > small, served  # 80 cache entries per proxy against 1
