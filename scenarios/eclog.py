@@ -2,9 +2,10 @@
 
 EClog (Chodak, Suchacka and Chawla 2020) is a CSV of the requests that an online store served
 over 183 days from 1 December 2019, at 1-second resolution. The dataset cannot be downloaded
-here and its exact header could not be confirmed, so every column name lives in ONE place,
-:class:`EClogColumns`, whose defaults are our unverified recollection of the header and which
-users override (``--columns time=TimeStamp,user=UserId`` or a JSON file).
+here; its ten columns, as public scripts that read it give them, are
+``IpId,UserId,TimeStamp,HttpMethod,Uri,HttpVersion,ResponseCode,Bytes,Referrer,UserAgent``.
+Every column name lives in ONE place, :class:`EClogColumns`, whose defaults are that header
+and which users override (``--columns time=TimeStamp,user=UserId`` or a JSON file).
 
 Three parts, each a plain function:
 
@@ -22,9 +23,11 @@ Three parts, each a plain function:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
@@ -48,13 +51,14 @@ class EClogError(ScenarioError):
 
 @dataclass(frozen=True)
 class EClogColumns:
-    """CSV header name of each EClog field (defaults: our UNVERIFIED recollection).
+    """CSV header name of each EClog field (defaults: the published header).
 
     Fields: ``ip`` (anonymised client address id), ``user`` (customer id, empty or ``0`` for
     visitors who are not logged in), ``time`` (ISO-8601, epoch seconds, or Apache
     ``01/Dec/2019:00:00:03 +0100``), ``method``, ``uri`` (path and query, or an absolute URL),
     ``version``, ``status``, ``bytes``, ``referrer``, ``user_agent``. Only ``time``, ``uri`` and
-    one of ``user``/``ip`` must be present in a file; missing optional columns are filled.
+    one of ``user``/``ip`` must be in a file's header; optional columns it lacks are filled. Every
+    row has every column of its header: a short row is an error (:func:`read_eclog`).
     """
 
     ip: str = "IpId"
@@ -144,25 +148,36 @@ def read_eclog(
     chunksize: int = 250_000,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Read an EClog CSV (a path or a seekable text buffer) into the :data:`NORMALISED` columns.
+    """Read an EClog CSV (a path or a text buffer) into the :data:`NORMALISED` columns.
 
-    Reads only the mapped columns, ``chunksize`` rows at a time. Errors name the file and the
-    line (the header is line 1), e.g. ``day.csv:18: column 'TimeStamp': cannot parse …``.
+    Reads only the mapped columns (and the last), ``chunksize`` rows at a time. Errors name the
+    file and the line (the header is line 1), e.g. ``day.csv:18: column 'TimeStamp': cannot
+    parse …``. A row with fewer fields than the header is an error naming the first column it
+    lacks: ``day.csv:7: short row (6 of 10 fields): columns 'ResponseCode' … 'UserAgent' are
+    missing``.
     """
     cols = columns or EClogColumns()
     if isinstance(source, str | Path):
         name = str(source)
+        path = Path(source)
+
+        def reopen() -> TextIO:
+            return path.open(encoding="utf-8-sig", newline="")
     else:
         name = str(getattr(source, "name", "<csv>"))
-        at = source.tell()
+        text = source.read()  # read twice: by pandas, and for the fields of a row (below)
+        source = io.StringIO(text)
+
+        def reopen() -> TextIO:
+            return io.StringIO(text.removeprefix("\ufeff"), newline="")
     try:
         header = pd.read_csv(source, nrows=0, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise EClogError(f"{name}:1: empty file, expected a CSV header") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise EClogError(f"{name}: not a readable CSV: {e}") from None
-    if not isinstance(source, str | Path):
-        source.seek(at)
+    if isinstance(source, io.StringIO):
+        source.seek(0)
     present_header = [str(c).strip() for c in header.columns]
     wanted = cols.mapping()
     present = {f: c for f, c in wanted.items() if c in present_header}
@@ -171,9 +186,13 @@ def read_eclog(
             raise EClogError(_missing_column(name, f, wanted[f], present_header))
     if "user" not in present and "ip" not in present:
         raise EClogError(_missing_column(name, "user", wanted["user"], present_header))
+    # The last column is always read: a row without it is the only kind that may be short.
+    last = present_header[-1]
+    read = {*present.values(), last}
+    fields = _FieldCounts(reopen, present_header, name)
     reader = pd.read_csv(
         source,
-        usecols=lambda c: str(c).strip() in present.values(),
+        usecols=lambda c: str(c).strip() in read,
         dtype=str,
         keep_default_na=False,
         skipinitialspace=True,
@@ -182,10 +201,12 @@ def read_eclog(
     )
     parts: list[pd.DataFrame] = []
     offset = 0
-    with reader, tqdm(desc=f"read {Path(name).name}", unit=" rows", disable=not progress) as bar:
+    with reader, fields, tqdm(desc=f"read {Path(name).name}", unit=" rows",
+                              disable=not progress) as bar:
         try:
             for chunk in reader:
                 chunk.columns = [str(c).strip() for c in chunk.columns]
+                fields.check(offset + np.flatnonzero((chunk[last] == "").to_numpy()))
                 parts.append(normalise(chunk, present, name=name, first_line=offset + 2))
                 offset += len(chunk)
                 bar.update(len(chunk))
@@ -194,6 +215,59 @@ def read_eclog(
     if not parts:
         return normalise(pd.DataFrame({c: [] for c in present.values()}), present, name=name)
     return pd.concat(parts, ignore_index=True)
+
+
+class _FieldCounts:
+    """Finds short rows: rows with fewer fields than the header.
+
+    pandas' parser fills a short row's missing fields with "", as if they were empty, so the
+    fields of a row whose last field reads "" are counted again with the csv module. A reader
+    of the file is opened at the first such row and only moves forward: at most one more pass,
+    and none for a file whose rows all end in a value.
+    """
+
+    def __init__(self, reopen: Callable[[], TextIO], header: list[str], name: str) -> None:
+        self.reopen = reopen
+        self.header = header
+        self.name = name
+        self.file: TextIO | None = None
+        self.reader: Any = None  # csv.reader over `file`, past the header
+        self.index = -1  # the data row `row` is (blank lines are no rows, as for pandas)
+        self.row: list[str] = []
+        self.line = 0  # and its line
+
+    def __enter__(self) -> _FieldCounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def _next_row(self) -> list[str]:
+        for row in self.reader:
+            if row and row != [""]:
+                return list(row)
+        return self.header  # (pandas read no more rows than there are)
+
+    def check(self, rows: npt.NDArray[np.intp]) -> None:
+        """Raise :class:`EClogError` for the first of data rows `rows` (ascending) that is
+        short, naming its line and the column it lacks."""
+        if len(rows) and self.file is None:
+            self.file = self.reopen()
+            self.reader = csv.reader(self.file, skipinitialspace=True)
+            next(self.reader, None)
+        n = len(self.header)
+        for target in rows:
+            while self.index < target:
+                self.row = self._next_row()
+                self.line = self.reader.line_num
+                self.index += 1
+            k = len(self.row)
+            if k < n:
+                missing = (f"column {self.header[k]!r} is missing" if k == n - 1 else
+                           f"columns {self.header[k]!r} … {self.header[-1]!r} are missing")
+                raise EClogError(f"{self.name}:{self.line}: short row ({k} of {n} fields): "
+                                 f"{missing}")
 
 
 def normalise(
@@ -210,17 +284,14 @@ def normalise(
             return raw[present[field]].astype(str).str.strip().reset_index(drop=True)
         return pd.Series([default] * n, dtype=str)
 
-    # A row with fewer fields than the header gets "" for the missing ones: a request always
-    # has a time, a URI and (where the column exists) a method, so an empty one is an error.
+    # A request always has a time, a URI and (where the column exists) a method: an empty one
+    # is an error. (A short row never gets here: `read_eclog` stops at it.)
     for field in ("time", "uri", "method"):
         if field in present:
             empty = (text(field) == "").to_numpy()
             if empty.any():
                 i = int(np.argmax(empty))
-                raise EClogError(
-                    f"{name}:{first_line + i}: column {present[field]!r} is empty "
-                    f"(a row with fewer fields than the header?)"
-                )
+                raise EClogError(f"{name}:{first_line + i}: column {present[field]!r} is empty")
     time_raw = text("time")
     times, problem = parse_times_checked(time_raw)
     bad = times.isna().to_numpy()

@@ -47,7 +47,7 @@ def row(ip: str, user: str, stamp: str, uri: str = "/", method: str = "GET") -> 
 # -- the column mapping ----------------------------------------------------------------------
 
 
-def test_columns_defaults_are_the_recalled_header() -> None:
+def test_columns_defaults_are_the_published_header() -> None:
     assert ",".join(EClogColumns().header()) + "\n" == HEADER
 
 
@@ -134,7 +134,10 @@ def test_read_with_renamed_spaced_and_missing_optional_columns() -> None:
             r"log\.csv:3: column 'TimeStamp': cannot parse 'yesterday' as a time \(ISO-8601, "
             r"Apache, or epoch seconds, milliseconds, microseconds or \.NET ticks\)",
         ),
-        (csv(row("1", "5", "")), r"log\.csv:2: column 'TimeStamp' is empty \(a row with fewer "),
+        (csv(row("1", "5", "")), r"log\.csv:2: column 'TimeStamp' is empty$"),
+        (csv(row("1", "5", "1575158400"), "1,5,1575158401,GET,/,HTTP/1.1,200,1"),
+         r"log\.csv:3: short row \(8 of 10 fields\): columns 'Referrer' … 'UserAgent' are "
+         r"missing$"),
         (io.StringIO(""), r"<csv>:1: empty file, expected a CSV header"),
         (
             csv(row("1", "5", "1575158400"), '1,5,1575158401,GET,"/open'),
