@@ -11,7 +11,6 @@ import ipaddress
 import socket
 import ssl
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from scenarios.procs import free_port
 
 from .conformance_stack import UPSTREAM_BODY, Seen
+from .servers import Stop, serving_in_a_thread
 
 Pairs = list[tuple[str, str]]
 
@@ -119,29 +119,18 @@ class H2Upstream:
             context.load_cert_chain(cert, key)
             context.set_alpn_protocols(["h2"])
             self.port = free_port()
-            loop = asyncio.new_event_loop()
-            started = threading.Event()
-            server: list[asyncio.Server] = []
 
-            def serve() -> None:
-                asyncio.set_event_loop(loop)
-                server.append(loop.run_until_complete(asyncio.start_server(
-                    self._serve, "127.0.0.1", self.port, ssl=context)))
-                started.set()
-                loop.run_forever()
-                server[0].close()
-                loop.run_until_complete(server[0].wait_closed())
-                loop.close()
+            async def start() -> Stop:
+                server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                    ssl=context)
 
-            thread = threading.Thread(target=serve, daemon=True)
-            thread.start()
-            if not started.wait(10):
-                raise RuntimeError("h2 upstream did not start")
-            try:
+                async def stop() -> None:
+                    server.close()
+                    await server.wait_closed()
+                return stop
+
+            with serving_in_a_thread(start, "h2 upstream"):
                 yield self
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join(10)
 
 
 @dataclass

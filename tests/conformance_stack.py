@@ -23,6 +23,8 @@ from aiohttp import web
 
 from scenarios.procs import free_port, mitmdump_path, process
 
+from .servers import Stop, serving_in_a_thread
+
 if TYPE_CHECKING:
     from .conformance_h2 import H2Upstream
 
@@ -102,33 +104,16 @@ class Recorder:
 
     @contextmanager
     def running(self) -> Iterator[Recorder]:
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
         self.port = free_port()
 
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
+        async def start() -> Stop:
+            runner = web.ServerRunner(web.Server(self._handle))
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            return runner.cleanup
 
-            async def make() -> web.ServerRunner:
-                return web.ServerRunner(web.Server(self._handle))
-
-            runner = loop.run_until_complete(make())
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        if not started.wait(10):
-            raise RuntimeError("recording server did not start")
-        try:
+        with serving_in_a_thread(start, "recording server"):
             yield self
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
 
 
 @dataclass

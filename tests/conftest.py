@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from addons.proxywasm import (
 )
 from addons.proxywasm.context import ROOT_CONTEXT_ID, StreamContext
 from addons.proxywasm.vm import Vm
+from addons.telemetry import store as st
 
 from .servers import ferretdb
 
@@ -107,6 +109,21 @@ def mongo_uri() -> Iterator[str]:
     """A real MongoDB-protocol server (FerretDB): MONGODB_URI, or one started for the session."""
     with ferretdb() as uri:
         yield uri
+
+
+@pytest.fixture(params=["embedded", "ferretdb"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(store, database) for the telemetry tests: the embedded store, or a fresh database on
+    FerretDB (dropped afterwards)."""
+    if request.param == "embedded":
+        yield str(tmp_path / "store"), st.DATABASE
+        return
+    uri = request.getfixturevalue("mongo_uri")
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    yield uri, database
+    db = st.open_store(uri, database)
+    db.client.drop_database(database)
+    st.close_store(db)
 
 
 @pytest.fixture(scope="session")

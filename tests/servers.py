@@ -6,10 +6,12 @@ exports it), otherwise a FerretDB that this module starts from the binary `.ci/s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +41,48 @@ def ferretdb() -> Iterator[str]:
             yield f"mongodb://127.0.0.1:{port}/"
 
 
+Stop = Callable[[], Awaitable[object]]
+"""Shuts a server down (on its own event loop)."""
+
+
+@contextmanager
+def serving_in_a_thread(start: Callable[[], Awaitable[Stop]], what: str) -> Iterator[None]:
+    """Run an asyncio server in this process, on its own event loop in a daemon thread.
+
+    `start` starts the server (listening when it returns) and returns what stops it; `what`
+    names the server in the error when it does not start. On leaving, the loop stops, the
+    server is stopped on it and the thread ends.
+    """
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            stop = loop.run_until_complete(start())
+        except BaseException as e:  # reported by the caller's thread
+            failed.append(e)
+            started.set()
+            loop.close()
+            return
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(stop())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    if not started.wait(10) or failed:
+        raise RuntimeError(f"{what} did not start" + (f": {failed[0]}" if failed else ""))
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 PYTHON = sys.executable
 
-__all__ = ["FERRETDB_BIN", "PYTHON", "ferretdb", "free_port", "process", "wait_for_port"]
+__all__ = ["FERRETDB_BIN", "PYTHON", "Stop", "ferretdb", "free_port", "process",
+           "serving_in_a_thread", "wait_for_port"]

@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -98,6 +98,19 @@ def base_options(tmp_path: Path) -> dict[str, object]:
             "wasm_spool": str(tmp_path / "spool"), "wasm_store": str(tmp_path / "store")}
 
 
+@contextlib.asynccontextmanager
+async def addon_running(tmp_path: Path, wat: str) -> AsyncIterator[WasmAuth]:
+    """The addon with filter `wat` (metrics off) in mitmproxy's test context, done at the end."""
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, wat)),
+                       **base_options(tmp_path))
+        try:
+            yield addon
+        finally:
+            await addon.done()
+
+
 async def run_hook(result) -> None:
     if result is not None:
         await result
@@ -107,10 +120,7 @@ async def run_hook(result) -> None:
 
 
 async def test_every_phase_rewrites_through_the_hooks(tmp_path, caplog) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
         f.request.method = "POST"
         f.request.content = b"hello"
@@ -131,41 +141,29 @@ async def test_every_phase_rewrites_through_the_hooks(tmp_path, caplog) -> None:
                   if r.name == "wasm_reclaim.guest"]
         assert logged == ["on_log", "on_done", "on_delete"]
         assert not addon._open
-        await addon.done()
 
 
 async def test_headers_only_request_has_end_of_stream(tmp_path) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
         f.request.content = b""
         await addon.request(f)
         assert f.request.headers["x-eos"] == "1"
         assert "content-length" not in f.request.headers  # no body: none needed
-        await addon.done()
 
 
 async def test_local_response_in_the_response_phase_replaces_the_upstreams(tmp_path) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TEAPOT)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, TEAPOT) as addon:
         f = tflow.tflow()
         await addon.request(f)
         f.response = tflow.tresp(content=b"the upstream's")
         await run_hook(addon.response(f))
         assert f.response.status_code == 418 and f.response.content == b"short and stout"
         assert not addon._open
-        await addon.done()
 
 
 async def test_an_error_ends_the_stream(tmp_path, caplog) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
         await addon.request(f)
         with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
@@ -173,14 +171,10 @@ async def test_an_error_ends_the_stream(tmp_path, caplog) -> None:
         assert "on_delete" in caplog.text and not addon._open
         inst = next(iter(addon.host.instances.values()))
         assert inst.vm.contexts == {}
-        await addon.done()
 
 
 async def test_streamed_bodies_go_chunk_by_chunk(tmp_path) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
         f.request.method = "POST"
         f.request.stream = True  # what stream_large_bodies does in requestheaders
@@ -201,7 +195,6 @@ async def test_streamed_bodies_go_chunk_by_chunk(tmp_path) -> None:
         assert out == [[b"xy"], [b"wasm:"]]
         await run_hook(addon.response(f))
         assert not addon._open
-        await addon.done()
 
 
 PAUSER = REWRITER.replace(
@@ -214,10 +207,7 @@ PAUSER = REWRITER.replace(
 
 
 async def test_a_paused_streamed_chunk_is_held_and_given_again(tmp_path) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, PAUSER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, PAUSER) as addon:
         f = tflow.tflow()
         f.request.stream = True
         await run_hook(addon.requestheaders(f))
@@ -226,7 +216,6 @@ async def test_a_paused_streamed_chunk_is_held_and_given_again(tmp_path) -> None
         assert [f.request.stream(b"ab"), f.request.stream(b"cd"),
                 f.request.stream(b"")] == [[], [], [b"abcd+wasm"]]
         addon.error(f)
-        await addon.done()
 
 
 TRAILERS = REWRITER + """
@@ -242,10 +231,7 @@ TRAILERS = REWRITER + """
 
 
 async def test_http2_trailers_reach_the_filter_and_come_back(tmp_path) -> None:
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TRAILERS)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, TRAILERS) as addon:
         f = tflow.tflow()
         f.request.http_version = "HTTP/2.0"
         f.request.trailers = http.Headers([(b"x-t", b"1")])
@@ -257,7 +243,6 @@ async def test_http2_trailers_reach_the_filter_and_come_back(tmp_path) -> None:
         f.response.trailers = http.Headers([(b"x-t", b"2")])
         await run_hook(addon.response(f))
         assert f.response.trailers["x-t"] == "changed"
-        await addon.done()
 
 
 # ---- end to end: a real mitmdump ------------------------------------------------------------
@@ -366,10 +351,7 @@ def test_local_response_in_the_response_phase_through_a_real_mitmdump(tmp_path) 
 async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> None:
     from addons.telemetry.spool import MetricsLog, read_segment, ready_segments
 
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, TEAPOT)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, TEAPOT) as addon:
         addon.metrics = MetricsLog(tmp_path / "spool")  # as running() does with metrics on
         upstream = tflow.tflow()
         await addon.request(upstream)
@@ -384,7 +366,6 @@ async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> 
         assert sorted(d["status"] is None for d in docs) == [False, True]
         assert [d["status"] for d in docs if d["status"] is not None] == [418]
         addon.metrics = None
-        await addon.done()
 
 
 HEADERS_ONLY = trampolines("proxy_send_local_response", "proxy_add_header_map_value") + """
@@ -402,10 +383,7 @@ HEADERS_ONLY = trampolines("proxy_send_local_response", "proxy_add_header_map_va
 async def test_a_streamed_request_is_decided_before_its_headers_leave(tmp_path) -> None:
     # A filter with only request-header callbacks (like the reference filter) must decide a
     # streamed request in requestheaders, before mitmproxy sends its headers upstream.
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, HEADERS_ONLY)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, HEADERS_ONLY) as addon:
         f = tflow.tflow()
         f.request.stream = True
         await run_hook(addon.requestheaders(f))
@@ -414,16 +392,12 @@ async def test_a_streamed_request_is_decided_before_its_headers_leave(tmp_path) 
         [inst] = addon.host.instances.values()
         assert inst.vm.call(inst.vm.raw.func("calls")) == 1
         assert inst.vm.contexts == {}  # no lifecycle callbacks: the stream already ended
-        await addon.done()
 
 
 async def test_stopping_ends_open_streams_and_keeps_their_records(tmp_path) -> None:
     from addons.telemetry.spool import MetricsLog, read_segment, ready_segments
 
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, REWRITER) as addon:
         addon.metrics = MetricsLog(tmp_path / "spool")
         f = tflow.tflow()
         await addon.request(f)  # in flight: no response yet
@@ -436,7 +410,6 @@ async def test_stopping_ends_open_streams_and_keeps_their_records(tmp_path) -> N
                 for collection, doc in read_segment(path) if collection == "requests"]
         assert len(docs) == 1 and docs[0]["status"] is None
         addon.metrics = None
-        await addon.done()
 
 
 DENY_THEN_DECORATE = trampolines("proxy_send_local_response", "proxy_add_header_map_value") + """
@@ -455,10 +428,7 @@ DENY_THEN_DECORATE = trampolines("proxy_send_local_response", "proxy_add_header_
 
 async def test_a_local_response_goes_through_the_response_callbacks(tmp_path) -> None:
     # As in Envoy: a filter's local reply runs through its response callbacks.
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, DENY_THEN_DECORATE)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, DENY_THEN_DECORATE) as addon:
         f = tflow.tflow()
         await addon.request(f)
         assert f.response is not None and f.response.status_code == 403
@@ -466,7 +436,6 @@ async def test_a_local_response_goes_through_the_response_callbacks(tmp_path) ->
         assert f.response.status_code == 403 and f.response.content == b"denied"
         assert f.response.headers["x-resp"] == "seen"
         assert not addon._open
-        await addon.done()
 
 
 PAUSE_UNTIL_END = REWRITER.replace(
@@ -488,10 +457,7 @@ PAUSE_UNTIL_END = PAUSE_UNTIL_END.replace(
 async def test_a_paused_phase_does_not_hold_back_the_next_one(tmp_path) -> None:
     # As in Envoy: paused response headers still get the body (whose Continue lifts the
     # pause), and a request body paused with trailers to come still gets the trailers.
-    addon = WasmAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, PAUSE_UNTIL_END)),
-                       **base_options(tmp_path))
+    async with addon_running(tmp_path, PAUSE_UNTIL_END) as addon:
         f = tflow.tflow()
         f.request.http_version = "HTTP/2.0"
         f.request.trailers = http.Headers([(b"x-t", b"1")])
@@ -501,4 +467,3 @@ async def test_a_paused_phase_does_not_hold_back_the_next_one(tmp_path) -> None:
         await asyncio.wait_for(run_hook(addon.response(f)), 5)  # headers paused, body continues
         assert f.response.status_code == 201 and f.response.raw_content == b"wasm:answer"
         assert not addon._open
-        await addon.done()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,20 +89,6 @@ def ferretdb_args(port: int, data: Path) -> list[str]:
     data.mkdir(exist_ok=True)
     return [str(FERRETDB_BIN), "--listen-addr", f"127.0.0.1:{port}",
             "--sqlite-url", f"file:{data}/"]
-
-
-@pytest.fixture(params=["embedded", "ferretdb"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(store, database): the embedded store, or a fresh database on FerretDB."""
-    if request.param == "embedded":
-        yield str(tmp_path / "store"), st.DATABASE
-        return
-    uri = request.getfixturevalue("mongo_uri")
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    yield uri, database
-    db = st.open_store(uri, database)
-    db.client.drop_database(database)
-    st.close_store(db)
 
 
 def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -247,8 +232,8 @@ def test_unwritable_spool_keeps_documents_in_bounded_memory(
 # ---- the shipper ---------------------------------------------------------------------------
 
 
-def test_shipper_delivers_every_document_once(target: tuple[str, str], tmp_path: Path) -> None:
-    store, database = target
+def test_shipper_delivers_every_document_once(store_target: tuple[str, str], tmp_path: Path) -> None:
+    store, database = store_target
     log = MetricsLog(tmp_path / "spool")
     for i in range(3000):
         log.write("requests", request_doc(i))
@@ -268,10 +253,10 @@ def test_shipper_delivers_every_document_once(target: tuple[str, str], tmp_path:
         st.close_store(db)
 
 
-def test_a_segment_delivered_twice_is_stored_once(target: tuple[str, str], tmp_path: Path) -> None:
+def test_a_segment_delivered_twice_is_stored_once(store_target: tuple[str, str], tmp_path: Path) -> None:
     """A shipper stopped between inserting and deleting a segment: the next one finds the
     documents there already."""
-    store, database = target
+    store, database = store_target
     spool_dir = tmp_path / "spool"
     log = MetricsLog(spool_dir)
     for i in range(200):
@@ -391,8 +376,8 @@ def test_a_flush_normalizes_non_finite_numbers(tmp_path: Path) -> None:
 
 
 def test_refused_documents_are_kept_aside_and_the_rest_delivered(
-        target: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store, database = target
+        store_target: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, database = store_target
     spool_dir = tmp_path / "spool"
     log = MetricsLog(spool_dir)
     log.write("requests", request_doc(1))

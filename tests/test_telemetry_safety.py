@@ -9,7 +9,6 @@ import logging
 import os
 import stat
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,6 @@ from addons.telemetry.spool import (
     redact_path,
     unescape_text,
 )
-
-
-@pytest.fixture(params=["embedded", "ferretdb"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(store, database): the embedded store, or a fresh database on FerretDB."""
-    if request.param == "embedded":
-        yield str(tmp_path / "store"), st.DATABASE
-        return
-    uri = request.getfixturevalue("mongo_uri")
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    yield uri, database
-    db = st.open_store(uri, database)
-    db.client.drop_database(database)
-    st.close_store(db)
 
 
 def request_doc(path: str, method: str = "GET") -> dict[str, object]:
@@ -82,8 +67,8 @@ def test_escape_document_names_what_it_escaped() -> None:
 
 
 def test_a_path_that_is_not_utf8_is_spooled_escaped_and_delivered_with_the_rest(
-        target: tuple[str, str], tmp_path: Path) -> None:
-    store, database = target
+        store_target: tuple[str, str], tmp_path: Path) -> None:
+    store, database = store_target
     spool_dir = tmp_path / "spool"
     log = MetricsLog(spool_dir)
     log.write("requests", request_doc("/before"))
@@ -104,9 +89,9 @@ def test_a_path_that_is_not_utf8_is_spooled_escaped_and_delivered_with_the_rest(
 
 
 def test_a_segment_of_an_older_spool_with_lone_surrogates_is_delivered(
-        target: tuple[str, str], tmp_path: Path) -> None:
+        store_target: tuple[str, str], tmp_path: Path) -> None:
     """Spools written before text was escaped hold `\\udcXX` escapes: they must drain too."""
-    store, database = target
+    store, database = store_target
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     lines = [json.dumps({"c": "requests", "d": {**request_doc(p), "_id": f"old-{i}"}})

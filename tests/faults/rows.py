@@ -9,7 +9,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +144,27 @@ def _warm(live: Live, token: str) -> None:
     r.raise_for_status()
 
 
+@contextlib.contextmanager
+def _row_stack(ctx: Context, name: str, **options: str) -> Iterator[tuple[Live, str, str]]:
+    """The stack of row `name` on a fresh database, with a user logged in whose token the
+    filter has cached: (live, token, store)."""
+    store = ctx.store(name)
+    with stack(ctx.dir(name) / "stack", store, **options) as live:
+        token = live.login(name)
+        _warm(live, token)
+        yield live, token, store
+
+
+def _load_row(fault: str, load: Load, stored: set[str], notes: str, ok: bool = True) -> Row:
+    """The row of a load of good requests under a fault: requests failed of sent, documents
+    missing from `stored` (the stored paths) of requests answered; the proxy kept serving if
+    none failed. The row is ok if `ok` and nothing failed or was lost."""
+    missing = lost(load, stored)
+    return Row(fault, _pct(len(load.failed), load.sent), _pct(len(missing), len(load.answered)),
+               "yes" if not load.failed else "no", notes,
+               ok and not load.failed and not missing)
+
+
 # ---- metrics delivery ------------------------------------------------------------------------
 
 
@@ -163,7 +184,6 @@ def poison(ctx: Context, embedded: bool) -> Row:
         live.stop_clean()
         log = live.log_text()
     paths = _paths(store)
-    missing = lost(load, paths)
     stored = sorted(p for p in paths if p.startswith("/poison/caf"))
     rejected = list((live.spool / "rejected").glob("*")) if (live.spool / "rejected").is_dir() \
         else []
@@ -171,14 +191,12 @@ def poison(ctx: Context, embedded: bool) -> Row:
             f"quarantined in {len(rejected)} dead-letter file(s)" if rejected else "lost")
     undelivered = "not all delivered" in log
     drop(store)
-    ok = not missing and not load.failed and not undelivered
-    return Row(f"poison document (non-UTF-8 path), {'embedded store' if embedded else 'FerretDB'}",
-               _pct(len(load.failed), load.sent), _pct(len(missing), len(load.answered)),
-               "yes" if not load.failed else "no",
-               f"raw request answered {first}; the poison document {fate}; others: "
-               f"{load.summary()}"
-               + ("; the stop ended with 'metrics not all delivered'" if undelivered else ""),
-               ok)
+    return _load_row(
+        f"poison document (non-UTF-8 path), {'embedded store' if embedded else 'FerretDB'}",
+        load, paths, f"raw request answered {first}; the poison document {fate}; others: "
+        f"{load.summary()}"
+        + ("; the stop ended with 'metrics not all delivered'" if undelivered else ""),
+        not undelivered)
 
 
 def outage(ctx: Context) -> Row:
@@ -211,13 +229,10 @@ def outage(ctx: Context) -> Row:
             live.stop_clean()
         paths = _paths(store)
         errors = _filter_errors(store)
-    missing = lost(load, paths)
-    return Row(f"database outage under load ({plan.outage_s:.0f} s at {plan.rate:.0f} req/s)",
-               _pct(len(load.failed), load.sent), _pct(len(missing), len(load.answered)),
-               "yes" if not load.failed else "no",
-               f"{len(paths):,} request documents stored after a clean stop; {errors} requests "
-               f"answered 5xx by the filter; {load.summary()}",
-               not missing and not load.failed)
+    return _load_row(f"database outage under load ({plan.outage_s:.0f} s at {plan.rate:.0f} "
+                     f"req/s)", load, paths,
+                     f"{len(paths):,} request documents stored after a clean stop; {errors} "
+                     f"requests answered 5xx by the filter; {load.summary()}")
 
 
 def sigkill(ctx: Context) -> Row:
@@ -278,12 +293,8 @@ def sigkill(ctx: Context) -> Row:
 
 def restarts(ctx: Context) -> Row:
     """Instance restarts through the admin endpoint while load runs."""
-    where = ctx.dir("restarts")
     plan = ctx.plan
-    store = ctx.store("restarts")
-    with stack(where / "stack", store) as live:
-        token = live.login("restarts")
-        _warm(live, token)
+    with _row_stack(ctx, "restarts") as (live, token, store):
 
         async def run() -> tuple[Load, Counter[int]]:
             stop = asyncio.Event()
@@ -305,17 +316,15 @@ def restarts(ctx: Context) -> Row:
         load, answers = asyncio.run(run())
         live.stop_clean()
     paths = _paths(store)
-    missing = lost(load, paths)
     restarted = len(read_docs(store, st.RESTARTS, {"instance": 1}))
     errors = _filter_errors(store)
     outcomes = _outcomes(store)
     drop(store)
-    return Row(f"{plan.restarts} instance restarts under load", _pct(len(load.failed), load.sent),
-               _pct(len(missing), len(load.answered)), "yes" if not load.failed else "no",
-               f"admin answers {dict(answers)}; {restarted} restart documents; {errors} requests "
-               f"answered 5xx by the filter; {load.summary()}; auth calls {outcomes} (a cold "
-               "restart empties the cache: the requests in flight all miss)",
-               not load.failed and not missing and answers[200] == plan.restarts)
+    return _load_row(f"{plan.restarts} instance restarts under load", load, paths,
+                     f"admin answers {dict(answers)}; {restarted} restart documents; {errors} "
+                     f"requests answered 5xx by the filter; {load.summary()}; auth calls "
+                     f"{outcomes} (a cold restart empties the cache: the requests in flight all "
+                     "miss)", answers[200] == plan.restarts)
 
 
 # ---- misbehaving filters ---------------------------------------------------------------------
@@ -436,14 +445,12 @@ def auth_down(ctx: Context) -> Row:
             progress=ctx.progress))
         live.stop_clean()
     paths = _paths(store)
-    missing = lost(load, paths)
-    outcomes = Counter(d.get("outcome") for d in read_docs(store, st.AUTH_CALLS, {"outcome": 1}))
+    outcomes = _outcomes(store)
     drop(store)
     lat = list(load.latency_s.values())
-    return Row("auth server down", _pct(len(load.failed), load.sent),
-               _pct(len(missing), len(load.answered)), "yes" if not load.failed else "no",
-               f"answered 503 (fail-closed) in {_p(lat, 0.5) * 1000:.0f} ms median; "
-               f"auth calls {dict(outcomes)}", not load.failed and not missing)
+    return _load_row("auth server down", load, paths,
+                     f"answered 503 (fail-closed) in {_p(lat, 0.5) * 1000:.0f} ms median; "
+                     f"auth calls {outcomes}")
 
 
 def auth_slow(ctx: Context) -> Row:
@@ -457,15 +464,12 @@ def auth_slow(ctx: Context) -> Row:
             duration=ctx.plan.phase_s * 2, expect=(503,), progress=ctx.progress))
         live.stop_clean()
     paths = _paths(store)
-    missing = lost(load, paths)
-    outcomes = Counter(d.get("outcome") for d in read_docs(store, st.AUTH_CALLS, {"outcome": 1}))
+    outcomes = _outcomes(store)
     drop(store)
     lat = list(load.latency_s.values())
-    ok = not load.failed and not missing and set(outcomes) == {"timeout"}
-    return Row("auth server slow (1.5 s, timeout 1 s)", _pct(len(load.failed), load.sent),
-               _pct(len(missing), len(load.answered)), "yes" if not load.failed else "no",
-               f"answered 503 in {_p(lat, 0.5) * 1000:.0f} ms median; auth call outcomes "
-               f"{dict(outcomes)} (all must be timeout)", ok)
+    return _load_row("auth server slow (1.5 s, timeout 1 s)", load, paths,
+                     f"answered 503 in {_p(lat, 0.5) * 1000:.0f} ms median; auth call outcomes "
+                     f"{outcomes} (all must be timeout)", set(outcomes) == {"timeout"})
 
 
 # ---- hostile input ---------------------------------------------------------------------------
@@ -669,12 +673,8 @@ def _admin_garbage(i: int, rng: random.Random) -> bytes:
 
 
 def malformed_admin(ctx: Context) -> Row:
-    where = ctx.dir("admin")
-    store = ctx.store("admin")
     plan = ctx.plan
-    with stack(where / "stack", store) as live:
-        token = live.login("admin")
-        _warm(live, token)
+    with _row_stack(ctx, "admin") as (live, token, store):
         answers: Counter[int | str] = Counter()
         probes_failed = 0
 
@@ -713,13 +713,9 @@ def host_flood(ctx: Context) -> Row:
     """Unauthenticated requests, each with a new Host value (some hostile): instances, memory
     and samples must stay bounded. The bound is `wasm_max_instances` = a third of the hosts,
     so the second half of the flood only evicts: RSS must not grow during it."""
-    where = ctx.dir("flood")
-    store = ctx.store("flood")
     plan = ctx.plan
     cap = max(10, plan.flood_hosts // 3)
-    with stack(where / "stack", store, wasm_max_instances=str(cap)) as live:
-        token = live.login("flood")
-        _warm(live, token)
+    with _row_stack(ctx, "flood", wasm_max_instances=str(cap)) as (live, token, store):
         time.sleep(1)
         rss = [rss_mib(live.pid)]
 
@@ -777,12 +773,8 @@ def host_flood(ctx: Context) -> Row:
 
 def false_trips(ctx: Context) -> Row:
     """A healthy filter under CPU contention: no call may trip its deadline."""
-    where = ctx.dir("trips")
-    store = ctx.store("trips")
     plan = ctx.plan
-    with stack(where / "stack", store) as live:
-        token = live.login("trips")
-        _warm(live, token)
+    with _row_stack(ctx, "trips") as (live, token, store):
         with busy_processes(3):
             load = asyncio.run(drive(live.proxy, _token_request(token, "trips"),
                                      rate=plan.rate, count=plan.trip_requests,
@@ -792,17 +784,15 @@ def false_trips(ctx: Context) -> Row:
     docs = read_docs(store, st.REQUESTS, {"path": 1, "decision": 1})
     paths = {str(d.get("path")) for d in docs}
     errors = sum(1 for d in docs if d.get("decision") == "error")
-    missing = lost(load, paths)
     drop(store)
     trips = _trips(log)
     lat = list(load.latency_s.values())
-    return Row(f"healthy filter, 3 busy processes on {os.cpu_count()} cores "
-               f"({plan.trip_requests:,} requests)", _pct(len(load.failed), load.sent),
-               _pct(len(missing), len(load.answered)), "yes" if not load.failed else "no",
-               f"{trips} deadline trips (all false: the filter is healthy), {errors} requests "
-               f"answered 5xx by the filter; "
-               f"p50 {_p(lat, 0.5) * 1000:.0f} ms, p99 {_p(lat, 0.99) * 1000:.0f} ms",
-               trips == 0 and errors == 0 and not load.failed and not missing)
+    return _load_row(f"healthy filter, 3 busy processes on {os.cpu_count()} cores "
+                     f"({plan.trip_requests:,} requests)", load, paths,
+                     f"{trips} deadline trips (all false: the filter is healthy), {errors} "
+                     f"requests answered 5xx by the filter; "
+                     f"p50 {_p(lat, 0.5) * 1000:.0f} ms, p99 {_p(lat, 0.99) * 1000:.0f} ms",
+                     trips == 0 and errors == 0)
 
 
 ROWS: dict[str, Callable[[Context], Row]] = {
