@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import IO, Any, ClassVar, NamedTuple, cast
+from typing import IO, Any, ClassVar, Literal, NamedTuple, cast
 
 from mitmproxy import command, ctx, exceptions, http, types
 from mitmproxy.utils import human
@@ -163,14 +163,25 @@ def parse_restart_mode(value: str, where: str = "wasm_restart_mode") -> RestartM
     raise ValueError(f"{where}: expected 'cold' or 'warm', got {value!r}")
 
 
-def parse_journal(window: str, limit_mib: int, plugin_configuration: bytes
-                  ) -> JournalConfig | None:
-    """The journal for warm restarts: None when `limit_mib` is 0; its window is `window`
-    seconds, or (0) the filter configuration's `ttl_seconds` (else 600 s)."""
-    if limit_mib < 0:
-        raise ValueError(f"wasm_journal_limit: must be 0 (off) or more MiB, got {limit_mib}")
-    if limit_mib == 0:
-        return None
+WarmRestart = Literal["auto", "on", "off"]
+WARM_RESTART: tuple[WarmRestart, ...] = ("auto", "on", "off")
+
+
+def parse_warm_restart(value: str) -> WarmRestart:
+    """`auto`, `on` or `off` (any case, spaces ignored)."""
+    mode = value.strip().lower()
+    for known in WARM_RESTART:
+        if mode == known:
+            return known
+    raise ValueError(f"wasm_warm_restart: expected 'auto', 'on' or 'off', got {value!r}")
+
+
+def parse_journal(window: str, limit_mib: int, plugin_configuration: bytes) -> JournalConfig:
+    """The journal for warm restarts: at most `limit_mib` MiB per instance; its window is
+    `window` seconds, or (0) the filter configuration's `ttl_seconds` (else 600 s)."""
+    if limit_mib < 1:
+        raise ValueError(f"wasm_journal_limit: must be at least 1 MiB, got {limit_mib} "
+                         "(wasm_warm_restart=off turns journaling off)")
     seconds = 0.0 if window.strip() in ("", "0") else parse_positive("wasm_journal_window",
                                                                      window)
     return JournalConfig(window_from_config(plugin_configuration, seconds), limit_mib * 2**20)
@@ -321,7 +332,17 @@ class Settings(NamedTuple):
     services: tuple[Path, ...]
     redact_params: frozenset[str]
     restart_mode: RestartMode
+    warm_restart: WarmRestart
     journal: JournalConfig | None
+    """None: journaling is off (`wasm_warm_restart=off`)."""
+
+    @property
+    def journal_from_start(self) -> bool:
+        """Journal every generation from its start: warm restarts are wanted (`on`, or the
+        restart mode is warm). Else (`auto`) journaling starts at the first warm restart asked
+        for."""
+        return self.journal is not None and (
+            self.warm_restart == "on" or self.restart_mode == "warm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,12 +499,17 @@ class WasmAuth:
                           "How restarts run unless asked otherwise: 'cold' (a fresh instance, "
                           "empty cache) or 'warm' (the new instance gets the old one's live "
                           "cache by replaying the journal; no auth call; cold if unsafe).")
+        loader.add_option("wasm_warm_restart", str, "auto",
+                          "Journal requests so that restarts can run warm: 'auto' (from the "
+                          "start when wasm_restart_mode=warm, else from the first warm restart "
+                          "asked for), 'on' (always) or 'off' (never: warm restarts run cold). "
+                          "Journaling costs time per request.")
         loader.add_option("wasm_journal_window", str, "0",
                           "Seconds of requests the warm-restart journal keeps (host clock); 0: "
                           "the filter configuration's ttl_seconds, else 600.")
         loader.add_option("wasm_journal_limit", int, 64,
                           "Memory cap of the warm-restart journal per instance, in MiB; past "
-                          "it a warm restart runs cold. 0 turns journaling off.")
+                          "it a warm restart runs cold.")
         loader.add_option("wasm_proxy_id", str, "",
                           "This proxy's name in the store: every document carries it, and an "
                           "instance is (proxy, instance). Empty: host name and listen port.")
@@ -517,6 +543,7 @@ class WasmAuth:
             listen = parse_listen(o.wasm_admin_listen)
             remote_warning = check_listen(listen, o.wasm_admin_allow_remote)
             plugin_configuration = parse_filter_config(o.wasm_filter_config)
+            warm = parse_warm_restart(o.wasm_warm_restart)
             settings = Settings(
                 filter_path=Path(o.wasm_filter).expanduser(),
                 plugin_configuration=plugin_configuration,
@@ -544,8 +571,9 @@ class WasmAuth:
                 services=tuple(Path(p).expanduser() for p in o.wasm_service),
                 redact_params=redact_names(o.wasm_redact_params),
                 restart_mode=parse_restart_mode(o.wasm_restart_mode),
-                journal=parse_journal(o.wasm_journal_window, o.wasm_journal_limit,
-                                      plugin_configuration),
+                warm_restart=warm,
+                journal=None if warm == "off" else parse_journal(
+                    o.wasm_journal_window, o.wasm_journal_limit, plugin_configuration),
             )
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from e
@@ -600,6 +628,8 @@ class WasmAuth:
                        "deadline_ms", "journal")
         if self.host is not None and previous is not None and all(
                 getattr(previous, f) == getattr(s, f) for f in host_fields):
+            if s.journal_from_start:  # e.g. wasm_restart_mode set to warm
+                self.host.start_journaling()
             return
         self.clock = WallClock() if s.clock_speed == 1 else ScaledClock(s.clock_speed)
         host = Host(
@@ -614,6 +644,7 @@ class WasmAuth:
             fail_open=s.fail_open,
             events=_Recorder(self),
             journal=s.journal,
+            journaling=s.journal_from_start,
         )
         # Fail at configuration time, not on the first request, if the filter cannot start.
         try:
@@ -1183,6 +1214,8 @@ class WasmAuth:
         ran = self._restart_mode(mode)
         if self.host is None or instance_id not in self.host.instances:
             raise KeyError(instance_id)
+        if ran == "warm":
+            self.host.start_journaling()
         try:
             record = self.host.restart(instance_id, reason, requested_by, ran)
         except RestartError as e:
@@ -1197,6 +1230,8 @@ class WasmAuth:
         ran = self._restart_mode(mode)
         if self.host is None or instance_id not in self.host.instances:
             raise KeyError(instance_id)
+        if ran == "warm":
+            self.host.start_journaling()
         try:
             record = await self.host.restart_in_steps(instance_id, reason, requested_by, ran,
                                                       REPLAY_STEP)

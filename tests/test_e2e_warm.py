@@ -27,8 +27,10 @@ def warm(tmp_path: Path, mongo_uri: str) -> Iterator[Stack]:
     uri = mongo_uri.rstrip("/") + "/" + name
     client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
     try:
+        # Restarts run cold unless asked otherwise; the journal runs from the start (`on`), so
+        # the first warm restart asked for is warm.
         with stack(tmp_path, uri, client[name], wasm_filter_config='{"ttl_seconds": 300}',
-                   wasm_restart_mode="cold") as s:
+                   wasm_restart_mode="cold", wasm_warm_restart="on") as s:
             yield s
     finally:
         client.drop_database(name)
@@ -93,7 +95,7 @@ def test_warm_restart_of_an_unsafe_journal_runs_cold_and_says_why(tmp_path: Path
     client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)  # type: ignore[type-arg]
     try:
         # journaling off: a warm restart cannot be done and says so
-        with stack(tmp_path, uri, client[name], wasm_journal_limit="0",
+        with stack(tmp_path, uri, client[name], wasm_warm_restart="off",
                    wasm_restart_mode="warm") as s:
             token = s.login("alice")
             assert s.get("/product/1", token).status_code == 200

@@ -54,7 +54,8 @@ class Proxy:
     """A host with journaling on a virtual clock, and helpers to send requests."""
 
     def __init__(self, module: FilterModule, *, ttl: float = TTL, max_bytes: int = 64 * 2**20,
-                 journal: bool = True, config: dict[str, object] | None = None) -> None:
+                 journal: bool = True, journaling: bool = True,
+                 config: dict[str, object] | None = None) -> None:
         self.clock = VirtualClock()
         self.auth = Auth()
         disp = InProcessDispatcher(self.auth, self.clock.now_ns, latency_s=0.01,
@@ -65,6 +66,7 @@ class Proxy:
             module, disp, clock=self.clock, limits=Limits(deadline_ms=10_000),
             plugin_configuration=plugin,
             journal=JournalConfig(window_from_config(plugin), max_bytes) if journal else None,
+            journaling=journaling,
         )
         self.inst: FilterInstance = self.host.instance("shop")
 
@@ -369,6 +371,67 @@ def test_without_a_journal_a_warm_restart_runs_cold(filter_module: FilterModule)
     p.request(b"some-token-1")
     record = p.inst.restart("test", "pytest", "warm")
     assert record.mode == "cold" and "journaling is off" in (record.fallback or "")
+
+
+def test_until_journaling_starts_nothing_is_kept(filter_module: FilterModule) -> None:
+    p = Proxy(filter_module, journaling=False)
+    users = tokens(20)
+    p.auth.valid.update(users)
+    for t in users + users:  # misses (with calls) and hits: what a journal would keep
+        p.request(t)
+    assert p.inst.journal is None and not p.host.journaling
+    record = p.inst.restart("test", "pytest", "warm")
+    assert record.mode == "cold" and "journaling has not started" in (record.fallback or "")
+    # started on a generation that has made calls: cold within the window, as it may lack them
+    for t in users[:5]:
+        p.request(t)
+    assert p.host.start_journaling() and p.inst.journal is not None
+    p.request(users[0])
+    record = p.inst.restart("test", "pytest", "warm")
+    assert record.mode == "cold" and "journaling started 0.0 s ago" in (record.fallback or "")
+    # the next generation is journaled from its start
+    calls = p.auth.calls
+    for t in users[:5]:
+        p.request(t)
+    assert p.inst.restart("test", "pytest", "warm").mode == "warm"
+    assert p.auth.calls == calls + 5
+    for t in users[:5]:
+        assert p.request(t).outbound == 0  # hits: the warm restart kept them
+
+
+def test_a_journal_started_late_is_complete_after_a_window(filter_module: FilterModule) -> None:
+    p = Proxy(filter_module, ttl=60, journaling=False)
+    p.auth.valid.update(tokens(3))
+    for t in tokens(3):
+        p.request(t)
+    p.host.start_journaling()
+    p.advance(30)
+    assert p.inst.restart("early", "pytest", "warm").mode == "cold"
+    p2 = Proxy(filter_module, ttl=60, journaling=False)
+    p2.auth.valid.update(tokens(3))
+    for t in tokens(3):
+        p2.request(t)
+    p2.host.start_journaling()
+    p2.advance(62)  # past the window (TTL + 1 s): what the journal missed has expired
+    p2.request(tokens(3)[0])
+    record = p2.inst.restart("later", "pytest", "warm")
+    assert (record.mode, record.fallback, record.replayed) == ("warm", None, 1)
+
+
+def test_a_generation_that_made_no_call_journals_whole_from_the_start(
+        filter_module: FilterModule) -> None:
+    # Nothing the journal keeps happened before it started: the first warm restart is warm.
+    p = Proxy(filter_module, journaling=False)
+    for _ in range(3):  # no token: 401 without a call
+        s = p.inst.stream()
+        d = s.request_headers([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"shop")])
+        assert d is not None and d.outbound == 0 and d.response is not None
+        s.close()
+    p.host.start_journaling()
+    p.auth.valid.add(b"some-token-1")
+    p.request(b"some-token-1")
+    record = p.inst.restart("test", "pytest", "warm")
+    assert (record.mode, record.fallback, record.replayed) == ("warm", None, 1)
 
 
 def test_a_bad_mode_is_refused(filter_module: FilterModule) -> None:

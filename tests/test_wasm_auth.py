@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -192,7 +193,9 @@ def base_options(tmp_path) -> dict[str, object]:
     ("wasm_filter", "/nonexistent/filter.wasm", "cannot read filter"),
     ("wasm_restart_mode", "hot", "expected 'cold' or 'warm'"),
     ("wasm_journal_window", "soon", "wasm_journal_window: 'soon' is not a number"),
-    ("wasm_journal_limit", -1, "must be 0 \\(off\\) or more MiB"),
+    ("wasm_journal_limit", 0, "must be at least 1 MiB, got 0 \\(wasm_warm_restart=off turns "
+                              "journaling off\\)"),
+    ("wasm_warm_restart", "sometimes", "wasm_warm_restart: expected 'auto', 'on' or 'off'"),
 ])
 async def test_bad_options_are_options_errors(tmp_path, option, value, message) -> None:
     addon = WasmAuth()
@@ -376,7 +379,8 @@ async def test_warm_restart_command_keeps_the_cache(tmp_path, auth_server) -> No
     addon = WasmAuth()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
-                       wasm_filter_config='{"ttl_seconds": 120}', **base_options(tmp_path))
+                       wasm_filter_config='{"ttl_seconds": 120}', wasm_warm_restart="on",
+                       **base_options(tmp_path))
         for token in ("x-good", "y-good", "x-good"):
             await addon.request(make_flow(token))
         out = tctx.command(addon.restart, "shop.example", "warm")
@@ -393,11 +397,60 @@ async def test_warm_restart_command_keeps_the_cache(tmp_path, auth_server) -> No
         await addon.done()
 
 
+async def test_journaling_waits_for_the_first_warm_restart(tmp_path, auth_server) -> None:
+    # wasm_warm_restart=auto with cold restarts: no journal, so requests pay nothing for it,
+    # until a warm restart is asked for. That one runs cold (the journal would lack the misses
+    # before it) and says why; the next one runs warm.
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       wasm_filter_config='{"ttl_seconds": 120}', **base_options(tmp_path))
+        for token in ("x-good", "y-good", "x-good"):
+            await addon.request(make_flow(token))
+        assert addon.host is not None
+        [inst] = addon.host.instances.values()
+        assert inst.journal is None and not addon.host.journaling
+        assert "generation 0 -> 1" in tctx.command(addon.restart, "shop.example")  # cold
+        assert inst.journal is None
+        await addon.request(make_flow("x-good"))  # a miss: generation 1 has called out
+        out = tctx.command(addon.restart, "shop.example", "warm")
+        assert re.search(r"\(cold: journaling started [\d.]+ s ago, when this generation had "
+                         r"already called out", out) and "generation 1 -> 2" in out
+        assert inst.journal is not None and inst.journal.incomplete(0) is None
+        for token in ("x-good", "y-good"):
+            await addon.request(make_flow(token))
+        assert len(inst.journal.entries) == 2
+        assert "(warm, 2 requests replayed): generation 2 -> 3" in tctx.command(
+            addon.restart, "shop.example", "warm")
+        await addon.done()
+
+
+async def test_without_warm_restarts_nothing_is_journaled(tmp_path, auth_server) -> None:
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
+                       wasm_warm_restart="off", **base_options(tmp_path))
+        for token in ("x-good", "y-good", "x-good"):
+            await addon.request(make_flow(token))
+        out = tctx.command(addon.restart, "shop.example", "warm")
+        assert "(cold: journaling is off for this host" in out
+        tctx.configure(addon, wasm_restart_mode="warm")
+        await addon.request(make_flow("x-good"))
+        assert addon.host is not None and not addon.host.journaling
+        assert all(i.journal is None for i in addon.host.instances.values())
+        # With the restart mode warm (auto), every generation is journaled from its start.
+        tctx.configure(addon, wasm_warm_restart="auto")
+        await addon.request(make_flow("x-good"))
+        [inst] = addon.host.instances.values()
+        assert inst.journal is not None and len(inst.journal.entries) == 1
+        assert "(warm, 1 requests replayed)" in tctx.command(addon.restart, "shop.example")
+        await addon.done()
+
+
 @pytest.mark.parametrize(("window", "limit", "config", "expected"), [
     ("0", 64, b'{"ttl_seconds": 300}', JournalConfig(301.0, 64 * 2**20)),
     ("120", 8, b'{"ttl_seconds": 300}', JournalConfig(121.0, 8 * 2**20)),
     ("", 64, b"", JournalConfig(601.0, 64 * 2**20)),
-    ("120", 0, b"", None),
 ])
 def test_parse_journal(window, limit, config, expected) -> None:
     assert parse_journal(window, limit, config) == expected

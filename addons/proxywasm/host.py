@@ -427,7 +427,8 @@ class FilterInstance:
         self.restarts = 0
         self.vm = self._new_vm()
         config = host.journal_config
-        self.journal = Journal(config, self.generation) if config is not None else None
+        self.journal = (Journal(config, self.generation)
+                        if config is not None and host.journaling else None)
         """The requests a warm restart replays (None: journaling is off)."""
 
     def _new_vm(self) -> Vm:
@@ -662,16 +663,20 @@ class WarmStart:
         journal = instance.journal
         self.epoch = journal.epoch if journal is not None else -1
         self.seen = 0
+        host = instance.host
+        now = host.clock.now_ns()
         if journal is None:
-            self.fallback = "journaling is off for this host (no journal to replay)"
+            self.fallback = ("journaling is off for this host (no journal to replay)"
+                             if host.journal_config is None else
+                             "journaling has not started on this host (no journal to replay)")
         elif instance.vm is None:
             self.fallback = "no running generation to take the cache from"
         elif journal.overflowed is not None:
             self.fallback = journal.overflowed
+        else:
+            self.fallback = journal.incomplete(now)
         if self.fallback is not None or journal is None:
             return
-        host = instance.host
-        now = host.clock.now_ns()
         generation = instance.generation + 1
 
         def new_vm(services: ReplayServices) -> Vm:
@@ -771,6 +776,7 @@ class Host:
         vm_id: str = "",
         seed: int | None = None,
         journal: JournalConfig | None = None,
+        journaling: bool = True,
     ) -> None:
         self.module = module
         self.dispatcher = dispatcher
@@ -783,6 +789,9 @@ class Host:
         self.plugin_name = plugin_name
         self.journal_config = journal
         """Journal requests for warm restarts (None: every restart runs cold)."""
+        self.journaling = journal is not None and journaling
+        """Instances journal now; else not until `start_journaling` (journaling costs time
+        per request, so it waits until a warm restart is wanted)."""
         self.root_id = root_id
         """The root id (Envoy's `root_id`): which root context of the module serves; SDKs read
         it as the property `plugin_root_id`."""
@@ -818,6 +827,35 @@ class Host:
             self.instances[instance_id] = inst
             self.schedule_changed()
         return inst
+
+    def start_journaling(self) -> bool:
+        """Journal every instance's requests from now on, for warm restarts.
+
+        An instance whose current generation has made no outbound call and has no stream open
+        loses nothing (the journal keeps only requests that called out, and those that depend
+        on them); for another, the journal may lack older requests until a window has passed
+        or the instance restarts, and a warm restart runs cold meanwhile
+        (`Journal.incomplete`). False when the host has no journal configuration.
+        """
+        config = self.journal_config
+        if config is None:
+            return False
+        if self.journaling:
+            return True
+        self.journaling = True
+        now = self.clock.now_ns()
+        late = 0
+        for inst in self.instances.values():
+            if inst.journal is None:
+                vm = inst.vm
+                partial = vm is not None and (vm.outbound > 0 or bool(vm.contexts))
+                late += partial
+                inst.journal = Journal(config, inst.generation, now if partial else None)
+        logger.info("journaling requests for warm restarts from now on%s",
+                    f" ({late} instances have served requests the journal did not see: their "
+                    f"warm restarts run cold for {config.window_s:g} s or until they restart)"
+                    if late else "")
+        return True
 
     def module_crashed(self, now: int, reason: str) -> None:
         """One of the module's instances crashed: back the whole module off if they repeat.

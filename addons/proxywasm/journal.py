@@ -36,6 +36,12 @@ Bounded memory: the journal counts an estimate of its bytes. Past `max_bytes` it
 what it holds and marks itself overflowed until the next restart; a warm restart then falls
 back to cold and the restart record says why.
 
+Late start: a host may start journaling while its instances serve (`Host.start_journaling`,
+so that journaling costs nothing until a warm restart is wanted). A journal started after its
+generation made an outbound call, or while one of its streams was open, may lack anchors; it
+counts as complete once a window has passed (what it lacks has expired) or after the next
+restart, and a warm restart before then runs cold (`Journal.incomplete`).
+
 Generations: the journal describes the current generation. A cold restart (or a crash) clears
 it; a warm restart keeps it (the new generation holds what it describes) and remembers the old
 generation, so a stream of the old generation that finishes after the swap is replayed into the
@@ -249,9 +255,14 @@ def credentials_of(request_headers: Sequence[tuple[bytes, bytes]], calls: Sequen
 class Journal:
     """The journal of one filter instance (see the module docstring for the rule)."""
 
-    def __init__(self, config: JournalConfig, generation: int) -> None:
+    def __init__(self, config: JournalConfig, generation: int,
+                 started_late_ns: int | None = None) -> None:
         self.config = config
         self.generation = generation
+        self.started_late_ns = started_late_ns
+        """When journaling started, if its generation had already done what the journal keeps
+        (an outbound call, or a stream still open): until a window has passed, older anchors
+        may be missing. None: the journal has seen all of its generation."""
         self.inherited: set[int] = set()
         """Older generations whose state the current one received by a warm restart."""
         self.entries: deque[Entry] = deque()
@@ -271,6 +282,7 @@ class Journal:
         self.generation = generation
         self.inherited.clear()
         self.overflowed = None
+        self.started_late_ns = None
         self.epoch += 1
         self._clear()
 
@@ -278,7 +290,23 @@ class Journal:
         """A warm restart: `generation` holds what the journal describes."""
         self.inherited.add(self.generation)
         self.generation = generation
+        self.started_late_ns = None  # (a warm restart needs a complete journal)
         self.epoch += 1
+
+    def incomplete(self, now_ns: int) -> str | None:
+        """Why the journal may lack requests its generation served (None: it lacks none; a
+        late start is forgotten once a window has passed)."""
+        started = self.started_late_ns
+        if started is None:
+            return None
+        age = (now_ns - started) / 1e9
+        if age >= self.config.window_s:
+            self.started_late_ns = None  # what it missed has expired
+            return None
+        return (f"journaling started {age:.1f} s ago, when this generation had already called "
+                f"out or had streams open: within the journal's window "
+                f"({self.config.window_s:g} s) it may lack older requests (the next generation "
+                "is journaled whole)")
 
     def _clear(self) -> None:
         for e in self.entries:
