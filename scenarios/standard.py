@@ -16,7 +16,7 @@ that `none` reached), `adaptive` (the manager's default), `ratio` (the paper's r
 `--holdout` runs traces no parameter was tuned on (other seeds and shapes), for validation.
 `--quick` runs small versions in seconds (CI).
 
-Every run of every trace goes to one pool of worker processes, so both cores stay busy.
+Every trace, run and limit is a task of one pool of worker processes, so both cores stay busy.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pandas as pd
 
@@ -47,6 +47,7 @@ from scenarios.eclog import (
 from scenarios.experiment import (
     ExperimentConfig,
     PolicyRun,
+    load_trace,
     policy_family,
     run_in_worker,
     with_sample_interval,
@@ -242,6 +243,7 @@ class _Pending:
     config: ExperimentConfig
     specs: list[str]
     runs: dict[str, PolicyRun]
+    limit: pd.DataFrame | None = None
 
 
 def _first_specs(scenario: Scenario, quick: bool) -> list[str]:
@@ -266,20 +268,44 @@ def _second_specs(scenario: Scenario, quick: bool, none: PolicyRun) -> list[str]
             *(f"threshold:{_kib(f * peak)}" for f in fractions)]
 
 
+def build_trace(args: tuple[str, bool, Path]) -> Path:
+    """Make scenario `name`'s trace (its EClog CSVs too) in `where`; the trace file (a pool
+    task: generating a two-day trace takes seconds)."""
+    name, quick, where = args
+    path = where / "trace.jsonl"
+    make_trace(name, quick, where).write_jsonl(path)
+    return path
+
+
+def limit_in_worker(args: tuple[PolicyRun, Path, float]) -> pd.DataFrame:
+    """:func:`limit_table` on a trace file (a pool task)."""
+    none, trace_path, ttl_s = args
+    return limit_table(none, load_trace(trace_path), ttl_s)
+
+
+def _heavy_first(scenario: Scenario) -> int:
+    """The order scenarios enter the pool: the longest traces first, so no long run is left
+    alone at the end (tenants has three instances and twice the requests; basic is tiny)."""
+    return {"tenants": 0, "basic": 2}.get(scenario.name, 1)
+
+
 def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: int | None,
                   progress: bool) -> dict[str, pd.DataFrame]:
     """Run every policy of every scenario in one pool; write each scenario's report (with the
-    limit); return the summaries by scenario."""
+    limit); return the summaries by scenario.
+
+    Everything slow is a pool task, in the order its inputs arrive: each trace is generated,
+    then its `none` run goes first (the thresholds, the oracle and the limit wait for it), then
+    the other policies; the reports are written here as scenarios complete.
+    """
     pending: dict[str, _Pending] = {}
     for scenario in scenarios:
         where = out / scenario.name
         where.mkdir(parents=True, exist_ok=True)
-        trace_path = where / "trace.jsonl"
-        make_trace(scenario.name, quick, where).write_jsonl(trace_path)
         config = with_sample_interval(ExperimentConfig(), scenario.sample_interval)
         config = replace(config, sim=replace(config.sim,
                                              plugin_configuration=scenario.filter_config))
-        pending[scenario.name] = _Pending(scenario, where, trace_path, config, [], {})
+        pending[scenario.name] = _Pending(scenario, where, where / "trace.jsonl", config, [], {})
     jobs = max(1, jobs or multiprocessing.cpu_count())
     summaries: dict[str, pd.DataFrame] = {}
     bar = None
@@ -289,35 +315,44 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
         bar = tqdm(total=0, unit="run", desc="standard set")
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futures: dict[concurrent.futures.Future[PolicyRun], str] = {}
+        futures: dict[concurrent.futures.Future[Any], tuple[str, str]] = {}
 
         def submit(name: str, specs: Sequence[str]) -> None:
             p = pending[name]
             for spec in specs:
                 p.specs.append(spec)
-                futures[pool.submit(run_in_worker, (p.trace_path, spec, p.config))] = name
+                futures[pool.submit(run_in_worker, (p.trace_path, spec, p.config))] = (name,
+                                                                                       "run")
             if bar is not None:
                 bar.total += len(specs)
                 bar.refresh()
 
-        # Every `none` first: the thresholds and the oracle wait for its peak.
-        for name in pending:
-            submit(name, ["none"])
-        for name, p in pending.items():
-            submit(name, _first_specs(p.scenario, quick)[1:])
+        for p in sorted(pending.values(), key=lambda p: _heavy_first(p.scenario)):
+            futures[pool.submit(build_trace, (p.scenario.name, quick, p.out))] = (
+                p.scenario.name, "trace")
         while futures:
             done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
             for future in done:
-                name = futures.pop(future)
-                run = future.result()
+                name, task = futures.pop(future)
                 p = pending[name]
-                p.runs[run.policy] = run
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} {run.policy}")
-                    bar.update()
-                if run.policy == "none":
-                    submit(name, _second_specs(p.scenario, quick, run))
-                if len(p.runs) == len(p.specs):
+                if task == "trace":
+                    future.result()
+                    submit(name, _first_specs(p.scenario, quick))
+                    continue
+                if task == "limit":
+                    p.limit = future.result()
+                else:
+                    run = future.result()
+                    p.runs[run.policy] = run
+                    if bar is not None:
+                        bar.set_postfix_str(f"{name} {run.policy}")
+                        bar.update()
+                    if run.policy == "none":
+                        submit(name, _second_specs(p.scenario, quick, run))
+                        futures[pool.submit(limit_in_worker,
+                                            (run, p.trace_path, p.scenario.ttl_s))] = (name,
+                                                                                       "limit")
+                if len(p.runs) == len(p.specs) and p.limit is not None:
                     summaries[name] = _report(p, quick)
     if bar is not None:
         bar.close()
@@ -335,11 +370,10 @@ def _report(p: _Pending, quick: bool) -> pd.DataFrame:
     oracle = next(spec for spec in order if spec.startswith("oracle"))
     main = ["none", *fixed[-2:], *thresholds[-1:], "ratio", "adaptive", oracle,
             *_warm_specs(scenario, quick)]
-    trace = Trace.read_jsonl(p.trace_path)
-    limit = limit_table(p.runs["none"], trace, scenario.ttl_s)
-    limit.to_csv(p.out / "limit.csv", index=False)
+    assert p.limit is not None
+    p.limit.to_csv(p.out / "limit.csv", index=False)
     return write_report(runs, p.config, p.out, scenario.heading(quick), main_policies=main,
-                        limit=limit)
+                        limit=p.limit)
 
 
 def limit_table(none: PolicyRun, trace: Trace, ttl_s: float) -> pd.DataFrame:

@@ -9,7 +9,13 @@ import pytest
 from scenarios.__main__ import main as scenarios_main
 from scenarios.__main__ import split_policies
 from scenarios.basic import BasicParams, basic_trace
-from scenarios.experiment import SERIES_COLUMNS, ExperimentConfig, run_policies, summary_table
+from scenarios.experiment import (
+    SERIES_COLUMNS,
+    ExperimentConfig,
+    load_trace,
+    run_policies,
+    summary_table,
+)
 from scenarios.report import safe_name, write_report
 from scenarios.simulate import SimConfig
 from scenarios.trace import Event, Trace
@@ -139,3 +145,14 @@ def test_experiment_filter_config_errors(tmp_path, capsys, value, message) -> No
     assert scenarios_main(["experiment", "--trace", str(trace), "--out", str(tmp_path / "o"),
                            "--filter-config", value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_worker_parses_a_trace_once_while_it_is_unchanged(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    small_trace().write_jsonl(path)
+    first = load_trace(path)
+    assert load_trace(path) is first  # parsed once: runs of one trace share it
+    shorter = Trace.from_events(small_trace().events[:10])
+    shorter.write_jsonl(path)
+    again = load_trace(path)
+    assert again is not first and again.events == shorter.events

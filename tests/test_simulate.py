@@ -9,7 +9,7 @@ import pandas as pd
 from scenarios.__main__ import main as scenarios_main
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.fig4 import FIG4_COLUMNS, run_fig4
-from scenarios.simulate import SAMPLE_COLUMNS, SimConfig, simulate
+from scenarios.simulate import SAMPLE_COLUMNS, SimConfig, SimResult, sample_frame, simulate
 from scenarios.trace import Event, Trace
 
 
@@ -109,3 +109,38 @@ def test_warm_restarts_keep_the_hit_rate_and_auth_calls_of_none(tmp_path) -> Non
     before = warm.restarts["allocated_bytes_before"]
     assert (warm.restarts["allocated_bytes_after"] <= before).all()
     assert (warm.restarts["allocated_bytes_after"] < before).any()
+
+
+def test_the_experiments_fast_path_records_the_same_run() -> None:
+    """Without a row per request (what experiments run), a run with a restarting controller
+    gives the same samples, the same controller input and the same counts as with them."""
+    trace = basic_trace(BasicParams(count=60))
+
+    def run(request_log: bool) -> tuple[SimResult, list[pd.DataFrame]]:
+        seen: list[pd.DataFrame] = []
+
+        def controller(samples: pd.DataFrame, now: float) -> list[str]:
+            seen.append(samples)
+            return ["shop.example"] if len(seen) in (3, 7) else []
+
+        config = SimConfig(sample_interval=1.0, decision_interval=10.0, request_log=request_log)
+        return simulate(trace, config, controller), seen
+
+    (full, full_seen), (fast, fast_seen) = run(True), run(False)
+    pd.testing.assert_frame_equal(full.samples, fast.samples)
+    assert len(full_seen) == len(fast_seen) > 7
+    for a, b in zip(full_seen, fast_seen, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    assert fast.requests.empty and fast.request_count == full.request_count == len(full.requests)
+    assert fast.auth_requests == full.auth_requests and len(fast.restarts) == 2
+
+
+def test_sample_frame_types_columns_as_pandas_does() -> None:
+    """Numeric columns through numpy, the rest (strings, None) inferred by pandas: the same
+    frame as pandas makes from the rows."""
+    base = ["p", 1.5, "i", "t", 0, 1.0, 1, 65536, 3, 1, 2, 2048, "running", 0, 1, 2, 0, 0]
+    rows = [tuple(base), (*base[:10], None, None, *base[12:]),
+            (*base[:4], 1, *base[5:12], "down", *base[13:])]
+    for some in (rows, rows[:1], rows[1:2]):
+        expected = pd.DataFrame(some, columns=SAMPLE_COLUMNS)
+        pd.testing.assert_frame_equal(sample_frame(some), expected)

@@ -377,7 +377,8 @@ class Vm:
         """Run `proxy_on_tick` on the root context."""
         if self._on_tick is not None:
             self.raw.arm(self.deadline)
-            self.call(self._on_tick, ROOT_CONTEXT_ID)
+            _active[0] = self  # as `call` does, on the one-parameter path (a tick a second)
+            self.raw.call1(self._on_tick, ROOT_CONTEXT_ID)
 
     # ---- linear memory -----------------------------------------------------------------------
 
