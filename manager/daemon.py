@@ -740,8 +740,6 @@ class Daemon:
         with the policy's columns (a field a document lacks is NaN)."""
         try:
             db = self._db_sync()
-            if is_embedded(db):
-                return self._read_embedded(db, after)
             if after == -math.inf and self.config.backfill_s is not None:
                 newest = list(db[SAMPLES].find({}, {"time": 1, "_id": 0})
                               .sort("time", -1).limit(1))
@@ -754,33 +752,12 @@ class Daemon:
             self._drop_db()
             raise StoreError(self._store_message("read samples from", e)) from e
 
-    def _read_embedded(self, db: Database, after: float) -> pd.DataFrame:
-        """The embedded store decodes every document of a collection for any query; its query
-        filter and projection then cost more than the decoding (montydb: 3× for 1,000 of 10,000
-        samples), so read everything plainly and filter here, keeping only the matches."""
-        docs = db[SAMPLES].find({})
-        if after == -math.inf and self.config.backfill_s is not None:
-            rows = [d for d in docs if isinstance(d.get("time"), int | float)]
-            if rows:
-                after = max(float(d["time"]) for d in rows) - self.config.backfill_s
-                rows = [d for d in rows if d["time"] > after]
-        else:
-            rows = [d for d in docs
-                    if isinstance(t := d.get("time"), int | float) and t > after]
-        if not rows:
-            return pd.DataFrame(columns=self._read_columns)
-        return pd.DataFrame.from_records(rows).reindex(columns=self._read_columns)
-
     def _db_sync(self) -> Database:
         if self._db is None:
             db = open_store(self.config.store, self.config.database,
                             timeout=self.config.timeout_s)
             try:
-                ensure_indexes(db)
-                if not is_embedded(db):
-                    # Each pass asks for time > cursor over all instances: that needs an index
-                    # on time alone ((instance, time) serves per-instance queries only).
-                    db[SAMPLES].create_index("time")
+                ensure_indexes(db)  # also `time` alone: each pass asks for time > cursor
             except Exception:
                 close_store(db)
                 raise

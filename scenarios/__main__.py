@@ -505,7 +505,7 @@ def _auth_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
         default=".wasm-reclaim/auth-store",
-        help="mongodb://… URI, or a directory for the embedded store (montydb, SQLite)",
+        help="mongodb://… URI, or a directory for the embedded store (SQLite)",
     )
     p.add_argument("--no-store", action="store_true", help="keep users and tokens in memory only")
     p.add_argument("--database", default="wasm_reclaim", help="database name in the store")

@@ -15,15 +15,14 @@ Tokens are ``secrets.token_urlsafe(32)``; only their SHA-256 hex digest (``hash`
 logged. Collections (SPEC §8): ``users {name, created}`` and ``tokens {hash, user, issued,
 revoked, revoked_at?}``. A token is valid for ``token_lifetime`` (default a day) after issue.
 
-Design choice, because montydb (the embedded store) scans a whole collection in pure Python for
-every query (~90 ms per lookup at 3,000 tokens here): **memory is authoritative, the store is
-written behind.** At start-up the server deletes revoked and expired tokens from the store and
-loads the rest, and the users; requests are answered from memory, so ``/verify`` never waits
-for the store. Writes go in order through one writer thread that collects them for 0.2 s and
-applies them in batches (n revocations are one ``update_many``), retries while the store is
-away and flushes on SIGTERM/SIGINT; ``/stats`` shows ``pending_writes``. Consequences: run one
-auth server per store (tokens written into the store by another process after start-up are not
-seen), and a SIGKILL loses the last 0.2 s of writes.
+Design choice, so that ``/verify`` never waits for a store (a server far away, or busy):
+**memory is authoritative, the store is written behind.** At start-up the server deletes
+revoked and expired tokens from the store and loads the rest, and the users; requests are
+answered from memory. Writes go in order through one writer thread that collects them for
+0.2 s and applies them in batches (n revocations are one ``update_many``), retries while the
+store is away and flushes on SIGTERM/SIGINT; ``/stats`` shows ``pending_writes``.
+Consequences: run one auth server per store (tokens written into the store by another process
+after start-up are not seen), and a SIGKILL loses the last 0.2 s of writes.
 
 **Shop** (``python -m scenarios shop``): the upstream behind the proxy. Any ``GET`` → 200 with a
 small HTML product page, ``/logout`` and any other method → 200 JSON. ``GET /_shop/stats`` →
@@ -123,7 +122,7 @@ def coalesce(writes: list[Write]) -> list[tuple[str, list[Write]]]:
     Collections are independent, so the writes are first split by collection (in order of
     first appearance); within one collection the order is kept and consecutive inserts become
     one ``insert_many``, consecutive updates that set the same fields one ``update_many`` with
-    ``$in`` (montydb scans the whole collection per query: n scans become one).
+    ``$in`` (n queries become one).
     """
     by_collection: dict[str, list[Write]] = {}
     for w in writes:
@@ -304,8 +303,8 @@ class AuthService:
     def load(self) -> None:
         """Create the indexes, delete revoked and expired tokens, read the rest (blocking).
 
-        Revoked tokens can never be valid again, and montydb's cost grows with the collection,
-        so they are dropped at start-up rather than kept forever.
+        Revoked tokens can never be valid again, so they are dropped at start-up rather than
+        kept forever.
         """
         if self.db is None:
             return
@@ -313,12 +312,11 @@ class AuthService:
         self.db.tokens.create_index("hash", unique=True)
         drop: dict[str, Any] = {"revoked": True}
         if self.token_lifetime is not None:
-            # naive UTC: montydb cannot compare its stored (naive) times with aware ones,
-            # pymongo takes naive times as UTC
+            # naive UTC, as pymongo and the embedded store give stored times back
             cutoff = datetime.fromtimestamp(self._clock() - self.token_lifetime, UTC)
             cutoff = cutoff.replace(tzinfo=None)
             drop = {"$or": [drop, {"issued": {"$lt": cutoff}}]}
-        if "tokens" in self.db.list_collection_names():  # montydb: no delete on a new one
+        if "tokens" in self.db.list_collection_names():
             self.purged = int(self.db.tokens.delete_many(drop).deleted_count)
         for doc in self.db.users.find({}, {"name": 1}):
             self.users.add(str(doc["name"]))

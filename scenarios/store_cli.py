@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TextIO
 
 import pymongo.errors
@@ -14,6 +13,7 @@ import pymongo.errors
 from addons.telemetry.store import (
     Database,
     close_store,
+    embedded_exists,
     is_mongo_uri,
     open_store,
     read_frame,
@@ -26,7 +26,7 @@ from scenarios.trace import ScenarioError
 def opened(store: str, database: str, timeout: float) -> Iterator[Database]:
     """The store, opened for reading: an embedded store must exist (reading never creates
     one), and a server that does not answer is a one-line error."""
-    if not is_mongo_uri(store) and not (Path(store).expanduser() / ".monty.storage").exists():
+    if not is_mongo_uri(store) and not embedded_exists(store, database):
         raise ScenarioError(f"no embedded store at {store} (give --store: a directory the "
                             f"addon's wasm_store wrote, or a mongodb:// URI)")
     try:

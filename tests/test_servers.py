@@ -1,6 +1,6 @@
 """The auth server and the shop: pure helpers in-process, the servers as real subprocesses.
 
-The auth server runs against the embedded store (montydb) and against FerretDB (the
+The auth server runs against the embedded store and against FerretDB (the
 `mongo_uri` fixture), each test in its own database.
 """
 
@@ -306,9 +306,9 @@ def read_db(store: str, database: str) -> dict[str, list[dict[str, Any]]]:
 
         client: Any = pymongo.MongoClient(store, serverSelectionTimeoutMS=5000)
     else:
-        import montydb
+        from addons.telemetry.embedded import EmbeddedClient
 
-        client = montydb.MontyClient(store)
+        client = EmbeddedClient(Path(store))
     try:
         db = client[database]
         return {c: list(db[c].find({})) for c in ("users", "tokens")}

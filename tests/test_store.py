@@ -7,13 +7,14 @@ import multiprocessing
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import montydb
 import pandas as pd
 import pytest
-from pymongo.errors import ConnectionFailure, DuplicateKeyError
+from bson import ObjectId
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
 
 from addons.telemetry import store as st
 
@@ -83,7 +84,8 @@ def test_open_store_creates_the_embedded_store(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b"
     db = st.open_store(str(path))
     assert st.is_embedded(db) and db.name == st.DATABASE
-    assert (path / ".monty.storage").read_text() == "sqlite"
+    assert (path / "wasm_reclaim.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o700
     db.samples.insert_many([sample("x", 1.0)])
     st.close_store(db)
     again = st.open_store(str(path), "other")
@@ -92,10 +94,11 @@ def test_open_store_creates_the_embedded_store(tmp_path: Path) -> None:
     assert st.open_store(str(path)).samples.count_documents({}) == 1
 
 
-def test_open_store_refuses_another_montydb_engine(tmp_path: Path) -> None:
-    montydb.set_storage(str(tmp_path), storage="flatfile")
-    with pytest.raises(ValueError, match="'flatfile' engine"):
+def test_open_store_refuses_an_old_montydb_store_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".monty.storage").write_text("sqlite")  # what montydb left there
+    with pytest.raises(ValueError, match=r"older wasm-reclaim \(montydb\).*move it aside") as e:
         st.open_store(str(tmp_path))
+    assert "\n" not in str(e.value)
 
 
 def test_an_unreachable_server_fails_on_first_use_within_the_timeout() -> None:
@@ -110,16 +113,14 @@ def test_an_unreachable_server_fails_on_first_use_within_the_timeout() -> None:
 
 
 def test_ensure_indexes(db: st.Database) -> None:
-    made = st.ensure_indexes(db)
-    assert st.ensure_indexes(db) == made  # idempotent
+    st.ensure_indexes(db)
+    st.ensure_indexes(db)  # idempotent
     if st.is_embedded(db):
-        assert made is False  # montydb has no indexes; the collections exist
         assert set(db.list_collection_names()) >= set(st.COLLECTIONS)
-        return
-    assert made is True
     for name in st.BY_INSTANCE_TIME:
         keys = [list(ix["key"].items()) for ix in db[name].list_indexes()]
         assert [("proxy", 1), ("instance", 1), ("time", 1)] in keys, name
+        assert [("time", 1)] in keys, name
     db.users.insert_one({"name": "alice"})
     with pytest.raises(DuplicateKeyError):
         db.users.insert_one({"name": "alice"})
@@ -160,31 +161,99 @@ def test_delete_before(db: st.Database) -> None:
     assert st.delete_before(db, "never_written", 1.0) == 0
 
 
-def test_the_embedded_store_reads_what_insert_new_wrote(tmp_path: Path) -> None:
-    """insert_new writes montydb's SQLite layout directly: montydb must see exactly that."""
-    import montydb.errors
+def test_queries_mean_the_same_on_both_stores(db: st.Database) -> None:
+    """The part of MongoDB's query language we use, on FerretDB and on the embedded store
+    (which runs some conditions in SQL and the rest in Python): the same answers."""
+    when = datetime(2026, 11, 29, 12, 0, 0)
+    db.samples.insert_many([
+        sample("a", 1.0) | {"_id": "a1", "issued": when, "hit": True},
+        sample("a", 2.0) | {"_id": "a2", "issued": when + timedelta(hours=1), "hit": 1},
+        sample("b", 3.0) | {"_id": "b3", "nested": {"x": [1, None, "é"]}},
+        {"_id": "t", "time": "2.5", "instance": "a"},  # a string never compares with numbers
+        {"_id": 7, "time": 4, "instance": "c", "generation": None},
+    ])
 
+    def ids(query: dict[str, Any], **kw: Any) -> list[Any]:
+        return [d["_id"] for d in db.samples.find(query, {"_id": 1}, **kw)]
+
+    assert sorted(ids({"time": {"$gt": 1.5}}), key=str) == [7, "a2", "b3"]
+    assert sorted(ids({"time": {"$gte": "2"}}), key=str) == ["t"]
+    assert ids({"instance": "a", "time": {"$lte": 2}}, sort=[("time", -1)]) == ["a2", "a1"]
+    assert sorted(ids({"instance": {"$in": ["b", "c"]}}), key=str) == [7, "b3"]
+    assert sorted(ids({"time": {"$in": [4, "2.5"]}}), key=str) == [7, "t"]
+    assert ids({"_id": 7}) == [7] and ids({"_id": {"$in": ["a1", "zz"]}}) == ["a1"]
+    assert sorted(ids({"$or": [{"instance": "b"}, {"time": 4}]}), key=str) == [7, "b3"]
+    assert sorted(ids({"instance": {"$ne": "a"}}), key=str) == [7, "b3"]
+    assert ids({"nested": {"$exists": True}}) == ["b3"]
+    assert ids({"nested.x": "é"}) == ["b3"]
+    assert ids({"hit": True}) == ["a1"] and ids({"hit": 1}) == ["a2"]
+    assert ids({"generation": None, "instance": "c"}) == [7]
+    assert ids({"issued": {"$lt": when + timedelta(minutes=30)}}) == ["a1"]
+    assert ids({"time": {"$gt": 0}}, sort=[("time", 1)], limit=2) == ["a1", "a2"]
+    assert [d["time"] for d in db.samples.find({"instance": "a"}).sort("time", -1).limit(1)
+            ] == ["2.5"]  # a string sorts after the numbers
+    got = db.samples.find_one({"_id": "b3"}, {"nested": 1, "_id": 0})
+    assert got == {"nested": {"x": [1, None, "é"]}}
+    assert db.samples.find_one({"_id": "a1"})["issued"] == when  # type: ignore[index]
+    assert db.samples.count_documents({"instance": "a"}) == 3
+    assert db.samples.count_documents({"instance": "a", "hit": {"$exists": False}}) == 1
+
+
+def test_writes_mean_the_same_on_both_stores(db: st.Database) -> None:
+    db.leases.insert_one({"_id": "m", "holder": "x", "expires": 5.0})
+    with pytest.raises(DuplicateKeyError):
+        db.leases.insert_one({"_id": "m"})
+    assert db.leases.update_one({"_id": "m", "holder": "y"}, {"$set": {"expires": 9.0}}
+                                ).matched_count == 0
+    done = db.leases.update_one({"_id": "m", "expires": {"$lt": 6}},
+                                {"$set": {"holder": "y"}, "$inc": {"n": 2}})
+    assert (done.matched_count, done.modified_count) == (1, 1)
+    assert db.leases.find_one({"_id": "m"}) == {"_id": "m", "holder": "y", "expires": 5.0,
+                                                "n": 2}
+    up = db.leases.update_one({"_id": "new"}, {"$set": {"holder": "z"}}, upsert=True)
+    assert up.upserted_id == "new"
+    assert db.leases.find_one({"_id": "new"}, {"_id": 0}) == {"holder": "z"}
+    db.leases.replace_one({"_id": "new"}, {"holder": "w"}, upsert=True)
+    assert db.leases.find_one({"_id": "new"}) == {"_id": "new", "holder": "w"}
+    assert db.leases.update_many({"holder": {"$in": ["w", "y"]}}, {"$unset": {"n": ""}}
+                                 ).matched_count == 2
+    assert db.leases.delete_one({"holder": {"$exists": True}}).deleted_count == 1
+    assert db.leases.count_documents({}) == 1
+    st.ensure_indexes(db)
+    db.tokens.insert_one({"hash": "h", "issued": datetime(2026, 1, 1)})
+    with pytest.raises(BulkWriteError) as e:  # unordered: the rest go in, the duplicate is named
+        db.tokens.insert_many([{"hash": "g"}, {"hash": "h"}, {"hash": "i"}], ordered=False)
+    assert e.value.details["nInserted"] == 2
+    assert [(w["index"], w["code"]) for w in e.value.details["writeErrors"]] == [(1, 11000)]
+    assert db.tokens.delete_many({"$or": [{"hash": "g"}, {"issued": {
+        "$lt": datetime(2026, 2, 1, tzinfo=UTC)}}]}).deleted_count == 2
+    assert [d["hash"] for d in db.tokens.find({})] == ["i"]
+
+
+def test_the_embedded_store_answers_the_managers_query_from_an_index(tmp_path: Path) -> None:
     db = st.open_store(str(tmp_path / "store"))
-    docs = [sample("a", float(t), nested={"x": [1, None, "é"]}) | {"_id": f"id-{t}"}
-            for t in range(50)]
-    assert st.insert_new(db, st.SAMPLES, [dict(d) for d in docs]) == st.Delivery(50, 0)
-    assert db.samples.find_one({"_id": "id-7"}) == docs[7]
-    assert db.samples.count_documents({"time": {"$gte": 40.0}, "instance": "a"}) == 10
-    with pytest.raises(montydb.errors.DuplicateKeyError):  # the same key encoding
-        db.samples.insert_one({"_id": "id-3"})
-    db.samples.insert_one({"_id": "by-monty", "time": 99.0, "instance": "b"})
-    assert st.insert_new(db, st.SAMPLES, [{"_id": "by-monty"}, {"_id": "new"}]) == st.Delivery(
-        1, 1)
-    assert db.samples.delete_many({"_id": {"$in": ["id-1", "id-2"]}}).deleted_count == 2
-    assert st.embedded_ids_present(db, st.SAMPLES, ["id-1", "id-3", "by-monty", "nope"]) == {
-        "id-3", "by-monty"}
-    assert st.embedded_ids_present(db, "never_written", ["id-3"]) == set()
-    # samples_since filters in SQL: the same frame as montydb's query engine gives
-    db.samples.insert_one({"_id": "text-time", "time": "60", "instance": "a"})
-    fast = st.samples_since(db, 30.0)
-    slow = st.read_frame(db, st.SAMPLES, {"time": {"$gt": 30.0}}).sort_values(
-        ["instance", "time"], ignore_index=True)
-    pd.testing.assert_frame_equal(fast[sorted(fast.columns)], slow[sorted(slow.columns)])
+    st.ensure_indexes(db)
+    conn = db.conn  # type: ignore[attr-defined]
+    from addons.telemetry.embedded import split_filter
+
+    where, params, rest = split_filter({"time": {"$gt": 5.0}})
+    assert rest == {}
+    plan = " ".join(str(row) for row in conn.execute(
+        f'EXPLAIN QUERY PLAN SELECT doc FROM "c:samples" WHERE {where}', params))
+    assert "USING INDEX" in plan and "i:samples:time_1" in plan, plan
+    st.close_store(db)
+
+
+def test_the_embedded_store_keeps_what_json_lacks(tmp_path: Path) -> None:
+    db = st.open_store(str(tmp_path / "store"))
+    doc = {"_id": ObjectId(), "when": datetime(2026, 11, 29, 23, 0, 0, 123000),
+           "aware": datetime(2026, 11, 29, 23, 0, tzinfo=UTC), "raw": b"\x00\xff",
+           "nan": math.nan, "inf": -math.inf, "text": '{"$date": 1}'}
+    db.misc.insert_one(doc)
+    got = db.misc.find_one({"_id": doc["_id"]})
+    assert got is not None and got["_id"] == doc["_id"] and got["when"] == doc["when"]
+    assert got["aware"] == datetime(2026, 11, 29, 23, 0) and got["raw"] == b"\x00\xff"
+    assert math.isnan(got["nan"]) and got["inf"] == -math.inf and got["text"] == doc["text"]
     st.close_store(db)
 
 
@@ -274,7 +343,7 @@ def _reader(path: str, ready: Any, done: Any, out: Any) -> None:
             if counts and min(len(docs), n) < counts[-1]:
                 problems.append(f"count went back from {counts[-1]} to {min(len(docs), n)}")
             counts.append(max(len(docs), n))
-            frame = st.samples_since(db, -1.0)  # through SQLite directly
+            frame = st.samples_since(db, -1.0)  # through the time index
             if len(frame) % BATCH or len(frame) < counts[-1]:
                 problems.append(f"samples_since: {len(frame)} rows after {counts[-1]}")
             if finished:

@@ -8,7 +8,7 @@ separate process, the *shipper*, delivers it:
     proxy (asyncio loop)                          shipper process
     MetricsLog.write() ── buffer ── flush() ──▶ spool/ ──▶ insert_many ──▶ store
       O(1), no I/O          once a second,        ready       idempotent      MongoDB,
-                            in a thread           segments    by `_id`        FerretDB, montydb
+                            in a thread           segments    by `_id`        FerretDB, SQLite
 
 Spool format
 ------------

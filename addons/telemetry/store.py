@@ -4,30 +4,17 @@ A store is named by one string (the `wasm_store` option, or the shipper's `--sto
 
 - `mongodb://…` or `mongodb+srv://…`: a MongoDB-protocol server (MongoDB, FerretDB) through
   pymongo;
-- anything else: a directory holding the *embedded store*, montydb with its SQLite engine (one
-  SQLite file per collection, WAL journal). It speaks the subset of pymongo's API we use:
-  `insert_one`/`insert_many`, `find` (query, projection, sort), `count_documents`,
-  `delete_many`, `drop_collection`. It has no secondary indexes (its `create_index` does
-  nothing) and every query decodes every document of the collection in Python (about 0.9 s
-  per 20k documents), so keep its collections small: the shipper's `--retention` does that.
+- anything else: a directory holding the *embedded store* (`addons/telemetry/embedded.py`):
+  MongoDB-style collections in one SQLite file per database, in a documented layout of ours
+  (README, "What is stored"), with pymongo's API, results and errors for what we use, and the
+  same indexes as on a server (JSON-expression indexes), so the manager's queries are answered
+  from an index there too.
 
-Where montydb is slow in ways that grow with the collection, this module goes to its SQLite
-files directly, in montydb's own layout (table `documents(k, v)`, k the `_id` in montydb's key
-encoding, v the document as JSON), so montydb reads the result as its own:
-- `insert_new` (the shipper's writes): `INSERT OR IGNORE` in one transaction, where montydb's
-  `insert_many` costs time proportional to the stored documents for each new one;
-- `delete_before` (retention) and `samples_since` (the manager's reads): filters with SQLite's
-  JSON functions, without decoding every document.
-Each falls back to montydb's API for a store montydb set up for BSON. The tests check that
-montydb reads, finds, deletes and refuses duplicates of what these write.
+Concurrency: any number of processes read the embedded store while others write (SQLite's WAL
+journal; `tests/test_store.py` checks it); writers take turns.
 
-Concurrency: the embedded store is safe for one writer process per collection (the shipper for
-the metrics, the auth server for `users` and `tokens`) and any number of reader processes
-(`tests/test_store.py` checks it). One montydb client must not be shared between threads: each
-thread opens its own.
-
-Both kinds of database are typed as pymongo's `Database`; montydb's is untyped and duck-types
-the subset above.
+Both kinds of database are typed as pymongo's `Database`; the embedded store's duck-types the
+subset we use.
 
 Readers get pandas frames (`read_frame`, `samples_since`); pandas is imported on first use so
 the shipper process stays small.
@@ -35,16 +22,11 @@ the shipper process stays small.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
-import sqlite3
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import pymongo
 from bson.errors import InvalidDocument
@@ -83,8 +65,7 @@ TIME_SERIES: Final = (SAMPLES, REQUESTS, AUTH_CALLS)
 UNIQUE_KEYS: Final = ((USERS, "name"), (TOKENS, "hash"))
 
 MONGO_SCHEMES: Final = ("mongodb://", "mongodb+srv://")
-EMBEDDED_ENGINE: Final = "sqlite"
-_MONTY_IDENT: Final = ".monty.storage"  # montydb's file naming a repository's engine
+_MONTY_IDENT: Final = ".monty.storage"  # in the store directory of wasm-reclaim before 2026-11
 
 # Query-string options of a MongoDB URI whose values are secrets.
 _SECRET_OPTIONS: Final = ("password", "secret", "token", "authmechanismproperties")
@@ -135,8 +116,8 @@ def open_store(store: str, database: str = DATABASE, *, timeout: float = 5.0) ->
     For a URI, `timeout` (seconds) bounds server selection and connecting; pymongo connects
     lazily, so an unreachable server shows on the first operation as a
     `pymongo.errors.ConnectionFailure`, never here. For a path, the directory is created with
-    the SQLite engine if needed and made private (mode 0700); a directory holding a montydb
-    store with another engine is a `ValueError`, and so is an empty `store`. Close with
+    its SQLite file if needed and made private (mode 0700); a directory holding an old montydb
+    store is a one-line `ValueError`, and so is an empty `store`. Close with
     `close_store`.
     """
     if not store:
@@ -150,42 +131,27 @@ def open_store(store: str, database: str = DATABASE, *, timeout: float = 5.0) ->
     return _open_embedded(Path(store).expanduser().resolve(), database)
 
 
-def _open_embedded(path: Path, database: str) -> Database:
-    import montydb
+def embedded_exists(store: str, database: str = DATABASE) -> bool:
+    """Whether directory `store` holds database `database` of the embedded store (or an old
+    montydb store, which `open_store` then names)."""
+    from addons.telemetry.embedded import SUFFIX
 
+    path = Path(store).expanduser()
+    return (path / f"{database}{SUFFIX}").is_file() or (path / _MONTY_IDENT).exists()
+
+
+def _open_embedded(path: Path, database: str) -> Database:
+    from addons.telemetry.embedded import EmbeddedClient
+
+    if (path / _MONTY_IDENT).exists():
+        raise ValueError(f"{path} holds a store of an older wasm-reclaim (montydb), which this "
+                         "one no longer reads: move it aside or delete it")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: documents and token hashes
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
-    ident = path / _MONTY_IDENT
-    if not ident.exists():
-        # Two processes may create the store at once (the shipper and the auth server):
-        # montydb writes its two configuration files non-atomically, so serialize that.
-        with (path / ".create.lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not ident.exists():
-                montydb.set_storage(os.fspath(path), storage=EMBEDDED_ENGINE)
-                _private_files(path)
-    engine = ident.read_text().strip()
-    if engine != EMBEDDED_ENGINE:
-        raise ValueError(f"{path} is a montydb store with the {engine!r} engine; wasm-reclaim "
-                         f"needs {EMBEDDED_ENGINE!r} (safe for concurrent processes)")
-    db: Database = montydb.MontyClient(os.fspath(path))[database]
-    return db
-
-
-def _private_files(path: Path) -> None:
-    """Make the files (mode 0600) and folders (0700) under `path` that we own private. SQLite
-    gives a collection's journal files the mode of its database file."""
-    uid = os.getuid()
-    for root, dirs, files in os.walk(path):
-        for names, private in ((dirs, 0o700), (files, 0o600)):
-            for name in names:
-                where = os.path.join(root, name)
-                with contextlib.suppress(OSError):
-                    info = os.lstat(where)
-                    if info.st_uid == uid and info.st_mode & 0o077 and not stat.S_ISLNK(
-                            info.st_mode):
-                        os.chmod(where, private)
+    db: Any = EmbeddedClient(path)[database]
+    db.conn  # noqa: B018  (opens the file: a bad one fails here, not on first use)
+    return cast(Database, db)
 
 
 def close_store(db: Database) -> None:
@@ -194,45 +160,32 @@ def close_store(db: Database) -> None:
 
 
 def is_embedded(db: Database) -> bool:
-    """Whether `db` is the embedded store (montydb) rather than a MongoDB-protocol server."""
+    """Whether `db` is the embedded store rather than a MongoDB-protocol server."""
     return not isinstance(db, _Database)
 
 
-def ensure_indexes(db: Database) -> bool:
-    """Create the indexes the manager and the auth server rely on; idempotent.
-
-    On a server: (proxy, instance, time) on `BY_INSTANCE_TIME`, unique `users.name` and
-    `tokens.hash`.
-    The embedded store has no indexes: there the collections are only created (so readers in
-    other processes never meet a half-created SQLite file) and False is returned. Raises
-    pymongo's errors when the server is unreachable.
-    """
+def ensure_indexes(db: Database) -> None:
+    """Create the collections and the indexes the manager and the auth server rely on;
+    idempotent. (proxy, instance, time) and time alone on `BY_INSTANCE_TIME` (the manager asks
+    for new samples of every instance: time > its cursor), unique `users.name` and
+    `tokens.hash`. Raises pymongo's errors when the server is unreachable."""
     if is_embedded(db):
-        existing = set(db.list_collection_names())
+        embedded: Any = db
         for name in COLLECTIONS:
-            if name not in existing:
-                try:
-                    db.create_collection(name)
-                except Exception:  # another process created it meanwhile (montydb or sqlite3)
-                    if name not in db.list_collection_names():
-                        raise
-        repository: Any = db.client.address  # montydb's: the store's directory
-        _private_files(Path(repository))
-        return False
+            embedded[name].create()
     for name in BY_INSTANCE_TIME:
         db[name].create_index([("proxy", pymongo.ASCENDING), ("instance", pymongo.ASCENDING),
                                ("time", pymongo.ASCENDING)])
+        db[name].create_index("time")
     for name, key in UNIQUE_KEYS:
         db[name].create_index(key, unique=True)
-    return True
 
 
 # ---- writing ------------------------------------------------------------------------------
 
 
 def valid_collection_name(name: str) -> bool:
-    """Whether MongoDB (and montydb, which makes it a file name) accept `name` for a
-    collection of ours."""
+    """Whether MongoDB (and the embedded store) accept `name` for a collection of ours."""
     return (0 < len(name) <= 100 and not name.startswith("system.")
             and not any(ch in name for ch in "$\0/\\"))
 
@@ -298,114 +251,20 @@ def _insert_one_by_one(db: Database, collection: str, docs: list[dict[str, Any]]
 
 
 def _insert_new_embedded(db: Database, collection: str, docs: list[dict[str, Any]]) -> Delivery:
-    """Insert into the embedded store's SQLite file directly, in montydb's own layout.
-
-    montydb's `insert_many` reads every stored key into a list and looks each new `_id` up in
-    it (time grows with the collection: ~5 s per 20k documents once it holds 10k), encodes
-    documents at ~100 µs each, and rolls the whole batch back on a duplicate `_id`. Its
-    storage is one SQLite table per collection, `documents(k PRIMARY KEY, v)`, with k the
-    `_id` through montydb's key encoding and v the document as JSON, which montydb decodes
-    with `json.loads`. So documents go in as `INSERT OR IGNORE` in one transaction: O(log n)
-    per document, and a duplicate is skipped and counted. Documents that are not plain JSON,
-    or a store montydb set up for BSON, go through montydb's own path.
-    """
-    from montydb.types import bson as monty_bson
-
-    if monty_bson.bson_used is False:
-        try:
-            rows = [(monty_bson.id_encode(d["_id"]), _json(d).encode()) for d in docs]
-        except (TypeError, ValueError):
-            pass
-        else:
-            return _insert_rows_embedded(db, collection, rows)
-    return _insert_new_monty(db, collection, docs)
-
-
-_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
-def _embedded_file(db: Database, collection: str) -> Path:
-    """The SQLite file of an embedded-store collection (montydb's layout)."""
-    import montydb.storage.sqlite as monty_sqlite
-
-    repository: Any = db.client.address  # montydb's: the store's directory
-    return Path(repository) / db.name / f"{collection}{monty_sqlite.SQLITE_DB_EXT}"
-
-
-def _insert_rows_embedded(db: Database, collection: str,
-                          rows: list[tuple[bytes, bytes]]) -> Delivery:
-    import montydb.storage.sqlite as monty_sqlite
-
-    path = _embedded_file(db, collection)
-    if not path.exists():
-        with contextlib.suppress(Exception):  # another process may create it meanwhile
-            db.create_collection(collection)  # montydb makes the table, in WAL mode
-    table = monty_sqlite.SQLITE_RECORD_TABLE
-    # mode=rw: never create a file montydb would take for a collection without its table
-    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True,
-                                            timeout=10.0)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        with conn:
-            before = conn.total_changes
-            conn.executemany(f"INSERT OR IGNORE INTO [{table}] (k, v) VALUES (?, ?)", rows)
-            inserted = conn.total_changes - before
-    return Delivery(inserted, len(rows) - inserted)
-
-
-def _insert_new_monty(db: Database, collection: str, docs: list[dict[str, Any]]) -> Delivery:
-    """Through montydb's API. It ignores `ordered=False`: a duplicate against a stored document
-    rolls the whole batch back (sqlite3.IntegrityError), one within the batch stores the
-    documents before it (montydb's BulkWriteError); then the ids already stored are looked up
-    and the rest go in."""
-    import montydb.errors
-
-    coll = db[collection]
+    """One `INSERT OR IGNORE` transaction; if a document cannot be encoded, one by one."""
+    coll: Any = db[collection]
     try:
-        coll.insert_many(docs)
-        return Delivery(len(docs), 0)
-    except (sqlite3.IntegrityError, montydb.errors.BulkWriteError):
-        pass
-    present = embedded_ids_present(db, collection, [d["_id"] for d in docs])
-    fresh: list[dict[str, Any]] = []
-    for doc in docs:
-        if doc["_id"] not in present:
-            present.add(doc["_id"])
-            fresh.append(doc)
-    if fresh:
-        coll.insert_many(fresh)
-    return Delivery(len(fresh), len(docs) - len(fresh))
-
-
-def embedded_ids_present(db: Database, collection: str, ids: Sequence[Any]) -> set[Any]:
-    """Which of `ids` the embedded store's `collection` holds.
-
-    montydb answers `{"_id": {"$in": ids}}` by comparing every stored document with every id
-    (minutes for 20k against 20k). So this reads the collection's SQLite file directly, one
-    primary-key lookup per id, with montydb's own key encoding; should montydb's layout ever
-    change, it falls back to one scan of the collection's ids.
-    """
-    import montydb.storage.sqlite as monty_sqlite
-    from montydb.types import bson as monty_bson
-
-    wanted = {monty_bson.id_encode(i): i for i in ids}
-    path = _embedded_file(db, collection)
-    if not path.exists():
-        return set()
-    table = monty_sqlite.SQLITE_RECORD_TABLE
-    keys = list(wanted)
-    present: set[Any] = set()
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(f"SELECT k FROM [{table}] WHERE k IN ({marks})", chunk)
-                present.update(wanted[k] for (k,) in rows if k in wanted)
-    except (sqlite3.Error, KeyError, TypeError):
-        stored = {d["_id"] for d in db[collection].find({}, {"_id": 1})}
-        return {i for i in ids if i in stored}
-    return present
+        inserted = coll.insert_new(docs)
+    except (TypeError, ValueError):
+        inserted = 0
+        rejected: list[tuple[dict[str, Any], int]] = []
+        for doc in docs:
+            try:
+                inserted += coll.insert_new([doc])
+            except (TypeError, ValueError):
+                rejected.append((doc, INVALID_DOCUMENT))
+        return Delivery(inserted, len(docs) - inserted - len(rejected), rejected)
+    return Delivery(inserted, len(docs) - inserted)
 
 
 def register(db: Database, collection: str, docs: list[dict[str, Any]],
@@ -445,9 +304,6 @@ def acquire_lease(db: Database, name: str, holder: str, now: float, period: floa
         return True
     except DuplicateKeyError:
         pass
-    except Exception as e:  # montydb's own duplicate error
-        if "duplicate" not in str(e).lower():
-            raise
     renewed = db[LEASES].update_one({"_id": name, "holder": holder},
                                     {"$set": {"expires": expires, "renewed_at": now}})
     if renewed.matched_count:
@@ -499,19 +355,12 @@ def samples_since(db: Database, after_time: float, instance: str | None = None) 
     """`samples` with `time > after_time` (seconds since the epoch), of one instance or all.
 
     Sorted by (instance, time), index 0..n-1. Columns: those of the sample documents (at least
-    `instance` and `time`, also when empty). On the embedded store the filter runs in SQLite
-    (see `_embedded_since`), about ten times faster than montydb's query engine.
+    `instance` and `time`, also when empty). Answered from the `time` index.
     """
-    import pandas as pd
-
-    rows = _embedded_since(db, SAMPLES, after_time, instance) if is_embedded(db) else None
-    if rows is None:
-        query: dict[str, Any] = {"time": {"$gt": after_time}}
-        if instance is not None:
-            query["instance"] = instance
-        frame = read_frame(db, SAMPLES, query)
-    else:
-        frame = pd.DataFrame.from_records(rows).drop(columns="_id", errors="ignore")
+    query: dict[str, Any] = {"time": {"$gt": after_time}}
+    if instance is not None:
+        query["instance"] = instance
+    frame = read_frame(db, SAMPLES, query)
     if frame.empty:
         return frame.reindex(columns=list(dict.fromkeys(["instance", "time", *frame.columns])))
     return frame.sort_values(["instance", "time"], kind="stable", ignore_index=True)
@@ -519,68 +368,5 @@ def samples_since(db: Database, after_time: float, instance: str | None = None) 
 
 def delete_before(db: Database, collection: str, cutoff: float) -> int:
     """Delete the documents of `collection` whose numeric `time` is below `cutoff`; returns
-    how many. On the embedded store this runs in SQLite (montydb's `delete_many` decodes every
-    document in Python: ~1 s per 20k)."""
-    if is_embedded(db):
-        done = _embedded_delete_before(db, collection, cutoff)
-        if done is not None:
-            return done
-    return db[collection].delete_many({"time": {"$lt": cutoff}}).deleted_count
-
-
-# ---- the embedded store in SQL ------------------------------------------------------------
-# montydb keeps a collection as one SQLite table `documents(k, v)` with v the document as
-# JSON (when the store is not set up for BSON). SQLite's JSON functions can then filter on a
-# field without montydb decoding every document. Mongo compares a number only with numbers,
-# so a row matches only where the field is a JSON number.
-
-_NUMERIC_TIME: Final = ("json_type(CAST(v AS TEXT), '$.time') IN ('integer', 'real') "
-                        "AND json_extract(CAST(v AS TEXT), '$.time')")
-
-
-def _embedded_sql_ok(db: Database) -> bool:
-    from montydb.types import bson as monty_bson
-
-    return is_embedded(db) and monty_bson.bson_used is False
-
-
-def _embedded_since(db: Database, collection: str, after_time: float,
-                    instance: str | None) -> list[dict[str, Any]] | None:
-    """The documents with a numeric `time > after_time` (and `instance`, if given), or None
-    when SQL can't be used here."""
-    import montydb.storage.sqlite as monty_sqlite
-
-    if not _embedded_sql_ok(db):
-        return None
-    path = _embedded_file(db, collection)
-    if not path.exists():
-        return []
-    sql = f"SELECT v FROM [{monty_sqlite.SQLITE_RECORD_TABLE}] WHERE {_NUMERIC_TIME} > ?"
-    params: list[Any] = [after_time]
-    if instance is not None:
-        sql += " AND json_extract(CAST(v AS TEXT), '$.instance') = ?"
-        params.append(instance)
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
-            return [json.loads(v) for (v,) in conn.execute(sql, params)]
-    except sqlite3.OperationalError:  # no such table (yet), an older SQLite without JSON
-        return None
-
-
-def _embedded_delete_before(db: Database, collection: str, cutoff: float) -> int | None:
-    import montydb.storage.sqlite as monty_sqlite
-
-    if not _embedded_sql_ok(db):
-        return None
-    path = _embedded_file(db, collection)
-    if not path.exists():
-        return 0
-    sql = f"DELETE FROM [{monty_sqlite.SQLITE_RECORD_TABLE}] WHERE {_NUMERIC_TIME} < ?"
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True,
-                                                timeout=10.0)) as conn, conn:
-            return conn.execute(sql, (cutoff,)).rowcount
-    except sqlite3.OperationalError as e:
-        if "no such" in str(e) or "JSON" in str(e):
-            return None
-        raise
+    how many (answered from the `time` index)."""
+    return int(db[collection].delete_many({"time": {"$lt": cutoff}}).deleted_count)
