@@ -76,7 +76,7 @@ class PolicyRun:
     policy: str
     series: pd.DataFrame
     decisions: pd.DataFrame
-    auth_requests: int
+    verify_requests: int  # the auth server's /verify requests (not the summary's auth_requests)
     elapsed_s: float
     requests: int
 
@@ -111,7 +111,7 @@ def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
         policy=spec,
         series=policy_series(result.samples, estimator),
         decisions=decisions_frame(made),
-        auth_requests=result.auth_requests,
+        verify_requests=result.verify_requests,
         elapsed_s=elapsed,
         requests=result.request_count,
     )

@@ -135,7 +135,9 @@ class SimResult:
     samples: pd.DataFrame
     requests: pd.DataFrame
     restarts: pd.DataFrame
-    auth_requests: int
+    verify_requests: int
+    """Requests the auth server answered on /verify (the summaries' `auth_requests` is another
+    count: the filters' outbound calls, from the samples)."""
     start: float
     """Virtual time of the trace's start, seconds since the epoch."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -328,7 +330,7 @@ class Simulation:
             restarts=restarts,
             auth_calls=pd.DataFrame(self.recorder.auth_calls,
                                     columns=list(records.AUTH_CALL_FIELDS)),
-            auth_requests=self.auth.verified,
+            verify_requests=self.auth.verified,
             start=self.start_ns / 1e9,
             request_count=self.request_count,
         )

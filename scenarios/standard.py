@@ -381,7 +381,8 @@ def limit_table(none: PolicyRun, trace: Trace, ttl_s: float) -> pd.DataFrame:
     params = LimitParams(ttl_s=ttl_s, grid_s=300.0)
     schedules = frontier(instance_models(none.series, trace, params), params)
     duration = float(none.series["time"].max() - none.series["time"].min())
-    return frontier_table(schedules, max(duration, 1.0), none.auth_requests)
+    # the summaries' auth_requests: the filters' outbound calls
+    return frontier_table(schedules, max(duration, 1.0), int(none.series["outbound"].sum()))
 
 
 def run_scenario(scenario: Scenario, out: Path, quick: bool, jobs: int | None,

@@ -61,7 +61,7 @@ def test_series_and_summary_agree(runs, tmp_path) -> None:
         assert row["mean_surplus_mib"] == pytest.approx(per_time["surplus_true"].mean() / 2**20)
         hits, misses = series["hits"].sum(), series["misses"].sum()
         assert row["hit_rate"] == pytest.approx(hits / (hits + misses))
-        assert row["auth_requests"] == series["outbound"].sum() == run.auth_requests
+        assert row["auth_requests"] == series["outbound"].sum() == run.verify_requests
         assert row["restarts"] == series["restarted"].sum()
         assert (series["required_true"] <= series["allocated_bytes"]).all()
 

@@ -106,8 +106,8 @@ def test_tiny_live_run_matches_what_was_sent_and_compares_with_the_simulation(
     assert decided >= 0.95 * sum(e.kind == "request" for e in trace)
     # Every outbound call the samples counted reached the auth server's /verify.
     outbound = int(series["outbound"].sum())
-    assert run.auth_requests > 0
-    assert abs(outbound - run.auth_requests) <= max(2, 0.02 * run.auth_requests)
+    assert run.verify_requests > 0
+    assert abs(outbound - run.verify_requests) <= max(2, 0.02 * run.verify_requests)
 
     config = experiment_config(speed, warmup_s=0.0, min_window_requests=1, hit_window_s=60.0)
     sim = run_policy(trace, run.policy, config)

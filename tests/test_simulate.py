@@ -43,7 +43,7 @@ def test_samples_and_decisions_of_a_small_trace() -> None:
     assert result.samples["hits"].sum() == 1 and result.samples["misses"].sum() == 2
     assert set(result.samples["instance"]) == {"shop", "blog"}  # one instance per host
     assert list(result.requests["decision"]) == ["miss", "hit", "miss", "logout"]
-    assert result.auth_requests == 2
+    assert result.verify_requests == 2
     last = result.samples.groupby("instance").last()
     assert last.loc["shop", "requests"] == 3 and last.loc["shop", "outbound"] == 1
     assert last.loc["shop", "live_entries"] == 0 and last.loc["blog", "live_entries"] == 1
@@ -101,7 +101,7 @@ def test_warm_restarts_keep_the_hit_rate_and_auth_calls_of_none(tmp_path) -> Non
     assert len(warm.restarts) == len(cold.restarts) >= 10
     assert (warm.restarts["mode"] == "warm").all() and warm.restarts["fallback"].isna().all()
     assert (cold.restarts["mode"] == "cold").all()
-    assert warm.auth_requests == none.auth_requests < cold.auth_requests
+    assert warm.verify_requests == none.verify_requests < cold.verify_requests
     decided = ["hit", "miss"]
     assert (warm.requests["decision"].value_counts()[decided]
             == none.requests["decision"].value_counts()[decided]).all()
