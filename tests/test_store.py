@@ -248,12 +248,18 @@ def test_the_embedded_store_keeps_what_json_lacks(tmp_path: Path) -> None:
     db = st.open_store(str(tmp_path / "store"))
     doc = {"_id": ObjectId(), "when": datetime(2026, 11, 29, 23, 0, 0, 123000),
            "aware": datetime(2026, 11, 29, 23, 0, tzinfo=UTC), "raw": b"\x00\xff",
-           "nan": math.nan, "inf": -math.inf, "text": '{"$date": 1}'}
+           "nan": math.nan, "inf": -math.inf, "text": '{"$date": 1}', "big": 2**70,
+           "lone": "caf\udce9", "nested": {"x": [1.5, None, "é"]}}
     db.misc.insert_one(doc)
     got = db.misc.find_one({"_id": doc["_id"]})
     assert got is not None and got["_id"] == doc["_id"] and got["when"] == doc["when"]
     assert got["aware"] == datetime(2026, 11, 29, 23, 0) and got["raw"] == b"\x00\xff"
     assert math.isnan(got["nan"]) and got["inf"] == -math.inf and got["text"] == doc["text"]
+    assert got["big"] == 2**70 and got["lone"] == "caf\udce9" and got["nested"] == doc["nested"]
+    flat = {"_id": "f", "lone": "x\udce9", "big": -(2**70), "time": 1.5}  # orjson refuses these
+    db.misc.insert_one(dict(flat))
+    assert db.misc.find_one({"_id": "f"}) == flat
+    assert db.misc.count_documents({"time": {"$gt": 1.0}}) == 1
     st.close_store(db)
 
 

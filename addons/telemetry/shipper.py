@@ -73,10 +73,10 @@ class Shipper:
     stored again). When the store is away, segments stay, one warning says so, and delivery is
     retried with a back-off of `backoff[0]` seconds doubling to `backoff[1]`.
 
-    `retention` (seconds, 0 = keep all), for the embedded store only, whose queries read
-    every document: every `retention_every` seconds, documents of `store.TIME_SERIES` with
-    `time` older than the newest `time` delivered minus `retention` are deleted. A server keeps
-    everything (use a TTL index there if wanted).
+    `retention` (seconds, 0 = keep all), for the embedded store only (its file on local disk
+    would otherwise grow for ever): every `retention_every` seconds, documents of
+    `store.TIME_SERIES` with `time` older than the newest `time` delivered minus `retention` are
+    deleted. A server keeps everything (use a TTL index there if wanted).
 
     Use one shipper per spool: `run()` holds a lock file in the spool directory.
     """
