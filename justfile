@@ -63,6 +63,8 @@ bench: setup
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.replay
     {{python}} -m tests.bench.manager
+    {{python}} -m tests.bench.manager --instances 10000 --window-seconds 11 --out results/bench/manager-10k.json
+    {{python}} -m tests.bench.tenants
     {{python}} -m tests.bench.warm
 
 # The fault campaign against real processes on 127.0.0.1, its table as in the README (~25 min; `just faults --quick`: a few)

@@ -121,6 +121,14 @@ def tenants_trace(quick: bool, work: Path) -> Trace:
     scale = 0.2 if quick else 1.0
     shops = [("big.example", 2400.0, None, 11), ("small.example", 400.0, None, 12),
              ("sale.example", 1200.0, days - 1, 13)]
+    return shops_trace(shops, days, quick, work, "tenants", "three shops, one filter instance each",
+                       scale=scale)
+
+
+def shops_trace(shops: Sequence[tuple[str, float, int | None, int]], days: int, quick: bool,
+                work: Path, name: str, description: str, *, scale: float = 1.0) -> Trace:
+    """Shops behind one proxy, one instance each: (host, requests per hour, sale day or None,
+    seed) each, generated in EClog format and merged (quick: the four hours of QUICK_WINDOW)."""
     events: list[Event] = []
     for host, rate, spike_day, seed in shops:
         gen = EClogGenParams(days=days, start=date(2019, 12, 1), requests_per_hour=rate * scale,
@@ -132,7 +140,7 @@ def tenants_trace(quick: bool, work: Path) -> Trace:
         events.extend(Event(e.time, e.kind, f"{host}/{e.user}", f"{host}/{e.token}", e.method,
                             e.host, e.path) for e in trace)
     events.sort(key=lambda e: e.time)
-    meta = TraceMeta(name="tenants", description="three shops, one filter instance each",
+    meta = TraceMeta(name=name, description=description,
                      tenants=tuple(h for h, *_ in shops), hosts=tuple(h for h, *_ in shops))
     return Trace.from_events(events, meta)
 
