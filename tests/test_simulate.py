@@ -132,7 +132,7 @@ def test_the_experiments_fast_path_records_the_same_run() -> None:
     for a, b in zip(full_seen, fast_seen, strict=True):
         pd.testing.assert_frame_equal(a, b)
     assert fast.requests.empty and fast.request_count == full.request_count == len(full.requests)
-    assert fast.auth_requests == full.auth_requests and len(fast.restarts) == 2
+    assert fast.verify_requests == full.verify_requests and len(fast.restarts) == 2
 
 
 def test_sample_frame_types_columns_as_pandas_does() -> None:
