@@ -1144,30 +1144,40 @@ def _adaptive(
         slot, rows.time,
         {"outbound": rows.outbound, "pages": rows.pages, "requests": rows.requests},
     )
-    # Refit k and the TTL once the generation's fitting window has passed (B7).
+    # Refit k and the TTL once the generation's fitting window has passed (B7). Rows before the
+    # end of the window keep the values they had, so that how the samples are split into passes
+    # does not matter.
     last = ends - 1
+    relearn_at = slots.relearn_at[slot]
+    k, ttl = slots.k[slot], slots.ttl[slot]
     due = rows.time[last] >= slots.relearn_at[slot[last]]  # NaN: done
     if due.any():
         slots = _adaptive_relearn(params, slots, history, slot[last][due])
+        with np.errstate(invalid="ignore"):
+            fitted = rows.time >= relearn_at
+        k, ttl = np.where(fitted, slots.k[slot], k), np.where(fitted, slots.ttl[slot], ttl)
 
-    # Back-off (B6): memory back at its pre-restart size within one ttl of our restart.
+    # Back-off (B6), checked once after each of our restarts: memory back at its pre-restart
+    # size within one ttl (the horizon shrinks), or not (it grows back). The first row that
+    # settles it decides, and the rows from it on use the new horizon.
     uptime = rows.time - rows.started_at
-    k, ttl = slots.k[slot], slots.ttl[slot]
     pre = slots.pre_pages[slot]
     with np.errstate(invalid="ignore"):
         regrew = (uptime <= ttl) & (rows.pages >= pre)
-        held = (uptime > ttl) & ~regrew
-    regrew_any = np.maximum.reduceat(regrew, starts)
-    held_any = np.maximum.reduceat(held, starts)
+        held = (uptime > ttl) & ~np.isnan(pre)
+    settled = _first_per_segment(regrew | held, starts, ends)
     seg_slot = slot[starts]
-    horizon = slots.horizon[seg_slot]
-    horizon = np.where(regrew_any, horizon / params.backoff, horizon)
-    horizon = np.where(~regrew_any & held_any, np.minimum(horizon * params.backoff,
-                                                          params.horizon_s), horizon)
-    checked = regrew_any | held_any
+    checked = settled >= 0
+    at = np.where(checked, settled, starts)
+    old = slots.horizon[seg_slot]
+    new = np.where(regrew[at], old / params.backoff,
+                   np.minimum(old * params.backoff, params.horizon_s))
+    new = np.where(checked, new, old)
+    segment = np.repeat(np.arange(len(starts)), ends - starts)
+    since = checked[segment] & (np.arange(len(rows.time)) >= settled[segment])
+    horizon = np.where(since, new[segment], old[segment])
     slots = slots.updated(
-        seg_slot, horizon=horizon,
-        pre_pages=np.where(checked, math.nan, slots.pre_pages[seg_slot]),
+        seg_slot, horizon=new, pre_pages=np.where(checked, math.nan, slots.pre_pages[seg_slot]),
     )
 
     outbound_of, requests_of = history.lookups(slot, ("outbound", 0.0), ("requests", 0.0))
@@ -1180,7 +1190,7 @@ def _adaptive(
     hits = (requests_of(rows.time) - requests_of(rows.time - ttl)) - entries
     a = adaptive_rule(
         uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
-        hits=hits, floor=slots.first_pages[slot], k=k, ttl=ttl, horizon=slots.horizon[slot],
+        hits=hits, floor=slots.first_pages[slot], k=k, ttl=ttl, horizon=horizon,
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
         params=params,
     )
@@ -1217,7 +1227,7 @@ def _adaptive(
 
     def explain(chosen: IntArray) -> list[str]:
         columns = (
-            a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, slots.horizon[slot],
+            a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, horizon,
             a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k,
         )
         return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
