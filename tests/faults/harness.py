@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -378,8 +378,19 @@ def lost(load: Load, stored_paths: set[str], statuses: tuple[int, ...] | None = 
 # ---- raw HTTP --------------------------------------------------------------------------------
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response; (status, whether the connection stays open)."""
+class Answer(NamedTuple):
+    """One HTTP/1.1 response as the campaign reads it."""
+
+    status: int
+    keep: bool
+    """The connection stays open."""
+    server: bytes
+    """The Server header: mitmproxy's own error answers (a request it could not parse) say
+    `mitmproxy …`; the addon's and the upstream's do not."""
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    """Read one HTTP/1.1 response."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -387,6 +398,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
+    server = headers.get(b"server", b"")
     if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -397,8 +409,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
         await reader.readexactly(int(headers[b"content-length"]))
     else:
         await reader.read()
-        return status, False
-    return status, headers.get(b"connection", b"").lower() != b"close"
+        return Answer(status, False, server)
+    return Answer(status, headers.get(b"connection", b"").lower() != b"close", server)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response; (status, whether the connection stays open)."""
+    answer = await read_answer(reader)
+    return answer.status, answer.keep
 
 
 async def raw_request(port: int, data: bytes, timeout: float = 10.0) -> int | str:
