@@ -67,7 +67,7 @@ bench: setup
     {{python}} -m tests.bench.tenants
     {{python}} -m tests.bench.warm
 
-# The fault campaign against real processes on 127.0.0.1, its table as in the README (~25 min; `just faults --quick`: a few)
+# The fault campaign against real processes on 127.0.0.1, its table as in the README (~35 min; `just faults --quick`: a few)
 [group('check')]
 faults *args: setup
     {{python}} -m tests.faults {{args}}
