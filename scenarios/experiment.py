@@ -15,14 +15,20 @@ memory; allocated − true required is the *true surplus*. The ratio policy neve
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import functools
 import logging
 import multiprocessing
+import os
+import pickle
+import signal
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -36,7 +42,7 @@ from manager.policies import (
     initial_state,
     parse_policy,
 )
-from scenarios.simulate import SimConfig, Simulation
+from scenarios.simulate import SimConfig, SimResult, Simulation
 from scenarios.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -88,33 +94,165 @@ class PolicyRun:
 
 def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
     """Run `trace` through a fresh host with policy `spec` deciding restarts."""
-    params = parse_policy(spec)
-    state = initial_state(params)
-    made: list[Decision] = []
+    return run_shared(trace, [spec], config)[0]
 
-    def controller(new: pd.DataFrame, now: float) -> list[str]:
-        nonlocal state
-        decisions, state = decide(state, new, now, params)
-        made.extend(decisions)
+
+def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig) -> list[PolicyRun]:
+    """Run every policy of `specs` over `trace`, each exactly as alone, sharing the simulation
+    until the policy's first restart.
+
+    Until a policy restarts an instance, its run is `none`'s run: one simulation goes on under
+    every policy's decisions (each sees the same samples and keeps its own state). When one
+    asks for its first restart the process forks; the child restarts and goes on with that
+    policy alone (sending its run back through a pipe), the parent without it. The shared part
+    stops once nobody needs it: with `none` among `specs` it runs to the end. The specs must
+    restart in one mode (`mode=warm` journals from the start). Linux (fork); the standard set
+    runs its policies this way.
+    """
+    branches = [_Branch(spec) for spec in specs if spec != "none"]
+    modes = {getattr(b.params, "restart_mode", config.sim.restart_mode) for b in branches}
+    if len(modes) > 1:
+        raise ValueError(f"policies restarting warm and cold cannot share a run: {list(specs)}")
+    # The policies' restart mode (`mode=warm`) decides how the simulated host restarts; the
+    # run's metrics come from the samples, so no row per request is kept.
+    sim = replace(config.sim, restart_mode=modes.pop() if modes else config.sim.restart_mode,
+                  request_log=False)
+    shared = _Shared(branches, keep_trunk="none" in specs)
+    t0 = time.perf_counter()
+    result: SimResult | None = None
+    try:
+        result = Simulation(sim, filter_module(sim.filter_path)).run(
+            trace, shared if branches else None)
+    except _TrunkDone:
+        pass
+    except BaseException:
+        if shared.write_fd is not None:  # a forked child never returns to its caller
+            shared.send_and_exit(("error", traceback.format_exc()))
+        raise
+    elapsed = time.perf_counter() - t0
+    runs: dict[str, PolicyRun] = {}
+    if shared.write_fd is not None:
+        assert result is not None
+        branch = shared.branches[0]
+        shared.send_and_exit(("ok", branch.run(result, elapsed)))
+    if result is not None:
+        if shared.keep_trunk:
+            runs["none"] = _Branch("none").run(result, elapsed)
+        runs.update((b.spec, b.run(result, elapsed)) for b in shared.branches)
+    runs.update(shared.collect())
+    return [runs[spec] for spec in specs]
+
+
+class _TrunkDone(Exception):
+    """Every policy of a shared run has gone its own way, and `none` is not wanted."""
+
+
+class _Branch:
+    """One policy of a shared run: its parameters, state and decisions so far."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.params = parse_policy(spec)
+        self.state = initial_state(self.params)
+        self.made: list[Decision] = []
+
+    def decide(self, new: pd.DataFrame, now: float) -> list[str]:
+        """One manager pass; the instances to restart."""
+        decisions, self.state = decide(self.state, new, now, self.params)
+        self.made.extend(decisions)
         return [d.instance for d in decisions if d.action == "restart"]
 
-    # The policy's restart mode (`mode=warm`) decides how the simulated host restarts; the
-    # run's metrics come from the samples, so no row per request is kept.
-    sim = replace(config.sim, restart_mode=getattr(params, "restart_mode", config.sim.restart_mode),
-                  request_log=False)
-    t0 = time.perf_counter()
-    result = Simulation(sim, filter_module(sim.filter_path)).run(
-        trace, None if spec == "none" else controller)
-    elapsed = time.perf_counter() - t0
-    estimator = getattr(params, "estimator", None) or EstimatorParams()
-    return PolicyRun(
-        policy=spec,
-        series=policy_series(result.samples, estimator),
-        decisions=decisions_frame(made),
-        verify_requests=result.verify_requests,
-        elapsed_s=elapsed,
-        requests=result.request_count,
-    )
+    def run(self, result: SimResult, elapsed: float) -> PolicyRun:
+        """This policy's run, from the simulation it ended in."""
+        estimator = getattr(self.params, "estimator", None) or EstimatorParams()
+        return PolicyRun(
+            policy=self.spec,
+            series=policy_series(result.samples, estimator),
+            decisions=decisions_frame(self.made),
+            verify_requests=result.verify_requests,
+            elapsed_s=elapsed,
+            requests=result.request_count,
+        )
+
+
+class _Shared:
+    """The controller of a shared run: every branch decides on the new samples; a branch's
+    first restart forks it off (see :func:`run_shared`)."""
+
+    def __init__(self, branches: list[_Branch], keep_trunk: bool) -> None:
+        self.branches = branches
+        self.keep_trunk = keep_trunk
+        self.children: list[tuple[str, int, int]] = []  # spec, pid, read end of its pipe
+        self.write_fd: int | None = None  # in a forked child: where its run goes
+
+    def __call__(self, new: pd.DataFrame, now: float) -> list[str]:
+        for branch in list(self.branches):
+            restarts = branch.decide(new, now)
+            if not restarts:
+                continue
+            if len(self.branches) == 1 and not self.keep_trunk:
+                return restarts  # nobody else needs this process: it goes on as this policy
+            if self._fork(branch):
+                return restarts
+        if not self.branches and not self.keep_trunk:
+            raise _TrunkDone
+        return []
+
+    def _fork(self, branch: _Branch) -> bool:
+        """Fork `branch` off; True in the child, which goes on with it alone."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _die_with_parent()
+            self.branches, self.keep_trunk, self.write_fd = [branch], False, write_fd
+            for _, _, fd in self.children:
+                os.close(fd)
+            self.children = []
+            return True
+        os.close(write_fd)
+        self.branches.remove(branch)
+        self.children.append((branch.spec, pid, read_fd))
+        return False
+
+    def send_and_exit(self, payload: tuple[str, Any]) -> NoReturn:
+        """In a child: send the outcome to the parent and exit, whatever happens."""
+        code = 1
+        try:
+            assert self.write_fd is not None
+            with os.fdopen(self.write_fd, "wb") as f:
+                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            code = 0 if payload[0] == "ok" else 1
+        finally:
+            os._exit(code)
+
+    def collect(self) -> dict[str, PolicyRun]:
+        """The forked children's runs (waits for each)."""
+        runs: dict[str, PolicyRun] = {}
+        failed: list[str] = []
+        for spec, pid, fd in self.children:
+            with os.fdopen(fd, "rb") as f:
+                try:
+                    status, payload = pickle.load(f)
+                except EOFError:
+                    status, payload = "error", "it exited without sending its run"
+            os.waitpid(pid, 0)
+            if status == "ok":
+                runs[spec] = payload
+            else:
+                failed.append(f"{spec}: {payload}")
+        self.children = []
+        if failed:
+            raise RuntimeError("a forked policy run failed: " + "; ".join(failed))
+        return runs
+
+
+def _die_with_parent() -> None:
+    """Linux: a forked run ends with the process it came from (an interrupted experiment
+    leaves nothing running)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @functools.cache
@@ -137,6 +275,12 @@ def run_in_worker(args: tuple[Path, str, ExperimentConfig]) -> PolicyRun:
     """`run_policy` on a trace file (what a worker process runs)."""
     trace_path, spec, config = args
     return run_policy(load_trace(trace_path), spec, config)
+
+
+def run_shared_in_worker(args: tuple[Path, Sequence[str], ExperimentConfig]) -> list[PolicyRun]:
+    """`run_shared` on a trace file (what a worker process runs)."""
+    trace_path, specs, config = args
+    return run_shared(load_trace(trace_path), specs, config)
 
 
 def load_trace(path: Path) -> Trace:

@@ -49,7 +49,7 @@ from scenarios.experiment import (
     PolicyRun,
     load_trace,
     policy_family,
-    run_in_worker,
+    run_shared_in_worker,
     with_sample_interval,
 )
 from scenarios.fig4 import plot_fig4, run_fig4
@@ -303,8 +303,10 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
     limit); return the summaries by scenario.
 
     Everything slow is a pool task, in the order its inputs arrive: each trace is generated,
-    then its `none` run goes first (the thresholds, the oracle and the limit wait for it), then
-    the other policies; the reports are written here as scenarios complete.
+    then its policies run, sharing a simulation until each one's first restart
+    (:func:`~scenarios.experiment.run_shared`): `none` with the other cold policies, the warm
+    ones apart; the thresholds, the oracle and the limit wait for `none`'s run. The reports
+    are written here as scenarios complete.
     """
     pending: dict[str, _Pending] = {}
     for scenario in scenarios:
@@ -327,10 +329,14 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
 
         def submit(name: str, specs: Sequence[str]) -> None:
             p = pending[name]
-            for spec in specs:
-                p.specs.append(spec)
-                futures[pool.submit(run_in_worker, (p.trace_path, spec, p.config))] = (name,
-                                                                                       "run")
+            p.specs.extend(specs)
+            # Cold and warm restarts cannot share a simulation (warm journals from the start).
+            for mode in ("cold", "warm"):
+                group = [spec for spec in specs if (policy_family(spec) == "warm") == (
+                    mode == "warm")]
+                if group:
+                    futures[pool.submit(run_shared_in_worker, (p.trace_path, group,
+                                                                p.config))] = (name, "runs")
             if bar is not None:
                 bar.total += len(specs)
                 bar.refresh()
@@ -349,8 +355,7 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
                     continue
                 if task == "limit":
                     p.limit = future.result()
-                else:
-                    run = future.result()
+                for run in future.result() if task == "runs" else []:
                     p.runs[run.policy] = run
                     if bar is not None:
                         bar.set_postfix_str(f"{name} {run.policy}")

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from manager.estimate import EstimatorParams
+from manager.policies import decide, decisions_frame, initial_state, parse_policy
 from scenarios.__main__ import main as scenarios_main
 from scenarios.__main__ import split_policies
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.experiment import (
     SERIES_COLUMNS,
     ExperimentConfig,
+    filter_module,
     load_trace,
+    policy_series,
     run_policies,
+    run_shared,
     summary_table,
 )
 from scenarios.report import safe_name, write_report
-from scenarios.simulate import SimConfig
+from scenarios.simulate import SimConfig, Simulation
 from scenarios.trace import Event, Trace
 
 
@@ -156,3 +163,52 @@ def test_a_worker_parses_a_trace_once_while_it_is_unchanged(tmp_path) -> None:
     shorter.write_jsonl(path)
     again = load_trace(path)
     assert again is not first and again.events == shorter.events
+
+
+def _alone(trace: Trace, spec: str, config: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                        int]:
+    """One policy in its own simulation, the plain way: series, decisions, auth calls."""
+    params = parse_policy(spec)
+    state = initial_state(params)
+    made: list = []
+
+    def controller(new: pd.DataFrame, now: float) -> list[str]:
+        nonlocal state
+        decisions, state = decide(state, new, now, params)
+        made.extend(decisions)
+        return [d.instance for d in decisions if d.action == "restart"]
+
+    sim = replace(config.sim, restart_mode=getattr(params, "restart_mode", "cold"))
+    result = Simulation(sim, filter_module(sim.filter_path)).run(
+        trace, None if spec == "none" else controller)
+    estimator = getattr(params, "estimator", None) or EstimatorParams()
+    return policy_series(result.samples, estimator), decisions_frame(made), result.verify_requests
+
+
+@pytest.mark.parametrize("specs", [
+    # restarts at different times, one policy that never restarts, `none` kept to the end
+    ["none", "fixed:10m", "threshold:128KiB", "ratio:measure=5m,ttl_cap=2m",
+     "oracle:min_reclaim=64KiB", "threshold:64MiB"],
+    # no `none`: the shared part stops when the last policy goes its own way
+    ["fixed:10m", "fixed:20m", "fixed:30m"],
+    ["adaptive:mode=warm", "fixed:10m,mode=warm"],
+])
+def test_a_shared_run_gives_each_policy_its_run_alone(specs) -> None:
+    trace = small_trace()
+    config = ExperimentConfig(sim=SimConfig(sample_interval=2.0, decision_interval=10.0,
+                                            plugin_configuration='{"ttl_seconds": 120}'))
+    shared = run_shared(trace, specs, config)
+    assert [r.policy for r in shared] == specs
+    restarted = 0
+    for run in shared:
+        series, decisions, auth = _alone(trace, run.policy, config)
+        pd.testing.assert_frame_equal(run.series, series)
+        pd.testing.assert_frame_equal(run.decisions, decisions)
+        assert run.verify_requests == auth
+        restarted += int(series["restarted"].sum() > 0)
+    assert restarted >= len(specs) - 2  # most policies did fork off
+
+
+def test_a_shared_run_restarts_in_one_mode() -> None:
+    with pytest.raises(ValueError, match="warm and cold"):
+        run_shared(small_trace(), ["fixed:10m", "fixed:10m,mode=warm"], ExperimentConfig())

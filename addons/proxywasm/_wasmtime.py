@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import os
 import queue
 import struct
 import threading
@@ -115,12 +116,13 @@ def engine() -> wasmtime.Engine:
             config.memory_may_move = False
             config.cranelift_opt_level = "speed"
             _engine = wasmtime.Engine(config)
-            ticker = threading.Thread(
-                target=_tick_epochs, args=(_engine,), name="wasm-epoch", daemon=True
-            )
-            ticker.start()
+            _start_ticker(_engine)
             _start_reaper()
         return _engine
+
+
+def _start_ticker(eng: wasmtime.Engine) -> None:
+    threading.Thread(target=_tick_epochs, args=(eng,), name="wasm-epoch", daemon=True).start()
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
@@ -278,6 +280,21 @@ def drain_reaper(timeout_s: float = 5.0) -> None:
     marker = threading.Event()
     _reap_queue.put(marker)
     marker.wait(timeout_s)
+
+
+def _after_fork_in_child() -> None:
+    """Threads do not survive a fork: a child that goes on running guest code (the standard
+    experiment set forks simulations) gets its own epoch ticker and reaper."""
+    global _engine_lock, _reap_queue, _reaper_lock, _reaper
+    _engine_lock, _reaper_lock = threading.Lock(), threading.Lock()
+    _reap_queue = queue.SimpleQueue()
+    _reaper = None
+    if _engine is not None:
+        _start_ticker(_engine)
+        _start_reaper()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --------------------------------------------------------------------------------------------
