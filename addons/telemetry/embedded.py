@@ -18,8 +18,9 @@ Layout (a documented format of our own, version 1; `README.md`, "What is stored"
 `doc` is the document as JSON (`_id` included); `id` is the JSON of the `_id`. Types JSON
 lacks are one-key objects, as in MongoDB's Extended JSON: a datetime `{"$date": <ms since the
 epoch>}` (read back naive, in UTC, as pymongo does), an ObjectId `{"$oid": "<hex>"}`, bytes
-`{"$binary": "<base64>"}`, a NaN or infinite float `{"$numberDouble": "NaN"}`. Rows keep
-insertion order, which is the order of an unsorted `find`.
+`{"$binary": "<base64>"}`, a NaN or infinite float `{"$numberDouble": "NaN"}`. An unsorted
+`find` returns rows in the order SQLite reads them (by an index when a condition uses one),
+as MongoDB promises no order either.
 
 Queries: a filter's conditions on top-level fields with a number or a string (`=`, `$eq`,
 `$gt`, `$gte`, `$lt`, `$lte`, `$in`) and on `_id` (`=`, `$in`) run in SQLite, on the indexes
@@ -144,14 +145,31 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _unmark(value: Any) -> Any:
+    """`value` (fresh from the decoder: changed in place) with the Extended-JSON objects of
+    `_extended` turned back into Python values."""
+    if type(value) is dict:
+        if len(value) == 1:
+            back = _hook(value)
+            if back is not value:
+                return back
+        for k, v in value.items():
+            if type(v) is dict or type(v) is list:
+                value[k] = _unmark(v)
+    elif type(value) is list:
+        for i, v in enumerate(value):
+            if type(v) is dict or type(v) is list:
+                value[i] = _unmark(v)
+    return value
+
+
 def decode(text: str) -> Any:
     """A stored JSON text back as Python values."""
-    if '{"$' in text:
-        return json.loads(text, object_hook=_hook)
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:  # what orjson refuses (a lone surrogate's escape)
-        return json.loads(text)
+        value = json.loads(text)
+    return _unmark(value) if '{"$' in text else value
 
 
 # ---- matching in Python -------------------------------------------------------------------
@@ -371,13 +389,13 @@ def _sort_keys(sort: Any) -> list[tuple[str, int]]:
 
 
 def _order_sql(keys: list[tuple[str, int]]) -> str:
-    if not keys:
-        return "rowid"
+    """ORDER BY text of a sort, or "" (no order asked: SQLite may then read by an index
+    rather than scan in row order, as MongoDB promises no order either)."""
     parts = []
     for key, direction in keys:
         expr = "id" if key == "_id" else field_sql(key)
         parts.append(f"{expr} {'DESC' if direction < 0 else 'ASC'}")
-    return ", ".join([*parts, "rowid"])
+    return f" ORDER BY {', '.join(parts)}" if parts else ""
 
 
 def project(doc: dict[str, Any], projection: Mapping[str, Any] | Sequence[str] | None
@@ -599,8 +617,7 @@ class EmbeddedCollection:
     def _select(self, query: Mapping[str, Any] | None, sort: Sequence[tuple[str, int]] = (),
                 limit: int = 0) -> list[tuple[int, dict[str, Any]]]:
         where, params, rest = split_filter(query)
-        order = _order_sql(list(sort))
-        sql = f"SELECT rowid, doc FROM {self._table} WHERE {where} ORDER BY {order}"
+        sql = f"SELECT rowid, doc FROM {self._table} WHERE {where}{_order_sql(list(sort))}"
         if limit and not rest:
             sql += f" LIMIT {int(limit)}"
         try:
