@@ -230,17 +230,17 @@ def test_writes_mean_the_same_on_both_stores(db: st.Database) -> None:
     assert [d["hash"] for d in db.tokens.find({})] == ["i"]
 
 
-def test_the_embedded_store_answers_the_managers_query_from_an_index(tmp_path: Path) -> None:
-    db = st.open_store(str(tmp_path / "store"))
+def test_the_embedded_store_answers_the_managers_queries_from_an_index(tmp_path: Path) -> None:
+    db: Any = st.open_store(str(tmp_path / "store"))
     st.ensure_indexes(db)
-    conn = db.conn  # type: ignore[attr-defined]
-    from addons.telemetry.embedded import split_filter
-
-    where, params, rest = split_filter({"time": {"$gt": 5.0}})
-    assert rest == {}
-    plan = " ".join(str(row) for row in conn.execute(
-        f'EXPLAIN QUERY PLAN SELECT doc FROM "c:samples" WHERE {where}', params))
-    assert "USING INDEX" in plan and "i:samples:time_1" in plan, plan
+    for query, sort, index in [({"time": {"$gt": 5.0}}, (), "i:samples:time_1"),
+                               ({}, [("time", -1)], "i:samples:time_1"),  # the newest sample
+                               ({"proxy": "p", "instance": "a", "time": {"$gt": 1}}, (),
+                                "i:samples:proxy_1_instance_1_time_1")]:
+        sql, params, rest = db.samples.select_sql(query, sort, 1)
+        assert rest == {}
+        plan = " ".join(str(row) for row in db.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, (query, plan)
     st.close_store(db)
 
 

@@ -614,12 +614,18 @@ class EmbeddedCollection:
 
     # -- reading --
 
-    def _select(self, query: Mapping[str, Any] | None, sort: Sequence[tuple[str, int]] = (),
-                limit: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    def select_sql(self, query: Mapping[str, Any] | None, sort: Sequence[tuple[str, int]] = (),
+                   limit: int = 0) -> tuple[str, list[Any], dict[str, Any]]:
+        """(the SELECT statement, its parameters, the conditions left to Python) of a find."""
         where, params, rest = split_filter(query)
         sql = f"SELECT rowid, doc FROM {self._table} WHERE {where}{_order_sql(list(sort))}"
         if limit and not rest:
             sql += f" LIMIT {int(limit)}"
+        return sql, params, rest
+
+    def _select(self, query: Mapping[str, Any] | None, sort: Sequence[tuple[str, int]] = (),
+                limit: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        sql, params, rest = self.select_sql(query, sort, limit)
         try:
             rows = self._conn.execute(sql, params).fetchall()
         except sqlite3.OperationalError as e:
@@ -659,17 +665,6 @@ class EmbeddedCollection:
 
     def estimated_document_count(self) -> int:
         return self.count_documents({})
-
-    def select_sql(self, where: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        """The documents of the rows matching a WHERE text of ours (see `field_sql`)."""
-        try:
-            rows = self._conn.execute(f"SELECT doc FROM {self._table} WHERE {where}",
-                                      params).fetchall()
-        except sqlite3.OperationalError as e:
-            if "no such table" in str(e):
-                return []
-            raise
-        return [decode(text) for (text,) in rows]
 
     # -- writing --
 
@@ -746,13 +741,6 @@ class EmbeddedCollection:
             conn.executemany(f"INSERT OR IGNORE INTO {self._table} (id, doc) VALUES (?, ?)",
                              rows)
             return conn.total_changes - before
-
-    def delete_sql(self, where: str, params: Sequence[Any]) -> int:
-        """Delete the rows matching a WHERE text of ours (see `field_sql`)."""
-        if not self.exists():
-            return 0
-        with self._write() as conn:
-            return conn.execute(f"DELETE FROM {self._table} WHERE {where}", params).rowcount
 
     def _delete(self, query: Mapping[str, Any] | None, limit: int) -> DeleteResult:
         where, params, rest = split_filter(query)
