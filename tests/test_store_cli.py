@@ -62,6 +62,16 @@ def test_reading_never_creates_a_store(tmp_path, capsys) -> None:
     assert not missing.exists()
 
 
+def test_an_old_montydb_store_is_a_one_line_error(tmp_path, capsys) -> None:
+    (tmp_path / ".monty.storage").write_text("sqlite")  # what montydb left there
+    (tmp_path / "wasm_reclaim").mkdir()
+    assert main(["store", "list", "--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "older wasm-reclaim (montydb)" in err and "move it aside" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "wasm_reclaim.sqlite3").exists()
+
+
 @pytest.mark.mongo
 def test_export_from_mongodb(mongo_uri, capsys) -> None:
     name = f"storecli_{uuid.uuid4().hex[:8]}"
