@@ -76,9 +76,11 @@ def test_fd_calls_have_sane_answers(harness) -> None:
 
 def test_wasi_unstable_is_an_alias(harness) -> None:
     h = harness(module(trampolines(("wasi_unstable", "clock_time_get"),
-                                   ("wasi_unstable", "fd_write"))))
+                                   ("wasi_unstable", "fd_write"), ("wasi_unstable", "fd_close"))))
     assert h.call("clock_time_get", 0, 0, 1024) == WasiErrno.SUCCESS
     assert h.u64(1024) == h.clock.now_ns()
+    assert h.call("fd_close", 1) == WasiErrno.SUCCESS  # stdout stays open
+    assert h.call("fd_close", 3) == WasiErrno.BADF
 
 
 def test_a_function_imported_twice_links() -> None:
