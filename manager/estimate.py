@@ -9,7 +9,8 @@ makes an entry; Q is carried along for records but enters no formula) (A1)
 - ``ttl``: how long a cache entry lives (pages stop following O once old entries expire and the
   allocator reuses their blocks);
 - ``N(t) = O(t) − O(t − ttl)``: estimated live entries (推定有効キャッシュ数);
-- *required* (必要量) ``R(t) = base + N(t)/k`` pages and *surplus* (余剰量) ``S(t) = P(t) − R(t)``;
+- *required* (必要量) ``R(t) = start + N(t)/k`` pages and *surplus* (余剰量) ``S(t) = P(t) − R(t)``,
+  where *start* (the start pages) is what a fresh instance allocates (A5);
 - the *baseline* (基準値): the allocation that repeated restarts settle at, from the measurement
   period (first M = 15 min).
 
@@ -191,7 +192,7 @@ class GrowthFit:
     k_seen: bool
     ttl: float
     ttl_seen: bool
-    base_pages: float
+    start_pages: float
     #: Pages that outbound calls imply but that were never allocated, at the end of the data
     #: (what makes the TTL "seen"; 0 when no expiry was seen).
     deficit_pages: float
@@ -228,7 +229,7 @@ def fit_growth(
     the span of the data): a best τ above the cap gives the cap, not seen.
     The data are resampled onto a uniform grid first, so uneven sampling weighs time evenly.
 
-    ``base_pages`` is the first sample's pages (A5).
+    ``start_pages`` is the first sample's pages (A5).
     """
     t = np.asarray(time, dtype=np.float64)
     o = np.asarray(outbound, dtype=np.float64)
@@ -236,10 +237,10 @@ def fit_growth(
     cap = params.ttl_cap_s
     if len(t) == 0:
         return GrowthFit(params.k_default, False, cap, False, math.nan, 0.0)
-    base = float(p[0])
-    unseen = GrowthFit(params.k_default, False, cap, False, base, 0.0)
+    start = float(p[0])
+    unseen = GrowthFit(params.k_default, False, cap, False, start, 0.0)
     span = float(t[-1] - t[0])
-    if len(t) < 3 or span <= 0 or float(p.max() - base) < params.min_growth_pages:
+    if len(t) < 3 or span <= 0 or float(p.max() - start) < params.min_growth_pages:
         return unseen
     if float(o[-1] - o[0]) <= 0:
         return unseen
@@ -296,12 +297,12 @@ def fit_growth(
         deficit = b * float(o_grid[-1] - peak[best, -1])
         ttl = float(fine[best]) * res
         if deficit >= params.ttl_min_deficit_pages and ttl < cap + res:  # within a grid step
-            return GrowthFit(1.0 / b, True, min(ttl, cap), True, base, deficit)
+            return GrowthFit(1.0 / b, True, min(ttl, cap), True, start, deficit)
         if deficit >= params.ttl_min_deficit_pages:  # expiry seen, but later than the cap
-            return GrowthFit(1.0 / b, True, cap, False, base, deficit)
+            return GrowthFit(1.0 / b, True, cap, False, start, deficit)
     if b_inf <= 0:
         return unseen
-    return GrowthFit(1.0 / b_inf, True, cap, False, base, 0.0)
+    return GrowthFit(1.0 / b_inf, True, cap, False, start, 0.0)
 
 
 @dataclass(frozen=True)
@@ -338,16 +339,16 @@ def assess(
     outbound_of: Lookup,
     pages_of: Lookup,
     *,
-    base_pages: float | FloatArray,
+    start_pages: float | FloatArray,
     k: float | FloatArray,
     ttl: float | FloatArray,
     window_s: float,
 ) -> Assessment:
-    """Required R = base + N/k, surplus S = P − R, and their change over the trend window L.
+    """Required R = start pages + N/k, surplus S = P − R, and their change over the trend window L.
 
     ``at``/``pages_at``: the sample times and allocated pages to assess. ``outbound_of`` and
     ``pages_of`` give O(q) and P(q) of the same generation, for q back to ``at − ttl − L``.
-    ``base_pages``, ``k``, ``ttl`` are scalars or one value per sample (many instances at once).
+    ``start_pages``, ``k``, ``ttl`` are scalars or one value per sample (many instances at once).
     R is capped at P: the guest cannot use more than it has, so an excess is estimation error
     (A10); hence 0 ≤ S and R ≤ P. The trend compares t with t − L; P(t − L) is linear between
     samples (A9).
@@ -358,8 +359,8 @@ def assess(
     n = np.maximum(o_now - o_expired, 0.0)
     n_before = np.maximum(o_before - o_expired_before, 0.0)
     pages_before = pages_of(before)
-    required = np.minimum(base_pages + n / k, pages_at)
-    required_before = np.minimum(base_pages + n_before / k, pages_before)
+    required = np.minimum(start_pages + n / k, pages_at)
+    required_before = np.minimum(start_pages + n_before / k, pages_before)
     surplus = pages_at - required
     moves = np.maximum(o_now - o_before, 0.0) + np.maximum(o_expired - o_expired_before, 0.0)
     return Assessment(
@@ -383,26 +384,26 @@ class Baseline:
 
 
 def baseline_from_entries(
-    entries: FloatArray, base_pages: float, k: float, params: EstimatorParams
+    entries: FloatArray, start_pages: float, k: float, params: EstimatorParams
 ) -> Baseline:
     """Baseline from the N(t) values of the measurement period (paper §3, SPEC §5.3).
 
     Mean of (a) the median of N and (b) the midpoint of the most frequent class when N is binned
     in classes ``class_width_pages`` pages wide (w = width·k outbound calls, classes
     [i·w, (i+1)·w), midpoint (i + ½)·w; ties go to the lowest class) (A7). In pages:
-    base + value/k. With no values the baseline is the base.
+    start pages + value/k. With no values the baseline is the start pages.
     """
     n = np.asarray(entries, dtype=np.float64)
     n = n[np.isfinite(n)]
     if len(n) == 0:
-        return Baseline(0.0, base_pages, 0.0, 0.0)
+        return Baseline(0.0, start_pages, 0.0, 0.0)
     median = float(np.median(n))
     width = params.class_width_pages * k
     classes = np.floor(np.maximum(n, 0.0) / width).astype(np.int64)
     modal_class = int(np.argmax(np.bincount(classes)))
     modal = (modal_class + 0.5) * width
     value = (median + modal) / 2.0
-    return Baseline(value, base_pages + value / k, median, modal)
+    return Baseline(value, start_pages + value / k, median, modal)
 
 
 def measurement_entries(
@@ -469,11 +470,11 @@ def _per_generation(
 
 
 def fit_generations(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.DataFrame:
-    """k, TTL and base per (instance, generation), from its measurement period up to ``now``.
+    """k, TTL and start pages per (instance, generation), from its measurement period up to ``now``.
 
     Reads: instance, generation, time, started_at, allocated_pages, outbound (rows with
     time ≤ now). Writes one row per (instance, generation) with: instance, generation,
-    started_at, base_pages, k, k_seen, ttl, ttl_seen, deficit_pages, measured_s (seconds of
+    started_at, start_pages, k, k_seen, ttl, ttl_seen, deficit_pages, measured_s (seconds of
     measurement data used), measure_complete (whether the full period M was observed).
     """
     rows = []
@@ -485,7 +486,7 @@ def fit_generations(samples: pd.DataFrame, now: float, params: EstimatorParams) 
                 "instance": g.instance,
                 "generation": g.generation,
                 "started_at": g.started_at,
-                "base_pages": g.fit.base_pages,
+                "start_pages": g.fit.start_pages,
                 "k": g.fit.k,
                 "k_seen": g.fit.k_seen,
                 "ttl": g.fit.ttl,
@@ -498,14 +499,14 @@ def fit_generations(samples: pd.DataFrame, now: float, params: EstimatorParams) 
     return pd.DataFrame(
         rows,
         columns=[
-            "instance", "generation", "started_at", "base_pages", "k", "k_seen", "ttl",
+            "instance", "generation", "started_at", "start_pages", "k", "k_seen", "ttl",
             "ttl_seen", "deficit_pages", "measured_s", "measure_complete",
         ],
     )
 
 
 _ESTIMATE_COLUMNS: Final = [
-    *OBSERVABLE_COLUMNS, "base_pages", "k", "ttl", "estimated_entries", "required_pages",
+    *OBSERVABLE_COLUMNS, "start_pages", "k", "ttl", "estimated_entries", "required_pages",
     "surplus_pages", "required_change", "surplus_change", "required_bytes", "surplus_bytes",
 ]
 
@@ -515,7 +516,7 @@ def estimate(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.D
 
     Reads: the :data:`OBSERVABLE_COLUMNS` (rows with time ≤ now; never the ground truth). Each
     generation uses k and TTL fitted on its own measurement period (:func:`fit_generations`).
-    Writes the observable columns sorted by instance, generation, time, plus: base_pages, k, ttl,
+    Writes the observable columns sorted by instance, generation, time, plus: start_pages, k, ttl,
     estimated_entries (N), required_pages, surplus_pages, required_change, surplus_change (over
     the trend window), required_bytes, surplus_bytes.
     """
@@ -528,12 +529,12 @@ def estimate(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.D
         )
         a = assess(
             t, pages, outbound_of, pages_of,
-            base_pages=g.fit.base_pages, k=g.fit.k, ttl=g.fit.ttl,
+            start_pages=g.fit.start_pages, k=g.fit.k, ttl=g.fit.ttl,
             window_s=params.trend_window_s,
         )
         parts.append(
             g.samples.assign(
-                base_pages=g.fit.base_pages,
+                start_pages=g.fit.start_pages,
                 k=g.fit.k,
                 ttl=g.fit.ttl,
                 estimated_entries=a.entries,
@@ -554,7 +555,7 @@ def baselines(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.
     """The baseline of every (instance, generation), from its measurement period up to ``now``.
 
     Reads: the :data:`OBSERVABLE_COLUMNS` (rows with time ≤ now). Writes one row per (instance,
-    generation): instance, generation, k, ttl, base_pages, median_entries, modal_entries,
+    generation): instance, generation, k, ttl, start_pages, median_entries, modal_entries,
     baseline_entries, baseline_pages, baseline_bytes, measure_complete. The ratio policy uses the
     first measurement period it observes for an instance; later generations keep that baseline.
     """
@@ -563,7 +564,7 @@ def baselines(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.
         n = measurement_entries(
             _float(g.measured, "time"), _float(g.measured, "outbound"), g.started_at, g.fit, params
         )
-        b = baseline_from_entries(n, g.fit.base_pages, g.fit.k, params)
+        b = baseline_from_entries(n, g.fit.start_pages, g.fit.k, params)
         t = _float(g.samples, "time")
         rows.append(
             {
@@ -571,7 +572,7 @@ def baselines(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.
                 "generation": g.generation,
                 "k": g.fit.k,
                 "ttl": g.fit.ttl,
-                "base_pages": g.fit.base_pages,
+                "start_pages": g.fit.start_pages,
                 "median_entries": b.median_entries,
                 "modal_entries": b.modal_entries,
                 "baseline_entries": b.entries,
@@ -583,7 +584,7 @@ def baselines(samples: pd.DataFrame, now: float, params: EstimatorParams) -> pd.
     return pd.DataFrame(
         rows,
         columns=[
-            "instance", "generation", "k", "ttl", "base_pages", "median_entries", "modal_entries",
+            "instance", "generation", "k", "ttl", "start_pages", "median_entries", "modal_entries",
             "baseline_entries", "baseline_pages", "baseline_bytes", "measure_complete",
         ],
     )

@@ -220,8 +220,8 @@ class RatioParams(_Common):
 class OracleParams(_Common):
     """Knows the true live bytes; the evaluation's bound, never a default (A15).
 
-    With base = allocated bytes at the generation's first sample and live = live bytes, a fresh
-    instance would need base + live; the rest, *reclaimable* = allocated − base − live, is the
+    With start = allocated bytes at the generation's first sample and live = live bytes, a fresh
+    instance would need start + live; the rest, *reclaimable* = allocated − start − live, is the
     true surplus. Restart when reclaimable ≥ ``min_reclaim_bytes`` and reclaimable ≥
     ``surplus_ratio`` × live (the restart frees at least that many times the cache it drops) and
     live is not rising over ``window_s`` (a rising cache would regrow at once).
@@ -342,7 +342,9 @@ class Slots:
     first_seen: FloatArray  #: first sample of this generation the policy saw
     last_time: FloatArray  #: latest sample seen (−inf before the first)
     asked_at: FloatArray  #: sample time of our restart decision for this generation (NaN: none)
-    first_pages: FloatArray  #: pages at the generation's first sample (A5), every policy
+    #: what a fresh instance allocates: pages at the generation's first sample (A5); adaptive:
+    #: the least of any generation (B1)
+    start_pages: FloatArray
     measure_end: FloatArray  #: ratio: end of the measurement period (A11)
     falling: BoolArray  #: ratio: required was falling at the latest sample
     learned: BoolArray
@@ -710,15 +712,15 @@ def _enter(
     """Start new generations at rows ``firsts``: per-generation state starts afresh (A6, A11)."""
     at = rows.slot[firsts]
     time = rows.time[firsts]
-    first_pages = rows.pages[firsts]
+    start_pages = rows.pages[firsts]
     measure_end = time + (params.estimator.measure_s if isinstance(params, RatioParams) else 0.0)
     if isinstance(params, AdaptiveParams):
         slots = _adaptive_enter(params, slots, rows, firsts)
         # a fresh instance's pages: the least seen (B1)
-        first_pages = np.fmin(slots.first_pages[at], first_pages)
+        start_pages = np.fmin(slots.start_pages[at], start_pages)
     slots = slots.updated(
         at, generation=rows.generation[firsts], started_at=rows.started_at[firsts],
-        first_seen=time, last_time=-math.inf, asked_at=math.nan, first_pages=first_pages,
+        first_seen=time, last_time=-math.inf, asked_at=math.nan, start_pages=start_pages,
         measure_end=measure_end, falling=False,
     )
     history = history.without(at)
@@ -818,7 +820,7 @@ def _learn(
         started_at = float(slots.started_at[slot])
         fit = fit_growth(t, o, p, started_at, est)
         b = baseline_from_entries(
-            measurement_entries(t, o, started_at, fit, est), float(slots.first_pages[slot]),
+            measurement_entries(t, o, started_at, fit, est), float(slots.start_pages[slot]),
             fit.k, est,
         )
         for name, value in (
@@ -887,13 +889,13 @@ def _ratio(
     if len(firsts):
         slots = _learn(params, slots, history, slot[firsts], rows.time[firsts])
 
-    k, ttl, base = slots.k[slot], slots.ttl[slot], slots.first_pages[slot]
-    baseline = base + slots.baseline_entries[slot] / k
+    k, ttl, start = slots.k[slot], slots.ttl[slot], slots.start_pages[slot]
+    baseline = start + slots.baseline_entries[slot] / k
     # O is 0 before the generation's first point; P is clamped to its first value (A6).
     outbound_of, pages_of = history.lookups(slot, ("outbound", 0.0), ("pages", None))
     a = assess(
         rows.time, rows.pages, outbound_of, pages_of,
-        base_pages=base, k=np.where(measuring, 1.0, k), ttl=np.where(measuring, 0.0, ttl),
+        start_pages=start, k=np.where(measuring, 1.0, k), ttl=np.where(measuring, 0.0, ttl),
         window_s=est.trend_window_s,
     )
     threshold = falling_threshold(params, a.required_change_sd)
@@ -993,7 +995,7 @@ def _oracle(
     history = history.append(slot, rows.time, {"live": live})
     (live_of,) = history.lookups(slot, ("live", None))
     live_before = live_of(rows.time - params.window_s)
-    fresh = slots.first_pages[slot] * WASM_PAGE_BYTES + live  # what a fresh one would allocate
+    fresh = slots.start_pages[slot] * WASM_PAGE_BYTES + live  # what a fresh one would allocate
     reclaimable = rows.allocated_bytes - fresh
     with np.errstate(invalid="ignore"):
         restart = (
@@ -1090,47 +1092,76 @@ class AdaptiveInputs:
     """What the adaptive rule weighs at each sample (pages, calls, seconds)."""
 
     entries: FloatArray  #: N, estimated live entries
-    required: FloatArray  #: R = floor + N/k, at most P
+    required: FloatArray  #: R = start pages + N/k, at most P
     surplus: FloatArray  #: S = P − R
-    extra_calls: FloatArray  #: C = min(N, hits in the last ttl)
+    extra_calls: FloatArray  #: C, the dropped entries expected to be asked for again (B2)
+    fresh: FloatArray  #: pages a fresh instance would grow to within one ttl (B3)
+    freed: FloatArray  #: F = P − fresh, what the restart frees
     rising: BoolArray  #: N grew over the trend window
-    benefit: FloatArray  #: S · horizon, page-seconds
+    benefit: FloatArray  #: F · horizon, page-seconds
     cost: FloatArray  #: C · call_cost_page_s, page-seconds
     budget_left: FloatArray  #: calls the budget still allows
     restart: BoolArray
 
 
+def refetched(entries: FloatArray, hits: FloatArray) -> FloatArray:
+    """Expected live entries asked for again before they expire: C = N · (1 − (1 − e^−x)/x).
+
+    x = H/N is the hits per live entry over one ttl. If the H hits of the last ttl fall on the
+    N live entries as independent arrivals, an entry with remaining life r (uniform over the ttl)
+    is asked for again with probability 1 − e^(−x·r/ttl); the mean over r is the factor above.
+    It is ≤ min(N, H): ≈ H/2 when hits are few (most entries are never asked for again), → N
+    when every entry is hit many times (B2). 0 when N or H is 0; NaN when either is NaN.
+    """
+    n = np.maximum(np.asarray(entries, dtype=np.float64), 0.0)
+    h = np.maximum(np.asarray(hits, dtype=np.float64), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = h / n
+        c = n * (x + np.expm1(-x)) / x
+    return np.where((n > 0) & (h > 0), c, n * h)  # n · h: 0, or NaN
+
+
 def adaptive_rule(
     *, uptime: FloatArray, pages: FloatArray, entries: FloatArray, entries_before: FloatArray,
-    hits: FloatArray, floor: FloatArray | float, k: FloatArray | float,
-    ttl: FloatArray | float, horizon: FloatArray | float, spent: FloatArray | float,
-    outbound_total: FloatArray | float, params: AdaptiveParams,
+    hits: FloatArray, new_entries: FloatArray, start_pages: FloatArray | float,
+    k: FloatArray | float, ttl: FloatArray | float, horizon: FloatArray | float,
+    spent: FloatArray | float, outbound_total: FloatArray | float, params: AdaptiveParams,
 ) -> AdaptiveInputs:
     """The adaptive rule (see :class:`AdaptiveParams`), vectorized over samples.
 
     ``entries``/``entries_before``: N now and one trend window ago; ``hits``: requests of the
-    last ttl without an outbound call; ``outbound_total``: the instance's calls over all its
-    generations. NaN inputs fail their condition.
+    last ttl without an outbound call; ``new_entries``: the entries the current traffic makes
+    in one ttl (the outbound calls of the last trend window, scaled to one ttl);
+    ``outbound_total``: the instance's calls over all its generations. NaN inputs fail their
+    condition.
     """
-    required = np.minimum(floor + entries / k, pages)
+    required = np.minimum(start_pages + entries / k, pages)
     surplus = pages - required
-    extra = np.minimum(entries, np.maximum(hits, 0.0))
     if params.restart_mode == "warm":
-        extra = np.zeros_like(extra)  # a warm restart keeps the cache: it costs no auth call
+        # A warm restart keeps the live cache: no auth call, and the fresh instance holds N.
+        extra = np.zeros_like(np.asarray(entries, dtype=np.float64))
+        fresh = required
+    else:
+        # A cold one: the fresh instance holds what the traffic makes anew, and the dropped
+        # entries that are asked for again (B2, B3).
+        extra = refetched(entries, hits)
+        fresh = np.minimum(start_pages + (new_entries + extra) / k, pages)
+    freed = pages - fresh
     rising = entries > entries_before
-    benefit = surplus * horizon
+    benefit = freed * horizon
     cost = extra * params.call_cost_page_s
     budget_left = np.asarray(params.budget_share * outbound_total - spent, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         restart = (
             (uptime >= params.min_uptime_ttls * np.asarray(ttl))
-            & (surplus >= params.min_free_pages)
+            & (freed >= params.min_free_pages)
             & (benefit >= cost)
             & ~rising
             & (extra <= budget_left)
         )
     return AdaptiveInputs(
-        entries, required, surplus, extra, rising, benefit, cost, budget_left, restart
+        entries, required, surplus, extra, fresh, freed, rising, benefit, cost, budget_left,
+        restart,
     )
 
 
@@ -1188,9 +1219,11 @@ def _adaptive(
         outbound_of(rows.time - window) - outbound_of(rows.time - window - ttl), 0.0
     )
     hits = (requests_of(rows.time) - requests_of(rows.time - ttl)) - entries
+    new_entries = np.maximum(o_now - outbound_of(rows.time - window), 0.0) * ttl / window
     a = adaptive_rule(
         uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
-        hits=hits, floor=slots.first_pages[slot], k=k, ttl=ttl, horizon=horizon,
+        hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k, ttl=ttl,
+        horizon=horizon,
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
         params=params,
     )
@@ -1200,17 +1233,21 @@ def _adaptive(
     }
 
     def one(
-        restart: bool, pages: float, s: float, n: float, c: float, hz: float, benefit: float,
-        cost: float, rising: bool, left: float, up: float, ttl: float, k: float,
+        restart: bool, pages: float, s: float, n: float, c: float, fresh: float, freed: float,
+        hz: float, benefit: float, cost: float, rising: bool, left: float, up: float,
+        ttl: float, k: float,
     ) -> str:
+        frees = (
+            f"frees {freed:.1f} pages (a fresh instance grows to {fresh:.1f}) × "
+            f"{hz / 3600:.1f} h = {benefit:,.0f} page·s"
+        )
+        calls = f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"
         parts = [
             (up >= params.min_uptime_ttls * ttl,
              f"uptime {up / 60:.0f} min < {params.min_uptime_ttls:g} ttl ({ttl:.0f} s)"),
-            (s >= params.min_free_pages,
-             f"surplus {s:.1f} pages < {params.min_free_pages:g}"),
-            (benefit >= cost,
-             f"frees {s:.1f} pages × {hz / 3600:.1f} h = {benefit:,.0f} page·s < "
-             f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"),
+            (freed >= params.min_free_pages,
+             f"frees {freed:.1f} pages < {params.min_free_pages:g}"),
+            (benefit >= cost, f"{frees} < {calls}"),
             (not rising, "live entries rising"),
             (c <= left, f"budget: {c:.0f} extra calls > {max(left, 0):.0f} left"),
         ]
@@ -1219,16 +1256,13 @@ def _adaptive(
             f"ttl {ttl:.0f} s)"
         )
         if restart:
-            return (
-                f"{head}; frees {s:.1f} pages × {hz / 3600:.1f} h = {benefit:,.0f} page·s ≥ "
-                f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"
-            )
+            return f"{head}; {frees} ≥ {calls}"
         return f"keep: {head}; " + "; ".join(why for ok, why in parts if not ok)
 
     def explain(chosen: IntArray) -> list[str]:
         columns = (
-            a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, horizon,
-            a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k,
+            a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, a.fresh, a.freed,
+            horizon, a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k,
         )
         return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
 

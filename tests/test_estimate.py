@@ -2,7 +2,7 @@
 
 Synthetic samples come from a small model of the reference filter (dlmalloc-like): entries arrive
 at some rate (each is one outbound call and one cache entry), live entries are the arrivals of the
-last TTL seconds, freed blocks are reused, so pages = base + ceil(max(peak live so far − slack, 0)
+last TTL seconds, freed blocks are reused, so pages = start + ceil(max(peak live so far − slack, 0)
 / k). ``slack`` entries fit in the heap the instance starts with.
 """
 
@@ -70,7 +70,7 @@ def model_samples(
     *,
     ttl: float,
     k: float,
-    base: int = 4,
+    start: int = 4,
     slack: int = 0,
     instance: str = "i",
     generation: int = 0,
@@ -83,7 +83,7 @@ def model_samples(
     peak = np.maximum.accumulate(live_after) if len(arrivals) else np.zeros(0, dtype=int)
     done = np.searchsorted(arrivals, times, side="right")  # arrivals so far = O(t)
     peak_now = np.where(done > 0, peak[np.maximum(done - 1, 0)] if len(peak) else 0, 0)
-    pages = base + np.ceil(np.maximum(peak_now - slack, 0) / k).astype(np.int64)
+    pages = start + np.ceil(np.maximum(peak_now - slack, 0) / k).astype(np.int64)
     live = done - np.searchsorted(arrivals, times - ttl, side="right")
     return pd.DataFrame(
         {
@@ -108,7 +108,7 @@ def synthetic_samples(
     rate: float,
     duration: float = 900.0,
     dt: float = 1.0,
-    base: int = 4,
+    start: int = 4,
     slack: int = 0,
     jitter: str = "none",
     uneven: bool = False,
@@ -122,7 +122,7 @@ def synthetic_samples(
     return model_samples(
         arrival_times(rate, duration, jitter, rng),
         sample_times(duration, dt, uneven, rng),
-        ttl=ttl, k=k, base=base, slack=slack, instance=instance, generation=generation, t0=t0,
+        ttl=ttl, k=k, start=start, slack=slack, instance=instance, generation=generation, t0=t0,
     )
 
 
@@ -155,7 +155,7 @@ def test_fit_recovers_ttl_and_k(ttl: float, k: float, jitter: str, uneven: bool)
     assert fit.ttl_seen and fit.k_seen
     assert abs(fit.ttl - ttl) <= interval
     assert fit.k == pytest.approx(k, rel=0.05)
-    assert fit.base_pages == 4
+    assert fit.start_pages == 4
 
 
 @pytest.mark.parametrize("ttl", [120.0, 300.0, 600.0])
@@ -199,7 +199,7 @@ def test_full_grid_search_agrees_with_coarse_to_fine() -> None:
 def test_no_growth_gives_defaults() -> None:
     t = np.arange(0.0, 900.0)
     fit = fit_growth(t, t * 3, np.full_like(t, 5.0), 0.0, EstimatorParams())
-    assert (fit.k, fit.k_seen, fit.ttl, fit.ttl_seen, fit.base_pages) == (63.0, False, 600, False, 5)
+    assert (fit.k, fit.k_seen, fit.ttl, fit.ttl_seen, fit.start_pages) == (63.0, False, 600, False, 5)
     empty = fit_growth(np.empty(0), np.empty(0), np.empty(0), 0.0, EstimatorParams())
     assert (empty.k_seen, empty.ttl_seen) == (False, False)
 
@@ -261,12 +261,12 @@ def test_counter_going_backwards_never_gives_negative_entries() -> None:
 
 
 def test_assess_required_surplus_and_trend() -> None:
-    # k = 10, ttl = 20, window 10, base 4. O: +100 per 10 s until t = 20, flat afterwards.
+    # k = 10, ttl = 20, window 10, start pages 4. O: +100 per 10 s until t = 20, flat afterwards.
     time = np.array([0.0, 10.0, 20.0, 30.0, 40.0])
     outbound = np.array([0.0, 100.0, 200.0, 200.0, 200.0])
     pages = np.array([4.0, 14.0, 24.0, 24.0, 24.0])
     lookups = generation_lookups(time, outbound, pages, 0.0)
-    a = assess(time, pages, *lookups, base_pages=4.0, k=10.0, ttl=20.0, window_s=10.0)
+    a = assess(time, pages, *lookups, start_pages=4.0, k=10.0, ttl=20.0, window_s=10.0)
     np.testing.assert_allclose(a.entries, [0, 100, 200, 100, 0])
     np.testing.assert_allclose(a.required, [4, 14, 24, 14, 4])
     np.testing.assert_allclose(a.surplus, [0, 0, 0, 10, 20])
@@ -280,7 +280,7 @@ def test_required_is_capped_at_allocated() -> None:
     time = np.array([0.0, 10.0])
     lookups = generation_lookups(time, np.array([0.0, 1000.0]), np.array([4.0, 10.0]), 0.0)
     a = assess(
-        time, np.array([4.0, 10.0]), *lookups, base_pages=4.0, k=10.0, ttl=60.0, window_s=5.0
+        time, np.array([4.0, 10.0]), *lookups, start_pages=4.0, k=10.0, ttl=60.0, window_s=5.0
     )
     assert a.required[1] == 10.0  # 4 + 1000/10 would be 104
     assert a.surplus[1] == 0.0
@@ -300,7 +300,7 @@ def test_required_is_capped_at_allocated() -> None:
         ([1, 2, 21, 22], 10.0, 1.0, 11.5, 5.0, 4 + 8.25 / 10),
         # classes two pages wide: [0,20) [20,40); modal [0,20) → 10
         ([1, 2, 3, 25], 10.0, 2.0, 2.5, 10.0, 4 + 6.25 / 10),
-        # nothing measured: the baseline is the base
+        # nothing measured: the baseline is the start pages
         ([], 10.0, 1.0, 0.0, 0.0, 4.0),
     ],
 )
@@ -372,7 +372,7 @@ def test_estimate_each_generation_on_its_own() -> None:
     gen1 = out[(out["instance"] == "i") & (out["generation"] == 1)]
     # N never counts calls of the previous generation: at the start it is O of the new one.
     assert gen1["estimated_entries"].iloc[0] == gen1["outbound"].iloc[0]
-    assert gen1["base_pages"].iloc[0] == gen1["allocated_pages"].iloc[0]
+    assert gen1["start_pages"].iloc[0] == gen1["allocated_pages"].iloc[0]
     fits = fit_generations(two_generations(), now=math.inf, params=EstimatorParams())
     assert len(fits) == 3
     j = fits[fits["instance"] == "j"].iloc[0]

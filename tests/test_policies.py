@@ -35,6 +35,7 @@ from manager.policies import (
     parse_policy,
     parse_size,
     ratio_rule,
+    refetched,
     state_frame,
 )
 from tests.test_estimate import arrival_times, synthetic_samples
@@ -212,7 +213,7 @@ def test_ratio_keeps_what_it_learned_across_generations() -> None:
     )
     row = state_frame(state).loc["a"]
     assert bool(row["learned"]) and row["baseline_entries"] == pytest.approx(252.5)
-    assert row["generation"] == 1 and row["first_pages"] == 6  # per generation
+    assert row["generation"] == 1 and row["start_pages"] == 6  # per generation
     last = decisions[1][-1]
     assert last.baseline_pages == pytest.approx(6 + 25.25)
     # N restarted with the generation: all 100 calls since the start, nothing from generation 0
@@ -275,8 +276,8 @@ def test_ratio_never_reads_ground_truth() -> None:
 class ModelFilter:
     """One instance of the model filter; arrivals are misses; a restart drops everything."""
 
-    def __init__(self, arrivals: np.ndarray, ttl: float, k: float, base: int = 4) -> None:
-        self.arrivals, self.ttl, self.k, self.base = np.sort(arrivals), ttl, k, base
+    def __init__(self, arrivals: np.ndarray, ttl: float, k: float, start: int = 4) -> None:
+        self.arrivals, self.ttl, self.k, self.start = np.sort(arrivals), ttl, k, start
         self.generation, self.started_at, self.peak, self.last = 0, 0.0, 0, 0.0
 
     def restart(self, t: float) -> None:
@@ -292,7 +293,7 @@ class ModelFilter:
         self.last = t
         since_start = int(hi - np.searchsorted(a, self.started_at, side="right"))
         live_now = int(hi - np.searchsorted(a, max(t - self.ttl, self.started_at), side="right"))
-        pages = self.base + math.ceil(self.peak / self.k)
+        pages = self.start + math.ceil(self.peak / self.k)
         return {
             "instance": "shop", "generation": self.generation, "time": t,
             "started_at": self.started_at, "allocated_pages": pages,
@@ -382,7 +383,7 @@ def test_none_never_restarts() -> None:
 @pytest.mark.parametrize(
     ("live_mib", "previous_mib", "action"),
     [
-        (1.0, 1.0, "restart"),  # 16 MiB allocated, base 1 MiB: 14 MiB reclaimable ≥ 1 MiB live
+        (1.0, 1.0, "restart"),  # 16 MiB allocated, start 1 MiB: 14 MiB reclaimable ≥ 1 MiB live
         (1.0, 0.5, "keep"),  # live rising
         (8.0, 8.0, "keep"),  # reclaimable 7 MiB < 8 MiB live
         (14.9, 15.0, "keep"),  # reclaimable 0.1 MiB < 1 MiB minimum
@@ -702,40 +703,58 @@ ADAPTIVE = AdaptiveParams(call_cost_page_s=100.0, horizon_s=1000.0, min_free_pag
                           budget_share=0.01)
 
 
+def test_refetched_is_the_expected_share_of_live_entries_asked_for_again() -> None:
+    n = np.array([64.0, 64.0, 64.0, 64.0, 0.0, 64.0])
+    h = np.array([0.0, 1.0, 32.0, 1e6, 10.0, math.nan])
+    c = refetched(n, h)
+    assert c[0] == 0.0 and c[4] == 0.0 and math.isnan(c[5])  # no hits, no entries; unknown
+    assert c[1] == pytest.approx(0.5, rel=0.01)  # few hits: about half of them (B2)
+    # 32 hits on 64 entries: x = 0.5, 64 · (0.5 + e^−0.5 − 1)/0.5
+    assert c[2] == pytest.approx(64 * (0.5 + math.expm1(-0.5)) / 0.5)
+    assert c[3] == pytest.approx(64.0, rel=1e-4)  # every entry is hit: all of them
+    assert (c[:5] <= np.minimum(n, h)[:5]).all()
+
+
+# 64 live entries, 32 hits in the last ttl: C = 64 · (0.5 + e^−0.5 − 1)/0.5 ≈ 13.6 extra calls.
 @pytest.mark.parametrize(
-    ("uptime", "pages", "entries", "before", "hits", "spent", "total", "restart"),
+    ("uptime", "pages", "entries", "before", "hits", "new", "spent", "restart"),
     [
-        # frees 10 − (2 + 64/32) = 6 pages × 1000 s = 6000 ≥ 32 calls × 100 = 3200
-        (1000, 10, 64, 64, 32, 0, 10_000, True),
-        # the cache it drops costs more than it frees: 64 extra calls × 100 = 6400 > 6000
-        (1000, 10, 64, 64, 500, 0, 10_000, False),
-        # extra calls are at most the live entries, however many hits
-        (1000, 10, 64, 70, 10**6, 0, 10_000, False),
-        (1000, 12, 64, 70, 10**6, 0, 10_000, True),
+        # traffic stopped: a fresh instance grows to 2 + 13.6/32 ≈ 2.4 pages, frees 7.6 pages
+        # × 1000 s ≥ 13.6 calls × 100
+        (1000, 10, 64, 64, 32, 0, 0, True),
+        # steady traffic: the fresh instance regrows the 64 new entries too (4.4 pages)
+        (1000, 10, 64, 64, 32, 64, 0, True),
+        (1000, 5, 64, 64, 32, 64, 0, False),
+        # the cache it drops costs more than it frees: 5000 hits make C ≈ 63.2 calls × 100 = 6,320
+        # > (10 − 2 − 63.2/32 ≈ 6.03 pages) × 1000
+        (1000, 10, 64, 64, 5000, 0, 0, False),
+        (1000, 12, 64, 64, 5000, 0, 0, True),
+        # no hits: nothing is asked for again, any surplus is free to take
+        (1000, 5, 64, 64, 0, 0, 0, True),
         # live entries rising: the cache is refilling, wait
-        (1000, 10, 64, 60, 32, 0, 10_000, False),
+        (1000, 10, 64, 60, 32, 0, 0, False),
         # younger than one ttl (600 s)
-        (500, 10, 64, 64, 32, 0, 10_000, False),
+        (500, 10, 64, 64, 32, 0, 0, False),
         # frees less than min_free_pages
-        (1000, 5, 64, 64, 0, 0, 10_000, False),
-        # budget: 1% of 10,000 calls = 100; 80 spent leaves 20 < 32
-        (1000, 10, 64, 64, 32, 80, 10_000, False),
-        (1000, 10, 64, 64, 32, 60, 10_000, True),
+        (1000, 3, 64, 64, 32, 0, 0, False),
+        # budget: 1% of 10,000 calls = 100; 90 spent leaves 10 < 13.6
+        (1000, 10, 64, 64, 32, 0, 90, False),
+        (1000, 10, 64, 64, 32, 0, 80, True),
         # missing numbers fail
-        (1000, 10, math.nan, 64, 32, 0, 10_000, False),
+        (1000, 10, math.nan, 64, 32, 0, 0, False),
     ],
 )
 def test_adaptive_rule_table(
-    uptime: float, pages: float, entries: float, before: float, hits: float, spent: float,
-    total: float, restart: bool,
+    uptime: float, pages: float, entries: float, before: float, hits: float, new: float,
+    spent: float, restart: bool,
 ) -> None:
     def a(x: float) -> np.ndarray:
         return np.array([x], dtype=np.float64)
 
     got = adaptive_rule(
         uptime=a(uptime), pages=a(pages), entries=a(entries), entries_before=a(before),
-        hits=a(hits), floor=2.0, k=32.0, ttl=600.0, horizon=1000.0, spent=spent,
-        outbound_total=total, params=ADAPTIVE,
+        hits=a(hits), new_entries=a(new), start_pages=2.0, k=32.0, ttl=600.0, horizon=1000.0,
+        spent=spent, outbound_total=10_000.0, params=ADAPTIVE,
     )
     assert bool(got.restart[0]) is restart
 
@@ -769,12 +788,12 @@ def test_warm_adaptive_restarts_where_cold_adaptive_would_not() -> None:
         return np.array([x], dtype=np.float64)
 
     common = dict(uptime=a(700.0), pages=a(40.0), entries=a(600.0), entries_before=a(600.0),
-                  hits=a(5000.0), floor=2.0, k=32.0, ttl=600.0, horizon=1000.0, spent=0.0,
-                  outbound_total=1000.0)
+                  hits=a(5000.0), new_entries=a(600.0), start_pages=2.0, k=32.0, ttl=600.0,
+                  horizon=1000.0, spent=0.0, outbound_total=1000.0)
     cold = adaptive_rule(**common, params=ADAPTIVE)  # type: ignore[arg-type]
     warm = adaptive_rule(**common, params=dataclasses.replace(  # type: ignore[arg-type]
         ADAPTIVE, restart_mode="warm"))
-    assert not bool(cold.restart[0]) and float(cold.extra_calls[0]) == 600.0
+    assert not bool(cold.restart[0]) and float(cold.extra_calls[0]) == pytest.approx(528.0, abs=0.1)
     assert bool(warm.restart[0]) and float(warm.extra_calls[0]) == 0.0
     rising = adaptive_rule(**{**common, "entries_before": a(500.0)}, params=dataclasses.replace(  # type: ignore[arg-type]
         ADAPTIVE, restart_mode="warm"))
@@ -811,11 +830,11 @@ def test_adaptive_backs_off_when_memory_regrows_within_a_ttl(split: bool) -> Non
     assert state_frame(state3).loc["a", "horizon"] == pytest.approx(1000.0)
 
 
-def test_adaptive_floor_is_the_least_first_sample() -> None:
+def test_adaptive_start_pages_are_the_least_first_sample() -> None:
     params = AdaptiveParams()
     samples = frame([("a", 0, 10.0, 0.0, 3, 0), ("a", 1, 20.0, 15.0, 5, 100),
                      ("a", 2, 30.0, 25.0, 4, 50)])
-    assert _adaptive_state(params, samples).loc["a", "first_pages"] == 3
+    assert _adaptive_state(params, samples).loc["a", "start_pages"] == 3
 
 
 def test_adaptive_never_reads_ground_truth() -> None:
