@@ -244,29 +244,32 @@ class OracleParams(_Common):
 class AdaptiveParams(_Common):
     """The best rule we have from what the host sees (P, Q, O, uptime); the manager's default.
 
-    A cost model: restart when the surplus-time the restart removes outweighs the auth calls it
-    causes. With N = O(t) − O(t − ttl) estimated live entries, H = the requests of the last ttl
-    that made no outbound call (hits), required R = floor + N/k and surplus S = P − R pages:
+    A cost model: restart when what the restart frees, over the time it stays freed, outweighs
+    the auth calls it causes. With N = O(t) − O(t − ttl) estimated live entries and H = the
+    requests of the last ttl that made no outbound call (hits):
 
-    - the restart causes about C = min(N, H) extra auth calls (a live entry costs a call only
-      if its token comes back before it expires; recent hits bound how many do) (B2);
-    - it removes about S · ``horizon`` page-seconds of surplus, where the horizon starts at
-      ``horizon_s`` and is halved for an instance whose memory regrew to its pre-restart size
-      within one ttl of a restart (back-off) and doubled back after a restart that held (B6);
-    - restart when S · horizon ≥ ``call_cost_page_s`` · C, S ≥ ``min_free_pages``, N is not
+    - the restart causes about C = N · (1 − (1 − e^−x)/x), x = H/N, extra auth calls: the live
+      entries expected to be asked for again before they expire (:func:`refetched`, B2);
+    - a fresh instance grows to start + (M + C)/k pages, M = the outbound calls of the last
+      trend window scaled to one ttl (the entries the current traffic makes anew), so the
+      restart frees F = P − that (B3);
+    - it keeps F freed for about ``horizon``, which starts at ``horizon_s``, is halved for an
+      instance whose memory regrew to its pre-restart size within one ttl of our restart
+      (back-off) and doubled back after one that held (B6);
+    - restart when F · horizon ≥ ``call_cost_page_s`` · C, F ≥ ``min_free_pages``, N is not
       rising over the trend window, the generation has lived ``min_uptime_ttls`` ttls, and the
       estimated extra calls of all restarts stay within ``budget_share`` of the instance's
       outbound calls (B3–B5).
 
-    With ``mode=warm`` a restart keeps the live cache (the proxy replays its journal), so it
-    causes no extra auth calls: C = 0, and the rule restarts whenever the other conditions hold
-    (enough surplus, N not rising, a ttl of uptime, by which the new generation's N counts
-    its own calls again).
+    With ``mode=warm`` a restart keeps the live cache (the proxy replays its journal): C = 0 and
+    the fresh instance holds N, so F is the surplus S = P − (start + N/k), and the rule restarts
+    whenever the other conditions hold (enough surplus, N not rising, a ttl of uptime, by which
+    the new generation's N counts its own calls again).
 
     No measurement period and no unconditional first restart: k and the TTL start at the
     estimator's defaults and are refitted on every generation whose pages grew by at least
     ``estimator.min_growth_pages`` in its first ``estimator.measure_s`` (B7). Every parameter is
-    in ``manager/AMBIGUITIES.md`` (B1–B8).
+    in ``manager/AMBIGUITIES.md`` (B1–B8), with its reason and how sensitive the rule is to it.
     """
 
     name: ClassVar[str] = "adaptive"
@@ -275,7 +278,7 @@ class AdaptiveParams(_Common):
     call_cost_page_s: float = 1800.0
     #: How long freed memory is assumed to stay freed, before any back-off (B6).
     horizon_s: float = 3 * 3600.0
-    #: The smallest restart worth making, in pages (B3).
+    #: The smallest restart worth making: pages freed (B3).
     min_free_pages: float = 2.0
     #: A generation lives at least this many ttls before it may be restarted (B4).
     min_uptime_ttls: float = 1.0
