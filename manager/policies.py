@@ -97,7 +97,7 @@ class Decision:
     required_pages: float | None = None
     surplus_pages: float | None = None
     baseline_pages: float | None = None
-    estimated_entries: float | None = None  #: N(t), ratio only
+    estimated_entries: float | None = None  #: N(t), ratio and adaptive
     ttl_s: float | None = None
     k: float | None = None
     live_bytes: float | None = None  #: ground truth, oracle only
