@@ -188,6 +188,13 @@ def cpu_us(figures: dict[str, Any], key: str) -> str:
     return "?" if value != value else f"{value:.1f} µs" if value >= 10 else f"{value:.2f} µs"
 
 
+def one_core(figures: dict[str, Any]) -> str:
+    """The shipper's CPU per document (SQLite's work included: it runs in the shipper) and the
+    rate that makes on one free core: what the wall-clock rate reaches on an idle machine."""
+    cpu = statistics.median(run["shipper_cpu_us"] for run in figures["runs"])
+    return f"shipper CPU {cpu:.1f} µs per document: {1e6 / cpu:,.0f}/s on one free core"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer documents (smoke run)")
@@ -241,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
          f"{results['bare_insert_ferretdb']['median']:,.0f} documents/s (FerretDB CPU "
          f"{cpu_us(results['bare_insert_ferretdb'], 'server_cpu_us')} per document)", "", None),
         (f"shipper → embedded store ({embedded_n:,} documents)",
-         f"{ship_emb:,.0f} documents/s", f"≥ {TARGET_DOCS_PER_S:,}/s",
-         ship_emb >= TARGET_DOCS_PER_S),
+         f"{ship_emb:,.0f} documents/s ({one_core(results['shipper_embedded'])})",
+         f"≥ {TARGET_DOCS_PER_S:,}/s", ship_emb >= TARGET_DOCS_PER_S),
         (f"shipper → embedded store holding {stored_n:,} documents already",
-         f"{ship_full:,.0f} documents/s", f"≥ {TARGET_DOCS_PER_S:,}/s",
-         ship_full >= TARGET_DOCS_PER_S),
+         f"{ship_full:,.0f} documents/s ({one_core(results['shipper_embedded_full'])})",
+         f"≥ {TARGET_DOCS_PER_S:,}/s", ship_full >= TARGET_DOCS_PER_S),
         ("bare insert_new → embedded store (the store's own rate)",
          f"{results['bare_insert_embedded']['median']:,.0f} documents/s", "", None),
     ]
