@@ -143,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     print(f"benchmarking one proxy with {tenants:,} tenants …", file=sys.stderr)
     results: dict[str, Any] = {"live": live(tenants, min(args.users, tenants))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")  # the live part, should the rest fail
     print(f"… a simulated day of {shops} shops, none and ratio", file=sys.stderr)
     results["simulated"] = simulated(shops, args.quick)
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     lv, sim = results["live"], results["simulated"]
