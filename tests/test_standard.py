@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
 from scenarios.report import safe_name
-from scenarios.standard import chosen, run_standard
+from scenarios.standard import SCENARIOS, chosen, run_scenarios, run_standard
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,12 @@ def test_the_default_set_holds_varied_shapes_and_two_ttls() -> None:
     assert all(s.holdout for s in chosen(holdout=True))
     held = {s.shape.seed for s in chosen(holdout=True)}  # type: ignore[union-attr]
     assert not held & {s.shape.seed for s in shaped}  # type: ignore[union-attr]
+
+
+def test_a_policy_asked_for_twice_runs_once(tmp_path) -> None:
+    """On a small trace two threshold fractions can round to one size: the set must still
+    finish (it used to wait for a run it had counted twice)."""
+    twice = replace(SCENARIOS["basic"], threshold_fractions=(0.75, 0.75))
+    summary = run_scenarios([twice], tmp_path, quick=False, jobs=2, progress=False)["basic"]
+    thresholds = [p for p in summary["policy"] if p.startswith("threshold:")]
+    assert len(thresholds) == 1
