@@ -25,7 +25,7 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -413,6 +413,24 @@ def chosen(only: Sequence[str] = (), holdout: bool = False) -> list[Scenario]:
     return [s for s in SCENARIOS.values() if (s.holdout if holdout else s.default)]
 
 
+def write_table(out: Path, name: str, table: pd.DataFrame,
+                markdown: Callable[[pd.DataFrame], str], keep_others: bool) -> pd.DataFrame:
+    """Write a per-trace table to `out/<name>.csv` and `.md`. With `keep_others` (a run of
+    some traces, `--only`), the rows of other traces already in the CSV stay, in their order,
+    and the rerun traces' rows replace theirs; returns the table written."""
+    path = out / f"{name}.csv"
+    if keep_others and path.exists():
+        old = pd.read_csv(path, keep_default_na=False)
+        if "trace" in old.columns and list(old.columns) == list(table.columns):
+            old = old[~old["trace"].isin(set(table["trace"]))]
+            table = pd.concat([old, table], ignore_index=True)
+            # rows read back come as text where empty; the markdown reads both alike
+            table = table.replace({"": None})
+    table.to_csv(path, index=False)
+    (out / f"{name}.md").write_text(markdown(table))
+    return table
+
+
 def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
                  progress: bool = False, only: Sequence[str] = (),
                  holdout: bool = False) -> dict[str, pd.DataFrame]:
@@ -426,13 +444,11 @@ def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
             {s.name: (summaries[s.name], pd.read_csv(out / s.name / "limit.csv"), s.ttl_s)
              for s in shaped})
         name = "robustness-holdout" if holdout else "robustness"
-        table.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(robustness_markdown(table))
+        write_table(out, name, table, robustness_markdown, keep_others=bool(only))
     warm = warm_table(summaries)
     if len(warm):
         name = "warm-holdout" if holdout else "warm"
-        warm.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(warm_markdown(warm))
+        write_table(out, name, warm, warm_markdown, keep_others=bool(only))
     names = {s.name for s in scenarios}
     if "week" in names:
         # One generated EClog-format day, the sale day of the week: requests and active tokens.

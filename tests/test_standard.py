@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -99,3 +100,22 @@ def test_a_policy_asked_for_twice_runs_once(tmp_path) -> None:
     summary = run_scenarios([twice], tmp_path, quick=False, jobs=2, progress=False)["basic"]
     thresholds = [p for p in summary["policy"] if p.startswith("threshold:")]
     assert len(thresholds) == 1
+
+
+def test_a_run_of_some_traces_keeps_the_other_traces_rows(tmp_path: Path) -> None:
+    """`--only flash` replaces flash's rows of robustness.md and warm.md, and keeps the rest."""
+    from scenarios.standard import write_table
+
+    def md(table: pd.DataFrame) -> str:
+        return "\n".join(f"{r.trace} {r.policy} {r.value}" for r in table.itertuples())
+
+    first = pd.DataFrame({"trace": ["basic", "flash", "ramp"], "policy": ["a", "a", "a"],
+                          "value": [1.0, 2.0, 3.0]})
+    write_table(tmp_path, "t", first, md, keep_others=False)
+    rerun = pd.DataFrame({"trace": ["flash"], "policy": ["a"], "value": [9.0]})
+    kept = write_table(tmp_path, "t", rerun, md, keep_others=True)
+    assert sorted(zip(kept["trace"], kept["value"], strict=True)) == [("basic", 1.0), ("flash", 9.0),
+                                                         ("ramp", 3.0)]
+    assert "flash a 9.0" in (tmp_path / "t.md").read_text()
+    whole = write_table(tmp_path, "t", rerun, md, keep_others=False)
+    assert list(whole["trace"]) == ["flash"]
