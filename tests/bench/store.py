@@ -34,6 +34,7 @@ from typing import Any
 from addons.telemetry import store as st
 from addons.telemetry.shipper import Shipper
 from addons.telemetry.spool import MetricsLog, ready_segments
+from tests.bench import load_note
 from tests.servers import ferretdb
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "store.json"
@@ -260,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target, met in rows:
         print(f"| {name} | {value} | {target} | {'' if met is None else 'yes' if met else 'no'} |")
     machine = results["machine"]
-    print(f"\n{machine['cores']} cores, load average {machine['load_before']:.1f} before and "
-          f"{machine['load_after']:.1f} after: other work on the machine lowers every figure.")
+    print("\n" + load_note(machine["load_before"], machine["load_after"]))
     print(f"\n(written to {args.out})", file=sys.stderr)
     return 0
 

@@ -40,6 +40,7 @@ import numpy as np
 from scenarios.experiment import ExperimentConfig, run_policy, summarize
 from scenarios.procs import local_stack
 from scenarios.standard import shops_trace
+from tests.bench import load_note
 from tests.bench.hostflood import rss_kib
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "tenants.json"
@@ -172,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['mean_allocated_kib']:,.0f} / {p['mean_peak_kib']:,.0f} KiB | "
               f"{p['restarts']} | {vs} |")
     load = results["load_average_1min"]
-    print(f"\n{os.cpu_count()} cores, 1-min load average {load['before']:.1f} → "
-          f"{load['after']:.1f}: other work on the machine lowers every figure.")
+    print("\n" + load_note(load["before"], load["after"]))
     print(f"\n(written to {args.out})", file=sys.stderr)
     return 0
 
