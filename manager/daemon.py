@@ -53,6 +53,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -85,6 +86,7 @@ from addons.telemetry.store import (
     live_proxies,
     open_store,
     read_frame,
+    read_sample_batches,
     redact,
     release_lease,
 )
@@ -344,6 +346,73 @@ def renewed_instances(state: PolicyState, frame: pd.DataFrame) -> list[str]:
     return sorted({slots.names[i] for i in s[renewed].tolist()})
 
 
+Chains = dict[tuple[str, str], tuple[int, float]]
+
+
+def inbox_news(chains: Mapping[tuple[str, str], tuple[int, float]],
+               batches: list[dict[str, Any]]) -> tuple[Chains, list[dict[str, Any]], set[str]]:
+    """Which of ``batches`` (`sample_batches` documents) were not read before, given where
+    each (proxy, shipper run) stood (``chains``: last seq read and its newest sample time).
+
+    Returns the new chains, the new batches (by proxy, run and seq), and the proxies with a
+    hole: a batch number skipped (a batch of a run not seen before must be its first), whose
+    samples must be read from `samples`. Documents without a string proxy and run and an
+    integer seq are ignored.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for b in batches:
+        proxy, run, seq = b.get("proxy"), b.get("run"), b.get("seq")
+        if isinstance(proxy, str) and isinstance(run, str) and type(seq) is int:
+            groups.setdefault((proxy, run), []).append(b)
+    out: Chains = dict(chains)
+    new: list[dict[str, Any]] = []
+    holes: set[str] = set()
+    for key, docs in sorted(groups.items()):
+        last = out.get(key, (0, -math.inf))[0]
+        fresh = sorted((b for b in docs if b["seq"] > last), key=lambda b: b["seq"])
+        if not fresh:
+            continue
+        seqs = [last, *(b["seq"] for b in fresh)]
+        if any(b != a + 1 for a, b in itertools.pairwise(seqs)):
+            holes.add(key[0])
+        newest = fresh[-1].get("time")
+        out[key] = (fresh[-1]["seq"], float(newest) if isinstance(newest, int | float)
+                    else -math.inf)
+        new.extend(fresh)
+    return out, new, holes
+
+
+def prune_chains(chains: Chains, after: float, keep_s: float = 3600.0) -> Chains:
+    """``chains`` without the runs whose last batch is ``keep_s`` older than ``after`` (their
+    shipper has long stopped; a late batch of one would show as a hole, read from `samples`)."""
+    if len(chains) < 64:
+        return chains
+    return {k: v for k, v in chains.items() if v[1] > after - keep_s}
+
+
+def batch_frame(batch: Mapping[str, Any], columns: list[str]) -> pd.DataFrame:
+    """A `sample_batches` document's samples as rows: ``columns`` and `_id` (a field the
+    batch lacks is None)."""
+    values = records.unpack_columns(batch)
+    n = int(batch.get("count") or 0)
+    return pd.DataFrame({c: values.get(c, [None] * n) for c in ("_id", *columns)})
+
+
+def combine_rows(parts: list[pd.DataFrame], after: float, columns: list[str]) -> pd.DataFrame:
+    """The rows of ``parts`` with time > ``after``, each sample once (by `_id`), with
+    ``columns``."""
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    frame = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    if after > -math.inf:
+        frame = frame.loc[pd.to_numeric(frame["time"], errors="coerce").to_numpy() > after]
+    if "_id" in frame.columns and len(parts) > 1:
+        ids = frame["_id"]
+        frame = frame.loc[ids.isna() | ~ids.duplicated()]
+    return frame.reindex(columns=columns).reset_index(drop=True)
+
+
 def _read_only(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     a.flags.writeable = False
     return a
@@ -540,6 +609,9 @@ class Daemon:
         self._db: Database | None = None
         self._columns = config.sample_columns()
         self._read_columns = config.read_columns()
+        #: where each (proxy, shipper run)'s sample batches stand: (last seq read, its time);
+        #: None before the first read
+        self._chains: dict[tuple[str, str], tuple[int, float]] | None = None
 
     # ---- lifecycle ----
 
@@ -737,20 +809,47 @@ class Daemon:
 
     def _read_sync(self, after: float) -> pd.DataFrame:
         """(store thread) Samples with time > ``after`` (all on the first pass, or the backfill),
-        with the policy's columns (a field a document lacks is NaN)."""
+        with the policy's columns (a field a document lacks is NaN).
+
+        The first read takes them from `samples`, the record, and notes where each shipper's
+        sample batches stand; later reads take the batches delivered since (one document per
+        proxy and delivery: what a server without usable indexes serves fast), and read
+        `samples` only for a proxy whose batches have a hole (pruned before this pass, or a
+        failed write)."""
         try:
             db = self._db_sync()
-            if after == -math.inf and self.config.backfill_s is not None:
-                newest = list(db[SAMPLES].find({}, {"time": 1, "_id": 0})
-                              .sort("time", -1).limit(1))
-                if newest:
-                    after = float(newest[0]["time"]) - self.config.backfill_s
-            query: dict[str, Any] = {} if after == -math.inf else {"time": {"$gt": after}}
-            return read_frame(db, SAMPLES, query, self._read_columns).reindex(
-                columns=self._read_columns)
+            if self._chains is None:
+                heads = read_sample_batches(db, -math.inf, columns=False)
+                chains, _, _ = inbox_news({}, heads)
+                frame = self._read_samples(db, after, None)
+                self._chains = chains
+                return frame
+            batches = read_sample_batches(db, after)
+            chains, new, holes = inbox_news(self._chains, batches)
+            if holes:
+                logger.info("sample batches missing for %s (pruned before this pass, or not "
+                            "written): reading their samples instead", ", ".join(sorted(holes)))
+            parts = [batch_frame(b, self._read_columns) for b in new if b["proxy"] not in holes]
+            if holes:
+                parts.append(self._read_samples(db, after, holes))
+            self._chains = prune_chains(chains, after)
         except Exception as e:
             self._drop_db()
             raise StoreError(self._store_message("read samples from", e)) from e
+        return combine_rows(parts, after, self._read_columns)
+
+    def _read_samples(self, db: Database, after: float,
+                      proxies: Collection[str] | None) -> pd.DataFrame:
+        """Samples with time > ``after`` from `samples` (of ``proxies`` only, if given)."""
+        if after == -math.inf and self.config.backfill_s is not None:
+            newest = list(db[SAMPLES].find({}, {"time": 1, "_id": 0}).sort("time", -1).limit(1))
+            if newest:
+                after = float(newest[0]["time"]) - self.config.backfill_s
+        query: dict[str, Any] = {} if after == -math.inf else {"time": {"$gt": after}}
+        if proxies is not None:
+            query["proxy"] = {"$in": sorted(proxies)}
+        return read_frame(db, SAMPLES, query, self._read_columns).reindex(
+            columns=self._read_columns)
 
     def _db_sync(self) -> Database:
         if self._db is None:

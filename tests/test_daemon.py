@@ -31,7 +31,13 @@ import pytest
 from mitmproxy.test import taddons, tflow
 
 from addons.admin import AdminServer
-from addons.telemetry.store import DATABASE, close_store, open_store
+from addons.telemetry.store import (
+    DATABASE,
+    BatchWriter,
+    close_store,
+    insert_samples,
+    open_store,
+)
 from addons.wasm_auth import WasmAuth
 from manager.__main__ import build_config, build_parser, main, policy_params
 from manager.admin_client import AdminClient, AdminError, parse_instances, parse_restart
@@ -41,8 +47,10 @@ from manager.daemon import (
     PassReport,
     backoff_delay,
     clean_samples,
+    combine_rows,
     decision_record,
     forget_instances,
+    inbox_news,
     instance_key,
     latest_life,
     renewed_instances,
@@ -88,10 +96,16 @@ class Store:
 
     def __post_init__(self) -> None:
         self.db = open_store(self.uri, self.database)
+        self.writer = BatchWriter()  # writes as a shipper does: samples, then their batch
+        self.written = 0
 
     def write(self, docs: list[dict[str, Any]]) -> None:
         if docs:
-            self.db.samples.insert_many([{"proxy": PROXY, **d} for d in docs])
+            ids = range(self.written, self.written + len(docs))
+            self.written += len(docs)
+            insert_samples(self.db, [{"_id": f"t-{i}", "proxy": PROXY, **d}
+                                     for i, d in zip(ids, docs, strict=True)],
+                           self.writer, time.time())
 
     def decisions(self) -> list[dict[str, Any]]:
         docs = list(self.db.decisions.find({}, {"_id": 0}))
@@ -564,6 +578,75 @@ async def test_each_pass_reads_only_new_samples(store: Store) -> None:
     if store.kind == "ferretdb":  # the query on time has its index
         keys = [list(v["key"]) for v in store.db.samples.index_information().values()]
         assert [("time", 1)] in keys and [("proxy", 1), ("instance", 1), ("time", 1)] in keys
+
+
+async def test_later_passes_read_the_sample_batches(store: Store,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """After the first pass (from `samples`), new samples come from their batches: samples
+    missing from `samples` but in a batch are read; a batch missing from its sequence (pruned
+    before the pass) makes the daemon read that proxy's samples instead, losing nothing."""
+    store.write(series("a.example", 0, range(0, 100, 10)))
+    async with daemon_for(store, None, "none", dry_run=True) as daemon:
+        assert (await daemon.run_pass()).samples == 10
+        store.write(series("a.example", 0, [100.0, 110.0]))
+        store.db.samples.delete_many({"time": {"$gte": 100.0}})  # the batch alone has them
+        report = await daemon.run_pass()
+        assert report.samples == 2 and report.now == 110.0
+        store.write(series("a.example", 0, [120.0]))
+        store.write(series("a.example", 0, [130.0, 140.0]))
+        # The first of these two batches is pruned before the pass: a hole in the sequence.
+        store.db.sample_batches.delete_one({"seq": store.writer.seq[PROXY] - 1})
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()
+        assert report.samples == 3 and report.now == 140.0
+        assert f"sample batches missing for {PROXY}" in caplog.text
+        assert (await daemon.run_pass()).samples == 0
+
+
+async def test_a_shipper_started_after_the_first_pass_is_read_from_its_first_batch(
+        embedded: Store, caplog: pytest.LogCaptureFixture) -> None:
+    embedded.write(series("a.example", 0, range(0, 30, 10)))
+    async with daemon_for(embedded, None, "none", dry_run=True) as daemon:
+        assert (await daemon.run_pass()).samples == 3
+        embedded.writer = BatchWriter()  # a new shipper process: its own run, seq from 1
+        embedded.write(series("a.example", 0, [30.0]))
+        with caplog.at_level(logging.INFO, logger="manager"):
+            assert (await daemon.run_pass()).samples == 1
+        assert "sample batches missing" not in caplog.text
+        second = BatchWriter()  # another, whose first batch was pruned before the pass
+        embedded.writer = second
+        embedded.write(series("a.example", 0, [40.0]))
+        embedded.write(series("a.example", 0, [50.0]))
+        embedded.db.sample_batches.delete_one({"run": second.run, "seq": 1})
+        with caplog.at_level(logging.INFO, logger="manager"):
+            assert (await daemon.run_pass()).samples == 2
+        assert "sample batches missing" in caplog.text
+
+
+def _batch(proxy: str, run: str, seq: int, time: float) -> dict[str, Any]:
+    return {"proxy": proxy, "run": run, "seq": seq, "time": time}
+
+
+def test_inbox_news() -> None:
+    chains, new, holes = inbox_news({}, [_batch("p", "r", 1, 5.0), _batch("p", "r", 2, 6.0)])
+    assert chains == {("p", "r"): (2, 6.0)} and [b["seq"] for b in new] == [1, 2] and not holes
+    # Read again with one more: only it is new; a bad document is ignored.
+    chains, new, holes = inbox_news(chains, [_batch("p", "r", 2, 6.0), _batch("p", "r", 3, 7.0),
+                                             {"proxy": "p", "run": "r", "seq": "4"}])
+    assert [b["seq"] for b in new] == [3] and not holes and chains[("p", "r")] == (3, 7.0)
+    # A skipped number, or a new run that does not start at 1, is a hole of its proxy only.
+    chains, new, holes = inbox_news(chains, [_batch("p", "r", 5, 9.0), _batch("q", "s", 2, 9.0),
+                                             _batch("o", "t", 1, 9.0)])
+    assert holes == {"p", "q"} and len(new) == 3
+    assert chains[("p", "r")] == (5, 9.0) and chains[("o", "t")] == (1, 9.0)
+
+
+def test_combine_rows_keeps_each_new_sample_once() -> None:
+    a = pd.DataFrame({"_id": ["x", "y"], "time": [1.0, 2.0], "instance": ["i", "i"]})
+    b = pd.DataFrame({"_id": ["y", "z"], "time": [2.0, 3.0], "instance": ["i", "i"]})
+    out = combine_rows([a, b], 1.0, ["instance", "time"])
+    assert out.to_dict("list") == {"instance": ["i", "i"], "time": [2.0, 3.0]}
+    assert list(combine_rows([], 0.0, ["instance", "time"]).columns) == ["instance", "time"]
 
 
 async def test_backfill_limits_the_first_read(embedded: Store) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from addons.telemetry import spool
+from addons.telemetry import records, spool
 from addons.telemetry import store as st
 from addons.telemetry.shipper import Shipper, ship
 from addons.telemetry.spool import MetricsLog, ready_segments
@@ -452,6 +452,31 @@ def test_retention_is_for_the_embedded_store_only(tmp_path: Path,
     shipper.close()
     assert shipper.retention == 0.0
     assert "applies to the embedded store only" in caplog.text
+
+
+def test_the_shipper_writes_sample_batches_and_prunes_them_after_a_minute(
+        tmp_path: Path) -> None:
+    spool_dir, store = tmp_path / "spool", str(tmp_path / "store")
+    log = MetricsLog(spool_dir)
+    for t in range(10):
+        log.write(st.SAMPLES, {"proxy": "p", "time": 1000.0 + t, "instance": f"i{t % 3}"})
+    log.write(st.REQUESTS, {"proxy": "p", "time": 1000.0, "instance": "i0"})
+    log.flush()
+    shipper = Shipper(spool_dir, store)
+    try:
+        shipper.ship_ready()
+        [batch] = list(shipper.db.sample_batches.find({}))
+        assert (batch["proxy"], batch["seq"], batch["count"], batch["time"]) == ("p", 1, 10,
+                                                                                  1009.0)
+        assert records.unpack_columns(batch)["_id"] == [
+            d["_id"] for d in shipper.db.samples.find({}).sort("time", 1)]
+        shipper._prune_batches()  # younger than a minute: kept
+        assert shipper.db.sample_batches.count_documents({}) == 1
+        shipper._prune_batches(time.time() + st.SAMPLE_BATCH_RETENTION_S + 1)
+        assert shipper.db.sample_batches.count_documents({}) == 0
+        assert shipper.db.samples.count_documents({}) == 10  # the record stays
+    finally:
+        shipper.close()
 
 
 def test_no_retention_keeps_everything(tmp_path: Path) -> None:

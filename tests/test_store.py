@@ -16,6 +16,7 @@ import pytest
 from bson import ObjectId
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
 
+from addons.telemetry import records
 from addons.telemetry import store as st
 
 from .servers import free_port
@@ -50,7 +51,7 @@ def sample(instance: str, t: float, pages: int = 17, **extra: Any) -> dict[str, 
 def test_collection_names_are_the_contract() -> None:
     assert st.DATABASE == "wasm_reclaim"
     assert st.COLLECTIONS == ("requests", "auth_calls", "samples", "restarts", "decisions",
-                              "users", "tokens", "proxies", "leases")
+                              "users", "tokens", "proxies", "leases", "sample_batches")
     assert set(st.TIME_SERIES) <= set(st.BY_INSTANCE_TIME) <= set(st.COLLECTIONS)
     assert all(st.valid_collection_name(c) for c in st.COLLECTIONS)
 
@@ -150,6 +151,35 @@ def test_insert_new_rejects_what_bson_cannot_encode(db: st.Database) -> None:
     else:
         assert result == st.Delivery(2, 0, [(docs[1], st.INVALID_DOCUMENT)])
     assert db.requests.count_documents({"_id": {"$in": ["ok1", "ok2"]}}) == 2
+
+
+def test_samples_go_in_with_one_batch_per_proxy(db: st.Database) -> None:
+    """`insert_samples` stores the samples and, per proxy, one batch holding the same
+    documents column by column, numbered from 1 per writer; readers find them by newest
+    sample time; a writer prunes its own by delivery time."""
+    writer = st.BatchWriter()
+    docs = [sample("a", 1.0, proxy="p1") | {"_id": "s1", "live_bytes": None},
+            sample("b", 2.5, proxy="p2") | {"_id": "s2"},
+            sample("a", 3.0, proxy="p1") | {"_id": "s3", "state": "running"}]
+    assert st.insert_samples(db, docs, writer, 1000.0) == st.Delivery(3, 0)
+    assert db.samples.count_documents({}) == 3
+    st.insert_samples(db, [sample("a", 4.0, proxy="p1") | {"_id": "s4"}], writer, 1010.0)
+    batches = {(b["proxy"], b["seq"]): b for b in st.read_sample_batches(db, -math.inf)}
+    assert sorted(batches) == [("p1", 1), ("p1", 2), ("p2", 1)]
+    first = batches["p1", 1]
+    assert (first["run"], first["time"], first["first"], first["count"], first["shipped_at"]) \
+        == (writer.run, 3.0, 1.0, 2, 1000.0)
+    columns = records.unpack_columns(first)
+    assert columns["_id"] == ["s1", "s3"] and columns["time"] == [1.0, 3.0]
+    assert columns["live_bytes"] == [None, None] and columns["state"] == [None, "running"]
+    assert set(first) == set(records.SAMPLE_BATCH_FIELDS)
+    assert sorted((b["proxy"], b["seq"]) for b in st.read_sample_batches(db, 2.9)) == [
+        ("p1", 1), ("p1", 2)]
+    assert "columns" not in st.read_sample_batches(db, 2.9, columns=False)[0]
+    assert st.prune_sample_batches(db, ["p1"], 1005.0) == 1
+    assert sorted((b["proxy"], b["seq"]) for b in st.read_sample_batches(db, -math.inf)) == [
+        ("p1", 2), ("p2", 1)]
+    assert st.prune_sample_batches(db, [], 2000.0) == 0
 
 
 def test_delete_before(db: st.Database) -> None:

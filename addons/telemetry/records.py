@@ -15,6 +15,8 @@ restarts      addon, simulation     restart of an instance
 decisions     manager               decision of the manager, with what it did about it
 proxies       addon                 proxy: its admin URL and a heartbeat (never a token)
 leases        manager               named lease: which manager is active, until when
+sample_batches shipper              proxy and delivery of samples: the same samples again,
+                                    column by column (the manager's inbox, kept a minute)
 
 Every document carries `proxy` (the `wasm_proxy_id` option: by default host name and listen
 port). An instance is identified by (proxy, instance) everywhere.
@@ -36,7 +38,9 @@ instance bounds; `instance` is None).
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -258,3 +262,40 @@ def lease(name: str, holder: str, expires: float, acquired_at: float,
     """A `leases` document."""
     return {"_id": name, "holder": holder, "expires": expires, "acquired_at": acquired_at,
             "renewed_at": renewed_at}
+
+
+# ---- sample batches (the manager's inbox) ---------------------------------------------------
+
+SAMPLE_BATCH_FIELDS: Final = ("_id", "proxy", "run", "seq", "time", "first", "count",
+                              "shipped_at", "fields", "columns")
+"""A delivery of one proxy's samples, column by column: the shipper writes one per proxy each
+time it stores samples, so the manager reads O(proxies) documents per pass instead of one per
+sample (a server that answers no query from an index, such as FerretDB on SQLite, costs per
+document and per byte it scans). The `samples` collection stays the record; this one is a copy
+kept for a minute (`shipped_at`, wall clock).
+
+`run` names the shipper process (random) and `seq` counts its batches of this proxy from 1, so
+a reader notices a batch it never saw (pruned, or lost with an unacknowledged write) as a hole
+in the sequence, and reads `samples` instead. `time` and `first`: the newest and oldest sample
+time; `count` samples; `fields` the column names (the samples' fields, `_id` included);
+`columns` the values, `{field: [value, ...]}` as zlib-compressed JSON (`unpack_columns`)."""
+
+
+def sample_batch(proxy_id: str, run: str, seq: int, docs: list[dict[str, Any]],
+                 shipped_at: float) -> dict[str, Any]:
+    """A `sample_batches` document holding `docs` (samples of proxy `proxy_id`, as stored,
+    with their `_id`); a field some document lacks is None there."""
+    fields = list(dict.fromkeys(k for d in docs for k in d))
+    columns = {f: [d.get(f) for d in docs] for f in fields}
+    times = [t for t in columns.get("time", ()) if isinstance(t, int | float)
+             and not isinstance(t, bool)]
+    packed = zlib.compress(json.dumps(columns, separators=(",", ":"), default=str).encode(), 1)
+    return {"_id": f"{run}-{proxy_id}-{seq}", "proxy": proxy_id, "run": run, "seq": seq,
+            "time": max(times) if times else None, "first": min(times) if times else None,
+            "count": len(docs), "shipped_at": shipped_at, "fields": fields, "columns": packed}
+
+
+def unpack_columns(batch: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The columns of a `sample_batches` document: `{field: [value, ...]}`."""
+    columns: dict[str, list[Any]] = json.loads(zlib.decompress(bytes(batch["columns"])))
+    return columns

@@ -114,6 +114,8 @@ class Shipper:
         self._down_kind: tuple[str, object] = ("", None)
         self._next_prune = 0.0
         self._pool: ThreadPoolExecutor | None = None  # reads the next batch ahead
+        self.batches = st.BatchWriter()  # the sample batches this shipper writes
+        self._next_batch_prune = 0.0
 
     # ---- one pass ----
 
@@ -174,7 +176,10 @@ class Shipper:
             if c in st.REGISTRIES:  # one document per proxy: replaced, not inserted
                 self.delivered += st.register(self.db, c, docs)
                 continue
-            result = st.insert_new(self.db, c, docs)
+            if c == st.SAMPLES:  # and the same again as one batch per proxy (the manager's)
+                result = st.insert_samples(self.db, docs, self.batches, time.time())
+            else:
+                result = st.insert_new(self.db, c, docs)
             if result.rejected:
                 self._keep_rejected(c, result.rejected, segment)
             self.delivered += result.inserted
@@ -298,6 +303,7 @@ class Shipper:
         return 0
 
     def _maybe_prune(self) -> None:
+        self._prune_batches()
         if self.retention <= 0 or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + self.retention_every
@@ -306,6 +312,20 @@ class Shipper:
         except Exception as e:
             logger.warning("retention on %s failed (%s); retrying in %.0f s", self.where,
                            _describe(e), self.retention_every)
+
+    def _prune_batches(self, now: float | None = None) -> None:
+        """Every `retention_every` s: delete this shipper's sample batches older than
+        `store.SAMPLE_BATCH_RETENTION_S` at `now` (wall clock; the samples themselves stay)."""
+        now = time.time() if now is None else now
+        if not self.batches.seq or now < self._next_batch_prune:
+            return
+        self._next_batch_prune = now + self.retention_every
+        try:
+            st.prune_sample_batches(self.db, sorted(self.batches.seq),
+                                    now - st.SAMPLE_BATCH_RETENTION_S)
+        except Exception as e:
+            logger.warning("pruning the sample batches on %s failed (%s); retrying in %.0f s",
+                           self.where, _describe(e), self.retention_every)
 
     @contextlib.contextmanager
     def _spool_lock(self) -> Iterator[bool]:

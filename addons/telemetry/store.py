@@ -51,9 +51,12 @@ USERS: Final = "users"            # the auth server's users (unique `name`)
 TOKENS: Final = "tokens"          # the auth server's tokens, hashed (unique `hash`)
 PROXIES: Final = "proxies"        # each proxy's admin URL and heartbeat (`_id`: the proxy id)
 LEASES: Final = "leases"          # which manager is active, until when (`_id`: the lease name)
+# The samples again, one document per proxy and delivery, column by column: the manager's inbox
+# (`records.sample_batch`), kept SAMPLE_BATCH_RETENTION_S.
+SAMPLE_BATCHES: Final = "sample_batches"
 
 COLLECTIONS: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS, USERS, TOKENS,
-                      PROXIES, LEASES)
+                      PROXIES, LEASES, SAMPLE_BATCHES)
 
 # Collections read by (proxy, instance, time): each gets that compound index.
 BY_INSTANCE_TIME: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS)
@@ -63,6 +66,10 @@ REGISTRIES: Final = (PROXIES,)
 TIME_SERIES: Final = (SAMPLES, REQUESTS, AUTH_CALLS)
 # (collection, field) pairs with a unique index, used by the auth server.
 UNIQUE_KEYS: Final = ((USERS, "name"), (TOKENS, "hash"))
+
+# How long (wall seconds after delivery) a shipper keeps its proxy's sample batches. A manager
+# whose passes are further apart reads `samples` instead (it sees a hole in the sequence).
+SAMPLE_BATCH_RETENTION_S: Final = 60.0
 
 MONGO_SCHEMES: Final = ("mongodb://", "mongodb+srv://")
 _MONTY_IDENT: Final = ".monty.storage"  # in the store directory of wasm-reclaim before 2026-11
@@ -179,6 +186,9 @@ def ensure_indexes(db: Database) -> None:
         db[name].create_index("time")
     for name, key in UNIQUE_KEYS:
         db[name].create_index(key, unique=True)
+    db[SAMPLE_BATCHES].create_index("time")
+    db[SAMPLE_BATCHES].create_index([("proxy", pymongo.ASCENDING),
+                                     ("shipped_at", pymongo.ASCENDING)])
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -265,6 +275,56 @@ def _insert_new_embedded(db: Database, collection: str, docs: list[dict[str, Any
                 rejected.append((doc, INVALID_DOCUMENT))
         return Delivery(inserted, len(docs) - inserted - len(rejected), rejected)
     return Delivery(inserted, len(docs) - inserted)
+
+
+@dataclass
+class BatchWriter:
+    """Who writes sample batches (`insert_samples`): `run` names the writer (random, one per
+    shipper process), `seq` the last batch number written for each proxy."""
+
+    run: str = field(default_factory=lambda: os.urandom(6).hex())
+    seq: dict[str, int] = field(default_factory=dict)
+
+
+def insert_samples(db: Database, docs: list[dict[str, Any]], writer: BatchWriter,
+                   shipped_at: float) -> Delivery:
+    """Insert `samples` documents (each with an `_id`, as `insert_new`), then one
+    `sample_batches` document per proxy holding the same documents (those the store refused
+    excepted). The batches are written after the samples, so a reader that finds a batch finds
+    its samples too. A batch number is used once even if writing the batch fails (the reader
+    then sees a hole and reads `samples`)."""
+    from addons.telemetry import records
+
+    delivery = insert_new(db, SAMPLES, docs)
+    refused = {id(d) for d, _ in delivery.rejected}
+    by_proxy: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        proxy = doc.get("proxy")
+        if id(doc) not in refused and isinstance(proxy, str):
+            by_proxy.setdefault(proxy, []).append(doc)
+    batches = []
+    for proxy, group in by_proxy.items():
+        seq = writer.seq[proxy] = writer.seq.get(proxy, 0) + 1
+        batches.append(records.sample_batch(proxy, writer.run, seq, group, shipped_at))
+    insert_new(db, SAMPLE_BATCHES, batches)
+    return delivery
+
+
+def read_sample_batches(db: Database, after: float, *,
+                        columns: bool = True) -> list[dict[str, Any]]:
+    """The `sample_batches` documents whose newest sample is later than `after` (all of them
+    for -inf), columns still packed (`records.unpack_columns`; without them if not
+    `columns`)."""
+    query: dict[str, Any] = {} if after == -float("inf") else {"time": {"$gt": after}}
+    return list(db[SAMPLE_BATCHES].find(query, None if columns else {"columns": 0}))
+
+
+def prune_sample_batches(db: Database, proxies: Sequence[str], cutoff: float) -> int:
+    """Delete the sample batches of `proxies` delivered before `cutoff` (wall clock)."""
+    if not proxies:
+        return 0
+    return int(db[SAMPLE_BATCHES].delete_many(
+        {"proxy": {"$in": list(proxies)}, "shipped_at": {"$lt": cutoff}}).deleted_count)
 
 
 def register(db: Database, collection: str, docs: list[dict[str, Any]],

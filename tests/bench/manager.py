@@ -7,19 +7,23 @@ the reader sees where the time goes:
     - ``decide()`` alone (pure), for ratio (learned, in its decision loop), fixed and threshold;
     - the daemon's work without I/O (``Daemon.decide_new``: clean the rows, cursors, latest
       life, ``decide()``) plus building the 1,000 decision records;
-    - reading the 1,000 new samples with the daemon's own query (time > the newest sample
-      seen, from the `time` index), from the embedded store and from FerretDB, with 1 and with
-      10 samples per instance in the collection;
+    - reading the 1,000 new samples with the daemon's own read (``Daemon._read_sync``) from
+      the embedded store and from FerretDB, filled as shippers fill them
+      (``store.insert_samples``: one delivery = one sample per instance, and one sample batch
+      per proxy, ``--proxies``): a later pass reads the new batches (the collection keeps a
+      minute of them: 12 deliveries); for comparison, the same samples read from `samples`
+      (the first pass's read, or a hole's), 12 per instance stored;
     - writing the 1,000 decision records to each store;
-    - the whole pass on each store: the sum of the medians of that read, the daemon's work
-      and the write.
+    - the whole pass on each store: the sum of the medians of the batch read, the daemon's
+      work and the write; and without the write;
+    - one shipper delivery into each store (1,000 samples and their batches).
 (b) the initial learning over a 15-min window of 1-s samples (900 × 1,000 samples):
     - ``decide()`` over the whole window in one pass, then the pass that ends every instance's
       measurement period (1,000 k/TTL fits and baselines);
     - reading the window from each store: measured on its first ``--window-seconds`` (60 s:
       60,000 samples) and extrapolated linearly; ``--window-seconds 900`` reads all of it.
 
-``--instances 10000`` measures the same at 10,000 instances (give ``--window-seconds 11``: filling
+``--instances 10000`` measures the same at 10,000 instances (give ``--window-seconds 13``: filling
 FerretDB takes about 0.3 ms per document here).
 
 The series are the model filter's (entries live for a TTL, freed blocks are reused, pages
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,13 +53,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from addons.telemetry.store import DATABASE, SAMPLES, close_store, open_store
-from manager.daemon import Daemon, DaemonConfig, DecisionOutcome, PassReport
+from addons.telemetry.store import (
+    DATABASE,
+    SAMPLE_BATCH_RETENTION_S,
+    SAMPLE_BATCHES,
+    SAMPLES,
+    BatchWriter,
+    close_store,
+    ensure_indexes,
+    insert_samples,
+    open_store,
+    read_sample_batches,
+)
+from manager.daemon import Daemon, DaemonConfig, DecisionOutcome, PassReport, inbox_news
 from manager.policies import PolicyParams, decide, initial_state, parse_policy
 from tests.servers import ferretdb
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "manager.json"
 WINDOW = 900  # the measurement period: 15 min of 1-s samples
+INTERVAL_S = 5.0  # the manager's default pass interval
 TARGET_MS = 100.0
 
 
@@ -66,7 +83,7 @@ TARGET_MS = 100.0
 class Fleet:
     """n instances of the model filter sampled every second for `seconds` seconds."""
 
-    def __init__(self, n: int, seconds: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seconds: int, seed: int = 0, proxies: int = 3) -> None:
         rng = np.random.default_rng(seed)
         rate = rng.uniform(2.0, 20.0, n)  # misses (outbound calls) per second
         ttl = rng.choice([120, 300, 600], n)
@@ -80,6 +97,8 @@ class Fleet:
         self.outbound = outbound
         self.names = np.array([f"site-{i:04d}.example" for i in range(n)])
         self.n = n
+        self.proxies = proxies
+        self.proxy_of = [f"proxy-{i % proxies}" for i in range(n)]
 
     def frame(self, t0: int, t1: int) -> pd.DataFrame:
         """Samples at seconds [t0, t1) of every instance, as the store holds them."""
@@ -94,8 +113,9 @@ class Fleet:
 
     def docs(self, t0: int, t1: int) -> list[dict[str, Any]]:
         """The same as documents, with the fields the addon also writes."""
-        frame = self.frame(t0, t1).assign(tenant=lambda f: f["instance"], live_entries=0,
-                                           live_bytes=0.0, state="running")
+        frame = self.frame(t0, t1).assign(
+            tenant=lambda f: f["instance"], live_entries=0, live_bytes=0.0, state="running",
+            proxy=np.repeat(self.proxy_of, t1 - t0))
         records: list[dict[str, Any]] = frame.to_dict("records")
         for r in records:
             r["generation"], r["allocated_pages"] = int(r["generation"]), int(r["allocated_pages"])
@@ -206,40 +226,73 @@ def stores(skip_ferretdb: bool) -> Iterator[list[tuple[str, str | None, str]]]:
 
 def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds: int,
              records: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
-    """Reads with the daemon's own query, and the decision write, on one store."""
+    """Reads with the daemon's own code, and the decision write, on one store.
+
+    The store is filled as shippers fill it (`store.insert_samples`): each delivery stores one
+    sample per instance and one sample batch per proxy. A pass every 5 s that finds one new
+    sample per instance finds, beside the new batch of each proxy, the batches of the last
+    `SAMPLE_BATCH_RETENTION_S` (a minute: 12 deliveries), which a server without usable
+    indexes scans."""
     config = DaemonConfig(store=store, database=database, params=parse_policy("ratio"),
                           admin_url=None, dry_run=True)
     daemon = Daemon(config)
     db = open_store(store, database)
-    out: dict[str, Any] = {}
+    writer = BatchWriter()
+    out: dict[str, Any] = {"proxies": fleet.proxies}
 
     def fill(t0: int, t1: int) -> float:
-        docs = fleet.docs(t0, t1)
-        ms, _ = timed(lambda: [db[SAMPLES].insert_many(docs[i:i + 10_000])
-                               for i in range(0, len(docs), 10_000)])
+        ms = 0.0
+        for t in range(t0, t1):
+            docs = fleet.docs(t, t + 1)
+            for i, doc in enumerate(docs):
+                doc["_id"] = f"{t}-{i}"
+            ms += timed(lambda docs=docs: [  # type: ignore[misc]
+                insert_samples(db, docs[i:i + 10_000], writer, time.time())
+                for i in range(0, len(docs), 10_000)])[0]
         return ms
 
-    def read(after: float, rows: int, repeat: int = runs) -> list[float]:
+    def read_batches(rows: int, repeat: int = runs) -> list[float]:
+        """The daemon's read of a later pass: the newest delivery is new."""
+        newest = float(len(retained) - 1)
+        after = newest - 1.0 - config.overlap_s  # the newest sample seen, minus the overlap
         times = []
         for _ in range(repeat):
+            daemon._chains = dict(before_last)
             ms, frame = timed(lambda: daemon._read_sync(after))
+            assert len(frame) == rows and frame["time"].min() == newest, (len(frame), rows)
+            times.append(ms)
+        return times
+
+    def read_samples(after: float, rows: int, repeat: int = runs) -> list[float]:
+        """A read of `samples` (the first pass, or a proxy whose batches have a hole)."""
+        times = []
+        for _ in range(repeat):
+            ms, frame = timed(lambda: daemon._read_samples(db, after, None))
             assert len(frame) == rows, (len(frame), rows)
             times.append(ms)
         return times
 
+    retention = int(SAMPLE_BATCH_RETENTION_S // INTERVAL_S)
     try:
-        # (a) 1,000 new samples; the collection holds 1, then 10 samples per instance.
-        fill(0, 1)
-        out["read_new_1_per_instance"] = stats(read(-1.0, fleet.n))
-        fill(1, 10)
-        out["read_new_10_per_instance"] = stats(read(8.5, fleet.n))
-        batches = [records() for _ in range(runs)]  # new records (new _id) each time
+        ensure_indexes(db)
+        # (a) 12 deliveries (a minute of 5-s passes) of one sample per instance.
+        out["fill_ms_per_delivery"] = fill(0, retention) / retention
+        retained = list(range(retention))
+        # Where the batches stood after the delivery before the last one: only it is new.
+        heads = [b for b in read_sample_batches(db, -math.inf, columns=False)
+                 if b["time"] < retention - 1]
+        before_last, _, _ = inbox_news({}, heads)
+        daemon._chains = dict(before_last)
+        out["batches_in_collection"] = db[SAMPLE_BATCHES].count_documents({})
+        out["read_new_batches"] = stats(read_batches(fleet.n))
+        out["read_new_from_samples"] = stats(read_samples(retention - 1.5, fleet.n))
+        batch = [records() for _ in range(runs)]  # new records (new _id) each time
         out["write_decisions"] = stats(
-            [timed(lambda b=b: daemon._write_sync(b))[0] for b in batches])
-        # (b) the window: the first pass reads everything.
+            [timed(lambda b=b: daemon._write_sync(b))[0] for b in batch])  # type: ignore[misc]
+        # (b) the window: the first pass reads everything from `samples`.
         seconds = window_seconds
-        out["window_fill_ms"] = fill(10, seconds)
-        ms = statistics.median(read(-float("inf"), fleet.n * seconds, min(runs, 3)))
+        out["window_fill_ms"] = fill(retention, seconds)
+        ms = statistics.median(read_samples(-math.inf, fleet.n * seconds, min(runs, 3)))
         out["read_window"] = {"seconds": seconds, "samples": fleet.n * seconds, "ms": ms,
                               "extrapolated_900s_ms": ms * WINDOW / seconds,
                               "us_per_doc": ms * 1000 / (fleet.n * seconds)}
@@ -247,6 +300,7 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
         daemon._close_sync()
         daemon._executor.shutdown()
         db[SAMPLES].drop()
+        db[SAMPLE_BATCHES].drop()
         close_store(db)
     return out
 
@@ -278,14 +332,20 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if io is None:
             rows.append((f"(a) {label}: read / write", "skipped", "", ""))
             continue
-        add(f"(a) {label}: read {n:,} new samples (collection: 1 per instance)",
-            io["read_new_1_per_instance"]["median_ms"])
-        add(f"(a) {label}: read {n:,} new samples (collection: 10 per instance)",
-            io["read_new_10_per_instance"]["median_ms"])
+        add(f"(a) {label}: read {n:,} new samples from their batches ({io['proxies']} "
+            f"proxies; {io['batches_in_collection']} batches kept, a minute of deliveries)",
+            io["read_new_batches"]["median_ms"])
+        add(f"(a) {label}: read the same {n:,} from `samples` (first pass, or a hole; "
+            f"{SAMPLE_BATCH_RETENTION_S // INTERVAL_S:.0f} per instance stored)",
+            io["read_new_from_samples"]["median_ms"])
         add(f"(a) {label}: write {n:,} decision records", io["write_decisions"]["median_ms"])
-        add(f"(a) {label}: the whole pass (read with 10 per instance + daemon + write)",
-            io["read_new_10_per_instance"]["median_ms"] + steady["daemon_cpu"]["median_ms"]
+        add(f"(a) {label}: the whole pass (read the batches + daemon + write)",
+            io["read_new_batches"]["median_ms"] + steady["daemon_cpu"]["median_ms"]
             + io["write_decisions"]["median_ms"], True)
+        add(f"(a) {label}: the pass without the decision write (read the batches + daemon)",
+            io["read_new_batches"]["median_ms"] + steady["daemon_cpu"]["median_ms"], True)
+        add(f"(a) {label}: a shipper's delivery ({n:,} samples + their batches)",
+            io["fill_ms_per_delivery"])
     learning = results["learning"]
     add(f"(b) decide() over the window ({learning['samples']:,} samples, one pass)",
         learning["decide_window"]["median_ms"])
@@ -304,6 +364,9 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=1000, help="fleet size")
+    parser.add_argument("--proxies", type=int, default=3,
+                        help="proxies the instances are spread over (one batch each per "
+                             "delivery)")
     parser.add_argument("--passes", type=int, default=20, help="steady-state passes timed")
     parser.add_argument("--runs", type=int, default=5, help="repeats of each store operation")
     parser.add_argument("--learning-runs", type=int, default=3,
@@ -317,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"benchmarking the manager over {args.instances:,} instances …", file=sys.stderr)
     load_before = os.getloadavg()[0]
-    fleet = Fleet(args.instances, WINDOW + 1 + args.passes)
+    fleet = Fleet(args.instances, WINDOW + 1 + args.passes, proxies=args.proxies)
     steady, learning, learned = pure_passes(fleet, args.passes, args.learning_runs)
     steady["daemon_cpu"] = daemon_cpu(fleet, learned, args.passes)
 
@@ -337,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"… {label}", file=sys.stderr)
             io[label] = store_io(fleet, store, database, args.runs,
-                                 min(max(args.window_seconds, 11), WINDOW), records)
+                                 min(max(args.window_seconds, 13), WINDOW), records)
     daemon._executor.shutdown()
 
     results = {

@@ -7,6 +7,8 @@ Measures, with realistic `requests` documents (12 fields), on this machine:
 - the shipper's throughput from a spool of ready segments into FerretDB (SPEC §9: ≥ 20,000
   documents/s into a MongoDB-protocol server), and, for reference, what FerretDB takes
   through bare `insert_many` of ready-made documents (the server's own ceiling);
+- the same for `samples` documents (18 fields), which the shipper also writes again as one
+  `sample_batches` document per proxy and delivery (the manager's inbox): what that costs;
 - the shipper's throughput into the embedded store (`addons/telemetry/embedded.py`: SQLite,
   one `INSERT OR IGNORE` transaction per batch, with the indexes `ensure_indexes` makes), empty
   and holding many documents already (the indexes grow), and bare `insert_new` of ready
@@ -50,6 +52,22 @@ def request_doc(i: int) -> dict[str, Any]:
             "latency_ms": 0.41 + (i % 13) / 100, "pages": 529}
 
 
+def sample_doc(i: int) -> dict[str, Any]:
+    """A `samples` document as the addon writes one (18 fields with `proxy`, 19 with `_id`):
+    1,000 instances on 3 proxies, one sample each per second."""
+    instance = f"site-{i % 1000:04d}.example"
+    return {"proxy": f"bench-{i % 3}:8080", "time": 1_700_000_000.0 + i // 1000,
+            "instance": instance, "tenant": instance, "generation": i % 4,
+            "started_at": 1_699_999_000.0 + i % 1000, "allocated_pages": 4 + i % 300,
+            "allocated_bytes": (4 + i % 300) * 65536, "requests": 3 * i, "outbound": i,
+            "live_entries": i % 900, "live_bytes": (i % 900) * 1024, "state": "running",
+            "memory_cap_hits": 0, "hits": i % 7, "misses": i % 2, "denied": 0, "errors": 0}
+
+
+DOCS: dict[str, Callable[[int], dict[str, Any]]] = {"requests": request_doc,
+                                                    "samples": sample_doc}
+
+
 def repeat(fn: Callable[[], dict[str, float]], runs: int, key: str) -> dict[str, Any]:
     """Run `fn` `runs` times; every run's figures, and the median/min/max of `key`."""
     values = [fn() for _ in range(runs)]
@@ -79,24 +97,26 @@ def bench_proxy_cost(n: int, spool_dir: Path) -> dict[str, float]:
             "total_us": (write_s + flush_s) / n * 1e6, "cpu_us": cpu / n * 1e6}
 
 
-def fill_spool(spool_dir: Path, n: int) -> None:
+def fill_spool(spool_dir: Path, n: int, kind: str = "requests") -> None:
     log = MetricsLog(spool_dir)
+    make = DOCS[kind]
     for i in range(n):
-        log.write("requests", request_doc(i))
+        log.write(kind, make(i))
         if (i + 1) % SEGMENT_DOCS == 0:
             log.flush()
     log.flush()
 
 
 def bench_shipper(store: str, n: int, work: Path, server: Callable[[], float] | None = None,
-                  stored: int = 0) -> dict[str, float]:
-    """Documents per second from a spool of `n` documents in ready segments into `store`
-    (holding `stored` documents already); with `server` (its CPU clock), the server's CPU µs
-    per document too."""
+                  stored: int = 0, kind: str = "requests") -> dict[str, float]:
+    """Documents per second from a spool of `n` documents of collection `kind` in ready
+    segments into `store` (holding `stored` documents already); with `server` (its CPU clock),
+    the server's CPU µs per document too. For `samples`, the sample batches written along are
+    counted in `batches` (not in the documents)."""
     database = f"bench_{uuid.uuid4().hex[:8]}"
     spool_dir = work / f"spool-{database}"
     target = store if st.is_mongo_uri(store) else str(work / f"store-{database}")
-    fill_spool(spool_dir, n)
+    fill_spool(spool_dir, n, kind)
     shipper = Shipper(spool_dir, target, database=database, timeout=5.0)
     try:
         st.ensure_indexes(shipper.db)  # as a running shipper has done long before
@@ -108,15 +128,17 @@ def bench_shipper(store: str, n: int, work: Path, server: Callable[[], float] | 
         seconds = time.perf_counter() - t0
         own_cpu = time.process_time() - c0
         server_cpu = (server() - cpu0) if server else float("nan")
-        count = shipper.db.requests.count_documents({}) - stored
+        count = shipper.db[kind].count_documents({}) - stored
         if status != 0 or count != n:
             raise RuntimeError(f"the shipper stored {count} of {n} documents (exit {status})")
+        batches = shipper.db[st.SAMPLE_BATCHES].count_documents({})
         if st.is_mongo_uri(store):
             shipper.db.client.drop_database(database)
     finally:
         shipper.close()
     return {"documents": n, "seconds": seconds, "docs_per_s": n / seconds,
-            "shipper_cpu_us": own_cpu / n * 1e6, "server_cpu_us": server_cpu / n * 1e6}
+            "shipper_cpu_us": own_cpu / n * 1e6, "server_cpu_us": server_cpu / n * 1e6,
+            "batches": batches}
 
 
 def bench_bare_insert(uri: str, n: int,
@@ -196,6 +218,11 @@ def one_core(figures: dict[str, Any]) -> str:
     return f"shipper CPU {cpu:.1f} µs per document: {1e6 / cpu:,.0f}/s on one free core"
 
 
+def batches(figures: dict[str, Any]) -> str:
+    """The sample batches the shipper wrote in its first run."""
+    return f"{figures['runs'][0]['batches']:,}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer documents (smoke run)")
@@ -219,10 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                                        "total_us"),
             "shipper_ferretdb": repeat(lambda: bench_shipper(uri, server_n, work, server), runs,
                                        "docs_per_s"),
+            "shipper_ferretdb_samples": repeat(
+                lambda: bench_shipper(uri, server_n, work, server, kind="samples"), runs,
+                "docs_per_s"),
             "bare_insert_ferretdb": repeat(lambda: bench_bare_insert(uri, server_n, server), runs,
                                            "docs_per_s"),
             "shipper_embedded": repeat(lambda: bench_shipper("embedded", embedded_n, work), runs,
                                        "docs_per_s"),
+            "shipper_embedded_samples": repeat(
+                lambda: bench_shipper("embedded", embedded_n, work, kind="samples"), runs,
+                "docs_per_s"),
             "shipper_embedded_full": repeat(
                 lambda: bench_shipper("embedded", embedded_n, work, stored=stored_n), runs,
                 "docs_per_s"),
@@ -245,12 +278,25 @@ def main(argv: list[str] | None = None) -> int:
          f"(shipper CPU {cpu_us(results['shipper_ferretdb'], 'shipper_cpu_us')}, FerretDB CPU "
          f"{cpu_us(results['shipper_ferretdb'], 'server_cpu_us')} per document)",
          f"≥ {TARGET_DOCS_PER_S:,}/s", ship_fdb >= TARGET_DOCS_PER_S),
+        (f"shipper → FerretDB, `samples` documents with their batches ({server_n:,})",
+         f"{results['shipper_ferretdb_samples']['median']:,.0f} documents/s (shipper CPU "
+         f"{cpu_us(results['shipper_ferretdb_samples'], 'shipper_cpu_us')}, FerretDB CPU "
+         f"{cpu_us(results['shipper_ferretdb_samples'], 'server_cpu_us')} per document; "
+         f"{batches(results['shipper_ferretdb_samples'])} batches)",
+         f"≥ {TARGET_DOCS_PER_S:,}/s", results["shipper_ferretdb_samples"]["median"]
+         >= TARGET_DOCS_PER_S),
         ("bare insert_many → FerretDB (the server's ceiling)",
          f"{results['bare_insert_ferretdb']['median']:,.0f} documents/s (FerretDB CPU "
          f"{cpu_us(results['bare_insert_ferretdb'], 'server_cpu_us')} per document)", "", None),
         (f"shipper → embedded store ({embedded_n:,} documents)",
          f"{ship_emb:,.0f} documents/s ({one_core(results['shipper_embedded'])})",
          f"≥ {TARGET_DOCS_PER_S:,}/s", ship_emb >= TARGET_DOCS_PER_S),
+        (f"shipper → embedded store, `samples` documents with their batches ({embedded_n:,})",
+         f"{results['shipper_embedded_samples']['median']:,.0f} documents/s "
+         f"({one_core(results['shipper_embedded_samples'])}; "
+         f"{batches(results['shipper_embedded_samples'])} batches)",
+         f"≥ {TARGET_DOCS_PER_S:,}/s", results["shipper_embedded_samples"]["median"]
+         >= TARGET_DOCS_PER_S),
         (f"shipper → embedded store holding {stored_n:,} documents already",
          f"{ship_full:,.0f} documents/s ({one_core(results['shipper_embedded_full'])})",
          f"≥ {TARGET_DOCS_PER_S:,}/s", ship_full >= TARGET_DOCS_PER_S),
