@@ -218,17 +218,23 @@ class Simulation:
     def advance_to(self, t_ns: int, controller: Controller | None = None) -> None:
         """Run timers and sampling rounds up to `t_ns`, in order, then stop the clock there."""
         clock, host = self.clock, self.host
-        while True:
-            due = host.next_event_ns()
-            step = self.next_sample_ns if due is None else min(due, self.next_sample_ns)
+        next_event_ns, poll, now_ns, set_ns = (host.next_event_ns, host.poll, clock.now_ns,
+                                               clock.set_ns)
+        while True:  # a tick, a delivery or a sample at a time (once a second or more)
+            due = next_event_ns()
+            step = self.next_sample_ns
+            if due is not None and due < step:
+                step = due
             if step > t_ns:
                 break
-            clock.set_ns(max(step, clock.now_ns()))
-            host.poll()
-            if clock.now_ns() >= self.next_sample_ns:
+            now = now_ns()
+            set_ns(step if step > now else now)
+            poll()
+            if now_ns() >= self.next_sample_ns:
                 self._sample(controller)
                 self.next_sample_ns += self.interval_ns
-        clock.set_ns(max(t_ns, clock.now_ns()))
+        now = now_ns()
+        set_ns(t_ns if t_ns > now else now)
 
     def _sample(self, controller: Controller | None) -> None:
         now_ns = self.clock.now_ns()

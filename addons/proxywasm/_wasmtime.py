@@ -10,13 +10,15 @@ the lower-level entry points instead (about 2 µs per call, see `just bench`):
 - the engine is configured with `memory_may_move=False`, so a memory's base address is fixed
   for the life of its store and can be cached; only its size changes (it only grows).
 
-Everything unsafe lives here; `vm.py` uses these helpers and never touches ctypes directly
-except for bounds-checked reads and writes of linear memory.
+Everything unsafe lives here; `vm.py` uses these helpers and never touches ctypes: it reads
+and writes linear memory through a view of its current size (`RawInstance.memory_view`), after
+its own bounds checks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -52,16 +54,27 @@ _lib = ctypes.CDLL(_b.dll._name)  # type: ignore[attr-defined]
 _func_call = _lib.wasmtime_func_call_unchecked
 _func_call.argtypes = None  # type: ignore[assignment]
 _func_call.restype = ctypes.c_void_p
-_memory_size_bytes = _b._wasmtime_memory_data_size
 _memory_data = _b._wasmtime_memory_data
-_memory_pages = _b._wasmtime_memory_size
+# The memory's size, read after every callback (the memory cap) and whenever a guest pointer
+# lies past the size last seen: the same bare entry points as `_func_call` (0.3 µs, not 2 µs).
+_memory_size_bytes = _lib.wasmtime_memory_data_size
+_memory_size_bytes.argtypes = None  # type: ignore[assignment]
+_memory_size_bytes.restype = ctypes.c_size_t
+_memory_pages = _lib.wasmtime_memory_size
+_memory_pages.argtypes = None  # type: ignore[assignment]
+_memory_pages.restype = ctypes.c_uint64
 _trap_new = _b._wasmtime_trap_new
 # Host callbacks receive plain addresses: no pointer objects built per call.
 _CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
 )
-_string_at = ctypes.string_at
-_i32_at = ctypes.c_int32.from_address
+
+ADDRESS_SPACE = memoryview((ctypes.c_char * 2**62).from_address(0)).cast("B")
+"""The process's address space as one byte buffer (nothing is read until an offset is used):
+the argument array of a host call is unpacked from it and its result packed into it by
+address, with `struct` (0.1 µs) instead of a ctypes object or a copy per call (0.6 µs). Only
+the addresses wasmtime hands a host callback are ever used with it."""
+_RESULT = struct.Struct("<I")
 
 
 class GuestTrap(Exception):
@@ -347,17 +360,18 @@ def define_host_function(
     qualified = f"{module}.{name}"
     params = [str(p) for p in ty.params]
     layout = struct.Struct("<" + "".join("I12x" if p == "i32" else "q8x" for p in params))
-    size = layout.size
-    unpack = layout.unpack
+    unpack = functools.partial(layout.unpack_from, ADDRESS_SPACE)
+    pack_result = functools.partial(_RESULT.pack_into, ADDRESS_SPACE)
 
     def run(args: int) -> int:
+        # One frame on the usual path (the call is not being measured: no clock reads).
         try:
             target = active[0]
             if target is None:
                 raise HostTrap(f"{qualified} was called outside any callback")
-            result = impl(target, *unpack(_string_at(args, size))) if size else impl(target)
+            result = impl(target, *unpack(args))
             if result is not None:
-                _i32_at(args).value = result
+                pack_result(args, result & 0xFFFFFFFF)
             return 0
         except HostTrap as e:
             return make_trap(str(e))
@@ -366,9 +380,9 @@ def define_host_function(
             return make_trap(f"host function {qualified} failed: {e!r}")
 
     def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
-        meter = _meter[0]
-        if meter is None:  # the call is not being measured (the usual case): no clock reads
+        if _meter[0] is None:
             return run(args)
+        meter = _meter[0]
         entered = _thread_ns()
         meter.guest_ns += entered - meter.mark
         try:
@@ -432,6 +446,7 @@ class RawInstance:
             raise wasmtime.WasmtimeError("module does not export its linear memory as 'memory'")
         self._mem = memory.of.memory
         self._mem_ref = ctypes.byref(self._mem)
+        self._mv = ctypes.c_void_p(ctypes.addressof(self._mem))
         self.base = ctypes.cast(_memory_data(self._ctx, self._mem_ref), ctypes.c_void_p).value or 0
 
     def export(self, name: str) -> Any:
@@ -469,7 +484,7 @@ class RawInstance:
         _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
-        return int(self._a32[0])
+        return self._a32[0]
 
     def call2(self, func: ctypes.c_void_p, p0: int, p1: int) -> int:
         """`call` with two parameters (context create)."""
@@ -480,7 +495,7 @@ class RawInstance:
         _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
-        return int(self._a32[0])
+        return self._a32[0]
 
     def call3(self, func: ctypes.c_void_p, p0: int, p1: int, p2: int) -> int:
         """`call` with three parameters (request and response headers)."""
@@ -492,7 +507,7 @@ class RawInstance:
         _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
-        return int(self._a32[0])
+        return self._a32[0]
 
     def call1(self, func: ctypes.c_void_p, p0: int) -> int:
         """`call` with one parameter (the hot path: allocations, context callbacks)."""
@@ -501,7 +516,7 @@ class RawInstance:
         _meter[0] = None
         if error or self._trap.value:
             self._raise(error)
-        return int(self._a32[0])
+        return self._a32[0]
 
     def _raise(self, error: int | None) -> None:
         stopped, self.interrupted = self.interrupted, None
@@ -527,11 +542,17 @@ class RawInstance:
 
     def memory_size(self) -> int:
         """Current linear-memory size in bytes (it never shrinks)."""
-        return int(_memory_size_bytes(self._ctx, self._mem_ref))
+        return _memory_size_bytes(self._cv, self._mv)  # type: ignore[no-any-return]
 
     def memory_pages(self) -> int:
         """Current linear-memory size in 64 KiB pages."""
-        return int(_memory_pages(self._ctx, self._mem_ref))
+        return _memory_pages(self._cv, self._mv)  # type: ignore[no-any-return]
+
+    def memory_view(self, size: int) -> memoryview:
+        """The first `size` bytes of linear memory as a writable buffer (`size` at most
+        `memory_size()`). It stays valid while the store lives: the memory never moves
+        (`memory_may_move=False`) and never shrinks; it only grows past the view's end."""
+        return memoryview((ctypes.c_char * size).from_address(self.base)).cast("B")
 
     def close(self, *, wait: bool = False) -> None:
         """Drop the store, which frees the linear memory: on the reaper thread unless `wait`."""

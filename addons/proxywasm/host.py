@@ -315,7 +315,7 @@ class Stream:
             kind: Literal["continue", "respond", "reset"] = "respond"
         elif ctx.closed:
             kind = "reset"
-        elif action == Action.CONTINUE or ctx.resumed or (self.after_calls and not ctx.calls):
+        elif action == _CONTINUE or ctx.resumed or (self.after_calls and not ctx.calls):
             kind = "continue"
         else:
             return
@@ -403,6 +403,7 @@ class Stream:
             self.instance.journal_commit(entry)
 
 
+_CONTINUE = int(Action.CONTINUE)
 _REQUEST_BODY, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_BODY, _RESPONSE_TRAILERS = (
     REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS)
 
@@ -463,7 +464,7 @@ class FilterInstance:
         the instance restarts with back-off). Checked after each callback that ran normally.
         """
         cap = self.host.limits.memory_bytes
-        if cap <= 0 or vm.closed or vm.allocated_pages() * WASM_PAGE_SIZE + WASM_PAGE_SIZE <= cap:
+        if cap <= 0 or vm.closed or (vm.raw.memory_pages() + 1) * WASM_PAGE_SIZE <= cap:
             return False
         self.memory_cap_hits += 1
         self.crashed(vm, raw.GuestTrap(
@@ -1025,10 +1026,11 @@ class Host:
 
     def _settle(self, vm: Vm) -> None:
         """After a callback, turn the decisions the filter made into stream decisions."""
-        for ctx in list(vm.contexts.values()):
-            stream = ctx.stream
-            if stream.waiting:
-                stream.settle()
+        if vm.contexts:
+            for ctx in list(vm.contexts.values()):
+                stream = ctx.stream
+                if stream.waiting:
+                    stream.settle()
         self.context_released(vm)
 
     def queue_ready(self, queue_id: int) -> None:
@@ -1077,6 +1079,8 @@ class Host:
         due = self.dispatcher.next_due_ns()
         if due is not None and (best is None or due < best):
             best = due
+        if not self._down:
+            return best
         for instance_id in self._down:
             inst = self.instances.get(instance_id)
             if inst is not None:
@@ -1128,7 +1132,8 @@ class Host:
         finally:
             self._busy -= 1
         self._settle(vm)
-        self._drain_deliveries()
+        if self._deliveries:
+            self._drain_deliveries()
         if vm.tick_period_ns and not vm.closed:
             vm.next_tick_ns = now + vm.tick_period_ns
             heapq.heappush(self._timers, (vm.next_tick_ns, next(self._seq), vm, 0))
@@ -1139,6 +1144,9 @@ class Host:
         """Fail streams the filter paused with nothing left to wake them."""
         limit = int(self.limits.stream_timeout_s * 1e9)
         for inst in self.instances.values():
+            vm = inst.vm
+            if (vm is None or not vm.contexts) and not inst.draining:
+                continue  # nothing open (the usual case between requests)
             for vm in inst.vms():
                 for ctx in list(vm.contexts.values()):
                     s = ctx.stream

@@ -17,7 +17,7 @@ data, start an outbound call, a context released, the tick schedule changed), ne
 
 from __future__ import annotations
 
-import ctypes
+import struct
 from typing import Any, Protocol
 
 import wasmtime
@@ -40,10 +40,14 @@ from .shared import SharedQueues
 
 M32 = 0xFFFFFFFF
 
-_memmove = ctypes.memmove
-_string_at = ctypes.string_at
-_u32_at = ctypes.c_uint32.from_address
-_u64_at = ctypes.c_uint64.from_address
+_pack_u32 = struct.Struct("<I").pack_into
+_pack_u64 = struct.Struct("<Q").pack_into
+_NO_MEMORY = memoryview(b"")
+_REQUEST_HEADERS, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_TRAILERS = (
+    int(MapType.HTTP_REQUEST_HEADERS), int(MapType.HTTP_REQUEST_TRAILERS),
+    int(MapType.HTTP_RESPONSE_HEADERS), int(MapType.HTTP_RESPONSE_TRAILERS))
+_CALL_RESPONSE_HEADERS, _CALL_RESPONSE_TRAILERS = (
+    int(MapType.HTTP_CALL_RESPONSE_HEADERS), int(MapType.HTTP_CALL_RESPONSE_TRAILERS))
 
 # The Vm whose guest code is running (host functions need it); calls never interleave.
 ACTIVE: list[Vm | None] = [None]
@@ -142,6 +146,9 @@ class Vm:
         self.next_call_id = 1
         self.next_metric_id = 1
         self._mem_size = 0
+        self._mem = _NO_MEMORY
+        """Linear memory [0, `_mem_size`) as a buffer: reads and writes go through it after
+        their bounds check, and it is replaced when the memory has grown (`_grown`)."""
         previous = _active[0]
         _active[0] = self
         try:
@@ -154,7 +161,7 @@ class Vm:
             raise FilterStartError(f"cannot instantiate: {e}") from e
         finally:
             _active[0] = previous
-        self._mem_size = self.raw.memory_size()
+        self._grown(0)
         exports = module.exports
 
         def f(name: str) -> Any:
@@ -231,6 +238,9 @@ class Vm:
             self.closed = True
             self.contexts.clear()
             self.calls.clear()
+            self._mem_size = 0  # nothing is in bounds any more (`_grown`)
+            if self._mem is not _NO_MEMORY:
+                self._mem.release()
             self.raw.close()
 
     @property
@@ -262,13 +272,15 @@ class Vm:
 
     def new_context(self, stream: Any) -> StreamContext:
         """Create a stream context (calls `proxy_on_context_create`)."""
-        ctx = StreamContext(self._next_context, stream)
-        self._next_context += 1
-        self.contexts[ctx.id] = ctx
-        self.raw.arm(self.deadline)
+        context_id = self._next_context
+        ctx = StreamContext(context_id, stream)
+        self._next_context = context_id + 1
+        self.contexts[context_id] = ctx
+        raw = self.raw
+        raw.budget_ns = self.deadline  # raw.arm(self.deadline), on the hot path
         if self._on_context_create is not None:
             _active[0] = self
-            self.raw.call2(self._on_context_create, ctx.id, ROOT_CONTEXT_ID)
+            raw.call2(self._on_context_create, context_id, ROOT_CONTEXT_ID)
         return ctx
 
     def on_request_headers(self, ctx: StreamContext, end_of_stream: bool) -> int:
@@ -321,13 +333,14 @@ class Vm:
     def finish_context(self, ctx: StreamContext) -> None:
         """End a stream as Envoy does: `proxy_on_log`, then `proxy_on_done`, then (unless the
         guest defers with false, and later calls `proxy_done`) `proxy_on_delete`."""
-        self.effective = ctx.id
-        self.raw.arm(self.deadline)
+        context_id = self.effective = ctx.id
+        raw = self.raw
+        raw.budget_ns = self.deadline  # raw.arm(self.deadline)
         _active[0] = self
         try:
             if self._on_log is not None:
-                self.raw.call1(self._on_log, ctx.id)
-            done = 1 if self._on_done is None else self.raw.call1(self._on_done, ctx.id)
+                raw.call1(self._on_log, context_id)
+            done = 1 if self._on_done is None else raw.call1(self._on_done, context_id)
             if done:
                 self.delete_context(ctx)
             else:
@@ -343,8 +356,9 @@ class Vm:
                 self.raw.call1(self._on_delete, ctx.id)
         finally:
             self.contexts.pop(ctx.id, None)
-            for call_id in ctx.calls:
-                self.calls.pop(call_id, None)
+            if ctx.calls:
+                for call_id in ctx.calls:
+                    self.calls.pop(call_id, None)
 
     def on_http_call_response(
         self, call: PendingCall, status: int, headers: Pairs, body: bytes, trailers: Pairs
@@ -376,44 +390,55 @@ class Vm:
     def on_tick(self) -> None:
         """Run `proxy_on_tick` on the root context."""
         if self._on_tick is not None:
-            self.raw.arm(self.deadline)
+            raw = self.raw
+            raw.budget_ns = self.deadline  # raw.arm(self.deadline)
             _active[0] = self  # as `call` does, on the one-parameter path (a tick a second)
-            self.raw.call1(self._on_tick, ROOT_CONTEXT_ID)
+            raw.call1(self._on_tick, ROOT_CONTEXT_ID)
 
     # ---- linear memory -----------------------------------------------------------------------
 
+    def _grown(self, end: int) -> bool:
+        """Whether [.., end) is in bounds after reading the memory's size again (it only
+        grows); a grown memory gets a new view."""
+        if self.closed:  # the store is gone: nothing is in bounds
+            return False
+        size = self.raw.memory_size()
+        if size != self._mem_size:
+            self._mem_size = size
+            self._mem = self.raw.memory_view(size)
+        return end <= size
+
     def in_bounds(self, ptr: int, size: int) -> bool:
         end = ptr + size
-        if end <= self._mem_size:
-            return True
-        self._mem_size = self.raw.memory_size()  # memory only grows: refresh and retry
-        return end <= self._mem_size
+        return end <= self._mem_size or self._grown(end)
 
     def read(self, ptr: int, size: int) -> bytes | None:
         """Read guest memory; None if [ptr, ptr+size) is out of bounds."""
-        if not self.in_bounds(ptr, size):
+        end = ptr + size
+        if end > self._mem_size and not self._grown(end):
             return None
-        return _string_at(self.raw.base + ptr, size) if size else b""
+        return self._mem[ptr:end].tobytes()
 
     def write(self, ptr: int, data: bytes) -> bool:
         """Write guest memory; False if out of bounds."""
-        if not self.in_bounds(ptr, len(data)):
+        end = ptr + len(data)
+        if end > self._mem_size and not self._grown(end):
             return False
-        _memmove(self.raw.base + ptr, data, len(data))
+        self._mem[ptr:end] = data
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
         """Write a little-endian u32; False if out of bounds."""
-        if not self.in_bounds(ptr, 4):
+        if ptr + 4 > self._mem_size and not self._grown(ptr + 4):
             return False
-        _u32_at(self.raw.base + ptr).value = value & M32
+        _pack_u32(self._mem, ptr, value & M32)
         return True
 
     def write_u64(self, ptr: int, value: int) -> bool:
         """Write a little-endian u64; False if out of bounds."""
-        if not self.in_bounds(ptr, 8):
+        if ptr + 8 > self._mem_size and not self._grown(ptr + 8):
             return False
-        _u64_at(self.raw.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
+        _pack_u64(self._mem, ptr, value & 0xFFFFFFFFFFFFFFFF)
         return True
 
     def return_bytes(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
@@ -428,12 +453,13 @@ class Vm:
         size = len(data)
         if size:
             addr = self.raw.call1(self._alloc, size) & M32
-            if addr == 0 or not self.in_bounds(addr, size):
+            end = addr + size
+            if addr == 0 or (end > self._mem_size and not self._grown(end)):
                 return Status.INVALID_MEMORY_ACCESS
-            _memmove(self.raw.base + addr, data, size)
-        base = self.raw.base  # both out-parameters were bounds-checked above
-        _u32_at(base + ptr_ptr).value = addr
-        _u32_at(base + size_ptr).value = size
+            self._mem[addr:end] = data
+        mem = self._mem  # both out-parameters were bounds-checked above
+        _pack_u32(mem, ptr_ptr, addr)
+        _pack_u32(mem, size_ptr, size)
         return Status.OK
 
     def read_str(self, ptr: int, size: int) -> str | None:
@@ -472,21 +498,21 @@ class Vm:
 
     def header_map(self, map_type: int) -> Pairs | None:
         """The header map `map_type` as visible from the effective context, or None."""
-        if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
-            if self.call_response is None:
+        if map_type >= _CALL_RESPONSE_HEADERS:
+            if self.call_response is None or map_type > _CALL_RESPONSE_TRAILERS:
                 return None
             _, headers, trailers = self.call_response
-            return headers if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS else trailers
+            return headers if map_type == _CALL_RESPONSE_HEADERS else trailers
         ctx = self.contexts.get(self.effective)
         if ctx is None:
             return None
-        if map_type == MapType.HTTP_REQUEST_HEADERS:
+        if map_type == _REQUEST_HEADERS:
             return ctx.request_headers
-        if map_type == MapType.HTTP_RESPONSE_HEADERS:
+        if map_type == _RESPONSE_HEADERS:
             return ctx.response_headers
-        if map_type == MapType.HTTP_REQUEST_TRAILERS:
+        if map_type == _REQUEST_TRAILERS:
             return ctx.request_trailers
-        if map_type == MapType.HTTP_RESPONSE_TRAILERS:
+        if map_type == _RESPONSE_TRAILERS:
             return ctx.response_trailers
         return None
 
