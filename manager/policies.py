@@ -256,10 +256,13 @@ class AdaptiveParams(_Common):
     - it keeps F freed for about ``horizon``, which starts at ``horizon_s``, is halved for an
       instance whose memory regrew to its pre-restart size within one ttl of our restart
       (back-off) and doubled back after one that held (B6);
-    - restart when F · horizon ≥ ``call_cost_page_s`` · C, F ≥ ``min_free_pages``, N is not
-      rising over the trend window, the generation has lived ``min_uptime_ttls`` ttls, and the
-      estimated extra calls of all restarts stay within ``budget_share`` of the instance's
-      outbound calls (B3–B5).
+    - restart when F · horizon ≥ price · C, F ≥ ``min_free_pages``, N is not rising over the
+      trend window, the generation has lived ``min_uptime_ttls`` ttls, and the estimated extra
+      calls of all restarts stay within the budget, ``budget_share`` of the instance's outbound
+      calls (B3–B5);
+    - the price of a call is ``call_cost_page_s`` times the share of the budget spent once this
+      restart is made (``budget_pricing``): calls are cheap while the budget is unused, and
+      cost the full price as it runs out (B5).
 
     With ``mode=warm`` a restart keeps the live cache (the proxy replays its journal): C = 0 and
     the fresh instance holds N, so F is the surplus S = P − (start + N/k), and the rule restarts
@@ -278,14 +281,17 @@ class AdaptiveParams(_Common):
     call_cost_page_s: float = 1800.0
     #: How long freed memory is assumed to stay freed, before any back-off (B6).
     horizon_s: float = 3 * 3600.0
-    #: The smallest restart worth making: pages freed (B3).
-    min_free_pages: float = 2.0
+    #: The smallest restart worth making: expected pages freed (B3).
+    min_free_pages: float = 0.5
     #: A generation lives at least this many ttls before it may be restarted (B4).
     min_uptime_ttls: float = 1.0
     #: Estimated extra calls of all restarts ≤ this share of the instance's outbound calls (B5).
     budget_share: float = 0.01
     #: Horizon divisor when memory regrew to its pre-restart size within one ttl (B6).
     backoff: float = 2.0
+    #: A call costs ``call_cost_page_s`` times the share of the budget spent once the restart
+    #: is made, instead of ``call_cost_page_s`` (B5).
+    budget_pricing: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -1152,8 +1158,13 @@ def adaptive_rule(
     freed = pages - fresh
     rising = entries > entries_before
     benefit = freed * horizon
+    budget = np.asarray(params.budget_share * outbound_total, dtype=np.float64)
+    budget_left = budget - spent
     cost = extra * params.call_cost_page_s
-    budget_left = np.asarray(params.budget_share * outbound_total - spent, dtype=np.float64)
+    if params.budget_pricing:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            used = np.clip((spent + extra) / budget, 0.0, 1.0)
+        cost = np.where(extra > 0, cost * used, 0.0)
     with np.errstate(invalid="ignore"):
         restart = (
             (uptime >= params.min_uptime_ttls * np.asarray(ttl))
@@ -1244,7 +1255,8 @@ def _adaptive(
             f"frees {freed:.1f} pages (a fresh instance grows to {fresh:.1f}) × "
             f"{hz / 3600:.1f} h = {benefit:,.0f} page·s"
         )
-        calls = f"{c:.0f} extra calls × {params.call_cost_page_s:g} = {cost:,.0f}"
+        price = cost / c if c > 0 else params.call_cost_page_s
+        calls = f"{c:.0f} extra calls × {price:,.0f} page·s = {cost:,.0f}"
         parts = [
             (up >= params.min_uptime_ttls * ttl,
              f"uptime {up / 60:.0f} min < {params.min_uptime_ttls:g} ttl ({ttl:.0f} s)"),
@@ -1376,6 +1388,7 @@ _OPTIONS: Final[dict[str, dict[str, _Option]]] = {
         "min_uptime": ("min_uptime_ttls", float, False),
         "budget": ("budget_share", float, False),
         "backoff": ("backoff", float, False),
+        "budget_price": ("budget_pricing", _parse_bool, False),
     },
 }
 # The first value may be given without its key: fixed:30m, threshold:64MiB.

@@ -700,7 +700,7 @@ def test_parse_size(text: str, size: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 ADAPTIVE = AdaptiveParams(call_cost_page_s=100.0, horizon_s=1000.0, min_free_pages=2.0,
-                          budget_share=0.01)
+                          budget_share=0.01, budget_pricing=False)
 
 
 def test_refetched_is_the_expected_share_of_live_entries_asked_for_again() -> None:
@@ -757,6 +757,30 @@ def test_adaptive_rule_table(
         spent=spent, outbound_total=10_000.0, params=ADAPTIVE,
     )
     assert bool(got.restart[0]) is restart
+
+
+@pytest.mark.parametrize(("spent", "restart"), [(0.0, True), (35.0, False)])
+def test_budget_pricing_makes_calls_cheap_while_the_budget_is_unused(
+    spent: float, restart: bool,
+) -> None:
+    # 5000 hits on 64 live entries: C ≈ 63.2 calls. At the full price of 100 page·s a call
+    # (6,318) the restart is not worth the 6.03 pages × 1000 s = 6,026 it frees. Priced by the
+    # share of the budget (1% of 10,000 calls = 100) spent once it is made, it is while the
+    # budget is unused (63.2%: 3,992), and not once 35 calls are spent (98.2%: 6,203), though
+    # the 65 calls left would still pay for it.
+    def a(x: float) -> np.ndarray:
+        return np.array([x], dtype=np.float64)
+
+    common = dict(uptime=a(1000.0), pages=a(10.0), entries=a(64.0), entries_before=a(64.0),
+                  hits=a(5000.0), new_entries=a(0.0), start_pages=2.0, k=32.0, ttl=600.0,
+                  horizon=1000.0, spent=spent, outbound_total=10_000.0)
+    full = adaptive_rule(**common, params=ADAPTIVE)  # type: ignore[arg-type]
+    priced = adaptive_rule(**common, params=dataclasses.replace(  # type: ignore[arg-type]
+        ADAPTIVE, budget_pricing=True))
+    assert not bool(full.restart[0])
+    c = float(priced.extra_calls[0])
+    assert float(priced.cost[0]) == pytest.approx(c * 100.0 * (spent + c) / 100.0)
+    assert bool(priced.restart[0]) is restart
 
 
 def test_closed_loop_adaptive_restarts_once_after_the_sale() -> None:
