@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from addons.proxywasm import FilterModule
-from manager.estimate import EstimatorParams, estimate
+from manager.estimate import OBSERVABLE_COLUMNS, EstimatorParams, estimate
 from manager.policies import (
     Decision,
     decide,
@@ -46,6 +46,10 @@ from scenarios.simulate import SimConfig, SimResult, Simulation
 from scenarios.trace import Trace
 
 logger = logging.getLogger(__name__)
+
+MANAGER_COLUMNS = (*OBSERVABLE_COLUMNS, "live_bytes")
+"""The sample columns a manager pass reads (`live_bytes` for the oracle): all its controller
+gets in an experiment."""
 
 SERIES_COLUMNS = [
     "time", "instance", "generation", "allocated_bytes", "required_true", "surplus_true",
@@ -116,7 +120,7 @@ def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig) -> 
     # The policies' restart mode (`mode=warm`) decides how the simulated host restarts; the
     # run's metrics come from the samples, so no row per request is kept.
     sim = replace(config.sim, restart_mode=modes.pop() if modes else config.sim.restart_mode,
-                  request_log=False)
+                  request_log=False, controller_columns=MANAGER_COLUMNS)
     shared = _Shared(branches, keep_trunk="none" in specs)
     t0 = time.perf_counter()
     result: SimResult | None = None

@@ -92,6 +92,10 @@ class SimConfig:
     request_log: bool = True
     """Keep one row per request (`SimResult.requests`); experiments only need the counts
     (`SimResult.request_count`, the samples' hits and misses), and skip it."""
+    controller_columns: tuple[str, ...] | None = None
+    """The sample columns the controller's frame holds (None: all of :data:`SAMPLE_COLUMNS`).
+    The experiments give the manager only what it reads: a frame of fewer columns costs less
+    to build, once a pass."""
 
     def __post_init__(self) -> None:
         if self.restart_mode not in RESTART_MODES:
@@ -151,17 +155,26 @@ _ZERO = records.NO_COUNTS
 _SLOT = records.COUNTED
 
 
-def sample_frame(rows: Sequence[tuple[Any, ...]]) -> pd.DataFrame:
+def sample_frame(rows: Sequence[tuple[Any, ...]],
+                 columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Sample rows (:data:`SAMPLE_COLUMNS` order) as a frame, the same pandas would make from
-    the rows. Built column by column, the numeric columns through numpy: once a manager pass,
-    where pandas inferring every column from rows cost three times as much."""
+    the rows (with only `columns`, in their order, when given). Built column by column, the
+    numeric columns through numpy: once a manager pass, where pandas inferring every column
+    from rows cost three times as much."""
 
     def column(values: tuple[Any, ...]) -> Any:
         array = np.array(values)
         return array if array.dtype.kind in "if" else values  # pandas infers the others
 
-    return pd.DataFrame({name: column(values) for name, values in
-                         zip(SAMPLE_COLUMNS, zip(*rows, strict=True), strict=True)}, copy=False)
+    transposed = list(zip(*rows, strict=True))
+    if transposed and len(transposed) != len(SAMPLE_COLUMNS):
+        raise ValueError(f"sample rows of {len(transposed)} fields, not {len(SAMPLE_COLUMNS)}")
+    names = SAMPLE_COLUMNS if columns is None else columns
+    return pd.DataFrame({name: column(transposed[_SAMPLE_INDEX[name]]) for name in names},
+                        copy=False)
+
+
+_SAMPLE_INDEX = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
 
 
 class _Recorder(HostEvents):
@@ -246,7 +259,7 @@ class Simulation:
         if controller is not None and now_ns >= self.next_decision_ns:
             self.next_decision_ns += self.decision_ns
             if len(self.samples) > self.unseen:
-                new = sample_frame(self.samples[self.unseen:])
+                new = sample_frame(self.samples[self.unseen:], self.config.controller_columns)
                 self.unseen = len(self.samples)
                 for instance_id in controller(new, now):
                     self.host.restart(instance_id, "policy", "simulation",

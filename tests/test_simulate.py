@@ -144,3 +144,6 @@ def test_sample_frame_types_columns_as_pandas_does() -> None:
     for some in (rows, rows[:1], rows[1:2]):
         expected = pd.DataFrame(some, columns=SAMPLE_COLUMNS)
         pd.testing.assert_frame_equal(sample_frame(some), expected)
+        # only some columns (what a manager pass reads), in the order asked
+        wanted = ["live_bytes", "instance", "time", "state"]
+        pd.testing.assert_frame_equal(sample_frame(some, wanted), expected[wanted])
