@@ -64,9 +64,10 @@ _memory_pages = _lib.wasmtime_memory_size
 _memory_pages.argtypes = None  # type: ignore[assignment]
 _memory_pages.restype = ctypes.c_uint64
 _trap_new = _b._wasmtime_trap_new
-# Host callbacks receive plain addresses: no pointer objects built per call.
+# Host callbacks receive plain addresses as size_t (ints, never None): no pointer objects
+# built per call, and the cheapest conversion ctypes has (0.3 µs a callback, 0.45 as c_void_p).
 _CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+    ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t
 )
 
 ADDRESS_SPACE = memoryview((ctypes.c_char * 2**62).from_address(0)).cast("B")
@@ -364,7 +365,6 @@ def define_host_function(
     pack_result = functools.partial(_RESULT.pack_into, ADDRESS_SPACE)
 
     def run(args: int) -> int:
-        # One frame on the usual path (the call is not being measured: no clock reads).
         try:
             target = active[0]
             if target is None:
@@ -380,9 +380,23 @@ def define_host_function(
             return make_trap(f"host function {qualified} failed: {e!r}")
 
     def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
-        if _meter[0] is None:
-            return run(args)
         meter = _meter[0]
+        if meter is None:
+            # The call is not being measured (the usual case): no clock reads, and `run`
+            # inlined, one Python frame per host call.
+            try:
+                target = active[0]
+                if target is None:
+                    raise HostTrap(f"{qualified} was called outside any callback")
+                result = impl(target, *unpack(args))
+                if result is not None:
+                    pack_result(args, result & 0xFFFFFFFF)
+                return 0
+            except HostTrap as e:
+                return make_trap(str(e))
+            except BaseException as e:
+                logger.exception("host function %s failed", qualified)
+                return make_trap(f"host function {qualified} failed: {e!r}")
         entered = _thread_ns()
         meter.guest_ns += entered - meter.mark
         try:

@@ -447,7 +447,9 @@ class Vm:
         Empty data writes a null pointer and size 0 without allocating.
         Returns a `Status` value.
         """
-        if not (self.in_bounds(ptr_ptr, 4) and self.in_bounds(size_ptr, 4)):
+        limit = self._mem_size - 4
+        if (ptr_ptr > limit or size_ptr > limit) and not (
+                self._grown(ptr_ptr + 4) and self._grown(size_ptr + 4)):
             return Status.INVALID_MEMORY_ACCESS
         addr = 0
         size = len(data)
