@@ -382,6 +382,12 @@ def inbox_news(chains: Mapping[tuple[str, str], tuple[int, float]],
     return out, new, holes
 
 
+def batch_times(batches: list[dict[str, Any]]) -> dict[str, float]:
+    """The `_id` of each sample batch with its newest sample time (-inf if it has none)."""
+    return {str(b["_id"]): float(t) if isinstance(t := b.get("time"), int | float) else -math.inf
+            for b in batches if "_id" in b}
+
+
 def prune_chains(chains: Chains, after: float, keep_s: float = 3600.0) -> Chains:
     """``chains`` without the runs whose last batch is ``keep_s`` older than ``after`` (their
     shipper has long stopped; a late batch of one would show as a hole, read from `samples`)."""
@@ -612,6 +618,8 @@ class Daemon:
         #: where each (proxy, shipper run)'s sample batches stand: (last seq read, its time);
         #: None before the first read
         self._chains: dict[tuple[str, str], tuple[int, float]] | None = None
+        #: the sample batches read, by `_id`, with their newest sample time (not asked again)
+        self._batches_read: dict[str, float] = {}
 
     # ---- lifecycle ----
 
@@ -822,9 +830,10 @@ class Daemon:
                 heads = read_sample_batches(db, -math.inf, columns=False)
                 chains, _, _ = inbox_news({}, heads)
                 frame = self._read_samples(db, after, None)
-                self._chains = chains
+                self._chains, self._batches_read = chains, batch_times(heads)
                 return frame
-            batches = read_sample_batches(db, after)
+            read = {i: t for i, t in self._batches_read.items() if t > after}
+            batches = read_sample_batches(db, after, exclude=sorted(read))
             chains, new, holes = inbox_news(self._chains, batches)
             if holes:
                 logger.info("sample batches missing for %s (pruned before this pass, or not "
@@ -833,6 +842,7 @@ class Daemon:
             if holes:
                 parts.append(self._read_samples(db, after, holes))
             self._chains = prune_chains(chains, after)
+            self._batches_read = read | batch_times(batches)
         except Exception as e:
             self._drop_db()
             raise StoreError(self._store_message("read samples from", e)) from e

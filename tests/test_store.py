@@ -176,6 +176,7 @@ def test_samples_go_in_with_one_batch_per_proxy(db: st.Database) -> None:
     assert sorted((b["proxy"], b["seq"]) for b in st.read_sample_batches(db, 2.9)) == [
         ("p1", 1), ("p1", 2)]
     assert "columns" not in st.read_sample_batches(db, 2.9, columns=False)[0]
+    assert [b["seq"] for b in st.read_sample_batches(db, 2.9, exclude=[first["_id"]])] == [2]
     assert st.prune_sample_batches(db, ["p1"], 1005.0) == 1
     assert sorted((b["proxy"], b["seq"]) for b in st.read_sample_batches(db, -math.inf)) == [
         ("p1", 2), ("p2", 1)]

@@ -310,12 +310,14 @@ def insert_samples(db: Database, docs: list[dict[str, Any]], writer: BatchWriter
     return delivery
 
 
-def read_sample_batches(db: Database, after: float, *,
-                        columns: bool = True) -> list[dict[str, Any]]:
+def read_sample_batches(db: Database, after: float, *, columns: bool = True,
+                        exclude: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The `sample_batches` documents whose newest sample is later than `after` (all of them
-    for -inf), columns still packed (`records.unpack_columns`; without them if not
-    `columns`)."""
+    for -inf), except those whose `_id` is in `exclude` (read before), columns still packed
+    (`records.unpack_columns`; without them if not `columns`)."""
     query: dict[str, Any] = {} if after == -float("inf") else {"time": {"$gt": after}}
+    if exclude:
+        query["_id"] = {"$nin": list(exclude)}
     return list(db[SAMPLE_BATCHES].find(query, None if columns else {"columns": 0}))
 
 

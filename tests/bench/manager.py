@@ -65,7 +65,14 @@ from addons.telemetry.store import (
     open_store,
     read_sample_batches,
 )
-from manager.daemon import Daemon, DaemonConfig, DecisionOutcome, PassReport, inbox_news
+from manager.daemon import (
+    Daemon,
+    DaemonConfig,
+    DecisionOutcome,
+    PassReport,
+    batch_times,
+    inbox_news,
+)
 from manager.policies import PolicyParams, decide, initial_state, parse_policy
 from tests.servers import ferretdb
 
@@ -232,7 +239,8 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
     sample per instance and one sample batch per proxy. A pass every 5 s that finds one new
     sample per instance finds, beside the new batch of each proxy, the batches of the last
     `SAMPLE_BATCH_RETENTION_S` (a minute: 12 deliveries), which a server without usable
-    indexes scans."""
+    indexes scans. One delivery stands for one 5-s pass: the samples' clock counts deliveries,
+    and the daemon's 10-s overlap reaches back two of them."""
     config = DaemonConfig(store=store, database=database, params=parse_policy("ratio"),
                           admin_url=None, dry_run=True)
     daemon = Daemon(config)
@@ -254,10 +262,11 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
     def read_batches(rows: int, repeat: int = runs) -> list[float]:
         """The daemon's read of a later pass: the newest delivery is new."""
         newest = float(len(retained) - 1)
-        after = newest - 1.0 - config.overlap_s  # the newest sample seen, minus the overlap
+        # The newest sample seen, minus the overlap (10 s: two deliveries of 5-s passes).
+        after = newest - 1.0 - config.overlap_s / INTERVAL_S
         times = []
         for _ in range(repeat):
-            daemon._chains = dict(before_last)
+            daemon._chains, daemon._batches_read = dict(before_last), dict(read_before)
             ms, frame = timed(lambda: daemon._read_sync(after))
             assert len(frame) == rows and frame["time"].min() == newest, (len(frame), rows)
             times.append(ms)
@@ -282,7 +291,7 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
         heads = [b for b in read_sample_batches(db, -math.inf, columns=False)
                  if b["time"] < retention - 1]
         before_last, _, _ = inbox_news({}, heads)
-        daemon._chains = dict(before_last)
+        read_before = batch_times(heads)
         out["batches_in_collection"] = db[SAMPLE_BATCHES].count_documents({})
         out["read_new_batches"] = stats(read_batches(fleet.n))
         out["read_new_from_samples"] = stats(read_samples(retention - 1.5, fleet.n))
