@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,29 @@ def bench_shipper(store: str, n: int, work: Path, server: Callable[[], float] | 
             "batches": batches}
 
 
+@contextmanager
+def without_batches() -> Iterator[None]:
+    """Shippers that store samples alone, without their sample batches (what the batches cost,
+    by difference)."""
+    real = st.insert_samples
+
+    def samples_only(db: st.Database, docs: list[dict[str, Any]], writer: st.BatchWriter,
+                     shipped_at: float) -> st.Delivery:
+        return st.insert_new(db, st.SAMPLES, docs)
+
+    st.insert_samples = samples_only  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        st.insert_samples = real  # type: ignore[assignment]
+
+
+def samples_without_batches(store: str, n: int, work: Path,
+                            server: Callable[[], float] | None = None) -> dict[str, float]:
+    with without_batches():
+        return bench_shipper(store, n, work, server, kind="samples")
+
+
 def bench_bare_insert(uri: str, n: int,
                       server: Callable[[], float] | None = None) -> dict[str, float]:
     """Documents per second through bare insert_many of ready dicts (no spool, no JSON)."""
@@ -249,12 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             "shipper_ferretdb_samples": repeat(
                 lambda: bench_shipper(uri, server_n, work, server, kind="samples"), runs,
                 "docs_per_s"),
+            "shipper_ferretdb_samples_alone": repeat(
+                lambda: samples_without_batches(uri, server_n, work, server), runs,
+                "docs_per_s"),
             "bare_insert_ferretdb": repeat(lambda: bench_bare_insert(uri, server_n, server), runs,
                                            "docs_per_s"),
             "shipper_embedded": repeat(lambda: bench_shipper("embedded", embedded_n, work), runs,
                                        "docs_per_s"),
             "shipper_embedded_samples": repeat(
                 lambda: bench_shipper("embedded", embedded_n, work, kind="samples"), runs,
+                "docs_per_s"),
+            "shipper_embedded_samples_alone": repeat(
+                lambda: samples_without_batches("embedded", embedded_n, work), runs,
                 "docs_per_s"),
             "shipper_embedded_full": repeat(
                 lambda: bench_shipper("embedded", embedded_n, work, stored=stored_n), runs,
@@ -285,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
          f"{batches(results['shipper_ferretdb_samples'])} batches)",
          f"≥ {TARGET_DOCS_PER_S:,}/s", results["shipper_ferretdb_samples"]["median"]
          >= TARGET_DOCS_PER_S),
+        ("… the same samples without their batches",
+         f"{results['shipper_ferretdb_samples_alone']['median']:,.0f} documents/s (shipper CPU "
+         f"{cpu_us(results['shipper_ferretdb_samples_alone'], 'shipper_cpu_us')}, FerretDB CPU "
+         f"{cpu_us(results['shipper_ferretdb_samples_alone'], 'server_cpu_us')} per document)",
+         "", None),
         ("bare insert_many → FerretDB (the server's ceiling)",
          f"{results['bare_insert_ferretdb']['median']:,.0f} documents/s (FerretDB CPU "
          f"{cpu_us(results['bare_insert_ferretdb'], 'server_cpu_us')} per document)", "", None),
@@ -297,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
          f"{batches(results['shipper_embedded_samples'])} batches)",
          f"≥ {TARGET_DOCS_PER_S:,}/s", results["shipper_embedded_samples"]["median"]
          >= TARGET_DOCS_PER_S),
+        ("… the same samples without their batches",
+         f"{results['shipper_embedded_samples_alone']['median']:,.0f} documents/s "
+         f"({one_core(results['shipper_embedded_samples_alone'])})", "", None),
         (f"shipper → embedded store holding {stored_n:,} documents already",
          f"{ship_full:,.0f} documents/s ({one_core(results['shipper_embedded_full'])})",
          f"≥ {TARGET_DOCS_PER_S:,}/s", ship_full >= TARGET_DOCS_PER_S),
