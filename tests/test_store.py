@@ -183,6 +183,16 @@ def test_samples_go_in_with_one_batch_per_proxy(db: st.Database) -> None:
     assert st.prune_sample_batches(db, [], 2000.0) == 0
 
 
+def test_a_sample_batch_holds_what_json_cannot_say_plainly() -> None:
+    """NaN (a store's own NaN is spooled as null anyway) and integers beyond 64 bits survive
+    packing; an unencodable value is written as text."""
+    big = records.sample_batch("p", "r", 1, [{"x": 2**70, "y": math.nan, "time": 1.0}], 0.0)
+    assert big["time"] == 1.0 and records.unpack_columns(big)["x"] == [2**70]
+    plain = records.sample_batch("p", "r", 2, [{"y": math.inf, "z": ObjectId("0" * 24)}], 0.0)
+    assert records.unpack_columns(plain) == {"y": [None], "z": ["0" * 24]}
+    assert plain["time"] is None and plain["count"] == 1
+
+
 def test_delete_before(db: st.Database) -> None:
     db.samples.insert_many([sample("a", float(t)) for t in range(10)]
                            + [{"time": "5", "instance": "a"}, {"instance": "no time"}])

@@ -44,6 +44,8 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
+
 if TYPE_CHECKING:
     from addons.proxywasm import AuthCallRecord, Decision, Observation, RestartRecord
 
@@ -289,7 +291,11 @@ def sample_batch(proxy_id: str, run: str, seq: int, docs: list[dict[str, Any]],
     columns = {f: [d.get(f) for d in docs] for f in fields}
     times = [t for t in columns.get("time", ()) if isinstance(t, int | float)
              and not isinstance(t, bool)]
-    packed = zlib.compress(json.dumps(columns, separators=(",", ":"), default=str).encode(), 1)
+    try:
+        text = orjson.dumps(columns, default=str)  # NaN and ±inf become null
+    except TypeError:  # an integer beyond 64 bits
+        text = json.dumps(columns, separators=(",", ":"), default=str).encode()
+    packed = zlib.compress(text, 1)
     return {"_id": f"{run}-{proxy_id}-{seq}", "proxy": proxy_id, "run": run, "seq": seq,
             "time": max(times) if times else None, "first": min(times) if times else None,
             "count": len(docs), "shipped_at": shipped_at, "fields": fields, "columns": packed}
@@ -297,5 +303,9 @@ def sample_batch(proxy_id: str, run: str, seq: int, docs: list[dict[str, Any]],
 
 def unpack_columns(batch: Mapping[str, Any]) -> dict[str, list[Any]]:
     """The columns of a `sample_batches` document: `{field: [value, ...]}`."""
-    columns: dict[str, list[Any]] = json.loads(zlib.decompress(bytes(batch["columns"])))
+    text = zlib.decompress(bytes(batch["columns"]))
+    try:
+        columns: dict[str, list[Any]] = orjson.loads(text)
+    except orjson.JSONDecodeError:  # written by json (an integer beyond 64 bits, NaN)
+        columns = json.loads(text)
     return columns
