@@ -1131,7 +1131,8 @@ class Host:
             return
         finally:
             self._busy -= 1
-        self._settle(vm)
+        if vm.contexts:  # else nothing to settle, and `vm` is current: nothing to release
+            self._settle(vm)
         if self._deliveries:
             self._drain_deliveries()
         if vm.tick_period_ns and not vm.closed:
