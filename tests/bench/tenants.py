@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from scenarios.experiment import ExperimentConfig, run_policy, summarize
+from scenarios.experiment import ExperimentConfig, run_shared, summarize
 from scenarios.procs import local_stack
 from scenarios.standard import shops_trace
 from tests.bench import load_note
@@ -46,6 +46,11 @@ from tests.bench.hostflood import rss_kib
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "tenants.json"
 TOKEN = "bench-admin-token"
 MIB = 2**20
+
+
+def progress(message: str) -> None:
+    """One line on stderr: where a long run stands."""
+    print(f"… {message}", file=sys.stderr, flush=True)
 
 
 def live(tenants: int, users: int) -> dict[str, Any]:
@@ -78,6 +83,9 @@ def live(tenants: int, users: int) -> dict[str, Any]:
             before = rss_kib(pid)
             t0 = time.perf_counter()
             for i in range(tenants):
+                if i and i % 100 == 0:
+                    progress(f"live: {i:,} of {tenants:,} tenants started "
+                             f"({time.perf_counter() - t0:.0f} s)")
                 host = f"t{i}.tenants.example"
                 first_ms.append(get(host, None))  # starts the instance; no auth call
                 second_ms.append(get(host, None))
@@ -111,11 +119,19 @@ def simulated(shops: int, quick: bool) -> dict[str, Any]:
     config = ExperimentConfig()
     out: dict[str, Any] = {"shops": shops, "quick": quick}
     with tempfile.TemporaryDirectory(prefix="bench-tenants-sim-") as tmp:
+        t0 = time.perf_counter()
         trace = shops_trace(table, 1, quick, Path(tmp), "many-tenants",
                             f"{shops} shops, one instance each")
         out["requests"] = len(trace)
-        for policy in ("none", "ratio"):
-            run = run_policy(trace, policy, config)
+        progress(f"simulated: {len(trace):,} requests of {shops} shops generated "
+                 f"({time.perf_counter() - t0:.0f} s); running none and ratio (one simulation "
+                 "until ratio's first restart)")
+        t0 = time.perf_counter()
+        runs = dict(zip(("none", "ratio"), run_shared(trace, ["none", "ratio"], config),
+                        strict=True))
+        out["simulation_s"] = time.perf_counter() - t0
+        progress(f"simulated: done in {out['simulation_s']:.0f} s")
+        for policy, run in runs.items():
             row = summarize(run.series, config, policy)
             per_instance = run.series.groupby("instance")["allocated_bytes"]
             out[policy] = {
@@ -143,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     shops = 20 if args.quick else args.sim_tenants
     load_before = os.getloadavg()[0]
     print(f"benchmarking one proxy with {tenants:,} tenants …", file=sys.stderr)
+    started = time.perf_counter()
     results: dict[str, Any] = {"live": live(tenants, min(args.users, tenants))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"live: done in {time.perf_counter() - started:.0f} s")
     args.out.write_text(json.dumps(results, indent=2) + "\n")  # the live part, should the rest fail
     print(f"… a simulated day of {shops} shops, none and ratio", file=sys.stderr)
     results["simulated"] = simulated(shops, args.quick)
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    results["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     lv, sim = results["live"], results["simulated"]
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['mean_allocated_kib']:,.0f} / {p['mean_peak_kib']:,.0f} KiB | "
               f"{p['restarts']} | {vs} |")
     load = results["load_average_1min"]
-    print("\n" + load_note(load["before"], load["after"]))
+    print(f"\nThe whole run took {results['seconds']:.0f} s (simulation "
+          f"{sim['simulation_s']:.0f} s). " + load_note(load["before"], load["after"]))
     print(f"\n(written to {args.out})", file=sys.stderr)
     return 0
 
