@@ -566,7 +566,7 @@ class RawInstance:
         """The first `size` bytes of linear memory as a writable buffer (`size` at most
         `memory_size()`). It stays valid while the store lives: the memory never moves
         (`memory_may_move=False`) and never shrinks; it only grows past the view's end."""
-        return memoryview((ctypes.c_char * size).from_address(self.base)).cast("B")
+        return ADDRESS_SPACE[self.base : self.base + size]  # no ctypes type per size
 
     def close(self, *, wait: bool = False) -> None:
         """Drop the store, which frees the linear memory: on the reaper thread unless `wait`."""
