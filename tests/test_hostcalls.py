@@ -198,6 +198,27 @@ def test_huge_header_value_crosses_the_boundary_intact(harness) -> None:
 # ---- streams and local responses ------------------------------------------------------------
 
 
+def test_memory_the_guest_grows_is_in_bounds_and_a_closed_vm_has_none(harness) -> None:
+    """The host sees pages the guest itself grew (its view of linear memory is refreshed), never
+    a byte past the end, and nothing once the VM is closed (its memory is freed)."""
+    h = harness(module("""
+  (func (export "grow") (param $n i32) (result i32) (memory.grow (local.get $n)))
+  (func (export "store") (param $p i32) (param $v i32) (i32.store (local.get $p) (local.get $v)))
+"""))
+    vm = h.vm
+    end = 2 * 65536  # the module's two pages
+    assert vm.read(end, 4) is None and not vm.write_u32(end, 1) and vm.read(end - 4, 4) is not None
+    assert h.call("grow", 1) == 2
+    h.call("store", end, 0x01020304)  # the guest writes into its new page
+    assert vm.read(end, 4) == bytes([4, 3, 2, 1])
+    assert vm.write_u32(end + 4, 7) and h.u32(end + 4) == 7
+    grown = 3 * 65536
+    assert vm.read(grown - 4, 4) is not None  # the last bytes, but not one past them
+    assert vm.read(grown - 4, 8) is None and not vm.write(grown - 1, b"ab")
+    vm.close()
+    assert vm.read(0, 4) is None and not vm.in_bounds(0, 1) and not vm.write_u64(0, 1)
+
+
 def test_continue_close_and_local_response(harness) -> None:
     h = with_all(harness, "proxy_continue_stream", "proxy_close_stream",
                  "proxy_send_local_response", "proxy_continue_request")
