@@ -472,8 +472,12 @@ def test_the_shipper_writes_sample_batches_and_prunes_them_after_a_minute(
             d["_id"] for d in shipper.db.samples.find({}).sort("time", 1)]
         shipper._prune_batches()  # younger than a minute: kept
         assert shipper.db.sample_batches.count_documents({}) == 1
+        # Another proxy's, abandoned long ago, and one it still prunes itself.
+        st.insert_new(shipper.db, st.SAMPLE_BATCHES, [
+            {"_id": "gone", "proxy": "gone:8080", "shipped_at": time.time() - 700.0},
+            {"_id": "alive", "proxy": "alive:8080", "shipped_at": time.time() - 70.0}])
         shipper._prune_batches(time.time() + st.SAMPLE_BATCH_RETENTION_S + 1)
-        assert shipper.db.sample_batches.count_documents({}) == 0
+        assert [d["_id"] for d in shipper.db.sample_batches.find({})] == ["alive"]
         assert shipper.db.samples.count_documents({}) == 10  # the record stays
     finally:
         shipper.close()

@@ -181,6 +181,7 @@ def test_samples_go_in_with_one_batch_per_proxy(db: st.Database) -> None:
     assert sorted((b["proxy"], b["seq"]) for b in st.read_sample_batches(db, -math.inf)) == [
         ("p1", 2), ("p2", 1)]
     assert st.prune_sample_batches(db, [], 2000.0) == 0
+    assert st.prune_sample_batches(db, None, 2000.0) == 2  # every proxy's
 
 
 def test_a_sample_batch_holds_what_json_cannot_say_plainly() -> None:

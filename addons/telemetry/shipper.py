@@ -315,7 +315,8 @@ class Shipper:
 
     def _prune_batches(self, now: float | None = None) -> None:
         """Every `retention_every` s: delete this shipper's sample batches older than
-        `store.SAMPLE_BATCH_RETENTION_S` at `now` (wall clock; the samples themselves stay)."""
+        `store.SAMPLE_BATCH_RETENTION_S` at `now` (wall clock; the samples themselves stay),
+        and any proxy's older than `store.SAMPLE_BATCH_ABANDONED_S`."""
         now = time.time() if now is None else now
         if not self.batches.seq or now < self._next_batch_prune:
             return
@@ -323,6 +324,7 @@ class Shipper:
         try:
             st.prune_sample_batches(self.db, sorted(self.batches.seq),
                                     now - st.SAMPLE_BATCH_RETENTION_S)
+            st.prune_sample_batches(self.db, None, now - st.SAMPLE_BATCH_ABANDONED_S)
         except Exception as e:
             logger.warning("pruning the sample batches on %s failed (%s); retrying in %.0f s",
                            self.where, _describe(e), self.retention_every)

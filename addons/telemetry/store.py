@@ -70,6 +70,9 @@ UNIQUE_KEYS: Final = ((USERS, "name"), (TOKENS, "hash"))
 # How long (wall seconds after delivery) a shipper keeps its proxy's sample batches. A manager
 # whose passes are further apart reads `samples` instead (it sees a hole in the sequence).
 SAMPLE_BATCH_RETENTION_S: Final = 60.0
+# Any shipper deletes every proxy's batches this old (those of a proxy that never came back:
+# its own shipper prunes them no more); far beyond the retention, so clocks may disagree.
+SAMPLE_BATCH_ABANDONED_S: Final = 10 * SAMPLE_BATCH_RETENTION_S
 
 MONGO_SCHEMES: Final = ("mongodb://", "mongodb+srv://")
 _MONTY_IDENT: Final = ".monty.storage"  # in the store directory of wasm-reclaim before 2026-11
@@ -321,12 +324,15 @@ def read_sample_batches(db: Database, after: float, *, columns: bool = True,
     return list(db[SAMPLE_BATCHES].find(query, None if columns else {"columns": 0}))
 
 
-def prune_sample_batches(db: Database, proxies: Sequence[str], cutoff: float) -> int:
-    """Delete the sample batches of `proxies` delivered before `cutoff` (wall clock)."""
-    if not proxies:
+def prune_sample_batches(db: Database, proxies: Sequence[str] | None, cutoff: float) -> int:
+    """Delete the sample batches of `proxies` (None: of every proxy) delivered before `cutoff`
+    (wall clock)."""
+    if proxies is not None and not proxies:
         return 0
-    return int(db[SAMPLE_BATCHES].delete_many(
-        {"proxy": {"$in": list(proxies)}, "shipped_at": {"$lt": cutoff}}).deleted_count)
+    query: dict[str, Any] = {"shipped_at": {"$lt": cutoff}}
+    if proxies is not None:
+        query["proxy"] = {"$in": list(proxies)}
+    return int(db[SAMPLE_BATCHES].delete_many(query).deleted_count)
 
 
 def register(db: Database, collection: str, docs: list[dict[str, Any]],
