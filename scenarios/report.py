@@ -169,7 +169,7 @@ def plot_hit_rate(runs: Sequence[PolicyRun], config: ExperimentConfig, path: Pat
     ax.set_xlabel("time [h]")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, ncol=4, loc="lower right")
-    ax.set_title(f"{title}: cache hit rate", fontsize=10)
+    ax.set_title(f"{title}\ncache hit rate", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -218,7 +218,7 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path, title: str,
     ax.set_ylabel("auth-server requests relative to none")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8)
-    ax.set_title(f"{title}: surplus against extra auth load (lower left is better)",
+    ax.set_title(f"{title}\nsurplus against extra auth load (lower left is better)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
