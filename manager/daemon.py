@@ -5,7 +5,9 @@ One *pass* (:meth:`Daemon.run_pass`)::
     lease                     renew (or wait as a standby while another manager holds it)
     proxies                   which proxies sent a heartbeat recently (the `proxies` collection)
     GET /instances            of every proxy: which instances it serves, at which generation
-    samples since the cursor  one query: time > (newest sample seen − overlap)
+    samples since the cursor  time > (newest sample seen − overlap): the first pass from
+                              `samples`, later ones from the `sample_batches` not read before
+                              (`samples` again for a proxy whose batch numbers have a hole)
     decide(state, new, now)   manager.policies, exactly as the simulator calls it
     POST …/restart            for each restart decision whose generation is still current
     insert decisions          every decision, with what was done about it
@@ -20,7 +22,11 @@ Guarantees:
 
 - *Only new samples.* A per-instance cursor (newest sample time seen) drops rows already passed
   to ``decide()``; the store query only reaches back ``overlap_s`` before the newest sample seen,
-  to catch samples delivered a little out of order.
+  to catch samples delivered a little out of order. After the first pass the samples come from
+  their sample batches (one document per proxy and delivery: a server without usable indexes
+  scans a minute of those, not every sample), each batch read once; each shipper numbers its
+  batches, and a proxy with a number missing (a batch pruned before this pass, or a failed
+  write) is read from `samples` instead, so none is missed.
 - *One restart per decision.* A restart decision for (instance, generation) is carried out at
   most once: only if ``GET /instances`` still shows that generation (someone else, or our own
   restart whose answer was lost, already moved it on) and the pair was not restarted before. A
