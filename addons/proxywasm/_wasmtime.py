@@ -364,7 +364,13 @@ def define_host_function(
     unpack = functools.partial(layout.unpack_from, ADDRESS_SPACE)
     pack_result = functools.partial(_RESULT.pack_into, ADDRESS_SPACE)
 
-    def run(args: int) -> int:
+    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
+        # One Python frame per host call. Clocks are read only while the calling guest call
+        # is being measured (not the usual case).
+        meter = _meter[0]
+        if meter is not None:
+            entered = _thread_ns()
+            meter.guest_ns += entered - meter.mark
         try:
             target = active[0]
             if target is None:
@@ -378,34 +384,13 @@ def define_host_function(
         except BaseException as e:
             logger.exception("host function %s failed", qualified)
             return make_trap(f"host function {qualified} failed: {e!r}")
-
-    def callback(_env: int, _caller: int, args: int, _nargs: int) -> int:
-        meter = _meter[0]
-        if meter is None:
-            # The call is not being measured (the usual case): no clock reads, and `run`
-            # inlined, one Python frame per host call.
-            try:
-                target = active[0]
-                if target is None:
-                    raise HostTrap(f"{qualified} was called outside any callback")
-                result = impl(target, *unpack(args))
-                if result is not None:
-                    pack_result(args, result & 0xFFFFFFFF)
-                return 0
-            except HostTrap as e:
-                return make_trap(str(e))
-            except BaseException as e:
-                logger.exception("host function %s failed", qualified)
-                return make_trap(f"host function {qualified} failed: {e!r}")
-        entered = _thread_ns()
-        meter.guest_ns += entered - meter.mark
-        try:
-            return run(args)
-        finally:  # host time is not guest time; a guest call made from here had its own meter
-            _meter[0] = meter
-            left = _thread_ns()
-            meter.host_ns += left - entered
-            meter.mark = left
+        finally:
+            if meter is not None:
+                # host time is not guest time; a guest call made from here had its own meter
+                _meter[0] = meter
+                left = _thread_ns()
+                meter.host_ns += left - entered
+                meter.mark = left
 
     cb = _CALLBACK(callback)
     _KEEPALIVE.append(cb)
