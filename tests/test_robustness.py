@@ -30,7 +30,7 @@ def test_a_dominated_policy_misses_and_names_its_rival() -> None:
     assert row["dominated_by"] == "fixed:2h" and not row["meets_targets"]
 
 
-def test_nothing_to_reclaim_waives_only_the_fixed_curve_share() -> None:
+def test_nothing_to_reclaim_meets_the_share_bound_but_not_a_dearer_auth_bound() -> None:
     quiet = summary([("none", 0.0, 1.0), ("fixed:2h", 0.0, 1.02), ("adaptive", 0.0, 1.0)])
     limit = pd.DataFrame({"auth_vs_none": [1.0], "mean_surplus_mib": [0.0]})
     row = robustness_row("quiet", quiet, limit, 300.0)
