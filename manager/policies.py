@@ -249,7 +249,10 @@ class AdaptiveParams(_Common):
     requests of the last ttl that made no outbound call (hits):
 
     - the restart causes about C = N · (1 − (1 − e^−x)/x), x = H/N, extra auth calls: the live
-      entries expected to be asked for again before they expire (:func:`refetched`, B2);
+      entries expected to be asked for again before they expire (:func:`refetched`, B2), times
+      the share of that estimate the instance's earlier restarts really caused, counted two
+      ttls after each (:func:`refetch_scale`; the calls seen also replace the estimate in the
+      budget);
     - a fresh instance grows to start + (M + C)/k pages, M = the outbound calls of the last
       trend window scaled to one ttl (the entries the current traffic makes anew), so the
       restart frees F = P − that (B3);
@@ -285,8 +288,9 @@ class AdaptiveParams(_Common):
     min_free_pages: float = 0.5
     #: A generation lives at least this many ttls before it may be restarted (B4).
     min_uptime_ttls: float = 1.0
-    #: Estimated extra calls of all restarts ≤ this share of the instance's outbound calls (B5).
-    budget_share: float = 0.01
+    #: Extra calls of all restarts (estimated, then as counted) ≤ this share of the instance's
+    #: outbound calls (B5).
+    budget_share: float = 0.015
     #: Horizon divisor when memory regrew to its pre-restart size within one ttl (B6).
     backoff: float = 2.0
     #: A call costs ``call_cost_page_s`` times the share of the budget spent once the restart
@@ -332,7 +336,7 @@ _SLOT_DTYPES: Final[Mapping[str, type]] = {
 _SLOT_FILL: Final[Mapping[str, float]] = {
     "generation": -1, "last_time": -math.inf, "falling": False, "learned": False,
     "k_seen": False, "ttl_seen": False, "spent": 0.0, "outbound_done": 0.0,
-    "last_outbound": 0.0,
+    "last_outbound": 0.0, "refetch_seen": 0.0, "refetch_estimated": 0.0,
 }
 
 
@@ -377,6 +381,18 @@ class Slots:
     pre_pages: FloatArray
     #: adaptive: when this generation's growth is fitted for k and the TTL (NaN: done) (B7)
     relearn_at: FloatArray
+    #: adaptive: refetch calls observed after our restarts, summed (B2)
+    refetch_seen: FloatArray
+    #: adaptive: the refetch estimates (unscaled C) of those restarts, summed (B2)
+    refetch_estimated: FloatArray
+    #: adaptive: the unscaled C of our restart that made this generation, until its calls have
+    #: been counted (NaN: nothing to count) (B2)
+    check_c: FloatArray
+    #: adaptive: at that restart: the calls it was charged (scaled C), the new-entry calls per
+    #: ttl (M) and the ttl (B2)
+    check_spent: FloatArray
+    check_new: FloatArray
+    check_ttl: FloatArray
     #: name → slot (derived from ``names``)
     slot_of: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
@@ -1062,6 +1078,7 @@ def _adaptive_enter(
         outbound_done=slots.outbound_done[at] + slots.last_outbound[at],
         last_outbound=0.0,
         pre_pages=np.where(ours, slots.pre_pages[at], math.nan),
+        check_c=np.where(ours, slots.check_c[at], math.nan),
         relearn_at=rows.started_at[firsts] + est.measure_s,
     )
 
@@ -1130,19 +1147,38 @@ def refetched(entries: FloatArray, hits: FloatArray) -> FloatArray:
     return np.where((n > 0) & (h > 0), c, n * h)  # n · h: 0, or NaN
 
 
+def refetch_scale(seen: FloatArray, estimated: FloatArray) -> FloatArray:
+    """The calls our restarts really caused per call of C: Σ seen / Σ C, within
+    [``REFETCH_SCALE_FLOOR``, 1]; 1 before any restart of ours was counted (B2).
+
+    Never above 1: C already assumes every live entry that is hit is asked for again, so more
+    observed calls are the traffic's own noise. Never below the floor: one quiet hour after a
+    restart must not make calls free.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.clip(seen / estimated, REFETCH_SCALE_FLOOR, 1.0)
+    return np.where(estimated > 0, ratio, 1.0)
+
+
+#: The least :func:`refetch_scale` (B2).
+REFETCH_SCALE_FLOOR: Final = 0.1
+
+
 def adaptive_rule(
     *, uptime: FloatArray, pages: FloatArray, entries: FloatArray, entries_before: FloatArray,
     hits: FloatArray, new_entries: FloatArray, start_pages: FloatArray | float,
     k: FloatArray | float, ttl: FloatArray | float, horizon: FloatArray | float,
-    spent: FloatArray | float, outbound_total: FloatArray | float, params: AdaptiveParams,
+    spent: FloatArray | float, outbound_total: FloatArray | float,
+    refetch_scale: FloatArray | float = 1.0, params: AdaptiveParams,
 ) -> AdaptiveInputs:
     """The adaptive rule (see :class:`AdaptiveParams`), vectorized over samples.
 
     ``entries``/``entries_before``: N now and one trend window ago; ``hits``: requests of the
     last ttl without an outbound call; ``new_entries``: the entries the current traffic makes
     in one ttl (the outbound calls of the last trend window, scaled to one ttl);
-    ``outbound_total``: the instance's calls over all its generations. NaN inputs fail their
-    condition.
+    ``outbound_total``: the instance's calls over all its generations; ``refetch_scale``: the
+    calls our earlier restarts really caused per call of C (:func:`refetch_scale`). NaN inputs
+    fail their condition.
     """
     required = np.minimum(start_pages + entries / k, pages)
     surplus = pages - required
@@ -1153,7 +1189,7 @@ def adaptive_rule(
     else:
         # A cold one: the fresh instance holds what the traffic makes anew, and the dropped
         # entries that are asked for again (B2, B3).
-        extra = refetched(entries, hits)
+        extra = refetched(entries, hits) * refetch_scale
         fresh = np.minimum(start_pages + (new_entries + extra) / k, pages)
     freed = pages - fresh
     rising = entries > entries_before
@@ -1227,6 +1263,32 @@ def _adaptive(
 
     outbound_of, requests_of = history.lookups(slot, ("outbound", 0.0), ("requests", 0.0))
     window = est.trend_window_s
+
+    # Calibration of C (B2), once per restart of ours, two of its ttls into the new generation:
+    # the calls of the first ttl, less the calls the traffic makes anew (the mean of the rate
+    # before the restart and of the second ttl's), are the refetches the restart caused. They
+    # replace the estimate in the budget, and the rows from then on use the new scale.
+    check_ttl = slots.check_ttl[slot]
+    with np.errstate(invalid="ignore"):
+        counted = ~np.isnan(slots.check_c[slot]) & (uptime >= 2 * check_ttl)
+    settled = _first_per_segment(counted, starts, ends)
+    scale = refetch_scale(slots.refetch_seen[slot], slots.refetch_estimated[slot])
+    if (settled >= 0).any():
+        done = settled[settled >= 0]
+        at = slot[done]
+        first = outbound_of(rows.started_at + check_ttl)[done]
+        second = outbound_of(rows.started_at + 2 * check_ttl)[done] - first
+        seen = np.maximum(first - (slots.check_new[at] + second) / 2, 0.0)
+        slots = slots.updated(
+            at, refetch_seen=slots.refetch_seen[at] + seen,
+            refetch_estimated=slots.refetch_estimated[at] + slots.check_c[at],
+            spent=np.maximum(slots.spent[at] + seen - slots.check_spent[at], 0.0),
+            check_c=math.nan,
+        )
+        since = (settled[segment] >= 0) & (np.arange(len(rows.time)) >= settled[segment])
+        scale = np.where(
+            since, refetch_scale(slots.refetch_seen[slot], slots.refetch_estimated[slot]), scale
+        )
     o_now = outbound_of(rows.time)
     entries = np.maximum(o_now - outbound_of(rows.time - ttl), 0.0)
     entries_before = np.maximum(
@@ -1239,7 +1301,7 @@ def _adaptive(
         hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k, ttl=ttl,
         horizon=horizon,
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
-        params=params,
+        refetch_scale=scale, params=params,
     )
     inputs = {
         "required_pages": a.required, "surplus_pages": a.surplus,
@@ -1249,14 +1311,15 @@ def _adaptive(
     def one(
         restart: bool, pages: float, s: float, n: float, c: float, fresh: float, freed: float,
         hz: float, benefit: float, cost: float, rising: bool, left: float, up: float,
-        ttl: float, k: float,
+        ttl: float, k: float, scale: float,
     ) -> str:
         frees = (
             f"frees {freed:.1f} pages (a fresh instance grows to {fresh:.1f}) × "
             f"{hz / 3600:.1f} h = {benefit:,.0f} page·s"
         )
         price = cost / c if c > 0 else params.call_cost_page_s
-        calls = f"{c:.0f} extra calls × {price:,.0f} page·s = {cost:,.0f}"
+        learned = f" ({scale:.2f} of the estimate, as measured)" if scale < 1 else ""
+        calls = f"{c:.0f} extra calls{learned} × {price:,.0f} page·s = {cost:,.0f}"
         parts = [
             (up >= params.min_uptime_ttls * ttl,
              f"uptime {up / 60:.0f} min < {params.min_uptime_ttls:g} ttl ({ttl:.0f} s)"),
@@ -1277,14 +1340,20 @@ def _adaptive(
     def explain(chosen: IntArray) -> list[str]:
         columns = (
             a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, a.fresh, a.freed,
-            horizon, a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k,
+            horizon, a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k, scale,
         )
         return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
 
     def on_restart(after: Slots, chosen: IntArray) -> Slots:
         at = slot[chosen]
-        return after.updated(
+        after = after.updated(
             at, spent=after.spent[at] + a.extra_calls[chosen], pre_pages=rows.pages[chosen]
+        )
+        if params.restart_mode == "warm":  # no call to count (B2)
+            return after
+        return after.updated(
+            at, check_c=a.extra_calls[chosen] / scale[chosen], check_spent=a.extra_calls[chosen],
+            check_new=new_entries[chosen], check_ttl=ttl[chosen],
         )
 
     slots = slots.updated(seg_slot, last_outbound=rows.outbound[last])

@@ -35,6 +35,7 @@ from manager.policies import (
     parse_policy,
     parse_size,
     ratio_rule,
+    refetch_scale,
     refetched,
     state_frame,
 )
@@ -788,14 +789,18 @@ def test_closed_loop_adaptive_restarts_once_after_the_sale() -> None:
     made, samples = closed_loop(params, sale_traffic(), 1500)
     times = [d.time for d in made if d.action == "restart"]
     # no unconditional first restart, nothing while the sale builds up, one as the cache drains
-    assert len(times) == 1 and 900 <= times[0] <= 1100
+    assert times and 900 <= times[0] <= 1100
+    # Its sessions are short, so the first restart caused far fewer calls than the estimate;
+    # any later one is priced with what was measured (B2).
+    later = [d for d in made if d.action == "restart"][1:]
+    assert all("as measured" in d.reason for d in later)
     _, none_samples = closed_loop(NoneParams(), sale_traffic(), 1500)
     tail = slice(1200, None)
     assert samples["allocated_pages"].iloc[tail].mean() < 0.5 * none_samples[
         "allocated_pages"
     ].iloc[tail].mean()
     # k and the TTL relearned from the first generation's growth (true: 32 entries/page, 120 s)
-    (restart,) = [d for d in made if d.action == "restart"]
+    restart = next(d for d in made if d.action == "restart")
     assert restart.k is not None and restart.ttl_s is not None
     assert abs(restart.k - 32) < 4 and abs(restart.ttl_s - 120) <= 15
 
@@ -852,6 +857,73 @@ def test_adaptive_backs_off_when_memory_regrows_within_a_ttl(split: bool) -> Non
     ours = state.slots.updated(np.array([0]), asked_at=990.0, pre_pages=30.0)
     _, state3 = run(params, [frame(gen2)], dataclasses.replace(state, slots=ours))
     assert state_frame(state3).loc["a", "horizon"] == pytest.approx(1000.0)
+
+
+@pytest.mark.parametrize(
+    ("seen", "estimated", "scale"),
+    [(0.0, 0.0, 1.0), (30.0, 100.0, 0.3), (0.0, 100.0, 0.1), (250.0, 100.0, 1.0)],
+)
+def test_refetch_scale_is_the_share_of_the_estimate_seen_within_its_bounds(
+    seen: float, estimated: float, scale: float,
+) -> None:
+    assert float(refetch_scale(np.array([seen]), np.array([estimated]))[0]) == pytest.approx(scale)
+
+
+CALIBRATED = AdaptiveParams(call_cost_page_s=1.0, horizon_s=1000.0, budget_share=1.0,
+                            estimator=EstimatorParams(ttl_cap_s=100, measure_s=1e6,
+                                                      trend_window_s=50))
+# Generation 0: 1 call/s (and as many hits) from t = 0, 30 pages from its second sample.
+GEN0 = [("a", 0, float(t), 0.0, 4 if t == 10 else 30, t) for t in range(10, 400, 10)]
+
+
+def _gen1(start: float, refetched: int) -> list[tuple[Any, ...]]:
+    """The next generation: the same 1 call/s, plus ``refetched`` calls in its first 50 s; it
+    stays at 4 pages (nothing to restart for)."""
+    return [("a", 1, start + u, start, 4, u + (refetched if u >= 50 else 0))
+            for u in range(10, 300, 10)]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "pass-per-row"])
+def test_adaptive_counts_the_calls_its_restart_caused(split: bool) -> None:
+    decisions, state = run(CALIBRATED, [frame(GEN0)])
+    (restart,) = [d for d in decisions[0] if d.action == "restart"]
+    slots = state_frame(state).loc["a"]
+    # charged C at the restart: 100 live entries and 100 hits in the last ttl
+    c = float(refetched(np.array([100.0]), np.array([100.0]))[0])
+    assert slots["check_c"] == pytest.approx(c) and slots["spent"] == pytest.approx(c)
+    # 20 calls more than the traffic's own in its first ttl, 100 in the second: 20 seen
+    start = restart.time + 5.0
+    gen1 = _gen1(start, 20)
+    passes = [frame([row]) for row in gen1] if split else [frame(gen1)]
+    _, state = run(CALIBRATED, passes, state)
+    slots = state_frame(state).loc["a"]
+    assert slots["refetch_seen"] == pytest.approx(20.0)
+    assert slots["refetch_estimated"] == pytest.approx(c)
+    assert slots["spent"] == pytest.approx(20.0)  # the calls seen replace the estimate
+    assert math.isnan(slots["check_c"])  # counted once
+    assert float(refetch_scale(np.array([20.0]), np.array([c]))[0]) == pytest.approx(20.0 / c)
+
+
+def test_adaptive_counts_nothing_after_a_restart_not_its_own() -> None:
+    _, state = run(dataclasses.replace(CALIBRATED, budget_share=1e-9), [frame(GEN0)])
+    _, state = run(CALIBRATED, [frame(_gen1(400.0, 20))], state)
+    slots = state_frame(state).loc["a"]
+    assert slots["refetch_seen"] == 0.0 and slots["refetch_estimated"] == 0.0
+
+
+def test_adaptive_prices_calls_by_what_its_restarts_caused() -> None:
+    # The same state, once with no restart counted and once with restarts that caused a fifth
+    # of their estimate: the second charges a fifth of the calls for the same restart.
+    def a(x: float) -> np.ndarray:
+        return np.array([x], dtype=np.float64)
+
+    common = dict(uptime=a(1000.0), pages=a(10.0), entries=a(64.0), entries_before=a(64.0),
+                  hits=a(5000.0), new_entries=a(0.0), start_pages=2.0, k=32.0, ttl=600.0,
+                  horizon=1000.0, spent=0.0, outbound_total=10_000.0, params=ADAPTIVE)
+    plain = adaptive_rule(**common)  # type: ignore[arg-type]
+    scaled = adaptive_rule(**common, refetch_scale=refetch_scale(a(20.0), a(100.0)))  # type: ignore[arg-type]
+    assert float(scaled.extra_calls[0]) == pytest.approx(0.2 * float(plain.extra_calls[0]))
+    assert not bool(plain.restart[0]) and bool(scaled.restart[0])
 
 
 def test_adaptive_start_pages_are_the_least_first_sample() -> None:
