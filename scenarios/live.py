@@ -41,10 +41,10 @@ import pandas as pd
 
 from addons.telemetry.store import (
     AUTH_CALLS,
-    DECISIONS,
     REQUESTS,
     SAMPLES,
     close_store,
+    decisions_frame,
     open_store,
     read_frame,
 )
@@ -330,7 +330,7 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 60.0,
         samples = read_frame(db, SAMPLES, {})
         requests = read_frame(db, REQUESTS, {}, ["time", "instance", "generation", "decision",
                                                  "path", "status", "outbound"])
-        decisions = read_frame(db, DECISIONS, {})
+        decisions = decisions_frame(db)  # every decision, from the pass batches
         auth_calls = read_frame(db, AUTH_CALLS, {}, ["latency_ms", "outcome"])
     finally:
         close_store(db)

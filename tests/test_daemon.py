@@ -31,12 +31,14 @@ import pytest
 from mitmproxy.test import taddons, tflow
 
 from addons.admin import AdminServer
+from addons.telemetry import records
 from addons.telemetry.store import (
     DATABASE,
     BatchWriter,
     close_store,
     insert_samples,
     open_store,
+    read_decisions,
 )
 from addons.wasm_auth import WasmAuth
 from manager.__main__ import build_config, build_parser, main, policy_params
@@ -44,8 +46,11 @@ from manager.admin_client import AdminClient, AdminError, parse_instances, parse
 from manager.daemon import (
     Daemon,
     DaemonConfig,
+    DecisionOutcome,
+    PassRecords,
     PassReport,
     backoff_delay,
+    batches_frame,
     clean_samples,
     combine_rows,
     decision_record,
@@ -59,6 +64,7 @@ from manager.daemon import (
 from manager.estimate import EstimatorParams
 from manager.policies import (
     AdaptiveParams,
+    Decision,
     FixedParams,
     RatioParams,
     ThresholdParams,
@@ -108,8 +114,13 @@ class Store:
                            self.writer, time.time())
 
     def decisions(self) -> list[dict[str, Any]]:
-        docs = list(self.db.decisions.find({}, {"_id": 0}))
+        """Every decision (from `decision_batches`), without `_id`."""
+        docs = [{k: v for k, v in d.items() if k != "_id"} for d in read_decisions(self.db)]
         return sorted(docs, key=lambda d: (d["decided_at"], d["instance"], d["time"]))
+
+    def restart_documents(self) -> list[dict[str, Any]]:
+        """The `decisions` collection: one document per restart decision."""
+        return list(self.db.decisions.find({}, {"_id": 0}))
 
 
 @pytest.fixture(params=["embedded", "ferretdb"])
@@ -318,7 +329,11 @@ async def test_fixed_restarts_through_the_admin_endpoint(store: Store, proxy: Pr
 
         records = store.decisions()
         assert len(records) == 2 and report.written == 2
+        # Every decision is in the pass's batch; the restart decision also in `decisions`.
+        assert store.db.decision_batches.count_documents({}) == 1
+        [stored] = store.restart_documents()
         a, b = sorted(records, key=lambda r: r["instance"])
+        assert stored == a
         assert a["action"] == "restart" and a["outcome"] == "restarted" and a["applied"] is True
         assert a["reason"] == "uptime 30.0 min ≥ 30 min" and a["time"] == 1800.0
         assert a["policy"] == "fixed" and a["policy_spec"] == "fixed:30m"
@@ -544,16 +559,41 @@ async def test_a_new_life_of_the_proxy_starts_afresh(embedded: Store,
 
 
 async def test_decision_records_are_stored_once_when_written_again(store: Store) -> None:
-    """A batch written again (its first write failed half-way) stores each record once."""
+    """A pass's records written again (its first write failed half-way) store each once."""
     store.write(series("a.example", 0, range(0, 2000, 100)) + series("b.example", 0, range(0, 500, 100)))
     async with daemon_for(store, None, "fixed:30m", dry_run=True) as daemon:
         await daemon.run_pass()
-        stored = list(store.db.decisions.find({}))
-        assert len(stored) == 2 and all(str(d["_id"]).startswith("manager-") for d in stored)
-        daemon._pending.extend(stored)
+        [batch] = list(store.db.decision_batches.find({}))
+        [restart] = list(store.db.decisions.find({}))  # a.example's; b.example is kept
+        assert restart["instance"] == "a.example" and restart["outcome"] == "dry-run"
+        assert str(restart["_id"]).startswith("manager-") and batch["count"] == 2
+        daemon._pending.append(PassRecords([batch], [restart], 2))
         await daemon.flush()
         assert daemon._pending == []
-    assert store.db.decisions.count_documents({}) == 2
+    assert store.db.decisions.count_documents({}) == 1
+    assert store.db.decision_batches.count_documents({}) == 1
+    assert [d["instance"] for d in store.decisions()] == ["a.example", "b.example"]
+
+
+async def test_pending_decisions_are_bounded_dropping_the_oldest_passes(embedded: Store) -> None:
+    """While the store cannot take them, decision records wait up to `pending_limit`
+    decisions; beyond, the oldest passes go first, and what is left is written later."""
+    config = DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=None,
+                          dry_run=True, pending_limit=3)
+    daemon = Daemon(config)
+    try:
+        d = Decision(instance=K("a.example"), generation=0, time=1.0, decided_at=1.0,
+                     policy="fixed", action="keep", reason="keep", uptime_s=1.0,
+                     allocated_pages=1, allocated_bytes=PAGE, requests=0, outbound=0)
+        passes = [daemon.pass_records([DecisionOutcome(d, "keep")] * 2, 1.0, 1.0)
+                  for _ in range(3)]
+        daemon._pending.extend(passes)
+        await daemon.flush()
+        assert daemon._pending == []
+        kept = {b["_id"] for b in embedded.db.decision_batches.find({})}
+        assert kept == {b["_id"] for p in passes[2:] for b in p.batches}
+    finally:
+        await daemon.aclose()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,6 +687,20 @@ def test_combine_rows_keeps_each_new_sample_once() -> None:
     out = combine_rows([a, b], 1.0, ["instance", "time"])
     assert out.to_dict("list") == {"instance": ["i", "i"], "time": [2.0, 3.0]}
     assert list(combine_rows([], 0.0, ["instance", "time"]).columns) == ["instance", "time"]
+    # A sample delivered twice (in two batches of one read) is kept once.
+    c = pd.DataFrame({"_id": ["x", "y", "x"], "time": [1.5, 2.0, 1.5], "instance": ["i"] * 3})
+    assert combine_rows([c], 1.0, ["time"]).to_dict("list") == {"time": [1.5, 2.0]}
+
+
+def test_batches_frame_joins_the_batches_columns() -> None:
+    """The samples of several batches in one frame; a field a batch lacks is None there."""
+    one = records.sample_batch("p", "r", 1, [{"_id": "a", "time": 1.0, "instance": "i"},
+                                             {"_id": "b", "time": 2.0, "instance": "j"}], 0.0)
+    two = records.sample_batch("q", "r", 1, [{"_id": "c", "time": 3.0}], 0.0)
+    frame = batches_frame([one, two], ["instance", "time"])
+    assert frame["_id"].tolist() == ["a", "b", "c"] and frame["time"].tolist() == [1.0, 2.0, 3.0]
+    assert frame["instance"].tolist()[:2] == ["i", "j"] and pd.isna(frame["instance"].iloc[2])
+    assert list(batches_frame([], ["time"]).columns) == ["_id", "time"]
 
 
 async def test_backfill_limits_the_first_read(embedded: Store) -> None:
@@ -765,14 +819,16 @@ async def test_a_database_outage_is_retried_and_nothing_is_lost(
 
                 # Records that cannot be written wait (in memory), and go with the next write.
                 await relay.stop()
-                daemon._pending.append({"_id": "test-1", "instance": "x", "note": "waits"})
+                daemon._pending.append(PassRecords(
+                    [], [{"_id": "test-1", "instance": "x", "note": "waits"}], 1))
                 await daemon.flush()
                 assert len(daemon._pending) == 1
                 await relay.start()
                 await daemon.flush()
                 assert daemon._pending == []
         assert real.db.decisions.count_documents({"note": "waits"}) == 1
-        assert real.db.decisions.count_documents({"instance": "a.example"}) == 2
+        assert real.db.decisions.count_documents({"instance": "a.example"}) == 1  # restart
+        assert [d["instance"] for d in real.decisions()] == ["a.example"] * 2
     finally:
         real.db.client.drop_database(real.database)
         close_store(real.db)

@@ -241,7 +241,7 @@ def test_one_active_manager_and_a_standby_that_takes_over(
         first = db.leases.find_one({"_id": "manager"})
         assert first is not None and f":{procs[0].pid}:" in first["holder"]
         assert "active:" not in logs[1].read_text()
-        assert db.decisions.count_documents({}) > 0  # the active one decides
+        assert db.decision_batches.count_documents({}) > 0  # the active one decides
         before = db.leases.find_one({"_id": "manager"})
         assert before is not None
         procs[0].send_signal(signal.SIGKILL)

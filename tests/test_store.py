@@ -51,7 +51,8 @@ def sample(instance: str, t: float, pages: int = 17, **extra: Any) -> dict[str, 
 def test_collection_names_are_the_contract() -> None:
     assert st.DATABASE == "wasm_reclaim"
     assert st.COLLECTIONS == ("requests", "auth_calls", "samples", "restarts", "decisions",
-                              "users", "tokens", "proxies", "leases", "sample_batches")
+                              "users", "tokens", "proxies", "leases", "sample_batches",
+                              "decision_batches")
     assert set(st.TIME_SERIES) <= set(st.BY_INSTANCE_TIME) <= set(st.COLLECTIONS)
     assert all(st.valid_collection_name(c) for c in st.COLLECTIONS)
 
@@ -192,6 +193,56 @@ def test_a_sample_batch_holds_what_json_cannot_say_plainly() -> None:
     plain = records.sample_batch("p", "r", 2, [{"y": math.inf, "z": ObjectId("0" * 24)}], 0.0)
     assert records.unpack_columns(plain) == {"y": [None], "z": ["0" * 24]}
     assert plain["time"] is None and plain["count"] == 1
+
+
+def _decision_columns(instances: list[str], actions: list[str]) -> dict[str, list[Any]]:
+    n = len(instances)
+    fields = {"instance": instances, "generation": [0] * n, "time": [10.0] * n,
+              "decided_at": [10.0] * n, "action": actions, "reason": ["why"] * n,
+              "required_pages": [None if i % 2 else 3.5 for i in range(n)]}
+    return records.decision_columns(
+        ["p1"] * n, fields, [65536] * n, record_ids=[f"m-{i}" for i in range(n)],
+        decided_at=1000.0, policy_spec="fixed:30m", requested_by="manager:fixed",
+        dry_run=False, outcomes=["restarted" if a == "restart" else "keep" for a in actions],
+        details=[None] * n, admin_results=[{"generation": 1} if a == "restart" else None
+                                           for a in actions])
+
+
+def test_decision_columns_are_the_decision_documents() -> None:
+    """One builder: a decision document is a row of `decision_columns`, field for field."""
+    columns = _decision_columns(["a", "b"], ["restart", "keep"])
+    a, b = records.rows(columns)
+    assert a == records.decision(
+        "p1", {"instance": "a", "generation": 0, "time": 10.0, "decided_at": 10.0,
+               "action": "restart", "reason": "why", "required_pages": 3.5}, 65536,
+        record_id="m-0", decided_at=1000.0, policy_spec="fixed:30m",
+        requested_by="manager:fixed", dry_run=False, outcome="restarted", detail=None,
+        admin_result={"generation": 1})
+    assert list(a) == list(b) and a["now"] == 10.0 and a["decided_at"] == 1000.0
+    assert (a["required_bytes"], b["required_bytes"]) == (3.5 * 65536, None)
+    assert (a["applied"], b["applied"]) == (True, False)
+    assert records.rows(columns, [1]) == [b]
+
+
+def test_decision_batches_hold_every_decision(db: st.Database,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's decisions go into `decision_batches` (several documents beyond
+    DECISION_BATCH_MAX); `read_decisions` gives back each decision as its document, by pass."""
+    monkeypatch.setattr(records, "DECISION_BATCH_MAX", 2)
+    first = _decision_columns(["a", "b", "c"], ["keep", "restart", "keep"])
+    later = {**_decision_columns(["a"], ["keep"]), "_id": ["m-3"], "decided_at": [1005.0]}
+    batches = records.decision_batches("m", 1, first, 10.0, 1000.0)
+    assert [(b["part"], b["count"], b["restarts"]) for b in batches] == [(0, 2, 1), (1, 1, 0)]
+    assert all(set(b) == set(records.DECISION_BATCH_FIELDS) for b in batches)
+    st.ensure_indexes(db)
+    # Newest first in the collection: the reader orders them by pass.
+    st.insert_new(db, st.DECISION_BATCHES, records.decision_batches("m", 2, later, 15.0, 1005.0))
+    st.insert_new(db, st.DECISION_BATCHES, batches)
+    assert st.read_decisions(db) == records.rows(first) + records.rows(later)
+    assert [d["_id"] for d in st.read_decisions(db, {"time": {"$gt": 12.0}})] == ["m-3"]
+    frame = st.decisions_frame(db)
+    assert frame["instance"].tolist() == ["a", "b", "c", "a"] and "_id" not in frame.columns
+    assert st.decisions_frame(db, {"time": {"$gt": 99.0}}).empty
 
 
 def test_delete_before(db: st.Database) -> None:

@@ -46,7 +46,7 @@ REQUESTS: Final = "requests"      # every request the proxy received
 AUTH_CALLS: Final = "auth_calls"  # every outbound call of a filter instance to the auth server
 SAMPLES: Final = "samples"        # allocated memory and counters, per instance and tick
 RESTARTS: Final = "restarts"      # every restart of an instance (who asked, pages before/after)
-DECISIONS: Final = "decisions"    # the manager's decisions, with their reasons
+DECISIONS: Final = "decisions"    # the manager's restart decisions, with what it did
 USERS: Final = "users"            # the auth server's users (unique `name`)
 TOKENS: Final = "tokens"          # the auth server's tokens, hashed (unique `hash`)
 PROXIES: Final = "proxies"        # each proxy's admin URL and heartbeat (`_id`: the proxy id)
@@ -54,9 +54,12 @@ LEASES: Final = "leases"          # which manager is active, until when (`_id`: 
 # The samples again, one document per proxy and delivery, column by column: the manager's inbox
 # (`records.sample_batch`), kept SAMPLE_BATCH_RETENTION_S.
 SAMPLE_BATCHES: Final = "sample_batches"
+# Every decision of the manager (keeps too), one document per pass, column by column
+# (`records.decision_batches`; `read_decisions` gives them back one per decision).
+DECISION_BATCHES: Final = "decision_batches"
 
 COLLECTIONS: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS, USERS, TOKENS,
-                      PROXIES, LEASES, SAMPLE_BATCHES)
+                      PROXIES, LEASES, SAMPLE_BATCHES, DECISION_BATCHES)
 
 # Collections read by (proxy, instance, time): each gets that compound index.
 BY_INSTANCE_TIME: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS)
@@ -192,6 +195,7 @@ def ensure_indexes(db: Database) -> None:
     db[SAMPLE_BATCHES].create_index("time")
     db[SAMPLE_BATCHES].create_index([("proxy", pymongo.ASCENDING),
                                      ("shipped_at", pymongo.ASCENDING)])
+    db[DECISION_BATCHES].create_index("time")
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -417,6 +421,30 @@ def read_frame(db: Database, collection: str, query: Mapping[str, Any],
         included = [k for k, v in proj.items() if k != "_id" and v not in (0, False)]
         return pd.DataFrame(columns=included)
     return pd.DataFrame.from_records(rows).drop(columns="_id", errors="ignore")
+
+
+def read_decisions(db: Database, query: Mapping[str, Any] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Every decision of the manager (keeps and restarts), one `decisions` document each, from
+    the `decision_batches` matching `query` (all by default: `{"time": {"$gt": t}}` for the
+    passes after t on the samples' clock), by pass (`decided_at`, `seq`, `part`) and in each
+    pass in the order decided. The restart decisions among them are also in `decisions`."""
+    from addons.telemetry import records
+
+    batches = list(db[DECISION_BATCHES].find(dict(query or {})))
+    batches.sort(key=lambda b: (b.get("decided_at") or 0.0, str(b.get("manager")),
+                                b.get("seq") or 0, b.get("part") or 0))
+    return [doc for b in batches for doc in records.unpack_documents(b)]
+
+
+def decisions_frame(db: Database, query: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """`read_decisions` as a frame, one row per decision (no `_id` column)."""
+    import pandas as pd
+
+    docs = read_decisions(db, query)
+    if not docs:
+        return pd.DataFrame(columns=["instance", "time", "action", "reason"])
+    return pd.DataFrame.from_records(docs).drop(columns="_id", errors="ignore")
 
 
 def samples_since(db: Database, after_time: float, instance: str | None = None) -> pd.DataFrame:

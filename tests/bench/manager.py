@@ -6,14 +6,17 @@ the reader sees where the time goes:
 (a) steady state, one new sample per instance:
     - ``decide()`` alone (pure), for ratio (learned, in its decision loop), fixed and threshold;
     - the daemon's work without I/O (``Daemon.decide_new``: clean the rows, cursors, latest
-      life, ``decide()``) plus building the 1,000 decision records;
+      life, ``decide()``) plus building the pass's decision records (``Daemon.pass_records``:
+      1,000 decisions packed into one `decision_batches` document);
     - reading the 1,000 new samples with the daemon's own read (``Daemon._read_sync``) from
       the embedded store and from FerretDB, filled as shippers fill them
       (``store.insert_samples``: one delivery = one sample per instance, and one sample batch
       per proxy, ``--proxies``): a later pass reads the new batches (the collection keeps a
       minute of them: 12 deliveries); for comparison, the same samples read from `samples`
       (the first pass's read, or a hole's), 12 per instance stored;
-    - writing the 1,000 decision records to each store;
+    - writing the pass's decision records to each store: its `decision_batches` document and
+      one `decisions` document per restart decision (``RESTART_SHARE`` of them: 1 %);
+      for comparison, the 1,000 decisions as one document each (the layout before batches);
     - the whole pass on each store: the sum of the medians of the batch read, the daemon's
       work and the write; and without the write;
     - one shipper delivery into each store (1,000 samples and their batches).
@@ -36,6 +39,7 @@ Results print as a Markdown table and are written to `results/bench/manager.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -53,14 +57,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from addons.telemetry.records import unpack_documents
 from addons.telemetry.store import (
     DATABASE,
+    DECISIONS,
     SAMPLE_BATCH_RETENTION_S,
     SAMPLE_BATCHES,
     SAMPLES,
     BatchWriter,
     close_store,
     ensure_indexes,
+    insert_new,
     insert_samples,
     open_store,
     read_sample_batches,
@@ -69,6 +76,7 @@ from manager.daemon import (
     Daemon,
     DaemonConfig,
     DecisionOutcome,
+    PassRecords,
     PassReport,
     batch_times,
     inbox_news,
@@ -80,6 +88,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "results" / "bench" / "manager.j
 WINDOW = 900  # the measurement period: 15 min of 1-s samples
 INTERVAL_S = 5.0  # the manager's default pass interval
 TARGET_MS = 100.0
+RESTART_SHARE = 0.01  # restart decisions among a steady pass's decisions, in the write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +204,13 @@ def daemon_cpu(fleet: Fleet, learned: Any, passes: int) -> dict[str, float]:
     for t in range(WINDOW + 1, WINDOW + 1 + passes):
         raw = fleet.frame(t, t + 1).sample(frac=1.0, random_state=t)  # store order is arbitrary
 
-        def one(raw: pd.DataFrame = raw) -> list[dict[str, Any]]:
+        def one(raw: pd.DataFrame = raw) -> PassRecords:
             decisions = daemon.decide_new(raw, PassReport())
-            return [daemon._record(DecisionOutcome(d, "keep"), time.time()) for d in decisions]
+            return daemon.pass_records([DecisionOutcome(d, "keep") for d in decisions],
+                                       time.time(), daemon.frontier)
 
         ms, records = timed(one)
-        assert len(records) == fleet.n
+        assert records.count == fleet.n
         times.append(ms)
     daemon._executor.shutdown()
     return stats(times)
@@ -232,7 +242,7 @@ def stores(skip_ferretdb: bool) -> Iterator[list[tuple[str, str | None, str]]]:
 
 
 def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds: int,
-             records: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
+             records: Callable[[], PassRecords]) -> dict[str, Any]:
     """Reads with the daemon's own code, and the decision write, on one store.
 
     The store is filled as shippers fill it (`store.insert_samples`): each delivery stores one
@@ -297,7 +307,17 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
         out["read_new_from_samples"] = stats(read_samples(retention - 1.5, fleet.n))
         batch = [records() for _ in range(runs)]  # new records (new _id) each time
         out["write_decisions"] = stats(
-            [timed(lambda b=b: daemon._write_sync(b))[0] for b in batch])  # type: ignore[misc]
+            [timed(lambda b=b: daemon._write_sync([b]))[0] for b in batch])  # type: ignore[misc]
+        out["decision_batch_kib"] = sum(len(b["columns"]) for b in batch[0].batches) / 1024
+        out["restart_documents"] = len(batch[0].restarts)
+        # The layout before decision batches: one `decisions` document per decision.
+        single = [[dict(d, _id=f"single-{r}-{i}") for i, d in enumerate(
+            record for b in records().batches for record in unpack_documents(b))]
+            for r in range(min(runs, 3))]
+        out["write_decision_documents"] = stats(
+            [timed(lambda s=s: insert_new(db, DECISIONS, s))[0]  # type: ignore[misc]
+             for s in single])
+        db[DECISIONS].drop()
         # (b) the window: the first pass reads everything from `samples`.
         seconds = window_seconds
         out["window_fill_ms"] = fill(retention, seconds)
@@ -335,7 +355,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         steady["decide_ratio"]["median_ms"], True)
     add("(a) decide(), fixed:30m", steady["decide_fixed"]["median_ms"])
     add("(a) decide(), threshold:64MiB", steady["decide_threshold"]["median_ms"])
-    add(f"(a) daemon without I/O: clean, cursors, decide() (ratio) + {n:,} records",
+    add(f"(a) daemon without I/O: clean, cursors, decide() (ratio) + records of {n:,}",
         steady["daemon_cpu"]["median_ms"], True)
     for label, io in results["stores"].items():
         if io is None:
@@ -347,7 +367,11 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         add(f"(a) {label}: read the same {n:,} from `samples` (first pass, or a hole; "
             f"{SAMPLE_BATCH_RETENTION_S // INTERVAL_S:.0f} per instance stored)",
             io["read_new_from_samples"]["median_ms"])
-        add(f"(a) {label}: write {n:,} decision records", io["write_decisions"]["median_ms"])
+        add(f"(a) {label}: write the pass's decisions: {n:,} in one batch "
+            f"({io['decision_batch_kib']:.0f} KiB) + {io['restart_documents']} restart "
+            "documents", io["write_decisions"]["median_ms"])
+        add(f"(a) {label}: for comparison, {n:,} decisions as one document each",
+            io["write_decision_documents"]["median_ms"])
         add(f"(a) {label}: the whole pass (read the batches + daemon + write)",
             io["read_new_batches"]["median_ms"] + steady["daemon_cpu"]["median_ms"]
             + io["write_decisions"]["median_ms"], True)
@@ -393,13 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     steady, learning, learned = pure_passes(fleet, args.passes, args.learning_runs)
     steady["daemon_cpu"] = daemon_cpu(fleet, learned, args.passes)
 
-    # The records of one steady pass, to write (each call: new records, new _id).
+    # The records of one steady pass, to write (each call: new records, new _id), with
+    # RESTART_SHARE restart decisions.
     daemon = Daemon(DaemonConfig(store="unused", params=parse_policy("fixed:30m"),
                                  admin_url=None, dry_run=True))
     decisions, _ = decide(initial_state(daemon.params), fleet.frame(0, 1), 0.0, daemon.params)
+    every = max(1, round(1 / RESTART_SHARE))
+    outcomes = [DecisionOutcome(dataclasses.replace(d, action="restart"), "restarted")
+                if i % every == 0 else DecisionOutcome(d, "keep")
+                for i, d in enumerate(decisions)]
 
-    def records() -> list[dict[str, Any]]:
-        return [daemon._record(DecisionOutcome(d, "keep"), time.time()) for d in decisions]
+    def records() -> PassRecords:
+        return daemon.pass_records(outcomes, time.time(), 0.0)
 
     io: dict[str, Any] = {}
     with stores(args.no_ferretdb) as targets:
