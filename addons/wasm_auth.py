@@ -96,6 +96,8 @@ REPLAY_STEP = 200
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
 IDLE_SAMPLE_EVERY = 60
 """An instance whose observation did not change is sampled once per this many intervals."""
+KEY_CACHE = 4096
+"""At most this many Host values keep their parsed instance key (`WasmAuth._keys`)."""
 DENIED_MARK = ":no_entry:"
 FAILED_MARK = ":warning:"
 
@@ -280,23 +282,33 @@ def logout_path(plugin_configuration: bytes) -> str:
     return value if isinstance(value, str) else "/logout"
 
 
-def is_logout(path: bytes, logout: str) -> bool:
+def is_logout(path: bytes, logout: str | bytes) -> bool:
     """Whether `path` (before any query) is the logout path."""
-    return bool(logout) and path.partition(b"?")[0] == logout.encode()
+    if isinstance(logout, str):
+        logout = logout.encode()
+    return bool(logout) and path.partition(b"?")[0] == logout
+
+
+def has_bearer(authorization: bytes | None) -> bool:
+    """Whether an Authorization value carries a bearer token: `token_hash` is not None for
+    it, without hashing (the hash is only needed for a record)."""
+    if not authorization:
+        return False
+    scheme, _, token = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and bool(token.strip())
 
 
 def describe(word: str, instance: str, generation: int, pages: int, latency_ms: float,
              decision: Decision, note: str = "") -> str:
     """The flow comment mitmweb shows: `wasm: hit · instance shop · gen 0 · 17 pages · 0.4 ms`
     (`note`, such as `token evicted`, after the word)."""
-    parts = [f"wasm: {word}", *([note] if note else []), f"instance {instance}",
-             f"gen {generation}", f"{pages} page{'' if pages == 1 else 's'}",
-             f"{latency_ms:.1f} ms"]
+    text = (f"wasm: {word}{' · ' + note if note else ''} · instance {instance} · "
+            f"gen {generation} · {pages} page{'' if pages == 1 else 's'} · {latency_ms:.1f} ms")
     if decision.response is not None and decision.response.details:
-        parts.append(decision.response.details)
+        text += " · " + decision.response.details
     if decision.error:
-        parts.append(decision.error)
-    return " · ".join(parts)
+        text += " · " + decision.error
+    return text
 
 
 class Settings(NamedTuple):
@@ -415,7 +427,10 @@ class WasmAuth:
         self._last_sample: dict[str, tuple[tuple[Any, ...], int]] = {}
         """Per instance: what its last sample showed, and how many intervals ago."""
         self.bounds: InstanceBounds | None = None
-        self._logout_path = "/logout"
+        self._logout_path = b"/logout"
+        self._keys: dict[bytes, str] = {}
+        """Instance keys by Host value, as `instance_key` parsed them (a few hosts, many
+        requests); emptied when the options change, and when it holds KEY_CACHE of them."""
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
         self._open: dict[str, lifecycle.Exchange] = {}
@@ -608,7 +623,8 @@ class WasmAuth:
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
         self._properties = "proxy_get_property" in self.module.imports
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
-        self._logout_path = logout_path(settings.plugin_configuration)
+        self._logout_path = logout_path(settings.plugin_configuration).encode()
+        self._keys = {}
         self._build_host(previous)
         assert self.host is not None
         self.bounds = InstanceBounds(self.host, settings.instance_allow, settings.max_instances,
@@ -1055,11 +1071,16 @@ class WasmAuth:
         if req.hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
             self._refuse(flow, Refusal(400, f"{req.hosts} Host header fields"))
             return
-        try:
-            key = instance_key(req.authority, s.instance_key)
-        except InvalidKey as e:
-            self._refuse(flow, Refusal(400, str(e)))
-            return
+        key = self._keys.get(req.authority)
+        if key is None:
+            try:
+                key = instance_key(req.authority, s.instance_key)
+            except InvalidKey as e:
+                self._refuse(flow, Refusal(400, str(e)))
+                return
+            if len(self._keys) >= KEY_CACHE:
+                self._keys.clear()
+            self._keys[req.authority] = key
         t0 = time.perf_counter()
         assert self.bounds is not None
         try:
@@ -1096,8 +1117,9 @@ class WasmAuth:
             stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision, stream if keep else None, streamed)
-        hashed = token_hash(req.authorization)
-        word = verdict(decision, hashed is not None, logout=logout)
+        hashed = token_hash(req.authorization) if self.metrics is not None else None
+        word = verdict(decision, hashed is not None if self.metrics is not None
+                       else has_bearer(req.authorization), logout=logout)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
         note = ""
         if word == "logout" and cached_before is not None:
