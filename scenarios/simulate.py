@@ -152,6 +152,7 @@ class SimResult:
 
 
 _ZERO = records.NO_COUNTS
+_METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH")}
 _SLOT = records.COUNTED
 
 
@@ -222,7 +223,7 @@ class Simulation:
         self.requests: list[tuple[Any, ...]] = []
         self.request_count = 0
         self.counts: dict[str, list[int]] = {}  # instance -> hits, misses, denied, errors
-        self._instance_ids: dict[str, str] = {}  # event host -> instance id
+        self._hosts: dict[str, tuple[str, bytes]] = {}  # event host -> instance id, :authority
         self._tokens: dict[str, tuple[bytes, str | None]] = {}  # authorization header, hash
         self.proxy = PROXY_ID
 
@@ -278,9 +279,11 @@ class Simulation:
         if kind == "login":
             self.auth.login(event.token)
             return
-        instance_id = self._instance_ids.get(event.host)
-        if instance_id is None:
-            instance_id = self._instance_ids[event.host] = self.instance_id(event)
+        known = self._hosts.get(event.host)
+        if known is None:  # once per host, not per request
+            known = self._hosts[event.host] = (self.instance_id(event),
+                                               (event.host or "default").encode())
+        instance_id, authority = known
         stream = self.host.instance(instance_id).stream()
         token = self._tokens.get(event.token)
         if token is None:  # a token's header and hash, made once per token, not per request
@@ -289,9 +292,9 @@ class Simulation:
                                                  records.token_hash(authorization))
         method, path = event.method or "GET", event.path or "/"
         headers = [
-            (b":method", method.encode()),
+            (b":method", _METHODS.get(method) or method.encode()),
             (b":path", path.encode()),
-            (b":authority", (event.host or "default").encode()),
+            (b":authority", authority),
             (b"authorization", token[0]),
         ]
         t = self.clock.now_ns() / 1e9
