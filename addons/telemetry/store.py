@@ -371,15 +371,16 @@ def acquire_lease(db: Database, name: str, holder: str, now: float, period: floa
     from addons.telemetry import records
 
     expires = now + period
+    # Renewing first: the active manager's every pass is one round trip.
+    renewed = db[LEASES].update_one({"_id": name, "holder": holder},
+                                    {"$set": {"expires": expires, "renewed_at": now}})
+    if renewed.matched_count:
+        return True
     try:
         db[LEASES].insert_one(records.lease(name, holder, expires, now, now))
         return True
     except DuplicateKeyError:
         pass
-    renewed = db[LEASES].update_one({"_id": name, "holder": holder},
-                                    {"$set": {"expires": expires, "renewed_at": now}})
-    if renewed.matched_count:
-        return True
     taken = db[LEASES].update_one(
         {"_id": name, "expires": {"$lt": now}},
         {"$set": {"holder": holder, "expires": expires, "acquired_at": now, "renewed_at": now}})
