@@ -574,8 +574,8 @@ class PassReport:
             lines.append(f"  {o.outcome:<16} {show(d.instance)} gen {d.generation}: "
                          f"{d.reason}{extra}")
         if len(shown) < len(self.decisions):
-            lines.append(f"  … and {len(self.decisions) - len(shown)} more in the decisions "
-                         "collection")
+            lines.append(f"  … and {len(self.decisions) - len(shown)} more in the store "
+                         "(decision_batches)")
         if self.unreachable:
             lines.append(f"unreachable: {', '.join(self.unreachable)}")
         if self.pending:
