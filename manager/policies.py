@@ -6,7 +6,9 @@
     decisions, state = decide(state, new_samples, now, params)   # every pass
 
 - ``new_samples``: only the samples not passed before (columns of
-  :data:`manager.estimate.OBSERVABLE_COLUMNS`; the oracle also reads ``live_bytes``). Rows already
+  :data:`manager.estimate.OBSERVABLE_COLUMNS`; the oracle also reads ``live_bytes``), as a
+  DataFrame or as a mapping of column name to values (the simulator's, which skips building a
+  frame a pass). Rows already
   seen (time ≤ the last time seen for that generation) and rows of older generations are ignored,
   so overlapping fetches are harmless.
 - ``state``: an immutable :class:`PolicyState`; the returned one replaces it. Nothing is kept
@@ -426,12 +428,13 @@ class Slots:
 
     def updated(self, at: IntArray, **values: npt.ArrayLike) -> Slots:
         """With ``values`` written at slots ``at`` (new arrays; this value is unchanged)."""
-        changes: dict[str, Any] = {}
+        new = object.__new__(Slots)  # a frozen copy without __init__'s cost (hot: every pass)
+        new.__dict__.update(self.__dict__)
         for name, value in values.items():
             array = getattr(self, name).copy()
             array[at] = value
-            changes[name] = _ro(array)
-        return dataclasses.replace(self, **changes)
+            new.__dict__[name] = _ro(array)
+        return new
 
 
 @dataclass(frozen=True)
@@ -488,7 +491,8 @@ class History:
         )
 
     def lookups(self, slot: IntArray, *columns: tuple[str, float | None]) -> list[Lookup]:
-        """For each (column, left): q ↦ column(q) of each row's ``slot``, vectorized over rows.
+        """For each (column, left): q ↦ column(q) of each row's ``slot``, vectorized over rows
+        (q: one time per row, or a 2-D array of them, a row of times per query).
 
         Linear between a slot's rows; before its first row ``left``, or the first value if None;
         after its last row the last value. Every slot in ``slot`` must have rows. A composite
@@ -596,8 +600,12 @@ class _Verdict:
 _Policy = Callable[[Any, Slots, History, _Rows, IntArray, IntArray], _Verdict]
 
 
+#: New samples: a frame, or its columns by name (see the module docstring).
+Samples = pd.DataFrame | Mapping[str, Any]
+
+
 def decide(
-    state: PolicyState, new_samples: pd.DataFrame, now: float, params: PolicyParams
+    state: PolicyState, new_samples: Samples, now: float, params: PolicyParams
 ) -> tuple[tuple[Decision, ...], PolicyState]:
     """Run one pass of the policy over the new samples (see the module docstring).
 
@@ -629,29 +637,36 @@ def decide(
     return tuple(decisions), state
 
 
-def _read(frame: pd.DataFrame, slots: Slots, with_live: bool) -> tuple[_Rows, Slots]:
-    """The frame's columns as sorted arrays, with instances mapped to slots (new ones added)."""
-    missing = [c for c in OBSERVABLE_COLUMNS if c not in frame.columns]
-    if with_live and "live_bytes" not in frame.columns:
+def _read(frame: Samples, slots: Slots, with_live: bool) -> tuple[_Rows, Slots]:
+    """The columns as sorted arrays, with instances mapped to slots (new ones added)."""
+    present = frame.columns if isinstance(frame, pd.DataFrame) else frame.keys()
+    missing = [c for c in OBSERVABLE_COLUMNS if c not in present]
+    if with_live and "live_bytes" not in present:
         missing.append("live_bytes (the oracle needs ground truth)")
     if missing:
         raise ValueError(f"samples lack column(s) {', '.join(missing)}")
+
+    def array(name: str, dtype: type) -> npt.NDArray[Any]:
+        values = frame[name]
+        if isinstance(values, pd.Series):
+            return values.to_numpy(dtype=dtype)
+        return np.asarray(values, dtype=dtype)
+
     instance = frame["instance"]
-    if not pd.api.types.is_string_dtype(instance):
-        instance = instance.astype(str)
-    names = instance.tolist()
+    names: list[str] = list(map(str, instance.tolist() if isinstance(instance, pd.Series)
+                                else instance))
     # A hash lookup per row, as in any join; new instances get the next slots.
     new = [name for name in dict.fromkeys(names) if name not in slots.slot_of]
     slots = slots.grown(new)
     slot = np.fromiter(map(slots.slot_of.__getitem__, names), dtype=np.int64, count=len(names))
-    generation = frame["generation"].to_numpy(dtype=np.int64)
-    time = frame["time"].to_numpy(dtype=np.float64)
+    generation = array("generation", np.int64)
+    time = array("time", np.float64)
     if not np.isfinite(time).all():
         raise ValueError("samples have a time that is not a finite number")
     order = np.lexsort((time, generation, slot))
 
     def col(name: str) -> FloatArray:
-        return frame[name].to_numpy(dtype=np.float64)[order]
+        return array(name, np.float64)[order]
 
     rows = _Rows(
         slot=slot[order], generation=generation[order], started_at=col("started_at"),
@@ -1276,8 +1291,10 @@ def _adaptive(
     if (settled >= 0).any():
         done = settled[settled >= 0]
         at = slot[done]
-        first = outbound_of(rows.started_at + check_ttl)[done]
-        second = outbound_of(rows.started_at + 2 * check_ttl)[done] - first
+        first, two = outbound_of(
+            np.stack((rows.started_at + check_ttl, rows.started_at + 2 * check_ttl))
+        )[:, done]
+        second = two - first
         seen = np.maximum(first - (slots.check_new[at] + second) / 2, 0.0)
         slots = slots.updated(
             at, refetch_seen=slots.refetch_seen[at] + seen,
@@ -1289,13 +1306,16 @@ def _adaptive(
         scale = np.where(
             since, refetch_scale(slots.refetch_seen[slot], slots.refetch_estimated[slot]), scale
         )
-    o_now = outbound_of(rows.time)
-    entries = np.maximum(o_now - outbound_of(rows.time - ttl), 0.0)
-    entries_before = np.maximum(
-        outbound_of(rows.time - window) - outbound_of(rows.time - window - ttl), 0.0
+    # one lookup for all the times each column is wanted at (the rows of a 2-D query)
+    t = rows.time
+    o_now, o_ttl, o_window, o_window_ttl = outbound_of(
+        np.stack((t, t - ttl, t - window, t - window - ttl))
     )
-    hits = (requests_of(rows.time) - requests_of(rows.time - ttl)) - entries
-    new_entries = np.maximum(o_now - outbound_of(rows.time - window), 0.0) * ttl / window
+    q_now, q_ttl = requests_of(np.stack((t, t - ttl)))
+    entries = np.maximum(o_now - o_ttl, 0.0)
+    entries_before = np.maximum(o_window - o_window_ttl, 0.0)
+    hits = (q_now - q_ttl) - entries
+    new_entries = np.maximum(o_now - o_window, 0.0) * ttl / window
     a = adaptive_rule(
         uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
         hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k, ttl=ttl,

@@ -37,6 +37,7 @@ from addons.proxywasm import FilterModule
 from manager.estimate import OBSERVABLE_COLUMNS, EstimatorParams, estimate
 from manager.policies import (
     Decision,
+    Samples,
     decide,
     decisions_frame,
     initial_state,
@@ -160,7 +161,7 @@ class _Branch:
         self.state = initial_state(self.params)
         self.made: list[Decision] = []
 
-    def decide(self, new: pd.DataFrame, now: float) -> list[str]:
+    def decide(self, new: Samples, now: float) -> list[str]:
         """One manager pass; the instances to restart."""
         decisions, self.state = decide(self.state, new, now, self.params)
         self.made.extend(decisions)
@@ -189,7 +190,7 @@ class _Shared:
         self.children: list[tuple[str, int, int]] = []  # spec, pid, read end of its pipe
         self.write_fd: int | None = None  # in a forked child: where its run goes
 
-    def __call__(self, new: pd.DataFrame, now: float) -> list[str]:
+    def __call__(self, new: Samples, now: float) -> list[str]:
         for branch in list(self.branches):
             restarts = branch.decide(new, now)
             if not restarts:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -366,7 +367,7 @@ def schedule_controller(restarts: dict[str, tuple[float, ...]]) -> Controller:
     controller pass at or after each)."""
     pending = {inst: sorted(times) for inst, times in restarts.items()}
 
-    def controller(new: pd.DataFrame, now: float) -> list[str]:
+    def controller(new: Mapping[str, Any], now: float) -> list[str]:
         due = []
         for inst, times in pending.items():
             if times and times[0] <= now + 1e-6:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ REQUEST_COLUMNS = [*records.REQUEST_FIELDS, "kind"]
 PROXY_ID = "simulation"
 """The simulated proxy's name: the `proxy` field of every document."""
 
-Controller = Callable[[pd.DataFrame, float], Iterable[str]]
-"""Called with the newest samples and the time; returns instance ids to restart."""
+Controller = Callable[[Mapping[str, Any], float], Iterable[str]]
+"""Called with the newest samples (:func:`sample_columns`) and the time; returns instance ids to
+restart."""
 
 
 @dataclass(frozen=True)
@@ -156,12 +157,11 @@ _METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "PAT
 _SLOT = records.COUNTED
 
 
-def sample_frame(rows: Sequence[tuple[Any, ...]],
-                 columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Sample rows (:data:`SAMPLE_COLUMNS` order) as a frame, the same pandas would make from
-    the rows (with only `columns`, in their order, when given). Built column by column, the
-    numeric columns through numpy: once a manager pass, where pandas inferring every column
-    from rows cost three times as much."""
+def sample_columns(rows: Sequence[tuple[Any, ...]],
+                   columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """Sample rows (:data:`SAMPLE_COLUMNS` order) as columns by name (only `columns`, in their
+    order, when given): numeric ones as numpy arrays, the others as tuples. What a controller
+    gets once a pass; a frame of them is :func:`sample_frame`."""
 
     def column(values: tuple[Any, ...]) -> Any:
         array = np.array(values)
@@ -171,8 +171,15 @@ def sample_frame(rows: Sequence[tuple[Any, ...]],
     if transposed and len(transposed) != len(SAMPLE_COLUMNS):
         raise ValueError(f"sample rows of {len(transposed)} fields, not {len(SAMPLE_COLUMNS)}")
     names = SAMPLE_COLUMNS if columns is None else columns
-    return pd.DataFrame({name: column(transposed[_SAMPLE_INDEX[name]]) for name in names},
-                        copy=False)
+    return {name: column(transposed[_SAMPLE_INDEX[name]]) for name in names}
+
+
+def sample_frame(rows: Sequence[tuple[Any, ...]],
+                 columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Sample rows as a frame, the same pandas would make from the rows (with only `columns`,
+    in their order, when given). Built column by column, the numeric columns through numpy:
+    pandas inferring every column from rows costs three times as much."""
+    return pd.DataFrame(sample_columns(rows, columns), copy=False)
 
 
 _SAMPLE_INDEX = {name: i for i, name in enumerate(SAMPLE_COLUMNS)}
@@ -260,7 +267,7 @@ class Simulation:
         if controller is not None and now_ns >= self.next_decision_ns:
             self.next_decision_ns += self.decision_ns
             if len(self.samples) > self.unseen:
-                new = sample_frame(self.samples[self.unseen:], self.config.controller_columns)
+                new = sample_columns(self.samples[self.unseen:], self.config.controller_columns)
                 self.unseen = len(self.samples)
                 for instance_id in controller(new, now):
                     self.host.restart(instance_id, "policy", "simulation",

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from manager.estimate import EstimatorParams
-from manager.policies import decide, decisions_frame, initial_state, parse_policy
+from manager.policies import Samples, decide, decisions_frame, initial_state, parse_policy
 from scenarios.__main__ import main as scenarios_main
 from scenarios.__main__ import split_policies
 from scenarios.basic import BasicParams, basic_trace
@@ -172,7 +172,7 @@ def _alone(trace: Trace, spec: str, config: ExperimentConfig) -> tuple[pd.DataFr
     state = initial_state(params)
     made: list = []
 
-    def controller(new: pd.DataFrame, now: float) -> list[str]:
+    def controller(new: Samples, now: float) -> list[str]:
         nonlocal state
         decisions, state = decide(state, new, now, params)
         made.extend(decisions)

@@ -941,3 +941,17 @@ def test_adaptive_never_reads_ground_truth() -> None:
     a, _ = run(params, [samples.iloc[c] for c in chunks])
     b, _ = run(params, [garbage.iloc[c] for c in chunks])
     assert a == b
+
+
+@pytest.mark.parametrize("spec", ["adaptive", "ratio:measure=5m,ttl_cap=2m", "fixed:10m"])
+def test_decide_reads_a_mapping_of_columns_as_it_reads_a_frame(spec: str) -> None:
+    samples = synthetic_samples(ttl=120, k=32, rate=80, duration=1200, jitter="poisson", seed=3)
+    params = parse_policy(spec)
+    chunks = [samples.iloc[i:i + 40] for i in range(0, len(samples), 40)]
+    as_frames, _ = run(params, chunks)
+    as_columns, _ = run(params, [
+        {name: c[name].to_numpy() if name != "instance" else tuple(c[name]) for name in c.columns}
+        for c in chunks
+    ])  # type: ignore[list-item]
+    assert as_frames == as_columns
+    assert all(len(d) == 1 for d in as_frames)  # a decision a pass, the same ones

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import pandas as pd
 
@@ -119,8 +121,8 @@ def test_the_experiments_fast_path_records_the_same_run() -> None:
     def run(request_log: bool) -> tuple[SimResult, list[pd.DataFrame]]:
         seen: list[pd.DataFrame] = []
 
-        def controller(samples: pd.DataFrame, now: float) -> list[str]:
-            seen.append(samples)
+        def controller(samples: Mapping[str, Any], now: float) -> list[str]:
+            seen.append(pd.DataFrame(samples))
             return ["shop.example"] if len(seen) in (3, 7) else []
 
         config = SimConfig(sample_interval=1.0, decision_interval=10.0, request_log=request_log)
