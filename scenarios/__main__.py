@@ -389,7 +389,8 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help="a collection as CSV (or JSON Lines)",
                             formatter_class=_Help)
     export.add_argument("collection", help="requests, auth_calls, samples, restarts, "
-                        "decisions, users, tokens…")
+                        "decisions (restart decisions), decision_batches (every decision, "
+                        "one row each), users, tokens…")
     where(export)
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv")

@@ -11,8 +11,10 @@ from typing import Any, TextIO
 import pymongo.errors
 
 from addons.telemetry.store import (
+    DECISION_BATCHES,
     Database,
     close_store,
+    decisions_frame,
     embedded_exists,
     is_mongo_uri,
     open_store,
@@ -55,14 +57,21 @@ def export_collection(store: str, collection: str, out: TextIO, *, fmt: str = "c
                       query: Mapping[str, Any] | None = None, database: str = "wasm_reclaim",
                       timeout: float = 5.0) -> int:
     """Write `collection` (documents matching `query`, by time when they have one) to `out`
-    as CSV with a header row, or as JSON Lines; returns the number of documents."""
+    as CSV with a header row, or as JSON Lines; returns the number of documents (rows).
+
+    `decision_batches` is written one row per decision (every decision of the manager, keeps
+    too, as a `decisions` document), of the passes `query` selects (by `time`, `decided_at`
+    or `manager`)."""
     with opened(store, database, timeout) as db:
         known = sorted(db.list_collection_names())
         if collection not in known:
             raise ScenarioError(f"no collection {collection!r} in {redact(store)} (it has: "
                                 f"{', '.join(known) or 'none'})")
         wanted = [*fields, *(["time"] if "time" not in fields else [])] if fields else None
-        frame = read_frame(db, collection, dict(query or {}), wanted)
+        if collection == DECISION_BATCHES:
+            frame = decisions_frame(db, query)
+        else:
+            frame = read_frame(db, collection, dict(query or {}), wanted)
     if "time" in frame.columns:
         frame = frame.sort_values("time", kind="stable")
     if fields:

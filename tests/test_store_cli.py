@@ -10,6 +10,7 @@ import uuid
 import pymongo
 import pytest
 
+from addons.telemetry import records
 from addons.telemetry.store import close_store, insert_new, open_store
 from scenarios.__main__ import main
 
@@ -53,6 +54,32 @@ def test_export_from_the_embedded_store(tmp_path, capsys) -> None:
     out = tmp_path / "requests.csv"
     assert main(["store", "export", "requests", "--store", store, "--out", str(out)]) == 0
     assert out.read_text().startswith("time,instance,decision,path,status,outbound\n")
+
+
+def test_export_decision_batches_one_row_per_decision(tmp_path, capsys) -> None:
+    """Every decision of the manager, from its pass batches, one row each (not the packed
+    columns), the passes chosen by --query."""
+    store = str(tmp_path / "store")
+    db = open_store(store)
+    try:
+        for seq, (now, names) in enumerate([(10.0, ["a", "b"]), (15.0, ["a"])], start=1):
+            n = len(names)
+            columns = records.decision_columns(
+                ["p"] * n, {"instance": names, "time": [now] * n, "decided_at": [now] * n,
+                            "action": ["keep"] * n, "reason": ["why"] * n}, [65536] * n,
+                record_ids=[f"m-{seq}-{i}" for i in range(n)], decided_at=1000.0 + now,
+                policy_spec="ratio", requested_by="manager:ratio", dry_run=False,
+                outcomes=["keep"] * n, details=[None] * n, admin_results=[None] * n)
+            insert_new(db, "decision_batches",
+                       records.decision_batches("m", seq, columns, now, 1000.0 + now))
+    finally:
+        close_store(db)
+    assert main(["store", "export", "decision_batches", "--store", store, "--fields",
+                 "instance,time,outcome"]) == 0
+    assert capsys.readouterr().out == "instance,time,outcome\na,10.0,keep\nb,10.0,keep\na,15.0,keep\n"
+    assert main(["store", "export", "decision_batches", "--store", store, "--fields",
+                 "instance,time", "--query", '{"time": {"$gt": 12}}']) == 0
+    assert capsys.readouterr().out == "instance,time\na,15.0\n"
 
 
 def test_reading_never_creates_a_store(tmp_path, capsys) -> None:
