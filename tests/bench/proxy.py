@@ -7,13 +7,19 @@ variant alike: the same wrk load (cache hits: one token, already verified) again
 - `addon, logging on`: with the addon writing every request and sample to the spool, and its
   shipper process delivering them to the embedded store.
 Reports requests/s per variant and the ratios to plain (SPEC §9: ≥ 0.95 on cache hits; logging
-on vs off ≥ 0.95). wrk from Debian's packages; a Python load generator when wrk is missing.
+on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux): on a machine
+that other work loads, the throughput of one round depends on what else ran meanwhile, and the
+CPU a request costs much less. `--concurrent` loads every variant at the same time instead of
+one after the other, so that they share whatever else the machine does: their CPU per request
+is then compared under the same conditions. wrk from Debian's packages; a Python load generator
+when wrk is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,19 @@ from typing import Any
 import httpx
 
 from scenarios.procs import free_port, mitmdump_path, process
+from tests.bench import load_note
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "proxy.json"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of process `pid` so far; None where /proc cannot say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> float:
@@ -72,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--concurrent", action="store_true",
+                        help="load every variant at once in each round (a loaded machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load = wrk if shutil.which("wrk") else python_load
+    load_before = os.getloadavg()[0]
     mitmdump = mitmdump_path()
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_s, ExitStack() as stack:
@@ -101,38 +121,71 @@ def main(argv: list[str] | None = None) -> int:
                                   "--set", f"wasm_spool={tmp / 'spool'}"],
         }
         ports: dict[str, int] = {}
+        pids: dict[str, int] = {}
         for name, extra in variants.items():
             port = free_port()
-            stack.enter_context(process([mitmdump, *common, "-p", str(port), *extra], port,
-                                        tmp / f"mitmdump-{len(ports)}.log", env, timeout=60))
-            ports[name] = port
+            proc = stack.enter_context(process(
+                [mitmdump, *common, "-p", str(port), *extra], port,
+                tmp / f"mitmdump-{len(ports)}.log", env, timeout=60))
+            ports[name], pids[name] = port, proc.pid
         headers = {"Host": "shop.example", "Authorization": f"Bearer {token}"}
         for port in ports.values():  # warm up: the first request verifies the token
             assert httpx.get(f"http://127.0.0.1:{port}/", headers=headers,
                              timeout=10).status_code == 200
             load(f"http://127.0.0.1:{port}/", headers, 1.0, args.connections)
         rates: dict[str, list[float]] = {name: [] for name in variants}
+        cpu_us: dict[str, list[float]] = {name: [] for name in variants}
+        def measure(name: str) -> tuple[float, float | None]:
+            """Load variant `name`: its requests/s and CPU µs per request."""
+            before = cpu_seconds(pids[name])
+            rate = load(f"http://127.0.0.1:{ports[name]}/", headers, args.seconds,
+                        args.connections)
+            after = cpu_seconds(pids[name])
+            if before is None or after is None or rate <= 0:
+                return rate, None
+            return rate, (after - before) / (rate * args.seconds) * 1e6
+
         for r in range(args.rounds):
-            for name, port in ports.items():
-                rate = load(f"http://127.0.0.1:{port}/", headers, args.seconds, args.connections)
+            if args.concurrent:
+                with ThreadPoolExecutor(len(ports)) as pool:
+                    got = dict(zip(ports, pool.map(measure, ports), strict=True))
+            else:
+                got = {name: measure(name) for name in ports}
+            for name, (rate, per_request) in got.items():
                 rates[name].append(rate)
-                print(f"round {r + 1}: {name:<20} {rate:8.0f} req/s", file=sys.stderr)
+                note = ""
+                if per_request is not None:
+                    cpu_us[name].append(per_request)
+                    note = f", {per_request:6.0f} µs CPU/request"
+                print(f"round {r + 1}: {name:<20} {rate:8.0f} req/s{note}", file=sys.stderr)
     median = {name: statistics.median(v) for name, v in rates.items()}
+    cpu = {name: statistics.median(v) for name, v in cpu_us.items() if v}
     results: dict[str, Any] = {
         "load_generator": load.__name__, "seconds": args.seconds, "rounds": args.rounds,
+        "concurrent": args.concurrent,
         "connections": args.connections, "rates": rates, "median": median,
         "ratio_addon_vs_plain": median["addon, logging off"] / median["plain"],
         "ratio_logging_on_vs_off": median["addon, logging on"] / median["addon, logging off"],
         "ratio_logging_on_vs_plain": median["addon, logging on"] / median["plain"],
+        "cpu_us_per_request": cpu_us, "cpu_us_median": cpu,
+        "load_before": load_before, "load_after": os.getloadavg()[0],
     }
+    if len(cpu) == len(variants):
+        results["cpu_ratio_addon_vs_plain"] = cpu["plain"] / cpu["addon, logging off"]
+        results["cpu_ratio_logging_on_vs_off"] = cpu["addon, logging off"] / cpu["addon, logging on"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"| variant ({load.__name__}, {args.connections} connections, cache hits) "
-          "| requests/s (median) | vs plain |\n|---|---|---|")
+          "| requests/s (median) | vs plain | CPU per request (median) | plain's / this |"
+          "\n|---|---|---|---|---|")
     for name, value in median.items():
-        print(f"| {name} | {value:,.0f} | {value / median['plain']:.2f} |")
+        c = cpu.get(name)
+        cpu_cells = (f"{c:,.0f} µs | {cpu['plain'] / c:.2f}" if c and "plain" in cpu
+                     else "? | ?")
+        print(f"| {name} | {value:,.0f} | {value / median['plain']:.2f} | {cpu_cells} |")
     print(f"\nlogging on vs off: {results['ratio_logging_on_vs_off']:.2f} (target ≥ 0.95); "
           f"addon vs plain: {results['ratio_addon_vs_plain']:.2f} (target ≥ 0.95)")
+    print(load_note(load_before, results["load_after"]))
     return 0
 
 
