@@ -17,6 +17,7 @@ its own bounds checks.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import itertools
@@ -216,7 +217,23 @@ def _native_ticker(eng: wasmtime.Engine) -> bool:
         libc.timer_delete(timer)
         return False
     _timer_ids.append(timer)
+    # The notification uses the engine from another thread: it must never be freed while the
+    # timer lives. The engine lives as long as the process (one reference never dropped), and
+    # the timer is deleted when the interpreter exits.
+    _keep_engines.append(eng)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(eng))
+    if len(_timer_ids) == 1:
+        atexit.register(_stop_native_ticker, libc.timer_delete)
     return True
+
+
+_keep_engines: list[wasmtime.Engine] = []
+
+
+def _stop_native_ticker(timer_delete: Any) -> None:
+    for timer in _timer_ids:
+        timer_delete(timer)
+    _timer_ids.clear()
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
