@@ -75,6 +75,7 @@ from addons.telemetry.store import (
     ensure_indexes,
     insert_new,
     insert_samples,
+    is_embedded,
     open_store,
     prune_sample_batches,
     read_sample_batches,
@@ -417,8 +418,11 @@ def whole_passes(fleet: Fleet, learned: PolicyState, store: str, database: str,
                          for p, n in zip(fleet.proxy_of, fleet.names.tolist(), strict=True)}
         return asyncio.run(run())
     finally:
-        for name in (SAMPLES, SAMPLE_BATCHES, DECISIONS, DECISION_BATCHES, PROXIES, LEASES):
-            db[name].drop()
+        if is_embedded(db):  # its file goes with the temporary directory
+            for name in (SAMPLES, SAMPLE_BATCHES, DECISIONS, DECISION_BATCHES, PROXIES, LEASES):
+                db[name].drop()
+        else:
+            db.client.drop_database(database)
         close_store(db)
 
 
