@@ -17,7 +17,6 @@ its own bounds checks.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
 import itertools
@@ -25,7 +24,6 @@ import logging
 import os
 import queue
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,40 +50,19 @@ HostImpl = Callable[..., int | None]
 
 # The hot entry points, without ctypes argtypes: ctypes then passes prepared c_void_p/c_size_t
 # objects straight through, which costs 0.55 µs per guest call instead of 1.5 µs (just bench).
-# Two bindings of each: through `CDLL`, which releases the GIL for the call, and through
-# `PyDLL`, which keeps it (0.2-0.3 µs less per guest call, more per host call made from it,
-# whose callback then finds the GIL already held). A guest call may keep the GIL only while
-# the epoch ticker needs none (`_start_ticker`): a Python ticker could not tick meanwhile, and
-# a looping guest would never be interrupted.
 _lib = ctypes.CDLL(_b.dll._name)  # type: ignore[attr-defined]
-_pylib = ctypes.PyDLL(_b.dll._name)  # type: ignore[attr-defined]
-
-
-def _entry(lib: ctypes.CDLL, name: str, restype: Any) -> Any:
-    func = getattr(lib, name)
-    func.argtypes = None
-    func.restype = restype
-    return func
-
-
+_func_call = _lib.wasmtime_func_call_unchecked
+_func_call.argtypes = None  # type: ignore[assignment]
+_func_call.restype = ctypes.c_void_p
 _memory_data = _b._wasmtime_memory_data
-# `_func_call` and the memory's size (read after every callback, for the memory cap, and
-# whenever a guest pointer lies past the size last seen: 0.3 µs, not 2 µs) are bound by
-# `_bind_calls`, to the GIL-keeping entry points once the native ticker runs.
-_func_call: Any = None
-_memory_size_bytes: Any = None
-_memory_pages: Any = None
-
-
-def _bind_calls(keep_gil: bool) -> None:
-    global _func_call, _memory_size_bytes, _memory_pages
-    lib = _pylib if keep_gil else _lib
-    _func_call = _entry(lib, "wasmtime_func_call_unchecked", ctypes.c_void_p)
-    _memory_size_bytes = _entry(lib, "wasmtime_memory_data_size", ctypes.c_size_t)
-    _memory_pages = _entry(lib, "wasmtime_memory_size", ctypes.c_uint64)
-
-
-_bind_calls(keep_gil=False)
+# The memory's size, read after every callback (the memory cap) and whenever a guest pointer
+# lies past the size last seen: the same bare entry points as `_func_call` (0.3 µs, not 2 µs).
+_memory_size_bytes = _lib.wasmtime_memory_data_size
+_memory_size_bytes.argtypes = None  # type: ignore[assignment]
+_memory_size_bytes.restype = ctypes.c_size_t
+_memory_pages = _lib.wasmtime_memory_size
+_memory_pages.argtypes = None  # type: ignore[assignment]
+_memory_pages.restype = ctypes.c_uint64
 _trap_new = _b._wasmtime_trap_new
 # Host callbacks receive plain addresses as size_t (ints, never None): no pointer objects
 # built per call, and the cheapest conversion ctypes has (0.3 µs a callback, 0.45 as c_void_p).
@@ -158,87 +135,12 @@ def engine() -> wasmtime.Engine:
         return _engine
 
 
-def _start_ticker(eng: wasmtime.Engine, *, native: bool = True) -> None:
-    """Tick the engine's epoch: natively if the C library can (`_native_ticker`), else from
-    a Python thread. Guest calls keep the GIL only with the native ticker."""
-    native = native and _native_ticker(eng)
-    _bind_calls(keep_gil=native)
-    if not native:
-        threading.Thread(target=_tick_epochs, args=(eng,), name="wasm-epoch",
-                         daemon=True).start()
-
-
-class _SigEvent(ctypes.Structure):
-    """glibc's `struct sigevent` on 64-bit Linux (64 bytes), for SIGEV_THREAD."""
-
-    _fields_ = (("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
-                ("function", ctypes.c_void_p), ("attributes", ctypes.c_void_p),
-                ("_pad", ctypes.c_int * 8))
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("sec", ctypes.c_long), ("nsec", ctypes.c_long))
-
-
-class _ITimerSpec(ctypes.Structure):
-    _fields_ = (("interval", _Timespec), ("value", _Timespec))
-
-
-_SIGEV_THREAD = 2
-_CLOCK_MONOTONIC = 1
-_timer_ids: list[ctypes.c_void_p] = []
-
-
-def _native_ticker(eng: wasmtime.Engine) -> bool:
-    """Tick the epoch with no Python at all: a POSIX timer whose SIGEV_THREAD notification
-    is `wasmtime_engine_increment_epoch(engine)` itself (its one pointer argument is passed
-    as the `union sigval` is). It needs no GIL, so a guest call may keep the GIL, and a
-    Python thread never wakes 100 times a second to tick. A late timer coalesces its
-    expirations into one notification, as the Python ticker does. Linux/glibc, 64-bit only;
-    False elsewhere (or if the timer cannot be made)."""
-    if (os.environ.get("WASM_RECLAIM_PYTHON_TICKER") or not sys.platform.startswith("linux")
-            or ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(_SigEvent) != 64):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        timer_create, timer_settime = libc.timer_create, libc.timer_settime
-    except (OSError, AttributeError):
-        return False
-    event = _SigEvent()
-    event.value = ctypes.cast(eng.ptr(), ctypes.c_void_p).value
-    event.notify = _SIGEV_THREAD
-    event.function = ctypes.cast(_lib.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
-    timer = ctypes.c_void_p()
-    if timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
-        logger.debug("timer_create failed (errno %d): ticking from Python", ctypes.get_errno())
-        return False
-    tick = _Timespec(0, int(EPOCH_TICK_S * 1e9))
-    if timer_settime(timer, 0, ctypes.byref(_ITimerSpec(tick, tick)), None) != 0:
-        libc.timer_delete(timer)
-        return False
-    _timer_ids.append(timer)
-    # The notification uses the engine from another thread: it must never be freed while the
-    # timer lives. The engine lives as long as the process (one reference never dropped), and
-    # the timer is deleted when the interpreter exits.
-    _keep_engines.append(eng)
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(eng))
-    if len(_timer_ids) == 1:
-        atexit.register(_stop_native_ticker, libc.timer_delete)
-    return True
-
-
-_keep_engines: list[wasmtime.Engine] = []
-
-
-def _stop_native_ticker(timer_delete: Any) -> None:
-    for timer in _timer_ids:
-        timer_delete(timer)
-    _timer_ids.clear()
+def _start_ticker(eng: wasmtime.Engine) -> None:
+    threading.Thread(target=_tick_epochs, args=(eng,), name="wasm-epoch", daemon=True).start()
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
-    """The Python ticker, where the native one cannot run: advance the engine's epoch by one
-    every EPOCH_TICK_S of real time, never in a burst.
+    """Advance the engine's epoch by one every EPOCH_TICK_S of real time, never in a burst.
 
     A late wake-up (the thread was not scheduled, or waited for the GIL) adds one tick, not
     the ticks it missed: an epoch is only a prompt to look at the guest's clock (see
@@ -401,13 +303,8 @@ def _after_fork_in_child() -> None:
     _engine_lock, _reaper_lock = threading.Lock(), threading.Lock()
     _reap_queue = queue.SimpleQueue()
     _reaper = None
-    # POSIX timers do not survive a fork either, and glibc does not restart the helper thread
-    # of SIGEV_THREAD timers in the child: a new one would never fire. The child ticks from
-    # Python, and its guest calls release the GIL for it.
-    native_before = bool(_timer_ids)
-    _timer_ids.clear()
     if _engine is not None:
-        _start_ticker(_engine, native=not native_before)
+        _start_ticker(_engine)
         _start_reaper()
 
 
