@@ -289,15 +289,6 @@ def is_logout(path: bytes, logout: str | bytes) -> bool:
     return bool(logout) and path.partition(b"?")[0] == logout
 
 
-def has_bearer(authorization: bytes | None) -> bool:
-    """Whether an Authorization value carries a bearer token: `token_hash` is not None for
-    it, without hashing (the hash is only needed for a record)."""
-    if not authorization:
-        return False
-    scheme, _, token = authorization.strip().partition(b" ")
-    return scheme.lower() == b"bearer" and bool(token.strip())
-
-
 def describe(word: str, instance: str, generation: int, pages: int, latency_ms: float,
              decision: Decision, note: str = "") -> str:
     """The flow comment mitmweb shows: `wasm: hit · instance shop · gen 0 · 17 pages · 0.4 ms`
@@ -1117,9 +1108,10 @@ class WasmAuth:
             stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision, stream if keep else None, streamed)
+        # The token is hashed only for a record; the verdict needs only to know there is one.
         hashed = token_hash(req.authorization) if self.metrics is not None else None
-        word = verdict(decision, hashed is not None if self.metrics is not None
-                       else has_bearer(req.authorization), logout=logout)
+        word = verdict(decision, records.bearer_token(req.authorization) is not None,
+                       logout=logout)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
         note = ""
         if word == "logout" and cached_before is not None:

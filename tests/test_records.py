@@ -73,6 +73,17 @@ def test_token_hash_joins_the_auth_servers_tokens() -> None:
     assert records.token_hash(b"Bearer abc") == hashlib.sha256(b"abc").hexdigest()
 
 
+@pytest.mark.parametrize(("authorization", "token"), [
+    (b"Bearer abc", b"abc"), (b"  bearer   abc  ", b"abc"), (b"Basic abc", None),
+    (b"Bearer", None), (b"Bearer   ", None), (b"", None), (None, None),
+    (b"Bearer \xff\xfe", b"\xff\xfe"),  # not UTF-8: still one token, hashed as bytes
+])
+def test_bearer_token_and_its_hash_agree(authorization: bytes | None, token: bytes | None) -> None:
+    assert records.bearer_token(authorization) == token
+    expected = None if token is None else hashlib.sha256(token).hexdigest()
+    assert records.token_hash(authorization) == expected
+
+
 @pytest.mark.parametrize(("decision", "has_token", "logout", "word"), [
     (Decision("continue", [], None, 0), True, False, "hit"),
     (Decision("continue", [], None, 1), True, False, "miss"),

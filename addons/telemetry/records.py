@@ -99,19 +99,23 @@ got (the local response's, or the upstream's when forwarded; the simulation's up
 whose clock is virtual) and the token's hash."""
 
 
+def bearer_token(authorization: bytes | None) -> bytes | None:
+    """The bearer token of an Authorization value, or None (no header, another scheme, empty)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
+
+
 def token_hash(authorization: bytes | None) -> str | None:
     """The SHA-256 (64 hex digits) of the bearer token of an Authorization value, or None.
 
     The same hash as the auth server's `tokens.hash`, so the two join; tokens are never stored
     or logged in clear.
     """
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(b" ")
-    token = token.strip()
-    if scheme.lower() != b"bearer" or not token:
-        return None
-    return hashlib.sha256(token).hexdigest()
+    token = bearer_token(authorization)
+    return None if token is None else hashlib.sha256(token).hexdigest()
 
 
 def verdict(decision: Decision, has_token: bool, *, logout: bool = False) -> str:
