@@ -428,13 +428,12 @@ class Slots:
 
     def updated(self, at: IntArray, **values: npt.ArrayLike) -> Slots:
         """With ``values`` written at slots ``at`` (new arrays; this value is unchanged)."""
-        new = object.__new__(Slots)  # a frozen copy without __init__'s cost (hot: every pass)
-        new.__dict__.update(self.__dict__)
+        changes: dict[str, Any] = {}
         for name, value in values.items():
             array = getattr(self, name).copy()
             array[at] = value
-            new.__dict__[name] = _ro(array)
-        return new
+            changes[name] = _ro(array)
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
