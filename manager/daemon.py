@@ -1198,10 +1198,9 @@ class Daemon:
             return DecisionOutcome(d, "already-applied",
                                    f"generation {d.generation} was restarted before")
         try:
-            # `mode=warm` asks for a warm restart; a cold policy leaves the proxy's
-            # wasm_restart_mode to decide.
-            mode = "warm" if self.params.restart_mode == "warm" else None
-            result = await client.restart(inst.id, d.reason, self.config.requested_by, mode)
+            # The decision's mode: a `mode=warm` policy says warm or cold per restart; a cold
+            # policy says nothing and leaves the proxy's wasm_restart_mode to decide.
+            result = await client.restart(inst.id, d.reason, self.config.requested_by, d.mode)
         except AdminError as e:
             if e.in_doubt:
                 self.applied[key] = False

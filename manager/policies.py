@@ -103,6 +103,9 @@ class Decision:
     ttl_s: float | None = None
     k: float | None = None
     live_bytes: float | None = None  #: ground truth, oracle only
+    #: how a restart is to run, ``cold`` or ``warm`` (:data:`RESTART_MODES`); None: as the proxy's
+    #: ``wasm_restart_mode`` says (a cold policy's restarts, and every keep)
+    mode: Literal["cold", "warm"] | None = None
     #: the truth (oracle only): what a fresh instance would allocate, and the rest; never in
     #: ``required_pages``/``surplus_pages``, which hold estimates (SPEC §10)
     true_required_pages: float | None = None
@@ -298,6 +301,10 @@ class AdaptiveParams(_Common):
     #: A call costs ``call_cost_page_s`` times the share of the budget spent once the restart
     #: is made, instead of ``call_cost_page_s`` (B5).
     budget_pricing: bool = True
+    #: ``mode=warm`` only: a restart runs cold instead when a cold one passes the rule with
+    #: this budget share and frees more than a warm one (the cache that nobody asks for
+    #: again); half of the 0.5 % by which auth calls still round to 1.00 × (B8).
+    cold_budget_share: float = 0.0025
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,6 +312,10 @@ class AdaptiveParams(_Common):
             "AdaptiveParams", call_cost_page_s=self.call_cost_page_s, horizon_s=self.horizon_s,
             min_free_pages=self.min_free_pages, budget_share=self.budget_share,
         )
+        if not (math.isfinite(self.cold_budget_share) and self.cold_budget_share >= 0):
+            raise ValueError(
+                f"AdaptiveParams.cold_budget_share must be ≥ 0, got {self.cold_budget_share!r}"
+            )
         if not (math.isfinite(self.min_uptime_ttls) and self.min_uptime_ttls >= 0):
             raise ValueError(
                 f"AdaptiveParams.min_uptime_ttls must be ≥ 0, got {self.min_uptime_ttls!r}"
@@ -594,6 +605,9 @@ class _Verdict:
     history: History
     #: Called with the rows chosen for a restart, returns the slots after those restarts.
     on_restart: Callable[[Slots, IntArray], Slots] | None = None
+    #: Per row, the mode a restart there runs in (None: ``warm`` for a warm policy, else the
+    #: proxy's default).
+    modes: npt.NDArray[np.str_] | None = None
 
 
 _Policy = Callable[[Any, Slots, History, _Rows, IntArray, IntArray], _Verdict]
@@ -702,7 +716,13 @@ def _round(
         for name, values in verdict.inputs.items()
     }
     reasons = verdict.explain(chosen)
+    warm_policy = params.restart_mode == "warm"
     for j, (i, restart) in enumerate(zip(chosen.tolist(), restarting.tolist(), strict=True)):
+        mode: Literal["cold", "warm"] | None = None
+        if restart and verdict.modes is not None:
+            mode = "cold" if verdict.modes[i] == "cold" else "warm"
+        elif restart and warm_policy:
+            mode = "warm"
         reason = reasons[j]
         if not restart and blocked[i] and verdict.restart[i]:
             reason = (
@@ -727,6 +747,7 @@ def _round(
                 requests=int(rows.requests[i]),
                 outbound=int(rows.outbound[i]),
                 page_bytes=page_bytes,
+                mode=mode,
                 **{name: values[j] for name, values in inputs.items()},
             )
         )
@@ -1322,6 +1343,26 @@ def _adaptive(
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
         refetch_scale=scale, params=params,
     )
+    modes = None
+    if params.restart_mode == "warm" and params.cold_budget_share > 0:
+        # A cold restart frees the cache nobody asks for again: where one passes the rule on
+        # a small budget of its own and frees more than a warm one, the restart runs cold (B8).
+        # Each row takes the figures of the mode it runs in.
+        cold = adaptive_rule(
+            uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
+            hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k,
+            ttl=ttl, horizon=horizon, spent=slots.spent[slot],
+            outbound_total=slots.outbound_done[slot] + rows.outbound, refetch_scale=scale,
+            params=dataclasses.replace(
+                params, restart_mode="cold", budget_share=params.cold_budget_share),
+        )
+        with np.errstate(invalid="ignore"):
+            free = cold.restart & (cold.freed > a.freed)
+        modes = np.where(free, "cold", "warm")
+        a = AdaptiveInputs(*(
+            np.where(free, getattr(cold, f.name), getattr(a, f.name))
+            for f in dataclasses.fields(AdaptiveInputs)
+        ))
     inputs = {
         "required_pages": a.required, "surplus_pages": a.surplus,
         "estimated_entries": a.entries, "ttl_s": ttl, "k": k,
@@ -1361,14 +1402,24 @@ def _adaptive(
             a.restart, rows.pages, a.surplus, a.entries, a.extra_calls, a.fresh, a.freed,
             horizon, a.benefit, a.cost, a.rising, a.budget_left, uptime, ttl, k, scale,
         )
-        return [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
+        reasons = [one(*v) for v in zip(*(c[chosen].tolist() for c in columns), strict=True)]
+        if modes is None:
+            return reasons
+        return [
+            f"{r}; cold: frees more than warm, within {params.cold_budget_share:.2%} of the "
+            "calls" if m == "cold" and not r.startswith("keep") else r
+            for r, m in zip(reasons, modes[chosen].tolist(), strict=True)
+        ]
 
     def on_restart(after: Slots, chosen: IntArray) -> Slots:
         at = slot[chosen]
         after = after.updated(
             at, spent=after.spent[at] + a.extra_calls[chosen], pre_pages=rows.pages[chosen]
         )
-        if params.restart_mode == "warm":  # no call to count (B2)
+        if modes is not None:  # only cold restarts have calls to count (B2)
+            chosen = chosen[modes[chosen] == "cold"]
+            at = slot[chosen]
+        elif params.restart_mode == "warm":
             return after
         return after.updated(
             at, check_c=a.extra_calls[chosen] / scale[chosen], check_spent=a.extra_calls[chosen],
@@ -1381,7 +1432,9 @@ def _adaptive(
     cut[seg_slot] = np.where(
         np.isnan(slots.relearn_at[seg_slot]), rows.time[last] - ttl[last] - window, -math.inf
     )
-    return _Verdict(a.restart, inputs, explain, slots, history.keep_from(cut), on_restart)
+    return _Verdict(
+        a.restart, inputs, explain, slots, history.keep_from(cut), on_restart, modes
+    )
 
 
 _POLICIES: Final[Mapping[type, _Policy]] = {
@@ -1477,6 +1530,7 @@ _OPTIONS: Final[dict[str, dict[str, _Option]]] = {
         "budget": ("budget_share", float, False),
         "backoff": ("backoff", float, False),
         "budget_price": ("budget_pricing", _parse_bool, False),
+        "cold_budget": ("cold_budget_share", float, False),
     },
 }
 # The first value may be given without its key: fixed:30m, threshold:64MiB.

@@ -43,7 +43,7 @@ from manager.policies import (
     initial_state,
     parse_policy,
 )
-from scenarios.simulate import SimConfig, SimResult, Simulation
+from scenarios.simulate import Restart, SimConfig, SimResult, Simulation
 from scenarios.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -161,11 +161,11 @@ class _Branch:
         self.state = initial_state(self.params)
         self.made: list[Decision] = []
 
-    def decide(self, new: Samples, now: float) -> list[str]:
-        """One manager pass; the instances to restart."""
+    def decide(self, new: Samples, now: float) -> list[Restart]:
+        """One manager pass; the instances to restart, each with its decision's mode."""
         decisions, self.state = decide(self.state, new, now, self.params)
         self.made.extend(decisions)
-        return [d.instance for d in decisions if d.action == "restart"]
+        return [(d.instance, d.mode) for d in decisions if d.action == "restart"]
 
     def run(self, result: SimResult, elapsed: float) -> PolicyRun:
         """This policy's run, from the simulation it ended in."""
@@ -190,7 +190,7 @@ class _Shared:
         self.children: list[tuple[str, int, int]] = []  # spec, pid, read end of its pipe
         self.write_fd: int | None = None  # in a forked child: where its run goes
 
-    def __call__(self, new: Samples, now: float) -> list[str]:
+    def __call__(self, new: Samples, now: float) -> list[Restart]:
         for branch in list(self.branches):
             restarts = branch.decide(new, now)
             if not restarts:

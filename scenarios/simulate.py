@@ -60,9 +60,12 @@ REQUEST_COLUMNS = [*records.REQUEST_FIELDS, "kind"]
 PROXY_ID = "simulation"
 """The simulated proxy's name: the `proxy` field of every document."""
 
-Controller = Callable[[Mapping[str, Any], float], Iterable[str]]
-"""Called with the newest samples (:func:`sample_columns`) and the time; returns instance ids to
-restart."""
+Restart = str | tuple[str, RestartMode | None]
+"""An instance id to restart in `SimConfig.restart_mode`, or (id, mode), mode `cold`, `warm` or
+None (the config's)."""
+Controller = Callable[[Mapping[str, Any], float], Iterable[Restart]]
+"""Called with the newest samples (:func:`sample_columns`) and the time; returns the restarts to
+make."""
 
 
 @dataclass(frozen=True)
@@ -269,9 +272,10 @@ class Simulation:
             if len(self.samples) > self.unseen:
                 new = sample_columns(self.samples[self.unseen:], self.config.controller_columns)
                 self.unseen = len(self.samples)
-                for instance_id in controller(new, now):
+                for restart in controller(new, now):
+                    instance_id, mode = (restart, None) if isinstance(restart, str) else restart
                     self.host.restart(instance_id, "policy", "simulation",
-                                      self.config.restart_mode)
+                                      mode or self.config.restart_mode)
 
     # ---- events ----
 

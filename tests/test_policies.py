@@ -955,3 +955,45 @@ def test_decide_reads_a_mapping_of_columns_as_it_reads_a_frame(spec: str) -> Non
     ])  # type: ignore[list-item]
     assert as_frames == as_columns
     assert all(len(d) == 1 for d in as_frames)  # a decision a pass, the same ones
+
+
+def _declining_after_a_stop(hits_per_step: int) -> pd.DataFrame:
+    """One generation: 10 new entries every 10 s until t = 300 s, then none; 4 pages at first,
+    6 from 20 s on. `hits_per_step` requests without an outbound call every 10 s after 300 s."""
+    rows = []
+    for t in range(10, 400, 10):
+        outbound = 10 * min(t, 300) // 10
+        requests = outbound + hits_per_step * max(t - 300, 0) // 10
+        pages = 4 if t == 10 else 6
+        rows.append(("a", 0, float(t), 0.0, pages, pages * 65536, requests, outbound))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@pytest.mark.parametrize(("hits_per_step", "mode"), [(0, "cold"), (50, "warm")])
+def test_warm_adaptive_runs_a_restart_cold_when_nobody_uses_the_cache(
+        hits_per_step: int, mode: str) -> None:
+    # As the traffic stops, a cold restart frees more than a warm one (the live entries too).
+    # With no hit it costs no call, within the small cold budget: it runs cold. With many hits
+    # the cache is worth keeping: the restart runs warm (B8).
+    params = AdaptiveParams(restart_mode="warm", call_cost_page_s=1.0, horizon_s=1000.0,
+                            cold_budget_share=0.01,
+                            estimator=EstimatorParams(ttl_cap_s=100, measure_s=1e6))
+    (decisions,), _ = run(params, [_declining_after_a_stop(hits_per_step)])
+    (restart,) = [d for d in decisions if d.action == "restart"]
+    assert restart.mode == mode and 300 < restart.time < 400
+    assert ("cold: frees more than warm" in restart.reason) is (mode == "cold")
+    # A cold policy says nothing about the mode: the proxy's wasm_restart_mode decides.
+    cold_decisions, _ = run(dataclasses.replace(params, restart_mode="cold"),
+                            [_declining_after_a_stop(hits_per_step)])
+    assert all(d.mode is None for d in cold_decisions[0])
+
+
+def test_warm_adaptive_without_a_cold_budget_always_runs_warm() -> None:
+    params = AdaptiveParams(restart_mode="warm", call_cost_page_s=1.0, horizon_s=1000.0,
+                            cold_budget_share=0.0,
+                            estimator=EstimatorParams(ttl_cap_s=100, measure_s=1e6))
+    (decisions,), _ = run(params, [_declining_after_a_stop(0)])
+    assert {d.mode for d in decisions if d.action == "restart"} == {"warm"}
+    assert parse_policy("adaptive:mode=warm,cold_budget=0").cold_budget_share == 0.0
+    with pytest.raises(ValueError, match="cold_budget_share must be ≥ 0"):
+        parse_policy("adaptive:mode=warm,cold_budget=-1")

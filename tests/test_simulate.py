@@ -149,3 +149,21 @@ def test_sample_frame_types_columns_as_pandas_does() -> None:
         # only some columns (what a manager pass reads), in the order asked
         wanted = ["live_bytes", "instance", "time", "state"]
         pd.testing.assert_frame_equal(sample_frame(some, wanted), expected[wanted])
+
+
+def test_a_controller_chooses_each_restarts_mode() -> None:
+    # A warm policy decides per restart: (id, mode) runs in that mode, a bare id in the config's.
+    trace = basic_trace(BasicParams(count=60))
+    calls = 0
+
+    def controller(samples: Mapping[str, Any], now: float) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        return {3: [("shop.example", "cold")], 6: [("shop.example", "warm")],
+                9: ["shop.example"]}.get(calls, [])
+
+    config = SimConfig(plugin_configuration='{"ttl_seconds": 1000}', decision_interval=10,
+                       restart_mode="warm")
+    result = simulate(trace, config, controller)
+    assert result.restarts["mode"].tolist() == ["cold", "warm", "warm"]
+    assert result.restarts["generation"].tolist() == [1, 2, 3]
