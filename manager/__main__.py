@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--backoff-max", type=_duration, default=_DAEMON.backoff_max_s, metavar="DURATION",
         help=f"while failing, retry after 1 s, 2 s, 4 s … up to this (default "
              f"{_dur(_DAEMON.backoff_max_s)})")
+    daemon.add_argument(
+        "--retention", type=_duration, default=_DAEMON.retention_s, metavar="DURATION",
+        help="keep this much of the manager's records (decision_batches and decisions; "
+             "samples' clock, like the addon's wasm_retention), pruning older ones every "
+             "tenth of it (at least every minute); with --lease only the active manager "
+             "prunes (default 0: keep all)")
     daemon.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v: every pass; -vv: also HTTP requests)")
     daemon.add_argument("-q", "--quiet", action="count", default=0,
@@ -383,6 +389,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
             interval_s=args.interval, dry_run=args.dry_run, overlap_s=args.overlap,
             backfill_s=args.backfill, forget_after_s=args.forget_after,
             timeout_s=args.timeout, backoff_max_s=args.backoff_max,
+            retention_s=args.retention,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -413,6 +420,7 @@ async def serve(config: DaemonConfig, *, once: bool) -> int:
     async with Daemon(config) as daemon:
         if once:
             report = await daemon.run_pass()
+            await daemon.flush(report)  # the records written behind the pass
             print(report.summary())
             if not report.ok:
                 logger.error("%s", report.failure)

@@ -2,17 +2,21 @@
 
 One *pass* (:meth:`Daemon.run_pass`)::
 
-    lease                     renew (or wait as a standby while another manager holds it)
-    proxies                   which proxies sent a heartbeat recently (the `proxies` collection)
+    lease, proxies            one hand-over to the store thread: renew the lease (or wait as
+                              a standby while another manager holds it), then read which
+                              proxies sent a heartbeat recently (the `proxies` collection)
     GET /instances            of every proxy: which instances it serves, at which generation
     samples since the cursor  time > (newest sample seen − overlap): the first pass from
                               `samples`, later ones from the `sample_batches` not read before
                               (`samples` again for a proxy whose batch numbers have a hole)
     decide(state, new, now)   manager.policies, exactly as the simulator calls it
     POST …/restart            for each restart decision whose generation is still current
-    insert decisions          every decision, with what was done about it: one
-                              `decision_batches` document for the pass (column by column),
-                              and one `decisions` document per restart decision
+    hand over                 the pass ends here; behind it, on the store thread, before any
+                              later store work: build and insert the decision records (every
+                              decision, with what was done about it: one `decision_batches`
+                              document for the pass, column by column, and one `decisions`
+                              document per restart decision), and, with a lease, delete the
+                              sample batches read (the active manager's inbox stays small)
 
 An instance is (proxy, instance) everywhere: in the policy state (keyed by
 ``instance_key(proxy, instance)``), the cursors, the restarts done and the decision records.
@@ -36,7 +40,11 @@ Guarantees:
   generation moved.
 - *State survives failures.* The policy state only advances after a successful read; decision
   records that cannot be written wait in memory (bounded: ``pending_limit`` decisions, the
-  oldest passes dropped first, logged) and go with the next pass.
+  oldest passes dropped first, logged) and go with the next pass's write. One write at a time:
+  records of a pass that ends while the last write is still under way wait for the next.
+- *Retention.* With ``retention_s``, the manager's records older than that before the newest
+  sample seen are deleted every tenth of it (at least every minute), on a thread and client of
+  their own, so that a long scan never holds up a pass.
 - *Clocks.* The rules run on the samples' clock (the proxy's host clock, maybe scaled by
   ``wasm_clock_speed``); ``now`` passed to ``decide()`` is the newest sample time seen, and
   ``decided_at`` in the records is wall time (A14).
@@ -90,12 +98,14 @@ from addons.telemetry.store import (
     Database,
     acquire_lease,
     close_store,
+    delete_sample_batches,
     ensure_indexes,
     insert_new,
     is_embedded,
     is_mongo_uri,
     live_proxies,
     open_store,
+    prune_manager_records,
     read_frame,
     read_sample_batches,
     redact,
@@ -226,6 +236,10 @@ class DaemonConfig:
     #: manager. None: no lease.
     lease_s: float | None = None
     lease_name: str = "manager"
+    #: Keep this many seconds (samples' clock) of the manager's records, `decision_batches`
+    #: and `decisions`, pruning older ones every tenth of it (at least every minute); 0: all.
+    #: With a lease, only the active manager prunes.
+    retention_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.admin_url is None and not self.endpoints and not self.proxies_from_store
@@ -240,6 +254,8 @@ class DaemonConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (math.isfinite(self.retention_s) and self.retention_s >= 0):
+            raise ValueError(f"retention_s must be 0 or more seconds, got {self.retention_s!r}")
         if not (math.isfinite(self.overlap_s) and self.overlap_s >= 0):
             raise ValueError(f"overlap_s must be ≥ 0, got {self.overlap_s!r}")
         if self.backfill_s is not None and not self.backfill_s > 0:
@@ -403,6 +419,21 @@ def batch_times(batches: list[dict[str, Any]]) -> dict[str, float]:
             for b in batches if "_id" in b}
 
 
+def chained(chains: Mapping[tuple[str, str], tuple[int, float]],
+            batches: list[dict[str, Any]]) -> list[str]:
+    """The `_id`s of ``batches`` that ``chains`` has passed: their (proxy, run) is known and
+    their seq is at most the last one read."""
+    out = []
+    for b in batches:
+        proxy, run, seq = b.get("proxy"), b.get("run"), b.get("seq")
+        if not (isinstance(proxy, str) and isinstance(run, str) and type(seq) is int):
+            continue
+        last = chains.get((proxy, run))
+        if last is not None and seq <= last[0] and "_id" in b:
+            out.append(str(b["_id"]))
+    return out
+
+
 def prune_chains(chains: Chains, after: float, keep_s: float = 3600.0) -> Chains:
     """``chains`` without the runs whose last batch is ``keep_s`` older than ``after`` (their
     shipper has long stopped; a late batch of one would show as a hole, read from `samples`)."""
@@ -534,6 +565,9 @@ class PassReport:
     no_heartbeat: int = 0
     #: admin endpoints that failed this pass (the others were used)
     unreachable: list[str] = field(default_factory=list)
+    #: seconds the store thread took behind the pass (deleting the sample batches read,
+    #: writing the decision records); None until that ends, or with nothing to do
+    behind_s: float | None = None
 
     def fail(self, component: str, message: str, *, unauthorized: bool = False) -> None:
         """Mark the pass failed (the first failure is the one reported)."""
@@ -583,14 +617,51 @@ class PassReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
 class PassRecords:
     """One pass's decision records, as they go to the store: every decision in
-    `decision_batches` documents, the restart decisions also as `decisions` documents."""
+    `decision_batches` documents, the restart decisions also as `decisions` documents.
 
-    batches: list[dict[str, Any]]
-    restarts: list[dict[str, Any]]
-    count: int  #: decisions
+    Made with ``build`` (:meth:`PassRecords.later`), the documents are built when first
+    asked for: on the store thread, behind the pass (their ids are fixed already)."""
+
+    __slots__ = ("_batches", "_build", "_restarts", "count")
+
+    def __init__(self, batches: list[dict[str, Any]], restarts: list[dict[str, Any]],
+                 count: int) -> None:
+        self._batches, self._restarts = batches, restarts
+        self._build: Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]] | None = (
+            None)
+        self.count = count  #: decisions
+
+    @classmethod
+    def later(cls, count: int, build: Callable[[], tuple[list[dict[str, Any]],
+                                                         list[dict[str, Any]]]]
+              ) -> PassRecords:
+        """Records of ``count`` decisions that ``build`` makes (batches, restarts) when asked."""
+        records = cls([], [], count)
+        records._build = build
+        return records
+
+    def _built(self) -> None:
+        if self._build is not None:
+            self._batches, self._restarts = self._build()
+            self._build = None
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """The `decision_batches` documents."""
+        self._built()
+        return self._batches
+
+    @property
+    def restarts(self) -> list[dict[str, Any]]:
+        """The `decisions` documents of the restart decisions."""
+        self._built()
+        return self._restarts
+
+    def __repr__(self) -> str:
+        state = "to build" if self._build is not None else f"{len(self._batches)} batch(es)"
+        return f"PassRecords({self.count} decision(s), {state})"
 
 
 class StoreError(Exception):
@@ -654,6 +725,23 @@ class Daemon:
         self._chains: dict[tuple[str, str], tuple[int, float]] | None = None
         #: the sample batches read, by `_id`, with their newest sample time (not asked again)
         self._batches_read: dict[str, float] = {}
+        #: the sample batches the last read accounted for, and those of passes that decided
+        #: on them, to delete behind the pass (with a lease: the active manager's inbox)
+        self._read_batches: list[str] = []
+        self._consumed: list[str] = []
+        #: the write behind the last pass (None before the first), the records it writes,
+        #: the failure it last logged, the seconds each write took
+        self._writing: asyncio.Task[None] | None = None
+        self._in_flight: list[PassRecords] = []
+        self._write_failure: str | None = None
+        self.behind_s: list[float] = []
+        #: retention: its own thread and client, so that a long scan never holds up a pass
+        self._pruner = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="manager-prune")
+        self._prune_db: Database | None = None
+        self._pruning: concurrent.futures.Future[int] | None = None
+        self._next_prune = -math.inf  # wall clock
+        self.pruned = 0  #: documents deleted by the retention
 
     # ---- lifecycle ----
 
@@ -673,6 +761,7 @@ class Daemon:
     async def aclose(self) -> None:
         """Close the admin clients and the store, giving the lease up (pending decision
         records are lost: flush first with :meth:`flush`)."""
+        await self.written()
         for client in self.admins.values():
             await client.aclose()
         if self._lease_until > -math.inf:
@@ -680,6 +769,8 @@ class Daemon:
                 await self._in_store(self._release_sync)
         await self._in_store(self._close_sync)
         self._executor.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._pruner, self._close_prune_sync)
+        self._pruner.shutdown(wait=True)
 
     async def __aenter__(self) -> Daemon:
         return self
@@ -749,8 +840,12 @@ class Daemon:
             logger.exception("the pass failed unexpectedly")
             report.fail("manager", f"the pass failed unexpectedly ({_describe(e)})")
         finally:
-            report.pending = sum(p.count for p in self._pending)
+            # Last: the store thread, busy behind the pass from here on, holds the GIL at
+            # times.
+            self._write_behind(report)
+            report.pending = self.pending_count()
             report.seconds = time.perf_counter() - t0
+        if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s", report.summary(limit=0).splitlines()[0])
         return report
 
@@ -758,20 +853,18 @@ class Daemon:
         wall = time.time()
         alive: set[str] | None = None
         try:
-            if self.config.lease_s is not None and not await self._in_store(
-                    self._lease_sync, wall):
-                report.standby = True
-                return
-            heartbeat = self.config.heartbeat_s is not None and self.config.admin_mode
-            if heartbeat or self.config.proxies_from_store:
-                registered = await self._in_store(self._proxies_sync, wall)
-                if heartbeat:
-                    alive = {str(d["_id"]) for d in registered}
-                if self.config.proxies_from_store:
-                    await self._sync_admins(registered)
+            active, registered = await self._in_store(self._begin_sync, wall)
         except StoreError as e:
             report.fail("store", str(e))
             return
+        if not active:
+            report.standby = True
+            return
+        if registered is not None:
+            if self._heartbeat:
+                alive = {str(d["_id"]) for d in registered}
+            if self.config.proxies_from_store:
+                await self._sync_admins(registered)
         listing: dict[str, Instance] | None = None
         if self.config.admin_mode:
             listing = await self._list(report)
@@ -794,10 +887,14 @@ class Daemon:
                 report.no_heartbeat = int((~live).sum())
                 raw = raw.loc[live]
         for d in self.decide_new(raw, report):
-            report.decisions.append(await self._act(d, listing, report))
+            report.decisions.append(DecisionOutcome(d, "keep") if d.action == "keep"
+                                    else await self._act(d, listing, report))
         if report.decisions:
-            self._pending.append(self.pass_records(report.decisions, wall, report.now))
-        await self.flush(report)
+            self._pending.append(self.pass_records(report.decisions, wall, report.now,
+                                                   later=True))
+        if self.config.lease_s is not None:  # only the active manager empties the inbox
+            self._consumed.extend(self._read_batches)
+        self._prune_behind(wall)
         self._forget_vanished(wall)
         self._prune_cursors(since)
 
@@ -858,7 +955,12 @@ class Daemon:
         sample batches stand; later reads take the batches delivered since (one document per
         proxy and delivery: what a server without usable indexes serves fast), and read
         `samples` only for a proxy whose batches have a hole (pruned before this pass, or a
-        failed write)."""
+        failed write).
+
+        Notes in ``_read_batches`` the `_id`s of the batches this read accounts for (their
+        samples were read, from them or from `samples`): the active manager deletes them
+        behind the pass."""
+        self._read_batches = []
         try:
             db = self._db_sync()
             if self._chains is None:
@@ -866,6 +968,7 @@ class Daemon:
                 chains, _, _ = inbox_news({}, heads)
                 frame = self._read_samples(db, after, None)
                 self._chains, self._batches_read = chains, batch_times(heads)
+                self._read_batches = chained(chains, heads)
                 return frame
             read = {i: t for i, t in self._batches_read.items() if t > after}
             batches = read_sample_batches(db, after, exclude=sorted(read))
@@ -879,6 +982,7 @@ class Daemon:
                 parts.append(self._read_samples(db, after, holes))
             self._chains = prune_chains(chains, after)
             self._batches_read = read | batch_times(batches)
+            self._read_batches = chained(chains, batches)
         except Exception as e:
             self._drop_db()
             raise StoreError(self._store_message("read samples from", e)) from e
@@ -936,6 +1040,61 @@ class Daemon:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     # ---- proxies, endpoints and the lease ----
+
+    @property
+    def _heartbeat(self) -> bool:
+        """Whether rows of proxies without a recent heartbeat are ignored."""
+        return self.config.heartbeat_s is not None and self.config.admin_mode
+
+    def _begin_sync(self, wall: float) -> tuple[bool, list[dict[str, Any]] | None]:
+        """(store thread) A pass's first store work, in one hand-over: take or renew the
+        lease (with one), then, if this manager is active, read the proxies with a recent
+        heartbeat (if they are needed: None otherwise). (active, proxies)."""
+        if self.config.lease_s is not None and not self._lease_sync(wall):
+            return False, None
+        if self._heartbeat or self.config.proxies_from_store:
+            return True, self._proxies_sync(wall)
+        return True, None
+
+    # ---- retention ----
+
+    def _prune_behind(self, wall: float) -> None:
+        """Every tenth of ``retention_s`` (at least a minute; wall clock), prune the manager's
+        records older than ``retention_s`` before the newest sample seen, on the retention's
+        own thread (a server that answers no query from an index scans the collections)."""
+        retention = self.config.retention_s
+        if (retention <= 0 or wall < self._next_prune or not math.isfinite(self.frontier)
+                or (self._pruning is not None and not self._pruning.done())):
+            return
+        self._next_prune = wall + max(60.0, retention / 10)
+        self._pruning = self._pruner.submit(self._prune_sync, self.frontier - retention)
+
+    def _prune_sync(self, cutoff: float) -> int:
+        """(retention thread) Delete the manager's records before ``cutoff``."""
+        try:
+            if self._prune_db is None:
+                self._prune_db = open_store(self.config.store, self.config.database,
+                                            timeout=self.config.timeout_s)
+            deleted = prune_manager_records(self._prune_db, cutoff)
+        except Exception as e:
+            if self._prune_db is not None:
+                with contextlib.suppress(Exception):
+                    close_store(self._prune_db)
+                self._prune_db = None
+            logger.warning("retention: %s; trying again in %g s",
+                           self._store_message("prune decisions in", e),
+                           max(60.0, self.config.retention_s / 10))
+            return 0
+        self.pruned += deleted
+        if deleted:
+            logger.info("retention: deleted %d decision document(s) from before %.3f (samples' "
+                        "clock)", deleted, cutoff)
+        return deleted
+
+    def _close_prune_sync(self) -> None:
+        if self._prune_db is not None:
+            close_store(self._prune_db)
+            self._prune_db = None
 
     def _lease_sync(self, wall: float) -> bool:
         """(store thread) Take or renew the lease; True if this manager is the active one."""
@@ -1228,9 +1387,26 @@ class Daemon:
     # ---- writing ----
 
     def pass_records(self, outcomes: list[DecisionOutcome], wall: float,
-                     now: float | None) -> PassRecords:
+                     now: float | None, *, later: bool = False) -> PassRecords:
         """The records of one pass's decisions: its `decision_batches` documents (every
-        decision) and the `decisions` documents of its restart decisions."""
+        decision) and the `decisions` documents of its restart decisions. Their ids are
+        taken now; with ``later``, the documents are built when first asked for (behind the
+        pass: the decisions and their outcomes are not changed after the pass)."""
+        first = self._seq + 1
+        self._seq += len(outcomes)
+        self._passes += 1
+        build = functools.partial(self._build_records, list(outcomes), wall, now, first,
+                                  self._passes)
+        if later:
+            return PassRecords.later(len(outcomes), build)
+        batches, restarts = build()
+        return PassRecords(batches, restarts, len(outcomes))
+
+    def _build_records(self, outcomes: list[DecisionOutcome], wall: float, now: float | None,
+                       first: int, seq: int
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(any thread) The documents of :meth:`pass_records`: decision ``first`` … and
+        pass ``seq`` of this manager."""
         decisions = [o.decision for o in outcomes]
         keys = [split_key(d.instance) for d in decisions]
         # One C call per decision, then a transpose: 4× faster than getattr per field.
@@ -1239,25 +1415,24 @@ class Daemon:
         fields = {name: list(column)
                   for name, column in zip(_DECISION_FIELDS, values, strict=True)}
         fields["instance"] = [instance for _, instance in keys]
-        first = self._seq + 1
-        self._seq += len(decisions)
         columns = records.decision_columns(
             [proxy for proxy, _ in keys], fields, fields["page_bytes"],
-            record_ids=[f"{self._id_prefix}{i}" for i in range(first, self._seq + 1)],
+            record_ids=[f"{self._id_prefix}{i}" for i in range(first, first + len(outcomes))],
             decided_at=wall, policy_spec=self.config.policy_spec or self.params.name,
             requested_by=self.config.requested_by, dry_run=self.config.dry_run,
             outcomes=[o.outcome for o in outcomes], details=[o.detail for o in outcomes],
             admin_results=[o.admin_result for o in outcomes])
-        self._passes += 1
         restarts = [i for i, action in enumerate(fields["action"]) if action == "restart"]
-        return PassRecords(
-            records.decision_batches(self._manager_id, self._passes, columns, now, wall),
-            records.rows(columns, restarts), len(decisions))
+        return (records.decision_batches(self._manager_id, seq, columns, now, wall),
+                records.rows(columns, restarts))
 
-    async def flush(self, report: PassReport | None = None) -> None:
-        """Write the pending decision records; on failure keep them (bounded) for later."""
-        if not self._pending:
-            return
+    def pending_count(self) -> int:
+        """Decisions whose records are not stored yet (waiting, or being written)."""
+        return sum(p.count for p in self._pending) + sum(p.count for p in self._in_flight)
+
+    def _take_pending(self) -> list[PassRecords]:
+        """The pending records, to write; beyond ``pending_limit`` decisions the oldest passes
+        are dropped first (logged)."""
         total = sum(p.count for p in self._pending)
         dropped = 0
         while total > self.config.pending_limit and len(self._pending) > 1:
@@ -1266,18 +1441,86 @@ class Daemon:
         if dropped:
             logger.warning("the store has been away too long: dropping the %d oldest decision "
                            "record(s) (keeping %d)", dropped, total)
-        batch = list(self._pending)
-        try:
-            await self._in_store(self._write_sync, batch)
-        except StoreError as e:
-            if report is not None:
-                report.fail("store", str(e))
-            else:
-                logger.error("%s; %d decision record(s) not written", e, total)
+        batch, self._pending = self._pending, []
+        return batch
+
+    def _write_behind(self, report: PassReport | None = None) -> None:
+        """Hand the pending decision records, and the sample batches the pass consumed, to the
+        store thread, behind the pass: the next pass's store work queues after it. One write
+        at a time: while one is under way, what is new waits for the next pass (or
+        :meth:`flush`). The write updates ``report`` (written, pending, behind_s) when it
+        ends; a failed write puts its records back, to go with the next one."""
+        if self._writing is not None and not self._writing.done():
             return
-        self._pending = self._pending[len(batch):]
+        batch = self._take_pending()
+        consumed, self._consumed = self._consumed, []
+        if not batch and not consumed:
+            return
+        loop = asyncio.get_running_loop()
+        # Submitted now, so that it runs before any later store work of this daemon.
+        job = loop.run_in_executor(self._executor, self._behind_sync, batch, consumed)
+        self._in_flight = batch
+        self._writing = loop.create_task(self._wrote(job, batch, report))
+
+    async def _wrote(self, job: asyncio.Future[float], batch: list[PassRecords],
+                     report: PassReport | None) -> None:
+        """The end of a write behind a pass: its records are stored, or back in the queue."""
+        total = sum(p.count for p in batch)
+        try:
+            seconds = await job
+        except Exception as e:
+            self._pending[:0] = batch  # the oldest first, as they were
+            self._in_flight = []
+            message = str(e) if isinstance(e, StoreError) else (
+                f"writing the decisions failed unexpectedly ({_describe(e)})")
+            if not isinstance(e, StoreError):
+                logger.error("%s", message, exc_info=e)
+            again = message == self._write_failure
+            self._write_failure = message
+            logger.log(logging.WARNING if again else logging.ERROR,
+                       "%s; %d decision record(s) wait for the next write", message,
+                       self.pending_count())
+            if report is not None:
+                report.fail("store", message)
+                report.pending = self.pending_count()
+            return
+        self._in_flight = []
+        if self._write_failure is not None:
+            logger.info("decision records written again")
+            self._write_failure = None
+        self.behind_s.append(seconds)
         if report is not None:
             report.written += total
+            report.pending = self.pending_count()
+            report.behind_s = seconds
+
+    async def written(self) -> None:
+        """Wait for the write behind the last pass, if one is under way."""
+        if self._writing is not None:
+            await self._writing
+
+    async def flush(self, report: PassReport | None = None) -> None:
+        """Write the pending decision records now (after the write under way, if any); on
+        failure keep them (bounded) for later."""
+        await self.written()
+        self._write_behind(report)
+        await self.written()
+
+    def _behind_sync(self, pending: list[PassRecords], consumed: list[str]) -> float:
+        """(store thread) Behind a pass: delete the sample batches it consumed (a failure
+        only leaves them to the shippers' pruning), write the decision records; the seconds
+        it took."""
+        t0 = time.perf_counter()
+        if consumed:
+            try:
+                delete_sample_batches(self._db_sync(), consumed)
+            except Exception as e:
+                self._drop_db()
+                logger.debug("deleting %d read sample batch(es) failed (%s); the shippers "
+                             "prune them", len(consumed), _describe(e))
+        if pending:
+            self._write_sync(pending)
+        return time.perf_counter() - t0
 
     def _write_sync(self, pending: list[PassRecords]) -> None:
         """(store thread) Insert the records not stored yet (idempotent: they have ``_id``):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -327,6 +328,10 @@ async def test_fixed_restarts_through_the_admin_endpoint(store: Store, proxy: Pr
         assert report.samples == 200 + 61 and report.listed == len(HOSTS)
         assert proxy.generation("a.example") == 1 and proxy.generation("b.example") == 0
 
+        # The records are written behind the pass, which ends first.
+        assert report.written == 0 and report.pending == 2
+        await daemon.written()
+        assert report.pending == 0 and report.behind_s is not None
         records = store.decisions()
         assert len(records) == 2 and report.written == 2
         # Every decision is in the pass's batch; the restart decision also in `decisions`.
@@ -355,6 +360,7 @@ async def test_fixed_restarts_through_the_admin_endpoint(store: Store, proxy: Pr
         report = await daemon.run_pass()
         assert outcomes(report) == {("a.example", 0): "stale"}
         assert proxy.generation("a.example") == 1
+        await daemon.written()
         assert len(store.decisions()) == 3
 
 
@@ -428,6 +434,7 @@ async def test_a_warm_policy_asks_for_warm_restarts(embedded: Store, proxy: Prox
     async with daemon_for(embedded, proxy, "fixed:30m,mode=warm") as daemon:
         report = await daemon.run_pass()
         assert outcomes(report)[("a.example", 0)] == "restarted"
+        await daemon.written()
         [record] = [r for r in embedded.decisions() if r["action"] == "restart"]
         assert (record["admin_result"]["mode"], record["admin_result"]["fallback"]) == (
             "warm", None)
@@ -563,6 +570,7 @@ async def test_decision_records_are_stored_once_when_written_again(store: Store)
     store.write(series("a.example", 0, range(0, 2000, 100)) + series("b.example", 0, range(0, 500, 100)))
     async with daemon_for(store, None, "fixed:30m", dry_run=True) as daemon:
         await daemon.run_pass()
+        await daemon.written()
         [batch] = list(store.db.decision_batches.find({}))
         [restart] = list(store.db.decisions.find({}))  # a.example's; b.example is kept
         assert restart["instance"] == "a.example" and restart["outcome"] == "dry-run"
@@ -641,6 +649,115 @@ async def test_later_passes_read_the_sample_batches(store: Store,
         assert report.samples == 3 and report.now == 140.0
         assert f"sample batches missing for {PROXY}" in caplog.text
         assert (await daemon.run_pass()).samples == 0
+
+
+@pytest.mark.parametrize("lease", [True, False], ids=["lease", "no-lease"])
+async def test_the_active_manager_empties_its_inbox(store: Store, lease: bool) -> None:
+    """With a lease, the batches a pass read are deleted behind it, so that the next pass's
+    read finds only new ones (a server answering from no index scans the inbox); without a
+    lease another manager may still read them, and only the shippers prune them."""
+    other = BatchWriter()  # a second proxy's shipper
+    store.write(series("a.example", 0, range(0, 30, 10)))
+    async with daemon_for(store, None, "none", dry_run=True,
+                          lease_s=15.0 if lease else None) as daemon:
+        assert (await daemon.run_pass()).samples == 3  # from `samples`; its batch is read too
+        await daemon.written()
+        assert store.db.sample_batches.count_documents({}) == (0 if lease else 1)
+        store.write(series("a.example", 0, [30.0]))
+        store.write(series("a.example", 0, [40.0]))
+        store.writer, mine = other, store.writer
+        store.write([dict(sample("b.example", 0, 45.0), proxy="other-proxy")])
+        store.writer = mine
+        report = await daemon.run_pass()
+        assert report.samples == 3 and report.ok
+        await daemon.written()
+        left = sorted((b["proxy"], b["seq"]) for b in store.db.sample_batches.find({}))
+        assert left == ([] if lease else [("other-proxy", 1), (PROXY, 1), (PROXY, 2),
+                                          (PROXY, 3)])
+        store.write(series("a.example", 0, [50.0]))
+        assert (await daemon.run_pass()).samples == 1  # no hole: nothing missed
+        await daemon.written()
+        assert store.db.sample_batches.count_documents({}) == (0 if lease else 5)
+        assert store.db.samples.count_documents({}) == 7  # the record itself stays
+
+
+async def test_the_decision_records_are_written_behind_the_pass(
+        mongo_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A pass ends before its records are stored; the next pass's store work waits for that
+    write. A write that fails (the database went away after the pass) keeps its records,
+    reports the failure on the pass's report and goes with the next write."""
+    real = Store(mongo_uri, f"test_daemon_{uuid.uuid4().hex[:10]}", "ferretdb")
+    host_port = mongo_uri.split("//")[1].split("/")[0].rsplit(":", 1)
+    try:
+        real.write(series("a.example", 0, range(0, 2000, 100)))
+        async with relay_to(int(host_port[1])) as relay:
+            relayed = Store(f"mongodb://127.0.0.1:{relay.port}/", real.database, "ferretdb")
+            close_store(relayed.db)
+            async with daemon_for(relayed, None, "fixed:30m", dry_run=True,
+                                  timeout_s=1.0) as daemon:
+                first = await daemon.run_pass()
+                assert first.ok and first.written == 0 and first.pending == 1
+                second = await daemon.run_pass()  # queued behind the first pass's write
+                assert second.ok and first.written == 1 and first.behind_s is not None
+                await daemon.written()
+                real.write(series("a.example", 0, [2000.0]))
+                third = await daemon.run_pass()
+                assert third.ok and third.decisions and third.pending == 1
+                await relay.stop()  # gone before the write behind the pass
+                with caplog.at_level(logging.WARNING, logger="manager"):
+                    await daemon.written()
+                assert not third.ok and third.component == "store"
+                assert third.failure is not None and "cannot write decisions" in third.failure
+                assert third.pending == 1 and daemon.pending_count() == 1
+                assert "1 decision record(s) wait for the next write" in caplog.text
+                await relay.start()
+                real.write(series("a.example", 0, [2100.0]))
+                fourth = await daemon.run_pass()
+                await daemon.written()
+                assert fourth.ok and fourth.written == 2 and daemon.pending_count() == 0
+        assert [d["time"] for d in real.decisions()] == [1800.0, 2000.0, 2100.0]
+    finally:
+        real.db.client.drop_database(real.database)
+        close_store(real.db)
+
+
+async def test_retention_prunes_the_managers_records(store: Store) -> None:
+    """`retention_s` keeps that much of `decision_batches` and `decisions` before the newest
+    sample seen (samples' clock), on either store, on the retention's own thread."""
+    store.write(series("a.example", 0, range(0, 2000, 100))  # restarted at 1800
+                + series("b.example", 0, [1500.0], started_at=1500.0))  # kept
+    deleted = []
+    async with daemon_for(store, None, "fixed:30m", dry_run=True, retention_s=600.0) as daemon:
+        for end in (2000, 2500, 3000):
+            store.write(series("b.example", 0, [float(end)], started_at=1500.0))
+            report = await daemon.run_pass()
+            assert report.ok and report.now == end
+            await daemon.written()
+            assert daemon._pruning is not None
+            deleted.append(daemon._pruning.result(timeout=30))
+            daemon._next_prune = -math.inf  # every pass here (a tenth of it: a minute)
+        # Cutoffs 1400, 1900 (the restart decision of 1800), 2400 (the batch of 2000's pass).
+        assert deleted == [0, 1, 1] and daemon.pruned == 2
+    assert sorted(b["time"] for b in store.db.decision_batches.find({})) == [2500.0, 3000.0]
+    assert store.restart_documents() == []
+    assert [(d["instance"], d["time"]) for d in store.decisions()] == [
+        ("b.example", 2500.0), ("b.example", 3000.0)]
+
+
+async def test_retention_waits_its_period_and_spares_a_standby(embedded: Store) -> None:
+    """Between prunes a tenth of the retention passes (at least a minute); a standby (another
+    manager holds the lease) prunes nothing."""
+    embedded.write(series("a.example", 0, range(0, 2000, 100)))
+    async with daemon_for(embedded, None, "fixed:30m", dry_run=True, retention_s=60.0,
+                          lease_s=15.0) as active, \
+            daemon_for(embedded, None, "fixed:30m", dry_run=True, retention_s=60.0,
+                       lease_s=15.0) as standby:
+        assert (await active.run_pass()).ok
+        first = active._pruning
+        embedded.write(series("a.example", 0, [2000.0]))
+        assert (await active.run_pass()).ok
+        assert active._pruning is first and first is not None  # not again within the minute
+        assert (await standby.run_pass()).standby and standby._pruning is None
 
 
 async def test_a_shipper_started_after_the_first_pass_is_read_from_its_first_batch(
@@ -807,6 +924,7 @@ async def test_a_database_outage_is_retried_and_nothing_is_lost(
                 report = await daemon.run_pass()
                 assert report.ok, report.failure
                 assert outcomes(report) == {("a.example", 0): "restarted"}
+                await daemon.written()
                 assert len(real.decisions()) == 1
 
                 # Away again: the new samples wait in the store, the state is kept.
@@ -816,6 +934,8 @@ async def test_a_database_outage_is_retried_and_nothing_is_lost(
                 await relay.start()
                 report = await daemon.run_pass()
                 assert report.ok and outcomes(report) == {("a.example", 1): "keep"}
+                await daemon.written()
+                assert report.written == 1
 
                 # Records that cannot be written wait (in memory), and go with the next write.
                 await relay.stop()
@@ -902,7 +1022,8 @@ def test_cli_usage_errors_are_one_line(argv: list[str]) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--interval", "soon"], ["--measure", "x"], ["--token", "a", "--token-file", "b"]])
+@pytest.mark.parametrize("argv", [["--interval", "soon"], ["--measure", "x"], ["--token", "a", "--token-file", "b"],
+                                  ["--retention=-1h"]])
 def test_cli_bad_values_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", *argv])
@@ -943,6 +1064,9 @@ def test_cli_store_and_token_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert config.store == ".wasm-reclaim/store" and config.token == "tok"
     assert config.admin_url == "http://127.0.0.1:9901" and config.params == AdaptiveParams()
     assert config.token_file == Path(".wasm-reclaim/admin-token")
+    assert config.retention_s == 0.0  # keep every decision, as wasm_retention keeps samples
+    assert build_config(build_parser().parse_args(
+        ["run", "--retention", "1.5d"])).retention_s == 1.5 * 86400
     monkeypatch.setenv("MONGODB_URI", "mongodb://db.example:27017/")
     config = build_config(build_parser().parse_args(["run", "--admin", "127.0.0.1:9999",
                                                      "--token", "t"]))

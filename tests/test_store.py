@@ -254,6 +254,30 @@ def test_delete_before(db: st.Database) -> None:
     assert st.delete_before(db, "never_written", 1.0) == 0
 
 
+def test_the_managers_records_are_pruned_by_time(db: st.Database) -> None:
+    """`prune_manager_records` deletes the decision batches and restart decisions before the
+    cutoff (samples' clock), and nothing else; `delete_sample_batches` deletes by `_id`."""
+    st.ensure_indexes(db)
+    columns = _decision_columns(["a", "b"], ["restart", "keep"])
+    for seq, now in enumerate((10.0, 20.0, 30.0), 1):
+        ids = {**columns, "_id": [f"m{seq}-0", f"m{seq}-1"], "time": [now, now]}
+        st.insert_new(db, st.DECISION_BATCHES, records.decision_batches("m", seq, ids, now, now))
+        st.insert_new(db, st.DECISIONS, records.rows(ids, [0]))
+    db.samples.insert_many([sample("a", 5.0) | {"_id": "s"}])
+    assert st.prune_manager_records(db, 20.0) == 2  # the batch of 10 and its restart
+    assert sorted(b["time"] for b in db.decision_batches.find({})) == [20.0, 30.0]
+    assert sorted(d["_id"] for d in db.decisions.find({})) == ["m2-0", "m3-0"]
+    assert db.samples.count_documents({}) == 1
+    assert st.prune_manager_records(db, 20.0) == 0
+    writer = st.BatchWriter()
+    st.insert_samples(db, [sample("a", 6.0, proxy="p1") | {"_id": "s6"}], writer, 1.0)
+    st.insert_samples(db, [sample("a", 7.0, proxy="p1") | {"_id": "s7"}], writer, 2.0)
+    first = f"{writer.run}-p1-1"
+    assert st.delete_sample_batches(db, [first, "never-written"]) == 1
+    assert [b["seq"] for b in st.read_sample_batches(db, -math.inf)] == [2]
+    assert st.delete_sample_batches(db, []) == 0
+
+
 def test_queries_mean_the_same_on_both_stores(db: st.Database) -> None:
     """The part of MongoDB's query language we use, on FerretDB and on the embedded store
     (which runs some conditions in SQL and the rest in Python): the same answers."""

@@ -65,8 +65,13 @@ COLLECTIONS: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS, USERS,
 BY_INSTANCE_TIME: Final = (REQUESTS, AUTH_CALLS, SAMPLES, RESTARTS, DECISIONS)
 # Collections of one document per key, replaced rather than inserted (`register`).
 REGISTRIES: Final = (PROXIES,)
-# Time series that retention prunes (restarts and decisions are few and stay).
+# Time series that the shippers' retention prunes (`wasm_retention`, embedded store).
 TIME_SERIES: Final = (SAMPLES, REQUESTS, AUTH_CALLS)
+# What the manager writes, by `time` on the samples' clock, which its own retention
+# (`python -m manager run --retention`) prunes, on either kind of store: every decision (a
+# document per pass) and the restart decisions. (`restarts`, the proxies' record of what was
+# done, and the registries stay.)
+MANAGER_RECORDS: Final = (DECISION_BATCHES, DECISIONS)
 # (collection, field) pairs with a unique index, used by the auth server.
 UNIQUE_KEYS: Final = ((USERS, "name"), (TOKENS, "hash"))
 
@@ -339,6 +344,15 @@ def prune_sample_batches(db: Database, proxies: Sequence[str] | None, cutoff: fl
     return int(db[SAMPLE_BATCHES].delete_many(query).deleted_count)
 
 
+def delete_sample_batches(db: Database, ids: Sequence[str]) -> int:
+    """Delete the sample batches whose `_id` is in `ids` (the active manager's, once it has
+    decided on them: the inbox then holds only what no pass has read, which a server that
+    answers no query from an index scans fast). Returns how many."""
+    if not ids:
+        return 0
+    return int(db[SAMPLE_BATCHES].delete_many({"_id": {"$in": list(ids)}}).deleted_count)
+
+
 def register(db: Database, collection: str, docs: list[dict[str, Any]],
              key: str = "proxy") -> int:
     """Replace, for each value of `key` among `docs`, the document of `collection` whose
@@ -467,3 +481,10 @@ def delete_before(db: Database, collection: str, cutoff: float) -> int:
     """Delete the documents of `collection` whose numeric `time` is below `cutoff`; returns
     how many (answered from the `time` index)."""
     return int(db[collection].delete_many({"time": {"$lt": cutoff}}).deleted_count)
+
+
+def prune_manager_records(db: Database, cutoff: float) -> int:
+    """Delete the manager's records (`MANAGER_RECORDS`) whose `time` (the samples' clock) is
+    below `cutoff`: the decision batches of the passes before it and their restart decisions.
+    Returns how many documents."""
+    return sum(delete_before(db, name, cutoff) for name in MANAGER_RECORDS)

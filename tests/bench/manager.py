@@ -17,8 +17,11 @@ the reader sees where the time goes:
     - writing the pass's decision records to each store: its `decision_batches` document and
       one `decisions` document per restart decision (``RESTART_SHARE`` of them: 1 %);
       for comparison, the 1,000 decisions as one document each (the layout before batches);
-    - the whole pass on each store: the sum of the medians of the batch read, the daemon's
-      work and the write; and without the write;
+    - the whole pass on each store, end to end as the daemon runs it (``Daemon.run_pass`` with
+      a lease, after a shipper's delivery: see ``whole_passes``), and what the store thread
+      does behind it (the decision records, the batches read deleted), which must end
+      within the interval; for comparison, the sum of the medians of the batch read, the
+      daemon's work and the write, and that without the write;
     - one shipper delivery into each store (1,000 samples and their batches).
 (b) the initial learning over a 15-min window of 1-s samples (900 × 1,000 samples):
     - ``decide()`` over the whole window in one pass, then the pass that ends every instance's
@@ -358,11 +361,16 @@ def whole_passes(fleet: Fleet, learned: PolicyState, store: str, database: str,
                  passes: int) -> dict[str, Any]:
     """(a) Whole passes, end to end, as ``python -m manager run --dry-run --lease 15s`` makes
     them (``Daemon.run_pass``: renew the lease, read the new sample batches, clean, decide()
-    (ratio, learned), build the decision records, write them), each after one shipper delivery
-    of one new sample per instance, with a minute of deliveries kept as the shippers keep
-    them; plus the read of the `proxies` collection (3 registered) that a manager with admin
-    endpoints makes every pass. The admin endpoints' GET /instances (HTTP) is not included.
-    A first pass, which takes the lease, is not timed."""
+    (ratio, learned), build the decision records and hand them to the store thread), each
+    after one shipper delivery of one new sample per instance, the shippers keeping a minute
+    of deliveries and the manager, which holds the lease, deleting the batches it read; plus
+    the read of the `proxies` collection (3 registered) that a manager with admin endpoints
+    makes every pass. The admin endpoints' GET /instances (HTTP) is not included. A first
+    pass, which takes the lease, is not timed.
+
+    What the store thread does behind each pass (write the decision records, delete the
+    batches read) is timed apart, and waited for before the next delivery: it must end
+    within the interval (5 s)."""
     config = DaemonConfig(store=store, database=database, params=parse_policy("ratio"),
                           admin_url=None, dry_run=True, lease_s=15.0)
     daemon = Daemon(config)
@@ -381,25 +389,38 @@ def whole_passes(fleet: Fleet, learned: PolicyState, store: str, database: str,
 
     async def run() -> dict[str, Any]:
         await daemon._in_store(daemon._db_sync)
-        pass_ms, proxies_ms, decisions = [], [], []
+        pass_ms, proxies_ms, behind_ms, done_ms, decisions, inbox = [], [], [], [], [], []
         for k in range(passes + 1):
             deliver(WINDOW + 1 + k)
+            inbox.append(db[SAMPLE_BATCHES].count_documents({}))
             t0 = time.perf_counter()
             await daemon._in_store(daemon._proxies_sync, time.time())
             proxies_ms.append((time.perf_counter() - t0) * 1000)
             report = await daemon.run_pass()
+            ended = time.perf_counter()
             assert report.ok and report.samples == fleet.n, (report.failure, report.samples)
-            assert report.written == fleet.n and report.pending == 0
+            assert report.pending == fleet.n  # handed to the store thread, behind the pass
+            # The write behind the pass (the decision records, the batches read deleted):
+            # it must end well within the interval, before the next pass.
+            await daemon.written()
+            waited = (time.perf_counter() - ended) * 1000
+            assert report.written == fleet.n and report.pending == 0, report.failure
+            assert report.behind_s is not None and report.behind_s < INTERVAL_S
             if k == 0:  # the first pass takes the lease, and FerretDB's first queries are slow
                 proxies_ms.pop()
+                inbox.pop()
                 continue
             pass_ms.append(report.seconds * 1000)
+            behind_ms.append(report.behind_s * 1000)
+            done_ms.append(waited)
             decisions.append(len(report.decisions))
         await daemon.aclose()
         return {"pass": stats(pass_ms), "proxies_read": stats(proxies_ms),
                 "pass_with_proxies": stats([a + b for a, b in zip(pass_ms, proxies_ms,
                                                                    strict=True)]),
-                "decisions_per_pass": decisions,
+                "behind": stats(behind_ms), "behind_done_after_pass": stats(done_ms),
+                "interval_s": INTERVAL_S, "decisions_per_pass": decisions,
+                "batches_before_pass": inbox,
                 "batches_in_collection": db[SAMPLE_BATCHES].count_documents({})}
 
     try:
@@ -412,6 +433,7 @@ def whole_passes(fleet: Fleet, learned: PolicyState, store: str, database: str,
         heads = read_sample_batches(db, -math.inf, columns=False)
         daemon._chains, _, _ = inbox_news({}, heads)
         daemon._batches_read = batch_times(heads)
+        daemon._consumed = [b["_id"] for b in heads]  # as a first pass (from `samples`) would
         daemon.state = keyed_state(fleet, learned)
         daemon.frontier = float(WINDOW)
         daemon.cursor = {instance_key(p, n): float(WINDOW)
@@ -466,9 +488,14 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             io["write_decision_documents"]["median_ms"])
         whole = io["whole_pass"]
         add(f"(a) {label}: the whole pass, end to end (Daemon.run_pass: lease, read the new "
-            f"batches, decide(), write; {whole['batches_in_collection']} batches kept) + the "
+            f"batches, decide(), hand the records to the store thread; "
+            f"{statistics.median(whole['batches_before_pass']):.0f} batches in the inbox) + the "
             "proxies read", whole["pass_with_proxies"]["median_ms"], True)
         add(f"(a) {label}: … of which the proxies read", whole["proxies_read"]["median_ms"])
+        add(f"(a) {label}: behind the pass, on the store thread: write the decision records, "
+            f"delete the batches read (ended {whole['behind_done_after_pass']['max_ms']:.0f} ms "
+            f"after the pass at most; the next comes {whole['interval_s']:g} s later)",
+            whole["behind"]["median_ms"])
         add(f"(a) {label}: the whole pass as the sum of its parts' medians (read the batches "
             "+ daemon + write)",
             io["read_new_batches"]["median_ms"] + steady["daemon_cpu"]["median_ms"]
