@@ -317,15 +317,20 @@ def clean_samples(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame
             return frame.reindex(columns=columns), 0
         return frame.iloc[0:0].reindex(columns=columns), len(frame)
     numeric = [c for c in columns if c not in ("instance", "live_bytes")]
-    values = {c: pd.to_numeric(frame[c], errors="coerce") for c in numeric}
-    if "live_bytes" in columns:
-        values["live_bytes"] = pd.to_numeric(frame["live_bytes"], errors="coerce")
+    # Columns that are numbers already stay as they are (a store read's usually are).
+    values = {c: frame[c] for c in [*numeric, *(["live_bytes"] if "live_bytes" in columns
+                                                 else [])]}
+    changed = {c: pd.to_numeric(v, errors="coerce") for c, v in values.items()
+               if v.dtype.kind not in "iuf"}
+    values.update(changed)
     matrix = np.column_stack([values[c].to_numpy(dtype=np.float64) for c in numeric])
     ok = np.isfinite(matrix).all(axis=1)
     ok &= np.asarray([isinstance(x, str) for x in frame["instance"]], dtype=np.bool_)
     with np.errstate(invalid="ignore"):
         ok &= np.mod(values["generation"].to_numpy(dtype=np.float64), 1.0) == 0
-    out = frame.loc[:, columns].assign(**values)
+    out = frame if list(frame.columns) == columns else frame.loc[:, columns]
+    if changed:
+        out = out.assign(**changed)
     if ok.all():
         return out, 0
     return out.loc[ok].reset_index(drop=True), int((~ok).sum())
@@ -365,11 +370,13 @@ def renewed_instances(state: PolicyState, frame: pd.DataFrame) -> list[str]:
     slots = state.slots
     if frame.empty or not slots.names:
         return []
-    slot = frame["instance"].map(slots.slot_of)
-    known = slot.notna().to_numpy()
+    get = slots.slot_of.get
+    slot = np.fromiter((get(k, -1) for k in frame["instance"].tolist()), dtype=np.int64,
+                       count=len(frame))
+    known = slot >= 0
     if not known.any():
         return []
-    s = slot.to_numpy()[known].astype(np.int64)
+    s = slot[known]
     gen = frame["generation"].to_numpy(dtype=np.float64)[known]
     start = frame["started_at"].to_numpy(dtype=np.float64)[known]
     with np.errstate(invalid="ignore"):
@@ -930,7 +937,9 @@ class Daemon:
             report.dropped = bad
             return frame
         if self.cursor:
-            seen = frame["instance"].map(self.cursor).to_numpy(dtype=np.float64)
+            get, nan = self.cursor.get, math.nan
+            seen = np.fromiter((get(k, nan) for k in frame["instance"].tolist()),
+                               dtype=np.float64, count=len(frame))
             with np.errstate(invalid="ignore"):
                 old = frame["time"].to_numpy(dtype=np.float64) <= seen
             if old.any():

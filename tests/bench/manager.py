@@ -80,6 +80,7 @@ from addons.telemetry.store import (
     insert_samples,
     is_embedded,
     open_store,
+    prune_manager_records,
     prune_sample_batches,
     read_sample_batches,
     register,
@@ -255,8 +256,9 @@ def stores(skip_ferretdb: bool) -> Iterator[list[tuple[str, str | None, str]]]:
 
 
 def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds: int,
-             records: Callable[[], PassRecords]) -> dict[str, Any]:
-    """Reads with the daemon's own code, and the decision write, on one store.
+             records: Callable[[], PassRecords], prune_passes: int) -> dict[str, Any]:
+    """Reads with the daemon's own code, the decision write and the retention's prune, on
+    one store.
 
     The store is filled as shippers fill it (`store.insert_samples`): each delivery stores one
     sample per instance and one sample batch per proxy. A pass every 5 s that finds one new
@@ -331,6 +333,8 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
             [timed(lambda s=s: insert_new(db, DECISIONS, s))[0]  # type: ignore[misc]
              for s in single])
         db[DECISIONS].drop()
+        db[DECISION_BATCHES].drop()
+        out["prune"] = prune(db, records(), prune_passes)
         # (b) the window: the first pass reads everything from `samples`.
         seconds = window_seconds
         out["window_fill_ms"] = fill(retention, seconds)
@@ -345,6 +349,31 @@ def store_io(fleet: Fleet, store: str, database: str, runs: int, window_seconds:
         db[SAMPLE_BATCHES].drop()
         close_store(db)
     return out
+
+
+def prune(db: Any, one: PassRecords, passes: int) -> dict[str, Any]:
+    """The retention's prune (``store.prune_manager_records``) over ``passes`` passes' records
+    (720: an hour of 5-s passes; ``one``'s documents again, one pass every 5 s on the samples'
+    clock), deleting the oldest tenth: what ``--retention`` does every tenth of it, on its own
+    thread."""
+    ensure_indexes(db)
+    for start in range(0, passes, 50):
+        batches, restarts = [], []
+        for k in range(start, min(passes, start + 50)):
+            batches += [dict(b, _id=f"prune-{k}-{b['part']}", time=5.0 * k) for b in one.batches]
+            restarts += [dict(d, _id=f"prune-{k}-{i}", time=5.0 * k)
+                         for i, d in enumerate(one.restarts)]
+        insert_new(db, DECISION_BATCHES, batches)
+        insert_new(db, DECISIONS, restarts)
+    cutoff = 5.0 * (passes // 10)
+    ms, deleted = timed(lambda: prune_manager_records(db, cutoff))
+    expected = (passes // 10) * (len(one.batches) + len(one.restarts))
+    assert deleted == expected, (deleted, expected)
+    held = db[DECISION_BATCHES].count_documents({}) + db[DECISIONS].count_documents({})
+    db[DECISION_BATCHES].drop()
+    db[DECISIONS].drop()
+    return {"passes": passes, "documents_before": held + deleted, "deleted": deleted,
+            "ms": ms}
 
 
 def keyed_state(fleet: Fleet, state: PolicyState) -> PolicyState:
@@ -486,6 +515,10 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "documents", io["write_decisions"]["median_ms"])
         add(f"(a) {label}: for comparison, {n:,} decisions as one document each",
             io["write_decision_documents"]["median_ms"])
+        p = io["prune"]
+        add(f"(a) {label}: retention, on its own thread: delete the oldest tenth of "
+            f"{p['passes']:,} passes' records ({p['deleted']:,} of {p['documents_before']:,} "
+            "decision_batches and decisions documents)", p["ms"])
         whole = io["whole_pass"]
         add(f"(a) {label}: the whole pass, end to end (Daemon.run_pass: lease, read the new "
             f"batches, decide(), hand the records to the store thread; "
@@ -532,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-seconds", type=int, default=60,
                         help="seconds of the window filled into and read from the stores "
                              f"(the rest is extrapolated; {WINDOW}: all of it)")
+    parser.add_argument("--prune-passes", type=int, default=720,
+                        help="passes of decision records held when the retention's prune is "
+                             "timed (default 720: an hour of 5-s passes)")
     parser.add_argument("--no-ferretdb", action="store_true", help="skip FerretDB")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
@@ -563,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"… {label}", file=sys.stderr)
             io[label] = store_io(fleet, store, database, args.runs,
-                                 min(max(args.window_seconds, 13), WINDOW), records)
+                                 min(max(args.window_seconds, 13), WINDOW), records,
+                                 args.prune_passes)
             io[label]["whole_pass"] = whole_passes(
                 fleet, learned, store, f"{database}_pass" if database != DATABASE
                 else "whole_pass", min(args.passes - 1, max(args.runs, 5)))
