@@ -920,8 +920,11 @@ class Daemon:
                              len(frame), e)
             # Only now: if decide() failed otherwise, the rows are read again next pass.
             self.frontier = frontier
-            latest = frame.groupby("instance", sort=False)["time"].max()
-            self.cursor.update(zip(latest.index.tolist(), latest.tolist(), strict=True))
+            # Each instance's newest time (the rows are all newer than its cursor).
+            cursor, inf = self.cursor, -math.inf
+            for name, t in zip(frame["instance"].tolist(), frame["time"].tolist(), strict=True):
+                if t > cursor.get(name, inf):
+                    cursor[name] = t
         report.now = self.frontier if math.isfinite(self.frontier) else None
         return decisions
 

@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.prune_passes)
             io[label]["whole_pass"] = whole_passes(
                 fleet, learned, store, f"{database}_pass" if database != DATABASE
-                else "whole_pass", min(args.passes - 1, max(args.runs, 5)))
+                else "whole_pass", min(args.passes - 1, max(args.runs, 10)))
     daemon._executor.shutdown()
 
     results = {
