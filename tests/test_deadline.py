@@ -9,8 +9,12 @@ The only assertions are "was it interrupted"; how fast is measured by `tests.ben
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import wasmtime
@@ -25,7 +29,7 @@ from addons.proxywasm import (
     Limits,
     VirtualClock,
 )
-from addons.proxywasm._wasmtime import engine
+from addons.proxywasm._wasmtime import TICKER_LIBRARY, engine
 from tests.bench import deadline as bench
 
 from .wat import module, trampolines
@@ -196,3 +200,51 @@ async def test_requests_failed_while_the_module_backs_off_are_recorded(tmp_path)
         await addon.done()
     recorded = [d for d in docs if "decision" in d]
     assert len(recorded) == 8 and {d["decision"] for d in recorded} == {"error"}
+
+
+# Run in a fresh process (the ticker starts with the engine): which ticker runs, whether guest
+# calls keep the GIL, and that a looping filter is interrupted, also in a forked child.
+TICKER_CHECK = """
+import os, threading, wasmtime
+from addons.proxywasm import FilterModule, Limits, _wasmtime
+from tests.bench.host import HEADERS, make_host
+from tests.wat import module
+LOOP = module('(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)'
+              ' (loop $l (br $l)) (i32.const 0))')
+compiled = FilterModule(bytes(wasmtime.wat2wasm(LOOP)))  # compiled before forking
+def interrupted():
+    host, _ = make_host(compiled, limits=Limits(deadline_ms=100))
+    decision = host.instance("loop").stream().request_headers(HEADERS)
+    host.close()
+    return decision is not None and "interrupted" in (decision.error or "")
+def state():
+    return f"{_wasmtime.keeps_gil} {any(t.name == 'wasm-epoch' for t in threading.enumerate())}"
+print(state(), interrupted(), flush=True)
+pid = os.fork()
+if pid == 0:
+    print(state(), interrupted(), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def _ticker_check(**env: str) -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", TICKER_CHECK], capture_output=True, text=True,
+                          timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root), **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split("\n")[:2]
+
+
+def test_the_native_ticker_ticks_without_the_gil_and_interrupts_a_looping_filter() -> None:
+    if not TICKER_LIBRARY.exists():
+        pytest.fail(f"{TICKER_LIBRARY} is not built: bash .ci/setup builds it with gcc")
+    # No Python ticker thread; guest calls keep the GIL, in the parent and in a forked child.
+    assert _ticker_check() == ["True False True", "True False True"]
+
+
+def test_without_the_native_ticker_a_python_thread_ticks_and_guest_calls_release_the_gil(
+) -> None:
+    assert _ticker_check(WASM_RECLAIM_PYTHON_TICKER="1") == ["False True True",
+                                                             "False True True"]

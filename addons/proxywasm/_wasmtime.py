@@ -8,7 +8,9 @@ the lower-level entry points instead (about 2 µs per call, see `just bench`):
 - host functions are defined with `wasmtime_linker_define_func_unchecked`, so a host call
   receives the raw argument array and writes its result in place;
 - the engine is configured with `memory_may_move=False`, so a memory's base address is fixed
-  for the life of its store and can be cached; only its size changes (it only grows).
+  for the life of its store and can be cached; only its size changes (it only grows);
+- the epoch that interrupts a looping guest ticks from a native thread (`ticker.c`, built by
+  .ci/setup), so guest calls keep the GIL; where it is not built, from a Python thread.
 
 Everything unsafe lives here; `vm.py` uses these helpers and never touches ctypes: it reads
 and writes linear memory through a view of its current size (`RawInstance.memory_view`), after
@@ -17,6 +19,7 @@ its own bounds checks.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import itertools
@@ -27,6 +30,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import wasmtime
@@ -50,19 +54,43 @@ HostImpl = Callable[..., int | None]
 
 # The hot entry points, without ctypes argtypes: ctypes then passes prepared c_void_p/c_size_t
 # objects straight through, which costs 0.55 µs per guest call instead of 1.5 µs (just bench).
+# Two bindings of each: through `CDLL`, which releases the GIL for the call, and through
+# `PyDLL`, which keeps it (no GIL hand-over per guest call, and the callbacks of the host calls
+# made from it find the GIL already held). A guest call may keep the GIL only while the epoch
+# ticker needs none (the native one, `_start_ticker`): a Python ticker could not tick
+# meanwhile, and a looping guest would never be interrupted.
 _lib = ctypes.CDLL(_b.dll._name)  # type: ignore[attr-defined]
-_func_call = _lib.wasmtime_func_call_unchecked
-_func_call.argtypes = None  # type: ignore[assignment]
-_func_call.restype = ctypes.c_void_p
+_pylib = ctypes.PyDLL(_b.dll._name)  # type: ignore[attr-defined]
+
+
+def _entry(lib: ctypes.CDLL, name: str, restype: Any) -> Any:
+    func = getattr(lib, name)
+    func.argtypes = None
+    func.restype = restype
+    return func
+
+
 _memory_data = _b._wasmtime_memory_data
-# The memory's size, read after every callback (the memory cap) and whenever a guest pointer
-# lies past the size last seen: the same bare entry points as `_func_call` (0.3 µs, not 2 µs).
-_memory_size_bytes = _lib.wasmtime_memory_data_size
-_memory_size_bytes.argtypes = None  # type: ignore[assignment]
-_memory_size_bytes.restype = ctypes.c_size_t
-_memory_pages = _lib.wasmtime_memory_size
-_memory_pages.argtypes = None  # type: ignore[assignment]
-_memory_pages.restype = ctypes.c_uint64
+# `_func_call` and the memory's size (read after every callback, for the memory cap, and
+# whenever a guest pointer lies past the size last seen: 0.3 µs, not 2 µs) are bound by
+# `_bind_calls`: to the GIL-keeping entry points while the native ticker runs.
+_func_call: Any = None
+_memory_size_bytes: Any = None
+_memory_pages: Any = None
+keeps_gil = False
+"""Whether guest calls keep the GIL (the native ticker runs)."""
+
+
+def _bind_calls(keep_gil: bool) -> None:
+    global _func_call, _memory_size_bytes, _memory_pages, keeps_gil
+    lib = _pylib if keep_gil else _lib
+    _func_call = _entry(lib, "wasmtime_func_call_unchecked", ctypes.c_void_p)
+    _memory_size_bytes = _entry(lib, "wasmtime_memory_data_size", ctypes.c_size_t)
+    _memory_pages = _entry(lib, "wasmtime_memory_size", ctypes.c_uint64)
+    keeps_gil = keep_gil
+
+
+_bind_calls(keep_gil=False)
 _trap_new = _b._wasmtime_trap_new
 # Host callbacks receive plain addresses as size_t (ints, never None): no pointer objects
 # built per call, and the cheapest conversion ctypes has (0.3 µs a callback, 0.45 as c_void_p).
@@ -135,12 +163,73 @@ def engine() -> wasmtime.Engine:
         return _engine
 
 
+TICKER_LIBRARY = Path(__file__).with_name("_ticker.so")
+"""The native epoch ticker (`ticker.c`), built by .ci/setup; without it, a Python thread ticks."""
+_ticker_lib: Any = None
+_ticker_said_missing: list[bool] = []
+_ticker: int | None = None
+"""The native ticker's handle (`wr_ticker *`) while it runs."""
+
+
+def _stop_ticker() -> None:
+    """Stop the native ticker (at exit: before the interpreter tears down, which may free the
+    engine it ticks)."""
+    global _ticker
+    ticker, _ticker = _ticker, None
+    if ticker is not None:
+        _ticker_lib.wr_ticker_stop(ticker)
+
+
+atexit.register(_stop_ticker)
+
+
 def _start_ticker(eng: wasmtime.Engine) -> None:
-    threading.Thread(target=_tick_epochs, args=(eng,), name="wasm-epoch", daemon=True).start()
+    """Tick the engine's epoch: from the native thread of `ticker.c` if it is built, else from
+    a Python thread. Guest calls keep the GIL only with the native ticker."""
+    native = _native_ticker(eng)
+    _bind_calls(keep_gil=native)
+    if not native:
+        threading.Thread(target=_tick_epochs, args=(eng,), name="wasm-epoch",
+                         daemon=True).start()
+
+
+def _native_ticker(eng: wasmtime.Engine) -> bool:
+    """Start the native ticker; False if it is not built (said once, in one line), cannot be
+    loaded or started, or WASM_RECLAIM_PYTHON_TICKER is set."""
+    global _ticker, _ticker_lib
+    if os.environ.get("WASM_RECLAIM_PYTHON_TICKER"):
+        return False
+    if not TICKER_LIBRARY.exists():
+        if _ticker_said_missing:
+            return False
+        _ticker_said_missing.append(True)
+        logger.info("wasm: %s is not built (bash .ci/setup builds it): the epoch ticks from a "
+                    "Python thread", TICKER_LIBRARY.name)
+        return False
+    try:
+        lib = ctypes.CDLL(str(TICKER_LIBRARY))
+    except OSError as e:
+        logger.warning("wasm: cannot load %s (%s): the epoch ticks from a Python thread",
+                       TICKER_LIBRARY, e)
+        return False
+    lib.wr_ticker_start.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long)
+    lib.wr_ticker_start.restype = ctypes.c_void_p
+    lib.wr_ticker_stop.argtypes = (ctypes.c_void_p,)
+    lib.wr_ticker_stop.restype = ctypes.c_int
+    increment = ctypes.cast(_lib.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
+    ticker = lib.wr_ticker_start(increment, ctypes.cast(eng.ptr(), ctypes.c_void_p).value,
+                                 int(EPOCH_TICK_S * 1e9))
+    if not ticker:
+        logger.warning("wasm: the native epoch ticker did not start: the epoch ticks from a "
+                       "Python thread")
+        return False
+    _ticker_lib, _ticker = lib, ticker
+    return True
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
-    """Advance the engine's epoch by one every EPOCH_TICK_S of real time, never in a burst.
+    """The Python ticker, where the native one is not built: advance the engine's epoch by
+    one every EPOCH_TICK_S of real time, never in a burst.
 
     A late wake-up (the thread was not scheduled, or waited for the GIL) adds one tick, not
     the ticks it missed: an epoch is only a prompt to look at the guest's clock (see
@@ -299,10 +388,11 @@ def drain_reaper(timeout_s: float = 5.0) -> None:
 def _after_fork_in_child() -> None:
     """Threads do not survive a fork: a child that goes on running guest code (the standard
     experiment set forks simulations) gets its own epoch ticker and reaper."""
-    global _engine_lock, _reap_queue, _reaper_lock, _reaper
+    global _engine_lock, _reap_queue, _reaper_lock, _reaper, _ticker
     _engine_lock, _reaper_lock = threading.Lock(), threading.Lock()
     _reap_queue = queue.SimpleQueue()
     _reaper = None
+    _ticker = None  # the native ticker's thread is gone too: never join it, start anew
     if _engine is not None:
         _start_ticker(_engine)
         _start_reaper()
