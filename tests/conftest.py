@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,18 @@ from .servers import ferretdb
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER_WASM = ROOT / "filters" / "auth_cache.wasm"
+
+
+@pytest.fixture(autouse=True)
+def _log_filters_stay_with_their_test() -> Iterator[None]:
+    """The log filters an addon installs when it runs (`addons.logsafe.install`: a rate limit
+    per kind of line) are process-wide: without this, a test's lines could be held back
+    because an earlier test logged the same kind."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    saved = [(lg, list(lg.filters)) for lg in loggers]
+    yield
+    for lg, filters in saved:
+        lg.filters[:] = filters
 
 
 class Harness:
