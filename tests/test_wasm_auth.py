@@ -496,3 +496,45 @@ async def test_headers_the_filter_adds_are_forwarded(tmp_path) -> None:
         assert f.request.headers["x-filtered"] == "yes"
         assert f.request.headers["Authorization"] == "Bearer whatever"
         await addon.done()
+
+
+# ---- the script's module as mitmproxy dispatches to it ---------------------------------------
+
+
+def test_the_script_module_binds_every_hook_it_lacks_to_none() -> None:
+    """mitmproxy looks each event's hook up on the script's module first: none of them may be
+    a missing name (a formatted AttributeError per event), and the hooks stay WasmAuth's."""
+    from mitmproxy import hooks
+    from mitmproxy.addons.script import load_script
+
+    script = load_script(wasm_auth.__file__)
+    assert script is not None
+    names = set(hooks.all_hooks) - {"add_log"}
+    assert "request" in names and "update" in names and "client_connected" in names
+    assert {n: vars(script)[n] for n in names if n in vars(script)} == dict.fromkeys(names)
+    assert "add_log" not in vars(script)  # mitmproxy warns about a script that has one
+    [addon] = script.addons
+    assert type(addon).__name__ == "WasmAuth" and callable(addon.request)
+    # The package's module (imported, not run as a script) is left as it is.
+    assert not hasattr(wasm_auth, "update") and wasm_auth.hook_stubs({"request"})["update"] is None
+
+
+async def test_mitmproxy_dispatches_the_events_to_the_script_s_addon() -> None:
+    """Through mitmproxy's own AddonManager: the None stubs are skipped, WasmAuth's hooks run."""
+    from mitmproxy.addons.script import ScriptLoader
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+
+    loader = ScriptLoader()
+    with taddons.context(loader) as tctx:
+        tctx.configure(loader, scripts=[wasm_auth.__file__])
+        [script] = loader.addons
+        script.reloadtask.cancel()  # mitmproxy loads it from this watcher task: load it now
+        script.loadscript()
+        addon = script.ns.addons[0]
+        tctx.configure(addon, wasm_cluster=["auth=http://127.0.0.1:9"], wasm_log_metrics=False,
+                       wasm_admin_listen="")
+        f = tflow.tflow()
+        f.request.headers["host"] = "shop.example"
+        await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+        assert f.response is not None and f.response.status_code == 401  # no token
+        assert f.comment.startswith("wasm: deny")

@@ -1,0 +1,188 @@
+"""The addon's cost per cache-hit flow inside mitmproxy, without the network (`just bench`).
+
+`python -m tests.bench.proxy` measures what a client sees, but on a 2-core machine that the
+load generator, the upstream and other work share, its rounds vary by ±10 %: more than the
+addon's whole cost. This benchmark takes the network out. Each variant runs in its own process:
+a real mitmproxy `DumpMaster` (mitmdump's addons, `-q`, no proxy server), `plain` or with
+`-s addons/wasm_auth.py` (`wasm_log_metrics=false`, or logging to a spool); flows go through
+mitmproxy's own hook dispatch (`AddonManager.handle_lifecycle`: `requestheaders`, `request`,
+`responseheaders`, `response`, each followed by `update`), as the proxy server hands them over.
+Every flow is a cache hit (the token was verified once against the real auth server). The CPU
+time per flow of each variant is reported, and the addon's extra cost (its median minus
+plain's). Variants alternate over rounds so that drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scenarios.procs import free_port, process
+from tests.bench import load_note
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "bench" / "dispatch.json"
+VARIANTS = {"plain": "plain", "off": "addon, logging off", "on": "addon, logging on"}
+
+
+def flow(token: str, body: bytes) -> Any:
+    """A reverse-proxied GET with its upstream's 200 answer ready to attach."""
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    request = http.Request.make("GET", "http://shop.example/", b"", {
+        "host": "shop.example", "authorization": f"Bearer {token}",
+        "user-agent": "bench", "accept": "*/*"})
+    f = tflow.tflow(req=request)
+    response = http.Response.make(200, body, {"content-type": "text/html",
+                                              "server": "nginx"})
+    return f, response
+
+
+async def child(variant: str, auth_url: str, token: str, flows: int, repeats: int,
+                tmp: Path) -> dict[str, Any]:
+    """Run in the variant's process: CPU µs per flow, `repeats` times."""
+    from mitmproxy import options
+    from mitmproxy.proxy.layers.http import (
+        HttpRequestHeadersHook,
+        HttpRequestHook,
+        HttpResponseHeadersHook,
+        HttpResponseHook,
+    )
+    from mitmproxy.tools.dump import DumpMaster
+
+    opts = options.Options()
+    master = DumpMaster(opts, loop=asyncio.get_running_loop())
+    opts.update(server=False, mode=["reverse:http://127.0.0.1:8000"], keep_host_header=True,
+                flow_detail=0, termlog_verbosity="error")
+    if variant != "plain":
+        settings = {"wasm_cluster": [f"auth={auth_url}"], "wasm_admin_listen": ""}
+        if variant == "off":
+            settings["wasm_log_metrics"] = False
+        else:
+            settings |= {"wasm_store": str(tmp / "store"), "wasm_spool": str(tmp / "spool")}
+        opts.update(scripts=[str(ROOT / "addons" / "wasm_auth.py")])
+        for _ in range(200):  # the script loads from its watcher task
+            await asyncio.sleep(0.01)
+            if "wasm_cluster" in opts:
+                break
+        opts.update(**settings)
+    from mitmproxy import hooks
+
+    await master.addons.trigger_event(hooks.RunningHook())
+    body = b"x" * 1024
+    lifecycle = master.addons.handle_lifecycle
+
+    last: list[Any] = []
+
+    async def one() -> int:
+        f, response = flow(token, body)
+        last[:] = [f]
+        await lifecycle(HttpRequestHeadersHook(f))
+        await lifecycle(HttpRequestHook(f))
+        status = f.response.status_code if f.response is not None else 0
+        if f.response is None:
+            f.response = response
+        await lifecycle(HttpResponseHeadersHook(f))
+        await lifecycle(HttpResponseHook(f))
+        return status
+
+    first = await one()  # verifies the token (a miss) for the addon
+    for _ in range(200):
+        assert await one() == 0, "every flow must be forwarded (a cache hit)"
+    results = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        for _ in range(flows):
+            await one()
+        results.append((time.process_time() - c0) / flows * 1e6)
+        await asyncio.sleep(0.05)  # let the addon's own loops run between repeats, as live
+    await master.addons.trigger_event(hooks.DoneHook())
+    return {"cpu_us": results, "first_status": first, "comment": last[0].comment}
+
+
+def run_variant(variant: str, auth_url: str, token: str, flows: int, repeats: int) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.bench.dispatch", "--child", variant, "--auth", auth_url,
+             "--token", token, "--flows", str(flows), "--repeats", str(repeats), "--tmp", tmp],
+            capture_output=True, text=True, check=False, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant}: {out.stderr.strip()[-2000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{variant}: first status {got['first_status']}, last flow: {got['comment']!r}",
+          file=sys.stderr)
+    return list(got["cpu_us"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flows", type=int, default=2000, help="per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="per round and variant")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="plain (no addon), off (addon, logging off), on (logging on)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--auth", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        got = asyncio.run(child(args.child, args.auth, args.token, args.flows, args.repeats,
+                                args.tmp))
+        print(json.dumps(got))
+        return 0
+    variants = [v.strip() for v in args.variants.split(",")]
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+    load_before = os.getloadavg()[0]
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, ExitStack() as stack:
+        port = free_port()
+        stack.enter_context(process(
+            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(port),
+             "--no-store"], port, Path(tmp) / "auth.log", {"PYTHONPATH": str(ROOT)}))
+        auth_url = f"http://127.0.0.1:{port}"
+        token = httpx.post(f"{auth_url}/login", json={"user": "bench"}, timeout=10
+                           ).json()["token"]
+        for r in range(args.rounds):
+            for v in variants:
+                values = run_variant(v, auth_url, token, args.flows, args.repeats)
+                cpu[v] += values
+                print(f"round {r + 1}: {VARIANTS[v]:<20} {statistics.median(values):7.1f} µs CPU/flow "
+                      f"(min {min(values):.1f})", file=sys.stderr)
+    median = {v: statistics.median(x) for v, x in cpu.items()}
+    low = {v: min(x) for v, x in cpu.items()}
+    results: dict[str, Any] = {"flows": args.flows, "repeats": args.repeats,
+                               "rounds": args.rounds, "cpu_us": cpu, "median": median,
+                               "min": low, "load_before": load_before,
+                               "load_after": os.getloadavg()[0]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("| variant (in-process, cache hits) | CPU per flow, median (min) | added to plain |\n"
+          "|---|---|---|")
+    for v in variants:
+        added = (f"{median[v] - median['plain']:+.1f} µs ({low[v] - low['plain']:+.1f})"
+                 if "plain" in median and v != "plain" else "")
+        print(f"| {VARIANTS[v]} | {median[v]:.1f} µs ({low[v]:.1f}) | {added} |")
+    print("\n" + load_note(load_before, results["load_after"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
