@@ -2,8 +2,9 @@
 
 One *pass* (:meth:`Daemon.run_pass`)::
 
-    lease, proxies            one hand-over to the store thread: renew the lease (or wait as
-                              a standby while another manager holds it), then read which
+    lease, proxies            one hand-over to the store thread: take the lease, or renew it
+                              if the renewal behind the last pass is missing or stale (or wait
+                              as a standby while another manager holds it), then read which
                               proxies sent a heartbeat recently (the `proxies` collection)
     GET /instances            of every proxy: which instances it serves, at which generation
     samples since the cursor  time > (newest sample seen − overlap): the first pass from
@@ -17,6 +18,7 @@ One *pass* (:meth:`Daemon.run_pass`)::
                               document for the pass, column by column, and one `decisions`
                               document per restart decision), and, with a lease, delete the
                               sample batches read (the active manager's inbox stays small)
+                              and renew the lease (the next pass then starts with its read)
 
 An instance is (proxy, instance) everywhere: in the policy state (keyed by
 ``instance_key(proxy, instance)``), the cursors, the restarts done and the decision records.
@@ -1058,11 +1060,21 @@ class Daemon:
         """Whether rows of proxies without a recent heartbeat are ignored."""
         return self.config.heartbeat_s is not None and self.config.admin_mode
 
+    def _lease_fresh(self, wall: float) -> bool:
+        """Whether the lease this manager holds, as renewed behind its last pass, still has
+        more than half its period and more than an admin timeout to run at ``wall``: then
+        the pass need not renew it first (nobody can take a lease before it expires)."""
+        lease_s = self.config.lease_s
+        return lease_s is not None and (
+            self._lease_until - wall > max(lease_s / 2, self.config.timeout_s))
+
     def _begin_sync(self, wall: float) -> tuple[bool, list[dict[str, Any]] | None]:
         """(store thread) A pass's first store work, in one hand-over: take or renew the
-        lease (with one), then, if this manager is active, read the proxies with a recent
-        heartbeat (if they are needed: None otherwise). (active, proxies)."""
-        if self.config.lease_s is not None and not self._lease_sync(wall):
+        lease (with one, unless it was renewed behind the last pass and is fresh), then, if
+        this manager is active, read the proxies with a recent heartbeat (if they are
+        needed: None otherwise). (active, proxies)."""
+        if (self.config.lease_s is not None and not self._lease_fresh(wall)
+                and not self._lease_sync(wall)):
             return False, None
         if self._heartbeat or self.config.proxies_from_store:
             return True, self._proxies_sync(wall)
@@ -1466,11 +1478,12 @@ class Daemon:
             return
         batch = self._take_pending()
         consumed, self._consumed = self._consumed, []
-        if not batch and not consumed:
+        renew = self.config.lease_s is not None and self._lease_until > -math.inf
+        if not batch and not consumed and not renew:
             return
         loop = asyncio.get_running_loop()
         # Submitted now, so that it runs before any later store work of this daemon.
-        job = loop.run_in_executor(self._executor, self._behind_sync, batch, consumed)
+        job = loop.run_in_executor(self._executor, self._behind_sync, batch, consumed, renew)
         self._in_flight = batch
         self._writing = loop.create_task(self._wrote(job, batch, report))
 
@@ -1518,10 +1531,12 @@ class Daemon:
         self._write_behind(report)
         await self.written()
 
-    def _behind_sync(self, pending: list[PassRecords], consumed: list[str]) -> float:
+    def _behind_sync(self, pending: list[PassRecords], consumed: list[str],
+                     renew: bool = False) -> float:
         """(store thread) Behind a pass: delete the sample batches it consumed (a failure
-        only leaves them to the shippers' pruning), write the decision records; the seconds
-        it took."""
+        only leaves them to the shippers' pruning), renew the lease it holds (so that the
+        next pass, finding it fresh, need not: a failure only leaves that pass to renew it),
+        write the decision records; the seconds it took."""
         t0 = time.perf_counter()
         if consumed:
             try:
@@ -1530,6 +1545,12 @@ class Daemon:
                 self._drop_db()
                 logger.debug("deleting %d read sample batch(es) failed (%s); the shippers "
                              "prune them", len(consumed), _describe(e))
+        if renew:
+            try:
+                self._lease_sync(time.time())
+            except StoreError as e:
+                logger.debug("renewing the lease behind the pass failed (%s); the next pass "
+                             "renews it", e)
         if pending:
             self._write_sync(pending)
         return time.perf_counter() - t0

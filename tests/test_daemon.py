@@ -721,6 +721,39 @@ async def test_the_decision_records_are_written_behind_the_pass(
         close_store(real.db)
 
 
+async def test_the_lease_is_renewed_behind_the_pass(embedded: Store) -> None:
+    """The active manager renews its lease behind each pass; a pass renews it first only
+    when that renewal is missing or the lease has less than half its period (or an admin
+    timeout) left."""
+    embedded.write(series("a.example", 0, range(0, 100, 10)))
+    async with daemon_for(embedded, None, "none", dry_run=True, lease_s=15.0) as daemon:
+        events: list[str] = []
+        lease, read = daemon._lease_sync, daemon._read_sync
+
+        def leasing(wall: float) -> bool:
+            events.append("lease")
+            return lease(wall)
+
+        def reading(after: float) -> pd.DataFrame:
+            events.append("read")
+            return read(after)
+
+        daemon._lease_sync, daemon._read_sync = leasing, reading  # type: ignore[method-assign]
+        for expected in (["lease", "read", "lease"], ["read", "lease"]):
+            events.clear()
+            assert (await daemon.run_pass()).ok
+            await daemon.written()
+            assert events == expected
+            held = embedded.db.leases.find_one({"_id": "manager"})
+            assert held is not None and held["expires"] == pytest.approx(
+                daemon._lease_until) and daemon._lease_until > time.time() + 14
+        daemon._lease_until = time.time() + 7.0  # less than half the period left
+        events.clear()
+        assert (await daemon.run_pass()).ok
+        await daemon.written()
+        assert events == ["lease", "read", "lease"]
+
+
 async def test_retention_prunes_the_managers_records(store: Store) -> None:
     """`retention_s` keeps that much of `decision_batches` and `decisions` before the newest
     sample seen (samples' clock), on either store, on the retention's own thread."""
