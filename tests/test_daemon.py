@@ -388,6 +388,9 @@ async def test_dry_run_without_an_admin_endpoint(embedded: Store) -> None:
     assert outcomes(report) == {("gone.example", 0): "dry-run"}
     with pytest.raises(ValueError, match="only --dry-run"):
         DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=None)
+    with pytest.raises(ValueError, match="retention_s must be 0 or more seconds"):
+        DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=None, dry_run=True,
+                     retention_s=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------
