@@ -498,6 +498,12 @@ def define_host_function(
 # --------------------------------------------------------------------------------------------
 
 
+def _pointer_arg(address: int | None) -> Any:
+    """`address` as a ctypes parameter object (`c_void_p.from_param`), passed without
+    conversion; the caller keeps what it points to alive."""
+    return ctypes.c_void_p.from_param(address)
+
+
 class RawInstance:
     """One instantiated module in its own Store, with fast access to exports and memory."""
 
@@ -525,17 +531,21 @@ class RawInstance:
         self._a64 = (ctypes.c_int64 * (16 * VAL_SIZE // 8)).from_buffer(self._args)
         self._a32 = (ctypes.c_int32 * (16 * VAL_SIZE // 4)).from_buffer(self._args)
         self._trap = ctypes.c_void_p(0)
-        self._cv = ctypes.c_void_p(ctypes.cast(self._ctx, ctypes.c_void_p).value)
-        self._av = ctypes.c_void_p(ctypes.addressof(self._args))
-        self._tv = ctypes.c_void_p(ctypes.addressof(self._trap))
-        self._n = ctypes.c_size_t(16)
+        # The entry points' arguments as the parameter objects ctypes makes of a value
+        # (`from_param`), which it passes as they are: a c_void_p or c_size_t is converted
+        # through its type's format on every call (half a bare call's cost). They hold plain
+        # addresses: what they point to is kept alive by this instance.
+        self._cv = _pointer_arg(ctypes.cast(self._ctx, ctypes.c_void_p).value)
+        self._av = _pointer_arg(ctypes.addressof(self._args))
+        self._tv = _pointer_arg(ctypes.addressof(self._trap))
+        self._n = ctypes.c_size_t.from_param(16)
         self._exports: dict[str, Any] = {}
         memory = self.export("memory")
         if memory is None or memory.kind != ffi.WASMTIME_EXTERN_MEMORY.value:
             raise wasmtime.WasmtimeError("module does not export its linear memory as 'memory'")
         self._mem = memory.of.memory
         self._mem_ref = ctypes.byref(self._mem)
-        self._mv = ctypes.c_void_p(ctypes.addressof(self._mem))
+        self._mv = _pointer_arg(ctypes.addressof(self._mem))
         self.base = ctypes.cast(_memory_data(self._ctx, self._mem_ref), ctypes.c_void_p).value or 0
 
     def export(self, name: str) -> Any:
@@ -550,18 +560,18 @@ class RawInstance:
         self._exports[name] = item  # keeps the handle alive for addresses taken from it
         return item
 
-    def func(self, name: str) -> ctypes.c_void_p | None:
+    def func(self, name: str) -> Any:
         """Return a handle usable by `call` for the exported function `name`, or None."""
         item = self.export(name)
         if item is None or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
             return None
-        return ctypes.c_void_p(ctypes.addressof(item.of.func))
+        return _pointer_arg(ctypes.addressof(item.of.func))
 
     def arm(self, budget_ns: int) -> None:
         """Set the guest CPU time each following call may use (`deadline_budget_ns`)."""
         self.budget_ns = budget_ns
 
-    def call(self, func: ctypes.c_void_p, *params: int) -> int:
+    def call(self, func: Any, *params: int) -> int:
         """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
 
         The deadline is whatever `arm` set last. Raises `GuestTrap`.
@@ -575,7 +585,7 @@ class RawInstance:
             self._raise(error)
         return self._a32[0]
 
-    def call2(self, func: ctypes.c_void_p, p0: int, p1: int) -> int:
+    def call2(self, func: Any, p0: int, p1: int) -> int:
         """`call` with two parameters (context create)."""
         a64 = self._a64
         a64[0] = p0
@@ -586,7 +596,7 @@ class RawInstance:
             self._raise(error)
         return self._a32[0]
 
-    def call3(self, func: ctypes.c_void_p, p0: int, p1: int, p2: int) -> int:
+    def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
         """`call` with three parameters (request and response headers)."""
         a64 = self._a64
         a64[0] = p0
@@ -598,7 +608,7 @@ class RawInstance:
             self._raise(error)
         return self._a32[0]
 
-    def call1(self, func: ctypes.c_void_p, p0: int) -> int:
+    def call1(self, func: Any, p0: int) -> int:
         """`call` with one parameter (the hot path: allocations, context callbacks)."""
         self._a64[0] = p0
         error = _func_call(self._cv, func, self._av, self._n, self._tv)
