@@ -286,7 +286,7 @@ class AdaptiveParams(_Common):
     name: ClassVar[str] = "adaptive"
     estimator: EstimatorParams = field(default_factory=EstimatorParams)
     #: Page-seconds of surplus one extra auth call is worth (B3).
-    call_cost_page_s: float = 1800.0
+    call_cost_page_s: float = 900.0
     #: How long freed memory is assumed to stay freed, before any back-off (B6).
     horizon_s: float = 3 * 3600.0
     #: The smallest restart worth making: expected pages freed (B3).

@@ -187,6 +187,21 @@ HOLDOUT: Final = (
             _shape(43, rate=600.0), ttl_s=300.0, holdout=True),
     _shaped("holdout-long-tail-ttl300", "Held out: long tail in the morning, TTL 300 s, seed 44",
             _shape(44, "1@7:long-tail:3000"), ttl_s=300.0, holdout=True),
+    # Added in session 6: the first three informed the call price (B3), the last three were
+    # generated after it was chosen, to check it
+    _shaped("holdout-busy-two-sales", "Held out: 4000 req/h, a long tail, a flash crowd, seed 53",
+            _shape(53, "0@13:long-tail:3000", "1@21:flash:3000", rate=4000.0), holdout=True),
+    _shaped("holdout-flash-ttl1800", "Held out: flash crowd, filter TTL 1800 s, seed 51",
+            _shape(51, "1@19:flash:2500"), ttl_s=1800.0, holdout=True),
+    _shaped("holdout-ramp-ttl120", "Held out: slow ramp, filter TTL 120 s, seed 52",
+            _shape(52, "1@11:ramp:2500"), ttl_s=120.0, holdout=True),
+    _shaped("holdout-three-sales-2500", "Held out: three sales, 2500 req/h, seed 61",
+            _shape(61, "0@11:ramp:1800", "0@21:flash:2000", "1@15:long-tail:2500", rate=2500.0),
+            holdout=True),
+    _shaped("holdout-quiet-busy-ttl300", "Held out: no sale, 3000 req/h, TTL 300 s, seed 62",
+            _shape(62, rate=3000.0), ttl_s=300.0, holdout=True),
+    _shaped("holdout-night-tail-ttl900", "Held out: long tail from 02:00, TTL 900 s, seed 63",
+            _shape(63, "1@2:long-tail:2000", rate=1800.0), ttl_s=900.0, holdout=True),
 )
 """Validation traces no parameter was tuned on (``--holdout``)."""
 
