@@ -41,6 +41,7 @@ per decision (building the records and reason strings) and for rare events: the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1336,26 +1337,22 @@ def _adaptive(
     entries_before = np.maximum(o_window - o_window_ttl, 0.0)
     hits = (q_now - q_ttl) - entries
     new_entries = np.maximum(o_now - o_window, 0.0) * ttl / window
-    a = adaptive_rule(
+    rule = functools.partial(
+        adaptive_rule,
         uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
         hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k, ttl=ttl,
         horizon=horizon,
         spent=slots.spent[slot], outbound_total=slots.outbound_done[slot] + rows.outbound,
-        refetch_scale=scale, params=params,
+        refetch_scale=scale,
     )
+    a = rule(params=params)
     modes = None
     if params.restart_mode == "warm" and params.cold_budget_share > 0:
         # A cold restart frees the cache nobody asks for again: where one passes the rule on
         # a small budget of its own and frees more than a warm one, the restart runs cold (B8).
         # Each row takes the figures of the mode it runs in.
-        cold = adaptive_rule(
-            uptime=uptime, pages=rows.pages, entries=entries, entries_before=entries_before,
-            hits=hits, new_entries=new_entries, start_pages=slots.start_pages[slot], k=k,
-            ttl=ttl, horizon=horizon, spent=slots.spent[slot],
-            outbound_total=slots.outbound_done[slot] + rows.outbound, refetch_scale=scale,
-            params=dataclasses.replace(
-                params, restart_mode="cold", budget_share=params.cold_budget_share),
-        )
+        cold = rule(params=dataclasses.replace(
+            params, restart_mode="cold", budget_share=params.cold_budget_share))
         with np.errstate(invalid="ignore"):
             free = cold.restart & (cold.freed > a.freed)
         modes = np.where(free, "cold", "warm")

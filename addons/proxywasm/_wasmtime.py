@@ -166,7 +166,7 @@ def engine() -> wasmtime.Engine:
 TICKER_LIBRARY = Path(__file__).with_name("_ticker.so")
 """The native epoch ticker (`ticker.c`), built by .ci/setup; without it, a Python thread ticks."""
 _ticker_lib: Any = None
-_ticker_said_missing: list[bool] = []
+_ticker_said_missing = False
 _ticker: int | None = None
 """The native ticker's handle (`wr_ticker *`) while it runs."""
 
@@ -196,13 +196,13 @@ def _start_ticker(eng: wasmtime.Engine) -> None:
 def _native_ticker(eng: wasmtime.Engine) -> bool:
     """Start the native ticker; False if it is not built (said once, in one line), cannot be
     loaded or started, or WASM_RECLAIM_PYTHON_TICKER is set."""
-    global _ticker, _ticker_lib
+    global _ticker, _ticker_lib, _ticker_said_missing
     if os.environ.get("WASM_RECLAIM_PYTHON_TICKER"):
         return False
     if not TICKER_LIBRARY.exists():
         if _ticker_said_missing:
             return False
-        _ticker_said_missing.append(True)
+        _ticker_said_missing = True
         logger.info("wasm: %s is not built (bash .ci/setup builds it): the epoch ticks from a "
                     "Python thread", TICKER_LIBRARY.name)
         return False
