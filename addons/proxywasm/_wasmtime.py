@@ -10,7 +10,12 @@ the lower-level entry points instead (about 2 µs per call, see `just bench`):
 - the engine is configured with `memory_may_move=False`, so a memory's base address is fixed
   for the life of its store and can be cached; only its size changes (it only grows);
 - the epoch that interrupts a looping guest ticks from a native thread (`ticker.c`, built by
-  .ci/setup), so guest calls keep the GIL; where it is not built, from a Python thread.
+  .ci/setup), so guest calls keep the GIL; where it is not built, from a Python thread;
+- both kinds of crossing are plain C calls, without ctypes, through a small CPython extension
+  (`fastcall.c`, built by .ci/setup into `_fastcall`): a guest call is one METH_FASTCALL
+  function, a host call a C trampoline that calls the host function through vectorcall.
+  Where it is not built (or WASM_RECLAIM_CTYPES_CALLS is set) they go through ctypes, said
+  in one line.
 
 Everything unsafe lives here; `vm.py` uses these helpers and never touches ctypes: it reads
 and writes linear memory through a view of its current size (`RawInstance.memory_view`), after
@@ -22,16 +27,18 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import importlib
 import itertools
 import logging
 import os
 import queue
 import struct
+import sysconfig
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import wasmtime
 from wasmtime import _bindings as _b
@@ -71,22 +78,72 @@ def _entry(lib: ctypes.CDLL, name: str, restype: Any) -> Any:
 
 
 _memory_data = _b._wasmtime_memory_data
+
+
+FASTCALL_LIBRARY = Path(__file__).with_name(
+    "_fastcall" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+"""The C extension for the crossings (`fastcall.c`), built by .ci/setup for this Python."""
+
+
+def _load_fastcall() -> Any:
+    """The `_fastcall` extension bound to wasmtime's library, or None (the ctypes path): not
+    built, not loadable, or WASM_RECLAIM_CTYPES_CALLS set. Why is said once `engine()` starts."""
+    global _fastcall_note
+    if os.environ.get("WASM_RECLAIM_CTYPES_CALLS"):
+        _fastcall_note = (logging.INFO, "WASM_RECLAIM_CTYPES_CALLS is set")
+        return None
+    if not FASTCALL_LIBRARY.exists():
+        _fastcall_note = (logging.INFO, f"{FASTCALL_LIBRARY.name} is not built (bash .ci/setup "
+                          "builds it from fastcall.c)")
+        return None
+    try:
+        module = importlib.import_module(f"{__package__}._fastcall")
+    except ImportError as e:  # a broken build (one for another Python has another name)
+        _fastcall_note = (logging.WARNING, f"cannot load {FASTCALL_LIBRARY.name} ({e})")
+        return None
+    try:
+        module.bind(_b.dll._name, VAL_SIZE)  # type: ignore[attr-defined]
+    except (OSError, RuntimeError) as e:
+        _fastcall_note = (logging.WARNING, f"{FASTCALL_LIBRARY.name} cannot bind wasmtime ({e})")
+        return None
+    return module
+
+
+_fastcall_note: tuple[int, str] | None = None
+_fastcall = _load_fastcall()
+FASTCALLS = _fastcall is not None
+"""Whether guest and host calls cross through the C extension (`fastcall.c`), not ctypes."""
+_CallFailed: type[Exception] = _fastcall.CallFailed if _fastcall is not None else Exception
+
+
+def _say_calls_path() -> None:
+    """Say once, in one line, that the calls go through ctypes, and why."""
+    global _fastcall_note
+    note, _fastcall_note = _fastcall_note, None
+    if note is not None:
+        logger.log(note[0], "wasm: %s: guest and host calls cross through ctypes (slower)",
+                   note[1])
+
 # `_func_call` and the memory's size (read after every callback, for the memory cap, and
 # whenever a guest pointer lies past the size last seen: 0.3 µs, not 2 µs) are bound by
 # `_bind_calls`: to the GIL-keeping entry points while the native ticker runs.
 _func_call: Any = None
 _memory_size_bytes: Any = None
 _memory_pages: Any = None
+_guest_call: Any = None
+"""The extension's guest call (`_fastcall.call`, or `call_nogil`, which releases the GIL)."""
 keeps_gil = False
 """Whether guest calls keep the GIL (the native ticker runs)."""
 
 
 def _bind_calls(keep_gil: bool) -> None:
-    global _func_call, _memory_size_bytes, _memory_pages, keeps_gil
+    global _func_call, _memory_size_bytes, _memory_pages, _guest_call, keeps_gil
     lib = _pylib if keep_gil else _lib
     _func_call = _entry(lib, "wasmtime_func_call_unchecked", ctypes.c_void_p)
     _memory_size_bytes = _entry(lib, "wasmtime_memory_data_size", ctypes.c_size_t)
     _memory_pages = _entry(lib, "wasmtime_memory_size", ctypes.c_uint64)
+    if _fastcall is not None:
+        _guest_call = _fastcall.call if keep_gil else _fastcall.call_nogil
     keeps_gil = keep_gil
 
 
@@ -160,6 +217,7 @@ def engine() -> wasmtime.Engine:
             _engine = wasmtime.Engine(config)
             _start_ticker(_engine)
             _start_reaper()
+            _say_calls_path()
         return _engine
 
 
@@ -422,6 +480,20 @@ def make_trap(message: str) -> int:
     return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
 
+def _host_failure(qualified: str, error: BaseException) -> str:
+    """The trap message for an exception from the host function `qualified`: a `HostTrap`'s
+    own message; anything else is a host bug, logged with its traceback and named."""
+    if isinstance(error, HostTrap):
+        return str(error)
+    logger.error("host function %s failed", qualified, exc_info=error)
+    return f"host function {qualified} failed: {error!r}"
+
+
+def _address(pointer: Any) -> int:
+    """The address a ctypes pointer holds (0 for NULL)."""
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
 def _finalize_nothing(_env: int) -> None:
     return None
 
@@ -447,6 +519,10 @@ def define_host_function(
     `HostTrap` becomes a trap with its message; any other exception becomes a trap naming the
     host function, and is logged, so a host bug never crashes the proxy. While the calling
     guest call is being measured, the time spent here is host time, not guest time.
+
+    Through `_fastcall` (when built) a C trampoline calls `impl` directly and falls back to the
+    Python callback below only while the guest call is measured or no VM is active; both turn
+    an exception into the same trap (`_host_failure`).
     """
     qualified = f"{module}.{name}"
     params = [str(p) for p in ty.params]
@@ -469,11 +545,8 @@ def define_host_function(
             if result is not None:
                 pack_result(args, result & 0xFFFFFFFF)
             return 0
-        except HostTrap as e:
-            return make_trap(str(e))
         except BaseException as e:
-            logger.exception("host function %s failed", qualified)
-            return make_trap(f"host function {qualified} failed: {e!r}")
+            return make_trap(_host_failure(qualified, e))
         finally:
             if meter is not None:
                 # host time is not guest time; a guest call made from here had its own meter
@@ -482,9 +555,18 @@ def define_host_function(
                 meter.host_ns += left - entered
                 meter.mark = left
 
+    mod_b, name_b = module.encode(), name.encode()
+    if _fastcall is not None and len(params) <= _fastcall.MAX_HOST_PARAMS:
+        kinds = "".join("i" if p == "i32" else "I" for p in params).encode()
+        address = _fastcall.define(
+            _address(linker.ptr()), mod_b, name_b, _address(ty.ptr()), kinds, impl, active,
+            _meter, callback, functools.partial(_host_failure, qualified))
+        if address:
+            raise wasmtime.WasmtimeError._from_ptr(
+                ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t)))
+        return
     cb = _CALLBACK(callback)
     _KEEPALIVE.append(cb)
-    mod_b, name_b = module.encode(), name.encode()
     error = _b._wasmtime_linker_define_func_unchecked(
         linker.ptr(), mod_b, len(mod_b), name_b, len(name_b), ty.ptr(),
         ctypes.cast(cb, _b.wasmtime_func_unchecked_callback_t), None, _no_finalizer,
@@ -546,6 +628,9 @@ class RawInstance:
         self._mem = memory.of.memory
         self._mem_ref = ctypes.byref(self._mem)
         self._mv = _pointer_arg(ctypes.addressof(self._mem))
+        # The same addresses as plain ints, for `_fastcall`.
+        self._ctx_addr = _address(self._ctx)
+        self._mem_addr = ctypes.addressof(self._mem)
         self.base = ctypes.cast(_memory_data(self._ctx, self._mem_ref), ctypes.c_void_p).value or 0
 
     def export(self, name: str) -> Any:
@@ -565,87 +650,154 @@ class RawInstance:
         item = self.export(name)
         if item is None or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
             return None
-        return _pointer_arg(ctypes.addressof(item.of.func))
+        address = ctypes.addressof(item.of.func)
+        return address if _fastcall is not None else _pointer_arg(address)
 
     def arm(self, budget_ns: int) -> None:
         """Set the guest CPU time each following call may use (`deadline_budget_ns`)."""
         self.budget_ns = budget_ns
 
-    def call(self, func: Any, *params: int) -> int:
-        """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
+    # `call` and its fixed-arity forms (`call1`, `call2`, `call3`: no tuple of parameters on
+    # the hot path) and the memory's size, through `_fastcall` when it is built, else ctypes.
+    if _fastcall is not None:
 
-        The deadline is whatever `arm` set last. Raises `GuestTrap`.
-        """
-        a64 = self._a64
-        for i, p in enumerate(params):
-            a64[2 * i] = p
-        error = _func_call(self._cv, func, self._av, self._n, self._tv)
-        _meter[0] = None
-        if error or self._trap.value:
-            self._raise(error)
-        return self._a32[0]
+        def call(self, func: Any, *params: int) -> int:
+            """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
 
-    def call2(self, func: Any, p0: int, p1: int) -> int:
-        """`call` with two parameters (context create)."""
-        a64 = self._a64
-        a64[0] = p0
-        a64[2] = p1
-        error = _func_call(self._cv, func, self._av, self._n, self._tv)
-        _meter[0] = None
-        if error or self._trap.value:
-            self._raise(error)
-        return self._a32[0]
+            The deadline is whatever `arm` set last. Raises `GuestTrap`.
+            """
+            try:
+                result: int = _guest_call(self._ctx_addr, func, *params)
+            except _CallFailed as e:
+                _meter[0] = None
+                self._raise(*e.args)
+            _meter[0] = None
+            return result
 
-    def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
-        """`call` with three parameters (request and response headers)."""
-        a64 = self._a64
-        a64[0] = p0
-        a64[2] = p1
-        a64[4] = p2
-        error = _func_call(self._cv, func, self._av, self._n, self._tv)
-        _meter[0] = None
-        if error or self._trap.value:
-            self._raise(error)
-        return self._a32[0]
+        def call1(self, func: Any, p0: int) -> int:
+            """`call` with one parameter (the hot path: allocations, context callbacks)."""
+            try:
+                result: int = _guest_call(self._ctx_addr, func, p0)
+            except _CallFailed as e:
+                _meter[0] = None
+                self._raise(*e.args)
+            _meter[0] = None
+            return result
 
-    def call1(self, func: Any, p0: int) -> int:
-        """`call` with one parameter (the hot path: allocations, context callbacks)."""
-        self._a64[0] = p0
-        error = _func_call(self._cv, func, self._av, self._n, self._tv)
-        _meter[0] = None
-        if error or self._trap.value:
-            self._raise(error)
-        return self._a32[0]
+        def call2(self, func: Any, p0: int, p1: int) -> int:
+            """`call` with two parameters (context create)."""
+            try:
+                result: int = _guest_call(self._ctx_addr, func, p0, p1)
+            except _CallFailed as e:
+                _meter[0] = None
+                self._raise(*e.args)
+            _meter[0] = None
+            return result
 
-    def _raise(self, error: int | None) -> None:
+        def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
+            """`call` with three parameters (request and response headers)."""
+            try:
+                result: int = _guest_call(self._ctx_addr, func, p0, p1, p2)
+            except _CallFailed as e:
+                _meter[0] = None
+                self._raise(*e.args)
+            _meter[0] = None
+            return result
+
+        def memory_size(self) -> int:
+            """Current linear-memory size in bytes (it never shrinks)."""
+            return _fastcall.memory_size(self._ctx_addr, self._mem_addr)  # type: ignore[no-any-return]
+
+        def memory_pages(self) -> int:
+            """Current linear-memory size in 64 KiB pages."""
+            return _fastcall.memory_pages(self._ctx_addr, self._mem_addr)  # type: ignore[no-any-return]
+
+    else:
+
+        def call(self, func: Any, *params: int) -> int:
+            """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
+
+            The deadline is whatever `arm` set last. Raises `GuestTrap`.
+            """
+            a64 = self._a64
+            for i, p in enumerate(params):
+                a64[2 * i] = p
+            error = _func_call(self._cv, func, self._av, self._n, self._tv)
+            _meter[0] = None
+            if error or self._trap.value:
+                self._raise_ctypes(error)
+            return self._a32[0]
+
+        def call1(self, func: Any, p0: int) -> int:
+            """`call` with one parameter (the hot path: allocations, context callbacks)."""
+            self._a64[0] = p0
+            error = _func_call(self._cv, func, self._av, self._n, self._tv)
+            _meter[0] = None
+            if error or self._trap.value:
+                self._raise_ctypes(error)
+            return self._a32[0]
+
+        def call2(self, func: Any, p0: int, p1: int) -> int:
+            """`call` with two parameters (context create)."""
+            a64 = self._a64
+            a64[0] = p0
+            a64[2] = p1
+            error = _func_call(self._cv, func, self._av, self._n, self._tv)
+            _meter[0] = None
+            if error or self._trap.value:
+                self._raise_ctypes(error)
+            return self._a32[0]
+
+        def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
+            """`call` with three parameters (request and response headers)."""
+            a64 = self._a64
+            a64[0] = p0
+            a64[2] = p1
+            a64[4] = p2
+            error = _func_call(self._cv, func, self._av, self._n, self._tv)
+            _meter[0] = None
+            if error or self._trap.value:
+                self._raise_ctypes(error)
+            return self._a32[0]
+
+        def memory_size(self) -> int:
+            """Current linear-memory size in bytes (it never shrinks)."""
+            return _memory_size_bytes(self._cv, self._mv)  # type: ignore[no-any-return]
+
+        def memory_pages(self) -> int:
+            """Current linear-memory size in 64 KiB pages."""
+            return _memory_pages(self._cv, self._mv)  # type: ignore[no-any-return]
+
+    def _raise_ctypes(self, error: int | None) -> NoReturn:
+        trap, self._trap.value = self._trap.value or 0, 0
+        self._raise(error or 0, trap)
+
+    def _raise(self, error: int, trap: int) -> NoReturn:
+        """Raise the `GuestTrap` for a failed guest call, taking ownership of its wasmtime
+        error and trap (addresses, 0 if none)."""
         stopped, self.interrupted = self.interrupted, None
         if stopped is not None:  # our epoch callback stopped it: the guest ran too long
             if error:
                 _b._wasmtime_error_delete(ctypes.cast(
                     ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
-            if self._trap.value:
+            if trap:
                 _b._wasm_trap_delete(ctypes.cast(
-                    ctypes.c_void_p(self._trap.value), ctypes.POINTER(ffi.wasm_trap_t)))
-                self._trap.value = 0
-            raise GuestTrap(stopped, interrupted=True)
-        if self._trap.value:
-            ptr = ctypes.cast(ctypes.c_void_p(self._trap.value), ctypes.POINTER(ffi.wasm_trap_t))
-            self._trap.value = 0
-            trap = wasmtime.Trap._from_ptr(ptr)
-            message = summarize(trap.message)
-            raise GuestTrap(message, interrupted=trap.trap_code == wasmtime.TrapCode.INTERRUPT)
+                    ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t)))
+            raise GuestTrap(stopped, interrupted=True) from None
+        if trap:
+            if error:  # never both, but never leak either
+                _b._wasmtime_error_delete(ctypes.cast(
+                    ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
+            ptr = ctypes.cast(ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t))
+            trapped = wasmtime.Trap._from_ptr(ptr)
+            message = summarize(trapped.message)
+            raise GuestTrap(message,
+                            interrupted=trapped.trap_code == wasmtime.TrapCode.INTERRUPT
+                            ) from None
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t))
         )
-        raise GuestTrap(summarize(str(err)))
-
-    def memory_size(self) -> int:
-        """Current linear-memory size in bytes (it never shrinks)."""
-        return _memory_size_bytes(self._cv, self._mv)  # type: ignore[no-any-return]
-
-    def memory_pages(self) -> int:
-        """Current linear-memory size in 64 KiB pages."""
-        return _memory_pages(self._cv, self._mv)  # type: ignore[no-any-return]
+        raise GuestTrap(summarize(str(err))) from None
 
     def memory_view(self, size: int) -> memoryview:
         """The first `size` bytes of linear memory as a writable buffer (`size` at most

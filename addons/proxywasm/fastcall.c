@@ -1,0 +1,550 @@
+/* fastcall.c: the host's guest calls and host calls without ctypes (CPython extension).
+ *
+ * The Proxy-Wasm host (addons/proxywasm/_wasmtime.py) crosses between Python and wasm about a
+ * dozen times per request. Through ctypes each crossing costs 1-1.5 us; this module makes
+ * them plain C calls:
+ *
+ * - call(ctx, func, *params) / call_nogil(...): a guest call through
+ *   wasmtime_func_call_unchecked, with the i32/i64 params in a raw value array on the C
+ *   stack; returns the i32 result, or raises CallFailed((error, trap)) with the addresses of
+ *   the wasmtime_error_t / wasm_trap_t, which the caller owns and turns into GuestTrap.
+ *   call keeps the GIL (the native epoch ticker needs none), call_nogil releases it around
+ *   the call, as ctypes' CDLL does.
+ * - define(...): defines a host function on a linker with a C trampoline as its
+ *   wasmtime_func_unchecked_callback_t: it takes the GIL (a no-op when the guest call kept
+ *   it), converts the raw arguments to ints (i32 unsigned, i64 signed), calls
+ *   impl(active[0], *ints) through vectorcall, writes the i32 result in place, and turns an
+ *   exception into a trap whose message fail(exception) gives (the same function the ctypes
+ *   callback uses). While the guest call is measured (meter[0] is not None) or no VM is
+ *   active, it calls the Python callback `fallback` instead, which does the bookkeeping.
+ *   The env (impl, active, meter, fallback, fail) is released by wasmtime's finalizer.
+ * - memory_size(ctx, memory) / memory_pages(ctx, memory): the linear memory's size.
+ *
+ * Nothing links against wasmtime: bind(path, val_size) resolves the few entry points with
+ * dlsym from the library wasmtime-py already loaded (RTLD_NOLOAD), declared below as in
+ * wasmtime 50's C API. Built by .ci/setup into _fastcall<EXT_SUFFIX>; without it the host
+ * crosses through ctypes.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------------------- */
+/* The wasmtime 50 C API, as much as is used (wasmtime/val.h, func.h, linker.h, ...)        */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct wasmtime_context wasmtime_context_t;
+typedef struct wasmtime_caller wasmtime_caller_t;
+typedef struct wasmtime_error wasmtime_error_t;
+typedef struct wasm_trap_t wasm_trap_t;
+typedef struct wasmtime_linker wasmtime_linker_t;
+typedef struct wasm_functype_t wasm_functype_t;
+typedef struct wasmtime_func wasmtime_func_t;     /* only its address is passed here */
+typedef struct wasmtime_memory wasmtime_memory_t; /* likewise */
+
+typedef union wasmtime_val_raw {
+    int32_t i32;
+    int64_t i64;
+    float f32;
+    double f64;
+    uint8_t v128[16];
+    uint32_t anyref;
+    uint32_t externref;
+    uint32_t exnref;
+    void *funcref;
+} wasmtime_val_raw_t;
+
+typedef wasm_trap_t *(*wasmtime_func_unchecked_callback_t)(void *env, wasmtime_caller_t *caller,
+                                                           wasmtime_val_raw_t *args_and_results,
+                                                           size_t num_args_and_results);
+typedef wasmtime_error_t *(*func_call_unchecked_fn)(wasmtime_context_t *store,
+                                                    const wasmtime_func_t *func,
+                                                    wasmtime_val_raw_t *args_and_results,
+                                                    size_t args_and_results_len,
+                                                    wasm_trap_t **trap);
+typedef wasmtime_error_t *(*linker_define_func_unchecked_fn)(
+    wasmtime_linker_t *linker, const char *module, size_t module_len, const char *name,
+    size_t name_len, const wasm_functype_t *ty, wasmtime_func_unchecked_callback_t cb,
+    void *data, void (*finalizer)(void *));
+typedef wasm_trap_t *(*trap_new_fn)(const char *msg, size_t msg_len);
+typedef void (*trap_delete_fn)(wasm_trap_t *trap);
+typedef void (*error_delete_fn)(wasmtime_error_t *error);
+typedef size_t (*memory_data_size_fn)(const wasmtime_context_t *store,
+                                      const wasmtime_memory_t *memory);
+typedef uint64_t (*memory_size_fn)(const wasmtime_context_t *store,
+                                   const wasmtime_memory_t *memory);
+
+static func_call_unchecked_fn wr_func_call;
+static linker_define_func_unchecked_fn wr_define_func;
+static trap_new_fn wr_trap_new;
+static trap_delete_fn wr_trap_delete;
+static error_delete_fn wr_error_delete;
+static memory_data_size_fn wr_memory_data_size;
+static memory_size_fn wr_memory_size;
+
+/* A guest call's raw value array: params and the result share it (as in _wasmtime.py). */
+#define WR_SLOTS 16
+/* Host functions with more params than this are defined through ctypes by the caller. */
+#define WR_MAX_HOST_PARAMS 16
+
+static PyObject *CallFailed; /* raised with (error address, trap address) */
+static PyObject *mask32;     /* 0xFFFFFFFF, for a result that is not an int */
+
+/* ---------------------------------------------------------------------------------------- */
+/* Helpers                                                                                  */
+/* ---------------------------------------------------------------------------------------- */
+
+/* A non-null address from a Python int; NULL with an exception set otherwise. */
+static void *wr_address(PyObject *o, const char *what) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an address (int), not %.100s", what,
+                     Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    void *p = PyLong_AsVoidPtr(o);
+    if (p == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "%s is a null address", what);
+    return p;
+}
+
+static int wr_bound(void) {
+    if (wr_func_call == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fastcall.bind() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+/* A guest call's parameter: any int in [-2**63, 2**64) as its low 64 bits (an i32 parameter
+ * is read from the low half). Returns -1 with an exception set otherwise. */
+static int wr_param(PyObject *o, int64_t *out) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "guest call parameters must be ints, not %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+        v = (long long)u;
+    } else if (overflow < 0) {
+        PyErr_SetString(PyExc_OverflowError, "guest call parameter below -2**63");
+        return -1;
+    } else if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* Raise CallFailed((error, trap)); the caller of the guest call owns both. If even that
+ * fails (no memory), delete them and let that exception through. */
+static PyObject *wr_raise_failed(wasmtime_error_t *error, wasm_trap_t *trap) {
+    PyObject *e = PyLong_FromVoidPtr(error);
+    PyObject *t = e ? PyLong_FromVoidPtr(trap) : NULL;
+    PyObject *pair = t ? PyTuple_Pack(2, e, t) : NULL;
+    Py_XDECREF(e);
+    Py_XDECREF(t);
+    if (pair == NULL) {
+        if (error) wr_error_delete(error);
+        if (trap) wr_trap_delete(trap);
+        return NULL;
+    }
+    PyErr_SetObject(CallFailed, pair);
+    Py_DECREF(pair);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Guest calls                                                                              */
+/* ---------------------------------------------------------------------------------------- */
+
+static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
+    if (!wr_bound()) return NULL;
+    if (nargs < 2 || nargs > 2 + WR_SLOTS) {
+        PyErr_Format(PyExc_TypeError, "call(ctx, func, *params) takes 2 to %d arguments",
+                     2 + WR_SLOTS);
+        return NULL;
+    }
+    wasmtime_context_t *ctx = wr_address(args[0], "ctx");
+    if (ctx == NULL) return NULL;
+    const wasmtime_func_t *func = wr_address(args[1], "func");
+    if (func == NULL) return NULL;
+    wasmtime_val_raw_t vals[WR_SLOTS];
+    memset(vals, 0, sizeof vals);
+    for (Py_ssize_t i = 2; i < nargs; i++) {
+        if (wr_param(args[i], &vals[i - 2].i64) < 0) return NULL;
+    }
+    wasm_trap_t *trap = NULL;
+    wasmtime_error_t *error;
+    if (release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        error = wr_func_call(ctx, func, vals, WR_SLOTS, &trap);
+        Py_END_ALLOW_THREADS
+    } else {
+        error = wr_func_call(ctx, func, vals, WR_SLOTS, &trap);
+    }
+    if (error != NULL || trap != NULL) return wr_raise_failed(error, trap);
+    if (PyErr_Occurred()) return NULL; /* never expected: a callback leaves no exception */
+    return PyLong_FromLong(vals[0].i32);
+}
+
+static PyObject *wr_call_keep_gil(PyObject *Py_UNUSED(m), PyObject *const *args,
+                                  Py_ssize_t nargs) {
+    return wr_call(args, nargs, 0);
+}
+
+static PyObject *wr_call_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
+                               Py_ssize_t nargs) {
+    return wr_call(args, nargs, 1);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Linear memory                                                                            */
+/* ---------------------------------------------------------------------------------------- */
+
+static int wr_memory_args(PyObject *const *args, Py_ssize_t nargs, wasmtime_context_t **ctx,
+                          wasmtime_memory_t **memory) {
+    if (!wr_bound()) return -1;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "takes exactly 2 arguments (ctx, memory)");
+        return -1;
+    }
+    *ctx = wr_address(args[0], "ctx");
+    if (*ctx == NULL) return -1;
+    *memory = wr_address(args[1], "memory");
+    return *memory == NULL ? -1 : 0;
+}
+
+static PyObject *wr_memory_size_bytes(PyObject *Py_UNUSED(m), PyObject *const *args,
+                                      Py_ssize_t nargs) {
+    wasmtime_context_t *ctx;
+    wasmtime_memory_t *memory;
+    if (wr_memory_args(args, nargs, &ctx, &memory) < 0) return NULL;
+    return PyLong_FromSize_t(wr_memory_data_size(ctx, memory));
+}
+
+static PyObject *wr_memory_pages(PyObject *Py_UNUSED(m), PyObject *const *args,
+                                 Py_ssize_t nargs) {
+    wasmtime_context_t *ctx;
+    wasmtime_memory_t *memory;
+    if (wr_memory_args(args, nargs, &ctx, &memory) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(wr_memory_size(ctx, memory));
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Host calls                                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct wr_host {
+    PyObject *impl;     /* impl(vm, *params) -> int | None */
+    PyObject *active;   /* list: [0] is the VM whose guest code runs, or None */
+    PyObject *meter;    /* list: [0] is the running guest call's meter, or None */
+    PyObject *fallback; /* the ctypes-path callback(env, caller, args, nargs) -> trap address */
+    PyObject *fail;     /* fail(exception) -> the trap's message (logs a host bug) */
+    Py_ssize_t nparams;
+    char wide[WR_MAX_HOST_PARAMS]; /* 1: an i64 (signed) parameter, 0: an i32 (unsigned) */
+} wr_host;
+
+/* A trap with `message` (any object: its str, UTF-8 with errors replaced). Takes the
+ * reference to `message`; NULL `message` means an exception is set, which is reported as
+ * unraisable and the trap gets a generic message. Never returns NULL unless wasmtime does. */
+static wasm_trap_t *wr_trap(PyObject *message) {
+    PyObject *bytes = NULL;
+    if (message != NULL) {
+        PyObject *s = PyObject_Str(message);
+        Py_DECREF(message);
+        if (s != NULL) {
+            bytes = PyUnicode_AsEncodedString(s, "utf-8", "replace");
+            Py_DECREF(s);
+        }
+    }
+    if (bytes == NULL) {
+        PyErr_WriteUnraisable(NULL);
+        static const char generic[] = "a host function failed (and reporting it failed too)";
+        return wr_trap_new(generic, sizeof generic - 1);
+    }
+    wasm_trap_t *trap = wr_trap_new(PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+    Py_DECREF(bytes);
+    return trap;
+}
+
+/* The trap for the exception that is set (cleared here): fail(exception) gives its message. */
+static wasm_trap_t *wr_trap_from_exception(wr_host *env) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) PyException_SetTraceback(value, tb);
+    PyObject *message = NULL;
+    if (value != NULL) {
+        message = PyObject_CallOneArg(env->fail, value);
+    } else {
+        PyErr_SetString(PyExc_SystemError, "a host function failed without an exception");
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return wr_trap(message);
+}
+
+/* The Python callback, for the uncommon cases: the guest call is being measured, or no VM is
+ * active (it traps with the same message as on the ctypes path). */
+static wasm_trap_t *wr_host_fallback(wr_host *env, wasmtime_caller_t *caller,
+                                     wasmtime_val_raw_t *vals, size_t nvals) {
+    PyObject *argv[4] = {NULL, NULL, NULL, NULL};
+    argv[0] = PyLong_FromLong(0);
+    argv[1] = argv[0] ? PyLong_FromVoidPtr(caller) : NULL;
+    argv[2] = argv[1] ? PyLong_FromVoidPtr(vals) : NULL;
+    argv[3] = argv[2] ? PyLong_FromSize_t(nvals) : NULL;
+    PyObject *result = argv[3] ? PyObject_Vectorcall(env->fallback, argv, 4, NULL) : NULL;
+    for (int i = 0; i < 4; i++) Py_XDECREF(argv[i]);
+    if (result == NULL) return wr_trap_from_exception(env);
+    void *trap = PyLong_AsVoidPtr(result);
+    Py_DECREF(result);
+    if (trap == NULL && PyErr_Occurred()) return wr_trap_from_exception(env);
+    return trap;
+}
+
+/* impl(target, *params) with the raw arguments as ints; its i32 result written in place. */
+static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_raw_t *vals,
+                                   size_t nvals) {
+    /* stack[0] is scratch for PY_VECTORCALL_ARGUMENTS_OFFSET */
+    PyObject *stack[2 + WR_MAX_HOST_PARAMS];
+    Py_ssize_t n = env->nparams;
+    stack[0] = NULL;
+    Py_INCREF(target); /* the impl may replace active[0] while it runs */
+    stack[1] = target;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = env->wide[i] ? PyLong_FromLongLong(vals[i].i64)
+                                   : PyLong_FromUnsignedLong((uint32_t)vals[i].i32);
+        if (v == NULL) {
+            for (Py_ssize_t j = 1; j < 2 + i; j++) Py_DECREF(stack[j]);
+            return wr_trap_from_exception(env);
+        }
+        stack[2 + i] = v;
+    }
+    PyObject *result = PyObject_Vectorcall(env->impl, stack + 1,
+                                           (size_t)(1 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                           NULL);
+    for (Py_ssize_t j = 1; j < 2 + n; j++) Py_DECREF(stack[j]);
+    if (result == NULL) return wr_trap_from_exception(env);
+    if (result == Py_None) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    if (!PyLong_Check(result)) { /* as `result & 0xFFFFFFFF` does: an error for a non-int */
+        PyObject *masked = PyNumber_And(result, mask32);
+        Py_DECREF(result);
+        if (masked == NULL) return wr_trap_from_exception(env);
+        result = masked;
+    }
+    unsigned long long bits = PyLong_AsUnsignedLongLongMask(result);
+    Py_DECREF(result);
+    if (bits == (unsigned long long)-1 && PyErr_Occurred()) return wr_trap_from_exception(env);
+    if (nvals >= 1) {
+        uint32_t low = (uint32_t)(bits & 0xFFFFFFFFu);
+        memcpy(&vals[0], &low, sizeof low); /* the i32 slot; the rest of it is left as is */
+    }
+    return NULL;
+}
+
+static wasm_trap_t *wr_trampoline(void *data, wasmtime_caller_t *caller,
+                                  wasmtime_val_raw_t *vals, size_t nvals) {
+    wr_host *env = data;
+    PyGILState_STATE gil = PyGILState_Ensure(); /* held already unless call_nogil released it */
+    wasm_trap_t *trap;
+    PyObject *target = PyList_GET_SIZE(env->active) > 0 ? PyList_GET_ITEM(env->active, 0)
+                                                        : Py_None;
+    PyObject *meter = PyList_GET_SIZE(env->meter) > 0 ? PyList_GET_ITEM(env->meter, 0)
+                                                      : Py_None;
+    if (meter != Py_None || target == Py_None || nvals < (size_t)env->nparams) {
+        trap = wr_host_fallback(env, caller, vals, nvals);
+    } else {
+        trap = wr_host_direct(env, target, vals, nvals);
+    }
+    PyGILState_Release(gil);
+    return trap;
+}
+
+static int wr_finalizing(void) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
+}
+
+/* wasmtime's finalizer for a host function's env: when the last linker, module instance or
+ * store that refers to the function is dropped (on any thread: the reaper drops stores with
+ * the GIL released). Once the interpreter is shutting down its objects are left alone. */
+static void wr_host_finalize(void *data) {
+    wr_host *env = data;
+    if (env == NULL) return;
+    if (!Py_IsInitialized() || wr_finalizing()) return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_CLEAR(env->impl);
+    Py_CLEAR(env->active);
+    Py_CLEAR(env->meter);
+    Py_CLEAR(env->fallback);
+    Py_CLEAR(env->fail);
+    PyGILState_Release(gil);
+    PyMem_RawFree(env);
+}
+
+/* define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail)
+ * -> the address of a wasmtime_error_t (the caller owns it), or 0. */
+static PyObject *wr_define(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long linker_addr, functype_addr;
+    const char *module, *name, *kinds;
+    Py_ssize_t module_len, name_len, nkinds;
+    PyObject *impl, *active, *meter, *fallback, *fail;
+    if (!wr_bound()) return NULL;
+    if (!PyArg_ParseTuple(args, "Ky#y#Ky#OO!O!OO:define", &linker_addr, &module, &module_len,
+                          &name, &name_len, &functype_addr, &kinds, &nkinds, &impl,
+                          &PyList_Type, &active, &PyList_Type, &meter, &fallback, &fail))
+        return NULL;
+    if (linker_addr == 0 || functype_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "define: null linker or functype");
+        return NULL;
+    }
+    if (nkinds > WR_MAX_HOST_PARAMS) {
+        PyErr_Format(PyExc_ValueError, "define: at most %d parameters", WR_MAX_HOST_PARAMS);
+        return NULL;
+    }
+    if (!PyCallable_Check(impl) || !PyCallable_Check(fallback) || !PyCallable_Check(fail)) {
+        PyErr_SetString(PyExc_TypeError, "define: impl, fallback and fail must be callable");
+        return NULL;
+    }
+    wr_host *env = PyMem_RawCalloc(1, sizeof *env);
+    if (env == NULL) return PyErr_NoMemory();
+    env->nparams = nkinds;
+    for (Py_ssize_t i = 0; i < nkinds; i++) {
+        if (kinds[i] != 'i' && kinds[i] != 'I') {
+            PyMem_RawFree(env);
+            PyErr_SetString(PyExc_ValueError, "define: kinds are 'i' (i32) or 'I' (i64)");
+            return NULL;
+        }
+        env->wide[i] = kinds[i] == 'I';
+    }
+    Py_INCREF(impl);
+    env->impl = impl;
+    Py_INCREF(active);
+    env->active = active;
+    Py_INCREF(meter);
+    env->meter = meter;
+    Py_INCREF(fallback);
+    env->fallback = fallback;
+    Py_INCREF(fail);
+    env->fail = fail;
+    /* From here wasmtime owns env: it calls the finalizer when the definition is dropped,
+     * also when defining fails. */
+    wasmtime_error_t *error = wr_define_func(
+        (wasmtime_linker_t *)(uintptr_t)linker_addr, module, (size_t)module_len, name,
+        (size_t)name_len, (const wasm_functype_t *)(uintptr_t)functype_addr, wr_trampoline, env,
+        wr_host_finalize);
+    return PyLong_FromVoidPtr(error);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Binding and the module                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* bind(path, val_size): resolve the entry points from the already loaded wasmtime library. */
+static PyObject *wr_bind(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *path_obj;
+    Py_ssize_t val_size;
+    if (!PyArg_ParseTuple(args, "O&n:bind", PyUnicode_FSConverter, &path_obj, &val_size))
+        return NULL;
+    if (val_size != (Py_ssize_t)sizeof(wasmtime_val_raw_t)) {
+        Py_DECREF(path_obj);
+        PyErr_Format(PyExc_RuntimeError,
+                     "wasmtime's raw value is %zd bytes, this module was written for %zu",
+                     val_size, sizeof(wasmtime_val_raw_t));
+        return NULL;
+    }
+    void *lib = dlopen(PyBytes_AS_STRING(path_obj), RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(path_obj);
+    if (lib == NULL) {
+        const char *why = dlerror();
+        PyErr_Format(PyExc_OSError, "wasmtime's library is not loaded: %s",
+                     why ? why : "dlopen failed");
+        return NULL;
+    }
+    /* The handle is kept: the library stays loaded as long as wasmtime-py needs it anyway. */
+    struct {
+        const char *name;
+        void **slot;
+    } entries[] = {
+        {"wasmtime_func_call_unchecked", (void **)&wr_func_call},
+        {"wasmtime_linker_define_func_unchecked", (void **)&wr_define_func},
+        {"wasmtime_trap_new", (void **)&wr_trap_new},
+        {"wasm_trap_delete", (void **)&wr_trap_delete},
+        {"wasmtime_error_delete", (void **)&wr_error_delete},
+        {"wasmtime_memory_data_size", (void **)&wr_memory_data_size},
+        {"wasmtime_memory_size", (void **)&wr_memory_size},
+    };
+    void *found[sizeof entries / sizeof entries[0]];
+    for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++) {
+        found[i] = dlsym(lib, entries[i].name);
+        if (found[i] == NULL) {
+            PyErr_Format(PyExc_OSError, "wasmtime's library lacks %s", entries[i].name);
+            return NULL;
+        }
+    }
+    /* All or nothing; wr_func_call last, since wr_bound() looks at it. */
+    for (size_t i = sizeof entries / sizeof entries[0]; i-- > 0;) *entries[i].slot = found[i];
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef wr_methods[] = {
+    {"bind", wr_bind, METH_VARARGS,
+     "bind(path, val_size): resolve wasmtime's entry points from its loaded library."},
+    {"call", (PyCFunction)(void (*)(void))wr_call_keep_gil, METH_FASTCALL,
+     "call(ctx, func, *params) -> i32 result; keeps the GIL. Raises CallFailed."},
+    {"call_nogil", (PyCFunction)(void (*)(void))wr_call_nogil, METH_FASTCALL,
+     "call_nogil(ctx, func, *params) -> i32 result; releases the GIL. Raises CallFailed."},
+    {"memory_size", (PyCFunction)(void (*)(void))wr_memory_size_bytes, METH_FASTCALL,
+     "memory_size(ctx, memory) -> the linear memory's size in bytes."},
+    {"memory_pages", (PyCFunction)(void (*)(void))wr_memory_pages, METH_FASTCALL,
+     "memory_pages(ctx, memory) -> the linear memory's size in 64 KiB pages."},
+    {"define", wr_define, METH_VARARGS,
+     "define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail)"
+     " -> address of a wasmtime_error_t, or 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef wr_module = {
+    PyModuleDef_HEAD_INIT, "_fastcall",
+    "The host's guest and host calls without ctypes (see fastcall.c).", -1, wr_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastcall(void) {
+    PyObject *m = PyModule_Create(&wr_module);
+    if (m == NULL) return NULL;
+    if (CallFailed == NULL) {
+        CallFailed = PyErr_NewExceptionWithDoc(
+            "_fastcall.CallFailed",
+            "A guest call failed: args are the addresses of its wasmtime_error_t and "
+            "wasm_trap_t (0 if none), which the caller owns.",
+            NULL, NULL);
+        if (CallFailed == NULL) goto fail;
+    }
+    if (mask32 == NULL) {
+        mask32 = PyLong_FromUnsignedLong(0xFFFFFFFFul);
+        if (mask32 == NULL) goto fail;
+    }
+    if (PyModule_AddObjectRef(m, "CallFailed", CallFailed) < 0) goto fail;
+    if (PyModule_AddIntConstant(m, "MAX_PARAMS", WR_SLOTS) < 0) goto fail;
+    if (PyModule_AddIntConstant(m, "MAX_HOST_PARAMS", WR_MAX_HOST_PARAMS) < 0) goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
