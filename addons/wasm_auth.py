@@ -935,7 +935,8 @@ class WasmAuth:
             return
         o = inst.observe()
         seen = (o.generation, o.allocated_pages, o.requests, o.outbound, o.state, o.draining,
-                o.metrics.get(LIVE_ENTRIES), o.metrics.get(LIVE_BYTES), o.memory_cap_hits)
+                o.metrics.get(LIVE_ENTRIES), o.metrics.get(LIVE_BYTES), o.memory_cap_hits,
+                o.refetch_interval_s)
         last = self._last_sample.get(instance_id)
         if only_if_changed and last is not None and last[0] == seen and (
                 last[1] + 1 < IDLE_SAMPLE_EVERY):
@@ -1212,7 +1213,7 @@ class WasmAuth:
             "requests": o.requests, "outbound": o.outbound, "started_at": o.started_at,
             "state": o.state, "draining": o.draining,
             "live_entries": o.metrics.get(LIVE_ENTRIES), "live_bytes": o.metrics.get(LIVE_BYTES),
-            "memory_cap_hits": o.memory_cap_hits,
+            "memory_cap_hits": o.memory_cap_hits, "refetch_interval_s": o.refetch_interval_s,
         } for o in self.host.observe()]
 
     def _restart_mode(self, mode: str | None) -> RestartMode:

@@ -114,7 +114,7 @@ from addons.telemetry.store import (
     release_lease,
 )
 from manager.admin_client import AdminClient, AdminError, Instance
-from manager.estimate import OBSERVABLE_COLUMNS
+from manager.estimate import OBSERVABLE_COLUMNS, OPTIONAL_COLUMNS
 from manager.policies import (
     MIB,
     Decision,
@@ -285,7 +285,7 @@ class DaemonConfig:
     def sample_columns(self) -> list[str]:
         """The sample fields the policy may read (ground truth only for the oracle)."""
         extra = ["live_bytes"] if isinstance(self.params, OracleParams) else []
-        return [*OBSERVABLE_COLUMNS, *extra]
+        return [*OBSERVABLE_COLUMNS, *OPTIONAL_COLUMNS, *extra]
 
     def read_columns(self) -> list[str]:
         """The sample fields read from the store: the policy's and `proxy`."""
@@ -311,17 +311,17 @@ def clean_samples(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame
 
     A usable row has a string ``instance``, finite numbers in every other column of
     ``columns`` except ``live_bytes`` (missing ground truth is NaN, which the oracle handles)
-    and an integral generation.
+    and the optional ones (NaN: not seen), and an integral generation.
     """
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         if frame.empty:
             return frame.reindex(columns=columns), 0
         return frame.iloc[0:0].reindex(columns=columns), len(frame)
-    numeric = [c for c in columns if c not in ("instance", "live_bytes")]
+    nan_ok = ["live_bytes", *OPTIONAL_COLUMNS]
+    numeric = [c for c in columns if c != "instance" and c not in nan_ok]
     # Columns that are numbers already stay as they are (a store read's usually are).
-    values = {c: frame[c] for c in [*numeric, *(["live_bytes"] if "live_bytes" in columns
-                                                 else [])]}
+    values = {c: frame[c] for c in [*numeric, *(c for c in nan_ok if c in columns)]}
     changed = {c: pd.to_numeric(v, errors="coerce") for c, v in values.items()
                if v.dtype.kind not in "iuf"}
     values.update(changed)

@@ -56,6 +56,11 @@ OBSERVABLE_COLUMNS: Final = (
     "outbound",
 )
 
+#: Host-visible too, but optional (NaN: not seen yet, or a proxy that does not send it): how
+#: long after a 2xx answer the generation repeats an identical outbound call, the filter's
+#: cache TTL as the host sees it (`addons.proxywasm.refetch`). The adaptive policy reads it (B9).
+OPTIONAL_COLUMNS: Final = ("refetch_interval_s",)
+
 #: Ground truth reported by the filter. Evaluation and the oracle policy only.
 GROUND_TRUTH_COLUMNS: Final = ("live_entries", "live_bytes")
 

@@ -55,6 +55,7 @@ import pandas as pd
 
 from manager.estimate import (
     OBSERVABLE_COLUMNS,
+    OPTIONAL_COLUMNS,
     WASM_PAGE_BYTES,
     EstimatorParams,
     FloatArray,
@@ -280,8 +281,11 @@ class AdaptiveParams(_Common):
 
     No measurement period and no unconditional first restart: k and the TTL start at the
     estimator's defaults and are refitted on every generation whose pages grew by at least
-    ``estimator.min_growth_pages`` in its first ``estimator.measure_s`` (B7). Every parameter is
-    in ``manager/AMBIGUITIES.md`` (B1–B8), with its reason and how sensitive the rule is to it.
+    ``estimator.min_growth_pages`` in its first ``estimator.measure_s`` (B7). Where the host
+    reports how long after a 2xx answer the instance repeats an identical outbound call (the
+    samples' ``refetch_interval_s``), that interval, at most the cap, is the TTL (B9). Every
+    parameter is in ``manager/AMBIGUITIES.md`` (B1–B9), with its reason and how sensitive the
+    rule is to it.
     """
 
     name: ClassVar[str] = "adaptive"
@@ -395,6 +399,8 @@ class Slots:
     pre_pages: FloatArray
     #: adaptive: when this generation's growth is fitted for k and the TTL (NaN: done) (B7)
     relearn_at: FloatArray
+    #: adaptive: the TTL the host last measured as its refetch interval (NaN: none yet) (B9)
+    ttl_refetched: FloatArray
     #: adaptive: refetch calls observed after our restarts, summed (B2)
     refetch_seen: FloatArray
     #: adaptive: the refetch estimates (unscaled C) of those restarts, summed (B2)
@@ -579,6 +585,7 @@ class _Rows:
     requests: FloatArray
     outbound: FloatArray
     live_bytes: FloatArray
+    refetch_interval: FloatArray  #: the host's refetch interval (s; NaN: not seen) (B9)
 
     def take(self, mask: BoolArray) -> _Rows:
         if mask.all():
@@ -687,6 +694,8 @@ def _read(frame: Samples, slots: Slots, with_live: bool) -> tuple[_Rows, Slots]:
         time=time[order], pages=col("allocated_pages"), allocated_bytes=col("allocated_bytes"),
         requests=col("requests"), outbound=col("outbound"),
         live_bytes=col("live_bytes") if with_live else np.full(len(order), np.nan),
+        refetch_interval=(col(OPTIONAL_COLUMNS[0]) if OPTIONAL_COLUMNS[0] in present
+                          else np.full(len(order), np.nan)),
     )
     return rows, slots
 
@@ -1094,6 +1103,16 @@ def _oracle(
 # ----------------------------------------------------------------------------------------------
 
 
+def _carried(values: FloatArray, slot: IntArray, before: FloatArray) -> FloatArray:
+    """Per row, the latest non-NaN value of ``values`` among the rows of its slot up to it
+    (rows sorted by slot), else ``before`` (the slot's value from earlier passes)."""
+    n = len(values)
+    index = np.arange(n)
+    first = np.maximum.accumulate(np.where(np.append(True, slot[1:] != slot[:-1]), index, 0))
+    latest = np.maximum.accumulate(np.where(np.isnan(values), -1, index))
+    return np.where(latest >= first, values[np.maximum(latest, 0)], before)
+
+
 def _adaptive_enter(
     params: AdaptiveParams, slots: Slots, rows: _Rows, firsts: IntArray
 ) -> Slots:
@@ -1273,6 +1292,14 @@ def _adaptive(
         with np.errstate(invalid="ignore"):
             fitted = rows.time >= relearn_at
         k, ttl = np.where(fitted, slots.k[slot], k), np.where(fitted, slots.ttl[slot], ttl)
+
+    # The TTL the host sees (B9): where the generation has repeated its outbound calls often
+    # enough, the refetch interval (at most the cap) replaces the fitted or default TTL, from
+    # that row on and in later generations of the instance until it says otherwise.
+    refetched = _carried(np.minimum(rows.refetch_interval, est.ttl_cap_s), slot,
+                         slots.ttl_refetched[slot])
+    ttl = np.where(np.isnan(refetched), ttl, refetched)
+    slots = slots.updated(slot[last], ttl_refetched=refetched[last])
 
     # Back-off (B6), checked once after each of our restarts: memory back at its pre-restart
     # size within one ttl (the horizon shrinks), or not (it grows back). The first row that

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from addons.proxywasm import FilterModule
-from manager.estimate import OBSERVABLE_COLUMNS, EstimatorParams, estimate
+from manager.estimate import OBSERVABLE_COLUMNS, OPTIONAL_COLUMNS, EstimatorParams, estimate
 from manager.policies import (
     Decision,
     Samples,
@@ -48,7 +48,7 @@ from scenarios.trace import Trace
 
 logger = logging.getLogger(__name__)
 
-MANAGER_COLUMNS = (*OBSERVABLE_COLUMNS, "live_bytes")
+MANAGER_COLUMNS = (*OBSERVABLE_COLUMNS, *OPTIONAL_COLUMNS, "live_bytes")
 """The sample columns a manager pass reads (`live_bytes` for the oracle): all its controller
 gets in an experiment."""
 

@@ -1207,6 +1207,13 @@ def test_clean_samples() -> None:
     rows[0]["live_bytes"] = None
     out, dropped = clean_samples(pd.DataFrame(rows), [*columns, "live_bytes"])
     assert dropped == 0 and np.isnan(out["live_bytes"].iloc[0])
+    # So may the host's refetch interval (none seen yet, or an older proxy).
+    rows = series("a", 0, [1.0, 2.0])
+    rows[0]["refetch_interval_s"] = None
+    rows[1]["refetch_interval_s"] = 61.5
+    out, dropped = clean_samples(pd.DataFrame(rows), [*columns, "refetch_interval_s"])
+    assert dropped == 0 and out["refetch_interval_s"].tolist()[1] == 61.5
+    assert np.isnan(out["refetch_interval_s"].iloc[0])
 
 
 @pytest.mark.parametrize(("rows", "kept"), [

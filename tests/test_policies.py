@@ -997,3 +997,36 @@ def test_warm_adaptive_without_a_cold_budget_always_runs_warm() -> None:
     assert parse_policy("adaptive:mode=warm,cold_budget=0").cold_budget_share == 0.0
     with pytest.raises(ValueError, match="cold_budget_share must be ≥ 0"):
         parse_policy("adaptive:mode=warm,cold_budget=-1")
+
+
+def test_adaptive_takes_the_ttl_the_host_sees() -> None:
+    # The host's refetch interval (B9) replaces the default TTL from the first row that has
+    # one, at most the cap, and is carried to later rows, passes and generations without one.
+    params = AdaptiveParams(estimator=EstimatorParams(ttl_cap_s=600, measure_s=1e6))
+    interval = [math.nan, math.nan, 120.0, math.nan, math.nan, 900.0, math.nan]
+    rows = [("a", 0, 100.0 * (i + 1), 0.0, 4, 10 * i) for i in range(len(interval))]
+    other = [("b", 0, 100.0 * (i + 1), 0.0, 4, 10 * i) for i in range(len(interval))]
+    passes = [frame([a, b], refetch_interval_s=[x, math.nan])
+              for a, b, x in zip(rows, other, interval, strict=True)]
+    decisions, state = run(params, passes)
+    assert [{d.instance: d.ttl_s for d in ds} for ds in decisions] == [
+        {"a": ttl, "b": 600.0} for ttl in (600.0, 600.0, 120.0, 120.0, 120.0, 600.0, 600.0)]
+    # One pass of all the rows ends in the same state.
+    _, one = run(params, [pd.concat(passes, ignore_index=True)])
+    assert state_frame(one).loc["a", "ttl_refetched"] == 600.0
+    assert np.isnan(state_frame(one).loc["b", "ttl_refetched"])
+    # The next generation has repeated nothing yet: it keeps what the host saw last, also
+    # from a proxy that does not send the column.
+    _, state = run(params, passes[:3])
+    for later in (frame([("a", 1, 900.0, 850.0, 4, 5)], refetch_interval_s=[None]),
+                  frame([("a", 1, 900.0, 850.0, 4, 5)])):
+        (d,) = run(params, [later], state)[0][0]
+        assert d.ttl_s == 120.0
+
+
+def test_ratio_ignores_the_refetch_interval() -> None:
+    # The paper's rule stays the paper's: the same decisions with or without the column.
+    rows = [("a", 0, float(t), 0.0, 4 if t < 300 else 20, t) for t in range(10, 2000, 10)]
+    plain, _ = run(RatioParams(), [frame(rows)])
+    seen, _ = run(RatioParams(), [frame(rows, refetch_interval_s=[30.0] * len(rows))])
+    assert [d.to_record() for d in plain[0]] == [d.to_record() for d in seen[0]]

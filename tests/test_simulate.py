@@ -140,14 +140,14 @@ def test_the_experiments_fast_path_records_the_same_run() -> None:
 def test_sample_frame_types_columns_as_pandas_does() -> None:
     """Numeric columns through numpy, the rest (strings, None) inferred by pandas: the same
     frame as pandas makes from the rows."""
-    base = ["p", 1.5, "i", "t", 0, 1.0, 1, 65536, 3, 1, 2, 2048, "running", 0, 1, 2, 0, 0]
-    rows = [tuple(base), (*base[:10], None, None, *base[12:]),
+    base = ["p", 1.5, "i", "t", 0, 1.0, 1, 65536, 3, 1, 2, 2048, "running", 0, 61.5, 1, 2, 0, 0]
+    rows = [tuple(base), (*base[:10], None, None, *base[12:14], None, *base[15:]),
             (*base[:4], 1, *base[5:12], "down", *base[13:])]
     for some in (rows, rows[:1], rows[1:2]):
         expected = pd.DataFrame(some, columns=SAMPLE_COLUMNS)
         pd.testing.assert_frame_equal(sample_frame(some), expected)
         # only some columns (what a manager pass reads), in the order asked
-        wanted = ["live_bytes", "instance", "time", "state"]
+        wanted = ["live_bytes", "instance", "time", "state", "refetch_interval_s"]
         pd.testing.assert_frame_equal(sample_frame(some, wanted), expected[wanted])
 
 

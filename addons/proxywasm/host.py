@@ -50,6 +50,7 @@ from .journal import (
 from .limits import Limits
 from .module import FilterModule
 from .properties import Attributes
+from .refetch import call_key
 from .replay import Replay, ReplayError, ReplayServices, replay_into
 from .shared import SharedQueues
 from .vm import FilterStartError, Vm
@@ -98,6 +99,9 @@ class Observation:
     state: Literal["running", "down"] = "running"
     memory_cap_hits: int = 0
     """Generations of this instance that reached the linear-memory cap (memory.grow failing)."""
+    refetch_interval_s: float | None = None
+    """How long after a 2xx answer the generation makes an identical outbound call again (a
+    low quantile: the filter's cache TTL as the host sees it; None: too few repeats yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,7 +457,7 @@ class FilterInstance:
         return Observation(
             self.id, self.tenant, vm.generation, vm.started_ns / 1e9, pages,
             pages * WASM_PAGE_SIZE, vm.requests, vm.outbound, vm.metric_values(),
-            len(self.draining), "running", self.memory_cap_hits,
+            len(self.draining), "running", self.memory_cap_hits, vm.refetch.interval_s(),
         )
 
     def capped(self, vm: Vm) -> bool:
@@ -968,6 +972,8 @@ class Host:
             logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
             return Status.INTERNAL_FAILURE
         heapq.heappush(self._timers, (call.deadline_ns, next(self._seq), vm, call.id))
+        vm.refetch.started(call.id, call_key(call.cluster, headers, body, trailers),
+                           call.started_ns / 1e9)
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None and ctx.stream.entry is not None:
             ctx.stream.entry.add_call(call.id, call.cluster, headers, body, trailers)
@@ -995,6 +1001,8 @@ class Host:
             call.cluster, call.path, response.status if response is not None else None, outcome,
             (now - call.started_ns) / 1e9,
         ))
+        vm.refetch.answered(call_id, now / 1e9,
+                            response is not None and 200 <= response.status < 300)
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None:
             ctx.calls.discard(call_id)

@@ -36,6 +36,7 @@ from .context import (
 from .headers import Pairs
 from .limits import Limits
 from .properties import Path, plugin_properties
+from .refetch import RefetchIntervals
 from .shared import SharedQueues
 
 M32 = 0xFFFFFFFF
@@ -122,6 +123,8 @@ class Vm:
         self.deadline = raw.deadline_budget_ns(host.limits.deadline_ms)
         self.requests = 0
         self.outbound = 0
+        self.refetch = RefetchIntervals()
+        """When this generation repeats an identical outbound call (its cache's TTL, seen)."""
         self.broken: str | None = None
         self.closed = False
         self.wasi_time_floor_ns = 0

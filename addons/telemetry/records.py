@@ -56,12 +56,14 @@ if TYPE_CHECKING:
 SAMPLE_FIELDS: Final = (
     "proxy", "time", "instance", "tenant", "generation", "started_at", "allocated_pages",
     "allocated_bytes", "requests", "outbound", "live_entries", "live_bytes", "state",
-    "memory_cap_hits", "hits", "misses", "denied", "errors",
+    "memory_cap_hits", "refetch_interval_s", "hits", "misses", "denied", "errors",
 )
 """A sample: what the host observes of an instance (allocated memory, requests and outbound
 calls of the current generation: the paper's three metrics), the filter's ground truth
 (`live_entries`, `live_bytes`: None when the filter does not report them), how often the
-generation hit the memory cap (`memory_cap_hits`) and what the filter
+generation hit the memory cap (`memory_cap_hits`), how long after a 2xx answer the generation
+repeats an identical outbound call (`refetch_interval_s`, a low quantile: its cache's TTL as the
+host sees it; None until it has repeated enough, `addons.proxywasm.refetch`) and what the filter
 decided since the previous sample of the instance (`hits`, `misses`, `denied`, `errors`)."""
 
 LIVE_ENTRIES: Final = "auth_cache.live_entries"  # the filter's metrics holding ground truth
@@ -78,7 +80,7 @@ def sample_row(proxy: str, time: float, o: Observation,
     metrics = o.metrics
     return (proxy, time, o.id, o.tenant, o.generation, o.started_at, o.allocated_pages,
             o.allocated_bytes, o.requests, o.outbound, metrics.get(LIVE_ENTRIES),
-            metrics.get(LIVE_BYTES), o.state, o.memory_cap_hits, *counts)
+            metrics.get(LIVE_BYTES), o.state, o.memory_cap_hits, o.refetch_interval_s, *counts)
 
 
 def sample(proxy: str, time: float, o: Observation,
