@@ -255,7 +255,7 @@ inst.arm(raw.deadline_budget_ns(1000))
 del impl, linker
 gc.collect()
 print(gone() is not None, inst.call(inst.func("run"), 5, 0))
-inst.close()  # dropped on the reaper thread, without the GIL: the finalizer takes it
+inst.close()  # dropped on the reaper thread, without the GIL: released on this one
 raw.drain_reaper()
 gc.collect()
 print(gone() is None)

@@ -30,6 +30,7 @@
 #include <Python.h>
 
 #include <dlfcn.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -250,7 +251,11 @@ typedef struct wr_host {
     PyObject *fail;     /* fail(exception) -> the trap's message (logs a host bug) */
     Py_ssize_t nparams;
     char wide[WR_MAX_HOST_PARAMS]; /* 1: an i64 (signed) parameter, 0: an i32 (unsigned) */
+    struct wr_host *next;          /* in wr_released, once finalized without the GIL */
 } wr_host;
+
+/* Envs finalized on a thread without the GIL, released by the next wr_release_pending. */
+static _Atomic(wr_host *) wr_released;
 
 /* A trap with `message` (any object: its str, UTF-8 with errors replaced). Takes the
  * reference to `message`; NULL `message` means an exception is set, which is reported as
@@ -380,21 +385,46 @@ static int wr_finalizing(void) {
 #endif
 }
 
-/* wasmtime's finalizer for a host function's env: when the last linker, module instance or
- * store that refers to the function is dropped (on any thread: the reaper drops stores with
- * the GIL released). Once the interpreter is shutting down its objects are left alone. */
-static void wr_host_finalize(void *data) {
-    wr_host *env = data;
-    if (env == NULL) return;
-    if (!Py_IsInitialized() || wr_finalizing()) return;
-    PyGILState_STATE gil = PyGILState_Ensure();
+/* Release an env's Python objects and free it; the GIL is held. */
+static void wr_release(wr_host *env) {
     Py_CLEAR(env->impl);
     Py_CLEAR(env->active);
     Py_CLEAR(env->meter);
     Py_CLEAR(env->fallback);
     Py_CLEAR(env->fail);
-    PyGILState_Release(gil);
     PyMem_RawFree(env);
+}
+
+/* Release the envs finalized without the GIL (a pending call, and before each define). */
+static int wr_release_pending(void *Py_UNUSED(arg)) {
+    wr_host *env = atomic_exchange(&wr_released, NULL);
+    while (env != NULL) {
+        wr_host *next = env->next;
+        wr_release(env);
+        env = next;
+    }
+    return 0;
+}
+
+/* wasmtime's finalizer for a host function's env: when the last linker, module instance or
+ * store that refers to the function is dropped. With the GIL held (a linker or store dropped
+ * from Python) the env is released at once. Without it (the reaper thread drops stores with
+ * the GIL released) it is queued and released on the main thread by a pending call, so this
+ * thread never waits for the GIL (nor is stopped by it at exit). Once the interpreter is
+ * shutting down, envs are left alone. */
+static void wr_host_finalize(void *data) {
+    wr_host *env = data;
+    if (env == NULL) return;
+    if (!Py_IsInitialized() || wr_finalizing()) return;
+    if (PyGILState_Check()) {
+        wr_release(env);
+        return;
+    }
+    wr_host *head = atomic_load(&wr_released);
+    do {
+        env->next = head;
+    } while (!atomic_compare_exchange_weak(&wr_released, &head, env));
+    (void)Py_AddPendingCall(wr_release_pending, NULL); /* if full: released by a later one */
 }
 
 /* define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail)
@@ -405,6 +435,7 @@ static PyObject *wr_define(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_ssize_t module_len, name_len, nkinds;
     PyObject *impl, *active, *meter, *fallback, *fail;
     if (!wr_bound()) return NULL;
+    wr_release_pending(NULL);
     if (!PyArg_ParseTuple(args, "Ky#y#Ky#OO!O!OO:define", &linker_addr, &module, &module_len,
                           &name, &name_len, &functype_addr, &kinds, &nkinds, &impl,
                           &PyList_Type, &active, &PyList_Type, &meter, &fallback, &fail))
