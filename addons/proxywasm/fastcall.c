@@ -92,8 +92,12 @@ static memory_size_fn wr_memory_size;
 /* Host functions with more params than this are defined through ctypes by the caller. */
 #define WR_MAX_HOST_PARAMS 16
 
-static PyObject *CallFailed; /* raised with (error address, trap address) */
-static PyObject *mask32;     /* 0xFFFFFFFF, for a result that is not an int */
+static PyObject *wr_call_failed; /* CallFailed: raised with (error address, trap address) */
+static PyObject *wr_mask32;      /* 0xFFFFFFFF, for a result that is not an int */
+
+/* Allocation goes through these two, in one place (no GIL needed). */
+#define WR_ALLOC(size) PyMem_RawCalloc(1, size)
+#define WR_FREE(ptr) PyMem_RawFree(ptr)
 
 /* ---------------------------------------------------------------------------------------- */
 /* Helpers                                                                                  */
@@ -112,6 +116,7 @@ static void *wr_address(PyObject *o, const char *what) {
     return p;
 }
 
+/* 1 if bind() resolved the entry points; else 0 with RuntimeError set. */
 static int wr_bound(void) {
     if (wr_func_call == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_fastcall.bind() was not called");
@@ -157,7 +162,7 @@ static PyObject *wr_raise_failed(wasmtime_error_t *error, wasm_trap_t *trap) {
         if (trap) wr_trap_delete(trap);
         return NULL;
     }
-    PyErr_SetObject(CallFailed, pair);
+    PyErr_SetObject(wr_call_failed, pair);
     Py_DECREF(pair);
     return NULL;
 }
@@ -166,6 +171,10 @@ static PyObject *wr_raise_failed(wasmtime_error_t *error, wasm_trap_t *trap) {
 /* Guest calls                                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
+/* call(ctx, func, *params): the guest call. Returns a new int (the i32 result, signed), or
+ * NULL with an exception set: TypeError/OverflowError/ValueError for bad arguments (nothing
+ * was called), CallFailed when the call trapped or failed (its args own the wasmtime error
+ * and trap). With release_gil the GIL is released around the call; host calls re-take it. */
 static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
     if (!wr_bound()) return NULL;
     if (nargs < 2 || nargs > 2 + WR_SLOTS) {
@@ -196,11 +205,13 @@ static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gi
     return PyLong_FromLong(vals[0].i32);
 }
 
+/* call(): wr_call keeping the GIL (while the native epoch ticker runs). */
 static PyObject *wr_call_keep_gil(PyObject *Py_UNUSED(m), PyObject *const *args,
                                   Py_ssize_t nargs) {
     return wr_call(args, nargs, 0);
 }
 
+/* call_nogil(): wr_call releasing the GIL (a Python thread ticks the epoch). */
 static PyObject *wr_call_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
                                Py_ssize_t nargs) {
     return wr_call(args, nargs, 1);
@@ -210,6 +221,8 @@ static PyObject *wr_call_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
 /* Linear memory                                                                            */
 /* ---------------------------------------------------------------------------------------- */
 
+/* The (ctx, memory) arguments of memory_size/memory_pages. Returns 0, or -1 with an
+ * exception set. */
 static int wr_memory_args(PyObject *const *args, Py_ssize_t nargs, wasmtime_context_t **ctx,
                           wasmtime_memory_t **memory) {
     if (!wr_bound()) return -1;
@@ -223,6 +236,7 @@ static int wr_memory_args(PyObject *const *args, Py_ssize_t nargs, wasmtime_cont
     return *memory == NULL ? -1 : 0;
 }
 
+/* memory_size(ctx, memory): a new int, the size in bytes; NULL with an exception set. */
 static PyObject *wr_memory_size_bytes(PyObject *Py_UNUSED(m), PyObject *const *args,
                                       Py_ssize_t nargs) {
     wasmtime_context_t *ctx;
@@ -231,6 +245,7 @@ static PyObject *wr_memory_size_bytes(PyObject *Py_UNUSED(m), PyObject *const *a
     return PyLong_FromSize_t(wr_memory_data_size(ctx, memory));
 }
 
+/* memory_pages(ctx, memory): a new int, the size in 64 KiB pages; NULL with an exception set. */
 static PyObject *wr_memory_pages(PyObject *Py_UNUSED(m), PyObject *const *args,
                                  Py_ssize_t nargs) {
     wasmtime_context_t *ctx;
@@ -280,7 +295,8 @@ static wasm_trap_t *wr_trap(PyObject *message) {
     return trap;
 }
 
-/* The trap for the exception that is set (cleared here): fail(exception) gives its message. */
+/* The trap for the exception that is set (cleared here): fail(exception) gives its message.
+ * Returns the new trap (wasmtime takes it when the callback returns it). */
 static wasm_trap_t *wr_trap_from_exception(wr_host *env) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -299,7 +315,8 @@ static wasm_trap_t *wr_trap_from_exception(wr_host *env) {
 }
 
 /* The Python callback, for the uncommon cases: the guest call is being measured, or no VM is
- * active (it traps with the same message as on the ctypes path). */
+ * active (it traps with the same message as on the ctypes path). Returns the trap it made (an
+ * address it returns as an int), or NULL. */
 static wasm_trap_t *wr_host_fallback(wr_host *env, wasmtime_caller_t *caller,
                                      wasmtime_val_raw_t *vals, size_t nvals) {
     PyObject *argv[4] = {NULL, NULL, NULL, NULL};
@@ -316,7 +333,8 @@ static wasm_trap_t *wr_host_fallback(wr_host *env, wasmtime_caller_t *caller,
     return trap;
 }
 
-/* impl(target, *params) with the raw arguments as ints; its i32 result written in place. */
+/* impl(target, *params) with the raw arguments as ints; its i32 result written in place.
+ * Returns NULL, or a trap (owned by wasmtime once returned to it) for an exception. */
 static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_raw_t *vals,
                                    size_t nvals) {
     /* stack[0] is scratch for PY_VECTORCALL_ARGUMENTS_OFFSET */
@@ -344,7 +362,7 @@ static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_
         return NULL;
     }
     if (!PyLong_Check(result)) { /* as `result & 0xFFFFFFFF` does: an error for a non-int */
-        PyObject *masked = PyNumber_And(result, mask32);
+        PyObject *masked = PyNumber_And(result, wr_mask32);
         Py_DECREF(result);
         if (masked == NULL) return wr_trap_from_exception(env);
         result = masked;
@@ -359,6 +377,9 @@ static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_
     return NULL;
 }
 
+/* The wasmtime_func_unchecked_callback_t of every host function: `data` is its wr_host.
+ * Takes the GIL (a no-op when the guest call kept it), calls the host function, and returns
+ * NULL, or a trap for wasmtime to raise in the guest. */
 static wasm_trap_t *wr_trampoline(void *data, wasmtime_caller_t *caller,
                                   wasmtime_val_raw_t *vals, size_t nvals) {
     wr_host *env = data;
@@ -377,6 +398,7 @@ static wasm_trap_t *wr_trampoline(void *data, wasmtime_caller_t *caller,
     return trap;
 }
 
+/* Whether the interpreter is shutting down (its objects must be left alone). */
 static int wr_finalizing(void) {
 #if PY_VERSION_HEX >= 0x030D0000
     return Py_IsFinalizing();
@@ -392,7 +414,7 @@ static void wr_release(wr_host *env) {
     Py_CLEAR(env->meter);
     Py_CLEAR(env->fallback);
     Py_CLEAR(env->fail);
-    PyMem_RawFree(env);
+    WR_FREE(env);
 }
 
 /* Release the envs finalized without the GIL (a pending call, and before each define). */
@@ -452,12 +474,12 @@ static PyObject *wr_define(PyObject *Py_UNUSED(m), PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "define: impl, fallback and fail must be callable");
         return NULL;
     }
-    wr_host *env = PyMem_RawCalloc(1, sizeof *env);
+    wr_host *env = WR_ALLOC(sizeof *env);
     if (env == NULL) return PyErr_NoMemory();
     env->nparams = nkinds;
     for (Py_ssize_t i = 0; i < nkinds; i++) {
         if (kinds[i] != 'i' && kinds[i] != 'I') {
-            PyMem_RawFree(env);
+            WR_FREE(env);
             PyErr_SetString(PyExc_ValueError, "define: kinds are 'i' (i32) or 'I' (i64)");
             return NULL;
         }
@@ -559,19 +581,19 @@ static struct PyModuleDef wr_module = {
 PyMODINIT_FUNC PyInit__fastcall(void) {
     PyObject *m = PyModule_Create(&wr_module);
     if (m == NULL) return NULL;
-    if (CallFailed == NULL) {
-        CallFailed = PyErr_NewExceptionWithDoc(
+    if (wr_call_failed == NULL) {
+        wr_call_failed = PyErr_NewExceptionWithDoc(
             "_fastcall.CallFailed",
             "A guest call failed: args are the addresses of its wasmtime_error_t and "
             "wasm_trap_t (0 if none), which the caller owns.",
             NULL, NULL);
-        if (CallFailed == NULL) goto fail;
+        if (wr_call_failed == NULL) goto fail;
     }
-    if (mask32 == NULL) {
-        mask32 = PyLong_FromUnsignedLong(0xFFFFFFFFul);
-        if (mask32 == NULL) goto fail;
+    if (wr_mask32 == NULL) {
+        wr_mask32 = PyLong_FromUnsignedLong(0xFFFFFFFFul);
+        if (wr_mask32 == NULL) goto fail;
     }
-    if (PyModule_AddObjectRef(m, "CallFailed", CallFailed) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "CallFailed", wr_call_failed) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_PARAMS", WR_SLOTS) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_HOST_PARAMS", WR_MAX_HOST_PARAMS) < 0) goto fail;
     return m;
