@@ -298,19 +298,23 @@ static wasm_trap_t *wr_trap(PyObject *message) {
 /* The trap for the exception that is set (cleared here): fail(exception) gives its message.
  * Returns the new trap (wasmtime takes it when the callback returns it). */
 static wasm_trap_t *wr_trap_from_exception(wr_host *env) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *value = PyErr_GetRaisedException(); /* carries its traceback */
+#else
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (value != NULL && tb != NULL) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+#endif
     PyObject *message = NULL;
     if (value != NULL) {
         message = PyObject_CallOneArg(env->fail, value);
+        Py_DECREF(value);
     } else {
         PyErr_SetString(PyExc_SystemError, "a host function failed without an exception");
     }
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
     return wr_trap(message);
 }
 
