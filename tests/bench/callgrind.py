@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child[0], int(args.child[1]))
         return 0
+    if shutil.which("valgrind") is None:
+        raise SystemExit("callgrind: valgrind is not installed (apt-get install valgrind)")
     from addons.proxywasm import _wasmtime
 
     path = "the C extension" if _wasmtime.FASTCALLS else "ctypes"
