@@ -6,6 +6,9 @@ the difference of two runs under `valgrind --tool=callgrind` of `tests.bench.hos
 start-up, compiling the filter and the first requests cancel out.
 
     python -m tests.bench.callgrind            # hit and miss, 3,000 − 1,000 requests
+    python -m tests.bench.callgrind --what flow  # a cache-hit flow inside mitmproxy, plain and
+                                                 # with the addon (`tests.bench.dispatch`'s
+                                                 # child, logging off), 160 − 40 flows
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +38,16 @@ def child(what: str, n: int) -> None:
 
 def instructions(what: str, n: int) -> int:
     """Instructions callgrind counts for a whole run of `n` requests."""
+    return counted([sys.executable, "-m", "tests.bench.callgrind", "--child", what, str(n)])
+
+
+def counted(command: list[str]) -> int:
+    """Instructions callgrind counts for a whole run of `command`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
+        command = [c.replace("{tmp}", tmp) for c in command]
         subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             sys.executable, "-m", "tests.bench.callgrind", "--child", what, str(n)],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
             check=True, cwd=ROOT, capture_output=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"})
         text = out.read_text()
@@ -48,11 +57,38 @@ def instructions(what: str, n: int) -> int:
     return int(found.group(1))
 
 
+def flows(many: int, few: int) -> None:
+    """Per cache-hit flow inside mitmproxy (`tests.bench.dispatch`'s child: a real DumpMaster,
+    its hook dispatch): plain, and with the addon (logging off), against a real auth server."""
+    import httpx
+
+    from scenarios.procs import free_port, process
+
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ExitStack() as stack:
+        port = free_port()
+        stack.enter_context(process(
+            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(port),
+             "--no-store"], port, Path(tmp) / "auth.log", {"PYTHONPATH": str(ROOT)}))
+        auth = f"http://127.0.0.1:{port}"
+        token = httpx.post(f"{auth}/login", json={"user": "bench"}, timeout=10).json()["token"]
+        per: dict[str, float] = {}
+        for variant in ("plain", "off"):
+            run = [[sys.executable, "-m", "tests.bench.dispatch", "--child", variant, "--auth",
+                    auth, "--token", token, "--flows", str(n), "--repeats", "1", "--tmp", "{tmp}"]
+                   for n in (many, few)]
+            per[variant] = (counted(run[0]) - counted(run[1])) / (many - few)
+            print(f"flow, {variant}: {per[variant]:,.0f} instructions per flow "
+                  f"({many:,} − {few:,} flows)")
+    print(f"flow, the addon's part: {per['off'] - per['plain']:,.0f} instructions")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--many", type=int, default=3000)
     parser.add_argument("--few", type=int, default=1000)
-    parser.add_argument("--what", choices=("hit", "miss", "both"), default="both")
+    parser.add_argument("--what", choices=("hit", "miss", "both", "flow"), default="both")
+    parser.add_argument("--flows-many", type=int, default=160)
+    parser.add_argument("--flows-few", type=int, default=40)
     parser.add_argument("--child", nargs=2, metavar=("WHAT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -64,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     path = "the C extension" if _wasmtime.FASTCALLS else "ctypes"
     print(f"calls through {path}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    if args.what == "flow":
+        flows(args.flows_many, args.flows_few)
+        return 0
     for what in (("hit", "miss") if args.what == "both" else (args.what,)):
         many, few = instructions(what, args.many), instructions(what, args.few)
         per = (many - few) / (args.many - args.few)
