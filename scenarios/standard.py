@@ -428,16 +428,26 @@ def chosen(only: Sequence[str] = (), holdout: bool = False) -> list[Scenario]:
     return [s for s in SCENARIOS.values() if (s.holdout if holdout else s.default)]
 
 
+_RUN_ALONE: Final = tuple(name for name, s in SCENARIOS.items() if not s.default and not s.holdout)
+"""Traces run only when asked for by name (the week): a run of the default set keeps their
+rows in the tables."""
+
+
 def write_table(out: Path, name: str, table: pd.DataFrame,
-                markdown: Callable[[pd.DataFrame], str], keep_others: bool) -> pd.DataFrame:
-    """Write a per-trace table to `out/<name>.csv` and `.md`. With `keep_others` (a run of
-    some traces, `--only`), the rows of other traces already in the CSV stay, in their order,
-    and the rerun traces' rows replace theirs; returns the table written."""
+                markdown: Callable[[pd.DataFrame], str], keep_others: bool,
+                only_kept: Sequence[str] = ()) -> pd.DataFrame:
+    """Write a per-trace table to `out/<name>.csv` and `.md`. The rows of other traces of the
+    set already in the CSV stay, in their order, and the rerun traces' rows replace theirs: a
+    run of some traces (`--only`) keeps the rest, and a run of the default set keeps the week's
+    (run on its own, `--only week`). Without `keep_others`, only the scenarios that are not
+    part of the set run (`only_kept`) are kept. Returns the table written."""
     path = out / f"{name}.csv"
-    if keep_others and path.exists():
+    if path.exists():
         old = pd.read_csv(path, keep_default_na=False)
         if "trace" in old.columns and list(old.columns) == list(table.columns):
             old = old[~old["trace"].isin(set(table["trace"]))]
+            if not keep_others:
+                old = old[old["trace"].isin(set(only_kept))]
             table = pd.concat([old, table], ignore_index=True)
             # rows read back come as text where empty; the markdown reads both alike
             table = table.replace({"": None})
@@ -459,11 +469,13 @@ def run_standard(out: Path, quick: bool = False, jobs: int | None = None,
             {s.name: (summaries[s.name], pd.read_csv(out / s.name / "limit.csv"), s.ttl_s)
              for s in shaped})
         name = "robustness-holdout" if holdout else "robustness"
-        write_table(out, name, table, robustness_markdown, keep_others=bool(only))
+        write_table(out, name, table, robustness_markdown, keep_others=bool(only),
+                    only_kept=_RUN_ALONE)
     warm = warm_table(summaries)
     if len(warm):
         name = "warm-holdout" if holdout else "warm"
-        write_table(out, name, warm, warm_markdown, keep_others=bool(only))
+        write_table(out, name, warm, warm_markdown, keep_others=bool(only),
+                    only_kept=_RUN_ALONE)
     names = {s.name for s in scenarios}
     if "week" in names:
         # One generated EClog-format day, the sale day of the week: requests and active tokens.

@@ -119,3 +119,20 @@ def test_a_run_of_some_traces_keeps_the_other_traces_rows(tmp_path: Path) -> Non
     assert "flash a 9.0" in (tmp_path / "t.md").read_text()
     whole = write_table(tmp_path, "t", rerun, md, keep_others=False)
     assert list(whole["trace"]) == ["flash"]
+
+
+def test_a_run_of_the_default_set_keeps_the_weeks_rows(tmp_path: Path) -> None:
+    """The week runs on its own (`--only week`); a later run of the default set replaces its
+    traces' rows and keeps the week's, and drops rows of traces it no longer knows."""
+    from scenarios.standard import write_table
+
+    def md(table: pd.DataFrame) -> str:
+        return "\n".join(f"{r.trace} {r.value}" for r in table.itertuples())
+
+    before = pd.DataFrame({"trace": ["flash", "week", "gone"], "value": [1.0, 2.0, 3.0]})
+    write_table(tmp_path, "t", before, md, keep_others=True)
+    rerun = pd.DataFrame({"trace": ["flash", "ramp"], "value": [8.0, 9.0]})
+    whole = write_table(tmp_path, "t", rerun, md, keep_others=False, only_kept=("week",))
+    assert sorted(zip(whole["trace"], whole["value"], strict=True)) == [
+        ("flash", 8.0), ("ramp", 9.0), ("week", 2.0)]
+    assert "week 2.0" in (tmp_path / "t.md").read_text()
