@@ -23,6 +23,8 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from tests.bench import auth_server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,17 +62,8 @@ def counted(command: list[str]) -> int:
 def flows(many: int, few: int) -> None:
     """Per cache-hit flow inside mitmproxy (`tests.bench.dispatch`'s child: a real DumpMaster,
     its hook dispatch): plain, and with the addon (logging off), against a real auth server."""
-    import httpx
-
-    from scenarios.procs import free_port, process
-
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ExitStack() as stack:
-        port = free_port()
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(port),
-             "--no-store"], port, Path(tmp) / "auth.log", {"PYTHONPATH": str(ROOT)}))
-        auth = f"http://127.0.0.1:{port}"
-        token = httpx.post(f"{auth}/login", json={"user": "bench"}, timeout=10).json()["token"]
+        auth, token = auth_server(stack, Path(tmp))
         per: dict[str, float] = {}
         for variant in ("plain", "off"):
             run = [[sys.executable, "-m", "tests.bench.dispatch", "--child", variant, "--auth",

@@ -27,10 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from scenarios.procs import free_port, process
-from tests.bench import load_note
+from tests.bench import auth_server, load_note
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "dispatch.json"
@@ -153,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, ExitStack() as stack:
-        port = free_port()
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(port),
-             "--no-store"], port, Path(tmp) / "auth.log", {"PYTHONPATH": str(ROOT)}))
-        auth_url = f"http://127.0.0.1:{port}"
-        token = httpx.post(f"{auth_url}/login", json={"user": "bench"}, timeout=10
-                           ).json()["token"]
+        auth_url, token = auth_server(stack, Path(tmp))
         for r in range(args.rounds):
             for v in variants:
                 values = run_variant(v, auth_url, token, args.flows, args.repeats)
