@@ -22,8 +22,11 @@ import math
 from collections import OrderedDict, deque
 from typing import Final
 
-MAX_KEYS: Final = 65_536
-"""Distinct calls remembered per generation (about 100 bytes each)."""
+MAX_KEYS: Final = 16_384
+"""Distinct calls remembered per generation: about 120 bytes each, so at most 1.9 MiB per
+instance (a flood of distinct tokens across the instance bound stays small beside the
+instances' own memory). A call repeated after more than this many other calls were answered
+is not seen; the quantile then comes from quieter times, or there is none."""
 KEEP: Final = 256
 """The latest intervals kept: the quantile follows the filter's recent behaviour."""
 MIN_INTERVALS: Final = 20
