@@ -1001,14 +1001,14 @@ class Host:
             call.cluster, call.path, response.status if response is not None else None, outcome,
             (now - call.started_ns) / 1e9,
         ))
-        vm.refetch.answered(call_id, now / 1e9,
-                            response is not None and 200 <= response.status < 300)
+        ok = response is not None and 200 <= response.status < 300
+        vm.refetch.answered(call_id, now / 1e9, ok)
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None:
             ctx.calls.discard(call_id)
             if ctx.stream.entry is not None:
                 ctx.stream.entry.answer(call_id, now, response)
-            if response is None or not 200 <= response.status < 300:
+            if not ok:
                 ctx.stream.failed_calls += 1
         if vm.closed:
             return
