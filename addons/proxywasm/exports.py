@@ -34,7 +34,12 @@ _OK = int(Status.OK)
 _NOT_FOUND = int(Status.NOT_FOUND)
 _BAD_ARGUMENT = int(Status.BAD_ARGUMENT)
 _BAD_MEMORY = int(Status.INVALID_MEMORY_ACCESS)
+_UNIMPLEMENTED = int(Status.UNIMPLEMENTED)
 _COUNTER = int(MetricType.COUNTER)
+_HTTP_STREAMS = frozenset((int(StreamType.HTTP_REQUEST), int(StreamType.HTTP_RESPONSE)))
+_HTTP_REQUEST = int(StreamType.HTTP_REQUEST)
+_HTTP_RESPONSE = int(StreamType.HTTP_RESPONSE)
+_CALL_PSEUDO_HEADERS = frozenset((b":authority", b":method", b":path"))
 _BUFFER_TYPES = frozenset(BufferType)
 _MAP_TYPES = frozenset(int(t) for t in MapType)
 _STREAM_TYPES = frozenset(StreamType)
@@ -104,24 +109,24 @@ def proxy_get_buffer_bytes(
     vm: Vm, buf: int, start: int, max_size: int, ret_ptr: int, ret_size: int,
 ) -> int:
     if buf not in _BUFFER_TYPES:
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
     data = vm.buffer(buf)
     if data is None:
-        return Status.NOT_FOUND
+        return _NOT_FOUND
     if start > len(data):
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
     return vm.return_bytes(data[start : start + max_size], ret_ptr, ret_size)
 
 
 def proxy_get_buffer_status(vm: Vm, buf: int, ret_size: int, ret_flags: int) -> int:
     if buf not in _BUFFER_TYPES:
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
     data = vm.buffer(buf)
     if data is None:
-        return Status.NOT_FOUND
+        return _NOT_FOUND
     if not (vm.write_u32(ret_size, len(data)) and vm.write_u32(ret_flags, 0)):
-        return BAD_MEMORY
-    return Status.OK
+        return _BAD_MEMORY
+    return _OK
 
 
 def proxy_set_buffer_bytes(
@@ -147,20 +152,20 @@ def proxy_set_buffer_bytes(
 
 def proxy_get_header_map_pairs(vm: Vm, map_type: int, ret_ptr: int, ret_size: int) -> int:
     if map_type not in _MAP_TYPES:
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
     pairs = vm.header_map(map_type)
     if pairs is None:
-        return Status.NOT_FOUND
+        return _NOT_FOUND
     return vm.return_bytes(serialize_map(pairs), ret_ptr, ret_size)
 
 
 def proxy_get_header_map_size(vm: Vm, map_type: int, ret_size: int) -> int:
     if map_type not in _MAP_TYPES:
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
     pairs = vm.header_map(map_type)
     if pairs is None:
-        return Status.NOT_FOUND
-    return Status.OK if vm.write_u32(ret_size, serialized_size(pairs)) else BAD_MEMORY
+        return _NOT_FOUND
+    return _OK if vm.write_u32(ret_size, serialized_size(pairs)) else _BAD_MEMORY
 
 
 def proxy_set_header_map_pairs(vm: Vm, map_type: int, ptr: int, size: int) -> int:
@@ -238,23 +243,21 @@ def proxy_remove_header_map_value(vm: Vm, map_type: int, key_ptr: int, key_size:
 
 
 def proxy_continue_stream(vm: Vm, stream_type: int) -> int:
-    if stream_type not in _STREAM_TYPES:
-        return Status.BAD_ARGUMENT
-    if stream_type not in (StreamType.HTTP_REQUEST, StreamType.HTTP_RESPONSE):
-        return Status.UNIMPLEMENTED
+    if stream_type not in _HTTP_STREAMS:
+        return _BAD_ARGUMENT if stream_type not in _STREAM_TYPES else _UNIMPLEMENTED
     ctx = vm.contexts.get(vm.effective)
     if ctx is None:
-        return Status.NOT_FOUND
+        return _NOT_FOUND
     ctx.resumed = True
-    return Status.OK
+    return _OK
 
 
 def proxy_continue_request(vm: Vm) -> int:
-    return proxy_continue_stream(vm, StreamType.HTTP_REQUEST)
+    return proxy_continue_stream(vm, _HTTP_REQUEST)
 
 
 def proxy_continue_response(vm: Vm) -> int:
-    return proxy_continue_stream(vm, StreamType.HTTP_RESPONSE)
+    return proxy_continue_stream(vm, _HTTP_RESPONSE)
 
 
 def proxy_close_stream(vm: Vm, stream_type: int) -> int:
@@ -321,27 +324,26 @@ def proxy_http_call(
     body = vm.read(body_ptr, body_size)
     trailers_raw = vm.read(trailers_ptr, trailers_size)
     if upstream is None or headers_raw is None or body is None or trailers_raw is None:
-        return BAD_MEMORY
+        return _BAD_MEMORY
     if not vm.in_bounds(ret_call_id, 4):
-        return BAD_MEMORY
+        return _BAD_MEMORY
     try:
         headers = deserialize_map(headers_raw)
         trailers = deserialize_map(trailers_raw)
     except MapFormatError as e:
         guest_logger.warning("[%s] proxy_http_call: %s", vm.instance_id, e)
-        return Status.BAD_ARGUMENT
-    cluster = upstream.decode("utf-8", "replace")
-    names = {k.lower() for k, _ in headers}
-    if not {b":authority", b":method", b":path"} <= names:
-        return Status.BAD_ARGUMENT
+        return _BAD_ARGUMENT
+    first = {k.lower(): v for k, v in reversed(headers)}  # each name's first value
+    if not first.keys() >= _CALL_PSEUDO_HEADERS:
+        return _BAD_ARGUMENT
     call_id = vm.next_call_id
     now = vm.host.clock.now_ns()
-    path = next((v for k, v in headers if k.lower() == b":path"), b"").decode("latin-1")
     call = PendingCall(
-        call_id, vm.effective, cluster, path, now, now + max(timeout_ms, 1) * 1_000_000
+        call_id, vm.effective, upstream.decode("utf-8", "replace"),
+        first[b":path"].decode("latin-1"), now, now + max(timeout_ms, 1) * 1_000_000,
     )
     status = vm.host.start_call(vm, call, headers, body, trailers)
-    if status != Status.OK:
+    if status != _OK:
         return status
     vm.next_call_id += 1
     vm.calls[call_id] = call
@@ -351,7 +353,7 @@ def proxy_http_call(
         ctx.calls.add(call_id)
         ctx.outbound += 1
     vm.write_u32(ret_call_id, call_id)
-    return Status.OK
+    return _OK
 
 
 def proxy_get_status(vm: Vm, ret_code: int, ret_ptr: int, ret_size: int) -> int:

@@ -408,6 +408,7 @@ class Stream:
 
 
 _CONTINUE = int(Action.CONTINUE)
+_OK = int(Status.OK)
 _REQUEST_BODY, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_BODY, _RESPONSE_TRAILERS = (
     REQUEST_BODY, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_BODY, RESPONSE_TRAILERS)
 
@@ -977,7 +978,7 @@ class Host:
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None and ctx.stream.entry is not None:
             ctx.stream.entry.add_call(call.id, call.cluster, headers, body, trailers)
-        return Status.OK
+        return _OK
 
     def _drain_deliveries(self) -> None:
         while self._deliveries and not self._busy:
@@ -996,13 +997,14 @@ class Host:
         outcome: Literal["ok", "timeout", "error"] = (
             "timeout" if timed_out else "error" if response is None else "ok"
         )
+        now_s = now / 1e9
         self.events.on_auth_call(AuthCallRecord(
-            vm.instance_id, inst.tenant if inst else vm.instance_id, vm.generation, now / 1e9,
+            vm.instance_id, inst.tenant if inst else vm.instance_id, vm.generation, now_s,
             call.cluster, call.path, response.status if response is not None else None, outcome,
             (now - call.started_ns) / 1e9,
         ))
         ok = response is not None and 200 <= response.status < 300
-        vm.refetch.answered(call_id, now / 1e9, ok)
+        vm.refetch.answered(call_id, now_s, ok)
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None:
             ctx.calls.discard(call_id)
@@ -1030,7 +1032,8 @@ class Host:
         finally:
             self._busy -= 1
         self._settle(vm)
-        self._drain_deliveries()
+        if self._deliveries:
+            self._drain_deliveries()
 
     def _settle(self, vm: Vm) -> None:
         """After a callback, turn the decisions the filter made into stream decisions."""

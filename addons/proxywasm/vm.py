@@ -49,6 +49,12 @@ _REQUEST_HEADERS, _REQUEST_TRAILERS, _RESPONSE_HEADERS, _RESPONSE_TRAILERS = (
     int(MapType.HTTP_RESPONSE_HEADERS), int(MapType.HTTP_RESPONSE_TRAILERS))
 _CALL_RESPONSE_HEADERS, _CALL_RESPONSE_TRAILERS = (
     int(MapType.HTTP_CALL_RESPONSE_HEADERS), int(MapType.HTTP_CALL_RESPONSE_TRAILERS))
+# Plain ints for the enum members used on every request (an enum member costs a class
+# attribute lookup through EnumType on each use; the guest sees the same i32).
+_REQUEST_BODY, _RESPONSE_BODY, _CALL_RESPONSE_BODY = (
+    int(BufferType.HTTP_REQUEST_BODY), int(BufferType.HTTP_RESPONSE_BODY),
+    int(BufferType.HTTP_CALL_RESPONSE_BODY))
+_OK, _BAD_MEMORY = int(Status.OK), int(Status.INVALID_MEMORY_ACCESS)
 
 # The Vm whose guest code is running (host functions need it); calls never interleave.
 ACTIVE: list[Vm | None] = [None]
@@ -369,12 +375,14 @@ class Vm:
         """Deliver an outbound call's response (`headers=[]` means the call failed)."""
         if self._on_http_call_response is None:
             return
-        self.buffers = {BufferType.HTTP_CALL_RESPONSE_BODY: body}
+        self.buffers = {_CALL_RESPONSE_BODY: body}
         self.call_response = (status, headers, trailers)
         self.effective = ROOT_CONTEXT_ID
-        self.raw.arm(self.deadline)
+        raw = self.raw
+        raw.budget_ns = self.deadline  # raw.arm(self.deadline)
+        _active[0] = self  # as `call` does
         try:
-            self.call(
+            raw.call(
                 self._on_http_call_response, ROOT_CONTEXT_ID, call.id, len(headers), len(body),
                 len(trailers),
             )
@@ -453,19 +461,19 @@ class Vm:
         limit = self._mem_size - 4
         if (ptr_ptr > limit or size_ptr > limit) and not (
                 self._grown(ptr_ptr + 4) and self._grown(size_ptr + 4)):
-            return Status.INVALID_MEMORY_ACCESS
+            return _BAD_MEMORY
         addr = 0
         size = len(data)
         if size:
             addr = self.raw.call1(self._alloc, size) & M32
             end = addr + size
             if addr == 0 or (end > self._mem_size and not self._grown(end)):
-                return Status.INVALID_MEMORY_ACCESS
+                return _BAD_MEMORY
             self._mem[addr:end] = data
         mem = self._mem  # both out-parameters were bounds-checked above
         _pack_u32(mem, ptr_ptr, addr)
         _pack_u32(mem, size_ptr, size)
-        return Status.OK
+        return _OK
 
     def read_str(self, ptr: int, size: int) -> str | None:
         data = self.read(ptr, size)
@@ -479,11 +487,11 @@ class Vm:
         The bodies belong to the effective stream (from its body callback on, until it ends);
         the configurations and an outbound call's body exist only in their callbacks.
         """
-        if buf <= BufferType.HTTP_RESPONSE_BODY:
+        if buf <= _RESPONSE_BODY:
             ctx = self.contexts.get(self.effective)
             if ctx is None:
                 return None
-            return ctx.request_body if buf == BufferType.HTTP_REQUEST_BODY else ctx.response_body
+            return ctx.request_body if buf == _REQUEST_BODY else ctx.response_body
         return self.buffers.get(buf)
 
     def set_buffer(self, buf: int, data: bytes) -> None:
