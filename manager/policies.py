@@ -446,12 +446,14 @@ class Slots:
 
     def updated(self, at: IntArray, **values: npt.ArrayLike) -> Slots:
         """With ``values`` written at slots ``at`` (new arrays; this value is unchanged)."""
-        changes: dict[str, Any] = {}
+        changed = object.__new__(Slots)  # as dataclasses.replace, without re-validating
+        fields = changed.__dict__
+        fields.update(self.__dict__)
         for name, value in values.items():
-            array = getattr(self, name).copy()
+            array = fields[name].copy()
             array[at] = value
-            changes[name] = _ro(array)
-        return dataclasses.replace(self, **changes)
+            fields[name] = _ro(array)
+        return changed
 
 
 @dataclass(frozen=True)
@@ -474,12 +476,17 @@ class History:
 
     def append(self, slot: IntArray, time: FloatArray, values: Mapping[str, FloatArray]) -> History:
         """With rows added; they are sorted by (slot, time) and later than their slot's rows."""
+        if len(slot) == 0:
+            return self
         at = np.searchsorted(self.slot, slot, side="right")
-        return History(
-            _ro(np.insert(self.slot, at, slot)),
-            _ro(np.insert(self.time, at, time)),
-            MappingProxyType({k: _ro(np.insert(v, at, values[k])) for k, v in self.values.items()}),
-        )
+        if at[0] == len(self.slot):  # after every row (one instance, or the last): no shifting
+            def add(old: npt.NDArray[Any], new: npt.ArrayLike) -> npt.NDArray[Any]:
+                return _ro(np.concatenate((old, np.asarray(new, dtype=old.dtype))))
+        else:
+            def add(old: npt.NDArray[Any], new: npt.ArrayLike) -> npt.NDArray[Any]:
+                return _ro(np.insert(old, at, new))
+        return History(add(self.slot, slot), add(self.time, time),
+                       MappingProxyType({k: add(v, values[k]) for k, v in self.values.items()}))
 
     def without(self, slots: IntArray) -> History:
         """With every row of ``slots`` dropped (their generation ended)."""
@@ -649,6 +656,9 @@ def decide(
     # generation goes in round k, so generations are handled in order.
     starts, ends = rows.segments()
     new_slot = np.append(True, rows.slot[starts[1:]] != rows.slot[starts[:-1]])
+    if new_slot.all():  # one generation per instance (the usual pass): one round
+        made, state = _round(state, rows, now, params, (starts, ends))
+        return tuple(made), state
     first_of_slot = np.maximum.accumulate(np.where(new_slot, np.arange(len(starts)), 0))
     rounds = np.repeat(np.arange(len(starts)) - first_of_slot, ends - starts)
     decisions: list[Decision] = []
@@ -701,10 +711,12 @@ def _read(frame: Samples, slots: Slots, with_live: bool) -> tuple[_Rows, Slots]:
 
 
 def _round(
-    state: PolicyState, rows: _Rows, now: float, params: PolicyParams
+    state: PolicyState, rows: _Rows, now: float, params: PolicyParams,
+    segments: tuple[IntArray, IntArray] | None = None,
 ) -> tuple[list[Decision], PolicyState]:
-    """Decide for rows holding at most one generation per instance."""
-    starts, ends = rows.segments()
+    """Decide for rows holding at most one generation per instance (`segments`: theirs, when
+    known)."""
+    starts, ends = segments or rows.segments()
     seg_slot = rows.slot[starts]
     slots, history = state.slots, state.history
     entering = rows.generation[starts] != slots.generation[seg_slot]
