@@ -1282,6 +1282,12 @@ def adaptive_rule(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _cold_twin(params: AdaptiveParams) -> AdaptiveParams:
+    """A warm policy's cold restarts: its parameters in cold mode on the cold budget (B8)."""
+    return dataclasses.replace(params, restart_mode="cold", budget_share=params.cold_budget_share)
+
+
 def _adaptive(
     params: AdaptiveParams, slots: Slots, history: History, rows: _Rows, starts: IntArray,
     ends: IntArray,
@@ -1390,8 +1396,7 @@ def _adaptive(
         # A cold restart frees the cache nobody asks for again: where one passes the rule on
         # a small budget of its own and frees more than a warm one, the restart runs cold (B8).
         # Each row takes the figures of the mode it runs in.
-        cold = rule(params=dataclasses.replace(
-            params, restart_mode="cold", budget_share=params.cold_budget_share))
+        cold = rule(params=_cold_twin(params))
         with np.errstate(invalid="ignore"):
             free = cold.restart & (cold.freed > a.freed)
         modes = np.where(free, "cold", "warm")
