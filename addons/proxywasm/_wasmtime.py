@@ -115,6 +115,10 @@ _fastcall = _load_fastcall()
 FASTCALLS = _fastcall is not None
 """Whether guest and host calls cross through the C extension (`fastcall.c`), not ctypes."""
 _CallFailed: type[Exception] = _fastcall.CallFailed if _fastcall is not None else Exception
+parse_map: Callable[[bytes], list[tuple[bytes, bytes]] | None] | None = getattr(
+    _fastcall, "parse_map", None)
+"""The extension's decoder of serialized maps (`headers.deserialize_map` uses it), or None
+where the extension is not loaded (or was built before it had one)."""
 
 
 def _say_calls_path() -> None:

@@ -19,6 +19,8 @@
  *   active, it calls the Python callback `fallback` instead, which does the bookkeeping.
  *   The env (impl, active, meter, fallback, fail) is released by wasmtime's finalizer.
  * - memory_size(ctx, memory) / memory_pages(ctx, memory): the linear memory's size.
+ * - parse_map(data): the pairs of a serialized map (headers.py's decoder, for the maps a filter
+ *   sends with each outbound call), or None where the Python decoder must decide.
  *
  * Nothing links against wasmtime: bind(path, val_size) resolves the few entry points with
  * dlsym from the library wasmtime-py already loaded (RTLD_NOLOAD), declared below as in
@@ -252,6 +254,65 @@ static PyObject *wr_memory_pages(PyObject *Py_UNUSED(m), PyObject *const *args,
     wasmtime_memory_t *memory;
     if (wr_memory_args(args, nargs, &ctx, &memory) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(wr_memory_size(ctx, memory));
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Serialized maps                                                                          */
+/* ---------------------------------------------------------------------------------------- */
+
+static uint32_t wr_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* parse_map(data): a serialized map (the Proxy-Wasm encoding: a little-endian u32 count N, N
+ * pairs of u32 sizes (key, value), then every key and value each followed by a NUL; empty:
+ * b"" or b"\0") as a new list of (key, value) bytes tuples. None if data is not bytes or does
+ * not follow the encoding: headers.py's Python decoder then decides, and says where it is
+ * broken. NULL with an exception set only when memory runs out. */
+static PyObject *wr_parse_map(PyObject *Py_UNUSED(m), PyObject *data) {
+    if (!PyBytes_Check(data)) Py_RETURN_NONE;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    uint64_t n = (uint64_t)PyBytes_GET_SIZE(data);
+    if (n <= 1) {
+        if (n == 0 || p[0] == 0) return PyList_New(0);
+        Py_RETURN_NONE;
+    }
+    if (n < 4) Py_RETURN_NONE;
+    uint32_t count = wr_le32(p);
+    uint64_t pos = 4 + 8 * (uint64_t)count; /* no overflow: count < 2**32 */
+    if (pos > n) Py_RETURN_NONE;
+    PyObject *pairs = PyList_New((Py_ssize_t)count);
+    if (pairs == NULL) return NULL;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t key_len = wr_le32(p + 4 + 8 * (uint64_t)i);
+        uint64_t value_len = wr_le32(p + 8 + 8 * (uint64_t)i);
+        uint64_t key_end = pos + key_len;
+        uint64_t value_end = key_end + 1 + value_len;
+        if (value_end + 1 > n || p[key_end] != 0 || p[value_end] != 0) {
+            Py_DECREF(pairs); /* items not set yet are NULL, which list_dealloc skips */
+            Py_RETURN_NONE;
+        }
+        PyObject *pair = PyTuple_New(2);
+        PyObject *key = pair ? PyBytes_FromStringAndSize((const char *)p + pos,
+                                                         (Py_ssize_t)key_len) : NULL;
+        PyObject *value = key ? PyBytes_FromStringAndSize((const char *)p + key_end + 1,
+                                                          (Py_ssize_t)value_len) : NULL;
+        if (value == NULL) {
+            Py_XDECREF(key);
+            Py_XDECREF(pair);
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, key);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyList_SET_ITEM(pairs, (Py_ssize_t)i, pair);
+        pos = value_end + 1;
+    }
+    if (pos != n) {
+        Py_DECREF(pairs);
+        Py_RETURN_NONE;
+    }
+    return pairs;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -570,6 +631,8 @@ static PyMethodDef wr_methods[] = {
      "memory_size(ctx, memory) -> the linear memory's size in bytes."},
     {"memory_pages", (PyCFunction)(void (*)(void))wr_memory_pages, METH_FASTCALL,
      "memory_pages(ctx, memory) -> the linear memory's size in 64 KiB pages."},
+    {"parse_map", wr_parse_map, METH_O,
+     "parse_map(data) -> the pairs of a serialized map, or None (not bytes, or malformed)."},
     {"define", wr_define, METH_VARARGS,
      "define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail)"
      " -> address of a wasmtime_error_t, or 0."},

@@ -3,7 +3,10 @@
 Wall time on a shared 2-core machine varies by ±30 %; instruction counts do not. Each figure is
 the difference of two runs under `valgrind --tool=callgrind` of `tests.bench.host`'s
 `bench_hit` / `bench_miss`, with `--many` and `--few` requests (hash seed 0), divided by the difference:
-start-up, compiling the filter and the first requests cancel out.
+start-up, compiling the filter and the first requests cancel out. The epoch ticker is stopped
+in those runs: it ticks by wall time, which valgrind stretches fifty-fold and the machine's load
+varies, and each tick that finds the guest running adds the epoch callback and metered host
+calls (up to a sixth more instructions on a loaded machine).
 
     python -m tests.bench.callgrind            # hit and miss, 3,000 − 1,000 requests
     python -m tests.bench.callgrind --what flow  # a cache-hit flow inside mitmproxy, plain and
@@ -30,11 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def child(what: str, n: int) -> None:
     """Run in the process under valgrind: `n` requests of kind `what`."""
-    from addons.proxywasm import FilterModule
+    from addons.proxywasm import FilterModule, _wasmtime
     from scenarios.simulate import DEFAULT_FILTER
     from tests.bench.host import bench_hit, bench_miss
 
-    module = FilterModule.from_file(DEFAULT_FILTER)
+    module = FilterModule.from_file(DEFAULT_FILTER)  # starts the engine and its ticker
+    _wasmtime._stop_ticker()  # counts independent of wall time (a Python ticker cannot stop)
     (bench_hit if what == "hit" else bench_miss)(module, n)
 
 
@@ -51,7 +55,10 @@ def counted(command: list[str]) -> int:
         subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
             check=True, cwd=ROOT, capture_output=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"})
+            # One BLAS thread: numpy's (imported with pandas) spin while they wait for work,
+            # and how long they spin depends on the machine's load, not on the code measured.
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0",
+                 "OPENBLAS_NUM_THREADS": "1"})
         text = out.read_text()
     found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
     if found is None:
