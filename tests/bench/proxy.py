@@ -10,7 +10,9 @@ reported besides the ratios of the medians: the same wrk load (cache hits: one t
 Reports requests/s per variant and the ratios to plain (SPEC §9: ≥ 0.95 on cache hits; logging
 on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux): on a machine
 that other work loads, the throughput of one round depends on what else ran meanwhile, and the
-CPU a request costs much less. `--concurrent` loads every variant at the same time instead of
+CPU a request costs much less. By default the mitmdumps run on a CPU of their own (the last;
+`taskset`) and the load generator and the servers on the others, so that a variant's rate
+is set by its own CPU time per request (`--no-pin`: the OS places everything). `--concurrent` loads every variant at the same time instead of
 one after the other, so that they share whatever else the machine does: their CPU per request
 is then compared under the same conditions. wrk from Debian's packages; a Python load generator
 when wrk is missing.
@@ -49,6 +51,23 @@ def cpu_seconds(pid: int) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_cpus() -> tuple[set[int], int] | None:
+    """Give the mitmdumps a CPU of their own: this process (and so the load generator and the
+    servers it starts) moves to the other CPUs, and each mitmdump starts under `taskset` on
+    the last one. Then a variant's rate is what its own CPU time per request allows, not how
+    the OS shared two cores between it and wrk. None where it cannot be done (one CPU, no
+    `taskset`, no affinity calls)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return None
+    others = set(cpus[:-1])
+    os.sched_setaffinity(0, others)
+    return others, cpus[-1]
 
 
 def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> float:
@@ -92,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--concurrent", action="store_true",
                         help="load every variant at once in each round (a loaded machine)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the OS place every process (default: the mitmdumps on the "
+                             "last CPU, the load generator and the servers on the others)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load = wrk if shutil.which("wrk") else python_load
+    pinned = pin_cpus() if args.pin else None
     load_before = os.getloadavg()[0]
     mitmdump = mitmdump_path()
     env = {"PYTHONPATH": str(ROOT)}
@@ -125,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         pids: dict[str, int] = {}
         for name, extra in variants.items():
             port = free_port()
+            taskset = ["taskset", "-c", str(pinned[1])] if pinned else []
             proc = stack.enter_context(process(
-                [mitmdump, *common, "-p", str(port), *extra], port,
+                [*taskset, mitmdump, *common, "-p", str(port), *extra], port,
                 tmp / f"mitmdump-{len(ports)}.log", env, timeout=60))
             ports[name], pids[name] = port, proc.pid
         headers = {"Host": "shop.example", "Authorization": f"Bearer {token}"}
@@ -168,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "load_generator": load.__name__, "seconds": args.seconds, "rounds": args.rounds,
         "concurrent": args.concurrent,
+        "pinned": {"others": sorted(pinned[0]), "mitmdump": pinned[1]} if pinned else None,
         "connections": args.connections, "rates": rates, "median": median,
         "ratio_addon_vs_plain": median["addon, logging off"] / median["plain"],
         "ratio_logging_on_vs_off": median["addon, logging on"] / median["addon, logging off"],
@@ -193,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
           f"addon vs plain: {results['ratio_addon_vs_plain']:.2f} (target ≥ 0.95); "
           f"per round (median of the rounds' ratios): addon {paired['addon, logging off']:.3f}, "
           f"logging on {paired['addon, logging on']:.3f} vs plain")
+    if pinned:
+        print(f"mitmdump on CPU {pinned[1]}; wrk, the shop and the auth server on CPU "
+              f"{', '.join(map(str, sorted(pinned[0])))}")
     print(load_note(load_before, results["load_after"]))
     return 0
 
