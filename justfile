@@ -63,6 +63,7 @@ bench: setup
     {{python}} -m tests.bench.proxy
     {{python}} -m tests.bench.dispatch
     {{python}} -m tests.bench.replay
+    {{python}} -m tests.bench.runs
     {{python}} -m tests.bench.manager
     {{python}} -m tests.bench.manager --instances 10000 --window-seconds 13 --runs 3 --learning-runs 1 --passes 5 --out results/bench/manager-10k.json
     {{python}} -m tests.bench.tenants
