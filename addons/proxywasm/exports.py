@@ -47,7 +47,7 @@ _METRIC_TYPES = frozenset(MetricType)
 MAX_LOG_MESSAGE = 16 * 1024
 MAX_RANDOM_BYTES = 64 * 1024
 
-_PY_LEVEL = {
+_PY_LEVEL: dict[int, int] = {
     LogLevel.TRACE: logging.DEBUG,
     LogLevel.DEBUG: logging.DEBUG,
     LogLevel.INFO: logging.INFO,
@@ -61,17 +61,17 @@ _PY_LEVEL = {
 
 
 def proxy_log(vm: Vm, level: int, ptr: int, size: int) -> int:
-    if level not in _PY_LEVEL:
-        return Status.BAD_ARGUMENT
+    py_level = _PY_LEVEL.get(level)  # no LogLevel(level): an enum call costs more than a line
+    if py_level is None:
+        return _BAD_ARGUMENT
     if not vm.in_bounds(ptr, size):
-        return Status.INVALID_MEMORY_ACCESS
-    py_level = _PY_LEVEL[LogLevel(level)]
+        return _BAD_MEMORY
     if vm.starting and py_level > logging.WARNING:
         py_level = logging.WARNING  # a start-up message, not an error of the proxy's start
     if guest_logger.isEnabledFor(py_level):
         data = vm.read(ptr, min(size, MAX_LOG_MESSAGE)) or b""
         _guest_line(vm, py_level, escape(data, MAX_LOG_MESSAGE))
-    return Status.OK
+    return _OK
 
 
 def _guest_line(vm: Vm, level: int, text: str) -> None:

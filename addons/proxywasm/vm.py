@@ -55,6 +55,7 @@ _REQUEST_BODY, _RESPONSE_BODY, _CALL_RESPONSE_BODY = (
     int(BufferType.HTTP_REQUEST_BODY), int(BufferType.HTTP_RESPONSE_BODY),
     int(BufferType.HTTP_CALL_RESPONSE_BODY))
 _OK, _BAD_MEMORY = int(Status.OK), int(Status.INVALID_MEMORY_ACCESS)
+_CONTINUE = int(Action.CONTINUE)
 
 # The Vm whose guest code is running (host functions need it); calls never interleave.
 ACTIVE: list[Vm | None] = [None]
@@ -296,7 +297,7 @@ class Vm:
         """Run `proxy_on_request_headers`; return the action (CONTINUE if not exported)."""
         self.requests += 1
         if self._on_request_headers is None:
-            return int(Action.CONTINUE)
+            return _CONTINUE
         self.effective = ctx.id
         _active[0] = self
         try:
@@ -309,7 +310,7 @@ class Vm:
     def _stream_call(self, func: Any, ctx: StreamContext, size: int, *rest: int) -> int:
         """Run one stream callback with `ctx` effective; CONTINUE if it is not exported."""
         if func is None:
-            return int(Action.CONTINUE)
+            return _CONTINUE
         self.raw.arm(self.deadline)
         self.effective = ctx.id
         try:
