@@ -21,11 +21,13 @@ from manager.policies import (
     AdaptiveParams,
     Decision,
     FixedParams,
+    History,
     NoneParams,
     OracleParams,
     PolicyParams,
     PolicyState,
     RatioParams,
+    Slots,
     ThresholdParams,
     adaptive_rule,
     decide,
@@ -473,6 +475,30 @@ def test_state_of_another_policy_is_refused() -> None:
 def test_missing_columns_are_named() -> None:
     with pytest.raises(ValueError, match="outbound"):
         decide(initial_state(NoneParams()), frame([]).drop(columns=["outbound"]), 0.0, NoneParams())
+
+
+def test_history_rows_stay_sorted_by_instance_then_time() -> None:
+    """Rows appended after every other row, and into the middle (an earlier instance)."""
+    h = History.empty("pages")
+    h = h.append(np.array([0, 1]), np.array([1.0, 1.0]), {"pages": np.array([1.0, 2.0])})
+    h = h.append(np.array([0]), np.array([2.0]), {"pages": np.array([3.0])})
+    h = h.append(np.array([1, 2]), np.array([2.0, 2.0]), {"pages": np.array([4.0, 5.0])})
+    assert h.slot.tolist() == [0, 0, 1, 1, 2]
+    assert h.time.tolist() == [1.0, 2.0, 1.0, 2.0, 2.0]
+    assert h.values["pages"].tolist() == [1.0, 3.0, 2.0, 4.0, 5.0]
+    assert h.slot.dtype == np.int64 and not h.time.flags.writeable
+    assert h.append(np.array([], dtype=np.int64), np.array([]), {"pages": np.array([])}) is h
+
+
+def test_slots_updated_leaves_the_old_value_alone() -> None:
+    before = Slots.empty().grown(["a", "b"])
+    after = before.updated(np.array([1]), k=5.0, generation=3)
+    assert np.isnan(before.k).all() and before.generation.tolist() == [-1, -1]
+    assert after.k[1] == 5.0 and np.isnan(after.k[0]) and after.generation.tolist() == [-1, 3]
+    assert after.names == ("a", "b") and dict(after.slot_of) == {"a": 0, "b": 1}
+    assert after.ttl is before.ttl  # what did not change is shared
+    with pytest.raises(ValueError):
+        after.k[0] = 1.0  # read-only: the state is shared between values
 
 
 def test_empty_pass() -> None:
