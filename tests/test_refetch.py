@@ -53,6 +53,18 @@ def test_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(r._answered) == 4 and 0 not in r._answered and 7 in r._answered
 
 
+def test_calls_never_answered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose stream closed before its answer never reaches `answered`: the calls in
+    flight stay bounded, the oldest forgotten first."""
+    monkeypatch.setattr(refetch, "MAX_KEYS", 4)
+    r = RefetchIntervals()
+    for call_id in range(8):
+        r.started(call_id, key=call_id, now_s=0.0)
+    assert len(r._pending) == 4 and 0 not in r._pending and 7 in r._pending
+    r.answered(7, now_s=1.0, ok=True)
+    assert 7 in r._answered
+
+
 def test_the_key_is_everything_the_call_sends() -> None:
     headers = [(b":path", b"/verify"), (b"authorization", b"Bearer a")]
     key = call_key("auth", headers, b"", [])

@@ -26,7 +26,8 @@ MAX_KEYS: Final = 16_384
 """Distinct calls remembered per generation: about 120 bytes each, so at most 1.9 MiB per
 instance (a flood of distinct tokens across the instance bound stays small beside the
 instances' own memory). A call repeated after more than this many other calls were answered
-is not seen; the quantile then comes from quieter times, or there is none."""
+is not seen; the quantile then comes from quieter times, or there is none. Calls in flight are
+bounded alike: one whose stream closed first never gets its answer here."""
 KEEP: Final = 256
 """The latest intervals kept: the quantile follows the filter's recent behaviour."""
 MIN_INTERVALS: Final = 20
@@ -54,7 +55,10 @@ class RefetchIntervals:
         if answered is not None:
             self._intervals.append(now_s - answered)
             self._cached = None
-        self._pending[call_id] = key
+        pending = self._pending
+        pending[call_id] = key
+        if len(pending) > MAX_KEYS:  # calls whose stream closed before their answer came
+            del pending[next(iter(pending))]
 
     def answered(self, call_id: int, now_s: float, ok: bool) -> None:
         """Call `call_id` got its answer (`ok`: 2xx) or failed at `now_s`."""
