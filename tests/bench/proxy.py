@@ -38,9 +38,8 @@ from typing import Any
 import httpx
 
 from scenarios.procs import free_port, mitmdump_path, process
-from tests.bench import load_note
+from tests.bench import ROOT, auth_server, load_note
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "proxy.json"
 
 
@@ -123,20 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
-        auth_port, shop_port = free_port(), free_port()
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
-             "--no-store"], auth_port, tmp / "auth.log", env))
+        auth_url, token = auth_server(stack, tmp)
+        shop_port = free_port()
         shop = [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)]
         if shutil.which("nginx"):
             shop.append("--nginx")  # the upstream must not be the bottleneck
         stack.enter_context(process(shop, shop_port, tmp / "shop.log", env))
-        token = httpx.post(f"http://127.0.0.1:{auth_port}/login", json={"user": "bench"},
-                           timeout=10).json()["token"]
         common = ["--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host",
                   "127.0.0.1", "-q", "--set", "keep_host_header=true"]
         addon = ["-s", str(ROOT / "addons" / "wasm_auth.py"),
-                 "--set", f"wasm_cluster=auth=http://127.0.0.1:{auth_port}",
+                 "--set", f"wasm_cluster=auth={auth_url}",
                  "--set", "wasm_admin_listen="]
         variants = {
             "plain": [],

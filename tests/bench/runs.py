@@ -26,9 +26,8 @@ from typing import Any
 
 import scenarios.experiment as experiment
 from scenarios.standard import SCENARIOS, make_trace
-from tests.bench import load_note
+from tests.bench import ROOT, load_note
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "runs.json"
 
 
