@@ -4,6 +4,8 @@ Side by side in one run, in interleaved rounds (each starting with the next vari
 drift on a shared machine hits every variant alike, and each round's ratios to plain are
 reported besides the ratios of the medians: the same wrk load (cache hits: one token, already verified) against
 - `plain`: mitmdump in reverse mode, no addon;
+- `empty addon`: mitmdump with `-s tests/bench/empty_addon.py`, a script with the addon's five
+  flow hooks doing nothing: what mitmproxy itself costs for any script addon (the control);
 - `addon, logging off`: with the addon (`wasm_log_metrics=false`);
 - `addon, logging on`: with the addon writing every request and sample to the spool, and its
   shipper process delivering them to the embedded store.
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--set", "wasm_admin_listen="]
         variants = {
             "plain": [],
+            "empty addon": ["-s", str(ROOT / "tests" / "bench" / "empty_addon.py")],
             "addon, logging off": [*addon, "--set", "wasm_log_metrics=false"],
             "addon, logging on": [*addon, "--set", f"wasm_store={tmp / 'store'}",
                                   "--set", f"wasm_spool={tmp / 'spool'}"],
@@ -183,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     # Per round, each variant over plain in the same round: drift between rounds cancels out.
     paired = {name: statistics.median(a / p for a, p in zip(v, rates["plain"], strict=True))
               for name, v in rates.items() if name != "plain"}
+    # The addon's own cost: over a script addon that does nothing, round by round.
+    over_empty = {name: statistics.median(a / e for a, e in zip(v, rates["empty addon"],
+                                                                 strict=True))
+                  for name, v in rates.items() if name.startswith("addon")}
     cpu = {name: statistics.median(v) for name, v in cpu_us.items() if v}
     results: dict[str, Any] = {
         "load_generator": load.__name__, "seconds": args.seconds, "rounds": args.rounds,
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_logging_on_vs_off": median["addon, logging on"] / median["addon, logging off"],
         "ratio_logging_on_vs_plain": median["addon, logging on"] / median["plain"],
         "paired_ratio_vs_plain": paired,
+        "paired_ratio_vs_empty_addon": over_empty,
         "cpu_us_per_request": cpu_us, "cpu_us_median": cpu,
         "load_before": load_before, "load_after": os.getloadavg()[0],
     }
@@ -212,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlogging on vs off: {results['ratio_logging_on_vs_off']:.2f} (target ≥ 0.95); "
           f"addon vs plain: {results['ratio_addon_vs_plain']:.2f} (target ≥ 0.95); "
           f"per round (median of the rounds' ratios): addon {paired['addon, logging off']:.3f}, "
-          f"logging on {paired['addon, logging on']:.3f} vs plain")
+          f"logging on {paired['addon, logging on']:.3f}, an empty addon "
+          f"{paired['empty addon']:.3f} vs plain; over the empty addon: addon "
+          f"{over_empty['addon, logging off']:.3f}")
     if pinned:
         print(f"mitmdump on CPU {pinned[1]}; wrk, the shop and the auth server on CPU "
               f"{', '.join(map(str, sorted(pinned[0])))}")
