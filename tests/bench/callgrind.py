@@ -9,8 +9,9 @@ varies, and each tick that finds the guest running adds the epoch callback and m
 calls (up to a sixth more instructions on a loaded machine).
 
     python -m tests.bench.callgrind            # hit and miss, 3,000 − 1,000 requests
-    python -m tests.bench.callgrind --what flow  # a cache-hit flow inside mitmproxy, plain and
-                                                 # with the addon (`tests.bench.dispatch`'s
+    python -m tests.bench.callgrind --what flow  # a cache-hit flow inside mitmproxy: plain,
+                                                 # with an empty script addon (the control),
+                                                 # and with the addon (`tests.bench.dispatch`'s
                                                  # child, logging off), 160 − 40 flows
 """
 
@@ -72,14 +73,16 @@ def flows(many: int, few: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ExitStack() as stack:
         auth, token = auth_server(stack, Path(tmp))
         per: dict[str, float] = {}
-        for variant in ("plain", "off"):
+        for variant in ("plain", "empty", "off"):
             run = [[sys.executable, "-m", "tests.bench.dispatch", "--child", variant, "--auth",
                     auth, "--token", token, "--flows", str(n), "--repeats", "1", "--tmp", "{tmp}"]
                    for n in (many, few)]
             per[variant] = (counted(run[0]) - counted(run[1])) / (many - few)
             print(f"flow, {variant}: {per[variant]:,.0f} instructions per flow "
                   f"({many:,} − {few:,} flows)")
-    print(f"flow, the addon's part: {per['off'] - per['plain']:,.0f} instructions")
+    print(f"flow, the addon's part: {per['off'] - per['plain']:,.0f} instructions; an empty "
+          f"script addon's: {per['empty'] - per['plain']:,.0f}; the addon over it: "
+          f"{per['off'] - per['empty']:,.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:

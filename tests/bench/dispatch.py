@@ -3,7 +3,8 @@
 `python -m tests.bench.proxy` measures what a client sees, but on a 2-core machine that the
 load generator, the upstream and other work share, its rounds vary by ±10 %: more than the
 addon's whole cost. This benchmark takes the network out. Each variant runs in its own process:
-a real mitmproxy `DumpMaster` (mitmdump's addons, `-q`, no proxy server), `plain` or with
+a real mitmproxy `DumpMaster` (mitmdump's addons, `-q`, no proxy server), `plain`, with
+`-s tests/bench/empty_addon.py` (the control: the same hooks doing nothing), or with
 `-s addons/wasm_auth.py` (`wasm_log_metrics=false`, or logging to a spool); flows go through
 mitmproxy's own hook dispatch (`AddonManager.handle_lifecycle`: `requestheaders`, `request`,
 `responseheaders`, `response`, each followed by `update`), as the proxy server hands them over.
@@ -31,7 +32,8 @@ from tests.bench import auth_server, load_note
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "dispatch.json"
-VARIANTS = {"plain": "plain", "off": "addon, logging off", "on": "addon, logging on"}
+VARIANTS = {"plain": "plain", "empty": "empty addon", "off": "addon, logging off",
+            "on": "addon, logging on"}
 
 
 def flow(token: str, body: bytes) -> Any:
@@ -64,7 +66,15 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
     master = DumpMaster(opts, loop=asyncio.get_running_loop())
     opts.update(server=False, mode=["reverse:http://127.0.0.1:8000"], keep_host_header=True,
                 flow_detail=0, termlog_verbosity="error")
-    if variant != "plain":
+    if variant == "empty":  # the control: a script with the same hooks, doing nothing
+        opts.update(scripts=[str(ROOT / "tests" / "bench" / "empty_addon.py")])
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if master.addons.get("emptyaddon") is not None:
+                break
+        else:
+            raise RuntimeError("the empty addon did not load")
+    elif variant != "plain":
         settings = {"wasm_cluster": [f"auth={auth_url}"], "wasm_admin_listen": ""}
         if variant == "off":
             settings["wasm_log_metrics"] = False
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="plain (no addon), off (addon, logging off), on (logging on)")
+                        help="plain (no addon), empty (a script addon whose hooks do nothing), "
+                             "off (addon, logging off), on (logging on)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--auth", help=argparse.SUPPRESS)
