@@ -202,6 +202,16 @@ HOLDOUT: Final = (
             _shape(62, rate=3000.0), ttl_s=300.0, holdout=True),
     _shaped("holdout-night-tail-ttl900", "Held out: long tail from 02:00, TTL 900 s, seed 63",
             _shape(63, "1@2:long-tail:2000", rate=1800.0), ttl_s=900.0, holdout=True),
+    # Added in session 9, generated after the last change to the rule (session 7)
+    _shaped("holdout-flash-morning", "Held out: a flash crowd at 09:00 on day 1, 2000 req/h, "
+            "seed 71", _shape(71, "0@9:flash:2000", rate=2000.0), holdout=True),
+    _shaped("holdout-two-ramps-ttl450", "Held out: two slow ramps, TTL 450 s, seed 72",
+            _shape(72, "0@10:ramp:1500", "1@14:ramp:2500"), ttl_s=450.0, holdout=True),
+    _shaped("holdout-long-tail-busy-ttl900",
+            "Held out: 3500 req/h, a long tail at 18:00, TTL 900 s, seed 73",
+            _shape(73, "1@18:long-tail:4000", rate=3500.0), ttl_s=900.0, holdout=True),
+    _shaped("holdout-quiet-small", "Held out: quiet and small (900 req/h), seed 74",
+            _shape(74, rate=900.0), holdout=True),
 )
 """Validation traces no parameter was tuned on (``--holdout``)."""
 
