@@ -27,9 +27,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.bench import auth_server
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import ROOT, auth_server
 
 
 def child(what: str, n: int) -> None:

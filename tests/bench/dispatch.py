@@ -24,13 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import auth_server, load_note
+from tests.bench import ROOT, auth_server, load_note
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench" / "dispatch.json"
 VARIANTS = {"plain": "plain", "empty": "empty addon", "off": "addon, logging off",
             "on": "addon, logging on"}
@@ -66,25 +66,25 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
     master = DumpMaster(opts, loop=asyncio.get_running_loop())
     opts.update(server=False, mode=["reverse:http://127.0.0.1:8000"], keep_host_header=True,
                 flow_detail=0, termlog_verbosity="error")
-    if variant == "empty":  # the control: a script with the same hooks, doing nothing
-        opts.update(scripts=[str(ROOT / "tests" / "bench" / "empty_addon.py")])
+    async def load_script(path: Path, loaded: Callable[[], bool]) -> None:
+        """Load a script (from mitmproxy's watcher task) and wait until `loaded()`."""
+        opts.update(scripts=[str(path)])
         for _ in range(200):
             await asyncio.sleep(0.01)
-            if master.addons.get("emptyaddon") is not None:
-                break
-        else:
-            raise RuntimeError("the empty addon did not load")
+            if loaded():
+                return
+        raise RuntimeError(f"{path.name} did not load")
+
+    if variant == "empty":  # the control: a script with the same hooks, doing nothing
+        await load_script(ROOT / "tests" / "bench" / "empty_addon.py",
+                          lambda: master.addons.get("emptyaddon") is not None)
     elif variant != "plain":
         settings = {"wasm_cluster": [f"auth={auth_url}"], "wasm_admin_listen": ""}
         if variant == "off":
             settings["wasm_log_metrics"] = False
         else:
             settings |= {"wasm_store": str(tmp / "store"), "wasm_spool": str(tmp / "spool")}
-        opts.update(scripts=[str(ROOT / "addons" / "wasm_auth.py")])
-        for _ in range(200):  # the script loads from its watcher task
-            await asyncio.sleep(0.01)
-            if "wasm_cluster" in opts:
-                break
+        await load_script(ROOT / "addons" / "wasm_auth.py", lambda: "wasm_cluster" in opts)
         opts.update(**settings)
     from mitmproxy import hooks
 

@@ -13,10 +13,11 @@ Reports requests/s per variant and the ratios to plain (SPEC §9: ≥ 0.95 on ca
 on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux): on a machine
 that other work loads, the throughput of one round depends on what else ran meanwhile, and the
 CPU a request costs much less. By default the mitmdumps run on a CPU of their own (the last;
-`taskset`) and the load generator and the servers on the others, so that a variant's rate
-is set by its own CPU time per request (`--no-pin`: the OS places everything). `--concurrent` loads every variant at the same time instead of
-one after the other, so that they share whatever else the machine does: their CPU per request
-is then compared under the same conditions. wrk from Debian's packages; a Python load generator
+`taskset`) and the load generator and the servers on the others, so that a variant's rate is
+set by its own CPU time per request (`--no-pin`: the OS places everything). `--concurrent`
+loads every variant at the same time instead of one after the other, so that they share
+whatever else the machine does: their CPU per request is then compared under the same
+conditions. wrk from Debian's packages; a Python load generator
 when wrk is missing.
 """
 
