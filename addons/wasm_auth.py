@@ -92,6 +92,9 @@ DEFAULT_FILTER = ROOT / "filters" / "auth_cache.wasm"
 STATE_DIR = Path(".wasm-reclaim")
 LIVE_ENTRIES, LIVE_BYTES = records.LIVE_ENTRIES, records.LIVE_BYTES
 HEARTBEAT_S = 5.0  # wall seconds between two `proxies` documents
+POLL_MAX_S = 1.0
+"""The poll loop's longest sleep (wall seconds) when no host has anything due sooner: how late
+a stream that a filter paused with nothing left to wake it may be failed."""
 REPLAY_STEP = 200
 """Events a warm restart replays between two turns of the event loop (admin endpoint)."""
 IDLE_SAMPLE_EVERY = 60
@@ -428,6 +431,9 @@ class WasmAuth:
         self._service_modules: dict[Path, FilterModule] = {}
         self.services: list[Host] = []
         """The service plugins' hosts (wasm_service), each with one root-only instance."""
+        self._poll_wake = asyncio.Event()
+        self._poll_at_ns = -1
+        """When the poll loop wakes next (host clock, ns); -1 while it polls."""
         self._exports: frozenset[str] = frozenset()
         self._lifecycle = False
         self._properties = False
@@ -653,6 +659,7 @@ class WasmAuth:
             journal=s.journal,
             journaling=s.journal_from_start,
         )
+        host.on_due = self._due
         # Fail at configuration time, not on the first request, if the filter cannot start.
         try:
             probe = host.instance("__probe__")
@@ -709,6 +716,7 @@ class WasmAuth:
                               deadline_ms=s.deadline_ms),
                 events=_Recorder(self),
             )
+            host.on_due = self._due
             host.shared_data = self.host.shared_data  # one VM id: one shared data, one set of
             host.shared_queues = self.host.shared_queues  # queues, as Envoy keys them
             try:
@@ -872,18 +880,39 @@ class WasmAuth:
             proc.wait()
 
     async def _poll_loop(self) -> None:
-        """Ticks, outbound-call deadlines and crash recovery, on the host clock.
+        """Ticks, outbound-call deadlines, deliveries and crash recovery, on the host clock.
 
-        Every 50 ms of wall time (less on a sped-up clock, so a 1 s tick stays a tick).
+        The hosts are polled when their next event falls due (`Host.next_event_ns`), and at
+        least every POLL_MAX_S; a host that schedules something sooner wakes the loop
+        (`Host.on_due`). An idle proxy wakes once a second, or at its filters' ticks.
         """
         while True:
-            for host in [self.host, *self.services] if self.host is not None else []:
+            hosts = [self.host, *self.services] if self.host is not None else []
+            self._poll_at_ns = -1  # what falls due while polling, the next line sees
+            for host in hosts:
                 try:
                     host.poll()
                 except Exception:
                     logger.exception("wasm: host poll failed")
             speed = self.settings.clock_speed if self.settings else 1.0
-            await asyncio.sleep(min(0.05, max(0.005, 0.25 / speed)))
+            now = self.clock.now_ns()
+            wake = now + int(POLL_MAX_S * speed * 1e9)
+            for host in hosts:
+                due = host.next_event_ns()
+                if due is not None and due < wake:
+                    wake = due
+            self._poll_at_ns = wake
+            self._poll_wake.clear()
+            # at least 1 ms: a retry that is due but cannot start yet must not spin the loop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_wake.wait(),
+                                       max(0.001, (wake - now) / 1e9 / speed))
+
+    def _due(self, due_ns: int) -> None:
+        """`Host.on_due`: wake the poll loop if it sleeps past `due_ns` (host clock)."""
+        if 0 <= due_ns < self._poll_at_ns:
+            self._poll_at_ns = due_ns
+            self._poll_wake.set()
 
     async def _flush_loop(self) -> None:
         while True:

@@ -112,10 +112,99 @@ def test_plain_wasm_is_not_a_proxy_wasm_filter() -> None:
         FilterModule(wasm)
 
 
-def test_old_abi_is_named_in_the_error() -> None:
-    wasm = wasmtime.wat2wasm(module("", abi="0_1_0"))
-    with pytest.raises(FilterLoadError, match=r"it has proxy_abi_version_0_1_0"):
+def test_unknown_abi_is_named_in_the_error() -> None:
+    wasm = wasmtime.wat2wasm(module("", abi="0_3_0"))
+    with pytest.raises(FilterLoadError, match=r"it has proxy_abi_version_0_3_0"):
         FilterModule(wasm)
+
+
+# ABI v0.1.0 (Envoy still runs it): header callbacks without end_of_stream, a missing header
+# is Ok and empty, the configuration comes from proxy_get_configuration. The filter answers
+# every request locally with 200 + 10 × (the status of reading a missing header) + (the size
+# of the configuration it read while configuring), and a response header count as x-n.
+ABI_0_1_0_FILTER = trampolines(
+    "proxy_get_configuration", "proxy_get_header_map_value", "proxy_send_local_response",
+) + f"""
+  {_data(300, b"x-none")}
+  (global $cfg (mut i32) (i32.const 0))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $proxy_get_configuration (i32.const 100) (i32.const 104)))
+    (global.set $cfg (i32.load (i32.const 104)))
+    (i32.const 1))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32) (result i32)
+    (local $st i32)
+    (local.set $st (call $proxy_get_header_map_value (i32.const 0) (i32.const 300) (i32.const 6)
+                                                     (i32.const 200) (i32.const 204)))
+    (drop (call $proxy_send_local_response
+      (i32.add (i32.add (i32.const 200) (i32.mul (local.get $st) (i32.const 10)))
+               (global.get $cfg))
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+      (i32.const 0)))
+    (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32) (result i32) (i32.const 0))
+"""
+
+
+def test_abi_0_1_0_filter_runs_as_in_envoy() -> None:
+    m = FilterModule(wasmtime.wat2wasm(module(ABI_0_1_0_FILTER, abi="0_1_0")))
+    assert m.abi_version == "0.1.0"
+    clock = VirtualClock()
+    host = Host(m, InProcessDispatcher(lambda call: None, clock.now_ns), clock=clock,
+                plugin_configuration=b"abc")
+    d = host.instance("shop").stream().request_headers([(b":path", b"/")])
+    assert d is not None and d.response is not None
+    assert d.response.status == 203  # the missing header was Ok (0), the configuration 3 bytes
+
+
+def test_abi_0_2_1_missing_header_is_not_found() -> None:
+    wat = ABI_0_1_0_FILTER.replace(
+        '(func (export "proxy_on_request_headers") (param i32 i32) (result i32)',
+        '(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)').replace(
+        '(func (export "proxy_on_response_headers") (param i32 i32) (result i32)',
+        '(func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)')
+    clock = VirtualClock()
+    host = Host(FilterModule(wasmtime.wat2wasm(module(wat))),
+                InProcessDispatcher(lambda call: None, clock.now_ns), clock=clock,
+                plugin_configuration=b"abc")
+    d = host.instance("shop").stream().request_headers([(b":path", b"/")])
+    assert d is not None and d.response is not None
+    assert d.response.status == 213  # NotFound (1); the configuration still reads (3 bytes)
+
+
+@pytest.mark.parametrize(("abi", "export", "sig"), [
+    ("0_2_1", "proxy_on_request_headers", "(param i32 i32) (result i32)"),
+    ("0_1_0", "proxy_on_request_headers", "(param i32 i32 i32) (result i32)"),
+    ("0_2_1", "proxy_on_done", "(param i32)"),
+    ("0_2_1", "proxy_on_memory_allocate", "(param i64) (result i32)"),
+])
+def test_callback_of_the_wrong_type_is_refused_at_load(abi: str, export: str, sig: str) -> None:
+    """The host calls exports without checking types on each call: a mistyped one would read
+    parameters that were never passed, so it must not load."""
+    body = f'(func (export "{export}") {sig} {"(i32.const 0)" if "result" in sig else ""})'
+    wat = module(body, abi=abi, allocator=export != "proxy_on_memory_allocate")
+    if export == "proxy_on_memory_allocate":
+        wat = wat.replace("(memory (export", '(func (export "malloc") (param i32) (result i32) '
+                          "(i32.const 0))\n  (memory (export", 1)
+    with pytest.raises(FilterLoadError, match=rf"exports {export} with type .* but ABI "):
+        FilterModule(wasmtime.wat2wasm(wat))
+
+
+def test_main_is_called_with_its_own_parameters() -> None:
+    body = """
+  (global $ran (mut i32) (i32.const 0))
+  (func (export "_initialize"))
+  (func (export "main") (result i32) (global.set $ran (i32.const 1)) (i32.const 0))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (global.get $ran)) (then unreachable)) (i32.const 0))
+"""
+    m = FilterModule(wasmtime.wat2wasm(module(body)))
+    assert m.main_params == 0
+    clock = VirtualClock()
+    host = Host(m, InProcessDispatcher(lambda call: None, clock.now_ns), clock=clock)
+    d = host.instance("shop").stream().request_headers([(b":path", b"/")])
+    assert d is not None and d.action == "continue"
 
 
 def test_abi_0_2_0_is_supported() -> None:

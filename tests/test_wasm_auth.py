@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 from collections.abc import AsyncIterator
 
 import pytest
+import wasmtime
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mitmproxy import exceptions
@@ -35,6 +37,7 @@ from addons.wasm_auth import (
 )
 
 from .servers import free_port
+from .wat import module, trampolines
 
 # ---- pure parsing functions -----------------------------------------------------------------
 
@@ -538,3 +541,49 @@ async def test_mitmproxy_dispatches_the_events_to_the_script_s_addon() -> None:
         await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
         assert f.response is not None and f.response.status_code == 401  # no token
         assert f.comment.startswith("wasm: deny")
+
+
+# A filter that ticks every 10 ms and counts its ticks in the counter `ticks`.
+TICK_FILTER = trampolines(
+    "proxy_set_tick_period_milliseconds", "proxy_define_metric", "proxy_increment_metric",
+) + """
+  (data (i32.const 300) "ticks")
+  (global $ticks (mut i32) (i32.const 0))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $proxy_define_metric (i32.const 0) (i32.const 300) (i32.const 5) (i32.const 400)))
+    (global.set $ticks (i32.load (i32.const 400)))
+    (drop (call $proxy_set_tick_period_milliseconds (i32.const 10)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $proxy_increment_metric (global.get $ticks) (i64.const 1))))
+"""
+
+
+async def test_poll_loop_sleeps_when_idle_and_wakes_for_ticks(tmp_path) -> None:
+    """The hosts are polled when something falls due: an idle proxy polls about once a
+    second (it used to every 50 ms), and a 10 ms tick is kept (it used to be cut to 50 ms)."""
+    wasm = tmp_path / "tick.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(module(TICK_FILTER)))
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_filter=str(wasm), **base_options(tmp_path))
+        await addon.running()
+        assert addon.host is not None
+        polls = 0
+        poll = addon.host.poll
+
+        def counting() -> None:
+            nonlocal polls
+            polls += 1
+            poll()
+
+        addon.host.poll = counting  # type: ignore[method-assign]
+        await asyncio.sleep(0.6)
+        idle_polls = polls
+        inst = addon.host.instance("shop")  # its 10 ms tick wakes the sleeping loop
+        await asyncio.sleep(0.5)
+        assert inst.vm is not None
+        ticks = inst.vm.metric_values()["ticks"]
+        await addon.done()
+    assert idle_polls <= 3
+    assert ticks >= 20

@@ -2,6 +2,11 @@
 
 The values are those of the specification, proxy-wasm/spec `abi-versions/v0.2.1/README.md`,
 section "Types". Names follow the specification so that a reader can search for them there.
+
+v0.1.0, which Envoy still runs, differs where the host must know it (as proxy-wasm-cpp-host
+does): `proxy_on_request_headers` and `proxy_on_response_headers` take no `end_of_stream`
+(`ABI_0_1_0_CALLBACKS`), a header `proxy_get_header_map_value` does not find is `Ok` and empty,
+and such filters read their configuration with `proxy_get_configuration`.
 """
 
 from __future__ import annotations
@@ -9,7 +14,39 @@ from __future__ import annotations
 from enum import IntEnum
 
 #: Exports that mark a module as a Proxy-Wasm filter, newest first.
-ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0")
+ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
+
+#: The type each callback the host calls must have, as (params, results) in
+#: `_wasmtime.functype`'s letters: the host calls exports without checking their types on the
+#: hot path, so a module whose export differs is refused at load (cpp-host's "Bad function
+#: signature"). Not listed: `main`, called with as many parameters as it has.
+CALLBACKS: dict[str, tuple[str, str]] = {
+    "_initialize": ("", ""),
+    "_start": ("", ""),
+    "proxy_on_memory_allocate": ("i", "i"),
+    "malloc": ("i", "i"),
+    "proxy_on_context_create": ("ii", ""),
+    "proxy_on_vm_start": ("ii", "i"),
+    "proxy_on_configure": ("ii", "i"),
+    "proxy_on_tick": ("i", ""),
+    "proxy_on_request_headers": ("iii", "i"),
+    "proxy_on_request_body": ("iii", "i"),
+    "proxy_on_request_trailers": ("ii", "i"),
+    "proxy_on_response_headers": ("iii", "i"),
+    "proxy_on_response_body": ("iii", "i"),
+    "proxy_on_response_trailers": ("ii", "i"),
+    "proxy_on_http_call_response": ("iiiii", ""),
+    "proxy_on_queue_ready": ("ii", ""),
+    "proxy_on_done": ("i", "i"),
+    "proxy_on_log": ("i", ""),
+    "proxy_on_delete": ("i", ""),
+}
+
+#: Where v0.1.0's callbacks differ: the header callbacks have no `end_of_stream`.
+ABI_0_1_0_CALLBACKS: dict[str, tuple[str, str]] = {
+    "proxy_on_request_headers": ("ii", "i"),
+    "proxy_on_response_headers": ("ii", "i"),
+}
 
 WASM_PAGE_SIZE = 65536
 """Bytes in one Wasm page: allocated memory is always a whole number of pages."""

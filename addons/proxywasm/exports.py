@@ -147,6 +147,15 @@ def proxy_set_buffer_bytes(
     return Status.OK
 
 
+def proxy_get_configuration(vm: Vm, ret_ptr: int, ret_size: int) -> int:
+    """ABI v0.1.0's way to read the configuration, as Envoy answers it: the plugin's while the
+    root context is created and configured, else the VM's."""
+    data = vm.buffers.get(BufferType.PLUGIN_CONFIGURATION)
+    if data is None:
+        data = vm.host.vm_configuration
+    return vm.return_bytes(data, ret_ptr, ret_size)
+
+
 # ---- header maps ----
 
 
@@ -197,6 +206,8 @@ def proxy_get_header_map_value(
     for k, v in pairs:
         if k == key:
             return vm.return_bytes(v, ret_ptr, ret_size)
+    if vm.abi_0_1_0:  # as Envoy for that ABI: a missing header is an empty value
+        return vm.return_bytes(b"", ret_ptr, ret_size)
     return _NOT_FOUND
 
 
@@ -249,6 +260,11 @@ def proxy_continue_stream(vm: Vm, stream_type: int) -> int:
     if ctx is None:
         return _NOT_FOUND
     ctx.resumed = True
+    return _OK
+
+
+def proxy_clear_route_cache(vm: Vm) -> int:
+    """Ok: mitmproxy routes by the request as it leaves the addon, so nothing is cached."""
     return _OK
 
 
@@ -715,6 +731,8 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
         ("iiiii", "i"), proxy_replace_header_map_value),
     ("env", "proxy_remove_header_map_value"): (("iii", "i"), proxy_remove_header_map_value),
     ("env", "proxy_continue_stream"): (("i", "i"), proxy_continue_stream),
+    ("env", "proxy_get_configuration"): (("ii", "i"), proxy_get_configuration),
+    ("env", "proxy_clear_route_cache"): (("", "i"), proxy_clear_route_cache),
     ("env", "proxy_continue_request"): (("", "i"), proxy_continue_request),
     ("env", "proxy_continue_response"): (("", "i"), proxy_continue_response),
     ("env", "proxy_close_stream"): (("i", "i"), proxy_close_stream),

@@ -606,6 +606,7 @@ class FilterInstance:
             return
         self.vm = None
         self.host._down.add(self.id)
+        self.host._due_now()
         now = self.host.clock.now_ns()
         self.host.module_crashed(now, f"{self.id} {kind}")
         self.crashes.append(now)
@@ -817,6 +818,10 @@ class Host:
         self.module_retry_at_ns = 0
         """Until then no new instance starts and no crashed one restarts (module back-off)."""
         self._next_stall_check = 0
+        self.on_due: Callable[[int], None] | None = None
+        """Told when something new falls due (host clock, ns): a timer, a crashed instance's
+        retry, a delivery. A live driver sleeps until `next_event_ns` and wakes earlier when
+        this names an earlier time; a simulation steps `next_event_ns` and leaves it None."""
 
     # ---- instances ----
 
@@ -964,6 +969,7 @@ class Host:
         def deliver(response: HttpCallResponse | None) -> None:
             if self._busy:
                 self._deliveries.append(lambda: self._complete_call(vm, call.id, response))
+                self._due_now()
             else:
                 self._complete_call(vm, call.id, response)
 
@@ -972,7 +978,7 @@ class Host:
         except Exception as e:
             logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
             return Status.INTERNAL_FAILURE
-        heapq.heappush(self._timers, (call.deadline_ns, next(self._seq), vm, call.id))
+        self._push_timer(call.deadline_ns, vm, call.id)
         vm.refetch.started(call.id, call_key(call.cluster, headers, body, trailers),
                            call.started_ns / 1e9)
         ctx = vm.contexts.get(call.context_id)
@@ -1052,6 +1058,7 @@ class Host:
         for vm in queue.subscribers:
             if not vm.closed:
                 self._deliveries.append(functools.partial(self._queue_ready, vm, queue_id))
+                self._due_now()
 
     def _queue_ready(self, vm: Vm, queue_id: int) -> None:
         if vm.closed:
@@ -1082,10 +1089,24 @@ class Host:
             vm = inst.vm
             if vm is not None and vm.tick_period_ns and not vm.tick_armed:
                 vm.tick_armed = True
-                heapq.heappush(self._timers, (vm.next_tick_ns, next(self._seq), vm, 0))
+                self._push_timer(vm.next_tick_ns, vm, 0)
+
+    def _push_timer(self, due_ns: int, vm: Vm, call_id: int) -> None:
+        """Schedule a tick of `vm` (call id 0) or the deadline of its call `call_id`."""
+        heapq.heappush(self._timers, (due_ns, next(self._seq), vm, call_id))
+        if self.on_due is not None:
+            self.on_due(due_ns)
+
+    def _due_now(self) -> None:
+        """Something waits for the next `poll` (a delivery, a crashed instance's retry)."""
+        if self.on_due is not None:
+            self.on_due(self.clock.now_ns())
 
     def next_event_ns(self) -> int | None:
-        """When the next timer or in-process delivery is due (virtual-time stepping)."""
+        """When the next timer, delivery or crash retry is due (None: nothing waits); what a
+        driver sleeps until before the next `poll`."""
+        if self._deliveries and not self._busy:
+            return self.clock.now_ns()
         best = self._timers[0][0] if self._timers else None
         due = self.dispatcher.next_due_ns()
         if due is not None and (best is None or due < best):
@@ -1148,7 +1169,7 @@ class Host:
             self._drain_deliveries()
         if vm.tick_period_ns and not vm.closed:
             vm.next_tick_ns = now + vm.tick_period_ns
-            heapq.heappush(self._timers, (vm.next_tick_ns, next(self._seq), vm, 0))
+            self._push_timer(vm.next_tick_ns, vm, 0)
         else:
             vm.tick_armed = False
 

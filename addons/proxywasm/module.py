@@ -15,7 +15,7 @@ from pathlib import Path
 import wasmtime
 
 from . import _wasmtime as raw
-from .abi import ABI_MARKERS, Status, WasiErrno
+from .abi import ABI_0_1_0_CALLBACKS, ABI_MARKERS, CALLBACKS, Status, WasiErrno
 from .exports import HOSTCALLS
 from .vm import ACTIVE
 
@@ -47,6 +47,9 @@ class FilterModule:
             )
         self.abi_version = versions[0].removeprefix("proxy_abi_version_").replace("_", ".")
         self.exports = frozenset(exports)
+        self._check_callbacks()
+        main = next((e.type for e in self.module.exports if e.name == "main"), None)
+        self.main_params = len(main.params) if isinstance(main, wasmtime.FuncType) else 0
         self.imports = frozenset(imp.name or "" for imp in self.module.imports)
         if "memory" not in exports:
             raise FilterLoadError(f"{name}: the module does not export its memory as 'memory'")
@@ -62,6 +65,21 @@ class FilterModule:
         except wasmtime.WasmtimeError as e:
             raise FilterLoadError(
                 f"{name}: cannot link the module: {raw.summarize(str(e))}") from e
+
+    def _check_callbacks(self) -> None:
+        """Refuse a callback export whose type is not the ABI's (see `abi.CALLBACKS`)."""
+        expected = dict(CALLBACKS)
+        if self.abi_version == "0.1.0":
+            expected.update(ABI_0_1_0_CALLBACKS)
+        for export in self.module.exports:
+            want = expected.get(export.name)
+            ty = export.type
+            if want is None or not isinstance(ty, wasmtime.FuncType):
+                continue
+            if _sig(ty) != _sig(raw.functype(*want)):
+                raise FilterLoadError(
+                    f"{self.name}: exports {export.name} with type {_sig(ty)}, but ABI "
+                    f"{self.abi_version} defines {_sig(raw.functype(*want))}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> FilterModule:

@@ -72,6 +72,9 @@ class LinkedModule(Protocol):
     name: str
     pre: wasmtime.InstancePre
     exports: frozenset[str]
+    abi_version: str
+    main_params: int
+    """How many parameters the module's `main` takes (0 or 2; called after `_initialize`)."""
 
 
 class HostServices(Protocol):
@@ -191,6 +194,8 @@ class Vm:
         self._on_done = f("proxy_on_done")
         self._on_log = f("proxy_on_log")
         self._on_delete = f("proxy_on_delete")
+        self.abi_0_1_0 = module.abi_version == "0.1.0"
+        """ABI v0.1.0: header callbacks without `end_of_stream`, a missing header is empty."""
         self._start()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -205,12 +210,14 @@ class Vm:
                 self.call(init)
                 main = f("main")
                 if main is not None:
-                    self.call(main, 0, 0)
+                    self.call(main, *(0,) * self.module.main_params)
             else:
                 start = f("_start")
                 if start is not None:
                     self.call(start)
             if self._on_context_create is not None:
+                # as Envoy: the root context is created with its plugin at hand
+                self.buffers = {BufferType.PLUGIN_CONFIGURATION: self.host.plugin_configuration}
                 self.call(self._on_context_create, ROOT_CONTEXT_ID, 0)
             cfg = self.host.vm_configuration
             on_vm_start = f("proxy_on_vm_start")
@@ -301,6 +308,8 @@ class Vm:
         self.effective = ctx.id
         _active[0] = self
         try:
+            if self.abi_0_1_0:
+                return self.raw.call2(self._on_request_headers, ctx.id, len(ctx.request_headers))
             return self.raw.call3(
                 self._on_request_headers, ctx.id, len(ctx.request_headers), int(end_of_stream)
             )
@@ -328,6 +337,8 @@ class Vm:
 
     def on_response_headers(self, ctx: StreamContext, end_of_stream: bool) -> int:
         """Run `proxy_on_response_headers` if exported; return the action."""
+        if self.abi_0_1_0:
+            return self._stream_call(self._on_response_headers, ctx, len(ctx.response_headers))
         return self._stream_call(
             self._on_response_headers, ctx, len(ctx.response_headers), int(end_of_stream)
         )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the conformance filters from three public Proxy-Wasm SDKs (see README.md here).
+# Build the conformance filters from three public Proxy-Wasm SDKs, and the ABI 0.1.0 filter
+# (see README.md here).
 #
-#   bash filters/conformance/build.sh [rust] [go] [as]     (default: all three)
+#   bash filters/conformance/build.sh [rust] [go] [as] [rust01]     (default: all four)
 #
 # Each filter is built once per content of its sources, lockfiles, this script and the
 # toolchain version, and cached as $HOME/.cache/wasm-reclaim/conformance/<sha>/<sdk>.wasm
@@ -11,6 +12,7 @@
 #   rust  cargo build --release --target wasm32-wasip1 --locked   (the proxy-wasm crate)
 #   go    GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared    (Go >= 1.24, no TinyGo)
 #   as    npm ci; asc (assemblyscript + @solo-io/proxy-runtime, pinned in package-lock.json)
+#   rust01  the same as rust, in rust-abi01/ (the proxy-wasm crate 0.1.4: ABI 0.1.0)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -62,6 +64,20 @@ build_rust() {
     finish rust "$target/wasm32-wasip1/release/conformance.wasm" "$cache/$sha/rust.wasm"
 }
 
+build_rust01() {
+    command -v cargo >/dev/null || missing rust01 "cargo not found (install Rust with rustup)"
+    local libdir
+    libdir="$(rustc --print target-libdir --target wasm32-wasip1 2>/dev/null || true)"
+    [[ -n "$libdir" && -d "$libdir" ]] ||
+        missing rust01 "the wasm32-wasip1 target is not installed (rustup target add wasm32-wasip1)"
+    local sha target="$cache/cargo-target"
+    sha="$(inputs_sha rust-abi01 "$(rustc -V)")"
+    cached rust01 "$cache/$sha/rust01.wasm" && return
+    (cd "$here/rust-abi01" && CARGO_TARGET_DIR="$target" cargo build --quiet --release --locked \
+        --target wasm32-wasip1)
+    finish rust01 "$target/wasm32-wasip1/release/conformance_abi01.wasm" "$cache/$sha/rust01.wasm"
+}
+
 build_go() {
     command -v go >/dev/null || missing go "go not found (install Go >= 1.24)"
     local version
@@ -104,12 +120,13 @@ build_as() {
 }
 
 sdks=("$@")
-(( ${#sdks[@]} )) || sdks=(rust go as)
+(( ${#sdks[@]} )) || sdks=(rust go as rust01)
 for sdk in "${sdks[@]}"; do
     case "$sdk" in
         rust) build_rust ;;
+        rust01) build_rust01 ;;
         go) build_go ;;
         as) build_as ;;
-        *) echo "conformance build: unknown SDK '$sdk' (rust, go, as)" >&2; exit 2 ;;
+        *) echo "conformance build: unknown SDK '$sdk' (rust, go, as, rust01)" >&2; exit 2 ;;
     esac
 done
