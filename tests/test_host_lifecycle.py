@@ -190,6 +190,34 @@ def test_callback_of_the_wrong_type_is_refused_at_load(abi: str, export: str, si
         FilterModule(wasmtime.wat2wasm(wat))
 
 
+def test_emscripten_imports_are_defined_as_in_cpp_host() -> None:
+    """A C++ SDK filter built with emscripten tells the host after growing its memory, and
+    may compare thread ids: neither may trap."""
+    body = trampolines("proxy_send_local_response") + """
+  (import "env" "emscripten_notify_memory_growth" (func $grown (param i32)))
+  (import "env" "pthread_equal" (func $eq (param i32 i32) (result i32)))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (memory.grow (i32.const 1)))
+    (call $grown (i32.const 0))
+    (drop (call $proxy_send_local_response
+      (i32.add (i32.const 200) (i32.add (i32.mul (call $eq (i32.const 3) (i32.const 3))
+                                                 (i32.const 10))
+                                        (call $eq (i32.const 3) (i32.const 4))))
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+      (i32.const 0)))
+    (i32.const 1))
+"""
+    m = FilterModule(wasmtime.wat2wasm(module(body)))
+    assert not m.unimplemented
+    clock = VirtualClock()
+    host = Host(m, InProcessDispatcher(lambda call: None, clock.now_ns), clock=clock)
+    inst = host.instance("shop")
+    d = inst.stream().request_headers([(b":path", b"/")])
+    assert d is not None and d.response is not None and d.response.status == 210
+    assert inst.vm is not None and inst.vm.allocated_pages() == 3
+
+
 def test_main_is_called_with_its_own_parameters() -> None:
     body = """
   (global $ran (mut i32) (i32.const 0))

@@ -635,6 +635,18 @@ def empty_get(vm: Vm, _array: int, _buffer: int) -> int:
     return WasiErrno.SUCCESS
 
 
+# ---- what emscripten's standalone modules import (cpp-host defines both for every module) ----
+
+
+def emscripten_notify_memory_growth(vm: Vm, _memory_index: int) -> None:
+    """The guest grew its memory: nothing to do (the host re-reads its size on each access)."""
+
+
+def pthread_equal(vm: Vm, left: int, right: int) -> int:
+    """One thread per VM: two thread ids are equal when their values are."""
+    return int(left == right)
+
+
 def proc_exit(vm: Vm, code: int) -> None:
     raise raw.HostTrap(f"the filter called proc_exit({code})")
 
@@ -759,6 +771,8 @@ HOSTCALLS: dict[tuple[str, str], tuple[tuple[str, str], Callable[..., int | None
     ("env", "proxy_grpc_cancel"): (("i", "i"), unimplemented),
     ("env", "proxy_grpc_close"): (("i", "i"), unimplemented),
     ("env", "proxy_call_foreign_function"): (("iiiiii", "i"), not_found),
+    ("env", "emscripten_notify_memory_growth"): (("i", ""), emscripten_notify_memory_growth),
+    ("env", "pthread_equal"): (("ii", "i"), pthread_equal),
     ("wasi_snapshot_preview1", "fd_write"): (("iiii", "i"), fd_write),
     ("wasi_snapshot_preview1", "clock_time_get"): (("iIi", "i"), clock_time_get),
     ("wasi_snapshot_preview1", "random_get"): (("ii", "i"), random_get),
