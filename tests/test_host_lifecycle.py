@@ -218,6 +218,24 @@ def test_emscripten_imports_are_defined_as_in_cpp_host() -> None:
     assert inst.vm is not None and inst.vm.allocated_pages() == 3
 
 
+def test_callback_that_is_not_a_function_is_refused_at_load() -> None:
+    wat = module('(global (export "proxy_on_context_create") i32 (i32.const 0))')
+    with pytest.raises(FilterLoadError, match=r"exports proxy_on_context_create, which is not a "
+                                              r"function; ABI 0.2.1 defines it as"):
+        FilterModule(wasmtime.wat2wasm(wat))
+
+
+def test_a_trapping_start_function_is_one_line() -> None:
+    wat = module("(func $boom unreachable) (start $boom)")
+    clock = VirtualClock()
+    host = Host(FilterModule(wasmtime.wat2wasm(wat)),
+                InProcessDispatcher(lambda call: None, clock.now_ns), clock=clock)
+    with pytest.raises(FilterStartError) as got:
+        host.instance("shop")
+    assert "\n" not in str(got.value)
+    assert str(got.value).startswith("instantiation trapped: wasm trap: wasm `unreachable`")
+
+
 def test_main_is_called_with_its_own_parameters() -> None:
     body = """
   (global $ran (mut i32) (i32.const 0))

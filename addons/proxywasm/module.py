@@ -74,8 +74,12 @@ class FilterModule:
         for export in self.module.exports:
             want = expected.get(export.name)
             ty = export.type
-            if want is None or not isinstance(ty, wasmtime.FuncType):
+            if want is None:
                 continue
+            if not isinstance(ty, wasmtime.FuncType):
+                raise FilterLoadError(
+                    f"{self.name}: exports {export.name}, which is not a function; ABI "
+                    f"{self.abi_version} defines it as {_sig(raw.functype(*want))}")
             if _sig(ty) != _sig(raw.functype(*want)):
                 raise FilterLoadError(
                     f"{self.name}: exports {export.name} with type {_sig(ty)}, but ABI "

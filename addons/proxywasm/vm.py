@@ -167,11 +167,11 @@ class Vm:
         try:
             self.raw = raw.RawInstance(module.pre, host.limits.memory_bytes)
         except raw.GuestTrap as e:
-            raise FilterStartError(f"instantiation trapped: {e}") from e
+            raise FilterStartError(f"instantiation trapped: {raw.summarize(str(e))}") from e
         except wasmtime.Trap as e:
-            raise FilterStartError(f"instantiation trapped: {e.message}") from e
+            raise FilterStartError(f"instantiation trapped: {raw.summarize(e.message)}") from e
         except wasmtime.WasmtimeError as e:
-            raise FilterStartError(f"cannot instantiate: {e}") from e
+            raise FilterStartError(f"cannot instantiate: {raw.summarize(str(e))}") from e
         finally:
             _active[0] = previous
         self._grown(0)
