@@ -622,6 +622,7 @@ class WasmAuth:
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
         self._logout_path = logout_path(settings.plugin_configuration).encode()
         self._keys = {}
+        self._bind_hooks()
         self._build_host(previous)
         assert self.host is not None
         self.bounds = InstanceBounds(self.host, settings.instance_allow, settings.max_instances,
@@ -631,6 +632,24 @@ class WasmAuth:
             task = asyncio.get_running_loop().create_task(self._restart_services())
             self._closing.add(task)  # keep a reference until it is done
             task.add_done_callback(self._closing.discard)
+
+    def _bind_hooks(self) -> None:
+        """Unbind the flow hooks this configuration never needs: mitmproxy skips a hook bound
+        to None, and each one it calls costs it more than a whole cache hit in the filter.
+
+        `responseheaders` serves only filters with response callbacks; `response` and `error`
+        end what `request` left open: such a filter's stream, or a request's record (metrics
+        logged). `request` and `requestheaders` always run: any addon may stream a request,
+        and the filter must see its headers before they leave.
+        """
+        s = self.settings
+        ends = self._lifecycle or (s is not None and s.log_metrics) or bool(self._open)
+        for name, wanted in (("responseheaders", self._lifecycle), ("response", ends),
+                             ("error", ends)):
+            if wanted:
+                self.__dict__.pop(name, None)  # the method
+            else:
+                self.__dict__[name] = None
 
     def _build_host(self, previous: Settings | None) -> None:
         """(Re)create the host when anything it depends on changed."""

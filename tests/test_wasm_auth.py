@@ -587,3 +587,24 @@ async def test_poll_loop_sleeps_when_idle_and_wakes_for_ticks(tmp_path) -> None:
         await addon.done()
     assert idle_polls <= 3
     assert ticks >= 20
+
+
+async def test_hooks_a_configuration_never_needs_are_unbound(tmp_path) -> None:
+    """mitmproxy skips a hook bound to None: the reference filter (no response callbacks)
+    with metrics off needs only the request hooks; logging its records needs `response` and
+    `error` too; a filter with response callbacks needs them all."""
+    addon = WasmAuth()
+    lifecycle_filter = tmp_path / "lifecycle.wasm"
+    lifecycle_filter.write_bytes(wasmtime.wat2wasm(module(
+        '(func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) '
+        "(i32.const 0))")))
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, **base_options(tmp_path))
+        assert (addon.responseheaders, addon.response, addon.error) == (None, None, None)
+        assert callable(addon.request) and callable(addon.requestheaders)
+        tctx.configure(addon, wasm_log_metrics=True)
+        assert addon.responseheaders is None
+        assert callable(addon.response) and callable(addon.error)
+        tctx.configure(addon, wasm_log_metrics=False, wasm_filter=str(lifecycle_filter))
+        assert callable(addon.responseheaders) and callable(addon.response)
+        assert callable(addon.error)
