@@ -330,6 +330,32 @@ def test_call_timeout_delivers_a_failure_and_a_late_answer_is_ignored() -> None:
     assert s.decision.response.status == 503
 
 
+def test_a_zero_timeout_is_no_timeout_of_the_filters_own() -> None:
+    """As in Envoy: timeout 0 does not end the call at once; the answer after 5 s resumes the
+    stream, and only a call unanswered for the stream timeout fails."""
+    zero = CALLING_FILTER.replace("(i32.const 1000) (i32.const 100)", "(i32.const 0) (i32.const 100)")
+    assert zero != CALLING_FILTER
+    host, clock = make_host(zero, latency=5.0)
+    s = host.instance("shop").stream()
+    assert s.request_headers([]) is None
+    clock.advance(1.0)
+    host.poll()
+    assert s.decision is None  # still waiting
+    clock.advance(4.0)
+    host.poll()
+    assert s.decision is not None and s.decision.action == "continue"
+    host, clock = make_host(zero, answer=None, limits=Limits(stream_timeout_s=10))
+    s = host.instance("shop").stream()
+    assert s.request_headers([]) is None
+    clock.advance(9.0)
+    host.poll()
+    assert s.decision is None
+    clock.advance(1.0)
+    host.poll()
+    assert s.decision is not None and s.decision.response is not None
+    assert s.decision.response.status == 503
+
+
 def test_missing_answer_times_out() -> None:
     host, clock = make_host(answer=None)
     s = host.instance("shop").stream()

@@ -354,9 +354,13 @@ def proxy_http_call(
         return _BAD_ARGUMENT
     call_id = vm.next_call_id
     now = vm.host.clock.now_ns()
+    # 0 is no timeout of the filter's own, as in Envoy: the call then ends when a paused
+    # stream would (`Limits.stream_timeout_s`), not at once.
+    timeout_ns = (timeout_ms * 1_000_000 if timeout_ms
+                  else int(vm.host.limits.stream_timeout_s * 1e9))
     call = PendingCall(
         call_id, vm.effective, upstream.decode("utf-8", "replace"),
-        first[b":path"].decode("latin-1"), now, now + max(timeout_ms, 1) * 1_000_000,
+        first[b":path"].decode("latin-1"), now, now + timeout_ns,
     )
     status = vm.host.start_call(vm, call, headers, body, trailers)
     if status != _OK:
