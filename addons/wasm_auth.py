@@ -640,10 +640,12 @@ class WasmAuth:
         `responseheaders` serves only filters with response callbacks; `response` and `error`
         end what `request` left open: such a filter's stream, or a request's record (metrics
         logged). `request` and `requestheaders` always run: any addon may stream a request,
-        and the filter must see its headers before they leave.
+        and the filter must see its headers before they leave. Called again whenever the
+        metrics log starts or stops.
         """
         s = self.settings
-        ends = self._lifecycle or (s is not None and s.log_metrics) or bool(self._open)
+        ends = (self._lifecycle or (s is not None and s.log_metrics)
+                or self.metrics is not None or bool(self._open))
         for name, wanted in (("responseheaders", self._lifecycle), ("response", ends),
                              ("error", ends)):
             if wanted:
@@ -792,6 +794,7 @@ class WasmAuth:
 
             self.metrics = MetricsLog(s.spool_dir, redact=s.redact_params)
             self.shipper = self._start_shipper(s)
+            self._bind_hooks()
         self._start_plugin_services()
         self._tasks = [asyncio.create_task(self._poll_loop(), name="wasm-poll"),
                        asyncio.create_task(self._sample_loop(), name="wasm-samples")]
@@ -827,6 +830,7 @@ class WasmAuth:
         if self.host is not None:
             await self.host.dispatcher.aclose()
         metrics, self.metrics = self.metrics, None
+        self._bind_hooks()
         if metrics is not None:
             self._sample_all_to(metrics, every=True)  # the store sees the final state
             await asyncio.to_thread(metrics.flush)

@@ -186,6 +186,7 @@ async def test_requests_failed_while_the_module_backs_off_are_recorded(tmp_path)
                        wasm_log_metrics=False, wasm_spool=str(tmp_path / "spool"),
                        wasm_store=str(tmp_path / "store"))
         addon.metrics = type("Sink", (), {"write": lambda self, c, d: docs.append(d)})()
+        addon._bind_hooks()  # as when the metrics log starts: records need `response`
         flows = []
         for i in range(8):
             f = tflow.tflow()
