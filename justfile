@@ -61,6 +61,7 @@ bench: setup
     {{python}} -m tests.bench.hostflood
     {{python}} -m tests.bench.store
     {{python}} -m tests.bench.proxy
+    {{python}} -m tests.bench.idle
     {{python}} -m tests.bench.dispatch
     {{python}} -m tests.bench.replay
     {{python}} -m tests.bench.runs
