@@ -72,18 +72,17 @@ class FilterModule:
         if self.abi_version == "0.1.0":
             expected.update(ABI_0_1_0_CALLBACKS)
         for export in self.module.exports:
-            want = expected.get(export.name)
-            ty = export.type
-            if want is None:
+            if export.name not in expected:
                 continue
+            want, ty = _sig(raw.functype(*expected[export.name])), export.type
             if not isinstance(ty, wasmtime.FuncType):
                 raise FilterLoadError(
                     f"{self.name}: exports {export.name}, which is not a function; ABI "
-                    f"{self.abi_version} defines it as {_sig(raw.functype(*want))}")
-            if _sig(ty) != _sig(raw.functype(*want)):
+                    f"{self.abi_version} defines it as {want}")
+            if _sig(ty) != want:
                 raise FilterLoadError(
                     f"{self.name}: exports {export.name} with type {_sig(ty)}, but ABI "
-                    f"{self.abi_version} defines {_sig(raw.functype(*want))}")
+                    f"{self.abi_version} defines {want}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> FilterModule:

@@ -50,32 +50,18 @@ cached() { # cached <sdk> <cache file>: copy a cached build out, or fail
     echo "conformance build: $1: cached $2"
 }
 
-build_rust() {
-    command -v cargo >/dev/null || missing rust "cargo not found (install Rust with rustup)"
+build_cargo() { # build_cargo <sdk> <dir> <crate>: a Rust filter, cached as <sdk>.wasm
+    command -v cargo >/dev/null || missing "$1" "cargo not found (install Rust with rustup)"
     local libdir
     libdir="$(rustc --print target-libdir --target wasm32-wasip1 2>/dev/null || true)"
     [[ -n "$libdir" && -d "$libdir" ]] ||
-        missing rust "the wasm32-wasip1 target is not installed (rustup target add wasm32-wasip1)"
+        missing "$1" "the wasm32-wasip1 target is not installed (rustup target add wasm32-wasip1)"
     local sha target="$cache/cargo-target"
-    sha="$(inputs_sha rust "$(rustc -V)")"
-    cached rust "$cache/$sha/rust.wasm" && return
-    (cd "$here/rust" && CARGO_TARGET_DIR="$target" cargo build --quiet --release --locked \
+    sha="$(inputs_sha "$2" "$(rustc -V)")"
+    cached "$1" "$cache/$sha/$1.wasm" && return
+    (cd "$here/$2" && CARGO_TARGET_DIR="$target" cargo build --quiet --release --locked \
         --target wasm32-wasip1)
-    finish rust "$target/wasm32-wasip1/release/conformance.wasm" "$cache/$sha/rust.wasm"
-}
-
-build_rust01() {
-    command -v cargo >/dev/null || missing rust01 "cargo not found (install Rust with rustup)"
-    local libdir
-    libdir="$(rustc --print target-libdir --target wasm32-wasip1 2>/dev/null || true)"
-    [[ -n "$libdir" && -d "$libdir" ]] ||
-        missing rust01 "the wasm32-wasip1 target is not installed (rustup target add wasm32-wasip1)"
-    local sha target="$cache/cargo-target"
-    sha="$(inputs_sha rust-abi01 "$(rustc -V)")"
-    cached rust01 "$cache/$sha/rust01.wasm" && return
-    (cd "$here/rust-abi01" && CARGO_TARGET_DIR="$target" cargo build --quiet --release --locked \
-        --target wasm32-wasip1)
-    finish rust01 "$target/wasm32-wasip1/release/conformance_abi01.wasm" "$cache/$sha/rust01.wasm"
+    finish "$1" "$target/wasm32-wasip1/release/$3.wasm" "$cache/$sha/$1.wasm"
 }
 
 build_go() {
@@ -123,8 +109,8 @@ sdks=("$@")
 (( ${#sdks[@]} )) || sdks=(rust go as rust01)
 for sdk in "${sdks[@]}"; do
     case "$sdk" in
-        rust) build_rust ;;
-        rust01) build_rust01 ;;
+        rust) build_cargo rust rust conformance ;;
+        rust01) build_cargo rust01 rust-abi01 conformance_abi01 ;;
         go) build_go ;;
         as) build_as ;;
         *) echo "conformance build: unknown SDK '$sdk' (rust, go, as, rust01)" >&2; exit 2 ;;

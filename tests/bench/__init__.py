@@ -30,3 +30,33 @@ def auth_server(stack: ExitStack, work: Path) -> tuple[str, str]:
     url = f"http://127.0.0.1:{port}"
     token = httpx.post(f"{url}/login", json={"user": "bench"}, timeout=10).json()["token"]
     return url, str(token)
+
+
+def mitmdump_variants(stack: ExitStack, work: Path, nginx: bool = False
+                      ) -> tuple[str, list[str], dict[str, list[str]]]:
+    """Start the auth server and the shop on 127.0.0.1 (stopped when `stack` closes; logs in
+    `work`) for the proxy benchmarks. Returns the bench user's token, mitmdump's common
+    arguments (a reverse proxy to the shop) and each variant's own: `plain`, `empty addon`
+    (`tests/bench/empty_addon.py`, the control), `addon, logging off`, `addon, logging on`
+    (a spool and the embedded store in `work`). `nginx`: the shop behind nginx, so that the
+    upstream is not the bottleneck."""
+    from scenarios.procs import free_port, process
+
+    auth_url, token = auth_server(stack, work)
+    shop_port = free_port()
+    shop = [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)]
+    if nginx:
+        shop.append("--nginx")
+    stack.enter_context(process(shop, shop_port, work / "shop.log", {"PYTHONPATH": str(ROOT)}))
+    common = ["--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host", "127.0.0.1",
+              "-q", "--set", "keep_host_header=true"]
+    addon = ["-s", str(ROOT / "addons" / "wasm_auth.py"), "--set", f"wasm_cluster=auth={auth_url}",
+             "--set", "wasm_admin_listen="]
+    variants = {
+        "plain": [],
+        "empty addon": ["-s", str(ROOT / "tests" / "bench" / "empty_addon.py")],
+        "addon, logging off": [*addon, "--set", "wasm_log_metrics=false"],
+        "addon, logging on": [*addon, "--set", f"wasm_store={work / 'store'}",
+                              "--set", f"wasm_spool={work / 'spool'}"],
+    }
+    return token, common, variants

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from scenarios.procs import free_port, mitmdump_path, process
-from tests.bench import ROOT, auth_server, load_note
+from tests.bench import ROOT, load_note, mitmdump_variants
 from tests.bench.proxy import cpu_seconds
 
 RESULTS = ROOT / "results" / "bench" / "idle.json"
@@ -38,22 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
-        auth_url, token = auth_server(stack, tmp)
-        shop_port = free_port()
-        stack.enter_context(process(
-            [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
-            tmp / "shop.log", env))
-        common = ["--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host",
-                  "127.0.0.1", "-q", "--set", "keep_host_header=true"]
-        addon = ["-s", str(ROOT / "addons" / "wasm_auth.py"),
-                 "--set", f"wasm_cluster=auth={auth_url}", "--set", "wasm_admin_listen="]
-        variants = {
-            "plain": [],
-            "empty addon": ["-s", str(ROOT / "tests" / "bench" / "empty_addon.py")],
-            "addon, logging off": [*addon, "--set", "wasm_log_metrics=false"],
-            "addon, logging on": [*addon, "--set", f"wasm_store={tmp / 'store'}",
-                                  "--set", f"wasm_spool={tmp / 'spool'}"],
-        }
+        token, common, variants = mitmdump_variants(stack, tmp)
         pids: dict[str, int] = {}
         headers = {"Host": "shop.example", "Authorization": f"Bearer {token}"}
         for i, (name, extra) in enumerate(variants.items()):

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from scenarios.procs import free_port, mitmdump_path, process
-from tests.bench import ROOT, auth_server, load_note
+from tests.bench import ROOT, load_note, mitmdump_variants
 
 RESULTS = ROOT / "results" / "bench" / "proxy.json"
 
@@ -125,24 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
-        auth_url, token = auth_server(stack, tmp)
-        shop_port = free_port()
-        shop = [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)]
-        if shutil.which("nginx"):
-            shop.append("--nginx")  # the upstream must not be the bottleneck
-        stack.enter_context(process(shop, shop_port, tmp / "shop.log", env))
-        common = ["--mode", f"reverse:http://127.0.0.1:{shop_port}", "--listen-host",
-                  "127.0.0.1", "-q", "--set", "keep_host_header=true"]
-        addon = ["-s", str(ROOT / "addons" / "wasm_auth.py"),
-                 "--set", f"wasm_cluster=auth={auth_url}",
-                 "--set", "wasm_admin_listen="]
-        variants = {
-            "plain": [],
-            "empty addon": ["-s", str(ROOT / "tests" / "bench" / "empty_addon.py")],
-            "addon, logging off": [*addon, "--set", "wasm_log_metrics=false"],
-            "addon, logging on": [*addon, "--set", f"wasm_store={tmp / 'store'}",
-                                  "--set", f"wasm_spool={tmp / 'spool'}"],
-        }
+        # the upstream must not be the bottleneck
+        token, common, variants = mitmdump_variants(stack, tmp, nginx=bool(shutil.which("nginx")))
         ports: dict[str, int] = {}
         pids: dict[str, int] = {}
         for name, extra in variants.items():
