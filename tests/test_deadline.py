@@ -249,3 +249,43 @@ def test_without_the_native_ticker_a_python_thread_ticks_and_guest_calls_release
 ) -> None:
     assert _ticker_check(WASM_RECLAIM_PYTHON_TICKER="1") == ["False True True",
                                                              "False True True"]
+
+
+# In a fresh process (nothing else uses its CPU): a store whose epoch deadline is the next tick
+# and that has no epoch callback traps at its next call once the epoch has advanced.
+TICKS_ON_CPU_TIME = """
+import time, wasmtime
+from addons.proxywasm import _wasmtime
+eng = _wasmtime.engine()
+print(_wasmtime.ticker_clock(), flush=True)
+store = wasmtime.Store(eng)
+noop = wasmtime.Instance(store, wasmtime.Module(eng, '(module (func (export "f")))'), [])
+f = noop.exports(store)["f"]
+def ticked():
+    try:
+        f(store)
+    except (wasmtime.Trap, wasmtime.WasmtimeError):
+        return True
+    finally:
+        store.set_epoch_deadline(1)
+    return False
+store.set_epoch_deadline(1)
+time.sleep(0.5)  # 50 ticks of wall time, none of CPU time
+print(ticked(), flush=True)
+start = time.thread_time()
+while time.thread_time() - start < 0.1:  # 10 ticks of CPU time
+    pass
+print(ticked(), flush=True)
+"""
+
+
+def test_the_native_ticker_ticks_on_cpu_time_so_an_idle_process_is_never_woken() -> None:
+    if not TICKER_LIBRARY.exists():
+        pytest.fail(f"{TICKER_LIBRARY} is not built: bash .ci/setup builds it with gcc")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", TICKS_ON_CPU_TIME], capture_output=True,
+                          text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # No tick in half a second of sleep; ticks once the process has used 100 ms of CPU.
+    assert done.stdout.split() == ["process", "CPU", "False", "True"]

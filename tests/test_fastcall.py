@@ -279,3 +279,22 @@ def test_many_host_calls_leave_no_references_behind(probe) -> None:
         assert p("run", 1, i) == i
     p.active[0] = None
     assert sys.getrefcount(arg) == before
+
+
+def test_ticks_while_no_guest_runs_do_not_prompt_the_next_call(probe) -> None:
+    # A prompt starts the guest meter (`_meter[0]`), which the host function sees. With the
+    # extension an outermost call sets its deadline to the next tick, so the ticks that passed
+    # while no guest ran do not prompt it; through ctypes the first call after them is
+    # prompted at once.
+    metered: list[bool] = []
+
+    def impl(vm: Any, a: int, b: int) -> int:
+        metered.append(raw._meter[0] is not None)
+        return 0
+
+    p = probe(impl)
+    p("run", 0, 0)
+    for _ in range(5):
+        raw.engine().increment_epoch()
+    p("run", 0, 0)
+    assert metered == [False, not raw.FASTCALLS]

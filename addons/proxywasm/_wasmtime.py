@@ -11,7 +11,8 @@ below, 1.1 µs through ctypes; `just bench`):
 - the engine is configured with `memory_may_move=False`, so a memory's base address is fixed
   for the life of its store and can be cached; only its size changes (it only grows);
 - the epoch that interrupts a looping guest ticks from a native thread (`ticker.c`, built by
-  .ci/setup), so guest calls keep the GIL; where it is not built, from a Python thread;
+  .ci/setup) every 10 ms of the process's CPU time, so guest calls keep the GIL and an idle
+  proxy is never woken; where it is not built, from a Python thread every 10 ms;
 - both kinds of crossing are plain C calls, without ctypes, through a small CPython extension
   (`fastcall.c`, built by .ci/setup into `_fastcall`): a guest call is one METH_FASTCALL
   function, a host call a C trampoline that calls the host function through vectorcall.
@@ -48,8 +49,10 @@ from wasmtime import _ffi as ffi
 logger = logging.getLogger(__name__)
 
 EPOCH_TICK_S = 0.01
-"""How often the epoch ticker advances the engine's epoch (10 ms). Each tick wakes a Python
-thread that needs the GIL for a moment; 100 a second is enough for a 100 ms deadline."""
+"""How often the epoch ticker advances the engine's epoch: every 10 ms of the process's CPU time
+(the native ticker), or of wall time (the Python one, or where the CPU-time timer cannot be
+made). 100 ticks a second of a busy process are enough for a 100 ms deadline; an idle process
+gets none."""
 
 HOST_TIME_FACTOR = 10
 """A guest call whose host calls (with its own guest time) take this many deadlines of CPU is
@@ -279,6 +282,8 @@ def _native_ticker(eng: wasmtime.Engine) -> bool:
     lib.wr_ticker_start.restype = ctypes.c_void_p
     lib.wr_ticker_stop.argtypes = (ctypes.c_void_p,)
     lib.wr_ticker_stop.restype = ctypes.c_int
+    lib.wr_ticker_clock.argtypes = (ctypes.c_void_p,)
+    lib.wr_ticker_clock.restype = ctypes.c_int
     increment = ctypes.cast(_lib.wasmtime_engine_increment_epoch, ctypes.c_void_p).value
     ticker = lib.wr_ticker_start(increment, ctypes.cast(eng.ptr(), ctypes.c_void_p).value,
                                  int(EPOCH_TICK_S * 1e9))
@@ -288,6 +293,20 @@ def _native_ticker(eng: wasmtime.Engine) -> bool:
         return False
     _ticker_lib, _ticker = lib, ticker
     return True
+
+
+def ticker_clock() -> str:
+    """What the epoch ticker counts its ticks on: "process CPU" (the native ticker's timer),
+    "wall" (the native ticker where that timer cannot be made, or the Python ticker), or
+    "none" (no engine yet, or the ticker was stopped)."""
+    if _ticker is not None:
+        deadline = time.monotonic() + 1.0
+        while (clock := _ticker_lib.wr_ticker_clock(_ticker)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # the thread is starting: it chooses at once
+        return "process CPU" if clock == 1 else "wall"
+    if any(t.name == "wasm-epoch" for t in threading.enumerate()):
+        return "wall"
+    return "none"
 
 
 def _tick_epochs(eng: wasmtime.Engine) -> None:
@@ -314,14 +333,19 @@ def _tick_epochs(eng: wasmtime.Engine) -> None:
 # burst of ticks. So the epoch only prompts a check: every store's deadline is one epoch
 # ahead, and when it is reached wasmtime calls `_on_epoch`, which measures the guest's own CPU
 # time (CLOCK_THREAD_CPUTIME_ID of the thread running it, minus the time spent in host
-# functions) and either extends the deadline by one epoch or interrupts the call.
+# functions) and either extends the deadline by one epoch or interrupts the call. With
+# `_fastcall`, an outermost guest call first sets its store's deadline to the next tick, so
+# the ticks that passed while no guest ran do not prompt it at its first instruction; without
+# it, the first call after a tick is prompted at once (a little more work, the same limits).
 #
 # Measuring costs a system call (about 0.8 µs here), so it starts lazily: at the first epoch
 # prompt within a guest call. A call shorter than a tick is never measured; the time before the
-# first prompt (at most one tick when the ticker is on time) is not counted, which is why the
-# guest budget is the deadline minus two ticks: a looping call is interrupted after between
-# deadline - 2 ticks and the deadline of guest time, however busy the machine. A starved ticker
-# delays the check, never makes it trip: a trip always means the guest ran its budget.
+# first prompt (at most one tick of the process's CPU time with the native ticker, so at most
+# one tick of the guest's own) is not counted, which is why the guest budget is the deadline
+# minus two ticks: a looping call is interrupted after between deadline - 2 ticks and the
+# deadline of guest time (plus up to a scheduler tick, when the kernel checks CPU timers),
+# however busy the machine. A starved or late ticker delays the check, never makes it trip: a
+# trip always means the guest ran its budget.
 
 
 class GuestMeter:

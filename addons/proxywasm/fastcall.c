@@ -9,7 +9,9 @@
  *   stack; returns the i32 result, or raises CallFailed((error, trap)) with the addresses of
  *   the wasmtime_error_t / wasm_trap_t, which the caller owns and turns into GuestTrap.
  *   call keeps the GIL (the native epoch ticker needs none), call_nogil releases it around
- *   the call, as ctypes' CDLL does.
+ *   the call, as ctypes' CDLL does. An outermost guest call sets the store's epoch deadline
+ *   to the next tick first (wasmtime_context_set_epoch_deadline), so that only a tick during
+ *   the call prompts it (see _wasmtime.py's deadlines).
  * - define(...): defines a host function on a linker with a C trampoline as its
  *   wasmtime_func_unchecked_callback_t: it takes the GIL (a no-op when the guest call kept
  *   it), converts the raw arguments to ints (i32 unsigned, i64 signed), calls
@@ -76,6 +78,7 @@ typedef wasmtime_error_t *(*linker_define_func_unchecked_fn)(
 typedef wasm_trap_t *(*trap_new_fn)(const char *msg, size_t msg_len);
 typedef void (*trap_delete_fn)(wasm_trap_t *trap);
 typedef void (*error_delete_fn)(wasmtime_error_t *error);
+typedef void (*set_epoch_deadline_fn)(wasmtime_context_t *context, uint64_t ticks_beyond_current);
 typedef size_t (*memory_data_size_fn)(const wasmtime_context_t *store,
                                       const wasmtime_memory_t *memory);
 typedef uint64_t (*memory_size_fn)(const wasmtime_context_t *store,
@@ -86,8 +89,13 @@ static linker_define_func_unchecked_fn wr_define_func;
 static trap_new_fn wr_trap_new;
 static trap_delete_fn wr_trap_delete;
 static error_delete_fn wr_error_delete;
+static set_epoch_deadline_fn wr_set_epoch_deadline;
 static memory_data_size_fn wr_memory_data_size;
 static memory_size_fn wr_memory_size;
+
+/* How deep this thread is in guest calls: 0 outside any, 1 in a guest call, 2 in a guest call
+ * made from a host call of one, ... */
+static _Thread_local int wr_depth;
 
 /* A guest call's raw value array: params and the result share it (as in _wasmtime.py). */
 #define WR_SLOTS 16
@@ -195,6 +203,11 @@ static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gi
     }
     wasm_trap_t *trap = NULL;
     wasmtime_error_t *error;
+    /* An outermost call's first epoch prompt comes at the next tick, not at once for the
+     * ticks that passed while no guest ran. A call made from a host call keeps its caller's
+     * deadline, so that nesting never puts the caller's prompt off. */
+    if (wr_depth == 0) wr_set_epoch_deadline(ctx, 1);
+    wr_depth++;
     if (release_gil) {
         Py_BEGIN_ALLOW_THREADS
         error = wr_func_call(ctx, func, vals, WR_SLOTS, &trap);
@@ -202,6 +215,7 @@ static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gi
     } else {
         error = wr_func_call(ctx, func, vals, WR_SLOTS, &trap);
     }
+    wr_depth--;
     if (error != NULL || trap != NULL) return wr_raise_failed(error, trap);
     if (PyErr_Occurred()) return NULL; /* never expected: a callback leaves no exception */
     return PyLong_FromLong(vals[0].i32);
@@ -604,6 +618,7 @@ static PyObject *wr_bind(PyObject *Py_UNUSED(m), PyObject *args) {
         {"wasmtime_trap_new", (void **)&wr_trap_new},
         {"wasm_trap_delete", (void **)&wr_trap_delete},
         {"wasmtime_error_delete", (void **)&wr_error_delete},
+        {"wasmtime_context_set_epoch_deadline", (void **)&wr_set_epoch_deadline},
         {"wasmtime_memory_data_size", (void **)&wr_memory_data_size},
         {"wasmtime_memory_size", (void **)&wr_memory_size},
     };
