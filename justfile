@@ -56,6 +56,7 @@ web-check *args: setup
 # Benchmarks against SPEC §9: host and filter, store, proxy, replay (results in results/bench/)
 [group('check')]
 bench: setup
+    bash .ci/bench-tools
     {{python}} -m tests.bench.host
     {{python}} -m tests.bench.deadline
     {{python}} -m tests.bench.hostflood
