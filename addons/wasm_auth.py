@@ -228,21 +228,25 @@ class RequestView(NamedTuple):
     authorization: bytes | None
     hosts: int = 1
     """How many Host header fields the request has (more than one is refused)."""
+    fields: Sequence[tuple[bytes, bytes]] = ()
+    """The header fields as sent, with lowercase names (as the filter sees them)."""
 
 
 def view(request: http.Request) -> RequestView:
     """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear)."""
     host = authorization = None
     hosts = 0
+    fields = []
     for name, value in request.headers.fields:
         lowered = name.lower()
+        fields.append((lowered, value))
         if lowered == b"host":
             host = value
             hosts += 1
         elif lowered == b"authorization":
             authorization = value
     authority = host or request.data.authority or request.data.host.encode("idna")
-    return RequestView(authority, authorization, hosts)
+    return RequestView(authority, authorization, hosts, fields)
 
 
 def instance_key(authority: bytes, mode: str) -> str:
@@ -256,17 +260,15 @@ def instance_key(authority: bytes, mode: str) -> str:
     return parse_instance_key(authority, mode)
 
 
-def request_pairs(request: http.Request, authority: bytes) -> Pairs:
-    """The request as the filter sees it: pseudo-headers, then every header as bytes.
-
-    Names keep their case here; the host lowercases them for the filter.
-    """
+def request_pairs(request: http.Request, req: RequestView) -> Pairs:
+    """The request as the filter sees it: pseudo-headers, then every header as bytes, with
+    lowercase names (`view`'s fields: the host need not lowercase them again)."""
     return [
         (b":method", request.data.method),
         (b":path", request.data.path),
-        (b":authority", authority),
+        (b":authority", req.authority),
         (b":scheme", request.data.scheme or b"http"),
-        *request.headers.fields,
+        *req.fields,
     ]
 
 
@@ -1145,14 +1147,15 @@ class WasmAuth:
             stream.attributes = lifecycle.flow_attributes(flow)
         request = flow.request
         end_of_stream = not streamed and not request.raw_content and not request.trailers
-        pairs = request_pairs(request, req.authority)
+        pairs = request_pairs(request, req)
         rest = (lifecycle.request_steps(flow, stream, self._exports)
                 if self._lifecycle and not streamed else [])
         if rest:
             decision = await lifecycle.run_phases(
-                stream, [lambda: stream.request_headers(pairs, end_of_stream), *rest])
+                stream, [lambda: stream.request_headers(pairs, end_of_stream, lowered=True),
+                         *rest])
         else:
-            decision = stream.request_headers(pairs, end_of_stream)
+            decision = stream.request_headers(pairs, end_of_stream, lowered=True)
         if decision is None:
             decision = await lifecycle.wait(stream, decision)
         # As in Envoy, a local response goes through the response callbacks too.

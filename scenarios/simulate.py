@@ -309,7 +309,7 @@ class Simulation:
             (b"authorization", token[0]),
         ]
         t = self.clock.now_ns() / 1e9
-        decision = stream.request_headers(headers)
+        decision = stream.request_headers(headers, lowered=True)
         if decision is None:  # paused on an auth call: recorded when the filter decides
             stream.on_decision = functools.partial(self._record, stream, t, kind, method, path,
                                                    token[1])

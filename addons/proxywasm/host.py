@@ -212,8 +212,12 @@ class Stream:
         vm, ctx = self.vm, self.ctx
         return vm is not None and ctx is not None and not vm.closed and ctx.id in vm.contexts
 
-    def request_headers(self, headers: Pairs, end_of_stream: bool = True) -> Decision | None:
-        """Run the filter on the request headers (names are matched case-insensitively)."""
+    def request_headers(self, headers: Pairs, end_of_stream: bool = True,
+                        lowered: bool = False) -> Decision | None:
+        """Run the filter on the request headers (names are matched case-insensitively).
+
+        `lowered`: every name is lowercase already, and `headers` becomes the stream's own
+        list (not copied; the filter's changes go into it)."""
         host = self.instance.host
         self.started_ns = self.phase_ns = host.clock.now_ns()
         vm = self.vm
@@ -225,7 +229,8 @@ class Stream:
         self.waiting = True
         try:
             ctx = self.ctx = vm.new_context(self)
-            ctx.request_headers = [(k.lower(), v) for k, v in headers]
+            ctx.request_headers = (headers if lowered
+                                   else [(k.lower(), v) for k, v in headers])
             journal = self.instance.journal
             if journal is not None and journal.wants(vm.generation):
                 self.entry = Entry(vm.generation, self.started_ns, ctx.request_headers,
