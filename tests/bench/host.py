@@ -230,12 +230,17 @@ def main(argv: list[str] | None = None) -> int:
                         wasmtime, "__version__") else "?",
                     "load_before": os.getloadavg()[0]},
     }
+    # The replay first, in runs of its own: after the other measures its first run pays for
+    # their leftovers (a larger heap for the collector to walk, memory given back and faulted
+    # in again), which varied it by a third on this machine.
+    replays = [bench_simulation(200 if args.quick else 2000, 50) for _ in range(runs)]
+    results["simulation"] = sorted(replays, key=lambda r: r["requests_per_s"])[len(replays) // 2]
+    results["simulation"]["runs_requests_per_s"] = [round(r["requests_per_s"]) for r in replays]
     results["hit_us"], results["hit_cpu_us"] = repeat_timed(lambda: bench_hit(module, n), runs)
     results["miss_us"], results["miss_cpu_us"] = repeat_timed(lambda: bench_miss(module, n),
                                                               runs)
     results |= {
         "restart_us": bench_restart(module, runs=2 if args.quick else 5),
-        "simulation": bench_simulation(200 if args.quick else 2000, 50),
         "interrupt_ms": bench_interrupt(2 if args.quick else 5),
         "raw_calls": bench_raw_calls(20_000 if args.quick else 200_000),
     }
@@ -255,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
          f"in {results['restart_us']['drop_ms']:.1f} ms)", "≤ 1 ms",
          results["restart_us"]["median"] <= TARGETS["restart_us"]),
         (f"simulated replay ({sim['requests']:,} requests, hit rate {sim['hit_rate']:.0%})",
-         f"{sim['requests_per_s']:,.0f} requests/s ({sim['requests_per_cpu_s']:,.0f} per CPU-s)",
+         f"{sim['requests_per_s']:,.0f} requests/s, the median of {len(replays)} runs "
+         f"({min(sim['runs_requests_per_s']):,}–{max(sim['runs_requests_per_s']):,}; "
+         f"{sim['requests_per_cpu_s']:,.0f} per CPU-s)",
          "≥ 50,000/s",
          sim["requests_per_s"] >= TARGETS["sim_rps"]),
         ("looping filter interrupted after (guest time)",
