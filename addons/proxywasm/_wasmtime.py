@@ -118,6 +118,9 @@ _fastcall = _load_fastcall()
 FASTCALLS = _fastcall is not None
 """Whether guest and host calls cross through the C extension (`fastcall.c`), not ctypes."""
 _CallFailed: type[Exception] = _fastcall.CallFailed if _fastcall is not None else Exception
+NATIVE_HEADER_MAP_VALUE: int = getattr(_fastcall, "NATIVE_HEADER_MAP_VALUE", 0)
+NATIVE_CURRENT_TIME: int = getattr(_fastcall, "NATIVE_CURRENT_TIME", 0)
+"""The C forms of two host calls (`define_host_function`); 0 where the extension lacks them."""
 parse_map: Callable[[bytes], list[tuple[bytes, bytes]] | None] | None = getattr(
     _fastcall, "parse_map", None)
 """The extension's decoder of serialized maps (`headers.deserialize_map` uses it), or None
@@ -152,6 +155,8 @@ def _bind_calls(keep_gil: bool) -> None:
     _memory_pages = _entry(lib, "wasmtime_memory_size", ctypes.c_uint64)
     if _fastcall is not None:
         _guest_call = _fastcall.call if keep_gil else _fastcall.call_nogil
+        if hasattr(_fastcall, "keep_gil"):
+            _fastcall.keep_gil(keep_gil)
     keeps_gil = keep_gil
 
 
@@ -551,7 +556,9 @@ def define_host_function(
 
     Through `_fastcall` (when built) a C trampoline calls `impl` directly and falls back to the
     Python callback below only while the guest call is measured or no VM is active; both turn
-    an exception into the same trap (`_host_failure`).
+    an exception into the same trap (`_host_failure`). An `impl` with a ``native`` attribute
+    (`NATIVE_HEADER_MAP_VALUE`, `NATIVE_CURRENT_TIME`) has a C form for its common case, which
+    runs first and leaves every other case to `impl` (see fastcall.c and `Vm.native`).
     """
     qualified = f"{module}.{name}"
     params = [str(p) for p in ty.params]
@@ -589,7 +596,8 @@ def define_host_function(
         kinds = "".join("i" if p == "i32" else "I" for p in params).encode()
         address = _fastcall.define(
             _address(linker.ptr()), mod_b, name_b, _address(ty.ptr()), kinds, impl, active,
-            _meter, callback, functools.partial(_host_failure, qualified))
+            _meter, callback, functools.partial(_host_failure, qualified),
+            getattr(impl, "native", 0))
         if address:
             raise wasmtime.WasmtimeError._from_ptr(
                 ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t)))

@@ -95,6 +95,9 @@ def proxy_get_current_time_nanoseconds(vm: Vm, ret_time: int) -> int:
     return _OK if vm.write_u64(ret_time, vm.host.clock.now_ns()) else _BAD_MEMORY
 
 
+proxy_get_current_time_nanoseconds.native = raw.NATIVE_CURRENT_TIME  # type: ignore[attr-defined]
+
+
 def proxy_set_tick_period_milliseconds(vm: Vm, period_ms: int) -> int:
     vm.tick_period_ns = period_ms * 1_000_000
     vm.next_tick_ns = vm.host.clock.now_ns() + vm.tick_period_ns if period_ms else 0
@@ -209,6 +212,10 @@ def proxy_get_header_map_value(
     if vm.abi_0_1_0:  # as Envoy for that ABI: a missing header is an empty value
         return vm.return_bytes(b"", ret_ptr, ret_size)
     return _NOT_FOUND
+
+
+# A cache hit's header reads: in C when found with a value (fastcall.c), else as above.
+proxy_get_header_map_value.native = raw.NATIVE_HEADER_MAP_VALUE  # type: ignore[attr-defined]
 
 
 def _edit_map(

@@ -83,6 +83,8 @@ typedef size_t (*memory_data_size_fn)(const wasmtime_context_t *store,
                                       const wasmtime_memory_t *memory);
 typedef uint64_t (*memory_size_fn)(const wasmtime_context_t *store,
                                    const wasmtime_memory_t *memory);
+typedef uint8_t *(*memory_data_fn)(const wasmtime_context_t *store,
+                                   const wasmtime_memory_t *memory);
 
 static func_call_unchecked_fn wr_func_call;
 static linker_define_func_unchecked_fn wr_define_func;
@@ -92,6 +94,7 @@ static error_delete_fn wr_error_delete;
 static set_epoch_deadline_fn wr_set_epoch_deadline;
 static memory_data_size_fn wr_memory_data_size;
 static memory_size_fn wr_memory_size;
+static memory_data_fn wr_memory_data;
 
 /* How deep this thread is in guest calls: 0 outside any, 1 in a guest call, 2 in a guest call
  * made from a host call of one, ... */
@@ -340,6 +343,7 @@ typedef struct wr_host {
     PyObject *fallback; /* the ctypes-path callback(env, caller, args, nargs) -> trap address */
     PyObject *fail;     /* fail(exception) -> the trap's message (logs a host bug) */
     Py_ssize_t nparams;
+    int native; /* WR_NATIVE_*: a C form of the common case, or 0 */
     char wide[WR_MAX_HOST_PARAMS]; /* 1: an i64 (signed) parameter, 0: an i32 (unsigned) */
     struct wr_host *next;          /* in wr_released, once finalized without the GIL */
 } wr_host;
@@ -456,6 +460,222 @@ static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_
     return NULL;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Native forms of the hottest host calls                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* A cache hit makes two host calls per request beyond the callbacks themselves: it reads
+ * request headers (proxy_get_header_map_value, which allocates in the guest for the value)
+ * and the clock (proxy_get_current_time_nanoseconds; every tick reads it too). Their C forms
+ * below do the common case without a Python frame: the same reads, the same guest allocation,
+ * the same writes and statuses. Anything else (a missing header, an empty value, an argument
+ * out of bounds, a map they do not know, a VM without its `native` tuple) they leave, before
+ * any effect, to the Python function, which decides as always.
+ *
+ * They read the active VM's `native` tuple (vm.py): (ctx, memory, allocator, header_map,
+ * now_ns): the store's context and memory addresses, the guest allocator's address (0: none),
+ * and two bound methods. */
+
+#define WR_NATIVE_HEADER_MAP_VALUE 1
+#define WR_NATIVE_CURRENT_TIME 2
+#define WR_DEFER 0   /* not handled: call the Python function */
+#define WR_HANDLED 1 /* handled: the result is written, or *trap is set */
+#define WR_STATUS_OK 0
+#define WR_STATUS_BAD_MEMORY 6 /* INVALID_MEMORY_ACCESS */
+#define WR_MAX_NATIVE_KEY 256
+
+static PyObject *wr_str_native; /* "native" */
+/* Whether guest calls keep the GIL (keep_gil(); as call and call_nogil): the nested guest
+ * allocation below releases it otherwise, so that a Python ticker can still interrupt it. */
+static int wr_keep_gil;
+
+typedef struct wr_native_vm {
+    wasmtime_context_t *ctx;
+    const wasmtime_memory_t *memory;
+    const wasmtime_func_t *alloc;
+    PyObject *header_map; /* borrowed from the tuple, which the VM keeps */
+    PyObject *now_ns;
+    PyObject *tuple; /* a new reference: release with Py_DECREF */
+} wr_native_vm;
+
+/* The VM's native tuple; 0, or -1 (no exception left set) when it has none to use. */
+static int wr_native_vm_of(PyObject *vm, wr_native_vm *out) {
+    PyObject *t = PyObject_GetAttr(vm, wr_str_native);
+    if (t == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5) {
+        Py_DECREF(t);
+        return -1;
+    }
+    out->ctx = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 0));
+    out->memory = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 1));
+    out->alloc = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 2));
+    if (PyErr_Occurred() || out->ctx == NULL || out->memory == NULL) {
+        PyErr_Clear();
+        Py_DECREF(t);
+        return -1;
+    }
+    out->header_map = PyTuple_GET_ITEM(t, 3);
+    out->now_ns = PyTuple_GET_ITEM(t, 4);
+    out->tuple = t;
+    return 0;
+}
+
+static void wr_put_le32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static void wr_set_result(wasmtime_val_raw_t *vals, uint32_t status) {
+    memcpy(&vals[0], &status, sizeof status); /* the i32 slot, as wr_host_direct writes it */
+}
+
+/* proxy_get_current_time_nanoseconds(ret_time). */
+static int wr_native_time(wr_native_vm *v, wasmtime_val_raw_t *vals) {
+    uint64_t ret = (uint32_t)vals[0].i32;
+    if (ret + 8 > wr_memory_data_size(v->ctx, v->memory)) return WR_DEFER;
+    PyObject *now = PyObject_CallNoArgs(v->now_ns);
+    if (now == NULL) {
+        PyErr_Clear(); /* the Python function calls it again and reports what it raises */
+        return WR_DEFER;
+    }
+    unsigned long long ns = PyLong_Check(now) ? PyLong_AsUnsignedLongLongMask(now) : 0;
+    int bad = !PyLong_Check(now) || (ns == (unsigned long long)-1 && PyErr_Occurred());
+    Py_DECREF(now);
+    if (bad) {
+        PyErr_Clear();
+        return WR_DEFER;
+    }
+    uint8_t *mem = wr_memory_data(v->ctx, v->memory);
+    wr_put_le32(mem + ret, (uint32_t)ns);
+    wr_put_le32(mem + ret + 4, (uint32_t)(ns >> 32));
+    wr_set_result(vals, WR_STATUS_OK);
+    return WR_HANDLED;
+}
+
+/* proxy_get_header_map_value(map_type, key_ptr, key_size, ret_ptr, ret_size), for the
+ * request and response headers, a header that is there with a non-empty value. */
+static int wr_native_header(wr_host *env, PyObject *vm, wr_native_vm *v,
+                            wasmtime_val_raw_t *vals, wasm_trap_t **trap_out) {
+    uint32_t map_type = (uint32_t)vals[0].i32;
+    uint64_t key_ptr = (uint32_t)vals[1].i32, key_size = (uint32_t)vals[2].i32;
+    uint64_t ret_ptr = (uint32_t)vals[3].i32, ret_size = (uint32_t)vals[4].i32;
+    if ((map_type != 0 && map_type != 2) || v->alloc == NULL || key_size > WR_MAX_NATIVE_KEY)
+        return WR_DEFER;
+    size_t size = wr_memory_data_size(v->ctx, v->memory);
+    if (key_ptr + key_size > size || ret_ptr + 4 > size || ret_size + 4 > size)
+        return WR_DEFER;
+    char key[WR_MAX_NATIVE_KEY];
+    const uint8_t *mem = wr_memory_data(v->ctx, v->memory);
+    for (uint64_t i = 0; i < key_size; i++) { /* bytes.lower(): ASCII only */
+        uint8_t c = mem[key_ptr + i];
+        key[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    PyObject *type = PyLong_FromUnsignedLong(map_type);
+    PyObject *pairs = type ? PyObject_CallOneArg(v->header_map, type) : NULL;
+    Py_XDECREF(type);
+    if (pairs == NULL) {
+        PyErr_Clear();
+        return WR_DEFER;
+    }
+    PyObject *value = NULL;
+    if (PyList_CheckExact(pairs) || PyTuple_CheckExact(pairs)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(pairs);
+        PyObject **items = PySequence_Fast_ITEMS(pairs);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *pair = items[i];
+            if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) break;
+            PyObject *k = PyTuple_GET_ITEM(pair, 0);
+            if (!PyBytes_CheckExact(k)) break;
+            if ((uint64_t)PyBytes_GET_SIZE(k) == key_size &&
+                memcmp(PyBytes_AS_STRING(k), key, (size_t)key_size) == 0) {
+                value = PyTuple_GET_ITEM(pair, 1); /* the first match, as the loop in Python */
+                break;
+            }
+        }
+    }
+    if (value == NULL || !PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) == 0) {
+        Py_DECREF(pairs);
+        return WR_DEFER; /* missing, empty, or not plain pairs: the Python function decides */
+    }
+    Py_INCREF(value); /* kept while the guest allocates (its pairs may change meanwhile) */
+    Py_DECREF(pairs);
+    Py_ssize_t len = PyBytes_GET_SIZE(value);
+    /* The guest allocation, as Vm.return_bytes makes it: a nested call (no new deadline). */
+    wasmtime_val_raw_t slots[WR_SLOTS];
+    memset(slots, 0, sizeof slots);
+    slots[0].i32 = (int32_t)len;
+    wasm_trap_t *trap = NULL;
+    wasmtime_error_t *error;
+    wr_depth++;
+    if (wr_keep_gil) {
+        error = wr_func_call(v->ctx, v->alloc, slots, WR_SLOTS, &trap);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        error = wr_func_call(v->ctx, v->alloc, slots, WR_SLOTS, &trap);
+        Py_END_ALLOW_THREADS
+    }
+    wr_depth--;
+    if (error != NULL || trap != NULL || PyErr_Occurred()) {
+        Py_DECREF(value);
+        /* As RawInstance.call1 does: its _raise makes the GuestTrap this call fails with. */
+        PyObject *raw = PyErr_Occurred() ? NULL : PyObject_GetAttrString(vm, "raw");
+        PyObject *r = NULL;
+        if (raw != NULL) {
+            r = PyObject_CallMethod(raw, "_raise", "KK", (unsigned long long)(uintptr_t)error,
+                                    (unsigned long long)(uintptr_t)trap);
+            Py_DECREF(raw);
+        } else if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_SystemError, "the VM has no raw instance");
+        }
+        if (r != NULL) { /* _raise always raises */
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_SystemError, "a failed allocation raised nothing");
+        }
+        *trap_out = wr_trap_from_exception(env);
+        return WR_HANDLED;
+    }
+    uint64_t addr = (uint32_t)slots[0].i32;
+    size = wr_memory_data_size(v->ctx, v->memory); /* the allocation may have grown it */
+    uint32_t status = WR_STATUS_OK;
+    if (addr == 0 || addr + (uint64_t)len > size) {
+        status = WR_STATUS_BAD_MEMORY;
+    } else {
+        uint8_t *base = wr_memory_data(v->ctx, v->memory);
+        memcpy(base + addr, PyBytes_AS_STRING(value), (size_t)len);
+        wr_put_le32(base + ret_ptr, (uint32_t)addr);
+        wr_put_le32(base + ret_size, (uint32_t)len);
+    }
+    Py_DECREF(value);
+    wr_set_result(vals, status);
+    return WR_HANDLED;
+}
+
+/* keep_gil(flag): whether guest calls keep the GIL (the native forms' nested calls follow). */
+static PyObject *wr_set_keep_gil(PyObject *Py_UNUSED(m), PyObject *flag) {
+    int keep = PyObject_IsTrue(flag);
+    if (keep < 0) return NULL;
+    wr_keep_gil = keep;
+    Py_RETURN_NONE;
+}
+
+/* The native form of `env`'s host function, if it has one and takes this case. */
+static int wr_host_native(wr_host *env, PyObject *vm, wasmtime_val_raw_t *vals,
+                          wasm_trap_t **trap_out) {
+    wr_native_vm v;
+    if (wr_native_vm_of(vm, &v) < 0) return WR_DEFER;
+    int done = env->native == WR_NATIVE_CURRENT_TIME ? wr_native_time(&v, vals)
+               : env->native == WR_NATIVE_HEADER_MAP_VALUE
+                   ? wr_native_header(env, vm, &v, vals, trap_out)
+                   : WR_DEFER;
+    Py_DECREF(v.tuple);
+    return done;
+}
+
 /* The wasmtime_func_unchecked_callback_t of every host function: `data` is its wr_host.
  * Takes the GIL (a no-op when the guest call kept it), calls the host function, and returns
  * NULL, or a trap for wasmtime to raise in the guest. */
@@ -463,14 +683,14 @@ static wasm_trap_t *wr_trampoline(void *data, wasmtime_caller_t *caller,
                                   wasmtime_val_raw_t *vals, size_t nvals) {
     wr_host *env = data;
     PyGILState_STATE gil = PyGILState_Ensure(); /* held already unless call_nogil released it */
-    wasm_trap_t *trap;
+    wasm_trap_t *trap = NULL;
     PyObject *target = PyList_GET_SIZE(env->active) > 0 ? PyList_GET_ITEM(env->active, 0)
                                                         : Py_None;
     PyObject *meter = PyList_GET_SIZE(env->meter) > 0 ? PyList_GET_ITEM(env->meter, 0)
                                                       : Py_None;
     if (meter != Py_None || target == Py_None || nvals < (size_t)env->nparams) {
         trap = wr_host_fallback(env, caller, vals, nvals);
-    } else {
+    } else if (env->native == 0 || wr_host_native(env, target, vals, &trap) == WR_DEFER) {
         trap = wr_host_direct(env, target, vals, nvals);
     }
     PyGILState_Release(gil);
@@ -535,12 +755,20 @@ static PyObject *wr_define(PyObject *Py_UNUSED(m), PyObject *args) {
     const char *module, *name, *kinds;
     Py_ssize_t module_len, name_len, nkinds;
     PyObject *impl, *active, *meter, *fallback, *fail;
+    int native = 0;
     if (!wr_bound()) return NULL;
     wr_release_pending(NULL);
-    if (!PyArg_ParseTuple(args, "Ky#y#Ky#OO!O!OO:define", &linker_addr, &module, &module_len,
+    if (!PyArg_ParseTuple(args, "Ky#y#Ky#OO!O!OO|i:define", &linker_addr, &module, &module_len,
                           &name, &name_len, &functype_addr, &kinds, &nkinds, &impl,
-                          &PyList_Type, &active, &PyList_Type, &meter, &fallback, &fail))
+                          &PyList_Type, &active, &PyList_Type, &meter, &fallback, &fail,
+                          &native))
         return NULL;
+    if (native < 0 || native > WR_NATIVE_CURRENT_TIME ||
+        (native == WR_NATIVE_HEADER_MAP_VALUE && nkinds != 5) ||
+        (native == WR_NATIVE_CURRENT_TIME && nkinds != 1)) {
+        PyErr_SetString(PyExc_ValueError, "define: no such native form for this signature");
+        return NULL;
+    }
     if (linker_addr == 0 || functype_addr == 0) {
         PyErr_SetString(PyExc_ValueError, "define: null linker or functype");
         return NULL;
@@ -556,6 +784,7 @@ static PyObject *wr_define(PyObject *Py_UNUSED(m), PyObject *args) {
     wr_host *env = WR_ALLOC(sizeof *env);
     if (env == NULL) return PyErr_NoMemory();
     env->nparams = nkinds;
+    env->native = native;
     for (Py_ssize_t i = 0; i < nkinds; i++) {
         if (kinds[i] != 'i' && kinds[i] != 'I') {
             WR_FREE(env);
@@ -621,6 +850,7 @@ static PyObject *wr_bind(PyObject *Py_UNUSED(m), PyObject *args) {
         {"wasmtime_context_set_epoch_deadline", (void **)&wr_set_epoch_deadline},
         {"wasmtime_memory_data_size", (void **)&wr_memory_data_size},
         {"wasmtime_memory_size", (void **)&wr_memory_size},
+        {"wasmtime_memory_data", (void **)&wr_memory_data},
     };
     void *found[sizeof entries / sizeof entries[0]];
     for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++) {
@@ -646,11 +876,13 @@ static PyMethodDef wr_methods[] = {
      "memory_size(ctx, memory) -> the linear memory's size in bytes."},
     {"memory_pages", (PyCFunction)(void (*)(void))wr_memory_pages, METH_FASTCALL,
      "memory_pages(ctx, memory) -> the linear memory's size in 64 KiB pages."},
+    {"keep_gil", wr_set_keep_gil, METH_O,
+     "keep_gil(flag): whether guest calls keep the GIL (the native host calls' nested ones)."},
     {"parse_map", wr_parse_map, METH_O,
      "parse_map(data) -> the pairs of a serialized map, or None (not bytes, or malformed)."},
     {"define", wr_define, METH_VARARGS,
-     "define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail)"
-     " -> address of a wasmtime_error_t, or 0."},
+     "define(linker, module, name, functype, kinds, impl, active, meter, fallback, fail"
+     "[, native]) -> address of a wasmtime_error_t, or 0."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -671,6 +903,10 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
             NULL, NULL);
         if (wr_call_failed == NULL) goto fail;
     }
+    if (wr_str_native == NULL) {
+        wr_str_native = PyUnicode_InternFromString("native");
+        if (wr_str_native == NULL) goto fail;
+    }
     if (wr_mask32 == NULL) {
         wr_mask32 = PyLong_FromUnsignedLong(0xFFFFFFFFul);
         if (wr_mask32 == NULL) goto fail;
@@ -678,6 +914,10 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
     if (PyModule_AddObjectRef(m, "CallFailed", wr_call_failed) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_PARAMS", WR_SLOTS) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_HOST_PARAMS", WR_MAX_HOST_PARAMS) < 0) goto fail;
+    if (PyModule_AddIntConstant(m, "NATIVE_HEADER_MAP_VALUE", WR_NATIVE_HEADER_MAP_VALUE) < 0)
+        goto fail;
+    if (PyModule_AddIntConstant(m, "NATIVE_CURRENT_TIME", WR_NATIVE_CURRENT_TIME) < 0)
+        goto fail;
     return m;
 fail:
     Py_DECREF(m);

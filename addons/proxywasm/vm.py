@@ -18,6 +18,7 @@ data, start an outbound call, a context released, the tick schedule changed), ne
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import wasmtime
@@ -126,7 +127,13 @@ class Vm:
         self, module: LinkedModule, host: HostServices, instance_id: str, generation: int
     ) -> None:
         self.module = module
-        self.host = host
+        self.native: tuple[int, int, int, Callable[[int], Pairs | None], Callable[[], int]] | None
+        self.native = None
+        """What the C forms of two host calls read (fastcall.c): the store's context and memory
+        addresses, the guest allocator's address (0: none), `header_map`, and the clock of the
+        host the VM serves now (`host`). None until the instance is made, and without
+        `_fastcall`."""
+        self._host = host
         self.instance_id = instance_id
         self.generation = generation
         self.started_ns = host.clock.now_ns()
@@ -181,6 +188,7 @@ class Vm:
             return self.raw.func(name) if name in exports else None
 
         self._alloc = f("proxy_on_memory_allocate") or f("malloc")
+        self._set_native()
         self._on_context_create = f("proxy_on_context_create")
         self._on_request_headers = f("proxy_on_request_headers")
         self._on_request_body = f("proxy_on_request_body")
@@ -248,6 +256,23 @@ class Vm:
 
     def _export(self, name: str) -> Any:
         return self.raw.func(name) if name in self.module.exports else None
+
+    @property
+    def host(self) -> HostServices:
+        """The host the VM serves: its clock, limits and calls (a warm restart's replay gives
+        the new generation its own for the replay, then the real one)."""
+        return self._host
+
+    @host.setter
+    def host(self, host: HostServices) -> None:
+        self._host = host
+        if self.native is not None:
+            self._set_native()
+
+    def _set_native(self) -> None:
+        if raw.FASTCALLS:
+            self.native = (self.raw._ctx_addr, self.raw._mem_addr, self._alloc or 0,
+                           self.header_map, self._host.clock.now_ns)
 
     def close(self) -> None:
         """Drop the Store, freeing the linear memory. The Vm is unusable afterwards."""
