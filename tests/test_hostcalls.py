@@ -7,10 +7,12 @@ then checks the returned status and what the host wrote into linear memory.
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
 from addons.proxywasm import HttpCallResponse, Status, serialize_map
+from addons.proxywasm import _wasmtime as raw
 from addons.proxywasm.abi import BufferType, MapType, MetricType, WasiErrno
 from addons.proxywasm.exports import HOSTCALLS
 
@@ -495,3 +497,100 @@ def test_distinct_guest_lines_are_distinct_log_kinds(harness, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert [ln for ln in lines if "line" in ln] == [f"[t gen 0] line {i}" for i in range(6)]
     assert sum("same" in ln for ln in lines) == 2  # repeats of one line are held back
+
+
+# ---- the C forms of the hot host calls (fastcall.c) -----------------------------------------
+
+# An allocator the test steers: 0 = the bump allocator, 1 = return null, 2 = trap.
+STEERED_ALLOCATOR = """
+  (global $heap (mut i32) (i32.const 65536))
+  (global $mode (mut i32) (i32.const 0))
+  (func (export "set_alloc_mode") (param i32) (global.set $mode (local.get 0)))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (if (i32.eq (global.get $mode) (i32.const 1)) (then (return (i32.const 0))))
+    (if (i32.eq (global.get $mode) (i32.const 2)) (then unreachable))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $n) (i32.const 7))
+                                                          (i32.const -8))))
+    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
+      (then (drop (memory.grow (i32.add (i32.const 1) (i32.shr_u
+        (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
+        (i32.const 16)))))))
+    (local.get $p))
+"""
+
+_CASES = [  # (map, key, allocator mode, header pairs), each through both forms
+    (REQ, b"Authorization", 0, [(b"authorization", b"Bearer t")]),
+    (REQ, b"x-b", 0, [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-b", b"3")]),  # the first match
+    (REQ, b"missing", 0, [(b"a", b"1")]),
+    (REQ, b"empty", 0, [(b"empty", b"")]),
+    (REQ, b"k" * 300, 0, [(b"k" * 300, b"long key")]),
+    (MapType.HTTP_RESPONSE_HEADERS, b"a", 0, [(b"a", b"1")]),
+    (MapType.HTTP_REQUEST_TRAILERS, b"a", 0, [(b"a", b"1")]),
+    (REQ, b"big", 0, [(b"big", bytes(range(256)) * 1024)]),  # the allocator grows memory
+    (REQ, b"a", 1, [(b"a", b"1")]),  # the allocator returns null
+    (REQ, b"a", 2, [(b"a", b"1")]),  # the allocator traps
+    (99, b"a", 0, [(b"a", b"1")]),
+]
+
+
+def _header_value_outcome(harness, abi: str, native: bool, case) -> tuple[object, ...]:
+    map_type, key, alloc_mode, pairs = case
+    wat = module(trampolines("proxy_get_header_map_value") + STEERED_ALLOCATOR, abi=abi,
+                 allocator=False)
+    h = harness(wat)
+    ctx = h.stream_context(pairs)
+    ctx.response_headers = pairs
+    if not native:
+        h.vm.native = None
+    h.call("set_alloc_mode", alloc_mode)
+    k, n = h.put(1024, key)
+    h.put(OUT_PTR, b"\xee" * 8)
+    try:
+        status = h.call("proxy_get_header_map_value", map_type, k, n, OUT_PTR, OUT_SIZE)
+    except Exception as e:  # a trap: its message names what failed
+        return ("trap", type(e).__name__, str(e).splitlines()[0])
+    ptr, size = h.u32(OUT_PTR), h.u32(OUT_SIZE)
+    value = h.vm.read(ptr, size) if status == Status.OK and size else None
+    return (status, ptr, size, value)
+
+
+@pytest.mark.parametrize("abi", ["0_2_1", "0_1_0"])
+@pytest.mark.parametrize("case", range(len(_CASES)))
+def test_the_c_form_of_get_header_map_value_answers_as_the_python_function(
+        harness, abi: str, case: int) -> None:
+    assert bool(raw.NATIVE_HEADER_MAP_VALUE) == raw.FASTCALLS
+    native = _header_value_outcome(harness, abi, True, _CASES[case])
+    python = _header_value_outcome(harness, abi, False, _CASES[case])
+    assert native == python
+
+
+def test_the_c_forms_take_a_hit_without_the_python_functions(harness) -> None:
+    # Through ctypes (the extension not built, or WASM_RECLAIM_CTYPES_CALLS) there are none.
+    c_forms = raw.FASTCALLS
+    h = harness(module(trampolines("proxy_get_header_map_value",
+                                   "proxy_get_current_time_nanoseconds")))
+    h.stream_context([(b"authorization", b"Bearer t")])
+    k, n = h.put(1024, b"authorization")
+    m, mn = h.put(1100, b"missing")
+    called: list[str] = []
+
+    def profile(frame, event, _arg) -> None:
+        if event == "call" and frame.f_code.co_name.startswith("proxy_get_"):
+            called.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        h.clock.advance(3.25)
+        assert h.call("proxy_get_current_time_nanoseconds", 2048) == Status.OK
+        assert h.call("proxy_get_header_map_value", REQ, k, n, OUT_PTR, OUT_SIZE) == Status.OK
+        both = ["proxy_get_current_time_nanoseconds", "proxy_get_header_map_value"]
+        assert called == ([] if c_forms else both)
+        assert h.call("proxy_get_header_map_value", REQ, m, mn, OUT_PTR, OUT_SIZE) == (
+            Status.NOT_FOUND)
+        assert called[-1:] == ["proxy_get_header_map_value"]  # a miss: the Python function
+    finally:
+        sys.setprofile(None)
+    assert h.u64(2048) == h.clock.now_ns()
+    assert h.returned(OUT_PTR, OUT_SIZE) == b"Bearer t"

@@ -20,6 +20,9 @@
  *   callback uses). While the guest call is measured (meter[0] is not None) or no VM is
  *   active, it calls the Python callback `fallback` instead, which does the bookkeeping.
  *   The env (impl, active, meter, fallback, fail) is released by wasmtime's finalizer.
+ * - native forms: proxy_get_header_map_value and proxy_get_current_time_nanoseconds, defined
+ *   with define(..., native), do their common case in C (a cache hit's header reads and clock
+ *   reads) and leave every other case to impl, before any effect (see "Native forms" below).
  * - memory_size(ctx, memory) / memory_pages(ctx, memory): the linear memory's size.
  * - parse_map(data): the pairs of a serialized map (headers.py's decoder, for the maps a filter
  *   sends with each outbound call), or None where the Python decoder must decide.
