@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -54,7 +55,6 @@ from manager.daemon import (
     batches_frame,
     clean_samples,
     combine_rows,
-    decision_record,
     forget_instances,
     inbox_news,
     instance_key,
@@ -1164,7 +1164,7 @@ def test_help_documents_every_parameter_with_its_default() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_decision_record_is_to_record() -> None:
+def test_to_record_is_the_decision_as_a_dict_with_bytes() -> None:
     frame = pd.DataFrame(_model_rows())
     for params in (parse_policy("ratio:measure=2m,ttl_cap=1m"), parse_policy("oracle"),
                    parse_policy("adaptive:ttl_cap=1m"),
@@ -1172,7 +1172,12 @@ def test_decision_record_is_to_record() -> None:
         decisions, _ = decide(initial_state(params), frame, 1.0, params)
         assert decisions
         for d in decisions:
-            assert decision_record(d) == d.to_record()
+            expected = dataclasses.asdict(d)
+            for name in ("required", "surplus", "baseline", "true_required", "true_surplus"):
+                pages = expected[f"{name}_pages"]
+                expected[f"{name}_bytes"] = None if pages is None else pages * d.page_bytes
+            assert d.to_record() == expected
+            assert list(d.to_record()) == list(expected)
 
 
 def _model_rows() -> list[dict[str, Any]]:
@@ -1257,7 +1262,7 @@ def test_forget_instances_is_as_if_never_seen() -> None:
     later = pd.DataFrame(rows("a", 50, 120) + rows("c", 50, 120))
     got, _ = decide(forgotten, later, 1.0, params)
     expected, _ = decide(without_b, later, 1.0, params)
-    assert [decision_record(d) for d in got] == [decision_record(d) for d in expected]
+    assert [d.to_record() for d in got] == [d.to_record() for d in expected]
     assert forget_instances(with_b, []) is with_b
     assert forget_instances(with_b, ["a", "b", "c"]).slots.names == ()
 
