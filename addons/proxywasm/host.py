@@ -26,8 +26,9 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 from . import _wasmtime as raw
@@ -77,9 +78,12 @@ class Decision(NamedTuple):
     """Outbound calls of this stream that got no 2xx answer (failed, timed out, or refused)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """What the host observes of an instance (the paper's three metrics and more)."""
+_NO_METRICS: Mapping[str, int] = MappingProxyType({})
+
+
+class Observation(NamedTuple):
+    """What the host observes of an instance (the paper's three metrics and more). A named
+    tuple, as `Decision`: one is made per instance and sample (a simulated day has 17,280)."""
 
     id: str
     tenant: str
@@ -92,7 +96,7 @@ class Observation:
     """Requests processed by the current generation."""
     outbound: int
     """Outbound calls made by the current generation."""
-    metrics: dict[str, int] = field(default_factory=dict)
+    metrics: Mapping[str, int] = _NO_METRICS
     """The filter's own metrics (ground truth such as live entries and live bytes)."""
     draining: int = 0
     """Older generations still finishing streams."""
