@@ -477,7 +477,8 @@ static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_
  *
  * They read the active VM's `native` tuple (vm.py): (ctx, memory, allocator, header_map,
  * now_ns): the store's context and memory addresses, the guest allocator's address (0: none),
- * and two bound methods. */
+ * the VM class's header_map function (called with the VM: no reference cycle) and the host
+ * clock's bound now_ns. */
 
 #define WR_NATIVE_HEADER_MAP_VALUE 1
 #define WR_NATIVE_CURRENT_TIME 2
@@ -496,7 +497,7 @@ typedef struct wr_native_vm {
     wasmtime_context_t *ctx;
     const wasmtime_memory_t *memory;
     const wasmtime_func_t *alloc;
-    PyObject *header_map; /* borrowed from the tuple, which the VM keeps */
+    PyObject *header_map; /* header_map(vm, map_type); borrowed from the tuple */
     PyObject *now_ns;
     PyObject *tuple; /* a new reference: release with Py_DECREF */
 } wr_native_vm;
@@ -579,7 +580,8 @@ static int wr_native_header(wr_host *env, PyObject *vm, wr_native_vm *v,
         key[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
     }
     PyObject *type = PyLong_FromUnsignedLong(map_type);
-    PyObject *pairs = type ? PyObject_CallOneArg(v->header_map, type) : NULL;
+    PyObject *argv[2] = {vm, type};
+    PyObject *pairs = type ? PyObject_Vectorcall(v->header_map, argv, 2, NULL) : NULL;
     Py_XDECREF(type);
     if (pairs == NULL) {
         PyErr_Clear();
@@ -625,14 +627,20 @@ static int wr_native_header(wr_host *env, PyObject *vm, wr_native_vm *v,
     wr_depth--;
     if (error != NULL || trap != NULL || PyErr_Occurred()) {
         Py_DECREF(value);
+        if (PyErr_Occurred()) { /* never expected: a callback leaves no exception */
+            if (error != NULL) wr_error_delete(error);
+            if (trap != NULL) wr_trap_delete(trap);
+            *trap_out = wr_trap_from_exception(env);
+            return WR_HANDLED;
+        }
         /* As RawInstance.call1 does: its _raise makes the GuestTrap this call fails with. */
-        PyObject *raw = PyErr_Occurred() ? NULL : PyObject_GetAttrString(vm, "raw");
+        PyObject *raw = PyObject_GetAttrString(vm, "raw");
         PyObject *r = NULL;
         if (raw != NULL) {
             r = PyObject_CallMethod(raw, "_raise", "KK", (unsigned long long)(uintptr_t)error,
                                     (unsigned long long)(uintptr_t)trap);
             Py_DECREF(raw);
-        } else if (!PyErr_Occurred()) {
+        } else { /* the wasmtime error and trap are left to leak: nothing can own them */
             PyErr_SetString(PyExc_SystemError, "the VM has no raw instance");
         }
         if (r != NULL) { /* _raise always raises */

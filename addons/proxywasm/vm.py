@@ -127,12 +127,13 @@ class Vm:
         self, module: LinkedModule, host: HostServices, instance_id: str, generation: int
     ) -> None:
         self.module = module
-        self.native: tuple[int, int, int, Callable[[int], Pairs | None], Callable[[], int]] | None
+        self.native: tuple[int, int, int, Callable[[Vm, int], Pairs | None],
+                           Callable[[], int]] | None
         self.native = None
         """What the C forms of two host calls read (fastcall.c): the store's context and memory
-        addresses, the guest allocator's address (0: none), `header_map`, and the clock of the
-        host the VM serves now (`host`). None until the instance is made, and without
-        `_fastcall`."""
+        addresses, the guest allocator's address (0: none), the class's `header_map` (called
+        with the VM), and the clock of the host the VM serves now (`host`). None until the
+        instance is made, and without `_fastcall`."""
         self._host = host
         self.instance_id = instance_id
         self.generation = generation
@@ -272,7 +273,7 @@ class Vm:
     def _set_native(self) -> None:
         if raw.FASTCALLS:
             self.native = (self.raw._ctx_addr, self.raw._mem_addr, self._alloc or 0,
-                           self.header_map, self._host.clock.now_ns)
+                           type(self).header_map, self._host.clock.now_ns)
 
     def close(self) -> None:
         """Drop the Store, freeing the linear memory. The Vm is unusable afterwards."""
