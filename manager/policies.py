@@ -54,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from addons.telemetry.records import PAGE_FIGURES
 from manager.estimate import (
     OBSERVABLE_COLUMNS,
     OPTIONAL_COLUMNS,
@@ -119,7 +120,7 @@ class Decision:
         # The fields hold plain values: a shallow copy is what dataclasses.asdict makes, 8× faster.
         record: dict[str, object] = dict(zip(DECISION_FIELDS, decision_values(self),
                                              strict=True))
-        for name in _PAGE_INPUTS:
+        for name in PAGE_FIGURES:
             pages: Any = record[f"{name}_pages"]
             record[f"{name}_bytes"] = None if pages is None else pages * self.page_bytes
         return record
@@ -129,9 +130,7 @@ DECISION_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Decision))
 """The fields of a `Decision`, in order."""
 decision_values: Final = operator.attrgetter(*DECISION_FIELDS)
 """A decision's field values, in the order of `DECISION_FIELDS` (one C call)."""
-_PAGE_INPUTS: Final = ("required", "surplus", "baseline", "true_required", "true_surplus")
-"""The decision inputs in pages that a record also gives in bytes (``<name>_bytes``)."""
-DECISION_RECORD_FIELDS: Final = (*DECISION_FIELDS, *(f"{n}_bytes" for n in _PAGE_INPUTS))
+DECISION_RECORD_FIELDS: Final = (*DECISION_FIELDS, *(f"{n}_bytes" for n in PAGE_FIGURES))
 """The keys of :meth:`Decision.to_record`, in order."""
 
 

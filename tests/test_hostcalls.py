@@ -16,7 +16,7 @@ from addons.proxywasm import _wasmtime as raw
 from addons.proxywasm.abi import BufferType, MapType, MetricType, WasiErrno
 from addons.proxywasm.exports import HOSTCALLS
 
-from .wat import module, trampolines
+from .wat import allocator, module, trampolines
 
 OOB = 0xFFFFFF00  # a pointer far outside a 2-page memory
 OUT_PTR, OUT_SIZE = 4096, 4100
@@ -503,22 +503,11 @@ def test_distinct_guest_lines_are_distinct_log_kinds(harness, caplog) -> None:
 
 # An allocator the test steers: 0 = the bump allocator, 1 = return null, 2 = trap.
 STEERED_ALLOCATOR = """
-  (global $heap (mut i32) (i32.const 65536))
   (global $mode (mut i32) (i32.const 0))
   (func (export "set_alloc_mode") (param i32) (global.set $mode (local.get 0)))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
+""" + allocator("""
     (if (i32.eq (global.get $mode) (i32.const 1)) (then (return (i32.const 0))))
-    (if (i32.eq (global.get $mode) (i32.const 2)) (then unreachable))
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $n) (i32.const 7))
-                                                          (i32.const -8))))
-    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-      (then (drop (memory.grow (i32.add (i32.const 1) (i32.shr_u
-        (i32.sub (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-        (i32.const 16)))))))
-    (local.get $p))
-"""
+    (if (i32.eq (global.get $mode) (i32.const 2)) (then unreachable))""")
 
 _CASES = [  # (map, key, allocator mode, header pairs), each through both forms
     (REQ, b"Authorization", 0, [(b"authorization", b"Bearer t")]),

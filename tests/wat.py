@@ -6,11 +6,14 @@ from addons.proxywasm.exports import HOSTCALLS
 
 _T = {"i": "i32", "I": "i64"}
 
-# A bump allocator: enough for tests, and it never frees (like linear memory itself).
-ALLOCATOR = """
+def allocator(first: str = "") -> str:
+    """A bump allocator: enough for tests, and it never frees (like linear memory itself).
+    `first`: instructions it runs before allocating (a test's way to make it fail)."""
+    return f"""
   (global $heap (mut i32) (i32.const 65536))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
     (local $p i32)
+{first}
     (local.set $p (global.get $heap))
     (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $n) (i32.const 7))
                                                           (i32.const -8))))
@@ -20,6 +23,9 @@ ALLOCATOR = """
         (i32.const 16)))))))
     (local.get $p))
 """
+
+
+ALLOCATOR = allocator()
 
 
 def trampolines(*names: tuple[str, str] | str) -> str:

@@ -218,7 +218,9 @@ DECISION_OUTCOMES: Final = (
 )
 
 
-_PAGE_FIGURES: Final = ("required", "surplus", "baseline", "true_required", "true_surplus")
+PAGE_FIGURES: Final = ("required", "surplus", "baseline", "true_required", "true_surplus")
+"""The decision figures in pages (``<name>_pages``) that a record also gives in bytes
+(``<name>_bytes``)."""
 
 
 def decision_columns(proxies: Sequence[str], fields: Mapping[str, Sequence[Any]],
@@ -237,7 +239,7 @@ def decision_columns(proxies: Sequence[str], fields: Mapping[str, Sequence[Any]]
     n = len(record_ids)
     columns: dict[str, list[Any]] = {"_id": list(record_ids), "proxy": list(proxies)}
     columns.update((name, list(values)) for name, values in fields.items())
-    for name in _PAGE_FIGURES:
+    for name in PAGE_FIGURES:
         pages = columns.get(f"{name}_pages")
         if pages is not None:
             columns[f"{name}_bytes"] = [None if p is None else p * b
