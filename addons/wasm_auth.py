@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, NamedTuple, cast
 
@@ -440,6 +440,28 @@ class WasmAuth:
         self._lifecycle = False
         self._properties = False
         self._stream_limit = 1 << 20
+        self._published: MutableMapping[str, Any] | None = None
+        """The script module that dispatches to this addon directly (`publish`)."""
+
+    def publish(self, namespace: MutableMapping[str, Any], hook_names: Iterable[str]) -> None:
+        """Have `namespace`, the script's module, carry this addon's hooks and commands itself.
+
+        mitmproxy looks every event's hook up on the script's module, then walks the module's
+        `addons` list, for every event of every flow (`AddonManager._iter_hooks`: about 8 a
+        request with `update`). A hook found on the module costs one lookup less than one found
+        on an addon in that list, and a name missing from a module costs a formatted
+        AttributeError (2 µs on this machine). So each of `hook_names` is bound on the module
+        to this addon's method, or to None where it has none (mitmproxy skips a hook bound to
+        None), and `addons` is empty; `_bind_hooks` keeps the module in step.
+        """
+        self._published = namespace
+        for name in hook_names:
+            namespace[name] = getattr(self, name, None)
+        for name in dir(type(self)):
+            method = getattr(self, name)
+            if isinstance(getattr(method, "command_name", None), str):
+                namespace[name] = method
+        namespace["addons"] = ()
 
     # ---- options ----
 
@@ -654,6 +676,8 @@ class WasmAuth:
                 self.__dict__.pop(name, None)  # the method
             else:
                 self.__dict__[name] = None
+            if self._published is not None:
+                self._published[name] = getattr(self, name)
 
     def _build_host(self, previous: Settings | None) -> None:
         """(Re)create the host when anything it depends on changed."""
@@ -1372,21 +1396,15 @@ class WasmAuth:
 addons = [WasmAuth()]
 
 
-def hook_stubs(defined: set[str]) -> dict[str, None]:
-    """None for every mitmproxy hook name not in `defined` (see below).
-
-    mitmproxy looks each event's hook up by name on the script's module, then on the addons in
-    its `addons` list, for every event of every flow (`AddonManager._iter_hooks`: about 8 a
-    request with `update`). A name missing from a module costs a formatted AttributeError
-    (2 µs on this machine); a name bound to None is skipped for the price of a dict lookup.
-    `add_log` is left out: mitmproxy warns about a script that has it.
-    """
-    import mitmproxy.proxy.layers  # noqa: F401  (defines the proxy's hooks)
+def hook_names() -> list[str]:
+    """Every hook mitmproxy dispatches by name, `load` among them (see `WasmAuth.publish`).
+    `add_log` is left out: mitmproxy warns about a script that has it."""
+    import mitmproxy.proxy.layers  # defines the proxy's hooks
+    import mitmproxy.proxy.server_hooks  # noqa: F401  (the connection hooks)
     from mitmproxy import hooks
 
-    return {name: None for name in hooks.all_hooks if name not in defined and name != "add_log"}
+    return ["load", *(name for name in hooks.all_hooks if name not in ("add_log", "load"))]
 
 
-if __name__ != "addons.wasm_auth":  # the script's module: its hooks are WasmAuth's
-    globals().update(hook_stubs(set(globals())))
-
+if __name__ != "addons.wasm_auth":  # the script's module: mitmproxy finds the hooks on it
+    addons[0].publish(globals(), hook_names())

@@ -505,22 +505,31 @@ async def test_headers_the_filter_adds_are_forwarded(tmp_path) -> None:
 # ---- the script's module as mitmproxy dispatches to it ---------------------------------------
 
 
-def test_the_script_module_binds_every_hook_it_lacks_to_none() -> None:
-    """mitmproxy looks each event's hook up on the script's module first: none of them may be
-    a missing name (a formatted AttributeError per event), and the hooks stay WasmAuth's."""
+def test_the_script_module_carries_the_addon_s_hooks_and_none_for_the_rest() -> None:
+    """mitmproxy looks each event's hook up on the script's module first: every hook name is
+    there, bound to the addon's method or to None (never a missing name: a formatted
+    AttributeError per event), and no `addons` list adds a lookup per event."""
     from mitmproxy import hooks
     from mitmproxy.addons.script import load_script
 
     script = load_script(wasm_auth.__file__)
     assert script is not None
-    names = set(hooks.all_hooks) - {"add_log"}
-    assert "request" in names and "update" in names and "client_connected" in names
-    assert {n: vars(script)[n] for n in names if n in vars(script)} == dict.fromkeys(names)
+    names = set(wasm_auth.hook_names())
+    assert {"load", "request", "update", "client_connected"} <= names
+    assert set(hooks.all_hooks) - {"add_log"} <= names
+    assert names <= set(vars(script))
     assert "add_log" not in vars(script)  # mitmproxy warns about a script that has one
-    [addon] = script.addons
-    assert type(addon).__name__ == "WasmAuth" and callable(addon.request)
+    assert script.addons == ()
+    addon = script.request.__self__
+    assert type(addon).__name__ == "WasmAuth"
+    bound = {n for n in names if vars(script)[n] is not None}
+    assert bound == {"load", "configure", "running", "done", "requestheaders", "request",
+                     "responseheaders", "response", "error"}
+    assert all(getattr(vars(script)[n], "__self__", None) is addon for n in bound)
+    assert vars(script)["update"] is None
+    assert script.restart.command_name == "wasm.restart"  # commands too
     # The package's module (imported, not run as a script) is left as it is.
-    assert not hasattr(wasm_auth, "update") and wasm_auth.hook_stubs({"request"})["update"] is None
+    assert not hasattr(wasm_auth, "update") and wasm_auth.addons[0]._published is None
 
 
 async def test_mitmproxy_dispatches_the_events_to_the_script_s_addon() -> None:
@@ -534,9 +543,12 @@ async def test_mitmproxy_dispatches_the_events_to_the_script_s_addon() -> None:
         [script] = loader.addons
         script.reloadtask.cancel()  # mitmproxy loads it from this watcher task: load it now
         script.loadscript()
-        addon = script.ns.addons[0]
+        addon = script.ns.request.__self__
         tctx.configure(addon, wasm_cluster=["auth=http://127.0.0.1:9"], wasm_log_metrics=False,
                        wasm_admin_listen="")
+        # This configuration never needs `response` or `error`: unbound on the module too.
+        assert script.ns.response is None and script.ns.error is None
+        assert addon.__dict__["response"] is None
         f = tflow.tflow()
         f.request.headers["host"] = "shop.example"
         await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))

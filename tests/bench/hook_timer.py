@@ -46,8 +46,11 @@ class HookTimer:
         self.suspended = 0
 
     def running(self) -> None:
-        [addon] = [a for a in traverse(ctx.master.addons.chain) if type(a).__name__ == "WasmAuth"]
-        hook = addon.request
+        # The script's module carries the addon's hooks (`WasmAuth.publish`).
+        [script] = [a for a in traverse(ctx.master.addons.chain)
+                    if type(getattr(getattr(a, "request", None), "__self__", None)).__name__
+                    == "WasmAuth"]
+        hook = script.request
 
         async def timed(flow: Any) -> None:
             coro: Coroutine[Any, Any, None] = hook(flow)
@@ -61,7 +64,7 @@ class HookTimer:
             self.suspended += 1
             await _Rest(coro, waiting)
 
-        addon.request = timed
+        script.request = timed
 
     def done(self) -> None:
         with open(os.environ["WASM_RECLAIM_HOOK_TIMES"], "w") as f:
