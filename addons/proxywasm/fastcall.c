@@ -679,11 +679,15 @@ static int wr_host_native(wr_host *env, PyObject *vm, wasmtime_val_raw_t *vals,
                           wasm_trap_t **trap_out) {
     wr_native_vm v;
     if (wr_native_vm_of(vm, &v) < 0) return WR_DEFER;
+    /* `vm` is borrowed from active[0]: held, as wr_host_direct holds it, since Python code
+     * (header_map, the clock) and, without the GIL, other threads run before it is done. */
+    Py_INCREF(vm);
     int done = env->native == WR_NATIVE_CURRENT_TIME ? wr_native_time(&v, vals)
                : env->native == WR_NATIVE_HEADER_MAP_VALUE
                    ? wr_native_header(env, vm, &v, vals, trap_out)
                    : WR_DEFER;
     Py_DECREF(v.tuple);
+    Py_DECREF(vm);
     return done;
 }
 
