@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copyreg
 import ctypes
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -37,6 +40,7 @@ from addons.proxywasm import FilterModule
 from manager.estimate import OBSERVABLE_COLUMNS, OPTIONAL_COLUMNS, EstimatorParams, estimate
 from manager.policies import (
     Decision,
+    PolicyState,
     Samples,
     decide,
     decisions_frame,
@@ -102,7 +106,13 @@ def run_policy(trace: Trace, spec: str, config: ExperimentConfig) -> PolicyRun:
     return run_shared(trace, [spec], config)[0]
 
 
-def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig) -> list[PolicyRun]:
+LATER_CHECKPOINTS = 8
+"""How many points of `none`'s run a shared run with later policies keeps (see
+:func:`run_shared`): one just before the first pass, then evenly over the trace."""
+
+
+def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig,
+               later: Callable[[PolicyRun], Sequence[str]] | None = None) -> list[PolicyRun]:
     """Run every policy of `specs` over `trace`, each exactly as alone, sharing the simulation
     until the policy's first restart.
 
@@ -113,7 +123,18 @@ def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig) -> 
     stops once nobody needs it: with `none` among `specs` it runs to the end. The specs must
     restart in one mode (`mode=warm` journals from the start). Linux (fork); the standard set
     runs its policies this way.
+
+    `later` gives more policies once `none`'s run is known (the standard set's thresholds and
+    oracle scale with its peak); `none` must be among `specs`. Their runs follow those of
+    `specs`, each exactly as alone too. While `none` runs, the process forks
+    :data:`LATER_CHECKPOINTS` times, each child waiting just before a pass. Once `none` is done,
+    each later policy's passes are replayed over its samples, the same inputs giving the same
+    decisions, up to its first restart; the child waiting at the last point before it goes on
+    with the policy from there (its state so far sent along). A later policy that never
+    restarts has `none`'s run, with its own decisions.
     """
+    if later is not None and "none" not in specs:
+        raise ValueError("later policies need `none` among the specs: they start from its run")
     branches = [_Branch(spec) for spec in specs if spec != "none"]
     modes = {getattr(b.params, "restart_mode", config.sim.restart_mode) for b in branches}
     if len(modes) > 1:
@@ -123,29 +144,49 @@ def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig) -> 
     sim = replace(config.sim, restart_mode=modes.pop() if modes else config.sim.restart_mode,
                   request_log=False, controller_columns=MANAGER_COLUMNS)
     shared = _Shared(branches, keep_trunk="none" in specs)
+    if later is not None:
+        shared.keep_checkpoints(trace.duration / LATER_CHECKPOINTS)
     t0 = time.perf_counter()
     result: SimResult | None = None
     try:
         result = Simulation(sim, filter_module(sim.filter_path)).run(
-            trace, shared if branches else None)
+            trace, shared if branches or later is not None else None)
     except _TrunkDone:
         pass
     except BaseException:
         if shared.write_fd is not None:  # a forked child never returns to its caller
             shared.send_and_exit(("error", traceback.format_exc()))
+        shared.abandon()
         raise
     elapsed = time.perf_counter() - t0
     runs: dict[str, PolicyRun] = {}
     if shared.write_fd is not None:
+        if shared.group:  # a checkpoint's child: its policies' runs, and its own forks'
+            try:
+                if result is not None:
+                    runs.update((b.spec, b.run(result, elapsed)) for b in shared.branches)
+                runs.update(shared.collect())
+            except BaseException:
+                shared.send_and_exit(("error", traceback.format_exc()))
+            shared.send_and_exit(("ok", runs))
         assert result is not None
         branch = shared.branches[0]
         shared.send_and_exit(("ok", branch.run(result, elapsed)))
+    later_specs: list[str] = []
     if result is not None:
         if shared.keep_trunk:
             runs["none"] = _Branch("none").run(result, elapsed)
+        if later is not None:
+            try:
+                later_specs = [spec for spec in dict.fromkeys(later(runs["none"]))
+                               if spec not in specs]
+                runs.update(shared.resume_later(later_specs, result, elapsed))
+            except BaseException:
+                shared.abandon()
+                raise
         runs.update((b.spec, b.run(result, elapsed)) for b in shared.branches)
     runs.update(shared.collect())
-    return [runs[spec] for spec in specs]
+    return [runs[spec] for spec in (*specs, *later_specs)]
 
 
 class _TrunkDone(Exception):
@@ -167,6 +208,13 @@ class _Branch:
         self.made.extend(decisions)
         return [(d.instance, d.mode) for d in decisions if d.action == "restart"]
 
+    @classmethod
+    def resumed(cls, spec: str, state: PolicyState, made: list[Decision]) -> _Branch:
+        """The branch of `spec` with its state and decisions so far."""
+        branch = cls(spec)
+        branch.state, branch.made = state, made
+        return branch
+
     def run(self, result: SimResult, elapsed: float) -> PolicyRun:
         """This policy's run, from the simulation it ended in."""
         estimator = getattr(self.params, "estimator", None) or EstimatorParams()
@@ -180,6 +228,17 @@ class _Branch:
         )
 
 
+@dataclass
+class _Checkpoint:
+    """A forked copy of the trunk waiting just before pass `index` (see :func:`run_shared`)."""
+
+    index: int
+    pid: int
+    command_fd: int  # where it reads what to run from here (None: nothing, it exits)
+    result_fd: int  # where its runs come back
+    specs: tuple[str, ...] = ()
+
+
 class _Shared:
     """The controller of a shared run: every branch decides on the new samples; a branch's
     first restart forks it off (see :func:`run_shared`)."""
@@ -189,8 +248,24 @@ class _Shared:
         self.keep_trunk = keep_trunk
         self.children: list[tuple[str, int, int]] = []  # spec, pid, read end of its pipe
         self.write_fd: int | None = None  # in a forked child: where its run goes
+        self.group = False  # a checkpoint's child: it sends every run it and its forks made
+        self.passes: list[tuple[Samples, float]] = []  # recorded for later policies
+        self.checkpoints: list[_Checkpoint] = []
+        self.checkpoint_every: float | None = None  # seconds of samples between checkpoints
+        self.next_checkpoint = -math.inf
+
+    def keep_checkpoints(self, every_s: float) -> None:
+        """Record every pass, and fork a checkpoint before the first pass and every `every_s`
+        seconds of sample time after it."""
+        self.checkpoint_every = max(every_s, 1e-9)
 
     def __call__(self, new: Samples, now: float) -> list[Restart]:
+        if self.checkpoint_every is not None:
+            if now >= self.next_checkpoint:
+                self.next_checkpoint = now + self.checkpoint_every
+                self._checkpoint()  # in a checkpoint's child: returns with later branches
+            if self.checkpoint_every is not None:
+                self.passes.append((new, now))
         for branch in list(self.branches):
             restarts = branch.decide(new, now)
             if not restarts:
@@ -203,6 +278,20 @@ class _Shared:
             raise _TrunkDone
         return []
 
+    def _held_fds(self) -> list[int]:
+        """The pipe ends this process holds for others (a fork closes its copies)."""
+        fds = [fd for _, _, fd in self.children]
+        fds += [fd for c in self.checkpoints for fd in (c.command_fd, c.result_fd)]
+        return fds + ([self.write_fd] if self.write_fd is not None else [])
+
+    def _become_child(self, branches: list[_Branch], write_fd: int, group: bool) -> None:
+        for fd in self._held_fds():
+            os.close(fd)
+        self.branches, self.keep_trunk, self.write_fd, self.group = (branches, False, write_fd,
+                                                                      group)
+        self.children, self.checkpoints, self.passes = [], [], []
+        self.checkpoint_every = None
+
     def _fork(self, branch: _Branch) -> bool:
         """Fork `branch` off; True in the child, which goes on with it alone."""
         read_fd, write_fd = os.pipe()
@@ -210,15 +299,83 @@ class _Shared:
         if pid == 0:
             os.close(read_fd)
             _die_with_parent()
-            self.branches, self.keep_trunk, self.write_fd = [branch], False, write_fd
-            for _, _, fd in self.children:
-                os.close(fd)
-            self.children = []
+            self._become_child([branch], write_fd, group=False)
             return True
         os.close(write_fd)
         self.branches.remove(branch)
         self.children.append((branch.spec, pid, read_fd))
         return False
+
+    def _checkpoint(self) -> None:
+        """Fork a copy of the trunk that waits here for later policies to go on with (it exits
+        if none are sent); in the parent, return at once."""
+        command_read, command_write = os.pipe()
+        result_read, result_write = os.pipe()
+        index = len(self.passes)
+        pid = os.fork()
+        if pid != 0:
+            os.close(command_read)
+            os.close(result_write)
+            self.checkpoints.append(_Checkpoint(index, pid, command_write, result_read))
+            return
+        os.close(command_write)
+        os.close(result_read)
+        _die_with_parent()
+        self._become_child([], result_write, group=True)
+        with os.fdopen(command_read, "rb") as f:
+            try:
+                sent = pickle.load(f)
+            except EOFError:  # the trunk failed, or ended without later policies
+                sent = None
+        if not sent:
+            os._exit(0)
+        self.branches = [_Branch.resumed(spec, state, made) for spec, state, made in sent]
+
+    def resume_later(self, specs: Sequence[str], result: SimResult,
+                     elapsed: float) -> dict[str, PolicyRun]:
+        """Start each later policy from the last checkpoint before its first restart (its
+        passes so far replayed here); the runs of those that never restart."""
+        at_pass = {c.index: c for c in self.checkpoints}
+        sent: dict[int, list[tuple[str, PolicyState, list[Decision]]]] = {}
+        runs: dict[str, PolicyRun] = {}
+        for spec in specs:
+            branch = _Branch(spec)
+            last: tuple[_Checkpoint, PolicyState, int] | None = None
+            restarted = False
+            for i, (new, now) in enumerate(self.passes):
+                if i in at_pass:
+                    last = (at_pass[i], branch.state, len(branch.made))
+                if branch.decide(new, now):
+                    restarted = True
+                    break
+            if not restarted:
+                runs[spec] = branch.run(result, elapsed)
+                continue
+            assert last is not None  # a checkpoint waits before the first pass
+            checkpoint, state, made = last
+            sent.setdefault(checkpoint.index, []).append((spec, state, branch.made[:made]))
+            checkpoint.specs += (spec,)
+        for c in self.checkpoints:
+            with os.fdopen(c.command_fd, "wb") as f:
+                c.command_fd = -1
+                _state_pickler(f).dump(sent.get(c.index))
+            if not c.specs:
+                os.close(c.result_fd)
+                os.waitpid(c.pid, 0)
+        self.checkpoints = [c for c in self.checkpoints if c.specs]
+        self.passes = []
+        return runs
+
+    def abandon(self) -> None:
+        """The trunk failed: stop the checkpoints (those running a later policy too)."""
+        for c in self.checkpoints:
+            for fd in (c.command_fd, c.result_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.kill(c.pid, signal.SIGKILL)
+                os.waitpid(c.pid, 0)
+        self.checkpoints = []
 
     def send_and_exit(self, payload: tuple[str, Any]) -> NoReturn:
         """In a child: send the outcome to the parent and exit, whatever happens."""
@@ -232,24 +389,40 @@ class _Shared:
             os._exit(code)
 
     def collect(self) -> dict[str, PolicyRun]:
-        """The forked children's runs (waits for each)."""
+        """The forked children's runs, and the checkpoints' (waits for each)."""
         runs: dict[str, PolicyRun] = {}
         failed: list[str] = []
-        for spec, pid, fd in self.children:
+        waiting = [(spec, pid, fd, False) for spec, pid, fd in self.children]
+        waiting += [(", ".join(c.specs), c.pid, c.result_fd, True) for c in self.checkpoints]
+        for spec, pid, fd, several in waiting:
             with os.fdopen(fd, "rb") as f:
                 try:
                     status, payload = pickle.load(f)
                 except EOFError:
                     status, payload = "error", "it exited without sending its run"
             os.waitpid(pid, 0)
-            if status == "ok":
-                runs[spec] = payload
-            else:
+            if status != "ok":
                 failed.append(f"{spec}: {payload}")
-        self.children = []
+            elif several:
+                runs.update(payload)
+            else:
+                runs[spec] = payload
+        self.children, self.checkpoints = [], []
         if failed:
             raise RuntimeError("a forked policy run failed: " + "; ".join(failed))
         return runs
+
+
+def _state_pickler(f: Any) -> pickle.Pickler:
+    """A pickler for policy states: their read-only mappings go as the dicts they wrap."""
+    pickler = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table,
+                              MappingProxyType: lambda m: (_read_only, (dict(m),))}
+    return pickler
+
+
+def _read_only(mapping: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(mapping)
 
 
 def _die_with_parent() -> None:
@@ -282,10 +455,13 @@ def run_in_worker(args: tuple[Path, str, ExperimentConfig]) -> PolicyRun:
     return run_policy(load_trace(trace_path), spec, config)
 
 
-def run_shared_in_worker(args: tuple[Path, Sequence[str], ExperimentConfig]) -> list[PolicyRun]:
-    """`run_shared` on a trace file (what a worker process runs)."""
-    trace_path, specs, config = args
-    return run_shared(load_trace(trace_path), specs, config)
+def run_shared_in_worker(
+    args: tuple[Path, Sequence[str], ExperimentConfig]
+    | tuple[Path, Sequence[str], ExperimentConfig, Callable[[PolicyRun], Sequence[str]] | None],
+) -> list[PolicyRun]:
+    """`run_shared` on a trace file (what a worker process runs); a fourth item is `later`."""
+    trace_path, specs, config, *later = args
+    return run_shared(load_trace(trace_path), specs, config, later[0] if later else None)
 
 
 def load_trace(path: Path) -> Trace:

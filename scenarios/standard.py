@@ -22,6 +22,7 @@ Every trace, run and limit is a task of one pool of worker processes, so both co
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import logging
 import multiprocessing
@@ -330,8 +331,9 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
     Everything slow is a pool task, in the order its inputs arrive: each trace is generated,
     then its policies run, sharing a simulation until each one's first restart
     (:func:`~scenarios.experiment.run_shared`): `none` with the other cold policies, the warm
-    ones apart; the thresholds, the oracle and the limit wait for `none`'s run. The reports
-    are written here as scenarios complete.
+    ones apart. The thresholds and the oracle scale with `none`'s peak: they go on from the
+    point of `none`'s run just before their first restart, in the same task (its `later`).
+    The limit waits for `none`'s run. The reports are written here as scenarios complete.
     """
     pending: dict[str, _Pending] = {}
     for scenario in scenarios:
@@ -352,21 +354,30 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         futures: dict[concurrent.futures.Future[Any], tuple[str, str]] = {}
 
-        def submit(name: str, specs: Sequence[str]) -> None:
-            p = pending[name]
+        def add(p: _Pending, specs: Sequence[str]) -> list[str]:
             # Once each: on a small trace two thresholds can round to the same size.
             specs = [spec for spec in dict.fromkeys(specs) if spec not in p.specs]
             p.specs.extend(specs)
+            if bar is not None:
+                bar.total += len(specs)
+                bar.refresh()
+            return specs
+
+        def submit(name: str, specs: Sequence[str]) -> None:
+            p = pending[name]
+            specs = add(p, specs)
             # Cold and warm restarts cannot share a simulation (warm journals from the start).
+            # The cold group runs `none` to its end, and then the thresholds and the oracle,
+            # which scale with its peak, from the points of its run they need (`later`).
             for mode in ("cold", "warm"):
                 group = [spec for spec in specs if (policy_family(spec) == "warm") == (
                     mode == "warm")]
                 if group:
+                    later = (functools.partial(_second_specs, p.scenario, quick)
+                             if mode == "cold" and "none" in group else None)
                     futures[pool.submit(run_shared_in_worker, (p.trace_path, group,
-                                                                p.config))] = (name, "runs")
-            if bar is not None:
-                bar.total += len(specs)
-                bar.refresh()
+                                                                p.config, later))] = (name,
+                                                                                      "runs")
 
         for p in sorted(pending.values(), key=lambda p: _heavy_first(p.scenario)):
             futures[pool.submit(build_trace, (p.scenario.name, quick, p.out))] = (
@@ -387,8 +398,8 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
                     if bar is not None:
                         bar.set_postfix_str(f"{name} {run.policy}")
                         bar.update()
-                    if run.policy == "none":
-                        submit(name, _second_specs(p.scenario, quick, run))
+                    if run.policy == "none":  # the later policies' runs follow it
+                        add(p, _second_specs(p.scenario, quick, run))
                         futures[pool.submit(limit_in_worker,
                                             (run, p.trace_path, p.scenario.ttl_s))] = (name,
                                                                                        "limit")

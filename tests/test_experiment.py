@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +19,7 @@ from scenarios.basic import BasicParams, basic_trace
 from scenarios.experiment import (
     SERIES_COLUMNS,
     ExperimentConfig,
+    PolicyRun,
     filter_module,
     load_trace,
     policy_series,
@@ -207,6 +211,62 @@ def test_a_shared_run_gives_each_policy_its_run_alone(specs) -> None:
         assert run.verify_requests == auth
         restarted += int(series["restarted"].sum() > 0)
     assert restarted >= len(specs) - 2  # most policies did fork off
+
+
+def _later(none: PolicyRun) -> list[str]:
+    """Policies that scale with `none`'s run, as the standard set's thresholds and oracle do:
+    restarting from the first pass on (fixed:1s), later, late (at 70 % of the trace: from a
+    later checkpoint), never (64 MiB); a repeat, and one of the specs."""
+    peak = int(none.series["allocated_bytes"].max())
+    late = 0.7 * float(none.series["time"].max() - none.series["time"].min())
+    return ["fixed:1s", f"threshold:{peak // 2 // 1024}KiB", f"oracle:min_reclaim={peak // 10}",
+            f"threshold:{peak // 2 // 1024}KiB", "threshold:64MiB", "fixed:10m",
+            f"fixed:{late:.0f}s"]
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux /proc)."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def test_later_policies_go_on_from_none_s_run_each_as_alone() -> None:
+    """`later` policies start from the checkpoint before their first restart (or take
+    `none`'s run when they never restart): each run is the one it has alone, and no
+    checkpoint process is left."""
+    trace = small_trace()
+    config = ExperimentConfig(sim=SimConfig(sample_interval=2.0, decision_interval=10.0,
+                                            plugin_configuration='{"ttl_seconds": 120}'))
+    before = _children()
+    runs = run_shared(trace, ["none", "fixed:10m"], config, later=_later)
+    later = [spec for spec in dict.fromkeys(_later(runs[0])) if spec != "fixed:10m"]
+    assert len(later) == 5
+    assert [r.policy for r in runs] == ["none", "fixed:10m", *later]
+    restarted = 0
+    for run in runs:
+        series, decisions, auth = _alone(trace, run.policy, config)
+        pd.testing.assert_frame_equal(run.series, series)
+        pd.testing.assert_frame_equal(run.decisions, decisions)
+        assert run.verify_requests == auth
+        restarted += int(series["restarted"].sum() > 0)
+    assert restarted == 5  # all but none and 64 MiB
+    assert _children() <= before
+
+
+def test_later_policies_that_fail_leave_no_checkpoint_behind() -> None:
+    def later(none: PolicyRun) -> list[str]:
+        return ["fixed:10m", "no-such-policy"]
+
+    before = _children()
+    with pytest.raises(ValueError, match="no-such-policy"):
+        run_shared(small_trace(), ["none"], ExperimentConfig(), later=later)
+    assert _children() <= before
+    with pytest.raises(ValueError, match="none"):
+        run_shared(small_trace(), ["fixed:10m"], ExperimentConfig(), later=later)
 
 
 def test_a_shared_run_restarts_in_one_mode() -> None:
