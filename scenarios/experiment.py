@@ -112,7 +112,8 @@ LATER_CHECKPOINTS = 8
 
 
 def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig,
-               later: Callable[[PolicyRun], Sequence[str]] | None = None) -> list[PolicyRun]:
+               later: Callable[[PolicyRun], Sequence[str]] | None = None,
+               meanwhile: Callable[[PolicyRun], None] | None = None) -> list[PolicyRun]:
     """Run every policy of `specs` over `trace`, each exactly as alone, sharing the simulation
     until the policy's first restart.
 
@@ -132,8 +133,11 @@ def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig,
     decisions, up to its first restart; the child waiting at the last point before it goes on
     with the policy from there (its state so far sent along). A later policy that never
     restarts has `none`'s run, with its own decisions.
+
+    `meanwhile` is called with `none`'s run while the forked runs go on (this process would
+    only wait for them): the standard set computes the trace's limit there.
     """
-    if later is not None and "none" not in specs:
+    if (later is not None or meanwhile is not None) and "none" not in specs:
         raise ValueError("later policies need `none` among the specs: they start from its run")
     branches = [_Branch(spec) for spec in specs if spec != "none"]
     modes = {getattr(b.params, "restart_mode", config.sim.restart_mode) for b in branches}
@@ -176,14 +180,16 @@ def run_shared(trace: Trace, specs: Sequence[str], config: ExperimentConfig,
     if result is not None:
         if shared.keep_trunk:
             runs["none"] = _Branch("none").run(result, elapsed)
-        if later is not None:
-            try:
+        try:
+            if later is not None:
                 later_specs = [spec for spec in dict.fromkeys(later(runs["none"]))
                                if spec not in specs]
                 runs.update(shared.resume_later(later_specs, result, elapsed))
-            except BaseException:
-                shared.abandon()
-                raise
+            if meanwhile is not None:
+                meanwhile(runs["none"])
+        except BaseException:
+            shared.abandon()
+            raise
         runs.update((b.spec, b.run(result, elapsed)) for b in shared.branches)
     runs.update(shared.collect())
     return [runs[spec] for spec in (*specs, *later_specs)]
@@ -367,15 +373,17 @@ class _Shared:
         return runs
 
     def abandon(self) -> None:
-        """The trunk failed: stop the checkpoints (those running a later policy too)."""
-        for c in self.checkpoints:
-            for fd in (c.command_fd, c.result_fd):
+        """The trunk failed: stop its forked runs and checkpoints, whatever they are doing."""
+        forked = [(pid, (fd,)) for _, pid, fd in self.children]
+        forked += [(c.pid, (c.command_fd, c.result_fd)) for c in self.checkpoints]
+        for pid, fds in forked:
+            for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             with contextlib.suppress(OSError):
-                os.kill(c.pid, signal.SIGKILL)
-                os.waitpid(c.pid, 0)
-        self.checkpoints = []
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        self.children, self.checkpoints = [], []
 
     def send_and_exit(self, payload: tuple[str, Any]) -> NoReturn:
         """In a child: send the outcome to the parent and exit, whatever happens."""
@@ -455,13 +463,10 @@ def run_in_worker(args: tuple[Path, str, ExperimentConfig]) -> PolicyRun:
     return run_policy(load_trace(trace_path), spec, config)
 
 
-def run_shared_in_worker(
-    args: tuple[Path, Sequence[str], ExperimentConfig]
-    | tuple[Path, Sequence[str], ExperimentConfig, Callable[[PolicyRun], Sequence[str]] | None],
-) -> list[PolicyRun]:
-    """`run_shared` on a trace file (what a worker process runs); a fourth item is `later`."""
-    trace_path, specs, config, *later = args
-    return run_shared(load_trace(trace_path), specs, config, later[0] if later else None)
+def run_shared_in_worker(args: tuple[Path, Sequence[str], ExperimentConfig]) -> list[PolicyRun]:
+    """`run_shared` on a trace file (what a worker process runs)."""
+    trace_path, specs, config = args
+    return run_shared(load_trace(trace_path), specs, config)
 
 
 def load_trace(path: Path) -> Trace:

@@ -298,9 +298,10 @@ class Simulation:
         stream = self.host.instance(instance_id).stream()
         token = self._tokens.get(event.token)
         if token is None:  # a token's header and hash, made once per token, not per request
-            authorization = b"Bearer " + event.token.encode()
-            token = self._tokens[event.token] = (authorization,
-                                                 records.token_hash(authorization))
+            authorization = b"Bearer " + event.token.encode()  # (the hash only for the rows)
+            token = self._tokens[event.token] = (
+                authorization,
+                records.token_hash(authorization) if self.config.request_log else None)
         method, path = event.method or "GET", event.path or "/"
         headers = [
             (b":method", _METHODS.get(method) or method.encode()),

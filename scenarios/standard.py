@@ -22,7 +22,6 @@ Every trace, run and limit is a task of one pool of worker processes, so both co
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import logging
 import multiprocessing
@@ -50,6 +49,7 @@ from scenarios.experiment import (
     PolicyRun,
     load_trace,
     policy_family,
+    run_shared,
     run_shared_in_worker,
     with_sample_interval,
 )
@@ -311,10 +311,24 @@ def build_trace(args: tuple[str, bool, Path]) -> Path:
     return path
 
 
-def limit_in_worker(args: tuple[PolicyRun, Path, float]) -> pd.DataFrame:
-    """:func:`limit_table` on a trace file (a pool task)."""
-    none, trace_path, ttl_s = args
-    return limit_table(none, load_trace(trace_path), ttl_s)
+def cold_runs_in_worker(
+    args: tuple[Path, Sequence[str], ExperimentConfig, Scenario, bool],
+) -> tuple[list[PolicyRun], pd.DataFrame]:
+    """A scenario's cold policies (`none` among them) in one shared run, with the thresholds and
+    the oracle, which scale with `none`'s peak, as its later policies; and the limit, computed
+    from `none`'s run while the forked runs go on (a pool task)."""
+    trace_path, specs, config, scenario, quick = args
+    trace = load_trace(trace_path)
+    limit: list[pd.DataFrame] = []
+
+    def later(none: PolicyRun) -> list[str]:
+        return _second_specs(scenario, quick, none)
+
+    def meanwhile(none: PolicyRun) -> None:
+        limit.append(limit_table(none, trace, scenario.ttl_s))
+
+    runs = run_shared(trace, specs, config, later=later, meanwhile=meanwhile)
+    return runs, limit[0]
 
 
 def _heavy_first(scenario: Scenario) -> int:
@@ -332,8 +346,9 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
     then its policies run, sharing a simulation until each one's first restart
     (:func:`~scenarios.experiment.run_shared`): `none` with the other cold policies, the warm
     ones apart. The thresholds and the oracle scale with `none`'s peak: they go on from the
-    point of `none`'s run just before their first restart, in the same task (its `later`).
-    The limit waits for `none`'s run. The reports are written here as scenarios complete.
+    point of `none`'s run just before their first restart, and the limit is computed from
+    `none`'s run, both in the cold policies' task (:func:`cold_runs_in_worker`). The reports
+    are written here as scenarios complete.
     """
     pending: dict[str, _Pending] = {}
     for scenario in scenarios:
@@ -372,12 +387,13 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
             for mode in ("cold", "warm"):
                 group = [spec for spec in specs if (policy_family(spec) == "warm") == (
                     mode == "warm")]
-                if group:
-                    later = (functools.partial(_second_specs, p.scenario, quick)
-                             if mode == "cold" and "none" in group else None)
+                if mode == "cold":
+                    assert "none" in group
+                    futures[pool.submit(cold_runs_in_worker, (
+                        p.trace_path, group, p.config, p.scenario, quick))] = (name, "cold")
+                elif group:
                     futures[pool.submit(run_shared_in_worker, (p.trace_path, group,
-                                                                p.config, later))] = (name,
-                                                                                      "runs")
+                                                                p.config))] = (name, "runs")
 
         for p in sorted(pending.values(), key=lambda p: _heavy_first(p.scenario)):
             futures[pool.submit(build_trace, (p.scenario.name, quick, p.out))] = (
@@ -391,18 +407,17 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
                     future.result()
                     submit(name, _first_specs(p.scenario, quick))
                     continue
-                if task == "limit":
-                    p.limit = future.result()
-                for run in future.result() if task == "runs" else []:
+                if task == "cold":
+                    runs, p.limit = future.result()
+                else:
+                    runs = future.result()
+                for run in runs:
                     p.runs[run.policy] = run
                     if bar is not None:
                         bar.set_postfix_str(f"{name} {run.policy}")
                         bar.update()
                     if run.policy == "none":  # the later policies' runs follow it
                         add(p, _second_specs(p.scenario, quick, run))
-                        futures[pool.submit(limit_in_worker,
-                                            (run, p.trace_path, p.scenario.ttl_s))] = (name,
-                                                                                       "limit")
                 if len(p.runs) == len(p.specs) and p.limit is not None:
                     summaries[name] = _report(p, quick)
     if bar is not None:

@@ -242,7 +242,9 @@ def test_later_policies_go_on_from_none_s_run_each_as_alone() -> None:
     config = ExperimentConfig(sim=SimConfig(sample_interval=2.0, decision_interval=10.0,
                                             plugin_configuration='{"ttl_seconds": 120}'))
     before = _children()
-    runs = run_shared(trace, ["none", "fixed:10m"], config, later=_later)
+    seen: list[PolicyRun] = []
+    runs = run_shared(trace, ["none", "fixed:10m"], config, later=_later, meanwhile=seen.append)
+    assert len(seen) == 1 and seen[0] is runs[0]  # `none`'s run, while the others went on
     later = [spec for spec in dict.fromkeys(_later(runs[0])) if spec != "fixed:10m"]
     assert len(later) == 5
     assert [r.policy for r in runs] == ["none", "fixed:10m", *later]
@@ -267,6 +269,14 @@ def test_later_policies_that_fail_leave_no_checkpoint_behind() -> None:
     assert _children() <= before
     with pytest.raises(ValueError, match="none"):
         run_shared(small_trace(), ["fixed:10m"], ExperimentConfig(), later=later)
+
+    def meanwhile(none: PolicyRun) -> None:
+        raise RuntimeError("the limit failed")
+
+    with pytest.raises(RuntimeError, match="the limit failed"):
+        run_shared(small_trace(), ["none", "fixed:10m"], ExperimentConfig(),
+                   later=lambda none: ["fixed:20m"], meanwhile=meanwhile)
+    assert _children() <= before
 
 
 def test_a_shared_run_restarts_in_one_mode() -> None:
