@@ -374,7 +374,7 @@ class _Shared:
 
     def abandon(self) -> None:
         """The trunk failed: stop its forked runs and checkpoints, whatever they are doing."""
-        forked = [(pid, (fd,)) for _, pid, fd in self.children]
+        forked: list[tuple[int, tuple[int, ...]]] = [(pid, (fd,)) for _, pid, fd in self.children]
         forked += [(c.pid, (c.command_fd, c.result_fd)) for c in self.checkpoints]
         for pid, fds in forked:
             for fd in fds:
