@@ -240,9 +240,10 @@ class _Checkpoint:
 
     index: int
     pid: int
-    command_fd: int  # where it reads what to run from here (None: nothing, it exits)
+    command_fd: int  # where it reads `later` (an empty list: nothing to run, it exits)
     result_fd: int  # where its runs come back
-    specs: tuple[str, ...] = ()
+    later: list[tuple[str, PolicyState, list[Decision]]] = field(default_factory=list)
+    """The later policies it goes on with: spec, state and decisions before this pass."""
 
 
 class _Shared:
@@ -342,7 +343,6 @@ class _Shared:
         """Start each later policy from the last checkpoint before its first restart (its
         passes so far replayed here); the runs of those that never restart."""
         at_pass = {c.index: c for c in self.checkpoints}
-        sent: dict[int, list[tuple[str, PolicyState, list[Decision]]]] = {}
         runs: dict[str, PolicyRun] = {}
         for spec in specs:
             branch = _Branch(spec)
@@ -359,16 +359,15 @@ class _Shared:
                 continue
             assert last is not None  # a checkpoint waits before the first pass
             checkpoint, state, made = last
-            sent.setdefault(checkpoint.index, []).append((spec, state, branch.made[:made]))
-            checkpoint.specs += (spec,)
+            checkpoint.later.append((spec, state, branch.made[:made]))
         for c in self.checkpoints:
             with os.fdopen(c.command_fd, "wb") as f:
                 c.command_fd = -1
-                _state_pickler(f).dump(sent.get(c.index))
-            if not c.specs:
+                _state_pickler(f).dump(c.later)
+            if not c.later:
                 os.close(c.result_fd)
                 os.waitpid(c.pid, 0)
-        self.checkpoints = [c for c in self.checkpoints if c.specs]
+        self.checkpoints = [c for c in self.checkpoints if c.later]
         self.passes = []
         return runs
 
@@ -401,7 +400,8 @@ class _Shared:
         runs: dict[str, PolicyRun] = {}
         failed: list[str] = []
         waiting = [(spec, pid, fd, False) for spec, pid, fd in self.children]
-        waiting += [(", ".join(c.specs), c.pid, c.result_fd, True) for c in self.checkpoints]
+        waiting += [(", ".join(spec for spec, _, _ in c.later), c.pid, c.result_fd, True)
+                    for c in self.checkpoints]
         for spec, pid, fd, several in waiting:
             with os.fdopen(fd, "rb") as f:
                 try:

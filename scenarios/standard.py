@@ -407,8 +407,9 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
                     future.result()
                     submit(name, _first_specs(p.scenario, quick))
                     continue
-                if task == "cold":
+                if task == "cold":  # the later policies' runs come with the cold ones
                     runs, p.limit = future.result()
+                    add(p, [run.policy for run in runs])
                 else:
                     runs = future.result()
                 for run in runs:
@@ -416,8 +417,6 @@ def run_scenarios(scenarios: Sequence[Scenario], out: Path, quick: bool, jobs: i
                     if bar is not None:
                         bar.set_postfix_str(f"{name} {run.policy}")
                         bar.update()
-                    if run.policy == "none":  # the later policies' runs follow it
-                        add(p, _second_specs(p.scenario, quick, run))
                 if len(p.runs) == len(p.specs) and p.limit is not None:
                     summaries[name] = _report(p, quick)
     if bar is not None:

@@ -189,6 +189,19 @@ def _alone(trace: Trace, spec: str, config: ExperimentConfig) -> tuple[pd.DataFr
     return policy_series(result.samples, estimator), decisions_frame(made), result.verify_requests
 
 
+def _each_as_alone(runs: list[PolicyRun], trace: Trace, config: ExperimentConfig) -> int:
+    """Assert each run is its policy's run alone (series, decisions, auth calls); how many
+    of them restarted."""
+    restarted = 0
+    for run in runs:
+        series, decisions, auth = _alone(trace, run.policy, config)
+        pd.testing.assert_frame_equal(run.series, series)
+        pd.testing.assert_frame_equal(run.decisions, decisions)
+        assert run.verify_requests == auth
+        restarted += int(series["restarted"].sum() > 0)
+    return restarted
+
+
 @pytest.mark.parametrize("specs", [
     # restarts at different times, one policy that never restarts, `none` kept to the end
     ["none", "fixed:10m", "threshold:128KiB", "ratio:measure=5m,ttl_cap=2m",
@@ -203,13 +216,7 @@ def test_a_shared_run_gives_each_policy_its_run_alone(specs) -> None:
                                             plugin_configuration='{"ttl_seconds": 120}'))
     shared = run_shared(trace, specs, config)
     assert [r.policy for r in shared] == specs
-    restarted = 0
-    for run in shared:
-        series, decisions, auth = _alone(trace, run.policy, config)
-        pd.testing.assert_frame_equal(run.series, series)
-        pd.testing.assert_frame_equal(run.decisions, decisions)
-        assert run.verify_requests == auth
-        restarted += int(series["restarted"].sum() > 0)
+    restarted = _each_as_alone(shared, trace, config)
     assert restarted >= len(specs) - 2  # most policies did fork off
 
 
@@ -248,13 +255,7 @@ def test_later_policies_go_on_from_none_s_run_each_as_alone() -> None:
     later = [spec for spec in dict.fromkeys(_later(runs[0])) if spec != "fixed:10m"]
     assert len(later) == 5
     assert [r.policy for r in runs] == ["none", "fixed:10m", *later]
-    restarted = 0
-    for run in runs:
-        series, decisions, auth = _alone(trace, run.policy, config)
-        pd.testing.assert_frame_equal(run.series, series)
-        pd.testing.assert_frame_equal(run.decisions, decisions)
-        assert run.verify_requests == auth
-        restarted += int(series["restarted"].sum() > 0)
+    restarted = _each_as_alone(runs, trace, config)
     assert restarted == 5  # all but none and 64 MiB
     assert _children() <= before
 
