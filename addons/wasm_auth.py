@@ -200,14 +200,39 @@ def parse_store(value: str) -> str:
     return str(Path(value or STATE_DIR / "store").expanduser())
 
 
-def stream_limit(stream_large_bodies: str | None) -> int:
+def stream_limit(stream_large_bodies: str | None, default: int = 1 << 20) -> int:
     """How much of a streamed body a pausing filter may hold back: mitmproxy's
-    `stream_large_bodies` (bodies larger than that are streamed), else 1 MiB."""
+    `stream_large_bodies` (bodies larger than that are streamed), else `default`."""
     try:
         size = human.parse_size(stream_large_bodies)
     except ValueError:
         size = None
-    return size or 1 << 20
+    return size or default
+
+
+def streams_midway(request: http.Request) -> bool:
+    """Whether mitmproxy, with `stream_large_bodies` set, may start to stream this request's
+    body only once it has read part of it: its size is not known from its headers (chunked
+    HTTP/1, or HTTP/2 and 3 without Content-Length). It then sends the headers upstream without
+    a `requestheaders` hook, so the addon streams such a request from its headers on."""
+    headers = request.headers
+    if "content-length" in headers:
+        return False
+    return "transfer-encoding" in headers if request.http_version.startswith("HTTP/1") else True
+
+
+def answer_would_crash(request: http.Request, limit: int) -> bool:
+    """Whether answering this streamed request locally would crash mitmproxy's connection: it
+    reads a body it does not stream before it answers, and on reading more than
+    `stream_large_bodies` it starts to stream it, which it cannot do with a response set
+    (NotImplementedError). True for a body longer than `limit`, and for chunked HTTP/1 (its
+    size is not known): such a request is reset instead. An HTTP/2 or 3 request without
+    Content-Length is answered, as most are GETs without a body; should its body exceed the
+    limit, mitmproxy fails the connection (the request never reaches the upstream)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        return not length.isdigit() or int(length) > limit
+    return request.http_version.startswith("HTTP/1") and "transfer-encoding" in request.headers
 
 
 def parse_proxy_id(value: str, listen_port: int | None) -> str:
@@ -305,6 +330,19 @@ def describe(word: str, instance: str, generation: int, pages: int, latency_ms: 
     if decision.error:
         text += " · " + decision.error
     return text
+
+
+class _Begun(NamedTuple):
+    """A request whose filter phases have begun: what `_decided` needs once they decide."""
+
+    streamed: bool
+    key: str
+    inst: Any
+    stream: Stream
+    authorization: bytes | None
+    logout: bool
+    cached_before: int | None
+    t0: float
 
 
 class Settings(NamedTuple):
@@ -440,6 +478,7 @@ class WasmAuth:
         self._lifecycle = False
         self._properties = False
         self._stream_limit = 1 << 20
+        self._streams_large = False
         self._published: MutableMapping[str, Any] | None = None
         """The script module that dispatches to this addon directly (`publish`)."""
 
@@ -644,6 +683,7 @@ class WasmAuth:
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
         self._properties = "proxy_get_property" in self.module.imports
         self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
+        self._streams_large = stream_limit(getattr(o, "stream_large_bodies", None), 0) > 0
         self._logout_path = logout_path(settings.plugin_configuration).encode()
         self._keys = {}
         self._bind_hooks()
@@ -1060,27 +1100,43 @@ class WasmAuth:
     # ---- the hooks (the stream lifecycle: addons/lifecycle.py) ----
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        """A request mitmproxy streams: its headers leave now, so the filter sees them now."""
-        if (not flow.request.stream or self.host is None or flow.response is not None
-                or flow.error is not None):
+        """A request mitmproxy streams: its headers leave now, so the filter sees them now.
+
+        So is a request whose body mitmproxy may start to stream midway (`streams_midway`):
+        without a hook, its headers would leave unfiltered. It is streamed from its headers on.
+        """
+        if self.host is None or flow.response is not None or flow.error is not None:
             return None
+        request = flow.request
+        if not request.stream:
+            if not (self._streams_large and streams_midway(request)):
+                return None
+            request.stream = True
         return self._streamed_request(flow)
 
     async def _streamed_request(self, flow: http.HTTPFlow) -> None:
-        await self._request(flow, streamed=True)
+        waiting = self._request(flow, streamed=True)
+        if waiting is not None:
+            await waiting
         if flow.response is not None:  # answered (locally, refused, failed): nothing to stream
-            flow.request.stream = False
+            if answer_would_crash(flow.request, self._stream_limit):
+                flow.kill()  # mitmproxy cannot answer a request whose body it would stream
+            else:
+                flow.request.stream = False
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        """A buffered request: headers, body, trailers; a streamed one: its trailers."""
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A buffered request: headers, body, trailers; a streamed one: its trailers.
+
+        Synchronous when the filter decides at once (a cache hit): mitmproxy awaits only what
+        a hook returns, and a coroutine per request costs more than the filter's lookup."""
         if flow.response is not None or flow.error is not None or self.host is None:
-            return
+            return None
         if flow.request.stream:  # streamed: its headers ran in requestheaders
             ex = self._open.get(flow.id)
             if ex is not None and ex.stream is not None and ex.request_streamed:
-                await lifecycle.streamed_request_trailers(flow, ex, self._exports)
-            return
-        await self._request(flow, streamed=False)
+                return lifecycle.streamed_request_trailers(flow, ex, self._exports)
+            return None
+        return self._request(flow, streamed=False)
 
     def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A response mitmproxy streams: its headers leave now, so the filter sees them now."""
@@ -1133,21 +1189,23 @@ class WasmAuth:
             record["status"] = flow.response.status_code if flow.response is not None else None
             self.write("requests", record)
 
-    async def _request(self, flow: http.HTTPFlow, streamed: bool) -> None:
+    def _request(self, flow: http.HTTPFlow, streamed: bool) -> Awaitable[None] | None:
+        """Run the filter's request phases: None once done, or what to await while the filter
+        waits (an outbound call, a pause, more phases to run)."""
         assert self.host is not None
         s = self.settings
         assert s is not None
         req = view(flow.request)
         if req.hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
             self._refuse(flow, Refusal(400, f"{req.hosts} Host header fields"))
-            return
+            return None
         key = self._keys.get(req.authority)
         if key is None:
             try:
                 key = instance_key(req.authority, s.instance_key)
             except InvalidKey as e:
                 self._refuse(flow, Refusal(400, str(e)))
-                return
+                return None
             if len(self._keys) >= KEY_CACHE:
                 self._keys.clear()
             self._keys[req.authority] = key
@@ -1158,10 +1216,10 @@ class WasmAuth:
         except FilterStartError as e:
             logger.error("wasm: instance %s cannot start: %s", key, e)
             self._fail(flow, key, str(e))
-            return
+            return None
         if isinstance(got, Refusal):
             self._refuse(flow, got)
-            return
+            return None
         inst = got
         key = inst.id  # the shared instance serves keys beyond the bounds
         logout = is_logout(flow.request.data.path, self._logout_path)
@@ -1174,14 +1232,28 @@ class WasmAuth:
         pairs = request_pairs(request, req)
         rest = (lifecycle.request_steps(flow, stream, self._exports)
                 if self._lifecycle and not streamed else [])
+        begun = _Begun(streamed, key, inst, stream, req.authorization, logout, cached_before, t0)
         if rest:
-            decision = await lifecycle.run_phases(
-                stream, [lambda: stream.request_headers(pairs, end_of_stream, lowered=True),
-                         *rest])
-        else:
-            decision = stream.request_headers(pairs, end_of_stream, lowered=True)
+            return self._request_later(flow, begun, [
+                lambda: stream.request_headers(pairs, end_of_stream, lowered=True), *rest])
+        decision = stream.request_headers(pairs, end_of_stream, lowered=True)
         if decision is None:
-            decision = await lifecycle.wait(stream, decision)
+            return self._request_later(flow, begun, None)
+        self._decided(flow, begun, decision)
+        return None
+
+    async def _request_later(self, flow: http.HTTPFlow, begun: _Begun,
+                             phases: list[lifecycle.Step] | None) -> None:
+        """The request's phases when they are more than its headers, or when the filter
+        paused them: run them, wait for the decision, then go on as `_decided`."""
+        decision = await lifecycle.run_phases(begun.stream, phases) if phases else None
+        if decision is None:
+            decision = await lifecycle.wait(begun.stream, decision)
+        self._decided(flow, begun, decision)
+
+    def _decided(self, flow: http.HTTPFlow, begun: _Begun, decision: Decision) -> None:
+        """The filter decided the request: apply it, describe the flow, keep its record."""
+        streamed, key, inst, stream, authorization, logout, cached_before, t0 = begun
         # As in Envoy, a local response goes through the response callbacks too.
         keep = self._lifecycle and decision.action != "reset"
         if not keep:
@@ -1189,8 +1261,8 @@ class WasmAuth:
         latency_ms = (time.perf_counter() - t0) * 1000
         self._apply(flow, decision, stream if keep else None, streamed)
         # The token is hashed only for a record; the verdict needs only to know there is one.
-        hashed = token_hash(req.authorization) if self.metrics is not None else None
-        word = verdict(decision, records.bearer_token(req.authorization) is not None,
+        hashed = token_hash(authorization) if self.metrics is not None else None
+        word = verdict(decision, records.bearer_token(authorization) is not None,
                        logout=logout)
         pages = inst.vm.allocated_pages() if inst.vm is not None else 0
         note = ""

@@ -20,6 +20,7 @@ from addons.admin import (
     parse_listen,
 )
 from addons.wasm_auth import WasmAuth
+from tests.hooks import run_hook
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -55,7 +56,7 @@ async def client(tmp_path):
                        wasm_store=str(tmp_path / "store"), wasm_spool=str(tmp_path / "spool"))
         f = tflow.tflow()
         f.request.headers["Host"] = "shop.example"
-        await addon.request(f)  # no token: a 401, but the instance now exists
+        await run_hook(addon.request(f))  # no token: a 401, but the instance now exists
         async with TestClient(TestServer(make_app(addon, TOKEN))) as c:
             yield c
         await addon.done()

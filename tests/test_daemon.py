@@ -75,6 +75,7 @@ from manager.policies import (
     state_frame,
 )
 from tests.conftest import ROOT
+from tests.hooks import run_hook
 from tests.servers import free_port
 from tests.test_policies import ModelFilter, sale_traffic
 
@@ -160,7 +161,7 @@ async def addon(tmp_path: Path) -> AsyncIterator[WasmAuth]:
         for host in HOSTS:
             flow = tflow.tflow()
             flow.request.headers["Host"] = host
-            await wasm.request(flow)  # no token: a 401, but the instance now exists
+            await run_hook(wasm.request(flow))  # no token: a 401, but the instance now exists
         yield wasm
         await wasm.done()
 

@@ -31,6 +31,7 @@ from addons.proxywasm import (
 )
 from addons.proxywasm._wasmtime import TICKER_LIBRARY, engine
 from tests.bench import deadline as bench
+from tests.hooks import run_hook
 
 from .wat import module, trampolines
 
@@ -192,7 +193,7 @@ async def test_requests_failed_while_the_module_backs_off_are_recorded(tmp_path)
             f = tflow.tflow()
             f.request.headers["Host"] = f"h{i}.example"
             f.request.headers["x-mode"] = "loop"
-            await addon.request(f)
+            await run_hook(addon.request(f))
             addon.response(f)
             flows.append(f)
         assert all(f.response is not None and f.response.status_code == 503 for f in flows)

@@ -25,6 +25,7 @@ from addons.proxywasm import (
     VirtualClock,
 )
 from addons.wasm_auth import WasmAuth, verdict
+from tests.hooks import run_hook
 
 from .wat import module
 
@@ -157,7 +158,7 @@ async def test_a_flood_of_distinct_hosts_stays_within_the_bound(tmp_path) -> Non
         tctx.configure(addon, **options(tmp_path, wasm_max_instances=20))
         for i in range(300):
             f = flow(b"h%d.example" % i)
-            await addon.request(f)
+            await run_hook(addon.request(f))
             assert f.response is not None and f.response.status_code == 401  # no auth call
         assert addon.host is not None and len(addon.host.instances) <= 20
         assert addon.bounds is not None and addon.bounds.evicted == 280
@@ -171,7 +172,7 @@ async def test_hostile_hosts_get_400_and_make_no_instance(tmp_path) -> None:
         tctx.configure(addon, **options(tmp_path))
         for host in (b"a\x00b", b"x" * 8192, b"evil\x1b[2J", b"sp ace"):
             f = flow(host)
-            await addon.request(f)
+            await run_hook(addon.request(f))
             assert f.response is not None and f.response.status_code == 400
             assert "wasm: refused" in f.comment and "\n" not in f.comment
         assert addon.list_instances() == []
@@ -183,7 +184,7 @@ async def test_two_host_headers_are_refused(tmp_path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, **options(tmp_path))
         f = flow(b"a.example", b"b.example")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 400
         assert addon.list_instances() == []
         await addon.done()
@@ -195,11 +196,11 @@ async def test_overflow_option_shares_one_instance(tmp_path) -> None:
         tctx.configure(addon, **options(tmp_path, wasm_instance_allow=["shop.example"],
                                         wasm_instance_overflow="shared"))
         for host in (b"shop.example", b"x.example", b"y.example"):
-            await addon.request(flow(host))
+            await run_hook(addon.request(flow(host)))
         assert sorted(r["id"] for r in addon.list_instances()) == [SHARED_KEY, "shop.example"]
         tctx.configure(addon, wasm_instance_overflow="reject")
         f = flow(b"z.example")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 421
         await addon.done()
 
@@ -217,14 +218,14 @@ async def test_idle_instances_are_sampled_only_when_something_changed(tmp_path) 
     with taddons.context(addon) as tctx:
         tctx.configure(addon, **options(tmp_path))
         for host in (b"a.example", b"b.example"):
-            await addon.request(flow(host))
+            await run_hook(addon.request(flow(host)))
         sink = _Collect()
         addon._sample_all_to(sink)
         assert sorted(d["instance"] for _, d in sink.docs) == ["a.example", "b.example"]
         sink.docs.clear()
         addon._sample_all_to(sink)  # nothing happened since
         assert sink.docs == []
-        await addon.request(flow(b"b.example"))
+        await run_hook(addon.request(flow(b"b.example")))
         addon._sample_all_to(sink)
         assert [d["instance"] for _, d in sink.docs] == ["b.example"]
         await addon.done()

@@ -25,6 +25,7 @@ from mitmproxy.test import taddons, tflow
 
 from addons.wasm_auth import WasmAuth
 from scenarios.procs import free_port, mitmdump_path, process
+from tests.hooks import run_hook
 
 from .wat import module, trampolines
 
@@ -111,11 +112,6 @@ async def addon_running(tmp_path: Path, wat: str) -> AsyncIterator[WasmAuth]:
             await addon.done()
 
 
-async def run_hook(result) -> None:
-    if result is not None:
-        await result
-
-
 # ---- in-process, through the hooks ----------------------------------------------------------
 
 
@@ -126,7 +122,7 @@ async def test_every_phase_rewrites_through_the_hooks(tmp_path, caplog) -> None:
         f.request.content = b"hello"
         assert f.request.headers["content-length"] == "5"
         with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
-            await addon.request(f)
+            await run_hook(addon.request(f))
             assert f.request.path == "/rewritten"
             assert f.request.headers["x-eos"] == "0"  # a body follows the headers
             assert f.request.raw_content == b"hello+wasm"
@@ -147,7 +143,7 @@ async def test_headers_only_request_has_end_of_stream(tmp_path) -> None:
     async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
         f.request.content = b""
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.request.headers["x-eos"] == "1"
         assert "content-length" not in f.request.headers  # no body: none needed
 
@@ -155,7 +151,7 @@ async def test_headers_only_request_has_end_of_stream(tmp_path) -> None:
 async def test_local_response_in_the_response_phase_replaces_the_upstreams(tmp_path) -> None:
     async with addon_running(tmp_path, TEAPOT) as addon:
         f = tflow.tflow()
-        await addon.request(f)
+        await run_hook(addon.request(f))
         f.response = tflow.tresp(content=b"the upstream's")
         await run_hook(addon.response(f))
         assert f.response.status_code == 418 and f.response.content == b"short and stout"
@@ -165,7 +161,7 @@ async def test_local_response_in_the_response_phase_replaces_the_upstreams(tmp_p
 async def test_an_error_ends_the_stream(tmp_path, caplog) -> None:
     async with addon_running(tmp_path, REWRITER) as addon:
         f = tflow.tflow()
-        await addon.request(f)
+        await run_hook(addon.request(f))
         with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
             addon.error(f)
         assert "on_delete" in caplog.text and not addon._open
@@ -185,7 +181,7 @@ async def test_streamed_bodies_go_chunk_by_chunk(tmp_path) -> None:
         assert f.request.headers["transfer-encoding"] == "chunked"
         chunks = [f.request.stream(b"ab"), f.request.stream(b"cd"), f.request.stream(b"")]
         assert chunks == [[b"ab"], [b"cd"], [b"+wasm"]]
-        await addon.request(f)  # the end of a streamed request: nothing more to run
+        await run_hook(addon.request(f))  # the end of a streamed request: nothing more to run
         f.response = tflow.tresp(content=None)
         f.response.stream = True
         await run_hook(addon.responseheaders(f))
@@ -235,7 +231,7 @@ async def test_http2_trailers_reach_the_filter_and_come_back(tmp_path) -> None:
         f = tflow.tflow()
         f.request.http_version = "HTTP/2.0"
         f.request.trailers = http.Headers([(b"x-t", b"1")])
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.request.trailers["x-t"] == "changed"
         assert f.request.raw_content == b"content"  # end_of_stream false: trailers followed
         f.response = tflow.tresp(content=b"r")
@@ -252,6 +248,7 @@ class Echo(BaseHTTPRequestHandler):
     """Answers every request with what it received, as JSON."""
 
     def _answer(self) -> None:
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
         n = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(n) if n else b""
         if self.headers.get("transfer-encoding") == "chunked":
@@ -281,6 +278,8 @@ class Echo(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def echo_server() -> Iterator[int]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    server.seen = []  # type: ignore[attr-defined]  # the paths it was asked for
+    echo_server.last = server  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -354,9 +353,9 @@ async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> 
     async with addon_running(tmp_path, TEAPOT) as addon:
         addon.metrics = MetricsLog(tmp_path / "spool")  # as running() does with metrics on
         upstream = tflow.tflow()
-        await addon.request(upstream)
+        await run_hook(addon.request(upstream))
         killed = tflow.tflow()
-        await addon.request(killed)
+        await run_hook(addon.request(killed))
         addon.error(killed)  # the exchange failed before any answer
         upstream.response = tflow.tresp(status_code=204)
         await run_hook(addon.response(upstream))  # the filter answers 418 instead
@@ -388,7 +387,7 @@ async def test_a_streamed_request_is_decided_before_its_headers_leave(tmp_path) 
         f.request.stream = True
         await run_hook(addon.requestheaders(f))
         assert f.request.headers["x-seen"] == "1" and f.request.stream is True
-        await addon.request(f)  # the end of the streamed body: the filter does not run again
+        await run_hook(addon.request(f))  # the end of the streamed body: the filter does not run again
         [inst] = addon.host.instances.values()
         assert inst.vm.call(inst.vm.raw.func("calls")) == 1
         assert inst.vm.contexts == {}  # no lifecycle callbacks: the stream already ended
@@ -400,7 +399,7 @@ async def test_stopping_ends_open_streams_and_keeps_their_records(tmp_path) -> N
     async with addon_running(tmp_path, REWRITER) as addon:
         addon.metrics = MetricsLog(tmp_path / "spool")
         f = tflow.tflow()
-        await addon.request(f)  # in flight: no response yet
+        await run_hook(addon.request(f))  # in flight: no response yet
         [inst] = addon.host.instances.values()
         assert inst.vm.contexts
         addon._end_open_exchanges()
@@ -430,7 +429,7 @@ async def test_a_local_response_goes_through_the_response_callbacks(tmp_path) ->
     # As in Envoy: a filter's local reply runs through its response callbacks.
     async with addon_running(tmp_path, DENY_THEN_DECORATE) as addon:
         f = tflow.tflow()
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 403
         await run_hook(addon.response(f))  # mitmproxy runs it for a local response too
         assert f.response.status_code == 403 and f.response.content == b"denied"
@@ -461,9 +460,46 @@ async def test_a_paused_phase_does_not_hold_back_the_next_one(tmp_path) -> None:
         f = tflow.tflow()
         f.request.http_version = "HTTP/2.0"
         f.request.trailers = http.Headers([(b"x-t", b"1")])
-        await asyncio.wait_for(addon.request(f), 5)  # body paused (eos false), trailers go on
+        await asyncio.wait_for(run_hook(addon.request(f)), 5)  # body paused (eos false), trailers go on
         assert f.response is None and f.request.path == "/rewritten"
         f.response = tflow.tresp(content=b"answer")
         await asyncio.wait_for(run_hook(addon.response(f)), 5)  # headers paused, body continues
         assert f.response.status_code == 201 and f.response.raw_content == b"wasm:answer"
         assert not addon._open
+
+
+@pytest.mark.e2e
+def test_a_body_mitmproxy_streams_midway_never_skips_the_filter(tmp_path) -> None:
+    """With `stream_large_bodies`, mitmproxy starts to stream a chunked body once it has read
+    more than the limit, and sends its headers upstream without a hook: the addon streams such
+    a request from its headers on, so the filter decides first. A request it refuses never
+    reaches the upstream, and no answer hangs (one mitmproxy cannot give is a reset)."""
+    import http.client
+
+    wasm = ROOT / "filters" / "auth_cache.wasm"
+    with echo_server() as upstream, mitmdump(
+            tmp_path, upstream, wasm, "--set", "stream_large_bodies=1k",
+            "--set", "wasm_cluster=auth=http://127.0.0.1:9") as proxy:
+        seen = echo_server.last.seen  # type: ignore[attr-defined]
+        port = int(proxy.rsplit(":", 1)[1])
+
+        def post(body: object, chunked: bool) -> int | str:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("POST", "/upload", body=body, encode_chunked=chunked)
+                return conn.getresponse().status
+            except (ConnectionError, http.client.HTTPException) as e:
+                return type(e).__name__
+            finally:
+                conn.close()
+
+        big = [b"a" * 1000] * 10  # 10 kB in chunks: past the limit only midway
+        assert post(iter(big), chunked=True) == "RemoteDisconnected"
+        assert post(iter([b"small"]), chunked=True) == "RemoteDisconnected"
+        assert post(b"a" * 10_000, chunked=False) == "RemoteDisconnected"  # streamed at once
+        assert post(b"a" * 10, chunked=False) == 401  # buffered: answered
+        assert seen == []  # no refused request reached the upstream
+        r = httpx.get(f"{proxy}/page", timeout=10)
+        assert r.status_code == 401 and seen == []
+    log = (tmp_path / "mitmdump.log").read_text()
+    assert "Traceback" not in log and "crashed" not in log, log[-2000:]

@@ -11,6 +11,7 @@ from mitmproxy.test import taddons, tflow
 
 from addons.logsafe import OneLine, RateLimit, escape
 from addons.wasm_auth import WasmAuth
+from tests.hooks import run_hook
 
 from .servers import free_port
 
@@ -82,11 +83,11 @@ async def test_a_failed_auth_call_writes_one_line(tmp_path, caplog) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, **_options(
             tmp_path, wasm_cluster=[f"auth=http://127.0.0.1:{free_port()}"]))  # nobody there
-        await addon.request(_flow())  # start the instance; its first lines are start-up
+        await run_hook(addon.request(_flow()))  # start the instance; its first lines are start-up
         caplog.clear()
         with caplog.at_level(logging.INFO):
             f = _flow("other-token")
-            await addon.request(f)
+            await run_hook(addon.request(f))
             await asyncio.sleep(0.1)
         assert f.response is not None and f.response.status_code == 503
         assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
@@ -112,7 +113,7 @@ async def test_a_crash_is_logged_once_and_guest_text_stays_on_its_line(tmp_path,
         tctx.configure(addon, **_options(tmp_path, wasm_filter=str(wasm)))
         with caplog.at_level(logging.INFO):
             f = _flow()
-            await addon.request(f)
+            await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 503
         crashes = [r for r in caplog.records if "trapped" in r.getMessage()]
         assert len(crashes) == 1, [r.getMessage() for r in caplog.records]

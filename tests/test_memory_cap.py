@@ -18,6 +18,7 @@ from addons.proxywasm import (
     VirtualClock,
 )
 from addons.wasm_auth import WasmAuth
+from tests.hooks import run_hook
 
 from .wat import module
 
@@ -64,7 +65,7 @@ async def test_the_counter_reaches_wasm_status_and_the_samples(tmp_path) -> None
                        wasm_spool=str(tmp_path / "spool"), wasm_store=str(tmp_path / "store"))
         f = tflow.tflow()
         f.request.headers["Host"] = "shop.example"
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 503
         [row] = addon.list_instances()
         assert row["memory_cap_hits"] == 1

@@ -12,6 +12,7 @@ from mitmproxy.test import taddons, tflow
 from addons.proxywasm import Status, serialize_map
 from addons.proxywasm.properties import split
 from addons.wasm_auth import WasmAuth
+from tests.hooks import run_hook
 
 from .wat import module, trampolines
 
@@ -123,7 +124,7 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         f.request.headers["referer"] = "http://ref/"
         f.request.headers["x-request-id"] = "rid-1"
         f.request.headers["host"] = "shop.example:8080"
-        await addon.request(f)
+        await run_hook(addon.request(f))
         [inst] = addon.host.instances.values()
         vm = inst.vm
         [ctx] = vm.contexts.values()

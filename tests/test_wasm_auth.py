@@ -35,6 +35,7 @@ from addons.wasm_auth import (
     verdict,
     view,
 )
+from tests.hooks import run_hook
 
 from .servers import free_port
 from .wat import module, trampolines
@@ -237,7 +238,7 @@ async def test_bad_option_at_load_is_one_line(tmp_path, caplog, option, value, m
         assert addon.settings is None and addon.host is None
         await addon.running()  # nothing starts
         f = make_flow("x")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert not f.comment
         tctx.configure(addon, **{option: {"wasm_cluster": [], "wasm_sample_interval": "1"}
                                  .get(option, "")})
@@ -287,7 +288,7 @@ async def test_hit_miss_deny_through_the_hook(tmp_path, auth_server) -> None:
         miss, hit, deny, missing = (make_flow("a-good"), make_flow("a-good"), make_flow("bad"),
                                     make_flow(None))
         for f in (miss, hit, deny, missing):
-            await addon.request(f)
+            await run_hook(addon.request(f))
         assert miss.response is None and "wasm: miss" in miss.comment
         assert hit.response is None and "wasm: hit" in hit.comment
         assert deny.response is not None and deny.response.status_code == 401
@@ -307,7 +308,7 @@ async def test_logout_shows_the_evicted_token(tmp_path, auth_server) -> None:
         first, out, again = (make_flow("a-good"), make_flow("a-good", path="/logout"),
                              make_flow("a-good", path="/logout"))
         for f in (first, out, again):
-            await addon.request(f)
+            await run_hook(addon.request(f))
         assert out.comment.startswith("wasm: logout · token evicted · instance shop.example")
         assert out.response is None  # the logout goes upstream
         assert again.comment.startswith("wasm: logout · token was not cached")
@@ -341,7 +342,7 @@ async def test_one_instance_per_upstream_host(tmp_path, auth_server) -> None:
         tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
                        **base_options(tmp_path))
         for host in ("a.example", "b.example", "a.example"):
-            await addon.request(make_flow("x-good", host))
+            await run_hook(addon.request(make_flow("x-good", host)))
         rows = {r["id"]: r for r in addon.list_instances()}
         assert set(rows) == {"a.example", "b.example"}
         assert rows["a.example"]["requests"] == 2 and rows["a.example"]["outbound"] == 1
@@ -354,12 +355,12 @@ async def test_auth_server_down_is_fail_closed_then_fail_open(tmp_path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, wasm_cluster=[dead], **base_options(tmp_path))
         f = make_flow("x-good")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is not None and f.response.status_code == 503
         assert "wasm: error" in f.comment and "auth_unavailable" in f.comment
         tctx.configure(addon, wasm_filter_config=json.dumps({"fail_open": True}))
         g = make_flow("x-good")
-        await addon.request(g)
+        await run_hook(addon.request(g))
         assert g.response is None  # let through, and nothing cached
         await addon.done()
 
@@ -369,12 +370,12 @@ async def test_restart_command(tmp_path, auth_server) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
                        **base_options(tmp_path))
-        await addon.request(make_flow("x-good"))
+        await run_hook(addon.request(make_flow("x-good")))
         assert "generation 0 -> 1" in tctx.command(addon.restart, "shop.example")
         with pytest.raises(exceptions.CommandError, match="no filter instance 'nope'"):
             tctx.command(addon.restart, "nope")
         f = make_flow("x-good")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert "wasm: miss" in f.comment and "gen 1" in f.comment  # the cache was dropped
         await addon.done()
 
@@ -386,11 +387,11 @@ async def test_warm_restart_command_keeps_the_cache(tmp_path, auth_server) -> No
                        wasm_filter_config='{"ttl_seconds": 120}', wasm_warm_restart="on",
                        **base_options(tmp_path))
         for token in ("x-good", "y-good", "x-good"):
-            await addon.request(make_flow(token))
+            await run_hook(addon.request(make_flow(token)))
         out = tctx.command(addon.restart, "shop.example", "warm")
         assert "(warm, 3 requests replayed): generation 0 -> 1" in out
         f = make_flow("y-good")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert "wasm: hit" in f.comment and "gen 1" in f.comment  # the cache survived
         tctx.configure(addon, wasm_restart_mode="warm")
         assert "(warm, 4 requests replayed): generation 1 -> 2" in tctx.command(
@@ -410,19 +411,19 @@ async def test_journaling_waits_for_the_first_warm_restart(tmp_path, auth_server
         tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
                        wasm_filter_config='{"ttl_seconds": 120}', **base_options(tmp_path))
         for token in ("x-good", "y-good", "x-good"):
-            await addon.request(make_flow(token))
+            await run_hook(addon.request(make_flow(token)))
         assert addon.host is not None
         [inst] = addon.host.instances.values()
         assert inst.journal is None and not addon.host.journaling
         assert "generation 0 -> 1" in tctx.command(addon.restart, "shop.example")  # cold
         assert inst.journal is None
-        await addon.request(make_flow("x-good"))  # a miss: generation 1 has called out
+        await run_hook(addon.request(make_flow("x-good")))  # a miss: generation 1 has called out
         out = tctx.command(addon.restart, "shop.example", "warm")
         assert re.search(r"\(cold: journaling started [\d.]+ s ago, when this generation had "
                          r"already called out", out) and "generation 1 -> 2" in out
         assert inst.journal is not None and inst.journal.incomplete(0) is None
         for token in ("x-good", "y-good"):
-            await addon.request(make_flow(token))
+            await run_hook(addon.request(make_flow(token)))
         assert len(inst.journal.entries) == 2
         assert "(warm, 2 requests replayed): generation 2 -> 3" in tctx.command(
             addon.restart, "shop.example", "warm")
@@ -435,16 +436,16 @@ async def test_without_warm_restarts_nothing_is_journaled(tmp_path, auth_server)
         tctx.configure(addon, wasm_cluster=[f"auth=http://127.0.0.1:{auth_server.port}"],
                        wasm_warm_restart="off", **base_options(tmp_path))
         for token in ("x-good", "y-good", "x-good"):
-            await addon.request(make_flow(token))
+            await run_hook(addon.request(make_flow(token)))
         out = tctx.command(addon.restart, "shop.example", "warm")
         assert "(cold: journaling is off for this host" in out
         tctx.configure(addon, wasm_restart_mode="warm")
-        await addon.request(make_flow("x-good"))
+        await run_hook(addon.request(make_flow("x-good")))
         assert addon.host is not None and not addon.host.journaling
         assert all(i.journal is None for i in addon.host.instances.values())
         # With the restart mode warm (auto), every generation is journaled from its start.
         tctx.configure(addon, wasm_warm_restart="auto")
-        await addon.request(make_flow("x-good"))
+        await run_hook(addon.request(make_flow("x-good")))
         [inst] = addon.host.instances.values()
         assert inst.journal is not None and len(inst.journal.entries) == 1
         assert "(warm, 1 requests replayed)" in tctx.command(addon.restart, "shop.example")
@@ -470,7 +471,7 @@ async def test_flow_already_answered_is_left_alone(tmp_path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, **base_options(tmp_path))
         f = tflow.tflow(resp=True)
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert not f.comment and addon.list_instances() == []
 
 
@@ -495,7 +496,7 @@ async def test_headers_the_filter_adds_are_forwarded(tmp_path) -> None:
     with taddons.context(addon) as tctx:
         tctx.configure(addon, wasm_filter=str(wasm), **base_options(tmp_path))
         f = make_flow("whatever")
-        await addon.request(f)
+        await run_hook(addon.request(f))
         assert f.response is None
         assert f.request.headers["x-filtered"] == "yes"
         assert f.request.headers["Authorization"] == "Bearer whatever"
