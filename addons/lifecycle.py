@@ -9,7 +9,11 @@ Envoy runs a filter's stream callbacks in this order, and so does the addon:
 mitmproxy's hooks carry them (`wasm_auth.WasmAuth` delegates here):
 
 - `requestheaders`: only for a request mitmproxy streams (`stream_large_bodies`): its headers
-  leave before the body, so the filter sees them now, with `end_of_stream=false`;
+  leave before the body, so the filter sees them now, with `end_of_stream=false`. With
+  `stream_large_bodies` set, a chunked HTTP/1 request (its headers do not give its body's
+  size) is streamed from its headers too: mitmproxy would start to stream it midway, sending
+  its headers upstream without any hook (HTTP/2 without Content-Length: not yet, see
+  `wasm_auth.streams_midway`);
 - `request`: a buffered request's headers (`end_of_stream` true only without body and
   trailers), then its whole body (`end_of_stream` true unless trailers follow), then its
   trailers; for a streamed request only its trailers;

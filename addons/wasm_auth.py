@@ -212,13 +212,17 @@ def stream_limit(stream_large_bodies: str | None, default: int = 1 << 20) -> int
 
 def streams_midway(request: http.Request) -> bool:
     """Whether mitmproxy, with `stream_large_bodies` set, may start to stream this request's
-    body only once it has read part of it: its size is not known from its headers (chunked
-    HTTP/1, or HTTP/2 and 3 without Content-Length). It then sends the headers upstream without
-    a `requestheaders` hook, so the addon streams such a request from its headers on."""
+    body only once it has read part of it: a chunked HTTP/1 body, whose size its headers do not
+    give. It then sends the headers upstream without a `requestheaders` hook, so the addon
+    streams such a request from its headers on.
+
+    Not yet handled: an HTTP/2 or 3 request without Content-Length, whose body mitmproxy may
+    stream midway likewise. Streamed from its headers, a small body with trailers misses its
+    `proxy_on_request_body` (the conformance suite's `test_h2_trailers`), so it keeps the
+    buffered path for now (see the README's known gaps)."""
     headers = request.headers
-    if "content-length" in headers:
-        return False
-    return "transfer-encoding" in headers if request.http_version.startswith("HTTP/1") else True
+    return (request.http_version.startswith("HTTP/1") and "content-length" not in headers
+            and "transfer-encoding" in headers)
 
 
 def answer_would_crash(request: http.Request, limit: int) -> bool:
@@ -226,9 +230,9 @@ def answer_would_crash(request: http.Request, limit: int) -> bool:
     reads a body it does not stream before it answers, and on reading more than
     `stream_large_bodies` it starts to stream it, which it cannot do with a response set
     (NotImplementedError). True for a body longer than `limit`, and for chunked HTTP/1 (its
-    size is not known): such a request is reset instead. An HTTP/2 or 3 request without
-    Content-Length is answered, as most are GETs without a body; should its body exceed the
-    limit, mitmproxy fails the connection (the request never reaches the upstream)."""
+    size is not known): such a request is reset instead. A streamed HTTP/2 or 3 request without
+    Content-Length is answered; should its body exceed the limit, mitmproxy fails the
+    connection (the request never reaches the upstream)."""
     length = request.headers.get("content-length")
     if length is not None:
         return not length.isdigit() or int(length) > limit
