@@ -527,6 +527,9 @@ def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: in
         message = flow.request if request else flow.response
         eos = end and not (message is not None and message.trailers)
         buf = bytes(held)
+        if end and not eos:  # trailers follow and no data came: nothing new for the filter
+            held.clear()  # (as in Envoy, the trailers callback is next); what it held leaves
+            return [buf] if buf else []
         d = (stream.request_body(buf, eos) if request else stream.response_body(buf, eos))
         ctx = stream.ctx
         out = buf

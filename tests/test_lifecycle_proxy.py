@@ -214,6 +214,32 @@ async def test_a_paused_streamed_chunk_is_held_and_given_again(tmp_path) -> None
         addon.error(f)
 
 
+async def test_trailers_after_a_held_chunk_come_next_without_another_body_call(
+        tmp_path, monkeypatch) -> None:
+    """As in Envoy, the end of a streamed body that trailers follow brings no new data: the
+    filter is not asked about the same bytes again (its trailers callback is next), and what
+    it held leaves."""
+    from addons.proxywasm.host import Stream
+
+    calls: list[tuple[bytes, bool]] = []
+    real = Stream.request_body
+
+    def counted(self: Stream, body: bytes, end_of_stream: bool):  # type: ignore[no-untyped-def]
+        calls.append((bytes(body), end_of_stream))
+        return real(self, body, end_of_stream)
+
+    monkeypatch.setattr(Stream, "request_body", counted)
+    async with addon_running(tmp_path, PAUSER) as addon:
+        f = tflow.tflow()
+        f.request.stream = True
+        await run_hook(addon.requestheaders(f))
+        assert f.request.stream(b"ab") == []  # paused: held
+        f.request.trailers = http.Headers([(b"x-t", b"1")])
+        assert f.request.stream(b"") == [b"ab"]
+        assert calls == [(b"ab", False)]
+        addon.error(f)
+
+
 TRAILERS = REWRITER + """
   (data (i32.const 1300) "x-t")
   (data (i32.const 1310) "changed")
