@@ -10,10 +10,9 @@ mitmproxy's hooks carry them (`wasm_auth.WasmAuth` delegates here):
 
 - `requestheaders`: only for a request mitmproxy streams (`stream_large_bodies`): its headers
   leave before the body, so the filter sees them now, with `end_of_stream=false`. With
-  `stream_large_bodies` set, a chunked HTTP/1 request (its headers do not give its body's
-  size) is streamed from its headers too: mitmproxy would start to stream it midway, sending
-  its headers upstream without any hook (HTTP/2 without Content-Length: not yet, see
-  `wasm_auth.streams_midway`);
+  `stream_large_bodies` set, a request whose body's size its headers do not give (chunked
+  HTTP/1, HTTP/2 or 3 without Content-Length) is streamed from its headers too: mitmproxy
+  would start to stream it midway, sending its headers upstream without any hook;
 - `request`: a buffered request's headers (`end_of_stream` true only without body and
   trailers), then its whole body (`end_of_stream` true unless trailers follow), then its
   trailers; for a streamed request only its trailers;

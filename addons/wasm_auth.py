@@ -212,17 +212,14 @@ def stream_limit(stream_large_bodies: str | None, default: int = 1 << 20) -> int
 
 def streams_midway(request: http.Request) -> bool:
     """Whether mitmproxy, with `stream_large_bodies` set, may start to stream this request's
-    body only once it has read part of it: a chunked HTTP/1 body, whose size its headers do not
-    give. It then sends the headers upstream without a `requestheaders` hook, so the addon
-    streams such a request from its headers on.
-
-    Not yet handled: an HTTP/2 or 3 request without Content-Length, whose body mitmproxy may
-    stream midway likewise. Streamed from its headers, a small body with trailers misses its
-    `proxy_on_request_body` (the conformance suite's `test_h2_trailers`), so it keeps the
-    buffered path for now (see the README's known gaps)."""
+    body only once it has read part of it: its size is not known from its headers (chunked
+    HTTP/1, or HTTP/2 and 3 without Content-Length). It then sends the headers upstream without
+    a `requestheaders` hook, so the addon streams such a request from its headers on: the
+    filter decides first, and its body goes to the filter chunk by chunk."""
     headers = request.headers
-    return (request.http_version.startswith("HTTP/1") and "content-length" not in headers
-            and "transfer-encoding" in headers)
+    if "content-length" in headers:
+        return False
+    return "transfer-encoding" in headers if request.http_version.startswith("HTTP/1") else True
 
 
 def answer_would_crash(request: http.Request, limit: int) -> bool:

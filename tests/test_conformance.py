@@ -369,14 +369,48 @@ def test_h2_trailers(conf_h2: Proxy) -> None:
                                  "response_trailers code=200")
 
 
-def test_h2_local_response_from_request_trailers(conf_h2: Proxy) -> None:
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
+def test_h2_local_response_from_request_trailers(conf_h2: Proxy, length: bool) -> None:
+    """With Content-Length the body is buffered, and the local response keeps the request from
+    the upstream. Without it, under `stream_large_bodies` (this proxy's 64k), mitmproxy could
+    start to stream the body midway, past any hook: the addon streams such a request from its
+    headers on, so the filter's trailers callback comes after the request left; its local
+    response still replaces the upstream's answer."""
     conf, tag = conf_h2, uid()
+    headers = [("x-conf-id", tag), ("x-conf-local", "request_trailers")]
     r = h2_request(conf.port, "POST", "/local/request_trailers",
-                   [("x-conf-id", tag), ("x-conf-local", "request_trailers")], b"hello",
+                   [*headers, ("content-length", "5")] if length else headers, b"hello",
                    [("x-trailer-in", "t")])
     assert r.status == 418
     assert r.body == f"local {conf.sdk} request_trailers".encode()
-    assert conf.upstream.with_header("x-conf-id", tag) == []
+    seen = conf.upstream.with_header("x-conf-id", tag)
+    if length:
+        assert seen == []
+    else:
+        assert [s.body for s in seen] == [b"hello"]
+
+
+def test_h2_a_body_streamed_midway_never_skips_the_filter(conf_h2: Proxy) -> None:
+    """An HTTP/2 body without Content-Length, larger than `stream_large_bodies`: mitmproxy
+    would start to stream it midway and send its headers upstream past any hook. Streamed from
+    its headers, the request meets the filter first; a local answer from its headers keeps it
+    from the upstream (mitmproxy, unable to answer a body it would stream, fails the request
+    instead of answering), and a request it continues streams to the upstream whole."""
+    conf, tag = conf_h2, uid()
+    chunks = [BIG_BODY[i:i + 16384] for i in range(0, len(BIG_BODY), 16384)]
+    with httpx.Client(http2=True, verify=False, timeout=10) as client:
+        url = f"https://127.0.0.1:{conf.port}"
+        try:
+            r = client.post(f"{url}/local/request_headers", content=iter(chunks),
+                            headers={"x-conf-id": tag, "x-conf-local": "request_headers"})
+            assert r.http_version == "HTTP/2" and r.status_code == 418
+        except httpx.HTTPError:
+            pass  # the request failed: as good, so long as it never reached the upstream
+        assert conf.upstream.with_header("x-conf-id", tag) == []
+        r = client.post(f"{url}/big", content=iter(chunks), headers={"x-conf-id": f"{tag}-ok"})
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        [seen] = conf.upstream.with_header("x-conf-id", f"{tag}-ok")
+        assert seen.body == BIG_BODY
 
 
 @pytest.mark.parametrize("phase", ["request_trailers", "response_trailers"])
