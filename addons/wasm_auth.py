@@ -1120,7 +1120,7 @@ class WasmAuth:
         if waiting is not None:
             await waiting
         if flow.response is not None:  # answered (locally, refused, failed): nothing to stream
-            if answer_would_crash(flow.request, self._stream_limit):
+            if self._streams_large and answer_would_crash(flow.request, self._stream_limit):
                 flow.kill()  # mitmproxy cannot answer a request whose body it would stream
             else:
                 flow.request.stream = False
