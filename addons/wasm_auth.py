@@ -598,6 +598,8 @@ class WasmAuth:
                           "seconds (host clock); 0 keeps everything.")
 
     def configure(self, updated: set[str]) -> None:
+        if "stream_large_bodies" in updated:  # mitmproxy's own: it may change while running
+            self._read_streaming(ctx.options)
         if not any(name.startswith("wasm_") for name in updated):
             return
         loading = self.host is None  # nothing configured yet: mitmproxy is loading the script
@@ -612,6 +614,13 @@ class WasmAuth:
                 logger.error("wasm_auth: %s", e)
                 return
             raise exceptions.OptionsError(str(e)) from None  # a `set` later: rejected, kept
+
+    def _read_streaming(self, o: Any) -> None:
+        """How mitmproxy streams bodies (`stream_large_bodies`): how much of a streamed body a
+        pausing filter may hold, and whether requests may be streamed midway at all."""
+        value = getattr(o, "stream_large_bodies", None)
+        self._stream_limit = stream_limit(value)
+        self._streams_large = stream_limit(value, 0) > 0
 
     def _configure(self) -> None:
         o = ctx.options
@@ -683,8 +692,7 @@ class WasmAuth:
         self._exports = self.module.exports
         self._lifecycle = lifecycle.needs_lifecycle(self._exports)
         self._properties = "proxy_get_property" in self.module.imports
-        self._stream_limit = stream_limit(getattr(o, "stream_large_bodies", None))
-        self._streams_large = stream_limit(getattr(o, "stream_large_bodies", None), 0) > 0
+        self._read_streaming(o)
         self._logout_path = logout_path(settings.plugin_configuration).encode()
         self._keys = {}
         self._bind_hooks()

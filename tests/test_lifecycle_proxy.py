@@ -193,6 +193,35 @@ async def test_streamed_bodies_go_chunk_by_chunk(tmp_path) -> None:
         assert not addon._open
 
 
+async def test_stream_large_bodies_set_while_running_streams_chunked_requests_early(
+        tmp_path) -> None:
+    """`stream_large_bodies` is mitmproxy's option and may change while the proxy runs: from
+    then on a chunked request is streamed from its headers (the filter decides first)."""
+    def chunked() -> http.HTTPFlow:
+        f = tflow.tflow()
+        f.request.method = "POST"
+        f.request.headers.pop("content-length", None)
+        f.request.headers["transfer-encoding"] = "chunked"
+        return f
+
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        if "stream_large_bodies" not in tctx.options:  # the proxy server's, not loaded here
+            tctx.options.add_option("stream_large_bodies", str | None, None, "")
+        tctx.configure(addon, wasm_filter=str(write_filter(tmp_path, REWRITER)),
+                       **base_options(tmp_path))
+        f = chunked()
+        assert addon.requestheaders(f) is None and not f.request.stream  # buffered
+        tctx.configure(addon, stream_large_bodies="1k")
+        f = chunked()
+        await run_hook(addon.requestheaders(f))
+        assert callable(f.request.stream) and f.request.path == "/rewritten"
+        addon.error(f)
+        tctx.configure(addon, stream_large_bodies=None)
+        assert addon.requestheaders(chunked()) is None
+        await addon.done()
+
+
 PAUSER = REWRITER.replace(
     """    (if (local.get $eos) (then
       (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1060) (i32.const 5)))))
