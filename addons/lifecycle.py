@@ -16,7 +16,10 @@ mitmproxy's hooks carry them (`wasm_auth.WasmAuth` delegates here):
 - `request`: a buffered request's headers (`end_of_stream` true only without body and
   trailers), then its whole body (`end_of_stream` true unless trailers follow), then its
   trailers; for a streamed request only its trailers;
-- `responseheaders`: only for a streamed response: its headers;
+- `responseheaders`: only for a streamed response: its headers. With `stream_large_bodies`
+  set, a response whose size its headers do not give (chunked, or read until the connection
+  closes) is streamed from its headers too, as mitmproxy would stream it midway with no hook;
+  a local response decided on them is sent whole, the upstream's body dropped;
 - `response`: a buffered response's headers, body and trailers (or a streamed one's
   trailers), then the end of the stream (log, done, delete);
 - `error`: the end of the stream when the exchange failed (reset, upstream unreachable).
@@ -453,10 +456,14 @@ async def streamed_response_headers(
     ex.response_streamed = True
     d = await wait(stream, stream.response_headers(response_pairs(response), False))
     if d.action == "respond" and d.response is not None:
-        # Nothing left yet: the local response replaces the upstream's, which is not streamed.
-        flow.response = local_response(d.response)
-        ex.response_streamed = False
-        ex.local = d.response
+        # Nothing left yet: the local response replaces the upstream's. mitmproxy still reads
+        # the upstream's body, into whatever response the flow holds, and would stream it past
+        # `stream_large_bodies`: so the local response streams, dropping the upstream's
+        # chunks and sending its own body at the end.
+        local = local_response(d.response)
+        local.stream = replacement_body(local.raw_content or b"")
+        flow.response = local
+        ex.local = d.response  # ends the filter's response phases (see `response_phases`)
         return
     if d.action == "reset":
         kill(flow)
@@ -480,7 +487,9 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
     if ex.reset:
         kill(flow)
         return
-    if ex.local is not None and not ex.response_streamed:
+    if ex.local is not None:
+        if ex.response_streamed:  # decided on the streamed response's headers: it is sent
+            return
         flow.response = local_response(ex.local)  # decided while the request streamed
         ex.local = None
     response = flow.response
@@ -503,6 +512,15 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
         return
     if d is None or not _act(flow, d):
         _apply_response(flow, stream, streamed=ex.response_streamed)
+
+
+def replacement_body(body: bytes) -> Callable[[bytes], list[bytes]]:
+    """A `stream` callable that drops every chunk it is given and sends `body` at the end (the
+    end of the message, b"")."""
+    def chunk(data: bytes) -> list[bytes]:
+        return [] if data or not body else [body]
+
+    return chunk
 
 
 def body_streamer(flow: http.HTTPFlow, ex: Exchange, *, request: bool, limit: int

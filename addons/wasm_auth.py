@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, NamedTuple, cast
 
 from mitmproxy import command, ctx, exceptions, http, types
+from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
 # Import `addons` from the checkout this file is in, not from wherever pip put one: mitmproxy
@@ -220,6 +221,18 @@ def streams_midway(request: http.Request) -> bool:
     if "content-length" in headers:
         return False
     return "transfer-encoding" in headers if request.http_version.startswith("HTTP/1") else True
+
+
+def response_streams_midway(flow: http.HTTPFlow) -> bool:
+    """Whether mitmproxy, with `stream_large_bodies` set, may start to stream this response's
+    body only once it has read part of it, sending its headers to the client with no hook: its
+    size is not known from its headers (chunked, or read until the connection closes)."""
+    assert flow.response is not None
+    try:
+        size = expected_http_body_size(flow.request, flow.response)
+    except ValueError:  # mitmproxy streams no body with a malformed length
+        return False
+    return size is None or size < 0
 
 
 def answer_would_crash(request: http.Request, limit: int) -> bool:
@@ -1148,12 +1161,21 @@ class WasmAuth:
         return self._request(flow, streamed=False)
 
     def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        """A response mitmproxy streams: its headers leave now, so the filter sees them now."""
-        if not self._lifecycle or flow.response is None or not flow.response.stream:
+        """A response mitmproxy streams: its headers leave now, so the filter sees them now.
+
+        So is a response whose body mitmproxy may start to stream midway
+        (`response_streams_midway`): its headers would leave before the filter saw them. It is
+        streamed from its headers on."""
+        response = flow.response
+        if not self._lifecycle or response is None:
             return None
         ex = self._open.get(flow.id)
         if ex is None or ex.stream is None:
             return None
+        if not response.stream:
+            if not (self._streams_large and response_streams_midway(flow)):
+                return None
+            response.stream = True
         return lifecycle.streamed_response_headers(flow, ex, self._exports, self._stream_limit)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:

@@ -558,3 +558,45 @@ def test_a_body_mitmproxy_streams_midway_never_skips_the_filter(tmp_path) -> Non
         assert r.status_code == 401 and seen == []
     log = (tmp_path / "mitmdump.log").read_text()
     assert "Traceback" not in log and "crashed" not in log, log[-2000:]
+
+
+class LargeAnswers(BaseHTTPRequestHandler):
+    """Answers 10 kB: with Content-Length on /length, chunked otherwise."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path == "/length":
+            self.send_header("content-length", "10000")
+            self.end_headers()
+            self.wfile.write(b"u" * 10_000)
+            return
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for _ in range(10):
+            self.wfile.write(b"3e8\r\n" + b"u" * 1000 + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.mark.e2e
+def test_a_local_response_replaces_a_large_upstream_answer_whole(tmp_path) -> None:
+    """With `stream_large_bodies`, mitmproxy streams a large response: at its headers when its
+    Content-Length says so, midway when it is chunked (then with no hook: the addon streams such
+    a response from its headers on). A filter answering locally on the response headers gets
+    its own answer to the client, and none of the upstream's body."""
+    wasm = write_filter(tmp_path, TEAPOT, "teapot.wasm")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LargeAnswers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with mitmdump(tmp_path, server.server_address[1], wasm,
+                      "--set", "stream_large_bodies=1k") as proxy:
+            for path in ("/length", "/chunked"):
+                r = httpx.get(f"{proxy}{path}", timeout=10)
+                assert (r.status_code, r.content) == (418, b"short and stout"), path
+    finally:
+        server.shutdown()
+        server.server_close()
