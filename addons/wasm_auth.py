@@ -201,14 +201,13 @@ def parse_store(value: str) -> str:
     return str(Path(value or STATE_DIR / "store").expanduser())
 
 
-def stream_limit(stream_large_bodies: str | None, default: int = 1 << 20) -> int:
-    """How much of a streamed body a pausing filter may hold back: mitmproxy's
-    `stream_large_bodies` (bodies larger than that are streamed), else `default`."""
+def stream_limit(stream_large_bodies: str | None) -> int:
+    """mitmproxy's `stream_large_bodies` in bytes (bodies larger than that are streamed), or 0
+    when it streams none."""
     try:
-        size = human.parse_size(stream_large_bodies)
+        return human.parse_size(stream_large_bodies) or 0
     except ValueError:
-        size = None
-    return size or default
+        return 0
 
 
 def streams_midway(request: http.Request) -> bool:
@@ -631,9 +630,9 @@ class WasmAuth:
     def _read_streaming(self, o: Any) -> None:
         """How mitmproxy streams bodies (`stream_large_bodies`): how much of a streamed body a
         pausing filter may hold, and whether requests may be streamed midway at all."""
-        value = getattr(o, "stream_large_bodies", None)
-        self._stream_limit = stream_limit(value)
-        self._streams_large = stream_limit(value, 0) > 0
+        size = stream_limit(getattr(o, "stream_large_bodies", None))
+        self._streams_large = size > 0
+        self._stream_limit = size or 1 << 20  # what a pausing filter may hold back
 
     def _configure(self) -> None:
         o = ctx.options

@@ -331,10 +331,12 @@ class Echo(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    server.seen = []  # type: ignore[attr-defined]  # the paths it was asked for
-    echo_server.last = server  # type: ignore[attr-defined]
+def http_server(handler: type[BaseHTTPRequestHandler],
+                seen: list[str] | None = None) -> Iterator[int]:
+    """A threaded HTTP server on 127.0.0.1 with `handler`; its port. `seen` (when given)
+    collects the paths it is asked for (handlers that record them)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.seen = [] if seen is None else seen  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -342,6 +344,11 @@ def echo_server() -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def echo_server(seen: list[str] | None = None) -> contextlib.AbstractContextManager[int]:
+    """The echo server (`Echo`); `seen` collects the paths it is asked for."""
+    return http_server(Echo, seen)
 
 
 @contextlib.contextmanager
@@ -532,10 +539,10 @@ def test_a_body_mitmproxy_streams_midway_never_skips_the_filter(tmp_path) -> Non
     import http.client
 
     wasm = ROOT / "filters" / "auth_cache.wasm"
-    with echo_server() as upstream, mitmdump(
+    seen: list[str] = []
+    with echo_server(seen) as upstream, mitmdump(
             tmp_path, upstream, wasm, "--set", "stream_large_bodies=1k",
             "--set", "wasm_cluster=auth=http://127.0.0.1:9") as proxy:
-        seen = echo_server.last.seen  # type: ignore[attr-defined]
         port = int(proxy.rsplit(":", 1)[1])
 
         def post(body: object, chunked: bool) -> int | str:
@@ -589,14 +596,8 @@ def test_a_local_response_replaces_a_large_upstream_answer_whole(tmp_path) -> No
     a response from its headers on). A filter answering locally on the response headers gets
     its own answer to the client, and none of the upstream's body."""
     wasm = write_filter(tmp_path, TEAPOT, "teapot.wasm")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LargeAnswers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with mitmdump(tmp_path, server.server_address[1], wasm,
-                      "--set", "stream_large_bodies=1k") as proxy:
-            for path in ("/length", "/chunked"):
-                r = httpx.get(f"{proxy}{path}", timeout=10)
-                assert (r.status_code, r.content) == (418, b"short and stout"), path
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(LargeAnswers) as upstream, mitmdump(
+            tmp_path, upstream, wasm, "--set", "stream_large_bodies=1k") as proxy:
+        for path in ("/length", "/chunked"):
+            r = httpx.get(f"{proxy}{path}", timeout=10)
+            assert (r.status_code, r.content) == (418, b"short and stout"), path
