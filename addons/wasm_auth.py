@@ -79,6 +79,7 @@ from addons.proxywasm import (
     Stream,
     WallClock,
 )
+from addons.proxywasm._wasmtime import view_fields as _view_fields
 from addons.proxywasm.clock import Clock
 from addons.proxywasm.headers import Pairs
 from addons.proxywasm.host import RestartMode
@@ -271,11 +272,23 @@ class RequestView(NamedTuple):
 
 
 def view(request: http.Request) -> RequestView:
-    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear)."""
+    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear),
+    in C where the host's extension is built (`view_fields`), else in `view_fields_py`."""
+    raw = request.headers.fields
+    got = _view_fields(raw) if _view_fields is not None else None
+    fields, host, hosts, authorization = got if got is not None else view_fields_py(raw)
+    authority = host or request.data.authority or request.data.host.encode("idna")
+    return RequestView(authority, authorization, hosts, fields)
+
+
+def view_fields_py(raw: Sequence[tuple[bytes, bytes]]
+                   ) -> tuple[list[tuple[bytes, bytes]], bytes | None, int, bytes | None]:
+    """The fields with lowercase names, the last Host and Authorization values, and how many
+    Host fields there are (`fastcall.c`'s view_fields does the same)."""
     host = authorization = None
     hosts = 0
     fields = []
-    for name, value in request.headers.fields:
+    for name, value in raw:
         lowered = name.lower()
         fields.append((lowered, value))
         if lowered == b"host":
@@ -283,8 +296,7 @@ def view(request: http.Request) -> RequestView:
             hosts += 1
         elif lowered == b"authorization":
             authorization = value
-    authority = host or request.data.authority or request.data.host.encode("idna")
-    return RequestView(authority, authorization, hosts, fields)
+    return fields, host, hosts, authorization
 
 
 def instance_key(authority: bytes, mode: str) -> str:
@@ -1223,14 +1235,15 @@ class WasmAuth:
         """Run the filter's request phases: None once done, or what to await while the filter
         waits (an outbound call, a pause, more phases to run)."""
         assert self.host is not None
-        s = self.settings
-        assert s is not None
-        req = view(flow.request)
+        request = flow.request
+        req = view(request)
         if req.hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
             self._refuse(flow, Refusal(400, f"{req.hosts} Host header fields"))
             return None
         key = self._keys.get(req.authority)
         if key is None:
+            s = self.settings
+            assert s is not None
             try:
                 key = instance_key(req.authority, s.instance_key)
             except InvalidKey as e:
@@ -1252,24 +1265,26 @@ class WasmAuth:
             return None
         inst = got
         key = inst.id  # the shared instance serves keys beyond the bounds
-        logout = is_logout(flow.request.data.path, self._logout_path)
+        data = request.data
+        logout = is_logout(data.path, self._logout_path)
         cached_before = self._live_entries(inst) if logout else None
         stream = inst.stream()
         if self._properties:
             stream.attributes = lifecycle.flow_attributes(flow)
-        request = flow.request
-        end_of_stream = not streamed and not request.raw_content and not request.trailers
+        end_of_stream = not streamed and not data.content and not data.trailers
         pairs = request_pairs(request, req)
         rest = (lifecycle.request_steps(flow, stream, self._exports)
-                if self._lifecycle and not streamed else [])
-        begun = _Begun(streamed, key, inst, stream, req.authorization, logout, cached_before, t0)
+                if self._lifecycle and not streamed else None)
         if rest:
-            return self._request_later(flow, begun, [
+            return self._request_later(flow, _Begun(
+                streamed, key, inst, stream, req.authorization, logout, cached_before, t0), [
                 lambda: stream.request_headers(pairs, end_of_stream, lowered=True), *rest])
         decision = stream.request_headers(pairs, end_of_stream, lowered=True)
         if decision is None:
-            return self._request_later(flow, begun, None)
-        self._decided(flow, begun, decision)
+            return self._request_later(flow, _Begun(
+                streamed, key, inst, stream, req.authorization, logout, cached_before, t0), None)
+        self._decided(flow, decision, streamed, key, inst, stream, req.authorization, logout,
+                      cached_before, t0)
         return None
 
     async def _request_later(self, flow: http.HTTPFlow, begun: _Begun,
@@ -1279,11 +1294,13 @@ class WasmAuth:
         decision = await lifecycle.run_phases(begun.stream, phases) if phases else None
         if decision is None:
             decision = await lifecycle.wait(begun.stream, decision)
-        self._decided(flow, begun, decision)
+        self._decided(flow, decision, *begun)
 
-    def _decided(self, flow: http.HTTPFlow, begun: _Begun, decision: Decision) -> None:
-        """The filter decided the request: apply it, describe the flow, keep its record."""
-        streamed, key, inst, stream, authorization, logout, cached_before, t0 = begun
+    def _decided(self, flow: http.HTTPFlow, decision: Decision, streamed: bool, key: str,
+                 inst: Any, stream: Stream, authorization: bytes | None, logout: bool,
+                 cached_before: int | None, t0: float) -> None:
+        """The filter decided the request: apply it, describe the flow, keep its record.
+        The arguments after `decision` are a `_Begun`'s fields (a cache hit builds none)."""
         # As in Envoy, a local response goes through the response callbacks too.
         keep = self._lifecycle and decision.action != "reset"
         if not keep:

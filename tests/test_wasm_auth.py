@@ -12,11 +12,13 @@ import pytest
 import wasmtime
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from addons import wasm_auth
-from addons.proxywasm import Decision, LocalResponse
+from addons.proxywasm import Decision, LocalResponse, _wasmtime
 from addons.proxywasm.journal import JournalConfig
 from addons.wasm_auth import (
     WasmAuth,
@@ -117,6 +119,23 @@ def test_view_and_request_pairs() -> None:
     assert pairs[b":authority"] == b"Shop.Example"
     assert pairs[b"authorization"] == b"Bearer abc"  # the value as sent, the name lowercased
     assert pairs[b"host"] == b"Shop.Example" and b"Host" not in pairs
+
+
+_names = st.sampled_from([b"host", b"Host", b"HOST", b"authorization", b"Authorization",
+                          b"x-\xc3\xa9T\xff", b"Accept", b""]) | st.binary(max_size=20)
+
+
+@given(st.lists(st.tuples(_names, st.binary(max_size=30)), max_size=12))
+def test_view_fields_in_c_is_the_python_loop(raw: list[tuple[bytes, bytes]]) -> None:
+    # The C pass (fastcall.c) and the Python loop agree on any fields: names lowercased in
+    # ASCII only, the last Host and Authorization, every Host counted.
+    if _wasmtime.view_fields is None:
+        pytest.fail("the host's extension is not built: bash .ci/setup builds it from "
+                    "addons/proxywasm/fastcall.c with gcc")
+    fields = tuple(raw)
+    assert _wasmtime.view_fields(fields) == wasm_auth.view_fields_py(fields)
+    assert _wasmtime.view_fields([*fields]) is None  # not mitmproxy's tuple: Python decides
+    assert _wasmtime.view_fields(((b"host", "text"),)) is None
 
 
 @pytest.mark.parametrize(("header", "hashed"), [

@@ -125,6 +125,10 @@ parse_map: Callable[[bytes], list[tuple[bytes, bytes]] | None] | None = getattr(
     _fastcall, "parse_map", None)
 """The extension's decoder of serialized maps (`headers.deserialize_map` uses it), or None
 where the extension is not loaded (or was built before it had one)."""
+view_fields: Callable[[tuple[tuple[bytes, bytes], ...]], tuple[
+    list[tuple[bytes, bytes]], bytes | None, int, bytes | None] | None] | None = getattr(
+    _fastcall, "view_fields", None)
+"""The extension's one pass over a request's header fields (`wasm_auth.view`), or None."""
 
 
 def _say_calls_path() -> None:
