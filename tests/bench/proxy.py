@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the OS place every process (default: the mitmdumps on the "
                              "last CPU, the load generator and the servers on the others)")
+    parser.add_argument("--split", action="store_true",
+                        help="add `addon, hooks off`: the addon loaded and running with its "
+                             "request hooks unbound (tests/bench/unhook.py), which splits its "
+                             "cost into mitmproxy's dispatch to it and its hooks' work")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load = wrk if shutil.which("wrk") else python_load
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         # the upstream must not be the bottleneck
         token, common, variants = mitmdump_variants(stack, tmp, nginx=bool(shutil.which("nginx")))
+        if args.split:
+            variants["addon, hooks off"] = [*variants["addon, logging off"], "-s",
+                                            str(ROOT / "tests" / "bench" / "unhook.py")]
         ports: dict[str, int] = {}
         pids: dict[str, int] = {}
         for name, extra in variants.items():
@@ -175,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     over_empty = {name: statistics.median(a / e for a, e in zip(v, rates["empty addon"],
                                                                  strict=True))
                   for name, v in rates.items() if name.startswith("addon")}
+    # How far single rounds scatter: a median this close to a target says little without it.
+    spread = {name: "rounds {:.3f}–{:.3f}".format(
+        min(a / p for a, p in zip(v, rates["plain"], strict=True)),
+        max(a / p for a, p in zip(v, rates["plain"], strict=True)))
+        for name, v in rates.items() if name != "plain"}
     cpu = {name: statistics.median(v) for name, v in cpu_us.items() if v}
     results: dict[str, Any] = {
         "load_generator": load.__name__, "seconds": args.seconds, "rounds": args.rounds,
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_addon_vs_plain": median["addon, logging off"] / median["plain"],
         "ratio_logging_on_vs_off": median["addon, logging on"] / median["addon, logging off"],
         "ratio_logging_on_vs_plain": median["addon, logging on"] / median["plain"],
-        "paired_ratio_vs_plain": paired,
+        "paired_ratio_vs_plain": paired, "paired_ratio_spread": spread,
         "paired_ratio_vs_empty_addon": over_empty,
         "cpu_us_per_request": cpu_us, "cpu_us_median": cpu,
         "load_before": load_before, "load_after": os.getloadavg()[0],
@@ -204,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value:,.0f} | {value / median['plain']:.2f} | {cpu_cells} |")
     print(f"\nlogging on vs off: {results['ratio_logging_on_vs_off']:.2f} (target ≥ 0.95); "
           f"addon vs plain: {results['ratio_addon_vs_plain']:.2f} (target ≥ 0.95); "
-          f"per round (median of the rounds' ratios): addon {paired['addon, logging off']:.3f}, "
+          f"per round (median of the rounds' ratios): addon {paired['addon, logging off']:.3f} "
+          f"({spread['addon, logging off']}), "
           f"logging on {paired['addon, logging on']:.3f}, an empty addon "
           f"{paired['empty addon']:.3f} vs plain; over the empty addon: addon "
           f"{over_empty['addon, logging off']:.3f}")
+    if "addon, hooks off" in paired:
+        print(f"split: the addon with its request hooks unbound {paired['addon, hooks off']:.3f} "
+              f"({spread['addon, hooks off']}) vs plain: the rest of the addon's gap is its "
+              "hooks' work")
     if pinned:
         print(f"mitmdump on CPU {pinned[1]}; wrk, the shop and the auth server on CPU "
               f"{', '.join(map(str, sorted(pinned[0])))}")
