@@ -1275,17 +1275,16 @@ class WasmAuth:
         pairs = request_pairs(request, req)
         rest = (lifecycle.request_steps(flow, stream, self._exports)
                 if self._lifecycle and not streamed else None)
-        if rest:
-            return self._request_later(flow, _Begun(
-                streamed, key, inst, stream, req.authorization, logout, cached_before, t0), [
-                lambda: stream.request_headers(pairs, end_of_stream, lowered=True), *rest])
-        decision = stream.request_headers(pairs, end_of_stream, lowered=True)
-        if decision is None:
-            return self._request_later(flow, _Begun(
-                streamed, key, inst, stream, req.authorization, logout, cached_before, t0), None)
-        self._decided(flow, decision, streamed, key, inst, stream, req.authorization, logout,
-                      cached_before, t0)
-        return None
+        if not rest:
+            decision = stream.request_headers(pairs, end_of_stream, lowered=True)
+            if decision is not None:  # decided at once (a cache hit): no coroutine, no _Begun
+                self._decided(flow, decision, streamed, key, inst, stream, req.authorization,
+                              logout, cached_before, t0)
+                return None
+        begun = _Begun(streamed, key, inst, stream, req.authorization, logout, cached_before, t0)
+        return self._request_later(flow, begun, [
+            lambda: stream.request_headers(pairs, end_of_stream, lowered=True), *rest]
+            if rest else None)
 
     async def _request_later(self, flow: http.HTTPFlow, begun: _Begun,
                              phases: list[lifecycle.Step] | None) -> None:
