@@ -44,6 +44,7 @@ from scenarios.procs import free_port, mitmdump_path, process
 from tests.bench import ROOT, load_note, mitmdump_variants
 
 RESULTS = ROOT / "results" / "bench" / "proxy.json"
+RESULTS_CONCURRENT = ROOT / "results" / "bench" / "proxy-concurrent.json"
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -120,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="add `addon, hooks off`: the addon loaded and running with its "
                              "request hooks unbound (tests/bench/unhook.py), which splits its "
                              "cost into mitmproxy's dispatch to it and its hooks' work")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: {RESULTS_CONCURRENT.relative_to(ROOT)} with --concurrent, "
+                             f"else {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS_CONCURRENT if args.concurrent else RESULTS
     load = wrk if shutil.which("wrk") else python_load
     pinned = pin_cpus() if args.pin else None
     load_before = os.getloadavg()[0]
