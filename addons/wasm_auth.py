@@ -246,7 +246,7 @@ def answer_would_crash(request: http.Request, limit: int) -> bool:
     length = request.headers.get("content-length")
     if length is not None:
         return not length.isdigit() or int(length) > limit
-    return request.http_version.startswith("HTTP/1") and "transfer-encoding" in request.headers
+    return request.http_version.startswith("HTTP/1") and streams_midway(request)
 
 
 def parse_proxy_id(value: str, listen_port: int | None) -> str:

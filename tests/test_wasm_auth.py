@@ -138,6 +138,25 @@ def test_view_fields_in_c_is_the_python_loop(raw: list[tuple[bytes, bytes]]) -> 
     assert _wasmtime.view_fields(((b"host", "text"),)) is None
 
 
+@pytest.mark.parametrize(("version", "headers", "midway", "crash"), [
+    ("HTTP/1.1", {"transfer-encoding": "chunked"}, True, True),  # size unknown
+    ("HTTP/1.1", {"content-length": "10"}, False, False),
+    ("HTTP/1.1", {"content-length": "2000"}, False, True),  # over the 1 KiB limit
+    ("HTTP/1.1", {"content-length": "1e3"}, False, True),  # malformed: never answered
+    ("HTTP/1.1", {}, False, False),  # no body at all
+    ("HTTP/2.0", {}, True, False),  # no Content-Length: answered, mitmproxy fails it if long
+    ("HTTP/2.0", {"content-length": "10"}, False, False),
+])
+def test_which_requests_stream_midway_and_which_answers_would_crash(
+        version, headers, midway, crash) -> None:
+    f = tflow.tflow()
+    f.request.http_version = version
+    f.request.headers.clear()
+    f.request.headers.update(headers)
+    assert wasm_auth.streams_midway(f.request) is midway
+    assert wasm_auth.answer_would_crash(f.request, 1024) is crash
+
+
 @pytest.mark.parametrize(("header", "hashed"), [
     ("Bearer secret-token", True), ("bearer  x", True), ("Basic abc", False), ("", False),
     ("Bearer ", False),

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hooktime: no request hook was timed ({got['suspended']} suspended): the timer "
               "did not see the addon's synchronous hook", file=sys.stderr)
         return 1
-    per_hit = got["cpu_ns"] / max(got["hooks"], 1) / 1e3
+    per_hit = got["cpu_ns"] / got["hooks"] / 1e3
     print(f"the addon's request hook, cache hits: {per_hit:.1f} µs CPU each, over "
           f"{got['hooks']:,} hooks ({got['suspended']} suspended, not timed: misses); "
           f"{load.__name__} at {rate:,.0f} requests/s")

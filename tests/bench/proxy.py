@@ -181,17 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}: {name:<20} {rate:8.0f} req/s{note}", file=sys.stderr)
     median = {name: statistics.median(v) for name, v in rates.items()}
     # Per round, each variant over plain in the same round: drift between rounds cancels out.
-    paired = {name: statistics.median(a / p for a, p in zip(v, rates["plain"], strict=True))
-              for name, v in rates.items() if name != "plain"}
+    per_round = {name: [a / p for a, p in zip(v, rates["plain"], strict=True)]
+                 for name, v in rates.items() if name != "plain"}
+    paired = {name: statistics.median(r) for name, r in per_round.items()}
+    # How far single rounds scatter: a median this close to a target says little without it.
+    spread = {name: (min(r), max(r)) for name, r in per_round.items()}
     # The addon's own cost: over a script addon that does nothing, round by round.
     over_empty = {name: statistics.median(a / e for a, e in zip(v, rates["empty addon"],
                                                                  strict=True))
                   for name, v in rates.items() if name.startswith("addon")}
-    # How far single rounds scatter: a median this close to a target says little without it.
-    spread = {name: "rounds {:.3f}–{:.3f}".format(
-        min(a / p for a, p in zip(v, rates["plain"], strict=True)),
-        max(a / p for a, p in zip(v, rates["plain"], strict=True)))
-        for name, v in rates.items() if name != "plain"}
     cpu = {name: statistics.median(v) for name, v in cpu_us.items() if v}
     results: dict[str, Any] = {
         "load_generator": load.__name__, "seconds": args.seconds, "rounds": args.rounds,
@@ -219,16 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         cpu_cells = (f"{c:,.0f} µs | {cpu['plain'] / c:.2f}" if c and "plain" in cpu
                      else "? | ?")
         print(f"| {name} | {value:,.0f} | {value / median['plain']:.2f} | {cpu_cells} |")
+
+    def rounds(name: str) -> str:
+        return f"rounds {spread[name][0]:.3f}–{spread[name][1]:.3f}"
+
     print(f"\nlogging on vs off: {results['ratio_logging_on_vs_off']:.2f} (target ≥ 0.95); "
           f"addon vs plain: {results['ratio_addon_vs_plain']:.2f} (target ≥ 0.95); "
           f"per round (median of the rounds' ratios): addon {paired['addon, logging off']:.3f} "
-          f"({spread['addon, logging off']}), "
+          f"({rounds('addon, logging off')}), "
           f"logging on {paired['addon, logging on']:.3f}, an empty addon "
           f"{paired['empty addon']:.3f} vs plain; over the empty addon: addon "
           f"{over_empty['addon, logging off']:.3f}")
     if "addon, hooks off" in paired:
         print(f"split: the addon with its request hooks unbound {paired['addon, hooks off']:.3f} "
-              f"({spread['addon, hooks off']}) vs plain: the rest of the addon's gap is its "
+              f"({rounds('addon, hooks off')}) vs plain: the rest of the addon's gap is its "
               "hooks' work")
     if pinned:
         print(f"mitmdump on CPU {pinned[1]}; wrk, the shop and the auth server on CPU "

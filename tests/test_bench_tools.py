@@ -1,0 +1,63 @@
+"""The benchmark tools themselves measure what they say (their figures are `just bench`'s).
+
+`tests.bench.hooktime` once reported 0.0 µs over 0 hooks for a whole session, after the hook it
+times changed shape; these run each diagnostic's short form through a real mitmdump and check
+that it measured something, and that the proxy benchmark's `--split` control really leaves the
+addon loaded with its request hooks unbound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+from scenarios.procs import free_port, mitmdump_path, process
+from tests.bench import ROOT, mitmdump_variants
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark module from this checkout; it must exit 0."""
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_hooktime_times_the_request_hook_of_cache_hits() -> None:
+    out = bench("tests.bench.hooktime", "--seconds", "2").stdout
+    hooks = int(out.split(" over ", 1)[1].split(" hooks", 1)[0].replace(",", ""))
+    assert hooks > 0, out
+
+
+def test_the_split_control_unbinds_the_addons_request_hooks(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        _, common, variants = mitmdump_variants(stack, tmp_path)
+        codes = {}
+        for name, extra in (("addon", variants["addon, logging off"]),
+                            ("hooks off", [*variants["addon, logging off"], "-s",
+                                           str(ROOT / "tests" / "bench" / "unhook.py")])):
+            port = free_port()
+            with process([str(mitmdump_path()), *common, "-p", str(port), *extra], port,
+                         tmp_path / f"{name}.log", {"PYTHONPATH": str(ROOT)}, timeout=60):
+                # no token: the filter answers 401; unbound, the request goes upstream
+                codes[name] = httpx.get(f"http://127.0.0.1:{port}/",
+                                        headers={"Host": "shop.example"}, timeout=10).status_code
+    assert codes == {"addon": 401, "hooks off": 200}
+
+
+def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
+    out = tmp_path / "proxy.json"
+    printed = bench("tests.bench.proxy", "--concurrent", "--split", "--rounds", "2",
+                    "--seconds", "1", "--out", str(out)).stdout
+    got = json.loads(out.read_text())
+    assert set(got["paired_ratio_spread"]) == {"empty addon", "addon, logging off",
+                                               "addon, logging on", "addon, hooks off"}
+    for name, (low, high) in got["paired_ratio_spread"].items():
+        assert 0 < low <= got["paired_ratio_vs_plain"][name] <= high, name
+    assert "split: the addon with its request hooks unbound" in printed
