@@ -61,6 +61,7 @@ bench: setup
     {{python}} -m tests.bench.deadline
     {{python}} -m tests.bench.hostflood
     {{python}} -m tests.bench.store
+    {{python}} -m tests.bench.proxy --rounds 7 --seconds 10
     {{python}} -m tests.bench.proxy --concurrent --rounds 5 --seconds 10
     {{python}} -m tests.bench.idle
     {{python}} -m tests.bench.dispatch

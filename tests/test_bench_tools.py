@@ -2,8 +2,9 @@
 
 `tests.bench.hooktime` once reported 0.0 µs over 0 hooks for a whole session, after the hook it
 times changed shape; these run each diagnostic's short form through a real mitmdump and check
-that it measured something, and that the proxy benchmark's `--split` control really leaves the
-addon loaded with its request hooks unbound.
+that it measured something, that the proxy benchmark's `--split` control really leaves the
+addon loaded with its request hooks unbound, and that its pinned form leaves only the
+mitmdumps on their CPU.
 """
 
 from __future__ import annotations
@@ -61,3 +62,19 @@ def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
     for name, (low, high) in got["paired_ratio_spread"].items():
         assert 0 < low <= got["paired_ratio_vs_plain"][name] <= high, name
     assert "split: the addon with its request hooks unbound" in printed
+    if got["pinned"]:  # only the mitmdumps on their CPU: the shipper is the one child
+        assert got["children_moved"] == {"plain": 0, "empty addon": 0, "addon, logging off": 0,
+                                         "addon, logging on": 1, "addon, hooks off": 0}
+
+
+def test_dispatch_benchmark_times_each_flow_event(tmp_path: Path) -> None:
+    out = tmp_path / "dispatch.json"
+    printed = bench("tests.bench.dispatch", "--variants", "plain,off", "--rounds", "1",
+                    "--repeats", "1", "--flows", "50", "--out", str(out)).stdout
+    got = json.loads(out.read_text())
+    events = ("requestheaders", "request", "responseheaders", "response")
+    for variant in ("plain", "off"):
+        per_event = got["event_us_median"][variant]
+        assert tuple(per_event) == events
+        assert all(us > 0 for us in per_event.values()), per_event
+    assert "| request |" in printed

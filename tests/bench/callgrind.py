@@ -28,6 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.bench import ROOT, auth_server
+from tests.bench.dispatch import TOKEN_ENV
 
 
 def child(what: str, n: int) -> None:
@@ -46,8 +47,8 @@ def instructions(what: str, n: int) -> int:
     return counted([sys.executable, "-m", "tests.bench.callgrind", "--child", what, str(n)])
 
 
-def counted(command: list[str]) -> int:
-    """Instructions callgrind counts for a whole run of `command`."""
+def counted(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Instructions callgrind counts for a whole run of `command` (`env`: added to ours)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         command = [c.replace("{tmp}", tmp) for c in command]
@@ -57,7 +58,7 @@ def counted(command: list[str]) -> int:
             # One BLAS thread: numpy's (imported with pandas) spin while they wait for work,
             # and how long they spin depends on the machine's load, not on the code measured.
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0",
-                 "OPENBLAS_NUM_THREADS": "1"})
+                 "OPENBLAS_NUM_THREADS": "1", **(env or {})})
         text = out.read_text()
     found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
     if found is None:
@@ -72,10 +73,11 @@ def flows(many: int, few: int) -> None:
         auth, token = auth_server(stack, Path(tmp))
         per: dict[str, float] = {}
         for variant in ("plain", "empty", "off"):
-            run = [[sys.executable, "-m", "tests.bench.dispatch", "--child", variant, "--auth",
-                    auth, "--token", token, "--flows", str(n), "--repeats", "1", "--tmp", "{tmp}"]
+            run = [[sys.executable, "-m", "tests.bench.dispatch", "--child", variant,
+                    f"--auth={auth}", "--flows", str(n), "--repeats", "1", "--tmp", "{tmp}"]
                    for n in (many, few)]
-            per[variant] = (counted(run[0]) - counted(run[1])) / (many - few)
+            env = {TOKEN_ENV: token}
+            per[variant] = (counted(run[0], env) - counted(run[1], env)) / (many - few)
             print(f"flow, {variant}: {per[variant]:,.0f} instructions per flow "
                   f"({many:,} − {few:,} flows)")
     print(f"flow, the addon's part: {per['off'] - per['plain']:,.0f} instructions; an empty "

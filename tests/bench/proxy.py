@@ -2,23 +2,30 @@
 
 Side by side in one run, in interleaved rounds (each starting with the next variant) so that
 drift on a shared machine hits every variant alike, and each round's ratios to plain are
-reported besides the ratios of the medians: the same wrk load (cache hits: one token, already verified) against
+reported besides the ratios of the medians: the same wrk load (cache hits: one token, already
+verified) against
 - `plain`: mitmdump in reverse mode, no addon;
 - `empty addon`: mitmdump with `-s tests/bench/empty_addon.py`, a script with the addon's five
-  flow hooks doing nothing: what mitmproxy itself costs for any script addon (the control);
+  flow hooks doing nothing: what mitmproxy itself costs for a script addon (the control);
 - `addon, logging off`: with the addon (`wasm_log_metrics=false`);
 - `addon, logging on`: with the addon writing every request and sample to the spool, and its
   shipper process delivering them to the embedded store.
 Reports requests/s per variant and the ratios to plain (SPEC §9: ≥ 0.95 on cache hits; logging
-on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux): on a machine
-that other work loads, the throughput of one round depends on what else ran meanwhile, and the
-CPU a request costs much less. By default the mitmdumps run on a CPU of their own (the last;
-`taskset`) and the load generator and the servers on the others, so that a variant's rate is
-set by its own CPU time per request (`--no-pin`: the OS places everything). `--concurrent`
-loads every variant at the same time instead of one after the other, so that they share
-whatever else the machine does: their CPU per request is then compared under the same
-conditions. wrk from Debian's packages; a Python load generator
-when wrk is missing.
+on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux).
+
+Where the processes run. By default each mitmdump runs on a CPU of its own (the last;
+`taskset`) and everything else on the others: the load generator, the servers, and the
+processes a mitmdump starts (the addon's shipper and the embedded store it writes to, which
+`taskset` would otherwise pin beside it). The variants are loaded one after the other, so each
+is measured as SPEC §9's baselines were, a mitmdump saturating one core, and its rate is set
+by its own CPU time per request: this is the form the targets are read in. `--concurrent`
+loads every variant at the same time on that one CPU instead, so that they share whatever else
+the machine does; but then the scheduler switches between four or five busy mitmdumps every
+few milliseconds, each one's caches are cold again every few requests, and a variant pays for
+the code and data it touches as well as for the instructions it runs: a harsher condition than
+a proxy with a core of its own, reported beside the other (`results/bench/proxy-concurrent.json`).
+`--no-pin`: the OS places everything. wrk from Debian's packages; a Python load generator when
+wrk is missing.
 """
 
 from __future__ import annotations
@@ -71,6 +78,23 @@ def pin_cpus() -> tuple[set[int], int] | None:
     others = set(cpus[:-1])
     os.sched_setaffinity(0, others)
     return others, cpus[-1]
+
+
+def move_children(pid: int, cpus: set[int]) -> int:
+    """Move every process that process `pid` started (the addon's shipper, the embedded store)
+    to `cpus`: they inherited the mitmdump's CPU from `taskset`, where they would take its
+    time, which a proxy on a machine of several cores does not give up to them. Returns how
+    many were moved."""
+    import psutil
+
+    moved = 0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            child.cpu_affinity(sorted(cpus))
+            moved += 1
+        except psutil.Error:  # it has just exited
+            pass
+    return moved
 
 
 def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> float:
@@ -153,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             assert httpx.get(f"http://127.0.0.1:{port}/", headers=headers,
                              timeout=10).status_code == 200
             load(f"http://127.0.0.1:{port}/", headers, 1.0, args.connections)
+        # Each mitmdump's child processes (the shipper has started by now) leave its CPU.
+        moved = {name: move_children(pid, pinned[0]) if pinned else 0
+                 for name, pid in pids.items()}
         rates: dict[str, list[float]] = {name: [] for name in variants}
         cpu_us: dict[str, list[float]] = {name: [] for name in variants}
         def measure(name: str) -> tuple[float, float | None]:
@@ -202,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "paired_ratio_vs_plain": paired, "paired_ratio_spread": spread,
         "paired_ratio_vs_empty_addon": over_empty,
         "cpu_us_per_request": cpu_us, "cpu_us_median": cpu,
+        "children_moved": moved,
         "load_before": load_before, "load_after": os.getloadavg()[0],
     }
     if len(cpu) == len(variants):
@@ -233,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({rounds('addon, hooks off')}) vs plain: the rest of the addon's gap is its "
               "hooks' work")
     if pinned:
-        print(f"mitmdump on CPU {pinned[1]}; wrk, the shop and the auth server on CPU "
+        print(f"mitmdump on CPU {pinned[1]}; wrk, the shop, the auth server and the addon's "
+              f"shippers on CPU "
               f"{', '.join(map(str, sorted(pinned[0])))}")
     print(load_note(load_before, results["load_after"]))
     return 0
