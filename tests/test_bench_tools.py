@@ -69,11 +69,19 @@ def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
 
 def test_dispatch_benchmark_times_each_flow_event(tmp_path: Path) -> None:
     out = tmp_path / "dispatch.json"
-    printed = bench("tests.bench.dispatch", "--variants", "plain,off", "--rounds", "1",
-                    "--repeats", "1", "--flows", "50", "--out", str(out)).stdout
+    done = bench("tests.bench.dispatch", "--variants", "plain,off,nostream", "--rounds", "1",
+                 "--repeats", "1", "--flows", "50", "--out", str(out))
+    printed = done.stdout
     got = json.loads(out.read_text())
     events = ("requestheaders", "request", "responseheaders", "response")
-    for variant in ("plain", "off"):
+    # every flow of both addon variants is a forwarded cache hit (the child asserts it), and the
+    # diagnostic's flows are described as hits though no filter ran for them
+    assert "off: first status 0, last flow: 'wasm: hit · instance shop.example" in done.stderr
+    assert "the filter ran 50 times" in done.stderr.split("nostream:")[0]
+    nostream = done.stderr.split("nostream:")[1]
+    assert "last flow: 'wasm: hit · instance shop.example" in nostream
+    assert "the filter ran 0 times" in nostream
+    for variant in ("plain", "off", "nostream"):
         per_event = got["event_us_median"][variant]
         assert tuple(per_event) == events
         assert all(us > 0 for us in per_event.values()), per_event

@@ -35,7 +35,30 @@ RESULTS = ROOT / "results" / "bench" / "dispatch.json"
 TOKEN_ENV = "WASM_RECLAIM_BENCH_TOKEN"
 """How the bench user's token reaches a variant's process: its environment, never its argv."""
 VARIANTS = {"plain": "plain", "empty": "empty addon", "off": "addon, logging off",
-            "on": "addon, logging on"}
+            "on": "addon, logging on", "nostream": "addon, no filter call"}
+DEFAULT_VARIANTS = ("plain", "empty", "off", "on")
+"""`nostream`, a diagnostic, only when asked for (`--variants plain,off,nostream`)."""
+
+
+def stub_streams() -> None:
+    """Have every stream decide a cache hit at once without the host or the filter: its
+    request headers return a forwarded hit's decision and its close does nothing. The addon's
+    own part of the hook (reading the request, the instance, the decision's record and flow
+    comment) is left, so that against `off` this shows what the host layer and the filter cost
+    a hit inside mitmproxy. A diagnostic, never a configuration."""
+    from addons.proxywasm.host import Decision, Stream
+
+    hit = Decision("continue", [], None, 0, 0)
+
+    def request_headers(self: Stream, headers: object, end_of_stream: bool = True,
+                        lowered: bool = False) -> Decision:
+        return hit
+
+    def close(self: Stream) -> None:
+        return None
+
+    Stream.request_headers = request_headers  # type: ignore[method-assign,assignment]
+    Stream.close = close  # type: ignore[method-assign]
 
 
 def flow(token: str, body: bytes) -> Any:
@@ -56,6 +79,7 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
                 tmp: Path) -> dict[str, Any]:
     """Run in the variant's process: CPU µs per flow, `repeats` times."""
     from mitmproxy import options
+    from mitmproxy.addonmanager import traverse
     from mitmproxy.proxy.layers.http import (
         HttpRequestHeadersHook,
         HttpRequestHook,
@@ -82,7 +106,7 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
                           lambda: master.addons.get("emptyaddon") is not None)
     elif variant != "plain":
         settings = {"wasm_cluster": [f"auth={auth_url}"], "wasm_admin_listen": ""}
-        if variant == "off":
+        if variant in ("off", "nostream"):
             settings["wasm_log_metrics"] = False
         else:
             settings |= {"wasm_store": str(tmp / "store"), "wasm_spool": str(tmp / "spool")}
@@ -127,6 +151,20 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
     first = await one()  # verifies the token (a miss) for the addon
     for _ in range(200):
         assert await one() == 0, "every flow must be forwarded (a cache hit)"
+    if variant == "nostream":  # after the first generation has started and verified the token
+        stub_streams()
+
+    def filter_requests() -> int | None:
+        """How many requests the addon's filter instances have run (None: no addon)."""
+        found = [a for a in traverse(master.addons.chain)
+                 if type(getattr(getattr(a, "request", None), "__self__", None)).__name__
+                 == "WasmAuth"]
+        if not found:
+            return None
+        host = found[0].request.__self__.host
+        return sum(o.requests for o in host.observe())
+
+    ran_before = filter_requests()
     results = []
     per_event: list[dict[str, float]] = []
     for _ in range(repeats):
@@ -137,9 +175,11 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
         results.append((time.process_time() - c0) / flows * 1e6)
         per_event.append({e: ns / flows / 1e3 for e, ns in zip(events, event_ns, strict=True)})
         await asyncio.sleep(0.05)  # let the addon's own loops run between repeats, as live
+    ran = filter_requests()
     await master.addons.trigger_event(hooks.DoneHook())
     return {"cpu_us": results, "event_us": per_event, "first_status": first,
-            "comment": last[0].comment}
+            "comment": last[0].comment,
+            "filter_ran": None if ran is None or ran_before is None else ran - ran_before}
 
 
 def run_variant(variant: str, auth_url: str, token: str, flows: int, repeats: int
@@ -154,7 +194,8 @@ def run_variant(variant: str, auth_url: str, token: str, flows: int, repeats: in
     if out.returncode != 0:
         raise RuntimeError(f"{variant}: {out.stderr.strip()[-2000:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{variant}: first status {got['first_status']}, last flow: {got['comment']!r}",
+    ran = "" if got["filter_ran"] is None else f", the filter ran {got['filter_ran']} times"
+    print(f"{variant}: first status {got['first_status']}, last flow: {got['comment']!r}{ran}",
           file=sys.stderr)
     return list(got["cpu_us"]), list(got["event_us"])
 
@@ -164,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flows", type=int, default=2000, help="per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="plain (no addon), empty (a script addon whose hooks do nothing), "
-                             "off (addon, logging off), on (logging on)")
+                             "off (addon, logging off), on (logging on); and, only when "
+                             "named, nostream (the addon with its streams decided at once "
+                             "without the host or the filter: a diagnostic)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--auth", help=argparse.SUPPRESS)
