@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,6 +16,18 @@ def load_note(before: float, after: float) -> str:
     """The sentence every benchmark ends with: the machine's load while it ran."""
     return (f"{os.cpu_count()} cores, 1-min load average {before:.1f} → {after:.1f}: other work "
             "on the machine lowers every figure.")
+
+
+def addon_script(chain: Sequence[Any]) -> Any:
+    """The script module that carries the wasm_auth addon's hooks (`WasmAuth.publish`) in
+    mitmproxy's addon chain (`master.addons.chain`), or None where the addon is not loaded.
+    The addon itself is its `request` hook's `__self__`."""
+    from mitmproxy.addonmanager import traverse
+
+    for a in traverse(chain):
+        if type(getattr(getattr(a, "request", None), "__self__", None)).__name__ == "WasmAuth":
+            return a
+    return None
 
 
 def auth_server(stack: ExitStack, work: Path) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import ROOT, auth_server, load_note
+from tests.bench import ROOT, addon_script, auth_server, load_note
 
 RESULTS = ROOT / "results" / "bench" / "dispatch.json"
 TOKEN_ENV = "WASM_RECLAIM_BENCH_TOKEN"
@@ -79,7 +79,6 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
                 tmp: Path) -> dict[str, Any]:
     """Run in the variant's process: CPU µs per flow, `repeats` times."""
     from mitmproxy import options
-    from mitmproxy.addonmanager import traverse
     from mitmproxy.proxy.layers.http import (
         HttpRequestHeadersHook,
         HttpRequestHook,
@@ -156,12 +155,10 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
 
     def filter_requests() -> int | None:
         """How many requests the addon's filter instances have run (None: no addon)."""
-        found = [a for a in traverse(master.addons.chain)
-                 if type(getattr(getattr(a, "request", None), "__self__", None)).__name__
-                 == "WasmAuth"]
-        if not found:
+        script = addon_script(master.addons.chain)
+        if script is None:
             return None
-        host = found[0].request.__self__.host
+        host = script.request.__self__.host
         return sum(o.requests for o in host.observe())
 
     ran_before = filter_requests()

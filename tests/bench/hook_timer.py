@@ -12,7 +12,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from mitmproxy import ctx
-from mitmproxy.addonmanager import traverse
+
+from tests.bench import addon_script
 
 
 class HookTimer:
@@ -22,10 +23,7 @@ class HookTimer:
         self.suspended = 0
 
     def running(self) -> None:
-        # The script's module carries the addon's hooks (`WasmAuth.publish`).
-        [script] = [a for a in traverse(ctx.master.addons.chain)
-                    if type(getattr(getattr(a, "request", None), "__self__", None)).__name__
-                    == "WasmAuth"]
+        script = addon_script(ctx.master.addons.chain)
         hook = script.request
 
         def timed(flow: Any) -> Awaitable[None] | None:

@@ -13,15 +13,13 @@ every event, which would be charged to the control, not to the addon."""
 from __future__ import annotations
 
 from mitmproxy import ctx, hooks
-from mitmproxy.addonmanager import traverse
+
+from tests.bench import addon_script
 
 
 class Unhook:
     def running(self) -> None:
-        # The script's module carries the addon's hooks (`WasmAuth.publish`).
-        [script] = [a for a in traverse(ctx.master.addons.chain)
-                    if type(getattr(getattr(a, "request", None), "__self__", None)).__name__
-                    == "WasmAuth"]
+        script = addon_script(ctx.master.addons.chain)
         script.requestheaders = None
         script.request = None
         module = globals()  # this script's module
