@@ -79,9 +79,8 @@ from addons.proxywasm import (
     Stream,
     WallClock,
 )
-from addons.proxywasm._wasmtime import view_fields as _view_fields
 from addons.proxywasm.clock import Clock
-from addons.proxywasm.headers import Pairs
+from addons.proxywasm.headers import Pairs, view_fields
 from addons.proxywasm.host import RestartMode
 from addons.proxywasm.journal import JournalConfig, window_from_config
 from addons.telemetry import records
@@ -272,31 +271,11 @@ class RequestView(NamedTuple):
 
 
 def view(request: http.Request) -> RequestView:
-    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear),
-    in C where the host's extension is built (`view_fields`), else in `view_fields_py`."""
-    raw = request.headers.fields
-    got = _view_fields(raw) if _view_fields is not None else None
-    fields, host, hosts, authorization = got if got is not None else view_fields_py(raw)
+    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear;
+    `headers.view_fields`, in C where the host's extension is built)."""
+    fields, host, hosts, authorization = view_fields(request.headers.fields)
     authority = host or request.data.authority or request.data.host.encode("idna")
     return RequestView(authority, authorization, hosts, fields)
-
-
-def view_fields_py(raw: Sequence[tuple[bytes, bytes]]
-                   ) -> tuple[list[tuple[bytes, bytes]], bytes | None, int, bytes | None]:
-    """The fields with lowercase names, the last Host and Authorization values, and how many
-    Host fields there are (`fastcall.c`'s view_fields does the same)."""
-    host = authorization = None
-    hosts = 0
-    fields = []
-    for name, value in raw:
-        lowered = name.lower()
-        fields.append((lowered, value))
-        if lowered == b"host":
-            host = value
-            hosts += 1
-        elif lowered == b"authorization":
-            authorization = value
-    return fields, host, hosts, authorization
 
 
 def instance_key(authority: bytes, mode: str) -> str:

@@ -128,7 +128,7 @@ where the extension is not loaded (or was built before it had one)."""
 view_fields: Callable[[tuple[tuple[bytes, bytes], ...]], tuple[
     list[tuple[bytes, bytes]], bytes | None, int, bytes | None] | None] | None = getattr(
     _fastcall, "view_fields", None)
-"""The extension's one pass over a request's header fields (`wasm_auth.view`), or None."""
+"""The extension's one pass over a request's header fields (`headers.view_fields`), or None."""
 
 
 def _say_calls_path() -> None:

@@ -27,8 +27,8 @@
  * - parse_map(data): the pairs of a serialized map (headers.py's decoder, for the maps a filter
  *   sends with each outbound call), or None where the Python decoder must decide.
  * - view_fields(fields): a request's header fields with lowercase names, and its Host and
- *   Authorization values, in one pass (wasm_auth.view, on every request; the same loop in
- *   Python costs about a tenth of a cache hit).
+ *   Authorization values, in one pass (headers.view_fields, on every request; the same loop
+ *   in Python costs about a tenth of a cache hit).
  *
  * Nothing links against wasmtime: bind(path, val_size) resolves the few entry points with
  * dlsym from the library wasmtime-py already loaded (RTLD_NOLOAD), declared below as in
@@ -343,7 +343,7 @@ static PyObject *wr_parse_map(PyObject *Py_UNUSED(m), PyObject *data) {
  * (lowered, host, hosts, authorization), where lowered is a new list of the fields with
  * lowercase names (bytes.lower(): ASCII only), host and authorization the values of the last
  * Host and Authorization fields (None if none) and hosts how many Host fields there are.
- * None if fields is not such a tuple (the Python loop in wasm_auth.view then decides).
+ * None if fields is not such a tuple (headers.view_fields_py then decides).
  * NULL with an exception set only when memory runs out. */
 static PyObject *wr_view_fields(PyObject *Py_UNUSED(m), PyObject *fields) {
     if (!PyTuple_CheckExact(fields)) Py_RETURN_NONE;

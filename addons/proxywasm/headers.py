@@ -7,14 +7,19 @@ or one NUL byte. Keys and values are arbitrary bytes: nothing here decodes them 
 A filter sends a map with every outbound call, so a well-formed one is decoded in C where the
 host's extension is built (`fastcall.c`: `parse_map`, a fifth of the time); a malformed one, or
 any where it is not built, by `decode_map` here, which says where the encoding is broken.
+
+A request's header fields, as mitmproxy holds them, become the lowercase pairs a filter sees in
+one pass (`view_fields`, on every request the proxy filters), in C too (`fastcall.c`:
+`view_fields`).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ._wasmtime import parse_map as _parse_map
+from ._wasmtime import view_fields as _view_fields
 
 Pairs = list[tuple[bytes, bytes]]
 
@@ -23,6 +28,36 @@ _U32 = struct.Struct("<I")
 
 class MapFormatError(ValueError):
     """A serialized map from the guest does not follow the specification's encoding."""
+
+
+def view_fields(raw: Sequence[tuple[bytes, bytes]]
+                ) -> tuple[Pairs, bytes | None, int, bytes | None]:
+    """A request's raw header fields (mitmproxy's `headers.fields`) as (the fields with
+    lowercase names, the last Host value, how many Host fields, the last Authorization
+    value); None for a value that is absent."""
+    if _view_fields is not None:
+        got = _view_fields(raw)  # type: ignore[arg-type]  # None unless a tuple of bytes pairs
+        if got is not None:
+            return got
+    return view_fields_py(raw)
+
+
+def view_fields_py(raw: Sequence[tuple[bytes, bytes]]
+                   ) -> tuple[Pairs, bytes | None, int, bytes | None]:
+    """`view_fields` in Python: where the extension is not built, and for fields it does not
+    take (names lowercased in ASCII only, as `bytes.lower` and the C pass do)."""
+    host = authorization = None
+    hosts = 0
+    fields = []
+    for name, value in raw:
+        lowered = name.lower()
+        fields.append((lowered, value))
+        if lowered == b"host":
+            host = value
+            hosts += 1
+        elif lowered == b"authorization":
+            authorization = value
+    return fields, host, hosts, authorization
 
 
 def serialize_map(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
