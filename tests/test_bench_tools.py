@@ -61,6 +61,11 @@ def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
                                                "addon, logging on", "addon, hooks off"}
     for name, (low, high) in got["paired_ratio_spread"].items():
         assert 0 < low <= got["paired_ratio_vs_plain"][name] <= high, name
+    rates = got["rates"]
+    on_over_off = sorted(on / off for on, off in zip(rates["addon, logging on"],
+                                                     rates["addon, logging off"], strict=True))
+    assert on_over_off[0] <= got["paired_ratio_logging_on_vs_off"] <= on_over_off[-1]
+    assert f"logging on vs off {got['paired_ratio_logging_on_vs_off']:.3f}" in printed
     assert "split: the addon with its request hooks unbound" in printed
     if got["pinned"]:  # only the mitmdumps on their CPU: the shipper is the one child
         assert got["children_moved"] == {"plain": 0, "empty addon": 0, "addon, logging off": 0,

@@ -15,10 +15,10 @@ on vs off ≥ 0.95), and each mitmdump's CPU time per request (from /proc, Linux
 
 Where the processes run. By default each mitmdump runs on a CPU of its own (the last;
 `taskset`) and everything else on the others: the load generator, the servers, and the
-processes a mitmdump starts (the addon's shipper and the embedded store it writes to, which
-`taskset` would otherwise pin beside it). The variants are loaded one after the other, so each
-is measured as SPEC §9's baselines were, a mitmdump saturating one core, and its rate is set
-by its own CPU time per request: this is the form the targets are read in. `--concurrent`
+processes a mitmdump starts (the addon's shipper, which `taskset` would otherwise pin beside
+it). The variants are loaded one after the other, so each is measured as SPEC §9's baselines
+were, a mitmdump saturating one core, and its rate is set by its own CPU time per request.
+`--concurrent`
 loads every variant at the same time on that one CPU instead, so that they share whatever else
 the machine does; but then the scheduler switches between four or five busy mitmdumps every
 few milliseconds, each one's caches are cold again every few requests, and a variant pays for
@@ -81,8 +81,7 @@ def pin_cpus() -> tuple[set[int], int] | None:
 
 
 def move_children(pid: int, cpus: set[int]) -> int:
-    """Move every process that process `pid` started (the addon's shipper, the embedded store)
-    to `cpus`: they inherited the mitmdump's CPU from `taskset`, where they would take its
+    """Move every process that process `pid` started (the addon's shipper) to `cpus`: they inherited the mitmdump's CPU from `taskset`, where they would take its
     time, which a proxy on a machine of several cores does not give up to them. Returns how
     many were moved."""
     import psutil
@@ -213,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     paired = {name: statistics.median(r) for name, r in per_round.items()}
     # How far single rounds scatter: a median this close to a target says little without it.
     spread = {name: (min(r), max(r)) for name, r in per_round.items()}
+    # Logging's cost, round by round as well.
+    logging_paired = statistics.median(
+        on / off for on, off in zip(rates["addon, logging on"], rates["addon, logging off"],
+                                    strict=True))
     # The addon's own cost: over a script addon that does nothing, round by round.
     over_empty = {name: statistics.median(a / e for a, e in zip(v, rates["empty addon"],
                                                                  strict=True))
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_logging_on_vs_plain": median["addon, logging on"] / median["plain"],
         "paired_ratio_vs_plain": paired, "paired_ratio_spread": spread,
         "paired_ratio_vs_empty_addon": over_empty,
+        "paired_ratio_logging_on_vs_off": logging_paired,
         "cpu_us_per_request": cpu_us, "cpu_us_median": cpu,
         "children_moved": moved,
         "load_before": load_before, "load_after": os.getloadavg()[0],
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({rounds('addon, logging off')}), "
           f"logging on {paired['addon, logging on']:.3f}, an empty addon "
           f"{paired['empty addon']:.3f} vs plain; over the empty addon: addon "
-          f"{over_empty['addon, logging off']:.3f}")
+          f"{over_empty['addon, logging off']:.3f}; logging on vs off {logging_paired:.3f}")
     if "addon, hooks off" in paired:
         print(f"split: the addon with its request hooks unbound {paired['addon, hooks off']:.3f} "
               f"({rounds('addon, hooks off')}) vs plain: the rest of the addon's gap is its "
