@@ -261,21 +261,26 @@ def parse_proxy_id(value: str, listen_port: int | None) -> str:
 class RequestView(NamedTuple):
     """What the hook needs from a request, read from its raw header fields in one pass."""
 
+    pairs: Pairs
+    """The request as the filter sees it: the pseudo-headers, then every header field as sent,
+    with a lowercase name."""
     authority: bytes
     """The Host header (or HTTP/2 :authority), else the request's host."""
-    authorization: bytes | None
-    hosts: int = 1
+    hosts: int
     """How many Host header fields the request has (more than one is refused)."""
-    fields: Sequence[tuple[bytes, bytes]] = ()
-    """The header fields as sent, with lowercase names (as the filter sees them)."""
+    authorization: bytes | None
 
 
-def view(request: http.Request) -> RequestView:
-    """One pass over the raw header fields (mitmproxy's header lookups are comparatively dear;
-    `headers.view_fields`, in C where the host's extension is built)."""
-    fields, host, hosts, authorization = view_fields(request.headers.fields)
-    authority = host or request.data.authority or request.data.host.encode("idna")
-    return RequestView(authority, authorization, hosts, fields)
+def view(request: http.Request) -> tuple[Pairs, bytes, int, bytes | None]:
+    """A `RequestView` of `request` (as a plain tuple: this runs on every request), from one
+    pass over its raw header fields (`headers.view_fields`, in C where the host's extension
+    is built: mitmproxy's header lookups are comparatively dear)."""
+    data = request.data
+    fields, authority, hosts, authorization = view_fields(data.headers.fields)
+    if not authority:
+        authority = data.authority or data.host.encode("idna")
+    return ([(b":method", data.method), (b":path", data.path), (b":authority", authority),
+             (b":scheme", data.scheme or b"http"), *fields], authority, hosts, authorization)
 
 
 def instance_key(authority: bytes, mode: str) -> str:
@@ -287,18 +292,6 @@ def instance_key(authority: bytes, mode: str) -> str:
     for a Host that is not a host name or address.
     """
     return parse_instance_key(authority, mode)
-
-
-def request_pairs(request: http.Request, req: RequestView) -> Pairs:
-    """The request as the filter sees it: pseudo-headers, then every header as bytes, with
-    lowercase names (`view`'s fields: the host need not lowercase them again)."""
-    return [
-        (b":method", request.data.method),
-        (b":path", request.data.path),
-        (b":authority", req.authority),
-        (b":scheme", request.data.scheme or b"http"),
-        *req.fields,
-    ]
 
 
 token_hash = records.token_hash
@@ -1214,23 +1207,23 @@ class WasmAuth:
         """Run the filter's request phases: None once done, or what to await while the filter
         waits (an outbound call, a pause, more phases to run)."""
         assert self.host is not None
-        request = flow.request
-        req = view(request)
-        if req.hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
-            self._refuse(flow, Refusal(400, f"{req.hosts} Host header fields"))
+        data = flow.request.data
+        pairs, authority, hosts, authorization = view(flow.request)
+        if hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
+            self._refuse(flow, Refusal(400, f"{hosts} Host header fields"))
             return None
-        key = self._keys.get(req.authority)
+        key = self._keys.get(authority)
         if key is None:
             s = self.settings
             assert s is not None
             try:
-                key = instance_key(req.authority, s.instance_key)
+                key = instance_key(authority, s.instance_key)
             except InvalidKey as e:
                 self._refuse(flow, Refusal(400, str(e)))
                 return None
             if len(self._keys) >= KEY_CACHE:
                 self._keys.clear()
-            self._keys[req.authority] = key
+            self._keys[authority] = key
         t0 = time.perf_counter()
         assert self.bounds is not None
         try:
@@ -1244,23 +1237,21 @@ class WasmAuth:
             return None
         inst = got
         key = inst.id  # the shared instance serves keys beyond the bounds
-        data = request.data
         logout = is_logout(data.path, self._logout_path)
         cached_before = self._live_entries(inst) if logout else None
         stream = inst.stream()
         if self._properties:
             stream.attributes = lifecycle.flow_attributes(flow)
         end_of_stream = not streamed and not data.content and not data.trailers
-        pairs = request_pairs(request, req)
         rest = (lifecycle.request_steps(flow, stream, self._exports)
                 if self._lifecycle and not streamed else None)
         if not rest:
             decision = stream.request_headers(pairs, end_of_stream, lowered=True)
             if decision is not None:  # decided at once (a cache hit): no coroutine, no _Begun
-                self._decided(flow, decision, streamed, key, inst, stream, req.authorization,
+                self._decided(flow, decision, streamed, key, inst, stream, authorization,
                               logout, cached_before, t0)
                 return None
-        begun = _Begun(streamed, key, inst, stream, req.authorization, logout, cached_before, t0)
+        begun = _Begun(streamed, key, inst, stream, authorization, logout, cached_before, t0)
         return self._request_later(flow, begun, [
             lambda: stream.request_headers(pairs, end_of_stream, lowered=True), *rest]
             if rest else None)
@@ -1284,7 +1275,8 @@ class WasmAuth:
         if not keep:
             stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
-        self._apply(flow, decision, stream if keep else None, streamed)
+        if keep or decision.action != "continue" or decision.modified:  # else nothing to do
+            self._apply(flow, decision, stream if keep else None, streamed)
         # The token is hashed only for a record; the verdict needs only to know there is one.
         hashed = token_hash(authorization) if self.metrics is not None else None
         word = verdict(decision, records.bearer_token(authorization) is not None,
@@ -1375,7 +1367,7 @@ class WasmAuth:
             self.write("requests", records.request(
                 self.proxy_id, self.clock.now_ns() / 1e9, key, key, decision, word,
                 flow.request.method, flow.request.path, 0.0,
-                token_hash(view(flow.request).authorization)))
+                token_hash(RequestView(*view(flow.request)).authorization)))
 
     # ---- commands and the admin backend ----
 

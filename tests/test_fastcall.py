@@ -79,11 +79,11 @@ def test_the_extension_carries_the_calls_when_built_also_in_a_forked_child() -> 
                     "from addons/proxywasm/fastcall.c with gcc")
     done = fresh(PATH_CHECK)
     # No ctypes callback made for any host function; guest calls keep the GIL (native ticker)
-    assert done.stdout.splitlines() == ["True call False True True"] * 2
+    assert done.stdout.splitlines() == ["True checked False True True"] * 2
     assert "ctypes" not in done.stderr
     # With the Python ticker, guest calls release the GIL; host calls take it back
     done = fresh(PATH_CHECK, WASM_RECLAIM_PYTHON_TICKER="1")
-    assert done.stdout.splitlines() == ["True call_nogil False True True"] * 2
+    assert done.stdout.splitlines() == ["True checked_nogil False True True"] * 2
 
 
 def test_forced_ctypes_calls_run_and_say_so_in_one_line() -> None:
@@ -298,3 +298,26 @@ def test_ticks_while_no_guest_runs_do_not_prompt_the_next_call(probe) -> None:
         raw.engine().increment_epoch()
     p("run", 0, 0)
     assert metered == [False, not raw.FASTCALLS]
+
+
+def test_every_guest_call_ends_its_meter_also_when_it_traps(probe) -> None:
+    # Each form of the call (`call`, the fixed-arity `call1`..`call3`; through the extension
+    # one C entry point bound to the instance) resets the running call's meter as it returns,
+    # or the next call would count this one's time; a trap comes back as a GuestTrap.
+    p = probe(lambda vm, a, b: b)
+    inst, run = p.inst, p.inst.func("run")
+    for call in (lambda: inst.call(run, 1, 7), lambda: inst.call2(run, 1, 7)):
+        raw._meter[0] = raw.GuestMeter(0)
+        assert call() == 7
+        assert raw._meter[0] is None
+
+    def trap(vm: Any, a: int, b: int) -> int:
+        raise raw.HostTrap(f"trap {a}")
+
+    t = probe(trap)
+    for i in range(200):  # and nothing is left behind by the failures
+        raw._meter[0] = raw.GuestMeter(0)
+        with pytest.raises(raw.GuestTrap, match=rf"^trap {i}"):
+            t.inst.call2(t.inst.func("run"), i, 0)
+        assert raw._meter[0] is None
+    assert p("run", 1, 5) == 5  # the other instance serves on

@@ -21,6 +21,7 @@ from addons import wasm_auth
 from addons.proxywasm import Decision, LocalResponse, _wasmtime, headers
 from addons.proxywasm.journal import JournalConfig
 from addons.wasm_auth import (
+    RequestView,
     WasmAuth,
     describe,
     instance_key,
@@ -32,7 +33,6 @@ from addons.wasm_auth import (
     parse_positive,
     parse_restart_mode,
     parse_store,
-    request_pairs,
     token_hash,
     verdict,
     view,
@@ -107,18 +107,20 @@ def test_instance_key(authority, key) -> None:
     assert instance_key(authority, "single") == "single"
 
 
-def test_view_and_request_pairs() -> None:
+def test_view() -> None:
     f = tflow.tflow()
     f.request.headers["Host"] = "Shop.Example"
     f.request.headers["Authorization"] = "Bearer abc"
-    req = view(f.request)
-    assert req[:3] == (b"Shop.Example", b"Bearer abc", 1)
-    assert view(tflow.tflow().request).authority == b"address"  # no Host: the request's host
-    pairs = dict(request_pairs(f.request, req))
+    req = RequestView(*view(f.request))
+    assert (req.authority, req.hosts, req.authorization) == (b"Shop.Example", 1, b"Bearer abc")
+    assert view(tflow.tflow().request)[1] == b"address"  # no Host: the request's host
+    pairs = dict(req.pairs)
     assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
     assert pairs[b":authority"] == b"Shop.Example"
     assert pairs[b"authorization"] == b"Bearer abc"  # the value as sent, the name lowercased
     assert pairs[b"host"] == b"Shop.Example" and b"Host" not in pairs
+    f.request.headers.add("host", "other.example")
+    assert view(f.request)[2] == 2  # two Host fields: refused by the hook
 
 
 _names = st.sampled_from([b"host", b"Host", b"HOST", b"authorization", b"Authorization",

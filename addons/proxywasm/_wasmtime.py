@@ -105,6 +105,10 @@ def _load_fastcall() -> Any:
     except ImportError as e:  # a broken build (one for another Python has another name)
         _fastcall_note = (logging.WARNING, f"cannot load {FASTCALL_LIBRARY.name} ({e})")
         return None
+    if not hasattr(module, "checked"):  # built from an older fastcall.c
+        _fastcall_note = (logging.WARNING, f"{FASTCALL_LIBRARY.name} is out of date (bash "
+                          ".ci/setup rebuilds it from fastcall.c)")
+        return None
     try:
         module.bind(_b.dll._name, VAL_SIZE)  # type: ignore[attr-defined]
     except (OSError, RuntimeError) as e:
@@ -117,7 +121,6 @@ _fastcall_note: tuple[int, str] | None = None
 _fastcall = _load_fastcall()
 FASTCALLS = _fastcall is not None
 """Whether guest and host calls cross through the C extension (`fastcall.c`), not ctypes."""
-_CallFailed: type[Exception] = _fastcall.CallFailed if _fastcall is not None else Exception
 NATIVE_HEADER_MAP_VALUE: int = getattr(_fastcall, "NATIVE_HEADER_MAP_VALUE", 0)
 NATIVE_CURRENT_TIME: int = getattr(_fastcall, "NATIVE_CURRENT_TIME", 0)
 """The C forms of two host calls (`define_host_function`); 0 where the extension lacks them."""
@@ -146,7 +149,8 @@ _func_call: Any = None
 _memory_size_bytes: Any = None
 _memory_pages: Any = None
 _guest_call: Any = None
-"""The extension's guest call (`_fastcall.call`, or `call_nogil`, which releases the GIL)."""
+"""The extension's guest call (`_fastcall.checked`, or `checked_nogil`, which releases the
+GIL), which `RawInstance._bind_fastcalls` binds."""
 keeps_gil = False
 """Whether guest calls keep the GIL (the native ticker runs)."""
 
@@ -158,7 +162,7 @@ def _bind_calls(keep_gil: bool) -> None:
     _memory_size_bytes = _entry(lib, "wasmtime_memory_data_size", ctypes.c_size_t)
     _memory_pages = _entry(lib, "wasmtime_memory_size", ctypes.c_uint64)
     if _fastcall is not None:
-        _guest_call = _fastcall.call if keep_gil else _fastcall.call_nogil
+        _guest_call = _fastcall.checked if keep_gil else _fastcall.checked_nogil
         if hasattr(_fastcall, "keep_gil"):
             _fastcall.keep_gil(keep_gil)
     keeps_gil = keep_gil
@@ -627,6 +631,43 @@ def _pointer_arg(address: int | None) -> Any:
     return ctypes.c_void_p.from_param(address)
 
 
+def _call_failed(data: int, error: int, trap: int) -> NoReturn:
+    """`_fastcall.checked`'s `on_failed` for the instance registered as `data`: raise the
+    `GuestTrap` of its failed guest call (`RawInstance._raise`, without a frame per call)."""
+    inst = _by_data.get(data)
+    stopped = None
+    if inst is not None:
+        stopped, inst.interrupted = inst.interrupted, None
+    _raise_trap(stopped, error, trap)
+
+
+def _raise_trap(stopped: str | None, error: int, trap: int) -> NoReturn:
+    """Raise the `GuestTrap` for a failed guest call, taking ownership of its wasmtime error
+    and trap (addresses, 0 if none); `stopped`: why our epoch callback interrupted it."""
+    if stopped is not None:  # our epoch callback stopped it: the guest ran too long
+        if error:
+            _b._wasmtime_error_delete(ctypes.cast(
+                ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
+        if trap:
+            _b._wasm_trap_delete(ctypes.cast(
+                ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t)))
+        raise GuestTrap(stopped, interrupted=True) from None
+    if trap:
+        if error:  # never both, but never leak either
+            _b._wasmtime_error_delete(ctypes.cast(
+                ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
+        ptr = ctypes.cast(ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t))
+        trapped = wasmtime.Trap._from_ptr(ptr)
+        message = summarize(trapped.message)
+        raise GuestTrap(message,
+                        interrupted=trapped.trap_code == wasmtime.TrapCode.INTERRUPT
+                        ) from None
+    err = wasmtime.WasmtimeError._from_ptr(
+        ctypes.cast(ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t))
+    )
+    raise GuestTrap(summarize(str(err))) from None
+
+
 class RawInstance:
     """One instantiated module in its own Store, with fast access to exports and memory."""
 
@@ -672,6 +713,8 @@ class RawInstance:
         # The same addresses as plain ints, for `_fastcall`.
         self._ctx_addr = _address(self._ctx)
         self._mem_addr = ctypes.addressof(self._mem)
+        if _fastcall is not None:
+            self._bind_fastcalls()
         self.base = ctypes.cast(_memory_data(self._ctx, self._mem_ref), ctypes.c_void_p).value or 0
 
     def export(self, name: str) -> Any:
@@ -694,120 +737,83 @@ class RawInstance:
         address = ctypes.addressof(item.of.func)
         return address if _fastcall is not None else _pointer_arg(address)
 
+    def _bind_fastcalls(self) -> None:
+        """Bind `call`, `call1`, `call2`, `call3`, `memory_size` and `memory_pages` on this
+        instance to the extension's entry points, with this instance's addresses: calls into C
+        with no Python frame between (a cache hit makes four guest calls and reads the size
+        twice). A failed guest call raises through `_call_failed`, and every call resets the
+        meter, as the ctypes forms below do."""
+        call = functools.partial(_guest_call, _meter, functools.partial(_call_failed, self._data),
+                                 self._ctx_addr)
+        self.call = self.call1 = self.call2 = self.call3 = call  # type: ignore[method-assign]
+        self.memory_size = functools.partial(  # type: ignore[method-assign]
+            _fastcall.memory_size, self._ctx_addr, self._mem_addr)
+        self.memory_pages = functools.partial(  # type: ignore[method-assign]
+            _fastcall.memory_pages, self._ctx_addr, self._mem_addr)
+
     def arm(self, budget_ns: int) -> None:
         """Set the guest CPU time each following call may use (`deadline_budget_ns`)."""
         self.budget_ns = budget_ns
 
     # `call` and its fixed-arity forms (`call1`, `call2`, `call3`: no tuple of parameters on
-    # the hot path) and the memory's size, through `_fastcall` when it is built, else ctypes.
-    if _fastcall is not None:
+    # the hot path) and the memory's size, through ctypes. Where `_fastcall` is built,
+    # `__init__` binds each of them on the instance to the extension's entry point instead
+    # (`_bind_fastcalls`).
 
-        def call(self, func: Any, *params: int) -> int:
-            """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
 
-            The deadline is whatever `arm` set last. Raises `GuestTrap`.
-            """
-            try:
-                result: int = _guest_call(self._ctx_addr, func, *params)
-            except _CallFailed as e:
-                _meter[0] = None
-                self._raise(*e.args)
-            _meter[0] = None
-            return result
+    def call(self, func: Any, *params: int) -> int:
+        """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
 
-        def call1(self, func: Any, p0: int) -> int:
-            """`call` with one parameter (the hot path: allocations, context callbacks)."""
-            try:
-                result: int = _guest_call(self._ctx_addr, func, p0)
-            except _CallFailed as e:
-                _meter[0] = None
-                self._raise(*e.args)
-            _meter[0] = None
-            return result
+        The deadline is whatever `arm` set last. Raises `GuestTrap`.
+        """
+        a64 = self._a64
+        for i, p in enumerate(params):
+            a64[2 * i] = p
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
+        if error or self._trap.value:
+            self._raise_ctypes(error)
+        return self._a32[0]
 
-        def call2(self, func: Any, p0: int, p1: int) -> int:
-            """`call` with two parameters (context create)."""
-            try:
-                result: int = _guest_call(self._ctx_addr, func, p0, p1)
-            except _CallFailed as e:
-                _meter[0] = None
-                self._raise(*e.args)
-            _meter[0] = None
-            return result
+    def call1(self, func: Any, p0: int) -> int:
+        """`call` with one parameter (the hot path: allocations, context callbacks)."""
+        self._a64[0] = p0
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
+        if error or self._trap.value:
+            self._raise_ctypes(error)
+        return self._a32[0]
 
-        def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
-            """`call` with three parameters (request and response headers)."""
-            try:
-                result: int = _guest_call(self._ctx_addr, func, p0, p1, p2)
-            except _CallFailed as e:
-                _meter[0] = None
-                self._raise(*e.args)
-            _meter[0] = None
-            return result
+    def call2(self, func: Any, p0: int, p1: int) -> int:
+        """`call` with two parameters (context create)."""
+        a64 = self._a64
+        a64[0] = p0
+        a64[2] = p1
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
+        if error or self._trap.value:
+            self._raise_ctypes(error)
+        return self._a32[0]
 
-        def memory_size(self) -> int:
-            """Current linear-memory size in bytes (it never shrinks)."""
-            return _fastcall.memory_size(self._ctx_addr, self._mem_addr)  # type: ignore[no-any-return]
+    def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
+        """`call` with three parameters (request and response headers)."""
+        a64 = self._a64
+        a64[0] = p0
+        a64[2] = p1
+        a64[4] = p2
+        error = _func_call(self._cv, func, self._av, self._n, self._tv)
+        _meter[0] = None
+        if error or self._trap.value:
+            self._raise_ctypes(error)
+        return self._a32[0]
 
-        def memory_pages(self) -> int:
-            """Current linear-memory size in 64 KiB pages."""
-            return _fastcall.memory_pages(self._ctx_addr, self._mem_addr)  # type: ignore[no-any-return]
+    def memory_size(self) -> int:
+        """Current linear-memory size in bytes (it never shrinks)."""
+        return _memory_size_bytes(self._cv, self._mv)  # type: ignore[no-any-return]
 
-    else:
-
-        def call(self, func: Any, *params: int) -> int:
-            """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).
-
-            The deadline is whatever `arm` set last. Raises `GuestTrap`.
-            """
-            a64 = self._a64
-            for i, p in enumerate(params):
-                a64[2 * i] = p
-            error = _func_call(self._cv, func, self._av, self._n, self._tv)
-            _meter[0] = None
-            if error or self._trap.value:
-                self._raise_ctypes(error)
-            return self._a32[0]
-
-        def call1(self, func: Any, p0: int) -> int:
-            """`call` with one parameter (the hot path: allocations, context callbacks)."""
-            self._a64[0] = p0
-            error = _func_call(self._cv, func, self._av, self._n, self._tv)
-            _meter[0] = None
-            if error or self._trap.value:
-                self._raise_ctypes(error)
-            return self._a32[0]
-
-        def call2(self, func: Any, p0: int, p1: int) -> int:
-            """`call` with two parameters (context create)."""
-            a64 = self._a64
-            a64[0] = p0
-            a64[2] = p1
-            error = _func_call(self._cv, func, self._av, self._n, self._tv)
-            _meter[0] = None
-            if error or self._trap.value:
-                self._raise_ctypes(error)
-            return self._a32[0]
-
-        def call3(self, func: Any, p0: int, p1: int, p2: int) -> int:
-            """`call` with three parameters (request and response headers)."""
-            a64 = self._a64
-            a64[0] = p0
-            a64[2] = p1
-            a64[4] = p2
-            error = _func_call(self._cv, func, self._av, self._n, self._tv)
-            _meter[0] = None
-            if error or self._trap.value:
-                self._raise_ctypes(error)
-            return self._a32[0]
-
-        def memory_size(self) -> int:
-            """Current linear-memory size in bytes (it never shrinks)."""
-            return _memory_size_bytes(self._cv, self._mv)  # type: ignore[no-any-return]
-
-        def memory_pages(self) -> int:
-            """Current linear-memory size in 64 KiB pages."""
-            return _memory_pages(self._cv, self._mv)  # type: ignore[no-any-return]
+    def memory_pages(self) -> int:
+        """Current linear-memory size in 64 KiB pages."""
+        return _memory_pages(self._cv, self._mv)  # type: ignore[no-any-return]
 
     def _raise_ctypes(self, error: int | None) -> NoReturn:
         trap, self._trap.value = self._trap.value or 0, 0
@@ -817,28 +823,7 @@ class RawInstance:
         """Raise the `GuestTrap` for a failed guest call, taking ownership of its wasmtime
         error and trap (addresses, 0 if none)."""
         stopped, self.interrupted = self.interrupted, None
-        if stopped is not None:  # our epoch callback stopped it: the guest ran too long
-            if error:
-                _b._wasmtime_error_delete(ctypes.cast(
-                    ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
-            if trap:
-                _b._wasm_trap_delete(ctypes.cast(
-                    ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t)))
-            raise GuestTrap(stopped, interrupted=True) from None
-        if trap:
-            if error:  # never both, but never leak either
-                _b._wasmtime_error_delete(ctypes.cast(
-                    ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t)))
-            ptr = ctypes.cast(ctypes.c_void_p(trap), ctypes.POINTER(ffi.wasm_trap_t))
-            trapped = wasmtime.Trap._from_ptr(ptr)
-            message = summarize(trapped.message)
-            raise GuestTrap(message,
-                            interrupted=trapped.trap_code == wasmtime.TrapCode.INTERRUPT
-                            ) from None
-        err = wasmtime.WasmtimeError._from_ptr(
-            ctypes.cast(ctypes.c_void_p(error), ctypes.POINTER(ffi.wasmtime_error_t))
-        )
-        raise GuestTrap(summarize(str(err))) from None
+        _raise_trap(stopped, error, trap)
 
     def memory_view(self, size: int) -> memoryview:
         """The first `size` bytes of linear memory as a writable buffer (`size` at most

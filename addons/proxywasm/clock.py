@@ -22,9 +22,8 @@ class Clock(Protocol):
 class WallClock:
     """The real time of day."""
 
-    def now_ns(self) -> int:
-        """Return `time.time_ns()`."""
-        return time.time_ns()
+    now_ns = staticmethod(time.time_ns)
+    """Return `time.time_ns()` (the builtin itself: no Python frame per read)."""
 
 
 class ScaledClock:

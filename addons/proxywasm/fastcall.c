@@ -12,6 +12,10 @@
  *   the call, as ctypes' CDLL does. An outermost guest call sets the store's epoch deadline
  *   to the next tick first (wasmtime_context_set_epoch_deadline), so that only a tick during
  *   the call prompts it (see _wasmtime.py's deadlines).
+ * - checked(meter, on_failed, ctx, func, *params) / checked_nogil(...): call, then reset the
+ *   call's meter (meter[0] = None), and a failed call raises what on_failed(error, trap)
+ *   raises. The host binds it to each instance with functools.partial, so that a guest call
+ *   on the hot path runs no Python frame of its own.
  * - define(...): defines a host function on a linker with a C trampoline as its
  *   wasmtime_func_unchecked_callback_t: it takes the GIL (a no-op when the guest call kept
  *   it), converts the raw arguments to ints (i32 unsigned, i64 signed), calls
@@ -190,25 +194,26 @@ static PyObject *wr_raise_failed(wasmtime_error_t *error, wasm_trap_t *trap) {
 /* Guest calls                                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
-/* call(ctx, func, *params): the guest call. Returns a new int (the i32 result, signed), or
- * NULL with an exception set: TypeError/OverflowError/ValueError for bad arguments (nothing
- * was called), CallFailed when the call trapped or failed (its args own the wasmtime error
- * and trap). With release_gil the GIL is released around the call; host calls re-take it. */
-static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
-    if (!wr_bound()) return NULL;
+/* The guest call of call() and checked(): args are (ctx, func, *params). Returns 0 with
+ * *result set, or with *error or *trap set (owned by the caller) when the call trapped or
+ * failed; -1 with TypeError/OverflowError/ValueError set for bad arguments (nothing was
+ * called). With release_gil the GIL is released around the call; host calls re-take it. */
+static int wr_call_core(PyObject *const *args, Py_ssize_t nargs, int release_gil,
+                        int32_t *result, wasmtime_error_t **error_out, wasm_trap_t **trap_out) {
+    if (!wr_bound()) return -1;
     if (nargs < 2 || nargs > 2 + WR_SLOTS) {
         PyErr_Format(PyExc_TypeError, "call(ctx, func, *params) takes 2 to %d arguments",
                      2 + WR_SLOTS);
-        return NULL;
+        return -1;
     }
     wasmtime_context_t *ctx = wr_address(args[0], "ctx");
-    if (ctx == NULL) return NULL;
+    if (ctx == NULL) return -1;
     const wasmtime_func_t *func = wr_address(args[1], "func");
-    if (func == NULL) return NULL;
+    if (func == NULL) return -1;
     wasmtime_val_raw_t vals[WR_SLOTS];
     memset(vals, 0, sizeof vals);
     for (Py_ssize_t i = 2; i < nargs; i++) {
-        if (wr_param(args[i], &vals[i - 2].i64) < 0) return NULL;
+        if (wr_param(args[i], &vals[i - 2].i64) < 0) return -1;
     }
     wasm_trap_t *trap = NULL;
     wasmtime_error_t *error;
@@ -225,9 +230,81 @@ static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gi
         error = wr_func_call(ctx, func, vals, WR_SLOTS, &trap);
     }
     wr_depth--;
+    *error_out = error;
+    *trap_out = trap;
+    *result = vals[0].i32;
+    return 0;
+}
+
+/* call(ctx, func, *params): the guest call. Returns a new int (the i32 result, signed), or
+ * NULL with an exception set: TypeError/OverflowError/ValueError for bad arguments (nothing
+ * was called), CallFailed when the call trapped or failed (its args own the wasmtime error
+ * and trap). */
+static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
+    int32_t result;
+    wasmtime_error_t *error;
+    wasm_trap_t *trap;
+    if (wr_call_core(args, nargs, release_gil, &result, &error, &trap) < 0) return NULL;
     if (error != NULL || trap != NULL) return wr_raise_failed(error, trap);
     if (PyErr_Occurred()) return NULL; /* never expected: a callback leaves no exception */
-    return PyLong_FromLong(vals[0].i32);
+    return PyLong_FromLong(result);
+}
+
+/* checked(meter, on_failed, ctx, func, *params): call(), then meter[0] = None (the meter of
+ * the call that ended, see _wasmtime.py), and a failed call becomes the exception that
+ * on_failed(error, trap) raises (it owns both; see _wasmtime.py's _call_failed). What the
+ * host's hot path calls, bound to an instance with functools.partial: no Python frame per
+ * guest call. */
+static PyObject *wr_checked(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
+    if (nargs < 2 || !PyList_CheckExact(args[0]) || PyList_GET_SIZE(args[0]) < 1) {
+        PyErr_SetString(PyExc_TypeError,
+                        "checked(meter, on_failed, ctx, func, *params): meter must be a list");
+        return NULL;
+    }
+    int32_t result;
+    wasmtime_error_t *error;
+    wasm_trap_t *trap;
+    int rc = wr_call_core(args + 2, nargs - 2, release_gil, &result, &error, &trap);
+    if (rc < 0) return NULL;
+    PyObject *meter = args[0];
+    PyObject *old = PyList_GET_ITEM(meter, 0);
+    if (old != Py_None) { /* a GuestMeter: freeing it runs no Python code */
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(meter, 0, Py_None);
+        Py_DECREF(old);
+    }
+    if (error == NULL && trap == NULL) {
+        if (PyErr_Occurred()) return NULL; /* never expected: a callback leaves no exception */
+        return PyLong_FromLong(result);
+    }
+    PyErr_Clear(); /* never expected besides a trap; on_failed says what failed */
+    PyObject *e = PyLong_FromVoidPtr(error);
+    PyObject *t = e ? PyLong_FromVoidPtr(trap) : NULL;
+    if (t == NULL) {
+        Py_XDECREF(e);
+        if (error) wr_error_delete(error);
+        if (trap) wr_trap_delete(trap);
+        return NULL;
+    }
+    PyObject *call_args[2] = {e, t};
+    PyObject *r = PyObject_Vectorcall(args[1], call_args, 2, NULL);
+    Py_DECREF(e);
+    Py_DECREF(t);
+    if (r != NULL) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_SystemError, "checked(): on_failed returned instead of raising");
+    }
+    return NULL;
+}
+
+static PyObject *wr_checked_keep_gil(PyObject *Py_UNUSED(m), PyObject *const *args,
+                                     Py_ssize_t nargs) {
+    return wr_checked(args, nargs, 0);
+}
+
+static PyObject *wr_checked_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
+                                  Py_ssize_t nargs) {
+    return wr_checked(args, nargs, 1);
 }
 
 /* call(): wr_call keeping the GIL (while the native epoch ticker runs). */
@@ -954,6 +1031,11 @@ static PyMethodDef wr_methods[] = {
      "call(ctx, func, *params) -> i32 result; keeps the GIL. Raises CallFailed."},
     {"call_nogil", (PyCFunction)(void (*)(void))wr_call_nogil, METH_FASTCALL,
      "call_nogil(ctx, func, *params) -> i32 result; releases the GIL. Raises CallFailed."},
+    {"checked", (PyCFunction)(void (*)(void))wr_checked_keep_gil, METH_FASTCALL,
+     "checked(meter, on_failed, ctx, func, *params) -> i32 result; keeps the GIL; then "
+     "meter[0] = None; a failure raises what on_failed(error, trap) raises."},
+    {"checked_nogil", (PyCFunction)(void (*)(void))wr_checked_nogil, METH_FASTCALL,
+     "checked_nogil(meter, on_failed, ctx, func, *params): checked(), releasing the GIL."},
     {"memory_size", (PyCFunction)(void (*)(void))wr_memory_size_bytes, METH_FASTCALL,
      "memory_size(ctx, memory) -> the linear memory's size in bytes."},
     {"memory_pages", (PyCFunction)(void (*)(void))wr_memory_pages, METH_FASTCALL,

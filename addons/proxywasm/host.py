@@ -407,7 +407,8 @@ class Stream:
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
             return
-        self.instance.host.context_released(vm)
+        if vm is not self.instance.vm:  # a draining generation (else nothing to release)
+            self.instance.host.context_released(vm)
         decision = self.decision
         if entry is not None and decision is not None and decision.error is None:
             response = decision.response
