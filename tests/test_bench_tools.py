@@ -91,3 +91,21 @@ def test_dispatch_benchmark_times_each_flow_event(tmp_path: Path) -> None:
         assert tuple(per_event) == events
         assert all(us > 0 for us in per_event.values()), per_event
     assert "| request |" in printed
+
+
+def test_dispatch_benchmark_measures_another_checkout_beside_this_one(tmp_path: Path) -> None:
+    # `--against` runs the addon of another checkout (here: this one again) as a variant of
+    # its own, so that a change is measured in alternation with the code before it
+    out = tmp_path / "dispatch.json"
+    done = bench("tests.bench.dispatch", "--variants", "plain", "--against", str(ROOT),
+                 "--rounds", "1", "--repeats", "1", "--flows", "50", "--out", str(out))
+    other = f"off@{ROOT.name}"
+    assert set(json.loads(out.read_text())["event_us_median"]) == {"plain", other}
+    assert "off: first status 0, last flow: 'wasm: hit" in done.stderr
+    assert "the filter ran 50 times" in done.stderr
+    assert f"| addon, logging off ({ROOT.name}) |" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "tests.bench.dispatch", "--against",
+                              str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert refused.returncode == 2
+    assert "is not a checkout of this project" in refused.stderr.strip().splitlines()[-1]

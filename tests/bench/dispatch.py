@@ -10,7 +10,9 @@ mitmproxy's own hook dispatch (`AddonManager.handle_lifecycle`: `requestheaders`
 `responseheaders`, `response`, each followed by `update`), as the proxy server hands them over.
 Every flow is a cache hit (the token was verified once against the real auth server). The CPU
 time per flow of each variant is reported, and the addon's extra cost (its median minus
-plain's). Variants alternate over rounds so that drift hits all alike.
+plain's). Variants alternate over rounds so that drift hits all alike. `--against CHECKOUT`
+adds the addon of another checkout (another commit) as a variant of its own: a change's effect,
+measured in alternation with the code before it.
 """
 
 from __future__ import annotations
@@ -179,15 +181,16 @@ async def child(variant: str, auth_url: str, token: str, flows: int, repeats: in
             "filter_ran": None if ran is None or ran_before is None else ran - ran_before}
 
 
-def run_variant(variant: str, auth_url: str, token: str, flows: int, repeats: int
-                ) -> tuple[list[float], list[dict[str, float]]]:
-    """The variant's CPU µs per flow and per event of a flow, one of each per repeat."""
+def run_variant(variant: str, auth_url: str, token: str, flows: int, repeats: int,
+                root: Path = ROOT) -> tuple[list[float], list[dict[str, float]]]:
+    """The variant's CPU µs per flow and per event of a flow, one of each per repeat, with the
+    code of the checkout at `root`."""
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
         out = subprocess.run(
             [sys.executable, "-m", "tests.bench.dispatch", "--child", variant, f"--auth={auth_url}",
              "--flows", str(flows), "--repeats", str(repeats), "--tmp", tmp],
-            capture_output=True, text=True, check=False, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), TOKEN_ENV: token})
+            capture_output=True, text=True, check=False, cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), TOKEN_ENV: token})
     if out.returncode != 0:
         raise RuntimeError(f"{variant}: {out.stderr.strip()[-2000:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -207,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                              "off (addon, logging off), on (logging on); and, only when "
                              "named, nostream (the addon with its streams decided at once "
                              "without the host or the filter: a diagnostic)")
+    parser.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
+                        help="another checkout of this project, its extension built (`git "
+                             "worktree add DIR COMMIT && (cd DIR && bash .ci/setup)`): its "
+                             "`off` variant runs beside these, as `off@CHECKOUT`, to measure "
+                             "a change")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--auth", help=argparse.SUPPRESS)
@@ -221,17 +229,27 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+    labels = {v: VARIANTS[v] for v in variants}
+    roots = dict.fromkeys(variants, ROOT)
+    if args.against is not None:
+        if not (args.against / "addons" / "wasm_auth.py").is_file():
+            parser.error(f"--against: {args.against} is not a checkout of this project")
+        other = f"off@{args.against.name}"
+        variants.append(other)
+        labels[other] = f"{VARIANTS['off']} ({args.against.name})"
+        roots[other] = args.against.resolve()
     load_before = os.getloadavg()[0]
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     event_us: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, ExitStack() as stack:
         auth_url, token = auth_server(stack, Path(tmp))
-        for r in range(args.rounds):
-            for v in variants:
-                values, events = run_variant(v, auth_url, token, args.flows, args.repeats)
+        for r in range(args.rounds):  # each round starts with the next variant
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                values, events = run_variant(v.split("@")[0], auth_url, token, args.flows,
+                                             args.repeats, roots[v])
                 cpu[v] += values
                 event_us[v] += events
-                print(f"round {r + 1}: {VARIANTS[v]:<20} {statistics.median(values):7.1f} µs CPU/flow "
+                print(f"round {r + 1}: {labels[v]:<20} {statistics.median(values):7.1f} µs CPU/flow "
                       f"(min {min(values):.1f})", file=sys.stderr)
     median = {v: statistics.median(x) for v, x in cpu.items()}
     low = {v: min(x) for v, x in cpu.items()}
@@ -250,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         added = (f"{median[v] - median['plain']:+.1f} µs ({low[v] - low['plain']:+.1f})"
                  if "plain" in median and v != "plain" else "")
-        print(f"| {VARIANTS[v]} | {median[v]:.1f} µs ({low[v]:.1f}) | {added} |")
+        print(f"| {labels[v]} | {median[v]:.1f} µs ({low[v]:.1f}) | {added} |")
     # Where the difference lands: mitmproxy's dispatch of each event to every addon (and the
     # `update` event after it), with the variant's hooks for that event.
-    print("\n| event (CPU of the thread per flow, median) | " + " | ".join(VARIANTS[v] for v in variants)
+    print("\n| event (CPU of the thread per flow, median) | " + " | ".join(labels[v] for v in variants)
           + " |\n|---|" + "---|" * len(variants))
     for e in names:
         cells = [f"{per_event[v][e]:.1f} µs" + (
