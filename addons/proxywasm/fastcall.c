@@ -4,18 +4,16 @@
  * dozen times per request. Through ctypes each crossing costs 1-1.5 us; this module makes
  * them plain C calls:
  *
- * - call(ctx, func, *params) / call_nogil(...): a guest call through
+ * - checked(meter, on_failed, ctx, func, *params) / checked_nogil(...): a guest call through
  *   wasmtime_func_call_unchecked, with the i32/i64 params in a raw value array on the C
- *   stack; returns the i32 result, or raises CallFailed((error, trap)) with the addresses of
- *   the wasmtime_error_t / wasm_trap_t, which the caller owns and turns into GuestTrap.
- *   call keeps the GIL (the native epoch ticker needs none), call_nogil releases it around
- *   the call, as ctypes' CDLL does. An outermost guest call sets the store's epoch deadline
- *   to the next tick first (wasmtime_context_set_epoch_deadline), so that only a tick during
- *   the call prompts it (see _wasmtime.py's deadlines).
- * - checked(meter, on_failed, ctx, func, *params) / checked_nogil(...): call, then reset the
- *   call's meter (meter[0] = None), and a failed call raises what on_failed(error, trap)
- *   raises. The host binds it to each instance with functools.partial, so that a guest call
- *   on the hot path runs no Python frame of its own.
+ *   stack; returns the i32 result. Then it ends the call's meter (meter[0] = None), and a
+ *   failed call raises what on_failed(error, trap) raises, given the addresses of the
+ *   wasmtime_error_t / wasm_trap_t, which it owns (it turns them into GuestTrap). checked
+ *   keeps the GIL (the native epoch ticker needs none), checked_nogil releases it around the
+ *   call, as ctypes' CDLL does. An outermost guest call sets the store's epoch deadline to
+ *   the next tick first (wasmtime_context_set_epoch_deadline), so that only a tick during the
+ *   call prompts it (see _wasmtime.py's deadlines). The host binds it to each instance with
+ *   functools.partial, so that a guest call runs no Python frame of its own.
  * - define(...): defines a host function on a linker with a C trampoline as its
  *   wasmtime_func_unchecked_callback_t: it takes the GIL (a no-op when the guest call kept
  *   it), converts the raw arguments to ints (i32 unsigned, i64 signed), calls
@@ -115,7 +113,6 @@ static _Thread_local int wr_depth;
 /* Host functions with more params than this are defined through ctypes by the caller. */
 #define WR_MAX_HOST_PARAMS 16
 
-static PyObject *wr_call_failed; /* CallFailed: raised with (error address, trap address) */
 static PyObject *wr_mask32;      /* 0xFFFFFFFF, for a result that is not an int */
 
 /* Allocation goes through these two, in one place (no GIL needed). */
@@ -172,29 +169,11 @@ static int wr_param(PyObject *o, int64_t *out) {
     return 0;
 }
 
-/* Raise CallFailed((error, trap)); the caller of the guest call owns both. If even that
- * fails (no memory), delete them and let that exception through. */
-static PyObject *wr_raise_failed(wasmtime_error_t *error, wasm_trap_t *trap) {
-    PyObject *e = PyLong_FromVoidPtr(error);
-    PyObject *t = e ? PyLong_FromVoidPtr(trap) : NULL;
-    PyObject *pair = t ? PyTuple_Pack(2, e, t) : NULL;
-    Py_XDECREF(e);
-    Py_XDECREF(t);
-    if (pair == NULL) {
-        if (error) wr_error_delete(error);
-        if (trap) wr_trap_delete(trap);
-        return NULL;
-    }
-    PyErr_SetObject(wr_call_failed, pair);
-    Py_DECREF(pair);
-    return NULL;
-}
-
 /* ---------------------------------------------------------------------------------------- */
 /* Guest calls                                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
-/* The guest call of call() and checked(): args are (ctx, func, *params). Returns 0 with
+/* The guest call of checked(): args are (ctx, func, *params). Returns 0 with
  * *result set, or with *error or *trap set (owned by the caller) when the call trapped or
  * failed; -1 with TypeError/OverflowError/ValueError set for bad arguments (nothing was
  * called). With release_gil the GIL is released around the call; host calls re-take it. */
@@ -236,25 +215,12 @@ static int wr_call_core(PyObject *const *args, Py_ssize_t nargs, int release_gil
     return 0;
 }
 
-/* call(ctx, func, *params): the guest call. Returns a new int (the i32 result, signed), or
- * NULL with an exception set: TypeError/OverflowError/ValueError for bad arguments (nothing
- * was called), CallFailed when the call trapped or failed (its args own the wasmtime error
- * and trap). */
-static PyObject *wr_call(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
-    int32_t result;
-    wasmtime_error_t *error;
-    wasm_trap_t *trap;
-    if (wr_call_core(args, nargs, release_gil, &result, &error, &trap) < 0) return NULL;
-    if (error != NULL || trap != NULL) return wr_raise_failed(error, trap);
-    if (PyErr_Occurred()) return NULL; /* never expected: a callback leaves no exception */
-    return PyLong_FromLong(result);
-}
-
-/* checked(meter, on_failed, ctx, func, *params): call(), then meter[0] = None (the meter of
- * the call that ended, see _wasmtime.py), and a failed call becomes the exception that
- * on_failed(error, trap) raises (it owns both; see _wasmtime.py's _call_failed). What the
- * host's hot path calls, bound to an instance with functools.partial: no Python frame per
- * guest call. */
+/* checked(meter, on_failed, ctx, func, *params): the guest call, then meter[0] = None (the
+ * meter of the call that ended, see _wasmtime.py), and a failed call becomes the exception
+ * that on_failed(error, trap) raises (it owns both; see _wasmtime.py's _call_failed). The
+ * host binds it to an instance with functools.partial: no Python frame per guest call.
+ * Returns a new int (the i32 result, signed), or NULL with an exception set: also
+ * TypeError/OverflowError/ValueError for bad arguments (nothing was called). */
 static PyObject *wr_checked(PyObject *const *args, Py_ssize_t nargs, int release_gil) {
     if (nargs < 2 || !PyList_CheckExact(args[0]) || PyList_GET_SIZE(args[0]) < 1) {
         PyErr_SetString(PyExc_TypeError,
@@ -305,18 +271,6 @@ static PyObject *wr_checked_keep_gil(PyObject *Py_UNUSED(m), PyObject *const *ar
 static PyObject *wr_checked_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
                                   Py_ssize_t nargs) {
     return wr_checked(args, nargs, 1);
-}
-
-/* call(): wr_call keeping the GIL (while the native epoch ticker runs). */
-static PyObject *wr_call_keep_gil(PyObject *Py_UNUSED(m), PyObject *const *args,
-                                  Py_ssize_t nargs) {
-    return wr_call(args, nargs, 0);
-}
-
-/* call_nogil(): wr_call releasing the GIL (a Python thread ticks the epoch). */
-static PyObject *wr_call_nogil(PyObject *Py_UNUSED(m), PyObject *const *args,
-                               Py_ssize_t nargs) {
-    return wr_call(args, nargs, 1);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -633,7 +587,7 @@ static wasm_trap_t *wr_host_direct(wr_host *env, PyObject *target, wasmtime_val_
 #define WR_MAX_NATIVE_KEY 256
 
 static PyObject *wr_str_native; /* "native" */
-/* Whether guest calls keep the GIL (keep_gil(); as call and call_nogil): the nested guest
+/* Whether guest calls keep the GIL (keep_gil(); as checked and checked_nogil): the nested guest
  * allocation below releases it otherwise, so that a Python ticker can still interrupt it. */
 static int wr_keep_gil;
 
@@ -841,7 +795,7 @@ static int wr_host_native(wr_host *env, PyObject *vm, wasmtime_val_raw_t *vals,
 static wasm_trap_t *wr_trampoline(void *data, wasmtime_caller_t *caller,
                                   wasmtime_val_raw_t *vals, size_t nvals) {
     wr_host *env = data;
-    PyGILState_STATE gil = PyGILState_Ensure(); /* held already unless call_nogil released it */
+    PyGILState_STATE gil = PyGILState_Ensure(); /* held already unless checked_nogil released it */
     wasm_trap_t *trap = NULL;
     PyObject *target = PyList_GET_SIZE(env->active) > 0 ? PyList_GET_ITEM(env->active, 0)
                                                         : Py_None;
@@ -1027,10 +981,6 @@ static PyObject *wr_bind(PyObject *Py_UNUSED(m), PyObject *args) {
 static PyMethodDef wr_methods[] = {
     {"bind", wr_bind, METH_VARARGS,
      "bind(path, val_size): resolve wasmtime's entry points from its loaded library."},
-    {"call", (PyCFunction)(void (*)(void))wr_call_keep_gil, METH_FASTCALL,
-     "call(ctx, func, *params) -> i32 result; keeps the GIL. Raises CallFailed."},
-    {"call_nogil", (PyCFunction)(void (*)(void))wr_call_nogil, METH_FASTCALL,
-     "call_nogil(ctx, func, *params) -> i32 result; releases the GIL. Raises CallFailed."},
     {"checked", (PyCFunction)(void (*)(void))wr_checked_keep_gil, METH_FASTCALL,
      "checked(meter, on_failed, ctx, func, *params) -> i32 result; keeps the GIL; then "
      "meter[0] = None; a failure raises what on_failed(error, trap) raises."},
@@ -1062,14 +1012,6 @@ static struct PyModuleDef wr_module = {
 PyMODINIT_FUNC PyInit__fastcall(void) {
     PyObject *m = PyModule_Create(&wr_module);
     if (m == NULL) return NULL;
-    if (wr_call_failed == NULL) {
-        wr_call_failed = PyErr_NewExceptionWithDoc(
-            "_fastcall.CallFailed",
-            "A guest call failed: args are the addresses of its wasmtime_error_t and "
-            "wasm_trap_t (0 if none), which the caller owns.",
-            NULL, NULL);
-        if (wr_call_failed == NULL) goto fail;
-    }
     if (wr_str_native == NULL) {
         wr_str_native = PyUnicode_InternFromString("native");
         if (wr_str_native == NULL) goto fail;
@@ -1078,7 +1020,6 @@ PyMODINIT_FUNC PyInit__fastcall(void) {
         wr_mask32 = PyLong_FromUnsignedLong(0xFFFFFFFFul);
         if (wr_mask32 == NULL) goto fail;
     }
-    if (PyModule_AddObjectRef(m, "CallFailed", wr_call_failed) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_PARAMS", WR_SLOTS) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "MAX_HOST_PARAMS", WR_MAX_HOST_PARAMS) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "NATIVE_HEADER_MAP_VALUE", WR_NATIVE_HEADER_MAP_VALUE) < 0)
