@@ -1275,8 +1275,7 @@ class WasmAuth:
         if not keep:
             stream.close()
         latency_ms = (time.perf_counter() - t0) * 1000
-        if keep or decision.action != "continue" or decision.modified:  # else nothing to do
-            self._apply(flow, decision, stream if keep else None, streamed)
+        self._apply(flow, decision, stream if keep else None, streamed)
         # The token is hashed only for a record; the verdict needs only to know there is one.
         hashed = token_hash(authorization) if self.metrics is not None else None
         word = verdict(decision, records.bearer_token(authorization) is not None,

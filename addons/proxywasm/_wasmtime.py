@@ -635,10 +635,9 @@ def _call_failed(data: int, error: int, trap: int) -> NoReturn:
     """`_fastcall.checked`'s `on_failed` for the instance registered as `data`: raise the
     `GuestTrap` of its failed guest call (`RawInstance._raise`, without a frame per call)."""
     inst = _by_data.get(data)
-    stopped = None
     if inst is not None:
-        stopped, inst.interrupted = inst.interrupted, None
-    _raise_trap(stopped, error, trap)
+        inst._raise(error, trap)
+    _raise_trap(None, error, trap)  # a closed instance: nothing interrupted it
 
 
 def _raise_trap(stopped: str | None, error: int, trap: int) -> NoReturn:
@@ -759,7 +758,6 @@ class RawInstance:
     # the hot path) and the memory's size, through ctypes. Where `_fastcall` is built,
     # `__init__` binds each of them on the instance to the extension's entry point instead
     # (`_bind_fastcalls`).
-
 
     def call(self, func: Any, *params: int) -> int:
         """Call a guest function with i32/i64 `params`; return its i32 result (0 if none).

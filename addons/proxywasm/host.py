@@ -407,8 +407,7 @@ class Stream:
         except raw.GuestTrap as e:
             self.instance.crashed(vm, e)
             return
-        if vm is not self.instance.vm:  # a draining generation (else nothing to release)
-            self.instance.host.context_released(vm)
+        self.instance.host.context_released(vm)
         decision = self.decision
         if entry is not None and decision is not None and decision.error is None:
             response = decision.response
