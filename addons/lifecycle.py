@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.net.http import status_codes
 
 from addons.proxywasm import Decision, LocalResponse, Stream
 from addons.proxywasm.abi import MapType
@@ -78,35 +79,83 @@ def response_pairs(response: http.Response) -> Pairs:
     return [(b":status", str(response.status_code).encode()), *response.headers.fields]
 
 
+LOCAL_DETAILS = "wasm_local_details"
+"""The `flow.metadata` key under which a local response keeps its details (the property
+`response.code_details`, as Envoy reports a local reply's details)."""
+
+_NO_CONTENT = (204, 304)
+"""Statuses whose responses carry no content (RFC 9110 §6.4.1): a local response's body and
+Content-Length are dropped, so that the connection's next response is not misread."""
+
+
 def local_response(r: LocalResponse) -> http.Response:
     """The mitmproxy response for a filter's local response (pseudo-headers dropped)."""
-    return http.Response.make(r.status, r.body, [(k, v) for k, v in r.headers
-                                                 if not k.startswith(b":")])
+    headers = [(k, v) for k, v in r.headers if not k.startswith(b":")]
+    if r.status in _NO_CONTENT:
+        response = http.Response.make(r.status, b"", headers)
+        response.headers.pop("content-length", None)
+        return response
+    return http.Response.make(r.status, r.body, headers)
 
 
-def apply_request_headers(request: http.Request, pairs: Pairs) -> None:
+def respond_locally(flow: http.HTTPFlow, r: LocalResponse) -> http.Response:
+    """Answer `flow` with the filter's local response; its details become the flow's
+    `response.code_details`."""
+    response = flow.response = local_response(r)
+    flow.metadata[LOCAL_DETAILS] = r.details
+    return response
+
+
+def downstream_scheme(flow: http.HTTPFlow) -> bytes:
+    """The scheme the client used, as a filter sees it (`:scheme`, `request.scheme`): Envoy's
+    downstream scheme, not the one mitmproxy forwards with (in reverse mode, the upstream's)."""
+    return b"https" if flow.client_conn.tls_established else b"http"
+
+
+def _authority(request: http.Request) -> tuple[bytes, bool]:
+    """The request's authority as the filter was shown it, and whether it came with a Host
+    field (see `wasm_auth.view`)."""
+    data = request.data
+    for name, value in reversed(data.headers.fields):
+        if name.lower() == b"host":
+            return value, True
+    return data.authority or data.host.encode("idna"), False
+
+
+def apply_request_headers(flow: http.HTTPFlow, pairs: Pairs) -> None:
     """Make the request what the filter's header map says, pseudo-headers included.
 
-    `:method`, `:path` and `:scheme` set the request line; `:authority` sets the Host header
-    (HTTP/1) or the authority (HTTP/2). The upstream a request goes to stays the one mitmproxy
-    chose (the reverse-proxy target, or the client's destination).
+    `:method` and `:path` set the request line; `:scheme`, if the filter changed it, the
+    scheme forwarded with. `:authority` is the Host header (HTTP/1) or the authority (HTTP/2
+    and 3): the map holds no Host field, as in Envoy, but a filter that adds one (and leaves
+    `:authority`) is heard too. The upstream a request goes to stays the one mitmproxy chose
+    (the reverse-proxy target, or the client's destination).
     """
+    request = flow.request
+    shown, had_host = _authority(request)
     fields = []
+    authority = host = None
     for name, value in pairs:
         if not name.startswith(b":"):
-            fields.append((name, value))
+            if name == b"host":
+                host = value
+            else:
+                fields.append((name, value))
         elif name == b":method":
             request.data.method = value
         elif name == b":path":
             request.data.path = value
         elif name == b":scheme":
-            request.data.scheme = value
+            if value != downstream_scheme(flow):
+                request.data.scheme = value
         elif name == b":authority":
             authority = value
-            if request.is_http2 or request.is_http3:
-                request.data.authority = authority
-            elif not any(n.lower() == b"host" for n, _ in pairs):
-                fields.insert(0, (b"host", authority))
+    if authority is None or (authority == shown and host is not None):
+        authority = host if host is not None else shown  # a removed :authority is ignored
+    if request.is_http2 or request.is_http3:
+        request.data.authority = authority
+    elif had_host or authority != shown:
+        fields.insert(0, (b"host", authority))
     request.headers = http.Headers(fields)
 
 
@@ -121,8 +170,9 @@ def apply_response_headers(response: http.Response, pairs: Pairs) -> None:
                 status = int(value)
             except ValueError:
                 continue
-            if 100 <= status <= 999:
+            if 100 <= status <= 999 and status != response.status_code:
                 response.status_code = status
+                response.reason = status_codes.RESPONSES.get(status, "")  # not the old one's
     response.headers = http.Headers(fields)
 
 
@@ -174,12 +224,26 @@ def set_trailers(message: http.Message, pairs: Pairs) -> None:
 
 
 def _header(message: http.Message | None, name: str) -> bytes | None:
+    """The header's values joined with "," as Envoy joins them for a property; None if the
+    message has none."""
     if message is None:
         return None
-    for k, v in message.headers.fields:
-        if k.lower() == name.encode():
-            return v
-    return None
+    key = name.encode()
+    values = [v for k, v in message.headers.fields if k.lower() == key]
+    return b",".join(values) if values else None
+
+
+def _protocol(message: http.Message) -> bytes:
+    """The protocol as Envoy names it: HTTP/1.0, HTTP/1.1, HTTP/2, HTTP/3."""
+    version = message.data.http_version
+    return version[:-2] if version in (b"HTTP/2.0", b"HTTP/3.0") else version
+
+
+def _code_details(flow: http.HTTPFlow) -> bytes | None:
+    if flow.response is None:
+        return None
+    details = flow.metadata.get(LOCAL_DETAILS)
+    return details.encode() if details else b"via_upstream"
 
 
 def _address(addr: Any) -> bytes | None:
@@ -218,20 +282,20 @@ _ATTRIBUTES: dict[Path, Callable[[http.HTTPFlow], bytes | None]] = {
     (b"request", b"url_path"): lambda f: f.request.data.path.partition(b"?")[0],
     (b"request", b"host"): lambda f: f.request.host_header.encode() if f.request.host_header
     else f.request.data.host.encode(),
-    (b"request", b"scheme"): lambda f: f.request.data.scheme or b"http",
+    (b"request", b"scheme"): downstream_scheme,
     (b"request", b"method"): lambda f: f.request.data.method,
     (b"request", b"headers"): lambda f: serialize_map(
         [(k.lower(), v) for k, v in f.request.headers.fields]),
     (b"request", b"referer"): lambda f: _header(f.request, "referer"),
     (b"request", b"useragent"): lambda f: _header(f.request, "user-agent"),
     (b"request", b"id"): lambda f: _header(f.request, "x-request-id") or f.id.encode(),
-    (b"request", b"protocol"): lambda f: f.request.data.http_version,
+    (b"request", b"protocol"): lambda f: _protocol(f.request),
     (b"request", b"time"): lambda f: int64(int(f.request.timestamp_start * 1e9)),
     (b"request", b"size"): lambda f: _body_size(f.request),
     (b"request", b"total_size"): lambda f: int64(
         _head_size(f.request) + len(f.request.raw_content or b"")),
     (b"response", b"code"): lambda f: int64(f.response.status_code) if f.response else None,
-    (b"response", b"code_details"): lambda f: (b"via_upstream" if f.response else None),
+    (b"response", b"code_details"): _code_details,
     (b"response", b"headers"): lambda f: serialize_map(
         [(k.lower(), v) for k, v in f.response.headers.fields]) if f.response else None,
     (b"response", b"size"): lambda f: _body_size(f.response),
@@ -315,7 +379,7 @@ def _apply_request(flow: http.HTTPFlow, stream: Stream, streamed: bool) -> None:
         return
     request = flow.request
     if ctx.dirty & _REQUEST_HEADERS:
-        apply_request_headers(request, ctx.request_headers)
+        apply_request_headers(flow, ctx.request_headers)
     if not streamed and ctx.dirty & REQUEST_BODY_DIRTY and ctx.request_body is not None:
         set_body(request, ctx.request_body)
     if ctx.dirty & _REQUEST_TRAILERS and trailers_allowed(flow, request):
@@ -348,7 +412,7 @@ def kill(flow: http.HTTPFlow) -> None:
 def _act(flow: http.HTTPFlow, decision: Decision) -> bool:
     """Carry out a local response or a reset; True if the phase chain stops here."""
     if decision.action == "respond" and decision.response is not None:
-        flow.response = local_response(decision.response)
+        respond_locally(flow, decision.response)
         return True
     if decision.action == "reset":
         kill(flow)
@@ -460,9 +524,8 @@ async def streamed_response_headers(
         # the upstream's body, into whatever response the flow holds, and would stream it past
         # `stream_large_bodies`: so the local response streams, dropping the upstream's
         # chunks and sending its own body at the end.
-        local = local_response(d.response)
+        local = respond_locally(flow, d.response)
         local.stream = replacement_body(local.raw_content or b"")
-        flow.response = local
         ex.local = d.response  # ends the filter's response phases (see `response_phases`)
         return
     if d.action == "reset":
@@ -490,7 +553,7 @@ async def response_phases(flow: http.HTTPFlow, ex: Exchange, exports: frozenset[
     if ex.local is not None:
         if ex.response_streamed:  # decided on the streamed response's headers: it is sent
             return
-        flow.response = local_response(ex.local)  # decided while the request streamed
+        respond_locally(flow, ex.local)  # decided while the request streamed
         ex.local = None
     response = flow.response
     assert response is not None

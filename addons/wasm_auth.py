@@ -271,16 +271,18 @@ class RequestView(NamedTuple):
     authorization: bytes | None
 
 
-def view(request: http.Request) -> tuple[Pairs, bytes, int, bytes | None]:
-    """A `RequestView` of `request` (as a plain tuple: this runs on every request), from one
-    pass over its raw header fields (`headers.view_fields`, in C where the host's extension
-    is built: mitmproxy's header lookups are comparatively dear)."""
-    data = request.data
+def view(flow: http.HTTPFlow) -> tuple[Pairs, bytes, int, bytes | None]:
+    """A `RequestView` of the flow's request (as a plain tuple: this runs on every request),
+    from one pass over its raw header fields (`headers.view_fields`, in C where the host's
+    extension is built: mitmproxy's header lookups are comparatively dear). As in Envoy, the
+    filter sees the Host as `:authority` only, and the client's scheme as `:scheme`."""
+    data = flow.request.data
     fields, authority, hosts, authorization = view_fields(data.headers.fields)
     if not authority:
         authority = data.authority or data.host.encode("idna")
     return ([(b":method", data.method), (b":path", data.path), (b":authority", authority),
-             (b":scheme", data.scheme or b"http"), *fields], authority, hosts, authorization)
+             (b":scheme", b"https" if flow.client_conn.tls_established else b"http"), *fields],
+            authority, hosts, authorization)
 
 
 def instance_key(authority: bytes, mode: str) -> str:
@@ -1208,7 +1210,7 @@ class WasmAuth:
         waits (an outbound call, a pause, more phases to run)."""
         assert self.host is not None
         data = flow.request.data
-        pairs, authority, hosts, authorization = view(flow.request)
+        pairs, authority, hosts, authorization = view(flow)
         if hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
             self._refuse(flow, Refusal(400, f"{hosts} Host header fields"))
             return None
@@ -1321,13 +1323,13 @@ class WasmAuth:
                streamed: bool) -> None:
         """Forward, answer locally, or reset, as the filter decided."""
         if decision.action == "respond" and decision.response is not None:
-            flow.response = lifecycle.local_response(decision.response)
+            lifecycle.respond_locally(flow, decision.response)
         elif decision.action == "reset":
             flow.kill()
         elif stream is not None and not streamed:
             lifecycle.apply_request(flow, stream, decision)  # headers, body, trailers
         elif stream is None and decision.modified:
-            lifecycle.apply_request_headers(flow.request, decision.request_headers)
+            lifecycle.apply_request_headers(flow, decision.request_headers)
             lifecycle.keep_framing(flow.request, streamed)
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
@@ -1366,7 +1368,7 @@ class WasmAuth:
             self.write("requests", records.request(
                 self.proxy_id, self.clock.now_ns() / 1e9, key, key, decision, word,
                 flow.request.method, flow.request.path, 0.0,
-                token_hash(RequestView(*view(flow.request)).authorization)))
+                token_hash(RequestView(*view(flow)).authorization)))
 
     # ---- commands and the admin backend ----
 

@@ -188,6 +188,46 @@ def test_set_header_map_pairs_validates_the_encoding(harness) -> None:
     assert h.call("proxy_set_header_map_pairs", REQ, OOB, 16) == BAD
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    (b"x-a", b"1\r\nx-injected: 1"), (b"x-a", b"1\nx"), (b"x-a", b"nul\x00"),
+    (b"bad name", b"1"), (b"x:y", b"1"), (b"", b"1"), (b":path", b"/a b"),
+    (b":path", b""), (b":method", b"GET /x HTTP/1.1\r\n"), (b":foo", b"1"),
+])
+def test_a_field_that_would_split_the_message_is_refused(harness, name, value, caplog) -> None:
+    h = with_all(harness, *MAP_FUNCS, "proxy_send_local_response")
+    ctx = h.stream_context([(b":path", b"/"), (b"old", b"x")])
+    before = list(ctx.request_headers)
+    k, kn = h.put(1024, name)
+    v, vn = h.put(1100, value)
+    assert h.call("proxy_add_header_map_value", REQ, k, kn, v, vn) == Status.BAD_ARGUMENT
+    assert h.call("proxy_replace_header_map_value", REQ, k, kn, v, vn) == Status.BAD_ARGUMENT
+    m, mn = h.put(2048, serialize_map([(b"ok", b"1"), (name, value)]))
+    assert h.call("proxy_set_header_map_pairs", REQ, m, mn) == Status.BAD_ARGUMENT
+    assert h.call("proxy_send_local_response", 403, 0, 0, 0, 0, m, mn, 0) == (
+        Status.BAD_ARGUMENT)
+    assert ctx.request_headers == before and ctx.local_response is None
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 4 and all("\n" not in line and "\r" not in line for line in lines)
+
+
+def test_fields_with_any_other_bytes_are_kept(harness) -> None:
+    h = with_all(harness, *MAP_FUNCS)
+    ctx = h.stream_context([(b":path", b"/")])
+    k, kn = h.put(1024, b"X-Bin")
+    v, vn = h.put(1100, b"\xff\xfe tab\there")  # not UTF-8, but no CR, LF or NUL
+    assert h.call("proxy_add_header_map_value", REQ, k, kn, v, vn) == Status.OK
+    assert ctx.request_headers[-1] == (b"x-bin", b"\xff\xfe tab\there")
+
+
+def test_a_local_response_is_final(harness) -> None:
+    h = with_all(harness, "proxy_send_local_response")
+    ctx = h.stream_context()
+    assert h.call("proxy_send_local_response", 101, 0, 0, 0, 0, 0, 0, 0) == Status.BAD_ARGUMENT
+    assert h.call("proxy_send_local_response", 199, 0, 0, 0, 0, 0, 0, 0) == Status.BAD_ARGUMENT
+    assert ctx.local_response is None
+    assert h.call("proxy_send_local_response", 204, 0, 0, 0, 0, 0, 0, 0) == Status.OK
+
+
 def test_huge_header_value_crosses_the_boundary_intact(harness) -> None:
     h = with_all(harness, *MAP_FUNCS)
     big = bytes(range(256)) * 4096  # 1 MiB; the guest's allocator grows memory for it
@@ -370,6 +410,27 @@ def test_metrics_define_increment_record_get(harness) -> None:
     assert h.call("proxy_get_metric", 999, 2056) == Status.NOT_FOUND
     assert h.call("proxy_record_metric", 999, 1) == Status.NOT_FOUND
     assert h.call("proxy_get_metric", gauge, OOB) == BAD
+
+
+def test_metrics_by_type_as_envoy(harness) -> None:
+    """Envoy's semantics per type: recording on a counter adds; a histogram records, and can
+    neither be incremented nor read back."""
+    h = with_all(harness, "proxy_define_metric", "proxy_increment_metric", "proxy_record_metric",
+                 "proxy_get_metric")
+    n, nn = h.put(1024, b"conf.requests")
+    assert h.call("proxy_define_metric", MetricType.COUNTER, n, nn, 2048) == Status.OK
+    counter = h.u32(2048)
+    assert h.call("proxy_record_metric", counter, 5) == Status.OK
+    assert h.call("proxy_record_metric", counter, 5) == Status.OK
+    assert h.call("proxy_get_metric", counter, 2056) == Status.OK
+    assert h.u64(2056) == 10
+    m, mn = h.put(1100, b"conf.body_bytes")
+    assert h.call("proxy_define_metric", MetricType.HISTOGRAM, m, mn, 2052) == Status.OK
+    histogram = h.u32(2052)
+    assert h.call("proxy_record_metric", histogram, 42) == Status.OK
+    assert h.call("proxy_increment_metric", histogram, 1) == Status.BAD_ARGUMENT
+    assert h.call("proxy_get_metric", histogram, 2056) == Status.BAD_ARGUMENT
+    assert h.vm.metric_values()["conf.body_bytes"] == 42
 
 
 # ---- shared data, properties ----------------------------------------------------------------

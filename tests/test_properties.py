@@ -9,7 +9,8 @@ import pytest
 import wasmtime
 from mitmproxy.test import taddons, tflow
 
-from addons.proxywasm import Status, serialize_map
+from addons import lifecycle
+from addons.proxywasm import LocalResponse, Status, serialize_map
 from addons.proxywasm.properties import split
 from addons.wasm_auth import WasmAuth
 from tests.hooks import run_hook
@@ -119,11 +120,14 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
                        wasm_admin_listen="", wasm_root_id="r", wasm_vm_id="v",
                        wasm_spool=str(tmp_path / "spool"))
         f = tflow.tflow()
+        f.client_conn.timestamp_tls_setup = None  # a plain-HTTP client
         f.request.path = "/a/b?q=1"
         f.request.headers["user-agent"] = "ua/1"
         f.request.headers["referer"] = "http://ref/"
         f.request.headers["x-request-id"] = "rid-1"
         f.request.headers["host"] = "shop.example:8080"
+        f.request.headers.add("x-d", "1")
+        f.request.headers.add("x-d", "2")
         await run_hook(addon.request(f))
         [inst] = addon.host.instances.values()
         vm = inst.vm
@@ -143,6 +147,8 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         assert get((b"request", b"headers")) == serialize_map(
             [(k.lower(), v) for k, v in f.request.headers.fields])
         assert get((b"request", b"headers", b"user-agent")) == b"ua/1"
+        assert get((b"request", b"headers", b"x-d")) == b"1,2"  # every value, as Envoy joins them
+        assert get((b"request", b"headers", b"x-none")) is None
         assert get((b"source", b"address")) == b"127.0.0.1:22"
         assert get((b"source", b"port")) == i64(22)
         assert get((b"destination", b"port")) == i64(f.client_conn.sockname[1])
@@ -155,6 +161,14 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         f.response = tflow.tresp()
         assert get((b"response", b"code")) == i64(200)
         assert get((b"response", b"size")) == i64(len(f.response.raw_content))
+        assert get((b"response", b"code_details")) == b"via_upstream"
+        f.request.http_version = "HTTP/2.0"
+        assert get((b"request", b"protocol")) == b"HTTP/2"  # as Envoy names it
+        f.client_conn.timestamp_tls_setup = 1.0  # the client spoke TLS
+        assert get((b"request", b"scheme")) == b"https"  # the client's, not the upstream's
+        lifecycle.respond_locally(f, LocalResponse(403, b"no", [], "denied_by_policy"))
+        assert get((b"response", b"code_details")) == b"denied_by_policy"
+        assert get((b"response", b"code")) == i64(403)
         assert vm.plugin_properties[(b"plugin_root_id",)] == b"r"
         assert vm.plugin_properties[(b"plugin_vm_id",)] == b"v"
         r = addon.response(f)

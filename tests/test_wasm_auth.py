@@ -109,18 +109,22 @@ def test_instance_key(authority, key) -> None:
 
 def test_view() -> None:
     f = tflow.tflow()
+    f.client_conn.timestamp_tls_setup = None  # a plain-HTTP client
     f.request.headers["Host"] = "Shop.Example"
     f.request.headers["Authorization"] = "Bearer abc"
-    req = RequestView(*view(f.request))
+    req = RequestView(*view(f))
     assert (req.authority, req.hosts, req.authorization) == (b"Shop.Example", 1, b"Bearer abc")
-    assert view(tflow.tflow().request)[1] == b"address"  # no Host: the request's host
+    assert view(tflow.tflow())[1] == b"address"  # no Host: the request's host
     pairs = dict(req.pairs)
     assert pairs[b":method"] == b"GET" and pairs[b":path"] == b"/path"
     assert pairs[b":authority"] == b"Shop.Example"
     assert pairs[b"authorization"] == b"Bearer abc"  # the value as sent, the name lowercased
-    assert pairs[b"host"] == b"Shop.Example" and b"Host" not in pairs
+    assert b"host" not in pairs and b"Host" not in pairs  # as in Envoy: only :authority
+    assert pairs[b":scheme"] == b"http"
+    f.client_conn.timestamp_tls_setup = 1.0  # TLS: the client's scheme, not the forwarded one
+    assert dict(view(f)[0])[b":scheme"] == b"https"
     f.request.headers.add("host", "other.example")
-    assert view(f.request)[2] == 2  # two Host fields: refused by the hook
+    assert view(f)[2] == 2  # two Host fields: refused by the hook
 
 
 _names = st.sampled_from([b"host", b"Host", b"HOST", b"authorization", b"Authorization",

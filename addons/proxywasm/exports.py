@@ -22,7 +22,14 @@ from . import _wasmtime as raw
 from . import properties
 from .abi import BufferType, LogLevel, MapType, MetricType, Status, StreamType, WasiErrno
 from .context import ROOT_CONTEXT_ID, LocalResponse, Metric, PendingCall
-from .headers import MapFormatError, deserialize_map, serialize_map, serialized_size
+from .headers import (
+    MapFormatError,
+    deserialize_map,
+    invalid_field,
+    invalid_map,
+    serialize_map,
+    serialized_size,
+)
 from .vm import M32, Vm
 
 guest_logger = logging.getLogger("wasm_reclaim.guest")
@@ -36,6 +43,7 @@ _BAD_ARGUMENT = int(Status.BAD_ARGUMENT)
 _BAD_MEMORY = int(Status.INVALID_MEMORY_ACCESS)
 _UNIMPLEMENTED = int(Status.UNIMPLEMENTED)
 _COUNTER = int(MetricType.COUNTER)
+_HISTOGRAM = int(MetricType.HISTOGRAM)
 _HTTP_STREAMS = frozenset((int(StreamType.HTTP_REQUEST), int(StreamType.HTTP_RESPONSE)))
 _HTTP_REQUEST = int(StreamType.HTTP_REQUEST)
 _HTTP_RESPONSE = int(StreamType.HTTP_RESPONSE)
@@ -191,7 +199,17 @@ def proxy_set_header_map_pairs(vm: Vm, map_type: int, ptr: int, size: int) -> in
     except MapFormatError as e:
         guest_logger.warning("[%s] proxy_set_header_map_pairs: %s", vm.instance_id, e)
         return Status.BAD_ARGUMENT
+    why = invalid_map(pairs)
+    if why is not None:
+        return _refused(vm, "proxy_set_header_map_pairs", why)
     return Status.OK if vm.set_header_map(map_type, pairs) else Status.NOT_FOUND
+
+
+def _refused(vm: Vm, call: str, why: str) -> int:
+    """A header field that cannot go on the wire (`headers.invalid_field`): BAD_ARGUMENT, and
+    the map stays as it was (a value with CR or LF would split the message)."""
+    guest_logger.warning("[%s] %s: %s: refused", vm.instance_id, call, why)
+    return _BAD_ARGUMENT
 
 
 def proxy_get_header_map_value(
@@ -230,6 +248,10 @@ def _edit_map(
     if pairs is None or map_type >= MapType.GRPC_CALL_INITIAL_METADATA:
         return Status.NOT_FOUND
     key = key.lower()
+    if mode != "remove":
+        why = invalid_field(key, value)
+        if why is not None:
+            return _refused(vm, f"proxy_{mode}_header_map_value", why)
     if mode == "add":
         new = [*pairs, (key, value)]
     else:
@@ -307,8 +329,11 @@ def proxy_send_local_response(
     except MapFormatError as e:
         guest_logger.warning("[%s] proxy_send_local_response: %s", vm.instance_id, e)
         return Status.BAD_ARGUMENT
-    if not 100 <= status <= 999:
+    if not 200 <= status <= 999:  # a local response is final: never 1xx
         return Status.BAD_ARGUMENT
+    why = invalid_map(headers)
+    if why is not None:
+        return _refused(vm, "proxy_send_local_response", why)
     ctx = vm.contexts.get(vm.effective)
     if ctx is None:
         return Status.NOT_FOUND
@@ -417,8 +442,8 @@ def proxy_increment_metric(vm: Vm, metric_id: int, delta: int) -> int:
     metric = vm.metrics.get(metric_id)
     if metric is None:
         return _NOT_FOUND
-    if delta < 0 and metric.type == _COUNTER:
-        return _BAD_ARGUMENT
+    if (delta < 0 and metric.type == _COUNTER) or metric.type == _HISTOGRAM:
+        return _BAD_ARGUMENT  # as Envoy: a counter only grows; a histogram only records
     metric.value += delta
     return _OK
 
@@ -427,7 +452,10 @@ def proxy_record_metric(vm: Vm, metric_id: int, value: int) -> int:
     metric = vm.metrics.get(metric_id)
     if metric is None:
         return _NOT_FOUND
-    metric.value = value & 0xFFFFFFFFFFFFFFFF  # the ABI's value is a u64
+    # As Envoy: a counter adds the value, a gauge is set to it, a histogram keeps the latest
+    # value it recorded (what `metric_values` reports; its distribution is not kept).
+    value &= 0xFFFFFFFFFFFFFFFF  # the ABI's value is a u64
+    metric.value = (metric.value + value) & 0xFFFFFFFFFFFFFFFF if metric.type == _COUNTER else value
     return _OK
 
 
@@ -435,6 +463,8 @@ def proxy_get_metric(vm: Vm, metric_id: int, ret_value: int) -> int:
     metric = vm.metrics.get(metric_id)
     if metric is None:
         return Status.NOT_FOUND
+    if metric.type == _HISTOGRAM:
+        return Status.BAD_ARGUMENT  # as Envoy: a histogram cannot be read back
     return Status.OK if vm.write_u64(ret_value, metric.value) else BAD_MEMORY
 
 

@@ -45,6 +45,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <strings.h>
 
 /* ---------------------------------------------------------------------------------------- */
 /* The wasmtime 50 C API, as much as is used (wasmtime/val.h, func.h, linker.h, ...)        */
@@ -372,24 +373,29 @@ static PyObject *wr_parse_map(PyObject *Py_UNUSED(m), PyObject *data) {
 /* view_fields(fields): one pass over a request's raw header fields (mitmproxy's
  * `headers.fields`, a tuple of (name, value) bytes tuples) for the addon's request hook:
  * (lowered, host, hosts, authorization), where lowered is a new list of the fields with
- * lowercase names (bytes.lower(): ASCII only), host and authorization the values of the last
- * Host and Authorization fields (None if none) and hosts how many Host fields there are.
+ * lowercase names (bytes.lower(): ASCII only) but Host (a filter sees it as :authority, as in
+ * Envoy), host and authorization the values of the last Host and Authorization fields (None
+ * if none) and hosts how many Host fields there are.
  * None if fields is not such a tuple (headers.view_fields_py then decides).
  * NULL with an exception set only when memory runs out. */
 static PyObject *wr_view_fields(PyObject *Py_UNUSED(m), PyObject *fields) {
     if (!PyTuple_CheckExact(fields)) Py_RETURN_NONE;
     Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    long hosts = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyTuple_GET_ITEM(fields, i);
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
             !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 0)) ||
             !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 1)))
             Py_RETURN_NONE;
+        PyObject *name = PyTuple_GET_ITEM(pair, 0);
+        if (PyBytes_GET_SIZE(name) == 4 && strncasecmp(PyBytes_AS_STRING(name), "host", 4) == 0)
+            hosts++;
     }
-    PyObject *lowered = PyList_New(n);
+    PyObject *lowered = PyList_New(n - hosts);
     if (lowered == NULL) return NULL;
     PyObject *host = Py_None, *authorization = Py_None;
-    long hosts = 0;
+    Py_ssize_t out_i = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyTuple_GET_ITEM(fields, i);
         PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
@@ -413,11 +419,11 @@ static PyObject *wr_view_fields(PyObject *Py_UNUSED(m), PyObject *fields) {
         }
         const char *k = PyBytes_AS_STRING(key);
         if (len == 4 && memcmp(k, "host", 4) == 0) {
-            host = value;
-            hosts++;
-        } else if (len == 13 && memcmp(k, "authorization", 13) == 0) {
-            authorization = value;
+            host = value; /* counted above; not in the filter's map */
+            Py_DECREF(key);
+            continue;
         }
+        if (len == 13 && memcmp(k, "authorization", 13) == 0) authorization = value;
         PyObject *item = PyTuple_New(2);
         if (item == NULL) {
             Py_DECREF(key);
@@ -427,7 +433,7 @@ static PyObject *wr_view_fields(PyObject *Py_UNUSED(m), PyObject *fields) {
         Py_INCREF(value);
         PyTuple_SET_ITEM(item, 0, key);
         PyTuple_SET_ITEM(item, 1, value);
-        PyList_SET_ITEM(lowered, i, item);
+        PyList_SET_ITEM(lowered, out_i++, item);
     }
     PyObject *result = Py_BuildValue("(NOlO)", lowered, host, hosts, authorization);
     return result;

@@ -33,8 +33,9 @@ class MapFormatError(ValueError):
 def view_fields(raw: Sequence[tuple[bytes, bytes]]
                 ) -> tuple[Pairs, bytes | None, int, bytes | None]:
     """A request's raw header fields (mitmproxy's `headers.fields`) as (the fields with
-    lowercase names, the last Host value, how many Host fields, the last Authorization
-    value); None for a value that is absent."""
+    lowercase names, Host left out, the last Host value, how many Host fields, the last
+    Authorization value); None for a value that is absent. As in Envoy, a filter sees the
+    Host only as `:authority`."""
     if _view_fields is not None:
         got = _view_fields(raw)  # type: ignore[arg-type]  # None unless a tuple of bytes pairs
         if got is not None:
@@ -51,13 +52,55 @@ def view_fields_py(raw: Sequence[tuple[bytes, bytes]]
     fields = []
     for name, value in raw:
         lowered = name.lower()
-        fields.append((lowered, value))
         if lowered == b"host":
             host = value
             hosts += 1
-        elif lowered == b"authorization":
+            continue
+        if lowered == b"authorization":
             authorization = value
+        fields.append((lowered, value))
     return fields, host, hosts, authorization
+
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_NEVER_IN_VALUE = frozenset(b"\0\r\n")
+_NEVER_IN_TARGET = _NEVER_IN_VALUE | frozenset(b" \t")
+_PSEUDO = frozenset((b":method", b":path", b":scheme", b":authority", b":status"))
+
+
+def invalid_field(name: bytes, value: bytes) -> str | None:
+    """Why a header field a filter sets cannot go on the wire, or None if it can.
+
+    A name must be a token (RFC 9110 §5.1) or one of the pseudo-headers; no value may hold CR,
+    LF or NUL (a value with them would split the message: RFC 9110 §5.5); `:path`,
+    `:authority`, `:method` and `:scheme` are parts of the request line, so they hold no
+    whitespace and are not empty."""
+    if name.startswith(b":"):
+        if name not in _PSEUDO:
+            return f"unknown pseudo-header {escape_bytes(name)}"
+        if not value or not _NEVER_IN_TARGET.isdisjoint(value):
+            return f"{name.decode()} must be non-empty, without whitespace, CR, LF or NUL"
+        return None
+    if not name or not _TCHAR.issuperset(name):
+        return f"header name {escape_bytes(name)} is not a token"
+    if not _NEVER_IN_VALUE.isdisjoint(value):
+        return f"the value of {name.decode()} holds CR, LF or NUL"
+    return None
+
+
+def invalid_map(pairs: Pairs) -> str | None:
+    """`invalid_field` of the first field of `pairs` that cannot go on the wire, or None."""
+    for name, value in pairs:
+        why = invalid_field(name, value)
+        if why is not None:
+            return why
+    return None
+
+
+def escape_bytes(data: bytes, limit: int = 60) -> str:
+    """`data` as a short printable repr, for a log line."""
+    text = repr(data[:limit])[2:-1]
+    return f"'{text}'" + ("…" if len(data) > limit else "")
 
 
 def serialize_map(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
