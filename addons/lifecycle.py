@@ -187,7 +187,8 @@ def keep_framing(message: http.Message, streamed: bool) -> None:
     """After the filter edited the headers, make sure the body still has a length.
 
     A filter that removed Content-Length must not lose the body: a buffered body gets its
-    length back; a streamed HTTP/1 body is sent chunked.
+    length back (an empty response body too: without it the client reads to the end of the
+    connection); a streamed HTTP/1 body is sent chunked.
     """
     headers = message.headers
     if "content-length" in headers or "transfer-encoding" in headers:
@@ -195,8 +196,10 @@ def keep_framing(message: http.Message, streamed: bool) -> None:
     if streamed:
         if message.http_version.startswith("HTTP/1"):
             headers["transfer-encoding"] = "chunked"
-    elif message.raw_content:
-        headers["content-length"] = str(len(message.raw_content))
+    elif message.raw_content or (isinstance(message, http.Response)
+                                 and message.status_code >= 200
+                                 and message.status_code not in _NO_CONTENT):
+        headers["content-length"] = str(len(message.raw_content or b""))
 
 
 def unframe_for_streaming(message: http.Message) -> None:

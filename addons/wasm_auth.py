@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, NamedTuple, cast
 
-from mitmproxy import command, ctx, exceptions, http, types
+from mitmproxy import command, connection, ctx, exceptions, http, types
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
@@ -467,6 +467,9 @@ class WasmAuth:
         self._closing: set[asyncio.Task[None]] = set()
         self._running = False
         self._open: dict[str, lifecycle.Exchange] = {}
+        self._waiting: dict[str, tuple[http.HTTPFlow, Stream]] = {}
+        """Flows whose filter phases a hook awaits (paused, or more phases to run), by flow id:
+        if their client leaves, `client_disconnected` ends their streams."""
         self._service_modules: dict[Path, FilterModule] = {}
         self.services: list[Host] = []
         """The service plugins' hosts (wasm_service), each with one root-only instance."""
@@ -1180,10 +1183,25 @@ class WasmAuth:
             self._finish(flow, ex)
 
     async def _response(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
+        if ex.stream is not None:
+            self._waiting[flow.id] = (flow, ex.stream)
         try:
             await lifecycle.response_phases(flow, ex, self._exports)
         finally:
+            self._waiting.pop(flow.id, None)
             self._finish(flow, ex)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        """The client left while the filter's phases of some of its flows were awaited (an
+        outbound call, a pause): end those streams now, as Envoy resets a stream whose client
+        is gone. A paused phase is decided by the fail policy ("client disconnected"), then
+        `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` run; an outbound call still in
+        flight runs to its end, and its answer is dropped."""
+        if not self._waiting:
+            return
+        for stream in [st for f, st in self._waiting.values() if f.client_conn.id == client.id]:
+            stream.fail_pending("client disconnected")
+            stream.close()
 
     def _end_open_exchanges(self) -> None:
         """The proxy stops with exchanges in flight: end their streams, keep their records."""
@@ -1262,9 +1280,13 @@ class WasmAuth:
                              phases: list[lifecycle.Step] | None) -> None:
         """The request's phases when they are more than its headers, or when the filter
         paused them: run them, wait for the decision, then go on as `_decided`."""
-        decision = await lifecycle.run_phases(begun.stream, phases) if phases else None
-        if decision is None:
-            decision = await lifecycle.wait(begun.stream, decision)
+        self._waiting[flow.id] = (flow, begun.stream)
+        try:
+            decision = await lifecycle.run_phases(begun.stream, phases) if phases else None
+            if decision is None:
+                decision = await lifecycle.wait(begun.stream, decision)
+        finally:
+            self._waiting.pop(flow.id, None)
         self._decided(flow, decision, *begun)
 
     def _decided(self, flow: http.HTTPFlow, decision: Decision, streamed: bool, key: str,

@@ -107,3 +107,18 @@ def test_a_local_response_keeps_its_body_and_length() -> None:
     assert (f.response.status_code, f.response.raw_content) == (403, b"denied")
     assert f.response.headers["content-length"] == "6"
     assert ":status" not in f.response.headers  # pseudo-headers are not fields
+
+
+def test_an_empty_response_keeps_its_framing() -> None:
+    response = http.Response.make(200, b"", {})
+    del response.headers["content-length"]  # a filter removed it
+    lifecycle.keep_framing(response, streamed=False)
+    assert response.headers["content-length"] == "0"
+    no_content = http.Response.make(204, b"", {})
+    del no_content.headers["content-length"]
+    lifecycle.keep_framing(no_content, streamed=False)
+    assert "content-length" not in no_content.headers
+    request = http.Request.make("GET", "http://shop.example/", b"", {})
+    del request.headers["content-length"]
+    lifecycle.keep_framing(request, streamed=False)
+    assert "content-length" not in request.headers  # a request without a body needs none

@@ -601,3 +601,34 @@ def test_a_local_response_replaces_a_large_upstream_answer_whole(tmp_path) -> No
         for path in ("/length", "/chunked"):
             r = httpx.get(f"{proxy}{path}", timeout=10)
             assert (r.status_code, r.content) == (418, b"short and stout"), path
+
+
+# A filter that pauses its request headers (as while it waits for an auth call), and logs the
+# end of its stream.
+PAUSER = REWRITER.replace(
+    """    (drop (call $proxy_add_header_map_value (i32.const 0) (i32.const 1050) (i32.const 5) (i32.const 1200) (i32.const 1)))
+    (i32.const 0))""",
+    """    (i32.const 1))""", 1)
+
+
+async def test_a_client_that_leaves_ends_its_paused_streams(tmp_path, caplog) -> None:
+    """As Envoy resets a stream whose client is gone: the paused phase is decided at once,
+    and the stream ends (log, done, delete), not when the filter would have gone on."""
+    async with addon_running(tmp_path, PAUSER) as addon:
+        left, stays = tflow.tflow(), tflow.tflow()
+        for f in (left, stays):
+            f.request.content = b""  # the headers are the last phase: their pause is awaited
+        waiting = [asyncio.ensure_future(addon.request(f)) for f in (left, stays)]
+        await asyncio.sleep(0)
+        assert set(addon._waiting) == {left.id, stays.id}
+        inst = next(iter(addon.host.instances.values()))
+        assert len(inst.vm.contexts) == 2
+        with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
+            addon.client_disconnected(left.client_conn)
+        await asyncio.wait_for(waiting[0], 5)
+        assert "on_delete" in caplog.text
+        assert len(inst.vm.contexts) == 1 and set(addon._waiting) == {stays.id}
+        assert left.response is not None and left.response.status_code == 503  # fail closed
+        assert "client disconnected" in left.comment
+        assert not waiting[1].done()  # another client's paused stream waits on
+        waiting[1].cancel()
