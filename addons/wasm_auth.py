@@ -507,6 +507,28 @@ class WasmAuth:
     # ---- options ----
 
     def load(self, loader: Any) -> None:
+        """Add the options, then apply the `--set` values given for them. mitmproxy applies
+        them itself once `load` returns, and a bad one (`wasm_fail_open=yes`, a number given
+        twice) raises there, in its script loader, which drops the error without a word: the
+        proxy would then run without the filter. Applied here, each bad value is said in one
+        line (mitmdump and mitmweb then stop: "Error logged during startup") and dropped, and
+        the addon still loads with the other values, failing closed."""
+        self._add_options(loader)
+        options = loader.master.options
+        errors = []
+        for name, pending in list(getattr(options, "deferred", {}).items()):
+            values = getattr(pending, "val", None)
+            if not name.startswith("wasm_") or name not in options or values is None:
+                continue
+            try:
+                options.set(*(f"{name}={value}" for value in values))
+            except exceptions.OptionsError as e:
+                errors.append(str(e) if name in str(e) else f"{name}: {e}")
+            options.deferred.pop(name, None)
+        if errors:
+            logger.error("wasm_auth: %s", "; ".join(errors))
+
+    def _add_options(self, loader: Any) -> None:
         loader.add_option("wasm_filter", str, str(DEFAULT_FILTER),
                           "Path to the Proxy-Wasm filter (.wasm, ABI 0.2.1 or 0.2.0).")
         loader.add_option("wasm_filter_config", str, "",
