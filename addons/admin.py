@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from addons.logsafe import OneLine, RateLimit, escape, install
+from addons.logsafe import OneLine, RateLimit, Redact, escape, install
 
 logger = logging.getLogger(__name__)
 http_logger = logging.getLogger(__name__ + ".http")
@@ -212,7 +212,7 @@ def make_app(backend: AdminBackend, token: str) -> web.Application:
             if raw.strip():
                 try:
                     body = parse_restart_body(json.loads(raw))
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
                     message = str(e) if not isinstance(e, json.JSONDecodeError) else (
                         f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}")
                     return _error(400, message)
@@ -240,13 +240,14 @@ class AdminServer:
 
     def __init__(self, backend: AdminBackend, token: str, host: str, port: int) -> None:
         self.app = make_app(backend, token)
+        self.token = token  # hidden in the admin's log lines (`Redact`)
         self.host, self.port = host, port
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Bind and serve; OSError (e.g. the port is taken) propagates with its reason."""
-        install([logger.name], RateLimit())
-        install([http_logger.name], OneLine(), RateLimit())
+        install([logger.name], Redact(self.token), RateLimit())
+        install([http_logger.name], OneLine(), Redact(self.token), RateLimit())
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                logger=http_logger)
         await runner.setup()

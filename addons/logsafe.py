@@ -14,7 +14,9 @@ Filters on a logger apply to the records logged on that logger (not on its child
 from __future__ import annotations
 
 import logging
+import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 
 MAX_TEXT = 200
@@ -54,6 +56,28 @@ class OneLine(logging.Filter):
             record.args = ()
             record.exc_info = None
             record.exc_text = None
+        return True
+
+
+class Redact(logging.Filter):
+    """Hide secrets in a record's line: each of `secrets` (the admin token), and the credentials
+    after `Bearer` or `Basic` (a client's Authorization header quoted in an error: aiohttp's
+    "Invalid header value" or "LineTooLong" lines quote the raw header line)."""
+
+    _CREDENTIALS = re.compile(r"(?i)(bearer|basic)(\s+|\\x20|\\t)[^\s'\"\\]+")
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        hidden = line
+        for secret in self.secrets:
+            hidden = hidden.replace(secret, "[redacted]")
+        hidden = self._CREDENTIALS.sub(r"\1\2[redacted]", hidden)
+        if hidden != line:
+            record.msg, record.args = hidden, ()
         return True
 
 
@@ -112,3 +136,16 @@ def install(names: Iterable[str], *filters: logging.Filter) -> None:
         for f in filters:
             if not any(type(existing) is type(f) for existing in target.filters):
                 target.addFilter(f)
+
+
+def shown_url(url: str) -> str:
+    """`url` as a log line may show it: a password in it replaced by `***`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal, NamedTuple, cast
@@ -59,7 +60,7 @@ from addons.instance_bounds import (
     parse_allow,
     parse_instance_key,
 )
-from addons.logsafe import RateLimit, escape, install
+from addons.logsafe import RateLimit, escape, install, shown_url
 from addons.proxywasm import (
     WASM_PAGE_SIZE,
     AuthCallRecord,
@@ -121,7 +122,14 @@ def parse_clusters(specs: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"wasm_cluster: expected NAME=URL, got {spec!r}")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"wasm_cluster {name}: URL must start with http:// or https://, "
-                             f"got {url!r}")
+                             f"got {shown_url(url)!r}")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not one
+        except ValueError as e:
+            raise ValueError(f"wasm_cluster {name}: {shown_url(url)!r} is not a URL: {e}") from None
+        if not parts.hostname:
+            raise ValueError(f"wasm_cluster {name}: {shown_url(url)!r} names no host")
         if name in clusters:
             raise ValueError(f"wasm_cluster: {name!r} is given twice")
         clusters[name] = url.rstrip("/")
@@ -799,7 +807,7 @@ class WasmAuth:
                 task.add_done_callback(self._closing.discard)
         logger.info("wasm: filter %s (ABI %s), instances per %s, clusters %s%s",
                     s.filter_path, self.module.abi_version, s.instance_key,
-                    ", ".join(f"{k}={v}" for k, v in s.clusters.items()) or "none",
+                    ", ".join(f"{k}={shown_url(v)}" for k, v in s.clusters.items()) or "none",
                     f", clock ×{s.clock_speed:g}" if s.clock_speed != 1 else "")
 
     def _load_services(self, s: Settings) -> None:

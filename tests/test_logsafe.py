@@ -9,7 +9,7 @@ import pytest
 import wasmtime
 from mitmproxy.test import taddons, tflow
 
-from addons.logsafe import OneLine, RateLimit, escape
+from addons.logsafe import OneLine, RateLimit, Redact, escape, shown_url
 from addons.wasm_auth import WasmAuth
 from tests.hooks import run_hook
 
@@ -129,3 +129,22 @@ def test_rate_limit_by_text_holds_back_only_repeats_of_one_line() -> None:
     assert distinct == [True] * 8  # one format, eight lines: all of them
     same = [limit.filter(_record("[%s] %s", "shop", "again")) for _ in range(5)]
     assert same == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("line", [
+    "Error handling request: Invalid header value char: b'Authorization: Bearer s3cr3t-tok_en'",
+    "LineTooLong: b\"authorization:\\x20bearer\\x20s3cr3t-tok_en\"",
+    "got basic s3cr3t-tok_en from a client",
+    "the token s3cr3t-tok_en, quoted alone",
+])
+def test_redact_hides_the_token_and_any_credentials(line) -> None:
+    record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "%s", (line,), None)
+    assert Redact("s3cr3t-tok_en").filter(record)
+    assert "s3cr3t" not in record.getMessage() and "[redacted]" in record.getMessage()
+
+
+def test_shown_url_hides_a_password() -> None:
+    assert shown_url("http://admin:Sup3rSecret@auth.internal:8081/v") == (
+        "http://admin:***@auth.internal:8081/v")
+    assert shown_url("http://auth.internal:8081") == "http://auth.internal:8081"
+    assert "Sup3r" not in shown_url("http://admin:Sup3r@[::1")  # not even a URL

@@ -59,6 +59,10 @@ def test_parse_clusters(specs, expected) -> None:
     (["=http://x"], "expected NAME=URL"),
     (["auth=127.0.0.1:8081"], "must start with http"),
     (["a=http://x", "a=http://y"], "given twice"),
+    (["auth=http://[::1"], "is not a URL: Invalid IPv6 URL"),
+    (["auth=http://auth:99999"], "is not a URL: Port out of range"),
+    (["auth=http://:8081"], "names no host"),
+    (["auth=ftp://u:pw@x"], r"got 'ftp://u:\*\*\*@x'"),  # the password is never shown
 ])
 def test_parse_clusters_errors(specs, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -571,7 +575,7 @@ def test_the_script_module_carries_the_addon_s_hooks_and_none_for_the_rest() -> 
     assert type(addon).__name__ == "WasmAuth"
     bound = {n for n in names if vars(script)[n] is not None}
     assert bound == {"load", "configure", "running", "done", "requestheaders", "request",
-                     "responseheaders", "response", "error"}
+                     "responseheaders", "response", "error", "client_disconnected"}
     assert all(getattr(vars(script)[n], "__self__", None) is addon for n in bound)
     assert vars(script)["update"] is None
     assert script.restart.command_name == "wasm.restart"  # commands too

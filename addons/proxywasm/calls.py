@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+from addons.logsafe import escape, shown_url
+
 from .headers import Pairs
 
 logger = logging.getLogger(__name__)
@@ -193,10 +195,11 @@ class HttpxDispatcher(Dispatcher):
                     call.method, url, headers=headers, content=call.body or None, timeout=None)
         except TimeoutError:
             return  # no delivery: the host's own timer ends the call, as `timeout`
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:  # a URL the call built
             logger.warning(
                 "outbound call to cluster %s (%s) failed: %s", call.cluster,
-                self.clusters[call.cluster], type(e).__name__ + (f": {e}" if str(e) else ""),
+                shown_url(self.clusters[call.cluster]),
+                escape(type(e).__name__ + (f": {e}" if str(e) else "")),
             )
             deliver(None)
             return

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
+from addons.logsafe import escape  # an admin's reason is any text
+
 from . import _wasmtime as raw
 from .abi import WASM_PAGE_SIZE, Action, Status
 from .calls import Dispatcher, HttpCall, HttpCallResponse
@@ -538,7 +540,7 @@ class FilterInstance:
         logger.info(
             "restarted %s (%s%s): generation %d -> %d (%s, by %s), allocated %d -> %d bytes",
             self.id, ran, f", {replayed} requests replayed" if ran == "warm" else "",
-            generation_before, new.generation, reason, requested_by, before,
+            generation_before, new.generation, escape(reason), escape(requested_by), before,
             record.allocated_bytes_after,
         )
         self.host.events.on_restart(record)
