@@ -340,12 +340,12 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         raise ConfigError(str(e)) from e
     store = args.store or os.environ.get("MONGODB_URI") or DEFAULT_STORE
     if is_mongo_uri(store):
-        from pymongo.errors import InvalidURI
+        from pymongo.errors import ConfigurationError, InvalidURI
         from pymongo.uri_parser import parse_uri
 
         try:
-            parse_uri(store, warn=True)
-        except (InvalidURI, ValueError) as e:
+            parse_uri(store, warn=True)  # a mongodb+srv:// host is resolved here
+        except (ConfigurationError, InvalidURI, ValueError) as e:
             raise ConfigError(f"--store {redact(store)}: {str(e).splitlines()[0]}") from None
     admin_url: str | None = None
     endpoints: tuple[Endpoint, ...] = ()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from scenarios.cli import count, non_negative, positive
 from scenarios.cli import port as port_number
@@ -32,6 +32,9 @@ from scenarios.eclog import (
     write_eclog,
 )
 from scenarios.trace import ScenarioError, Trace, default_ttl, summary
+
+if TYPE_CHECKING:
+    from scenarios.simulate import SimConfig
 
 PROG = "python -m scenarios"
 
@@ -266,8 +269,9 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plot(a: argparse.Namespace) -> int:
-    from scenarios.plots import plot_eclog  # matplotlib: only when plotting
+    from scenarios.plots import check_plot_path, plot_eclog  # matplotlib: only when plotting
 
+    check_plot_path(a.out)
     params = _convert_params(a, a.csv.stem)
     plot_eclog(a.csv, a.out, columns=_columns(a), params=params, bin_seconds=a.bin)
     _done(a.out, "plot")
@@ -338,8 +342,8 @@ def _har_replay_args(p: argparse.ArgumentParser) -> None:
                         help="recorded seconds per second (also the addon's wasm_clock_speed)")
     timing.add_argument("--fast", action="store_true",
                         help="as fast as possible (order per token still holds)")
-    p.add_argument("--filter-config", default="",
-                   help="the filter's configuration (JSON), as wasm_filter_config")
+    p.add_argument("--filter-config", default="", metavar="JSON",
+                   help="the filter's configuration: JSON text or @path, as wasm_filter_config")
     p.add_argument("--state", type=Path, default=Path(".wasm-reclaim/har-replay"),
                    help="logs, spool and embedded stores (a new subdirectory per run)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -348,18 +352,14 @@ def _har_replay_args(p: argparse.ArgumentParser) -> None:
 def _har_replay(a: argparse.Namespace) -> int:
     from scenarios.har_replay import HarReplayConfig, dumps, har_replay
 
-    if a.filter_config:
-        try:
-            json.loads(a.filter_config)
-        except json.JSONDecodeError as e:
-            raise ScenarioError(f"--filter-config: not JSON: {e.msg}") from None
+    config = filter_config(a.filter_config)  # before any server starts, as the file below
     if not a.har.is_file():
         raise ScenarioError(f"{a.har}: no such file")
     from scenarios.har import read_har
 
     read_har(a.har)  # bad input fails here, before any server starts
     result = har_replay(a.har, HarReplayConfig(speed=a.speed, fast=a.fast, state=a.state,
-                                               filter_config=a.filter_config,
+                                               filter_config=config,
                                                progress=_tty()))
     print(dumps(result) if a.json else result.format())
     if not result.ok:
@@ -400,9 +400,20 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(a: argparse.Namespace) -> int:
-    from scenarios.store_cli import export_collection, list_collections
+    from pymongo.errors import ConfigurationError
+
+    from addons.telemetry.store import redact
 
     store = a.store or os.environ.get("MONGODB_URI") or ".wasm-reclaim/store"
+    try:
+        return _store_action(a, store)
+    except ConfigurationError as e:  # e.g. a mongodb+srv:// host without SRV records
+        raise ScenarioError(f"{redact(store)}: {str(e).splitlines()[0]}") from None
+
+
+def _store_action(a: argparse.Namespace, store: str) -> int:
+    from scenarios.store_cli import export_collection, list_collections
+
     if a.action == "list":
         for name, n in list_collections(store, a.database, a.timeout):
             print(f"{name:<16} {n:>10}")
@@ -594,6 +605,14 @@ def _replay(a: argparse.Namespace) -> int:
     )
     result = replay(trace, config)
     print(dumps_summary(result) if a.json else result.format())
+    # A denial is an answer (a trace may test them); no answer at all is the replay failing.
+    answered = sum(n for status, n in result.status.items() if status.isdigit())
+    if result.status and not answered:
+        print(f"{PROG} replay: no request was answered (status: "
+              f"{', '.join(f'{k}: {v}' for k, v in sorted(result.status.items()))}; auth "
+              f"server: {', '.join(f'{k}: {v}' for k, v in sorted(result.auth_status.items()))})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -668,8 +687,38 @@ def filter_config(text: str) -> str:
     return json.dumps(value)
 
 
+def checked_filter_config(sim: SimConfig) -> None:
+    """Start the filter once with `sim`'s plugin configuration, so that one it rejects is one
+    line (with the filter's reason) before any run starts."""
+    if not sim.plugin_configuration:
+        return
+    import logging
+
+    from addons.proxywasm.vm import FilterStartError
+    from scenarios.experiment import filter_module
+    from scenarios.simulate import Simulation
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage().split("] ", 1)[-1])  # without `[instance gen n]`
+
+    guest = logging.getLogger("wasm_reclaim.guest")
+    keep, propagate = Keep(logging.WARNING), guest.propagate
+    guest.addHandler(keep)
+    guest.propagate = False
+    try:
+        Simulation(sim, filter_module(sim.filter_path)).host.instance("probe")
+    except FilterStartError as e:
+        raise ScenarioError(f"--filter-config: {said[-1] if said else e}") from None
+    finally:
+        guest.removeHandler(keep)
+        guest.propagate = propagate
+
+
 def _experiment(a: argparse.Namespace) -> int:
-    from scenarios.experiment import ExperimentConfig, run_policies
+    from scenarios.experiment import ExperimentConfig, load_trace, run_policies
     from scenarios.report import markdown_table, write_report
     from scenarios.simulate import SimConfig
 
@@ -678,6 +727,10 @@ def _experiment(a: argparse.Namespace) -> int:
                                             auth_latency=a.auth_latency,
                                             plugin_configuration=filter_config(a.filter_config)))
     specs = checked_policies(a.policies)
+    checked_filter_config(config.sim)
+    counts = load_trace(a.trace).counts()
+    if not counts["request"] + counts["logout"]:  # nothing goes through the proxy
+        raise ScenarioError(f"{a.trace}: the trace has no requests to replay")
     runs = run_policies(a.trace, specs, config, a.jobs, progress=_tty())
     summary = write_report(runs, config, a.out, a.title or a.trace.stem)
     print(markdown_table(summary), end="")

@@ -539,6 +539,9 @@ def live_command(a: Any) -> int:
         trace.write_jsonl(a.out / "trace.jsonl")
     else:
         trace = Trace.read_jsonl(a.trace)
+        counts = trace.counts()
+        if not counts["request"] + counts["logout"]:  # nothing goes through the proxy
+            raise ScenarioError(f"{a.trace}: the trace has no requests to replay")
     policy = a.policy or (QUICK_POLICY if a.quick else "ratio")
     run = run_live(trace, policy, a.speed, a.state, a.manager_arg, progress=sys.stderr.isatty())
     table = write_live_report(trace, run, a.out, a.speed)

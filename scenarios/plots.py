@@ -12,10 +12,11 @@ from pathlib import Path
 import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
 from scenarios.eclog import EClogColumns, EClogConvertParams, eclog_to_trace, read_eclog
-from scenarios.trace import Trace, live_tokens
+from scenarios.trace import ScenarioError, Trace, live_tokens
 
 
 def rates(trace: Trace, bin_seconds: float = 60.0) -> pd.DataFrame:
@@ -115,6 +116,15 @@ def plot_trace(
     path = Path(out)
     fig.savefig(path, dpi=110)
     return path
+
+
+def check_plot_path(out: str | Path, name: str = "--out") -> None:
+    """Refuse a file name whose suffix matplotlib cannot write (no suffix: PNG)."""
+    suffix = Path(out).suffix
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix[1:].lower() not in formats:
+        raise ScenarioError(f"{name}: matplotlib cannot write a {suffix} file; use one of "
+                            f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 def plot_eclog(

@@ -71,7 +71,12 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         for name in ("proxy", "auth"):
             url = getattr(self, name)
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 (raises on a port out of range or not a number)
+            except ValueError as e:
+                raise ScenarioError(f"--{name}: {url!r} is not an http(s)://host:port URL: "
+                                    f"{e}") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ScenarioError(f"--{name}: {url!r} is not an http(s)://host:port URL")
         if not (math.isfinite(self.speed) and self.speed > 0):

@@ -14,6 +14,7 @@ import pytest
 from scenarios.__main__ import COMMANDS, main
 from scenarios.fig4 import fig4_title
 from scenarios.standard import SCENARIOS
+from scenarios.trace import Event, Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,8 @@ def files(tmp_path: Path) -> Path:
         '{"method": "GET", "url": "http://a/", "headers": "oops"}}]}}')
     (tmp_path / "inf.csv").write_text("TimeStamp,Uri,UserId\ninf,/,1\n")
     assert main(["basic", "--out", str(tmp_path / "ok.jsonl"), "--count", "2"]) == 0
+    Trace((Event.login(0, "u", "t"),)).write_jsonl(tmp_path / "logins.jsonl")  # no request
+    (tmp_path / "ok.csv").write_text("TimeStamp,Uri,UserId\n2019-12-01T00:00:01,/,1\n")
     return tmp_path
 
 
@@ -37,7 +40,8 @@ BAD = {
     "eclog-convert": [["inf.csv", "--out", "t.jsonl"], ["nope.csv", "--out", "t.jsonl"],
                       ["inf.csv", "--out", "t.jsonl", "--ttl", "-1"],
                       ["inf.csv", "--out", "t.jsonl", "--columns", "bogus=X"]],
-    "eclog-plot": [["nope.csv", "--out", "p.png"], ["inf.csv", "--out", "p.png", "--bin", "0"]],
+    "eclog-plot": [["nope.csv", "--out", "p.png"], ["inf.csv", "--out", "p.png", "--bin", "0"],
+                   ["ok.csv", "--out", "p.txt"]],
     "har-write": [["broken.jsonl", "--out", "x.har"], ["ok.jsonl", "--out", "x.har",
                                                        "--base", "noon"]],
     "har-read": [["oops.har", "--out", "t.jsonl"], ["broken.jsonl", "--out", "t.jsonl"]],
@@ -47,17 +51,23 @@ BAD = {
     "experiment": [["--trace", "ok.jsonl", "--out", "e", "--policies", "bogus"],
                    ["--trace", "ok.jsonl", "--out", "e", "--sample-interval", "0"],
                    ["--trace", "ok.jsonl", "--out", "e", "--jobs", "0"],
-                   ["--trace", "nope.jsonl", "--out", "e"]],
+                   ["--trace", "nope.jsonl", "--out", "e"],
+                   ["--trace", "logins.jsonl", "--out", "e", "--policies", "none"],
+                   ["--trace", "ok.jsonl", "--out", "e", "--policies", "none",
+                    "--filter-config", '{"ttl_seconds": -5}']],
     "standard": [["--jobs", "0"], ["--only", "nothing"]],
     "fig4": [["--count", "0"], ["--interval", "inf"]],
     "auth-server": [["--port", "99999"], ["--fail-rate", "2", "--no-store", "--port", "0"]],
     "shop": [["--port", "99999"], ["--port", "http"]],
     "replay": [["ok.jsonl", "--proxy", "notaurl"], ["ok.jsonl", "--speed", "0"],
+               ["ok.jsonl", "--proxy", "http://127.0.0.1:99999"],
+               ["ok.jsonl", "--auth", "http://[::1"],
                ["ok.jsonl", "--concurrency", "0"], ["nope.jsonl"]],
     "live": [["--quick", "--speed", "0"], ["--quick", "--policy", "bogus"],
-             ["--trace", "nope.jsonl"]],
+             ["--trace", "nope.jsonl"], ["--trace", "logins.jsonl"]],
     "store": [["export", "requests", "--store", "nope-dir"], ["export", "nothing"],
-              ["export", "requests", "--store", "mongodb://127.0.0.1:1/", "--timeout", "0.2"]],
+              ["export", "requests", "--store", "mongodb://127.0.0.1:1/", "--timeout", "0.2"],
+              ["list", "--store", "mongodb+srv://nonexistent.invalid/"]],
 }
 
 
@@ -76,6 +86,17 @@ def test_bad_input_is_one_line_and_exit_2(files, monkeypatch, capsys, command, a
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_filter_config_takes_a_file(files, monkeypatch, capsys) -> None:
+    """`--filter-config @path` reads the file, as wasm_filter_config does."""
+    monkeypatch.chdir(files)
+    (files / "config.json").write_text('{"ttl_seconds": 300}')
+    assert main(["har-replay", "nope.har", "--filter-config", "@config.json"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.har: no such file" in err and "--filter-config" not in err, err
+    assert main(["har-replay", "nope.har", "--filter-config", "@missing.json"]) == 2
+    assert "--filter-config: cannot read missing.json" in capsys.readouterr().err
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path) -> None:

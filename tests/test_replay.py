@@ -77,6 +77,9 @@ def test_target_rate() -> None:
         ({"timeout": 0}, "timeout"),
         ({"proxy": "127.0.0.1:8080"}, "--proxy"),
         ({"auth": "ftp://x"}, "--auth"),
+        ({"proxy": "http://127.0.0.1:99999"}, "--proxy: .* Port out of range"),
+        ({"auth": "http://[::1"}, "--auth: .* Invalid IPv6 URL"),
+        ({"proxy": "http://127.0.0.1:port"}, "--proxy"),
     ],
 )
 def test_config_validated(kw: dict[str, Any], match: str) -> None:
@@ -289,6 +292,14 @@ def test_cli(servers: Servers, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "sent         10 through the proxy" in r.stdout
     assert "max lag" in r.stdout and "rate" in r.stdout
+
+    # The shop as the auth server: every login fails, so no request is sent: exit 1.
+    r = run_cli(str(path), "--proxy", servers.shop, "--auth", servers.shop, "--fast")
+    assert r.returncode == 1, r.stderr
+    assert "sent         0 through the proxy" in r.stdout
+    assert r.stderr.strip().splitlines() == [
+        "python -m scenarios replay: no request was answered (status: skipped: 10; auth server: "
+        "login error:KeyError: 5)"]
 
     dead = f"http://127.0.0.1:{free_port()}"
     r = run_cli(str(path), "--proxy", dead, "--auth", servers.auth)

@@ -99,6 +99,22 @@ def test_an_old_montydb_store_is_a_one_line_error(tmp_path, capsys) -> None:
     assert not (tmp_path / "wasm_reclaim.sqlite3").exists()
 
 
+def test_an_unresolvable_srv_store_is_a_one_line_error(capsys) -> None:
+    """A mongodb+srv:// host is resolved when the URI is parsed: one that does not resolve
+    is a bad --store (exit 2), not a traceback."""
+    from manager.__main__ import main as manager_main
+
+    uri = "mongodb+srv://nonexistent.invalid/"
+    assert main(["store", "list", "--store", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m scenarios store: error: {uri}: "), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert manager_main(["run", "--store", uri, "--admin", "http://127.0.0.1:9", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"manager: --store {uri}: "), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.mongo
 def test_export_from_mongodb(mongo_uri, capsys) -> None:
     name = f"storecli_{uuid.uuid4().hex[:8]}"
