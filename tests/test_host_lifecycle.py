@@ -10,10 +10,12 @@ import pytest
 import wasmtime
 
 from addons.proxywasm import (
+    AuthCallRecord,
     FilterLoadError,
     FilterModule,
     FilterStartError,
     Host,
+    HostEvents,
     HttpCallResponse,
     InProcessDispatcher,
     Limits,
@@ -328,6 +330,31 @@ def test_call_timeout_delivers_a_failure_and_a_late_answer_is_ignored() -> None:
     clock.advance(5.0)
     host.poll()  # the late answer arrives: ignored, no crash, decision unchanged
     assert s.decision.response.status == 503
+
+
+def test_a_call_of_a_closed_stream_is_recorded_but_never_delivered() -> None:
+    """The client left while its request waited for the auth call: the stream ends at once
+    (as Envoy resets it); the call's answer still counts as an outbound call (the manager's
+    O(t)), and the filter is not called back for a context that is gone."""
+    calls = []
+
+    class Events(HostEvents):
+        def on_auth_call(self, record: AuthCallRecord) -> None:
+            calls.append(record)
+
+    host, clock = make_host(latency=0.5, events=Events())
+    inst = host.instance("shop")
+    s = inst.stream()
+    assert s.request_headers([]) is None  # paused on the outbound call
+    s.fail_pending("client disconnected")
+    s.close()
+    vm = inst.vm
+    assert vm.contexts == {} and len(vm.calls) == 1 and not vm.idle
+    clock.advance(0.5)
+    host.poll()
+    assert [(c.outcome, c.status) for c in calls] == [("ok", 200)]
+    assert vm.calls == {} and vm.idle and not vm.closed
+    assert inst.observe().outbound == 1
 
 
 def test_a_zero_timeout_is_no_timeout_of_the_filters_own() -> None:

@@ -63,7 +63,7 @@ class StreamContext:
 class PendingCall:
     """An outbound `proxy_http_call` waiting for its response or its deadline."""
 
-    __slots__ = ("cluster", "context_id", "deadline_ns", "id", "path", "started_ns")
+    __slots__ = ("cluster", "context_id", "deadline_ns", "id", "orphaned", "path", "started_ns")
 
     def __init__(
         self, call_id: int, context_id: int, cluster: str, path: str, started_ns: int,
@@ -75,6 +75,10 @@ class PendingCall:
         self.path = path
         self.started_ns = started_ns
         self.deadline_ns = deadline_ns
+        self.orphaned = False
+        """Its stream context was deleted (the client left, the stream ended): its answer is
+        recorded (an auth call the manager counts) but never given to the filter, as Envoy
+        cancels a deleted context's calls."""
 
 
 class Metric:

@@ -1022,6 +1022,9 @@ class Host:
         ))
         ok = response is not None and 200 <= response.status < 300
         vm.refetch.answered(call_id, now_s, ok)
+        if call.orphaned:  # its stream is gone: recorded above, never delivered
+            self.context_released(vm)  # the generation may be idle now
+            return
         ctx = vm.contexts.get(call.context_id)
         if ctx is not None:
             ctx.calls.discard(call_id)

@@ -396,7 +396,8 @@ class Vm:
             self.effective = ROOT_CONTEXT_ID
 
     def delete_context(self, ctx: StreamContext) -> None:
-        """`proxy_on_delete`, then forget the context and its pending calls."""
+        """`proxy_on_delete`, then forget the context; its pending calls are orphaned (their
+        answers recorded, never delivered)."""
         try:
             _active[0] = self
             if self._on_delete is not None:
@@ -405,7 +406,9 @@ class Vm:
             self.contexts.pop(ctx.id, None)
             if ctx.calls:
                 for call_id in ctx.calls:
-                    self.calls.pop(call_id, None)
+                    call = self.calls.get(call_id)
+                    if call is not None:
+                        call.orphaned = True
 
     def on_http_call_response(
         self, call: PendingCall, status: int, headers: Pairs, body: bytes, trailers: Pairs
