@@ -127,20 +127,34 @@ def parse_restart_body(body: Any) -> dict[str, str]:
     return dict(body)
 
 
+class TokenFileError(ValueError):
+    """The admin token file cannot be read or made (one line: the path and why)."""
+
+
 def load_or_create_token(path: Path) -> str:
-    """The token in `path`, or a new random one written there with mode 0600."""
+    """The token in `path`, or a new random one written there with mode 0600. A file others
+    may read is made 0600, with a warning (its token may have been read: rotate it)."""
     try:
-        token = path.read_text().strip()
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
         if token:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+                logger.warning("wasm admin: %s was readable by others: now 0600 (replace the "
+                               "token if others may have read it)", path)
             return token
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(path, 0o600)
+    except UnicodeDecodeError:
+        raise TokenFileError(f"token file {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise TokenFileError(f"token file {path}: {e.strerror or e}") from None
     return token
 
 

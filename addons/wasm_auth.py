@@ -51,7 +51,13 @@ if __name__ != "addons.wasm_auth":  # a script (mitmproxy's -s), not the package
         sys.path.insert(0, str(_ROOT))
 
 from addons import lifecycle
-from addons.admin import AdminServer, check_listen, load_or_create_token, parse_listen
+from addons.admin import (
+    AdminServer,
+    TokenFileError,
+    check_listen,
+    load_or_create_token,
+    parse_listen,
+)
 from addons.instance_bounds import (
     OVERFLOW_MODES,
     InstanceBounds,
@@ -134,6 +140,21 @@ def parse_clusters(specs: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"wasm_cluster: {name!r} is given twice")
         clusters[name] = url.rstrip("/")
     return clusters
+
+
+def check_spool(spool: Path) -> None:
+    """The metrics spool must be a directory this process can write (made if missing);
+    `OptionsError` naming it otherwise, so that the proxy never runs losing its metrics."""
+    from addons.telemetry.spool import private_dir
+
+    try:
+        private_dir(spool)
+        writable = os.access(spool, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise exceptions.OptionsError(f"wasm_spool: cannot use {spool}: "
+                                      f"{e.strerror or e}") from None
+    if not writable:
+        raise exceptions.OptionsError(f"wasm_spool: cannot use {spool}: not writable")
 
 
 def parse_config_bytes(value: str, where: str) -> bytes:
@@ -711,6 +732,8 @@ class WasmAuth:
             raise exceptions.OptionsError("wasm_deadline_ms: must be at least 1 ms")
         if settings.retention_s < 0:
             raise exceptions.OptionsError("wasm_retention: must be 0 or more seconds")
+        if settings.log_metrics:
+            check_spool(settings.spool_dir)
         previous = self.settings
         if self.module is None or previous is None or previous.filter_path != (
                 settings.filter_path):
@@ -906,8 +929,13 @@ class WasmAuth:
                        asyncio.create_task(self._sample_loop(), name="wasm-samples")]
         if s.log_metrics:
             self._tasks.append(asyncio.create_task(self._flush_loop(), name="wasm-flush"))
+        token = ""
         if s.admin_listen is not None:
-            token = s.admin_token or load_or_create_token(s.admin_token_file)
+            try:
+                token = s.admin_token or load_or_create_token(s.admin_token_file)
+            except TokenFileError as e:
+                logger.error("wasm admin endpoint: %s: the endpoint is off", e)
+        if s.admin_listen is not None and token:
             host, port = s.admin_listen
             self.admin = AdminServer(self, token, host, port)
             try:
