@@ -314,6 +314,17 @@ def view(flow: http.HTTPFlow) -> tuple[Pairs, bytes, int, bytes | None]:
             authority, hosts, authorization)
 
 
+_NOT_IN_REQUEST_LINE = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def unsafe_request_line(data: Any, authority: bytes) -> bool:
+    """Whether the method, path or authority holds what an HTTP/1 request line cannot carry
+    (a control character, whitespace). mitmproxy's HTTP/1 parser never lets one through; an
+    HTTP/2 or 3 request's pseudo-headers are not checked."""
+    return any(_NOT_IN_REQUEST_LINE.search(part) is not None
+               for part in (data.method, data.path, authority))
+
+
 def instance_key(authority: bytes, mode: str) -> str:
     """The filter instance for a request: its host without the port, or one for all.
 
@@ -1289,6 +1300,12 @@ class WasmAuth:
         pairs, authority, hosts, authorization = view(flow)
         if hosts > 1:  # RFC 9112 §3.2: the upstream might see another one than we key by
             self._refuse(flow, Refusal(400, f"{hosts} Host header fields"))
+            return None
+        if data.http_version != b"HTTP/1.1" and unsafe_request_line(data, authority):
+            # HTTP/2 and 3 carry these as fields, which mitmproxy copies into an HTTP/1
+            # upstream's request line: CR LF there would smuggle a header or a request.
+            self._refuse(flow, Refusal(400, "the request line holds a control character or "
+                                            "whitespace"))
             return None
         key = self._keys.get(authority)
         if key is None:

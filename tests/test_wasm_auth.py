@@ -674,3 +674,29 @@ async def test_hooks_a_configuration_never_needs_are_unbound(tmp_path) -> None:
         tctx.configure(addon, wasm_log_metrics=False, wasm_filter=str(lifecycle_filter))
         assert callable(addon.responseheaders) and callable(addon.response)
         assert callable(addon.error)
+
+
+@pytest.mark.parametrize(("part", "value"), [
+    ("path", b"/a HTTP/1.1\r\nX-Smuggled: 1\r\n\r\nGET /b"), ("path", b"/a\x00"),
+    ("path", b"/a b"), ("method", b"GET\r\n"), ("authority", b"shop.example\r\nx: 1"),
+])
+async def test_an_http2_request_line_that_http1_cannot_carry_is_refused(tmp_path, part,
+                                                                        value) -> None:
+    """mitmproxy copies an HTTP/2 request's :path into an HTTP/1 upstream's request line:
+    CR LF there would smuggle a header or a second request."""
+    addon = WasmAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wasm_log_metrics=False, wasm_admin_listen="")
+        f = tflow.tflow()
+        f.request.http_version = "HTTP/2.0"
+        f.request.headers.clear()
+        f.request.authority = "shop.example"
+        setattr(f.request.data, part, value)
+        await run_hook(addon.request(f))
+        assert f.response is not None and f.response.status_code == 400
+        ok = tflow.tflow()
+        ok.request.http_version = "HTTP/2.0"
+        ok.request.path = "/caf%C3%A9?q=1"
+        await run_hook(addon.request(ok))
+        assert ok.response is None or ok.response.status_code != 400
+        await addon.done()
