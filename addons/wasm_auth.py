@@ -521,6 +521,9 @@ class WasmAuth:
         self._properties = False
         self._stream_limit = 1 << 20
         self._streams_large = False
+        self._shipper_started = 0.0
+        self._shipper_backoff = 0.5
+        self._shipper_retry_at = 0.0
         self._published: MutableMapping[str, Any] | None = None
         """The script module that dispatches to this addon directly (`publish`)."""
 
@@ -1014,6 +1017,7 @@ class WasmAuth:
         Its log lines come through mitmproxy's log (the console's event list, mitmdump's
         output), never straight onto the terminal, where they would print over the console.
         """
+        self._shipper_started = time.monotonic()
         proc = subprocess.Popen(self._shipper_args(s), env=self._shipper_env(s),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
@@ -1090,6 +1094,25 @@ class WasmAuth:
                     await asyncio.to_thread(self.metrics.flush)
                 except Exception as e:
                     logger.error("wasm: cannot write the metrics spool: %s", e)
+            self._supervise_shipper()
+
+    def _supervise_shipper(self) -> None:
+        """Start the shipper again if it exited (killed, or stopped on an error it said in
+        one line): what is spooled waits for it, and is delivered once it runs. While it
+        keeps exiting, each restart waits twice as long as the last, up to a minute; one that
+        ran a minute starts the back-off over."""
+        proc, s = self.shipper, self.settings
+        if proc is None or s is None or proc.poll() is None:
+            return
+        now = time.monotonic()
+        if now < self._shipper_retry_at:
+            return
+        ran = now - self._shipper_started
+        self._shipper_backoff = 1.0 if ran >= 60 else min(60.0, self._shipper_backoff * 2)
+        self._shipper_retry_at = now + self._shipper_backoff
+        logger.warning("wasm shipper exited (status %s): started again; spooled metrics wait "
+                       "for it", proc.returncode)
+        self.shipper = self._start_shipper(s)
 
     async def _sample_loop(self) -> None:
         """A sample of every instance every wasm_sample_interval of host-clock time."""

@@ -207,3 +207,21 @@ def test_spool_and_embedded_store_are_private(tmp_path: Path) -> None:
                 assert mode == 0o700, f"{path} is {mode:o}"
             else:
                 assert mode == 0o600, f"{path} is {mode:o}"
+
+
+def test_a_shipper_that_dies_is_started_again_and_delivers(tmp_path: Path) -> None:
+    store = str(tmp_path / "metrics-store")
+    with running(tmp_path / "run", store) as s:
+        token = login(s, "grace")
+        shipper = shipper_of(s.proxy_process.pid)
+        assert shipper is not None
+        os.kill(shipper, signal.SIGKILL)
+        assert wait_gone(shipper, 30) is not None
+        wanted = {f"/after-kill/{i}" for i in range(5)}
+        for path in sorted(wanted):
+            assert get(s, path, token).status_code == 200
+        again = shipper_of(s.proxy_process.pid)
+        assert again is not None and again != shipper
+        assert wait_for_paths(store, wanted) >= wanted  # delivered while mitmdump runs
+        log = (tmp_path / "run" / "mitmdump.log").read_text(errors="replace")
+    assert "wasm shipper exited (status -9): started again" in log

@@ -459,8 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shipper = Shipper(args.spool, args.store, retention=args.retention,
                           database=args.database, timeout=args.timeout)
-    except (OSError, ValueError) as e:
-        logger.error("cannot open %s: %s", st.redact(args.store), e)
+    except Exception as e:  # any store's error (sqlite3's too): one line
+        logger.error("cannot open %s: %s", st.redact(args.store), one_line(e))
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: shipper.stop())
@@ -468,8 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_parent(args.parent, shipper.stop)
     try:
         return shipper.run(once=args.once, exit_when_idle=args.exit_when_idle)
+    except Exception as e:  # one line; the addon restarts a shipper that exits
+        logger.error("stopped: %s (the spool keeps what is not delivered)", one_line(e))
+        return 1
     finally:
         shipper.close()
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as one line: its type, and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {text[0]}" if text else "")
 
 
 if __name__ == "__main__":
