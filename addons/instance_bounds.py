@@ -45,7 +45,7 @@ def parse_instance_key(authority: bytes, mode: str) -> str:
     """The instance for a request: its host without the port, or `single` for all.
 
     Raises `InvalidKey` for a Host that is not a host name or address (control characters,
-    spaces, non-ASCII, over 253 characters, a port that is not a number).
+    spaces, non-ASCII, over 253 characters, a port that is not a number or over 65535).
     """
     if mode == "single":
         return "single"
@@ -67,6 +67,8 @@ def parse_instance_key(authority: bytes, mode: str) -> str:
         name, port = host, None
     if port is not None and not (port.isdigit() and len(port) <= 5):
         raise InvalidKey(f"Host {escape(host, 80)} has a port that is not a number")
+    if port is not None and int(port) > 65535:
+        raise InvalidKey(f"Host {escape(host, 80)} has a port over 65535")
     name = name[:-1] if name.endswith(".") else name
     if len(name) > MAX_KEY:
         raise InvalidKey(f"Host of {len(name)} characters (at most {MAX_KEY})")

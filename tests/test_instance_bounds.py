@@ -52,7 +52,7 @@ def test_valid_keys(authority, key) -> None:
 @pytest.mark.parametrize("authority", [
     b"shop\r\nX-Injected: 1", b"shop\x00.example", b"a" * 8192, b"sh op", b"caf\xc3\xa9.example",
     b"shop.example:http", b"shop.example:99999999", b"[::1]x", b"*", b"/etc/passwd", b"-x",
-    b"shop.example:80:80x", b"\x1b[31mred",
+    b"shop.example:80:80x", b"\x1b[31mred", b"shop.example:99999", b"[::1]:65536",
 ])
 def test_hostile_keys_are_refused(authority) -> None:
     with pytest.raises(InvalidKey) as e:
