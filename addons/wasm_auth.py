@@ -1272,7 +1272,7 @@ class WasmAuth:
         """The exchange failed (reset, upstream unreachable): the stream ends."""
         ex = self._open.pop(flow.id, None) if self._open else None
         if ex is not None:
-            self._finish(flow, ex)
+            self._finish(flow, ex, failed=True)
 
     async def _response(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
         if ex.stream is not None:
@@ -1305,14 +1305,17 @@ class WasmAuth:
             if ex.record is not None:
                 self.write("requests", ex.record)
 
-    def _finish(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
-        """Close the stream (log, done, delete) and write the request's record."""
+    def _finish(self, flow: http.HTTPFlow, ex: lifecycle.Exchange, failed: bool = False) -> None:
+        """Close the stream (log, done, delete) and write the request's record: the status
+        the client was sent, or none where the exchange `failed` (a response mitmproxy
+        refused, a reset: the client got mitmproxy's error, or nothing)."""
         if ex.stream is not None:
             stream, ex.stream = ex.stream, None
             stream.close()
         record = ex.record
         if record is not None:
-            record["status"] = flow.response.status_code if flow.response is not None else None
+            response = flow.response
+            record["status"] = response.status_code if response is not None and not failed else None
             self.write("requests", record)
 
     def _request(self, flow: http.HTTPFlow, streamed: bool) -> Awaitable[None] | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import wasmtime
-from mitmproxy import http
+from mitmproxy import flow, http
 from mitmproxy.test import taddons, tflow
 
 from addons.wasm_auth import WasmAuth
@@ -419,12 +419,17 @@ async def test_request_records_store_the_upstreams_or_local_status(tmp_path) -> 
         killed = tflow.tflow()
         await run_hook(addon.request(killed))
         addon.error(killed)  # the exchange failed before any answer
+        refused = tflow.tflow()
+        await run_hook(addon.request(refused))
+        refused.response = tflow.tresp(status_code=200)  # headers mitmproxy then refused:
+        refused.error = flow.Error("HTTP/1 protocol error")  # the client got a 502
+        addon.error(refused)
         upstream.response = tflow.tresp(status_code=204)
         await run_hook(addon.response(upstream))  # the filter answers 418 instead
         addon.metrics.flush()
         docs = [doc for path in ready_segments(tmp_path / "spool")
                 for collection, doc in read_segment(path) if collection == "requests"]
-        assert sorted(d["status"] is None for d in docs) == [False, True]
+        assert sorted(d["status"] is None for d in docs) == [False, True, True]
         assert [d["status"] for d in docs if d["status"] is not None] == [418]
         addon.metrics = None
 
