@@ -23,16 +23,21 @@ Three parts, each a plain function:
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 import math
+import tarfile
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import IO, Any, Final, Literal, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -150,11 +155,15 @@ def read_eclog(
 ) -> pd.DataFrame:
     """Read an EClog CSV (a path or a text buffer) into the :data:`NORMALISED` columns.
 
-    Reads only the mapped columns (and the last), ``chunksize`` rows at a time. Errors name the
-    file and the line (the header is line 1), e.g. ``day.csv:18: column 'TimeStamp': cannot
-    parse …``. A row with fewer fields than the header is an error naming the first column it
-    lacks: ``day.csv:7: short row (6 of 10 fields): columns 'ResponseCode' … 'UserAgent' are
-    missing``.
+    Keeps only the mapped columns (and the last), ``chunksize`` rows at a time; a path ending
+    in ``.gz``, ``.bz2``, ``.xz``, ``.zst``, ``.zip`` or ``.tar…`` is decompressed (as pandas
+    does). Errors name the file and the line
+    (the header is line 1), e.g. ``day.csv:18: column 'TimeStamp': cannot parse …``. A row with
+    fewer fields than the header is an error naming the first column it lacks: ``day.csv:7:
+    short row (6 of 10 fields): columns 'ResponseCode' … 'UserAgent' are missing``. A row with
+    more fields is an error too (``day.csv:9: long row (11 fields, the header has 10): …``),
+    except for files whose rows end in a trailing comma: when the first data row has one empty
+    field more than the header, every row may end in that empty field, which is ignored.
     """
     cols = columns or EClogColumns()
     if isinstance(source, str | Path):
@@ -162,7 +171,7 @@ def read_eclog(
         path = Path(source)
 
         def reopen() -> TextIO:
-            return path.open(encoding="utf-8-sig", newline="")
+            return _open_text(path)
     else:
         name = str(getattr(source, "name", "<csv>"))
         text = source.read()  # read twice: by pandas, and for the fields of a row (below)
@@ -189,10 +198,16 @@ def read_eclog(
     # The last column is always read: a row without it is the only kind that may be short.
     last = present_header[-1]
     read = {*present.values(), last}
+    names = [str(c) for c in header.columns]
     fields = _FieldCounts(reopen, present_header, name)
+    # All columns are parsed (pandas does not count the fields of a row beyond `usecols`), and
+    # never as the index; a trailing comma on the first data row means one on every row.
+    trailing = fields.trailing_comma()
     reader = pd.read_csv(
         source,
-        usecols=lambda c: str(c).strip() in read,
+        header=0,
+        names=[*names, _TRAILING] if trailing else names,
+        index_col=False,
         dtype=str,
         keep_default_na=False,
         skipinitialspace=True,
@@ -205,25 +220,66 @@ def read_eclog(
                               disable=not progress) as bar:
         try:
             for chunk in reader:
+                if trailing:
+                    fields.check_long(offset + np.flatnonzero(
+                        (chunk.pop(_TRAILING) != "").to_numpy()))
+                chunk = chunk.loc[:, [c for c in chunk.columns if str(c).strip() in read]]
                 chunk.columns = [str(c).strip() for c in chunk.columns]
                 fields.check(offset + np.flatnonzero((chunk[last] == "").to_numpy()))
                 parts.append(normalise(chunk, present, name=name, first_line=offset + 2))
                 offset += len(chunk)
                 bar.update(len(chunk))
         except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            if isinstance(e, pd.errors.ParserError) and "Expected" in str(e):
+                fields.find_long(offset)  # raises, naming the line
             raise EClogError(f"{name}: not a readable CSV (after line {offset + 1}): {e}") from None
     if not parts:
         return normalise(pd.DataFrame({c: [] for c in present.values()}), present, name=name)
     return pd.concat(parts, ignore_index=True)
 
 
+_TRAILING: Final = "\0trailing"  # the empty field after a trailing comma (never a header name)
+
+
+def _open_text(path: Path) -> TextIO:
+    """`path` as text, decompressed as pandas does by its name's ending (``.gz .bz2 .xz .zst
+    .zip .tar .tar.gz .tar.bz2 .tar.xz``; a zip or tar archive: its only file)."""
+    suffix = path.suffix.lower()
+    binary: IO[bytes] | None
+    if path.name.lower().endswith((".tar", ".tar.gz", ".tar.bz2", ".tar.xz")):
+        archive = tarfile.open(path)  # noqa: SIM115 (open while its member is read)
+        member = next((m for m in archive.getmembers() if m.isfile()), None)
+        binary = archive.extractfile(member) if member is not None else None
+    elif suffix == ".zip":
+        with zipfile.ZipFile(path) as archive_zip:  # its member stays open after this
+            names = [n for n in archive_zip.namelist() if not n.endswith("/")]
+            binary = archive_zip.open(names[0]) if names else None
+    elif suffix == ".zst":
+        import zstandard  # pandas' own optional dependency for .zst
+
+        binary = zstandard.open(path, "rb")
+    elif suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    elif suffix == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
+    elif suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8-sig", newline="")
+    else:
+        return path.open(encoding="utf-8-sig", newline="")
+    if binary is None:
+        raise EClogError(f"{path}: no file in the archive")
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+
+
 class _FieldCounts:
-    """Finds short rows: rows with fewer fields than the header.
+    """Finds short rows (fewer fields than the header) and long rows (more).
 
     pandas' parser fills a short row's missing fields with "", as if they were empty, so the
     fields of a row whose last field reads "" are counted again with the csv module. A reader
     of the file is opened at the first such row and only moves forward: at most one more pass,
-    and none for a file whose rows all end in a value.
+    and none (but for the first row, which tells a trailing comma) for a file whose rows all
+    end in a value. pandas stops at a long row (past the
+    first) with its own count of lines; the reader then finds the row and its line.
     """
 
     def __init__(self, reopen: Callable[[], TextIO], header: list[str], name: str) -> None:
@@ -235,6 +291,7 @@ class _FieldCounts:
         self.index = -1  # the data row `row` is (blank lines are no rows, as for pandas)
         self.row: list[str] = []
         self.line = 0  # and its line
+        self.trailing = False  # every row ends in a trailing comma (an empty field more)
 
     def __enter__(self) -> _FieldCounts:
         return self
@@ -244,24 +301,69 @@ class _FieldCounts:
             self.file.close()
 
     def _next_row(self) -> list[str]:
-        for row in self.reader:
-            if row and row != [""]:
-                return list(row)
+        try:
+            for row in self.reader:
+                if row and row != [""]:
+                    return list(row)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise EClogError(f"{self.name}: not a readable CSV (after line "
+                             f"{self.reader.line_num}): {e}") from None
         return self.header  # (pandas read no more rows than there are)
+
+    def _open(self) -> None:
+        if self.file is None:
+            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # pandas has no limit
+            self.file = self.reopen()
+            self.reader = csv.reader(self.file, skipinitialspace=True)
+            next(self.reader, None)
+
+    def _seek(self, target: int) -> None:
+        while self.index < target:
+            self.row = self._next_row()
+            self.line = self.reader.line_num
+            self.index += 1
+
+    def trailing_comma(self) -> bool:
+        """Whether the first data row ends in a trailing comma (one empty field more than the
+        header); raise :class:`EClogError` if it has more fields than the header otherwise."""
+        self._open()
+        self._seek(0)
+        if self.index == 0 and len(self.row) == len(self.header) + 1 and self.row[-1] == "":
+            self.trailing = True
+            return True
+        self.check_long(np.array([0]))
+        return False
+
+    def check_long(self, rows: npt.NDArray[np.intp]) -> None:
+        """Raise :class:`EClogError` for the first of data rows `rows` (ascending) that has
+        more fields than the header (and a trailing comma, if the file's rows end in one)."""
+        self._open()
+        for target in rows:
+            self._seek(int(target))
+            self._raise_if_long()
+
+    def find_long(self, start: int) -> None:
+        """Raise :class:`EClogError` for the first long row from data row `start` on (if any)."""
+        self._open()
+        self._seek(start)
+        while self.row is not self.header:
+            self._raise_if_long()
+            self._seek(self.index + 1)
+
+    def _raise_if_long(self) -> None:
+        n, k = len(self.header), len(self.row)
+        if k > n and not (k == n + 1 and self.row[-1] == "" and self.trailing):
+            raise EClogError(f"{self.name}:{self.line}: long row ({k} fields, the header has "
+                             f"{n}): an unquoted comma in a value?")
 
     def check(self, rows: npt.NDArray[np.intp]) -> None:
         """Raise :class:`EClogError` for the first of data rows `rows` (ascending) that is
         short, naming its line and the column it lacks."""
-        if len(rows) and self.file is None:
-            self.file = self.reopen()
-            self.reader = csv.reader(self.file, skipinitialspace=True)
-            next(self.reader, None)
+        if len(rows):
+            self._open()
         n = len(self.header)
         for target in rows:
-            while self.index < target:
-                self.row = self._next_row()
-                self.line = self.reader.line_num
-                self.index += 1
+            self._seek(int(target))
             k = len(self.row)
             if k < n:
                 missing = (f"column {self.header[k]!r} is missing" if k == n - 1 else
@@ -402,14 +504,24 @@ def parse_times_checked(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     rest = ~is_num & (s != "")
     if rest.any():
         iso = pd.to_datetime(s[rest], format="ISO8601", utc=True, errors="coerce")
-        out[rest] = iso.dt.as_unit("ns")
-        left = rest & out.isna()
+        out[rest] = _as_ns(iso, reason)
+        left = rest & out.isna() & (reason == "")
         if left.any():
             apache = pd.to_datetime(
                 s[left], format="%d/%b/%Y:%H:%M:%S %z", utc=True, errors="coerce"
             )
-            out[left] = apache.dt.as_unit("ns")
+            out[left] = _as_ns(apache, reason)
     return out, reason
+
+
+def _as_ns(times: pd.Series, reason: pd.Series) -> pd.Series:
+    """Parsed times (any unit) → ``datetime64[ns, UTC]``; NaT, and ``range`` in `reason`,
+    where a time is beyond what nanoseconds hold (years 1678-2261)."""
+    lo, hi = pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC")
+    beyond = times.notna() & ((times < lo) | (times > hi))
+    reason[beyond.index[beyond]] = "range"
+    out: pd.Series = times.where(~beyond).dt.as_unit("ns")
+    return out
 
 
 def parse_time(value: str) -> pd.Timestamp:

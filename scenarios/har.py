@@ -17,7 +17,10 @@ turns each entry into a flow, and flows become events in ``startedDateTime`` ord
 bearer token (or ``_token``) is the token label, its first sight (or first sight after a
 logout) emits a login at the same instant, and a request whose ``_kind`` is ``logout`` or whose
 path looks like a logout (:data:`scenarios.trace.LOGOUT_PATTERN`) is a logout. Entries without
-a bearer token are skipped (or an error). A naive ``startedDateTime`` is taken as UTC.
+a bearer token are skipped (or an error), and so are WebSocket (``ws://``, ``wss://``) and
+``data:`` URL entries. A URL with non-ASCII characters is read as browsers send it (the host
+IDNA-encoded, the rest percent-encoded UTF-8); an IPv6 host keeps its brackets
+(``[::1]:8000``), both ways. A naive ``startedDateTime`` is taken as UTC.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from mitmproxy import connection, http, version
 from mitmproxy.io.har import request_to_flow
@@ -93,6 +98,10 @@ def to_har(
         flow = http.HTTPFlow(client, server)
         flow.request = _request(e, scheme, tokens, base_ts + e.time)
         entry = saver.flow_entry(flow, seen)
+        if ":" in flow.request.host:  # mitmproxy writes an IPv6 literal without its brackets
+            bare = f"{scheme}://{flow.request.host}"
+            entry["request"]["url"] = f"{scheme}://[{flow.request.host}]" + entry["request"][
+                "url"].removeprefix(bare)
         entry["_kind"] = e.kind
         entry["_user"] = e.user
         entry["_token"] = e.token
@@ -125,9 +134,15 @@ def write_har(trace: Trace, path: str | Path, **kwargs: Any) -> int:
 
 
 def _request(e: Event, scheme: str, tokens: Mapping[str, str] | None, ts: float) -> http.Request:
-    host, _, port_text = e.host.rpartition(":") if ":" in e.host else (e.host, "", "")
-    if not port_text.isdigit():
-        host, port_text = e.host, ""
+    if e.host.startswith("[") and "]" in e.host:  # an IPv6 literal: [::1] or [::1]:8080
+        host, _, port_text = e.host[1:].partition("]")
+        port_text = port_text.removeprefix(":")
+        if not port_text.isdigit():
+            port_text = ""
+    else:
+        host, _, port_text = e.host.rpartition(":") if ":" in e.host else (e.host, "", "")
+        if not port_text.isdigit():
+            host, port_text = e.host, ""
     port = int(port_text) if port_text else (443 if scheme == "https" else 80)
     token = tokens.get(e.token, e.token) if tokens else e.token
     fields = [(b"Host", e.host.encode()), (b"Authorization", f"Bearer {token}".encode())]
@@ -195,14 +210,23 @@ def har_to_trace(
     p = params or HarReadParams()
     entries = check_har(har, name)
     rows: list[tuple[datetime, int, http.HTTPFlow, Mapping[str, Any]]] = []
+    not_http = 0
     bar = tqdm(entries, desc="HAR entries", unit=" entries", disable=not progress)
     for i, entry in enumerate(bar):
+        if entry["request"]["url"].lower().startswith(NOT_HTTP):
+            not_http += 1
+            continue
         started = _entry_time(entry, name, i)
+        request = _with_defaults(entry)
+        request["request"]["url"] = _ascii_url(request["request"]["url"],
+                                               f"{name}: log.entries[{i}].request.url")
         try:
-            flow = request_to_flow(_with_defaults(entry))
+            flow = request_to_flow(request)
         except Exception as e:  # mitmproxy raises anything from KeyError to ValueError
             raise HarError(f"{name}: log.entries[{i}]: mitmproxy cannot read it: {e!r}") from e
         rows.append((started, i, flow, entry))
+    if not_http:
+        logger.warning("%s: skipped %d WebSocket and data: URL entries", name, not_http)
     rows.sort(key=lambda r: (r[0], r[1]))
     log = har["log"]
     meta = _meta(log, name)
@@ -250,6 +274,12 @@ def flows_to_events(
         if entry.get("_kind") in ("request", "logout"):
             kind = entry["_kind"]
         host = req.pretty_host
+        if ":" in req.host:  # an IPv6 literal keeps its brackets, as in a URL (mitmproxy's
+            host = f"[{req.host}]"  # pretty_host drops them, and may glue the port on)
+        elif ":" in host:
+            host = f"[{host}]"
+        elif not host.isascii():  # mitmproxy decodes IDNA: the host as browsers send it
+            host = host.encode("idna").decode("ascii")
         if req.port != (443 if req.scheme == "https" else 80):
             host = f"{host}:{req.port}"
         if label not in live:
@@ -278,7 +308,7 @@ def check_har(har: Mapping[str, Any], name: str = "<har>") -> list[dict[str, Any
         for f in ("method", "url"):
             if not _field(req, f, str, f"{where}.request."):
                 raise HarError(f"{where}.request.{f}: empty")
-        if not req["url"].startswith(("http://", "https://")):
+        if not req["url"].lower().startswith(("http://", "https://", *NOT_HTTP)):
             raise HarError(f"{where}.request.url: {req['url']!r} is not an http(s) URL")
         headers = _field(req, "headers", list, f"{where}.request.")
         for j, h in enumerate(headers):
@@ -292,6 +322,32 @@ def check_har(har: Mapping[str, Any], name: str = "<har>") -> list[dict[str, Any
                     f"{where}.request.headers[{j}]: expected {{name, value}} strings, got {h!r}"
                 )
     return entries
+
+
+NOT_HTTP: Final = ("ws://", "wss://", "data:")
+"""URL prefixes of entries that are no HTTP request through the proxy: skipped when read."""
+
+
+def _ascii_url(url: str, where: str) -> str:
+    """`url` as a browser sends it: the host IDNA-encoded, the rest percent-encoded (UTF-8)."""
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    hostname, colon, port = hostport.partition(":")
+    try:
+        hostname = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise HarError(f"{where}: host {hostname!r} is no valid domain name: {e}") from None
+    netloc = _percent_encode(userinfo) + at + hostname + colon + port
+    return urlunsplit(parts._replace(netloc=netloc, path=_percent_encode(parts.path),
+                                     query=_percent_encode(parts.query),
+                                     fragment=_percent_encode(parts.fragment)))
+
+
+def _percent_encode(text: str) -> str:
+    """Non-ASCII characters as UTF-8 percent escapes; the rest as it is."""
+    return re.sub(r"[^\x00-\x7f]+", lambda m: quote(m.group(), safe=""), text)
 
 
 _KINDS: Final[dict[type, str]] = {dict: "an object", list: "a list", str: "a string"}
@@ -326,10 +382,18 @@ def _entry_time(entry: Mapping[str, Any], name: str, i: int) -> datetime:
 
 
 def _with_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill what mitmproxy's reader needs but traces do not (``time``, ``response``)."""
+    """Fill what mitmproxy's reader needs but traces do not (``time``, ``response``, the
+    ``postData.text`` of a form given as ``params``)."""
     out = dict(entry)
     out["request"] = {"httpVersion": "HTTP/1.1", **entry["request"]}
     out["request"]["headers"] = drop_pseudo_headers(entry["request"]["headers"])
+    post = out["request"].get("postData")
+    if isinstance(post, dict) and not isinstance(post.get("text"), str):
+        # HAR may give a form as `params` only; the trace needs no body, but mitmproxy a text.
+        params = post.get("params")
+        pairs = [(str(q.get("name", "")), str(q.get("value", ""))) for q in params
+                 if isinstance(q, dict)] if isinstance(params, list) else []
+        out["request"]["postData"] = {**post, "text": urlencode(pairs)}
     out.setdefault("time", 0)
     response = entry.get("response")
     out["response"] = {

@@ -316,6 +316,8 @@ class Trace:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TraceError(f"{where}:{e.colno}: broken JSON: {e.msg}") from None
+            except ValueError as e:  # an integer of more digits than Python converts
+                raise TraceError(f"{where}: unreadable JSON: {e}") from None
             if not isinstance(obj, dict):
                 raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if "format" in obj:
@@ -382,6 +384,10 @@ def _parse_number(value: Any, where: str, name: str) -> float:
         out = float(value)
     except ValueError:
         raise TraceError(f"{where}: field {name!r}: cannot parse {value!r} as a number") from None
+    except OverflowError:  # an int beyond any float
+        digits = len(str(value).lstrip("-"))
+        raise TraceError(f"{where}: field {name!r}: {str(value)[:12]}… ({digits} digits) is not "
+                         "a finite number") from None
     if not math.isfinite(out):
         raise TraceError(f"{where}: field {name!r}: {value!r} is not a finite number")
     return out

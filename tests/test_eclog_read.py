@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
+import re
+import tarfile
+import zipfile
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -101,6 +107,77 @@ def test_a_row_missing_only_its_last_optional_column_is_an_error(chunksize, tmp_
         read_eclog(path, chunksize=chunksize)
 
 
+@pytest.mark.parametrize("suffix", ["csv", "csv.gz", "csv.bz2", "csv.xz", "zip", "tar.gz"])
+def test_compressed_files_with_empty_last_fields_read(suffix, tmp_path) -> None:
+    # A row ending in an empty field is counted again from the file: decompressed, too.
+    text = HEADER + f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,123,-,\n"
+    path = tmp_path / f"log.{suffix}"
+    data = text.encode()
+    if suffix == "csv.gz":
+        path.write_bytes(gzip.compress(data))
+    elif suffix == "csv.bz2":
+        path.write_bytes(bz2.compress(data))
+    elif suffix == "csv.xz":
+        path.write_bytes(lzma.compress(data))
+    elif suffix == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("log.csv", text)
+    elif suffix == "tar.gz":
+        (tmp_path / "log.csv").write_bytes(data)
+        with tarfile.open(path, "w:gz") as t:
+            t.add(tmp_path / "log.csv", arcname="log.csv")
+    else:
+        path.write_bytes(data)
+    df = read_eclog(path)
+    assert df.loc[0, "uri"] == "/p" and df.loc[0, "user_agent"] == ""
+    short = HEADER + f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,123,-\n"
+    gz = tmp_path / "short.csv.gz"
+    gz.write_bytes(gzip.compress(short.encode()))
+    with pytest.raises(EClogError, match=rf"^{gz}:2: short row \(9 of 10 fields\)"):
+        read_eclog(gz)
+
+
+@pytest.mark.parametrize("chunksize", [1, 250_000])
+@pytest.mark.parametrize(("rows", "line"), [
+    ([f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA", f"1,5,{EPOCH_S},GET,/s?q=a,b,HTTP/1.1,200,1,-,UA"], 3),
+    ([f"1,5,{EPOCH_S},GET,/s?q=a,b,HTTP/1.1,200,1,-,UA", f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA"], 2),
+    ([f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA,", f"1,5,{EPOCH_S},GET,/s?q=a,b,HTTP/1.1,200,1,-,UA,"], 3),
+    ([f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA,", f"1,5,{EPOCH_S},GET,/s?q=a,b,HTTP/1.1,200,1,-,UA"], 3),
+    ([f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA", f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA,"], 3),
+])
+def test_a_long_row_is_an_error_naming_its_line(rows, line, chunksize) -> None:
+    # pandas would drop the extra field, shift the columns, or take column 1 as the index.
+    with pytest.raises(EClogError, match=rf"^log\.csv:{line}: long row \(1[12] fields, the "
+                                         r"header has 10\)"):
+        read_eclog(csv(extra="".join(r + "\n" for r in rows)), chunksize=chunksize)
+
+
+def test_a_field_beyond_the_csv_modules_limit_reads() -> None:
+    uri = "/" + "x" * 200_000  # the csv module, which counts the fields, stops at 131072
+    df = read_eclog(csv(extra=f"1,5,{EPOCH_S},GET,{uri},HTTP/1.1,200,1,-,\n"))
+    assert df.loc[0, "uri"] == uri
+
+
+@pytest.mark.parametrize("chunksize", [1, 250_000])
+def test_a_trailing_comma_on_every_row_is_ignored(chunksize) -> None:
+    rows = (f"1,5,{EPOCH_S},GET,/a,HTTP/1.1,200,1,-,UA,\n"
+            f"2,,{EPOCH_S},POST,/b,HTTP/1.1,200,1,-,,\n")
+    df = read_eclog(csv(extra=rows), chunksize=chunksize)
+    assert df["ip"].tolist() == ["1", "2"] and df["uri"].tolist() == ["/a", "/b"]
+    assert df["user_agent"].tolist() == ["UA", ""]
+
+
+@pytest.mark.parametrize("stamp", [
+    "9999-12-31T23:59:59", "0001-01-01", "2262-04-12", "01/Dec/9999:00:00:03 +0100",
+])
+def test_iso_and_apache_times_beyond_the_years_are_one_line_errors(stamp) -> None:
+    with pytest.raises(EClogError, match=rf"^log\.csv:3: column 'TimeStamp': '{re.escape(stamp)}' is "
+                                         r"beyond the supported years 1678-2261$"):
+        read_eclog(csv(str(EPOCH_S), stamp))
+    with pytest.raises(EClogError, match=rf"^'{re.escape(stamp)}' is beyond the supported years"):
+        parse_time(stamp)
+
+
 def test_an_empty_required_field_is_an_error() -> None:
     with pytest.raises(EClogError, match=r"^log\.csv:2: column 'HttpMethod' is empty$"):
         read_eclog(csv(extra=f"1,5,{EPOCH_S},,/p,HTTP/1.1,200,1,-,UA\n"))
@@ -125,3 +202,8 @@ def test_the_command_line_gives_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err == (f"python -m scenarios eclog-convert: error: {path}:3: column 'TimeStamp': "
                    f"'inf' is not a finite number\n")
+    out = str(tmp_path / "t.jsonl")
+    path.write_text(HEADER + f"1,5,{EPOCH_S},GET,/,HTTP/1.1,200,1,-,UA\n")
+    assert main(["eclog-convert", str(path), "--start", "9999-01-01", "--out", out]) == 2
+    assert capsys.readouterr().err == ("python -m scenarios eclog-convert: error: '9999-01-01' "
+                                       "is beyond the supported years 1678-2261\n")

@@ -336,6 +336,57 @@ def test_chrome_pseudo_headers_are_dropped() -> None:
                                 [":path", "/"]]) == [["Host", "x"]]
 
 
+def test_ipv6_hosts_keep_their_brackets_both_ways(tmp_path) -> None:
+    har = recording(
+        entry("2024-05-01T10:00:00Z", "http://[::1]:8000/a", "tok-6"),
+        entry("2024-05-01T10:00:01Z", "https://[2001:db8::1]/b", "tok-6"),
+    )
+    t = har_to_trace(har, "v6.har", HarReadParams(hash_tokens=False))
+    assert [(x.kind, x.host, x.path) for x in t] == [
+        ("login", "[::1]:8000", ""), ("request", "[::1]:8000", "/a"),
+        ("request", "[2001:db8::1]", "/b")]
+    for scheme in ("http", "https"):
+        path = tmp_path / f"{scheme}.har"
+        write_har(t, path, scheme=scheme)
+        urls = [e["request"]["url"] for e in json.loads(path.read_text())["log"]["entries"]]
+        assert urls == [f"{scheme}://[::1]:8000/a", f"{scheme}://[2001:db8::1]/b"]
+        assert_same_events(read_har(path, HarReadParams(hash_tokens=False)), t)
+
+
+def test_non_ascii_urls_are_encoded_as_browsers_send_them() -> None:
+    har = recording(
+        entry("2024-05-01T10:00:00Z", "https://shop.example/café", "tok"),
+        entry("2024-05-01T10:00:01Z", "https://shop.example/s?q=日本&x=%20", "tok"),
+        entry("2024-05-01T10:00:02Z", "https://bücher.example:8443/x", "tok"),
+    )
+    t = har_to_trace(har, "u.har", HarReadParams(hash_tokens=False))
+    assert [(x.host, x.path) for x in t if x.kind == "request"] == [
+        ("shop.example", "/caf%C3%A9"), ("shop.example", "/s?q=%E6%97%A5%E6%9C%AC&x=%20"),
+        ("xn--bcher-kva.example:8443", "/x")]
+
+
+def test_post_data_with_params_and_no_text() -> None:
+    e = entry("2024-05-01T10:00:00Z", "https://shop.example/login", "tok", "POST")
+    e["request"]["postData"] = {  # type: ignore[index]
+        "mimeType": "application/x-www-form-urlencoded",
+        "params": [{"name": "user", "value": "a b"}, {"name": "pw", "value": "x&y"}]}
+    t = har_to_trace(recording(e), "p.har", HarReadParams(hash_tokens=False))
+    assert [(x.kind, x.method, x.path) for x in t] == [
+        ("login", "", ""), ("request", "POST", "/login")]
+
+
+def test_websocket_and_data_url_entries_are_skipped(caplog) -> None:
+    har = recording(
+        entry("2024-05-01T10:00:00Z", "wss://shop.example/ws", "tok"),
+        entry("2024-05-01T10:00:01Z", "data:image/png;base64,AAAA"),
+        entry("2024-05-01T10:00:02Z", "https://shop.example/", "tok"),
+        entry("2024-05-01T10:00:03Z", "ws://shop.example/ws", "tok"),
+    )
+    t = har_to_trace(har, "w.har", HarReadParams(hash_tokens=False))
+    assert [(x.time, x.kind, x.path) for x in t] == [(0.0, "login", ""), (0.0, "request", "/")]
+    assert "w.har: skipped 3 WebSocket and data: URL entries" in caplog.text
+
+
 def test_cli_har_read_hashes_tokens_unless_asked(tmp_path) -> None:
     path, out = tmp_path / "rec.har", tmp_path / "rec.jsonl"
     path.write_text(json.dumps(recording(entry("2024-05-01T10:00:00Z", "http://a.example/",

@@ -218,6 +218,11 @@ REQ = (
         ([LOGIN, REQ % ("true", "a-1")], r"^t\.jsonl:2: field 'time': cannot parse True as a"),
         ([LOGIN, REQ % ('"inf"', "a-1")], r"^t\.jsonl:2: field 'time': 'inf' is not a finite"),
         (
+            [LOGIN, REQ % (10**400, "a-1")],
+            r"^t\.jsonl:2: field 'time': 100000000000… \(401 digits\) is not a finite number$",
+        ),
+        ([LOGIN, REQ % ("1" + "0" * 5000, "a-1")], r"^t\.jsonl:2: unreadable JSON: Exceeds the limit"),
+        (
             ['{"time": 0, "kind": "login", "user": 7, "token": "a-1"}'],
             r"^t\.jsonl:1: field 'user': expected a string, got 7",
         ),
