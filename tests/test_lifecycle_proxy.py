@@ -610,7 +610,7 @@ def test_a_local_response_replaces_a_large_upstream_answer_whole(tmp_path) -> No
 
 # A filter that pauses its request headers (as while it waits for an auth call), and logs the
 # end of its stream.
-PAUSER = REWRITER.replace(
+HEADERS_PAUSER = REWRITER.replace(
     """    (drop (call $proxy_add_header_map_value (i32.const 0) (i32.const 1050) (i32.const 5) (i32.const 1200) (i32.const 1)))
     (i32.const 0))""",
     """    (i32.const 1))""", 1)
@@ -619,7 +619,7 @@ PAUSER = REWRITER.replace(
 async def test_a_client_that_leaves_ends_its_paused_streams(tmp_path, caplog) -> None:
     """As Envoy resets a stream whose client is gone: the paused phase is decided at once,
     and the stream ends (log, done, delete), not when the filter would have gone on."""
-    async with addon_running(tmp_path, PAUSER) as addon:
+    async with addon_running(tmp_path, HEADERS_PAUSER) as addon:
         left, stays = tflow.tflow(), tflow.tflow()
         for f in (left, stays):
             f.request.content = b""  # the headers are the last phase: their pause is awaited
