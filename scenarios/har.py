@@ -194,6 +194,8 @@ def load_har(raw: bytes | str, name: str = "<har>") -> dict[str, Any]:
         har = json.loads(text)
     except json.JSONDecodeError as e:
         raise HarError(f"{name}:{e.lineno}:{e.colno}: broken JSON: {e.msg}") from None
+    except RecursionError:
+        raise HarError(f"{name}: JSON nested too deeply to be a HAR") from None
     if not isinstance(har, dict):
         raise HarError(f"{name}: expected a JSON object with 'log', got {type(har).__name__}")
     return har

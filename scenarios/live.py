@@ -313,6 +313,10 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 60.0,
             stdout=daemon_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **env})
         stack.callback(stop, daemon)
+        time.sleep(2.0)  # a manager that cannot start (bad arguments) has exited by now
+        if daemon.poll() is not None:
+            raise ScenarioError(f"the manager did not start (exit {daemon.returncode}): "
+                                f"{_last_line(run_dir / 'manager.log')}")
         print(f"live: replaying {len(trace)} events ({trace.duration / 60:.1f} min of trace) at "
               f"{speed:g}× with `{policy}` every {interval_wall:g} s", file=sys.stderr)
         summary = replay(trace, ReplayConfig(
@@ -321,8 +325,9 @@ def run_live(trace: Trace, policy: str = "ratio", speed: float = 60.0,
         time.sleep(2 * sample_interval / speed + 0.3)  # a last periodic sample
         verified = int(_auth_stats(local.auth).get("requests", {}).get("verify", 0))
         code = stop(daemon)
-        if code not in (0, -15):
-            logger.warning("the manager exited with %s: see %s", code, run_dir / "manager.log")
+        if code not in (0, -15):  # it stopped midway: the report would show no policy at all
+            raise ScenarioError(f"the manager exited with {code} during the replay: "
+                                f"{_last_line(run_dir / 'manager.log')}")
         stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers
     elapsed = time.perf_counter() - t0
     db = open_store(store)
@@ -525,6 +530,12 @@ def live_arguments(p: Any) -> None:
                    help="logs, spool and embedded stores (a new subdirectory per run)")
     p.add_argument("--manager-arg", action="append", default=[], metavar="ARG",
                    help="more arguments for `python -m manager run` (repeatable)")
+
+
+def _last_line(log: Path) -> str:
+    """The last line a process wrote to `log` (its error, for a process that exited)."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else f"nothing in {log}"
 
 
 def live_command(a: Any) -> int:

@@ -299,7 +299,7 @@ class Trace:
     @classmethod
     def read_jsonl(cls, path: str | Path) -> Trace:
         """Read a JSON Lines trace; errors are ``path:line: …`` (lines count from 1)."""
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM, as some editors write one
             return cls.parse_jsonl(f, str(path))
 
     @classmethod
@@ -318,6 +318,8 @@ class Trace:
                 raise TraceError(f"{where}:{e.colno}: broken JSON: {e.msg}") from None
             except ValueError as e:  # an integer of more digits than Python converts
                 raise TraceError(f"{where}: unreadable JSON: {e}") from None
+            except RecursionError:
+                raise TraceError(f"{where}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if "format" in obj:

@@ -244,6 +244,7 @@ def test_reading_tolerates_missing_response_and_bom(tmp_path) -> None:
         ('{"log": {}}', r"^x\.har: log\.entries: missing field$"),
         ('{"log": []}', r"^x\.har: log: not an object \(got a list \[\]\)"),
         ('{"log": {"entries": [7]}}', r"^x\.har: log\.entries\[0\]: expected an object"),
+        ("[" * 100_000 + "]" * 100_000, r"^x\.har: JSON nested too deeply to be a HAR$"),
     ],
 )
 def test_broken_har_files(tmp_path, text: str, message: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from scenarios.experiment import SERIES_COLUMNS, run_policy, summarize
 from scenarios.live import aggregate_requests, compare, experiment_config, live_samples, run_live
-from scenarios.trace import Event, Trace, TraceMeta
+from scenarios.trace import Event, ScenarioError, Trace, TraceMeta
 
 
 def test_aggregate_requests_counts_each_request_towards_the_next_sample_of_its_instance() -> None:
@@ -159,3 +159,13 @@ def test_the_simulation_is_charged_the_measured_latency() -> None:
     assert experiment_config(60.0).sim.auth_latency == 0.005
     assert experiment_config(60.0, auth_latency=1.5).sim.auth_latency == 1.5
     assert '"timeout_ms": 300000' in experiment_config(60.0).sim.plugin_configuration
+
+
+@pytest.mark.e2e
+def test_a_manager_that_cannot_start_stops_the_run_in_one_line(tmp_path) -> None:
+    """`live` with a manager argument the manager refuses: the run stops with the manager's
+    own line, instead of replaying with no policy and reporting it."""
+    trace = tiny_trace()
+    with pytest.raises(ScenarioError, match=r"the manager did not start \(exit 2\): .*--bogus"):
+        run_live(trace, "ratio:measure=1m", speed=60.0, state=tmp_path / "state",
+                 policy_args=["--bogus"])

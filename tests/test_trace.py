@@ -222,6 +222,7 @@ REQ = (
             r"^t\.jsonl:2: field 'time': 100000000000… \(401 digits\) is not a finite number$",
         ),
         ([LOGIN, REQ % ("1" + "0" * 5000, "a-1")], r"^t\.jsonl:2: unreadable JSON: Exceeds the limit"),
+        ([LOGIN, "[" * 100_000 + "]" * 100_000], r"^t\.jsonl:2: JSON nested too deeply$"),
         (
             ['{"time": 0, "kind": "login", "user": 7, "token": "a-1"}'],
             r"^t\.jsonl:1: field 'user': expected a string, got 7",
@@ -465,3 +466,10 @@ def test_cli_bad_trace_file_reports_the_line(tmp_path, capsys) -> None:
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}:2: field 'token': request with token 'zz-1' before its login" in err
+
+
+def test_a_jsonl_trace_with_a_bom_and_crlf_reads(tmp_path) -> None:
+    """Some editors write a byte-order mark and CRLF line ends: the trace reads the same."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(("\ufeff" + "\r\n".join([LOGIN, REQ % ("1.5", "a-1")]) + "\r\n").encode())
+    assert len(Trace.read_jsonl(path).events) == 2
