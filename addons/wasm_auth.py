@@ -310,7 +310,9 @@ def view(flow: http.HTTPFlow) -> tuple[Pairs, bytes, int, bytes | None]:
     if not authority:
         authority = data.authority or data.host.encode("idna")
     return ([(b":method", data.method), (b":path", data.path), (b":authority", authority),
-             (b":scheme", b"https" if flow.client_conn.tls_established else b"http"), *fields],
+             # `lifecycle.downstream_scheme`, inline (every request): the client's scheme
+             (b":scheme", b"http" if flow.client_conn.timestamp_tls_setup is None else b"https"),
+             *fields],
             authority, hosts, authorization)
 
 
