@@ -112,14 +112,20 @@ def downstream_scheme(flow: http.HTTPFlow) -> bytes:
     return b"https" if flow.client_conn.tls_established else b"http"
 
 
+def authority_without_host(data: Any) -> bytes:
+    """The authority of a request that has no Host field: its HTTP/2 or 3 authority, else
+    the host it goes to."""
+    return bytes(data.authority or data.host.encode("idna"))
+
+
 def _authority(request: http.Request) -> tuple[bytes, bool]:
-    """The request's authority as the filter was shown it, and whether it came with a Host
-    field (see `wasm_auth.view`)."""
+    """The request's authority as the filter was shown it (`wasm_auth.view`: the last Host
+    field), and whether it came with a Host field."""
     data = request.data
     for name, value in reversed(data.headers.fields):
         if name.lower() == b"host":
             return value, True
-    return data.authority or data.host.encode("idna"), False
+    return authority_without_host(data), False
 
 
 def apply_request_headers(flow: http.HTTPFlow, pairs: Pairs) -> None:

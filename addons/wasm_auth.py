@@ -308,7 +308,7 @@ def view(flow: http.HTTPFlow) -> tuple[Pairs, bytes, int, bytes | None]:
     data = flow.request.data
     fields, authority, hosts, authorization = view_fields(data.headers.fields)
     if not authority:
-        authority = data.authority or data.host.encode("idna")
+        authority = lifecycle.authority_without_host(data)
     return ([(b":method", data.method), (b":path", data.path), (b":authority", authority),
              # `lifecycle.downstream_scheme`, inline (every request): the client's scheme
              (b":scheme", b"http" if flow.client_conn.timestamp_tls_setup is None else b"https"),

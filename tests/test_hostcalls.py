@@ -388,17 +388,24 @@ def test_call_response_headers_body_and_status_in_the_callback(harness) -> None:
 # ---- metrics --------------------------------------------------------------------------------
 
 
+METRIC_FUNCS = ("proxy_define_metric", "proxy_increment_metric", "proxy_record_metric",
+                "proxy_get_metric")
+
+
+def define_metric(h, metric_type: MetricType, name: bytes, at: int, out: int) -> int:
+    """Define metric `name` (written at `at`); its id, returned at `out`."""
+    n, nn = h.put(at, name)
+    assert h.call("proxy_define_metric", metric_type, n, nn, out) == Status.OK
+    return h.u32(out)
+
+
 def test_metrics_define_increment_record_get(harness) -> None:
-    h = with_all(harness, "proxy_define_metric", "proxy_increment_metric", "proxy_record_metric",
-                 "proxy_get_metric")
-    n, nn = h.put(1024, b"auth_cache.hits")
-    assert h.call("proxy_define_metric", MetricType.COUNTER, n, nn, 2048) == Status.OK
-    counter = h.u32(2048)
+    h = with_all(harness, *METRIC_FUNCS)
+    counter = define_metric(h, MetricType.COUNTER, b"auth_cache.hits", 1024, 2048)
+    n, nn = 1024, len(b"auth_cache.hits")  # the name define_metric wrote
     assert h.call("proxy_increment_metric", counter, 5) == Status.OK
     assert h.call("proxy_increment_metric", counter, -1) == Status.BAD_ARGUMENT
-    g, gn = h.put(1100, b"auth_cache.live_bytes")
-    assert h.call("proxy_define_metric", MetricType.GAUGE, g, gn, 2052) == Status.OK
-    gauge = h.u32(2052)
+    gauge = define_metric(h, MetricType.GAUGE, b"auth_cache.live_bytes", 1100, 2052)
     assert h.call("proxy_record_metric", gauge, 123456789012) == Status.OK
     assert h.call("proxy_increment_metric", gauge, -12) == Status.OK
     assert h.call("proxy_get_metric", gauge, 2056) == Status.OK
@@ -415,18 +422,13 @@ def test_metrics_define_increment_record_get(harness) -> None:
 def test_metrics_by_type_as_envoy(harness) -> None:
     """Envoy's semantics per type: recording on a counter adds; a histogram records, and can
     neither be incremented nor read back."""
-    h = with_all(harness, "proxy_define_metric", "proxy_increment_metric", "proxy_record_metric",
-                 "proxy_get_metric")
-    n, nn = h.put(1024, b"conf.requests")
-    assert h.call("proxy_define_metric", MetricType.COUNTER, n, nn, 2048) == Status.OK
-    counter = h.u32(2048)
+    h = with_all(harness, *METRIC_FUNCS)
+    counter = define_metric(h, MetricType.COUNTER, b"conf.requests", 1024, 2048)
     assert h.call("proxy_record_metric", counter, 5) == Status.OK
     assert h.call("proxy_record_metric", counter, 5) == Status.OK
     assert h.call("proxy_get_metric", counter, 2056) == Status.OK
     assert h.u64(2056) == 10
-    m, mn = h.put(1100, b"conf.body_bytes")
-    assert h.call("proxy_define_metric", MetricType.HISTOGRAM, m, mn, 2052) == Status.OK
-    histogram = h.u32(2052)
+    histogram = define_metric(h, MetricType.HISTOGRAM, b"conf.body_bytes", 1100, 2052)
     assert h.call("proxy_record_metric", histogram, 42) == Status.OK
     assert h.call("proxy_increment_metric", histogram, 1) == Status.BAD_ARGUMENT
     assert h.call("proxy_get_metric", histogram, 2056) == Status.BAD_ARGUMENT
