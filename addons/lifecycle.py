@@ -49,7 +49,7 @@ from mitmproxy.net.http import status_codes
 from addons.proxywasm import Decision, LocalResponse, Stream
 from addons.proxywasm.abi import MapType
 from addons.proxywasm.context import REQUEST_BODY_DIRTY, RESPONSE_BODY_DIRTY
-from addons.proxywasm.headers import Pairs, serialize_map
+from addons.proxywasm.headers import Pairs, serialize_map, view_fields
 from addons.proxywasm.properties import Attributes, Path, boolean, int64
 
 #: Callbacks that need the stream open past the request decision.
@@ -242,6 +242,35 @@ def _header(message: http.Message | None, name: str) -> bytes | None:
     return b",".join(values) if values else None
 
 
+def request_map(flow: http.HTTPFlow) -> Pairs:
+    """The request's header map as the filter is shown it (`wasm_auth.view`, from the same
+    pass over the fields): `:method`, `:path`, `:authority`, `:scheme`, then every field with
+    a lowercase name, the Host left out. It is what Envoy's attribute `request.headers` is (its
+    request header map, which holds the Host only as `:authority`), so a filter reads the same
+    fields through the property as through `proxy_get_header_map_pairs`. It is read from the
+    flow's request as it stands: what the filter changes in a phase shows from its next phase
+    on (in Envoy, at once)."""
+    data = flow.request.data
+    fields, authority, _, _ = view_fields(data.headers.fields)
+    return [(b":method", data.method), (b":path", data.path),
+            (b":authority", authority or authority_without_host(data)),
+            (b":scheme", downstream_scheme(flow)), *fields]
+
+
+def response_map(response: http.Response) -> Pairs:
+    """The response's header map as the filter is shown it (`:status` first, lowercase
+    names), as Envoy's attribute `response.headers` is its response header map."""
+    return [(k.lower(), v) for k, v in response_pairs(response)]
+
+
+def _map_value(pairs: Pairs, name: bytes) -> bytes | None:
+    """`request.headers.<name>`, `response.headers.<name>`: the map's values of `name`
+    (lowercase) joined with "," as Envoy joins them; None if the map has none. As in Envoy,
+    a request has no `host` field here: its Host is `:authority`."""
+    values = [v for k, v in pairs if k == name]
+    return b",".join(values) if values else None
+
+
 def _protocol(message: http.Message) -> bytes:
     """The protocol as Envoy names it: HTTP/1.0, HTTP/1.1, HTTP/2, HTTP/3."""
     version = message.data.http_version
@@ -293,8 +322,7 @@ _ATTRIBUTES: dict[Path, Callable[[http.HTTPFlow], bytes | None]] = {
     else f.request.data.host.encode(),
     (b"request", b"scheme"): downstream_scheme,
     (b"request", b"method"): lambda f: f.request.data.method,
-    (b"request", b"headers"): lambda f: serialize_map(
-        [(k.lower(), v) for k, v in f.request.headers.fields]),
+    (b"request", b"headers"): lambda f: serialize_map(request_map(f)),
     (b"request", b"referer"): lambda f: _header(f.request, "referer"),
     (b"request", b"useragent"): lambda f: _header(f.request, "user-agent"),
     (b"request", b"id"): lambda f: _header(f.request, "x-request-id") or f.id.encode(),
@@ -305,8 +333,8 @@ _ATTRIBUTES: dict[Path, Callable[[http.HTTPFlow], bytes | None]] = {
         _head_size(f.request) + len(f.request.raw_content or b"")),
     (b"response", b"code"): lambda f: int64(f.response.status_code) if f.response else None,
     (b"response", b"code_details"): _code_details,
-    (b"response", b"headers"): lambda f: serialize_map(
-        [(k.lower(), v) for k, v in f.response.headers.fields]) if f.response else None,
+    (b"response", b"headers"): lambda f: serialize_map(response_map(f.response))
+    if f.response else None,
     (b"response", b"size"): lambda f: _body_size(f.response),
     (b"response", b"total_size"): lambda f: int64(
         _head_size(f.response) + len(f.response.raw_content or b"")) if f.response else None,
@@ -330,15 +358,18 @@ _ATTRIBUTES: dict[Path, Callable[[http.HTTPFlow], bytes | None]] = {
 def flow_attributes(flow: http.HTTPFlow) -> Attributes:
     """The properties of a stream, read from its flow when the filter asks (nothing is built
     ahead): `request.*`, `response.*`, `source.*`, `destination.*`, `connection.*`,
-    `upstream.*`, `cluster_name` and `route_name`; `request.headers.<name>` for one header."""
+    `upstream.*`, `cluster_name` and `route_name`; `request.headers.<name>` for one field of
+    the map (`:authority`, never `host`, as in Envoy)."""
 
     def get(path: Path) -> bytes | None:
         read = _ATTRIBUTES.get(path)
         if read is not None:
             return read(flow)
-        if len(path) == 3 and path[1] == b"headers" and path[0] in (b"request", b"response"):
-            message = flow.request if path[0] == b"request" else flow.response
-            return _header(message, path[2].decode("latin-1").lower())
+        if len(path) == 3 and path[1] == b"headers":
+            if path[0] == b"request":
+                return _map_value(request_map(flow), path[2].lower())
+            if path[0] == b"response" and flow.response is not None:
+                return _map_value(response_map(flow.response), path[2].lower())
         return None
 
     return get

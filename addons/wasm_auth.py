@@ -1258,7 +1258,17 @@ class WasmAuth:
             if not (self._streams_large and response_streams_midway(flow)):
                 return None
             response.stream = True
-        return lifecycle.streamed_response_headers(flow, ex, self._exports, self._stream_limit)
+        return self._streamed_response(flow, ex)
+
+    async def _streamed_response(self, flow: http.HTTPFlow, ex: lifecycle.Exchange) -> None:
+        """A streamed response's headers, waited for in `_waiting` (as a buffered exchange's
+        phases are): a client that leaves while the filter paused them ends the stream."""
+        assert ex.stream is not None
+        self._waiting[flow.id] = (flow, ex.stream)
+        try:
+            await lifecycle.streamed_response_headers(flow, ex, self._exports, self._stream_limit)
+        finally:
+            self._waiting.pop(flow.id, None)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The response (the upstream's or a local one): its phases, then the stream ends."""
@@ -1287,15 +1297,15 @@ class WasmAuth:
 
     def client_disconnected(self, client: connection.Client) -> None:
         """The client left while the filter's phases of some of its flows were awaited (an
-        outbound call, a pause): end those streams now, as Envoy resets a stream whose client
-        is gone. A paused phase is decided by the fail policy ("client disconnected"), then
-        `proxy_on_log`, `proxy_on_done` and `proxy_on_delete` run; an outbound call still in
-        flight runs to its end, and its answer is dropped."""
+        outbound call, a pause; request or response, buffered or streamed): end those streams
+        now, as Envoy resets a stream whose client is gone. A paused phase is decided by the
+        fail policy ("client disconnected"), then `proxy_on_log`, `proxy_on_done` and
+        `proxy_on_delete` run; an outbound call still in flight is cancelled, as Envoy cancels
+        a deleted context's calls, and recorded (`auth_calls`, outcome `cancelled`)."""
         if not self._waiting:
             return
         for stream in [st for f, st in self._waiting.values() if f.client_conn.id == client.id]:
-            stream.fail_pending("client disconnected")
-            stream.close()
+            stream.abandon("client disconnected")
 
     def _end_open_exchanges(self) -> None:
         """The proxy stops with exchanges in flight: end their streams, keep their records."""

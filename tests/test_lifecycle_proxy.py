@@ -637,3 +637,38 @@ async def test_a_client_that_leaves_ends_its_paused_streams(tmp_path, caplog) ->
         assert "client disconnected" in left.comment
         assert not waiting[1].done()  # another client's paused stream waits on
         waiting[1].cancel()
+
+
+# A filter that pauses its response headers (and never resumes them), logging the end of its
+# stream.
+RESPONSE_HEADERS_PAUSER = REWRITER.replace(
+    """    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 0))""",
+    """    (drop (call $proxy_add_header_map_value (i32.const 2) (i32.const 1090) (i32.const 6) (i32.const 1080) (i32.const 3)))
+    (i32.const 1))""")
+
+
+async def test_a_client_that_leaves_ends_its_paused_streamed_response(tmp_path, caplog) -> None:
+    """A streamed response's headers (the `responseheaders` hook) paused by the filter end
+    like a buffered exchange's phases when the client leaves: decided by the fail policy at
+    once, then log, done, delete; not after `stream_timeout_s`."""
+    async with addon_running(tmp_path, RESPONSE_HEADERS_PAUSER) as addon:
+        f = tflow.tflow()
+        await run_hook(addon.request(f))
+        f.response = tflow.tresp(content=None)
+        f.response.stream = True  # what stream_large_bodies does in responseheaders
+        waiting = asyncio.ensure_future(addon.responseheaders(f))
+        await asyncio.sleep(0)
+        assert set(addon._waiting) == {f.id}
+        inst = next(iter(addon.host.instances.values()))
+        assert len(inst.vm.contexts) == 1
+        with caplog.at_level("INFO", logger="wasm_reclaim.guest"):
+            addon.client_disconnected(f.client_conn)
+        await asyncio.wait_for(waiting, 5)
+        logged = [r.getMessage().split()[-1] for r in caplog.records
+                  if r.name == "wasm_reclaim.guest"]
+        assert logged == ["on_log", "on_done", "on_delete"]
+        assert inst.vm.contexts == {} and not addon._waiting
+        assert f.response.status_code == 503  # fail closed: nothing of the upstream's leaves
+        addon.error(f)  # what mitmproxy then runs: the exchange's record, nothing more
+        assert not addon._open

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import httpx
 import pytest
 import wasmtime
 from mitmproxy.test import taddons, tflow
@@ -144,11 +145,18 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         assert get((b"request", b"protocol")) == b"HTTP/1.1"
         assert get((b"request", b"size")) == i64(7)  # b"content"
         assert get((b"request", b"time")) == i64(int(f.request.timestamp_start * 1e9))
+        # The request header map, as the filter sees it and as Envoy's attribute is: the
+        # pseudo-headers, then the fields; the Host only as :authority.
         assert get((b"request", b"headers")) == serialize_map(
-            [(k.lower(), v) for k, v in f.request.headers.fields])
+            [(b":method", b"GET"), (b":path", b"/a/b?q=1"),
+             (b":authority", b"shop.example:8080"), (b":scheme", b"http"),
+             *[(k.lower(), v) for k, v in f.request.headers.fields if k.lower() != b"host"]])
         assert get((b"request", b"headers", b"user-agent")) == b"ua/1"
         assert get((b"request", b"headers", b"x-d")) == b"1,2"  # every value, as Envoy joins them
         assert get((b"request", b"headers", b"x-none")) is None
+        assert get((b"request", b"headers", b"host")) is None  # as in Envoy: it is :authority
+        assert get((b"request", b"headers", b":authority")) == b"shop.example:8080"
+        assert get((b"request", b"headers", b":path")) == b"/a/b?q=1"
         assert get((b"source", b"address")) == b"127.0.0.1:22"
         assert get((b"source", b"port")) == i64(22)
         assert get((b"destination", b"port")) == i64(f.client_conn.sockname[1])
@@ -162,6 +170,9 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         assert get((b"response", b"code")) == i64(200)
         assert get((b"response", b"size")) == i64(len(f.response.raw_content))
         assert get((b"response", b"code_details")) == b"via_upstream"
+        assert get((b"response", b"headers")) == serialize_map(  # :status first, as the map
+            [(b":status", b"200"), *[(k.lower(), v) for k, v in f.response.headers.fields]])
+        assert get((b"response", b"headers", b":status")) == b"200"
         f.request.http_version = "HTTP/2.0"
         assert get((b"request", b"protocol")) == b"HTTP/2"  # as Envoy names it
         f.client_conn.timestamp_tls_setup = 1.0  # the client spoke TLS
@@ -175,3 +186,60 @@ async def test_flow_attributes_serialised_as_envoy(tmp_path) -> None:
         if r is not None:
             await r
         await addon.done()
+
+
+# ---- through a real mitmdump: the property and the header map agree --------------------------
+
+# Answers every request locally, with the property its `x-prop` header names as the body (404
+# when NotFound), or, without `x-prop`, with its request header map
+# (`proxy_get_header_map_pairs`).
+PROPERTY_ECHO = trampolines("proxy_get_header_map_value", "proxy_get_header_map_pairs",
+                            "proxy_get_property", "proxy_send_local_response") + """
+  (data (i32.const 1000) "x-prop")
+  (func $answer (param $status i32) (param $ptr i32) (param $size i32)
+    (drop (call $proxy_send_local_response (local.get $status) (i32.const 0) (i32.const 0)
+      (local.get $ptr) (local.get $size) (i32.const 0) (i32.const 0) (i32.const -1))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (call $proxy_get_header_map_value (i32.const 0) (i32.const 1000) (i32.const 6) (i32.const 2000) (i32.const 2004))
+      (then
+        (drop (call $proxy_get_header_map_pairs (i32.const 0) (i32.const 2008) (i32.const 2012)))
+        (call $answer (i32.const 200) (i32.load (i32.const 2008)) (i32.load (i32.const 2012))))
+      (else
+        (if (call $proxy_get_property (i32.load (i32.const 2000)) (i32.load (i32.const 2004)) (i32.const 2008) (i32.const 2012))
+          (then (call $answer (i32.const 404) (i32.const 0) (i32.const 0)))
+          (else (call $answer (i32.const 200) (i32.load (i32.const 2008)) (i32.load (i32.const 2012)))))))
+    (i32.const 1))
+"""
+
+
+@pytest.mark.e2e
+def test_request_headers_property_is_the_filters_map_through_a_real_mitmdump(tmp_path) -> None:
+    """Envoy's attribute `request.headers` is its request header map, which holds the Host
+    only as `:authority`: a filter reads the same map through the property as through
+    `proxy_get_header_map_pairs`, and `request.headers.host` is not there."""
+    from addons.proxywasm import deserialize_map
+
+    from .test_lifecycle_proxy import echo_server, mitmdump, write_filter
+
+    wasm = write_filter(tmp_path, PROPERTY_ECHO, "props.wasm")
+    with echo_server() as upstream, mitmdump(tmp_path, upstream, wasm,
+                                             "--set", "keep_host_header=true") as proxy:
+        def ask(prop: str | None) -> httpx.Response:
+            headers = {"host": "shop.example", "x-a": "1"}
+            if prop is not None:
+                headers["x-prop"] = prop
+            return httpx.get(f"{proxy}/p?q=1", headers=headers, timeout=10)
+
+        shown = ask(None)
+        assert shown.status_code == 200
+        seen = deserialize_map(shown.content)
+        got = ask("request.headers")
+        assert got.status_code == 200
+        prop = [(k, v) for k, v in deserialize_map(got.content) if k != b"x-prop"]
+        assert prop == seen
+        assert prop[:4] == [(b":method", b"GET"), (b":path", b"/p?q=1"),
+                            (b":authority", b"shop.example"), (b":scheme", b"http")]
+        assert (b"x-a", b"1") in prop and all(k != b"host" for k, _ in prop)
+        assert ask("request.headers.host").status_code == 404  # as in Envoy
+        assert ask("request.headers.:authority").content == b"shop.example"
+        assert ask("request.host").content == b"shop.example"  # unchanged

@@ -7,7 +7,13 @@ import asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from addons.proxywasm import HttpCall, HttpxDispatcher, Status
+from addons.proxywasm import (
+    HttpCall,
+    HttpCallResponse,
+    HttpxDispatcher,
+    InProcessDispatcher,
+    Status,
+)
 
 from .wat import module, trampolines
 
@@ -86,3 +92,51 @@ async def test_outbound_call_takes_method_path_scheme_and_one_host() -> None:
     assert req.method == "PUT" and req.path_qs == "/p?q=1"
     assert req.headers.getall("Host") == ["api.example"]
     assert req.headers["x-a"] == "1"
+
+
+async def test_a_cancelled_call_closes_its_connection_and_is_never_delivered() -> None:
+    """`start` returns what cancels the call (the host cancels the calls of a stream whose
+    client left): the request is abandoned, so the server sees its connection close, and
+    `deliver` is never called."""
+    received, closed = asyncio.Event(), asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        while await reader.read(4096):  # never answers; EOF when the caller goes
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dispatcher = HttpxDispatcher({"auth": f"http://127.0.0.1:{port}"})
+    delivered: list[object] = []
+    call = HttpCall("auth", [(b":method", b"GET"), (b":path", b"/verify")], b"", [], 20_000)
+    try:
+        cancel = dispatcher.start(call, delivered.append)
+        assert cancel is not None
+        await asyncio.wait_for(received.wait(), 10)
+        cancel()
+        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.sleep(0.1)
+        assert delivered == []
+    finally:
+        await dispatcher.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_cancelled_in_process_answer_is_dropped() -> None:
+    clock = [0]
+    dispatcher = InProcessDispatcher(lambda call: HttpCallResponse(200), lambda: clock[0],
+                                     latency_s=0.001)
+    delivered: list[object] = []
+    call = HttpCall("auth", [(b":path", b"/verify")])
+    cancel = dispatcher.start(call, delivered.append)
+    dispatcher.start(call, delivered.append)
+    assert cancel is not None
+    cancel()
+    clock[0] = 10**9
+    dispatcher.poll(clock[0])
+    assert delivered == [HttpCallResponse(200)]  # the other call's answer only

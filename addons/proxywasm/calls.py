@@ -4,7 +4,9 @@ The host hands every outbound call to a `Dispatcher` with a `deliver` callback. 
 must call `deliver` at most once and never from inside `start` (the guest is still running
 then): with the response, or with None when the call failed (unreachable, reset, timed out).
 The host enforces the call's timeout itself and ignores a delivery that comes too late, so a
-dispatcher that never answers cannot stall a stream.
+dispatcher that never answers cannot stall a stream. `start` returns what cancels the call
+(then `deliver` is never called): the host cancels the calls of a stream whose client left, as
+Envoy cancels a deleted context's calls, and records them itself.
 
 - `InProcessDispatcher`: a Python function answers, after a latency in host-clock time; used by
   simulations in virtual time and by tests.
@@ -65,6 +67,8 @@ class HttpCallResponse(NamedTuple):
 
 
 Deliver = Callable[[HttpCallResponse | None], None]
+Cancel = Callable[[], object]
+"""Stops a call in flight: its `deliver` is never called after this."""
 
 
 def call_url(base: str, call: HttpCall) -> str:
@@ -83,8 +87,9 @@ class Dispatcher:
         """Whether calls may go to cluster `name`."""
         raise NotImplementedError
 
-    def start(self, call: HttpCall, deliver: Deliver) -> None:
-        """Start `call`; later call `deliver` once. Raise to refuse the call."""
+    def start(self, call: HttpCall, deliver: Deliver) -> Cancel | None:
+        """Start `call`; later call `deliver` once. Raise to refuse the call. Returns what
+        cancels it, or None where it cannot be cancelled (it then runs to its end)."""
         raise NotImplementedError
 
     def poll(self, now_ns: int) -> None:
@@ -115,26 +120,31 @@ class InProcessDispatcher(Dispatcher):
         self.clock_ns = clock_ns
         self.latency_ns = int(latency_s * 1e9)
         self.clusters = clusters
-        self._queue: list[tuple[int, int, Deliver, HttpCallResponse]] = []
+        self._queue: list[tuple[int, int, list[Deliver], HttpCallResponse]] = []
+        """Answers by due time; each with its `deliver` in a list, which cancelling empties."""
         self._seq = itertools.count()
 
     def has_cluster(self, name: str) -> bool:
         """Any cluster, unless a list was given."""
         return self.clusters is None or name in self.clusters
 
-    def start(self, call: HttpCall, deliver: Deliver) -> None:
+    def start(self, call: HttpCall, deliver: Deliver) -> Cancel | None:
         """Compute the answer now; deliver it after the latency (or never, for None)."""
         response = self.handler(call)
-        if response is not None:
-            due = self.clock_ns() + self.latency_ns
-            heapq.heappush(self._queue, (due, next(self._seq), deliver, response))
+        if response is None:
+            return None
+        due = self.clock_ns() + self.latency_ns
+        to = [deliver]
+        heapq.heappush(self._queue, (due, next(self._seq), to, response))
+        return to.clear
 
     def poll(self, now_ns: int) -> None:
-        """Deliver every answer due by `now_ns`, in order."""
+        """Deliver every answer due by `now_ns`, in order (a cancelled call's is dropped)."""
         queue = self._queue
         while queue and queue[0][0] <= now_ns:
-            _, _, deliver, response = heapq.heappop(queue)
-            deliver(response)
+            _, _, to, response = heapq.heappop(queue)
+            if to:
+                to[0](response)
 
     def next_due_ns(self) -> int | None:
         """The due time of the next answer."""
@@ -170,11 +180,13 @@ class HttpxDispatcher(Dispatcher):
         """Whether `name` is configured."""
         return name in self.clusters
 
-    def start(self, call: HttpCall, deliver: Deliver) -> None:
-        """Schedule the request on the running loop."""
+    def start(self, call: HttpCall, deliver: Deliver) -> Cancel:
+        """Schedule the request on the running loop; cancelling its task ends the request
+        (httpx closes its connection, so the server sees the call go)."""
         task = asyncio.get_running_loop().create_task(self._send(call, deliver))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task.cancel
 
     async def _send(self, call: HttpCall, deliver: Deliver) -> None:
         import httpx

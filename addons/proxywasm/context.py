@@ -8,10 +8,13 @@ waiting for its answer or its deadline.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .abi import MetricType
 from .headers import Pairs
+
+if TYPE_CHECKING:
+    from .calls import Cancel
 
 ROOT_CONTEXT_ID = 1
 REQUEST_BODY_DIRTY = 1 << 8
@@ -63,7 +66,8 @@ class StreamContext:
 class PendingCall:
     """An outbound `proxy_http_call` waiting for its response or its deadline."""
 
-    __slots__ = ("cluster", "context_id", "deadline_ns", "id", "orphaned", "path", "started_ns")
+    __slots__ = ("cancel", "cluster", "context_id", "deadline_ns", "id", "orphaned", "path",
+                 "started_ns")
 
     def __init__(
         self, call_id: int, context_id: int, cluster: str, path: str, started_ns: int,
@@ -76,9 +80,12 @@ class PendingCall:
         self.started_ns = started_ns
         self.deadline_ns = deadline_ns
         self.orphaned = False
-        """Its stream context was deleted (the client left, the stream ended): its answer is
-        recorded (an auth call the manager counts) but never given to the filter, as Envoy
-        cancels a deleted context's calls."""
+        """Its stream context was deleted (the stream ended): its answer is recorded (an auth
+        call the manager counts) but never given to the filter. Where the stream ended because
+        its client left, the host cancels it instead, as Envoy cancels a deleted context's
+        calls, and records it then (outcome `cancelled`)."""
+        self.cancel: Cancel | None = None
+        """What stops it in flight (from the dispatcher), or None if nothing can."""
 
 
 class Metric:

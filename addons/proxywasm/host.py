@@ -132,6 +132,11 @@ class RestartRecord:
     """Journaled requests replayed into the new generation (warm only)."""
 
 
+CallOutcome = Literal["ok", "timeout", "error", "cancelled"]
+"""How an outbound call ended: answered, timed out, failed (unreachable, reset), or cancelled
+(its stream's client left: the host stopped it, as Envoy cancels a deleted context's calls)."""
+
+
 class AuthCallRecord(NamedTuple):
     """One outbound call, as written to the `auth_calls` collection."""
 
@@ -142,8 +147,8 @@ class AuthCallRecord(NamedTuple):
     cluster: str
     path: str
     status: int | None
-    """HTTP status, or None when the call failed or timed out."""
-    outcome: Literal["ok", "timeout", "error"]
+    """HTTP status, or None when the call failed, timed out or was cancelled."""
+    outcome: CallOutcome
     latency_s: float
 
 
@@ -392,6 +397,17 @@ class Stream:
         """The filter failed: decide a paused phase by the fail policy."""
         if self.waiting:
             self._fail(error)
+
+    def abandon(self, error: str) -> None:
+        """Its client left: decide a paused phase by the fail policy (`error`), end the
+        stream, and cancel its outbound calls in flight, as Envoy resets such a stream and
+        cancels a deleted context's calls (each still recorded: it went out)."""
+        ctx, vm = self.ctx, self.vm
+        calls = list(ctx.calls) if ctx is not None and ctx.calls else None
+        self.fail_pending(error)
+        self.close()
+        if calls and vm is not None:
+            self.instance.host.cancel_calls(vm, calls)
 
     def close(self) -> None:
         """End the stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`."""
@@ -985,7 +1001,7 @@ class Host:
                 self._complete_call(vm, call.id, response)
 
         try:
-            self.dispatcher.start(http_call, deliver)
+            call.cancel = self.dispatcher.start(http_call, deliver)
         except Exception as e:
             logger.error("outbound call to cluster %s could not start: %s", call.cluster, e)
             return Status.INTERNAL_FAILURE
@@ -997,12 +1013,25 @@ class Host:
             ctx.stream.entry.add_call(call.id, call.cluster, headers, body, trailers)
         return _OK
 
+    def cancel_calls(self, vm: Vm, call_ids: list[int]) -> None:
+        """Cancel those of `vm`'s calls `call_ids` whose stream context is gone (orphaned) and
+        that the dispatcher can stop: each is recorded now, `cancelled`, with no status (it went
+        out, so the manager counts it). A call whose context lives on (its `proxy_on_done`
+        deferred the delete) runs on, as does one the dispatcher cannot stop (recorded when it
+        ends)."""
+        for call_id in call_ids:
+            call = vm.calls.get(call_id)
+            if call is not None and call.orphaned and call.cancel is not None:
+                call.cancel()
+                self._complete_call(vm, call_id, None, cancelled=True)
+
     def _drain_deliveries(self) -> None:
         while self._deliveries and not self._busy:
             self._deliveries.popleft()()
 
     def _complete_call(
-        self, vm: Vm, call_id: int, response: HttpCallResponse | None, timed_out: bool = False
+        self, vm: Vm, call_id: int, response: HttpCallResponse | None, timed_out: bool = False,
+        cancelled: bool = False,
     ) -> None:
         inst = self.instances.get(vm.instance_id)
         now = self.clock.now_ns()
@@ -1011,8 +1040,9 @@ class Host:
             logger.debug("late or unknown response for call %d of %s gen %d ignored",
                          call_id, vm.instance_id, vm.generation)
             return
-        outcome: Literal["ok", "timeout", "error"] = (
-            "timeout" if timed_out else "error" if response is None else "ok"
+        outcome: CallOutcome = (
+            "cancelled" if cancelled else "timeout" if timed_out
+            else "error" if response is None else "ok"
         )
         now_s = now / 1e9
         self.events.on_auth_call(AuthCallRecord(

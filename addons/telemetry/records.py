@@ -170,8 +170,8 @@ AUTH_CALL_FIELDS: Final = (
     "proxy", "instance", "tenant", "generation", "time", "cluster", "path", "status",
     "outcome", "latency_ms",
 )
-"""An outbound call: `status` None when it failed or timed out; `outcome` ok, timeout or
-error; `latency_ms` on the host clock."""
+"""An outbound call: `status` None when it failed, timed out or was cancelled; `outcome` ok,
+timeout, error or cancelled (its stream's client left); `latency_ms` on the host clock."""
 
 
 def auth_call(proxy: str, record: AuthCallRecord) -> dict[str, Any]:
