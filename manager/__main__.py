@@ -26,7 +26,7 @@ from typing import Any, Final, NoReturn
 
 import httpx
 
-from addons.telemetry.store import DATABASE, is_mongo_uri, redact
+from addons.telemetry.store import DATABASE, database_problem, is_mongo_uri, redact
 from manager.daemon import Daemon, DaemonConfig, Endpoint
 from manager.estimate import EstimatorParams
 from manager.policies import (
@@ -66,6 +66,15 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _database(text: str) -> str:
+    """A ``--database`` value, checked by MongoDB's naming rules (the embedded store's own
+    are checked with ``--store``, by :func:`build_config`)."""
+    problem = database_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
 
 
 def _number(text: str) -> float:
@@ -133,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the daemon",
         description="Every --interval: read the new samples, decide per instance, restart\n"
                     "through the admin endpoint, and write every decision to the decisions\n"
-                    "collection. Failures (store, admin endpoint, 401) are logged and retried\n"
-                    "with backoff.",
+                    "collection. Failures of the store or the admin endpoint are logged and\n"
+                    "retried with backoff. A token the endpoint refuses (401) is one error\n"
+                    "line; the daemon keeps running, re-reads the token file every second\n"
+                    "and asks again as soon as it holds another token (else every\n"
+                    "--backoff-max).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="policies (--policy):\n"
                "  adaptive              the best host-visible rule (default): restart when the\n"
@@ -148,15 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  oracle                ground truth (live bytes); for evaluation only\n"
                "durations: 90, 90s, 15m, 2h; sizes: 64MiB, 512KiB.\n"
                "exit status: 0; with --once, 1 if the pass could not read the store or reach\n"
-               "the admin endpoint; 2 for a bad command line or token file.",
+               "the admin endpoint; 2 for a bad command line or token file, or a token the\n"
+               "admin endpoint refuses (401).",
     )
     where = run.add_argument_group("where")
     where.add_argument(
         "--store", default=None,
         help="a mongodb:// URI, or the embedded store's directory (default: $MONGODB_URI if "
              f"set, else {DEFAULT_STORE}, the addon's default)")
-    where.add_argument("--database", default=DATABASE,
-                       help="database in the store (default %(default)s)")
+    where.add_argument("--database", type=_database, default=DATABASE,
+                       help="database in the store (default %(default)s; a mongodb:// URI "
+                            "that names one wins)")
     admin = where.add_mutually_exclusive_group()
     admin.add_argument(
         "--admin", action="append", default=None, metavar="URL",
@@ -344,9 +358,13 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         from pymongo.uri_parser import parse_uri
 
         try:
-            parse_uri(store, warn=True)  # a mongodb+srv:// host is resolved here
+            named = parse_uri(store, warn=True)["database"]  # mongodb+srv:// is resolved here
         except (ConfigurationError, InvalidURI, ValueError) as e:
             raise ConfigError(f"--store {redact(store)}: {str(e).splitlines()[0]}") from None
+        if named and (problem := database_problem(named)):
+            raise ConfigError(f"--store {redact(store)}: database {named!r}: {problem}")
+    elif problem := database_problem(args.database, embedded=True):
+        raise ConfigError(f"--database {args.database!r}: {problem} (--store {store})")
     admin_url: str | None = None
     endpoints: tuple[Endpoint, ...] = ()
     token, token_file = "", None
@@ -424,7 +442,8 @@ async def serve(config: DaemonConfig, *, once: bool) -> int:
             print(report.summary())
             if not report.ok:
                 logger.error("%s", report.failure)
-            return 0 if report.ok else 1
+            # A refused token is a configuration error (2): trying again later will not help.
+            return 0 if report.ok else 2 if report.unauthorized else 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -25,6 +25,12 @@ An instance is (proxy, instance) everywhere: in the policy state (keyed by
 
 :meth:`Daemon.run` repeats passes every ``interval_s`` and backs off (doubling up to
 ``backoff_max_s``) while the store or the admin endpoint fails; nothing is lost meanwhile.
+A token the admin endpoint refuses (401) is no network failure, and asking again with it
+cannot help: the daemon keeps running (a proxy restarted with a new token writes its token
+file again, an operator fixes it), re-reads the token files every second and asks again at
+once when one holds another token, otherwise only every ``backoff_max_s`` (in case the
+proxy's token changes to this one). The first such failure is an error line, the repeats
+warnings; the token itself is never logged.
 
 Guarantees:
 
@@ -99,6 +105,7 @@ from addons.telemetry.store import (
     Database,
     acquire_lease,
     close_store,
+    database_problem,
     delete_sample_batches,
     ensure_indexes,
     insert_new,
@@ -261,6 +268,9 @@ class DaemonConfig:
             raise ValueError(f"overlap_s must be ≥ 0, got {self.overlap_s!r}")
         if self.backfill_s is not None and not self.backfill_s > 0:
             raise ValueError(f"backfill_s must be positive, got {self.backfill_s!r}")
+        problem = database_problem(self.database, embedded=not is_mongo_uri(self.store))
+        if problem:
+            raise ValueError(f"database {self.database!r}: {problem}")
 
     def all_endpoints(self) -> tuple[Endpoint, ...]:
         """The admin endpoints given (none with ``proxies_from_store``: they come from the
@@ -522,7 +532,12 @@ def _names(names: Collection[str]) -> str:
 
 def _describe(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    # pymongo's server selection errors end with timeouts and a topology description whose id
+    # changes every time: without them, the same outage is the same line (logged once).
+    first = lines[0].split(", Timeout:")[0].split(" (configured timeouts")[0]
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,6 +563,8 @@ class PassReport:
     #: "store" or "admin": what failed (the first failure of the pass)
     component: str | None = None
     failure: str | None = None
+    #: the pass failed because the admin endpoint refused its token (401): not a network
+    #: failure, trying again with the same token will not help
     unauthorized: bool = False
     samples: int = 0  #: new rows passed to decide()
     dropped: int = 0  #: unusable rows, or rows of an earlier life of the proxy
@@ -562,8 +579,10 @@ class PassReport:
     standby: bool = False
     #: rows ignored because their proxy sent no recent heartbeat
     no_heartbeat: int = 0
-    #: admin endpoints that failed this pass (the others were used)
+    #: admin endpoints that could not be reached this pass (the others were used)
     unreachable: list[str] = field(default_factory=list)
+    #: admin endpoints that refused the token (401) this pass: not a network failure
+    refused: list[str] = field(default_factory=list)
     #: seconds the store thread took behind the pass (deleting the sample batches read,
     #: writing the decision records); None until that ends, or with nothing to do
     behind_s: float | None = None
@@ -611,6 +630,8 @@ class PassReport:
                          "(decision_batches)")
         if self.unreachable:
             lines.append(f"unreachable: {', '.join(self.unreachable)}")
+        if self.refused:
+            lines.append(f"refused the token (401): {', '.join(self.refused)}")
         if self.pending:
             lines.append(f"{self.pending} decision record(s) wait for the store")
         return "\n".join(lines)
@@ -689,6 +710,8 @@ class Daemon:
         #: the proxy ids each admin URL answered for
         self._url_proxies: dict[str, set[str]] = {}
         self._failing_urls: set[str] = set()
+        #: the last error reading each token file (logged when it changes)
+        self._token_file_problems: dict[Path, str] = {}
         #: proxies whose admin endpoint answered GET /instances in this pass
         self._answered: set[str] = set()
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -785,26 +808,67 @@ class Daemon:
         while not stop.is_set():
             started = loop.time()
             report = await self.run_pass()
-            if report.ok:
+            if report.refused and self.reload_token():
+                delay = 0.0  # a new token: ask with it at once
+            elif report.ok:
                 if failures:
                     logger.info("working again after %d failed attempt(s)", failures)
                 failures, last_failure = 0, None
                 delay = max(0.0, self.config.interval_s - (loop.time() - started))
             else:
                 failures += 1
-                delay = backoff_delay(failures, self.config.backoff_min_s,
-                                      self.config.backoff_max_s)
+                if report.unauthorized:
+                    delay, then = self._refused_wait(report)
+                else:
+                    delay = backoff_delay(failures, self.config.backoff_min_s,
+                                          self.config.backoff_max_s)
+                    then = f"retrying in {delay:g} s"
                 again = report.failure == last_failure
                 logger.log(
-                    logging.WARNING if again else logging.ERROR, "%s; retrying in %g s%s",
-                    report.failure, delay, f" (attempt {failures})" if failures > 1 else "",
+                    logging.WARNING if again else logging.ERROR, "%s; %s%s",
+                    report.failure, then, f" (attempt {failures})" if failures > 1 else "",
                 )
                 last_failure = report.failure
                 if report.unauthorized:
-                    self.reload_token()
+                    await self._await_new_token(stop, delay)
+                    continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
         await self.flush()
+
+    def _refused_files(self, report: PassReport) -> list[Path]:
+        """The token files of the endpoints that refused their token in `report`."""
+        files = [self._endpoints[u].token_file for u in report.refused if u in self._endpoints]
+        return list(dict.fromkeys(f for f in files if f is not None))
+
+    def _refused_wait(self, report: PassReport) -> tuple[float, str]:
+        """After a pass that failed on a refused token: how long to wait, and what for."""
+        delay = self.config.backoff_max_s
+        files = self._refused_files(report)
+        if files:
+            return delay, (f"asking again when {', '.join(map(str, files))} holds another token "
+                           f"(read every {self._token_poll_s:g} s), or in {delay:g} s")
+        return delay, (f"asking again every {delay:g} s with the same token (restart the "
+                       "manager with the proxy's token, or give --token-file)")
+
+    @property
+    def _token_poll_s(self) -> float:
+        return min(1.0, self.config.interval_s)
+
+    async def _await_new_token(self, stop: asyncio.Event, delay: float) -> bool:
+        """Wait up to `delay` s, re-reading the token files: True as soon as one holds another
+        token, False when the time is up or `stop` is set."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + delay
+        while not stop.is_set():
+            left = until - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(self._token_poll_s, left))
+            if not stop.is_set() and self.reload_token():
+                return True
+        return False
 
     def reload_token(self) -> bool:
         """Re-read the token files (after a 401); True if one now holds another token."""
@@ -816,9 +880,12 @@ class Daemon:
             try:
                 token = path.read_text().strip()
             except OSError as e:
-                logger.error("cannot re-read the admin token file %s: %s", path,
-                             e.strerror or e)
+                problem = str(e.strerror or e)
+                if self._token_file_problems.get(path) != problem:  # once, not every read
+                    logger.error("cannot re-read the admin token file %s: %s", path, problem)
+                self._token_file_problems[path] = problem
                 continue
+            self._token_file_problems.pop(path, None)
             if not token or token == endpoint.token:
                 continue
             self._endpoints[url] = dataclasses.replace(endpoint, token=token)
@@ -1208,7 +1275,8 @@ class Daemon:
                 if not isinstance(answer, AdminError):
                     raise answer
                 failures.append(answer)
-                report.unreachable.append(url)
+                refused = answer.kind == "unauthorized"
+                (report.refused if refused else report.unreachable).append(url)
                 if url not in self._failing_urls and len(urls) > 1:
                     logger.warning("%s; carrying on with the other proxies", answer.message)
                 self._failing_urls.add(url)
@@ -1227,8 +1295,9 @@ class Daemon:
         if urls and len(failures) == len(urls):
             first = failures[0]
             report.fail("admin", first.message if len(urls) == 1 else
-                        f"no admin endpoint answered ({len(urls)}): {first.message}",
-                        unauthorized=any(e.kind == "unauthorized" for e in failures))
+                        f"every admin endpoint failed ({len(urls)}): {first.message}",
+                        # only a token can help when every one refused its token
+                        unauthorized=all(e.kind == "unauthorized" for e in failures))
             return None
         if not urls and not self.config.proxies_from_store:
             report.fail("admin", "no admin endpoint")
@@ -1384,6 +1453,8 @@ class Daemon:
                 return DecisionOutcome(d, "unknown-instance", e.message)
             if e.kind in ("unreachable", "unauthorized"):
                 report.fail("admin", e.message, unauthorized=e.kind == "unauthorized")
+                if e.kind == "unauthorized" and client.base_url not in report.refused:
+                    report.refused.append(client.base_url)
             else:
                 logger.error("restart of %s generation %d failed: %s", shown, d.generation,
                              e.message)

@@ -31,6 +31,8 @@ from scenarios.eclog import (
     read_eclog,
     write_eclog,
 )
+from scenarios.procs import StartFailed
+from scenarios.store_cli import database_name
 from scenarios.trace import ScenarioError, Trace, default_ttl, summary
 
 if TYPE_CHECKING:
@@ -379,7 +381,8 @@ def _store_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--store", default=None,
                        help="mongodb://… URI or embedded-store directory (default: "
                        "$MONGODB_URI, else .wasm-reclaim/store, as the addon's wasm_store)")
-        q.add_argument("--database", default="wasm_reclaim", help="database name")
+        q.add_argument("--database", type=database_name, default="wasm_reclaim",
+                       help="database name")
         q.add_argument("--timeout", type=positive, default=5.0,
                        help="seconds to wait for a MongoDB server")
 
@@ -520,7 +523,8 @@ def _auth_server_args(p: argparse.ArgumentParser) -> None:
         help="mongodb://… URI, or a directory for the embedded store (SQLite)",
     )
     p.add_argument("--no-store", action="store_true", help="keep users and tokens in memory only")
-    p.add_argument("--database", default="wasm_reclaim", help="database name in the store")
+    p.add_argument("--database", type=database_name, default="wasm_reclaim",
+                   help="database name in the store")
     p.add_argument("--latency-ms", type=non_negative, default=0.0,
                    help="delay added to every /verify")
     p.add_argument(
@@ -879,7 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {c.name: c.run for c in COMMANDS}[args.command]
     try:
         return run(args)
-    except ScenarioError as e:
+    except (ScenarioError, StartFailed) as e:  # StartFailed: a server it needs did not start
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
     except BrokenPipeError:
         return _reader_went_away()

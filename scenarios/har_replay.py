@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios.har import HarReadParams, read_har
-from scenarios.procs import local_stack, stop
+from scenarios.procs import StartFailed, local_stack, stop
 from scenarios.replay import ReplayConfig, ReplaySummary, replay
 from scenarios.trace import ScenarioError
 
@@ -117,7 +117,11 @@ def har_replay(path: Path, config: HarReplayConfig) -> HarReplayResult:
     print(f"har-replay: auth server, shop and mitmdump on 127.0.0.1 (logs and store in "
           f"{run_dir})", file=sys.stderr)
     with ExitStack() as stack:
-        local = local_stack(stack, run_dir, options=options)
+        try:
+            # quiet=False: the log keeps the filter's own lines (why it refused to start)
+            local = local_stack(stack, run_dir, options=options, quiet=False)
+        except StartFailed as e:  # nothing is replayed into a proxy that is not there
+            raise ScenarioError(str(e)) from None
         summary = replay(trace, ReplayConfig(proxy=local.proxy, auth=local.auth, speed=speed,
                                              fast=config.fast, progress=config.progress))
         stop(local.proxy_process, timeout=60)  # the addon flushes; the shipper delivers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,25 +28,167 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:`port`.
+class StartFailed(RuntimeError):
+    """A process started to serve a port exited before it served (or right after it began to):
+    one line naming the program, its exit code and the last error line of its log."""
 
-    Raises RuntimeError with the end of `log` if `proc` exits first, TimeoutError otherwise.
-    """
-    deadline = time.monotonic() + timeout
+
+ERROR_WORDS = re.compile(r"error|exception|fatal|panic|fail|cannot|can't|unable|refused|denied|"
+                         r"invalid|not found|no such|in use|usage:|abort", re.IGNORECASE)
+"""What marks a log line as the reason a program gave up."""
+
+STARTUP_TRAILERS = ("Error logged during startup", "Errors logged during startup")
+"""mitmproxy's own last words after errors at start-up: the line before says what they were."""
+
+
+def last_error_line(text: str, limit: int = 300) -> str:
+    """The last line of `text` that reads like an error (else its last non-empty line), without
+    a leading ``[hh:mm:ss.mmm]`` time stamp, at most `limit` characters; empty for no text."""
+    lines = [re.sub(r"^\[[0-9:.]+\]\s*", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(STARTUP_TRAILERS)]
+    errors = [line for line in lines if ERROR_WORDS.search(line)]
+    line = (errors or lines or [""])[-1]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _program(proc: subprocess.Popen[bytes]) -> str:
+    given = proc.args
+    args = ([os.fsdecode(a) for a in given] if isinstance(given, list | tuple)
+            else [os.fsdecode(given) if isinstance(given, str | bytes | os.PathLike) else "?"])
+    name = Path(args[0]).name
+    if name.startswith("python") and len(args) > 2 and args[1] == "-m":
+        name = f"{name} -m {args[2]}"
+    return name
+
+
+def _failed(proc: subprocess.Popen[bytes], port: int, log: Path | None, when: str) -> StartFailed:
+    text = log.read_text(errors="replace")[-20000:] if log and log.exists() else ""
+    reason = last_error_line(text) or "it printed nothing"
+    where = f" (log: {log})" if log else ""
+    return StartFailed(f"{_program(proc)} exited with {proc.returncode} {when} 127.0.0.1:{port}: "
+                       f"{reason}{where}")
+
+
+def listener_inodes(port: int) -> set[int] | None:
+    """The socket inodes listening on TCP `port` (any IPv4 or IPv6 address), from Linux's
+    /proc/net; None where that cannot be read (not Linux)."""
+    found: set[int] = set()
+    read = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for row in rows:
+            fields = row.split()
+            listening = len(fields) > 9 and fields[3] == "0A"  # TCP_LISTEN
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found if read else None
+
+
+def _family(pid: int) -> set[int]:
+    """`pid` and its descendants, from /proc (a server may listen from a child: nginx)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        if len(fields) > 1:
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    family, todo = {pid}, [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in family:
+                family.add(child)
+                todo.append(child)
+    return family
+
+
+def listens_on(proc: subprocess.Popen[bytes], port: int) -> bool | None:
+    """Whether `proc` (or a process it started) holds a socket listening on `port`; None where
+    that cannot be told (no /proc, or a listener whose owner cannot be read)."""
+    inodes = listener_inodes(port)
+    if inodes is None:
+        return None
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    readable = False
+    for pid in _family(proc.pid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        readable = True
+        for fd in fds:
+            try:
+                if os.readlink(fd) in sockets:
+                    return True
+            except OSError:
+                continue
+    return False if readable else None
+
+
+SETTLE_MIN, SETTLE_MAX = 0.25, 1.0
+"""Bounds of the seconds a started process must keep listening before it counts as started."""
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
+                  log: Path | None = None, settle: float | None = 0.0) -> None:
+    """Wait until `proc` (or, without it, anything) accepts connections on 127.0.0.1:`port`.
+
+    With `proc`: a listener that is not `proc`'s own (or a child's; told on Linux) does not
+    count, and once `proc` listens it must keep running and listening for `settle` more
+    seconds, since a program may listen before it gives up (mitmdump exits on errors logged
+    during start-up after its proxy listens); `settle=None`: as long as it took to listen,
+    between :data:`SETTLE_MIN` and :data:`SETTLE_MAX` (a loaded machine is slower at both).
+    Raises :class:`StartFailed` (one line: the exit code and the last error line of `log`) if
+    `proc` exits first, TimeoutError otherwise."""
+    started = time.monotonic()
+    deadline = started + timeout
+    others = False
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            args = proc.args if isinstance(proc.args, list | tuple) else [proc.args]
-            raise RuntimeError(f"{Path(str(args[0])).name} exited with {proc.returncode} "
-                               f"before listening on port {port}:\n{text}")
+            raise _failed(proc, port, log, "before listening on")
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
         except OSError:
             time.sleep(0.05)
+            continue
+        if proc is None:
+            return
+        if listens_on(proc, port) is False:
+            others = True  # someone else's port: ours will fail to listen, or time out
+            time.sleep(0.1)
+            continue
+        took = time.monotonic() - started
+        _settle(proc, port, log,
+                min(SETTLE_MAX, max(SETTLE_MIN, took)) if settle is None else settle)
+        return
+    if others and proc is not None:
+        raise TimeoutError(f"127.0.0.1:{port} is held by another process, not by "
+                           f"{_program(proc)} (pid {proc.pid}), after {timeout} s")
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+def _settle(proc: subprocess.Popen[bytes], port: int, log: Path | None, settle: float) -> None:
+    """`proc` listens: fail if it exits, or stops listening, within `settle` seconds."""
+    until = time.monotonic() + settle
+    while time.monotonic() < until:
+        time.sleep(min(0.05, max(0.0, until - time.monotonic())))
+        if proc.poll() is not None:
+            raise _failed(proc, port, log, "right after listening on")
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+    except OSError:
+        try:
+            proc.wait(2)  # closing its port is often the first step of exiting
+        except subprocess.TimeoutExpired:
+            raise StartFailed(f"{_program(proc)} stopped listening on 127.0.0.1:{port} right "
+                              f"after it began" + (f" (log: {log})" if log else "")) from None
+        raise _failed(proc, port, log, "right after listening on") from None
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
@@ -62,13 +205,16 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
 
 @contextmanager
 def process(args: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None,
-            timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Start `args` (output to `log`), wait for `port`, yield the process, then stop it."""
+            timeout: float = 30.0, settle: float | None = None,
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `args` (output to `log`), wait until it listens on `port` and keeps running
+    (:func:`wait_for_port`, `settle` seconds; default: as long as it took to listen), yield
+    the process, then stop it. Raises :class:`StartFailed` in one line if it exits first."""
     with log.open("wb") as out:
         proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
-        wait_for_port(port, timeout, proc, log)
+        wait_for_port(port, timeout, proc, log, settle)
         yield proc
     finally:
         stop(proc)
@@ -110,10 +256,11 @@ def local_stack(stack: ExitStack, run_dir: Path, *, store: str | None = None,
              if {"wasm_admin_token", "wasm_admin_token_file"} & options.keys() else "")
     stack.enter_context(process(
         [sys.executable, "-m", "scenarios", "auth-server", "--port", str(auth_port),
-         "--store", str(run_dir / "auth-store")], auth_port, run_dir / "auth.log", env))
+         "--store", str(run_dir / "auth-store")], auth_port, run_dir / "auth.log", env,
+        settle=SETTLE_MIN))  # our servers fail before they listen: a short settle will do
     stack.enter_context(process(
         [sys.executable, "-m", "scenarios", "shop", "--port", str(shop_port)], shop_port,
-        run_dir / "shop.log", env))
+        run_dir / "shop.log", env, settle=SETTLE_MIN))
     settings = {
         "wasm_cluster": f"auth={auth}", "wasm_store": store, "wasm_spool": str(spool),
         "wasm_admin_listen": admin, "keep_host_header": "true", **options,

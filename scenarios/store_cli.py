@@ -3,6 +3,7 @@ person or a spreadsheet (`list`, `export COLLECTION` as CSV or JSON Lines)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from addons.telemetry.store import (
     DECISION_BATCHES,
     Database,
     close_store,
+    database_problem,
     decisions_frame,
     embedded_exists,
     is_mongo_uri,
@@ -24,10 +26,23 @@ from addons.telemetry.store import (
 from scenarios.trace import ScenarioError
 
 
+def database_name(text: str) -> str:
+    """``--database`` as an argparse type: MongoDB's naming rules (a usage error if broken);
+    the embedded store's own are checked when it is opened (:func:`opened`)."""
+    problem = database_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 @contextmanager
 def opened(store: str, database: str, timeout: float) -> Iterator[Database]:
     """The store, opened for reading: an embedded store must exist (reading never creates
-    one), and a server that does not answer is a one-line error."""
+    one), and a server that does not answer is a one-line error, as is a database name
+    the store cannot take."""
+    problem = database_problem(database, embedded=not is_mongo_uri(store))
+    if problem:
+        raise ScenarioError(f"--database {database!r}: {problem}")
     if not is_mongo_uri(store) and not embedded_exists(store, database):
         raise ScenarioError(f"no embedded store at {store} (give --store: a directory the "
                             f"addon's wasm_store wrote, or a mongodb:// URI)")

@@ -38,6 +38,7 @@ from addons.telemetry.store import (
     DATABASE,
     BatchWriter,
     close_store,
+    database_problem,
     insert_samples,
     open_store,
     read_decisions,
@@ -49,6 +50,7 @@ from manager.daemon import (
     Daemon,
     DaemonConfig,
     DecisionOutcome,
+    Endpoint,
     PassRecords,
     PassReport,
     backoff_delay,
@@ -294,7 +296,8 @@ def daemon_for(store: Store, admin: Proxy | str | None, policy: str, **kw: Any) 
     config = DaemonConfig(
         store=store.uri, database=store.database, params=parse_policy(policy),
         policy_spec=policy, admin_url=url, token=kw.pop("token", TOKEN),
-        backoff_min_s=0.01, backoff_max_s=0.05, timeout_s=kw.pop("timeout_s", 2.0),
+        backoff_min_s=kw.pop("backoff_min_s", 0.01),
+        backoff_max_s=kw.pop("backoff_max_s", 0.05), timeout_s=kw.pop("timeout_s", 2.0),
         heartbeat_s=kw.pop("heartbeat_s", None), **kw,
     )
     return Daemon(config)
@@ -884,10 +887,10 @@ async def test_a_wrong_token_gives_one_clear_line_and_no_crash(
     embedded.write(series("a.example", 0, range(0, 1900, 50)))
     token_file = tmp_path / "admin-token"
     token_file.write_text("wrong-token\n")
+    # The longest backoff is long: a new token in the file must be picked up well before it.
     config = DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=proxy.url,
                           token="wrong-token", token_file=token_file, backoff_min_s=0.01,
-                          heartbeat_s=None,
-                          backoff_max_s=0.02, interval_s=0.01)
+                          heartbeat_s=None, backoff_max_s=0.2, interval_s=0.01)
     stop = asyncio.Event()
     async with Daemon(config) as daemon:
         with caplog.at_level(logging.INFO, logger="manager"):
@@ -895,17 +898,96 @@ async def test_a_wrong_token_gives_one_clear_line_and_no_crash(
             await wait_for(lambda: "(attempt 3)" in caplog.text)
             assert not task.done()  # no crash
             assert daemon.cursor == {} and proxy.generation("a.example") == 0  # nothing consumed
+            daemon.config = dataclasses.replace(daemon.config, backoff_max_s=30.0)
+            await asyncio.sleep(0.3)  # now waiting up to 30 s, reading the file meanwhile
             token_file.write_text(TOKEN + "\n")  # the operator fixes the token file
-            await wait_for(lambda: proxy.generation("a.example") == 1)
+            await wait_for(lambda: proxy.generation("a.example") == 1, timeout=5)
             stop.set()
             await task
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("manager")]
     assert len(errors) == 1  # one clear line, repeats are warnings
     assert errors[0].getMessage().startswith(
         f"admin endpoint {proxy.url} refused the token (401): check --token-file {token_file}")
-    assert "retrying in 0.01 s" in errors[0].getMessage()
+    assert errors[0].getMessage().endswith(
+        f"; asking again when {token_file} holds another token (read every 0.01 s), or in 0.2 s")
+    assert "wrong-token" not in caplog.text
     assert f"the admin token file {token_file} holds a new token" in caplog.text
     assert "working again after" in caplog.text
+
+
+async def test_a_refused_token_is_not_retried_as_a_network_failure(
+        embedded: Store, proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    """A 401 will not pass by itself: the daemon keeps running (the proxy's token may change
+    to this one) but asks again only every --backoff-max, not 1 s, 2 s, 4 s … as for an
+    endpoint that is down; one error line, then warnings, never the token."""
+    wrong = "wrong-token-7f3a"
+    stop = asyncio.Event()
+    async with daemon_for(embedded, proxy, "none", token=wrong, interval_s=0.01,
+                          backoff_max_s=0.4) as daemon:
+        with caplog.at_level(logging.INFO, logger="manager"):
+            task = asyncio.create_task(daemon.run(stop))
+            await asyncio.sleep(1.0)
+            assert not task.done()
+            stop.set()
+            await task
+    refused = [r for r in caplog.records if "refused the token (401)" in r.getMessage()]
+    assert 1 <= len(refused) <= 4  # at 0, 0.4 and 0.8 s (a network failure: some 8 times)
+    assert [r.levelno for r in refused] == [logging.ERROR] + [logging.WARNING] * (len(refused) - 1)
+    assert refused[0].getMessage() == (
+        f"admin endpoint {proxy.url} refused the token (401): check --token (the proxy's token is "
+        "wasm_admin_token, or the file wasm_admin_token_file); asking again every 0.4 s with the "
+        "same token (restart the manager with the proxy's token, or give --token-file)")
+    assert wrong not in caplog.text and "unreachable" not in caplog.text
+
+
+async def test_one_proxy_refusing_its_token_is_reported_and_its_file_read_again(
+        embedded: Store, proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two proxies, one of which refuses the token in its file: the pass goes on with the
+    other, reports the refusal as such (not "unreachable"), and the file is read again, so
+    that the proxy's new token is used without waiting for every proxy to fail."""
+    second = AdminServer(proxy.addon, "second-token", "127.0.0.1", 0)
+    await second.start()
+    token_file = tmp_path / "proxy2.token"
+    token_file.write_text("stale-token\n")
+    url2 = f"http://127.0.0.1:{second.port}"
+    config = DaemonConfig(
+        store=embedded.uri, params=parse_policy("none"), heartbeat_s=None, interval_s=0.01,
+        endpoints=(Endpoint(proxy.url, TOKEN), Endpoint(url2, "stale-token", token_file)))
+    stop = asyncio.Event()
+    try:
+        async with Daemon(config) as daemon:
+            report = await daemon.run_pass()
+            assert report.ok and report.refused == [url2] and report.unreachable == []
+            assert report.summary().splitlines()[-1] == f"refused the token (401): {url2}"
+            with caplog.at_level(logging.INFO, logger="manager"):
+                task = asyncio.create_task(daemon.run(stop))
+                await asyncio.sleep(0.2)
+                token_file.write_text("second-token\n")  # the proxy wrote its new token
+                await wait_for(lambda: "holds a new token" in caplog.text, timeout=5)
+                stop.set()
+                await task
+            report = await daemon.run_pass()
+            assert report.ok and report.refused == [] and report.unreachable == []
+    finally:
+        await second.stop()
+    assert "stale-token" not in caplog.text and "second-token" not in caplog.text
+
+
+async def test_cli_once_says_the_token_was_refused(
+        embedded: Store, proxy: Proxy, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`--once` with a token the endpoint refuses: exit 2 (a configuration error, not a
+    failure that trying later fixes), and the endpoint is not called unreachable."""
+    wrong = "wrong-token-c41d"
+    argv = ["run", "--store", embedded.uri, "--heartbeat", "0", "--admin", proxy.url,
+            "--token", wrong, "--policy", "none", "--once"]
+    with caplog.at_level(logging.INFO, logger="manager"):
+        assert await asyncio.to_thread(main, argv) == 2
+    out, err = capsys.readouterr()
+    assert f"FAILED (admin): admin endpoint {proxy.url} refused the token (401)" in out
+    assert f"refused the token (401): {proxy.url}" in out.splitlines()
+    assert "unreachable" not in out + err + caplog.text
+    assert wrong not in out + err + caplog.text and "Traceback" not in out + err
 
 
 async def test_an_unreachable_endpoint_is_retried(embedded: Store, addon: WasmAuth,
@@ -991,6 +1073,39 @@ async def test_a_database_outage_is_retried_and_nothing_is_lost(
         close_store(real.db)
 
 
+def test_an_unreachable_store_is_one_line_and_said_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A MongoDB server that is not there, from the start: one line per failure, no traceback,
+    and the same outage is the same line (an error, then warnings), without pymongo's
+    topology description, whose id changes every time."""
+    uri = f"mongodb://127.0.0.1:{free_port()}/"
+    argv = ["run", "--store", uri, "--timeout", "1s", "--no-admin", "--dry-run"]
+    with caplog.at_level(logging.INFO, logger="manager"):
+        assert main([*argv, "--once"]) == 1
+    out, err = capsys.readouterr()
+    assert f"FAILED (store): cannot read samples from the database {uri} (" in out
+    assert "Traceback" not in out + err + caplog.text
+    assert "Topology Description" not in out + caplog.text
+    config = build_config(build_parser().parse_args(argv))
+    config = dataclasses.replace(config, backoff_min_s=0.01, backoff_max_s=0.01)
+
+    async def run_a_while() -> None:
+        stop = asyncio.Event()
+        async with Daemon(config) as daemon:
+            task = asyncio.create_task(daemon.run(stop))
+            await wait_for(lambda: "(attempt 2)" in caplog.text, timeout=30)
+            stop.set()
+            await task
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="manager"):
+        asyncio.run(run_a_while())
+    failed = [r for r in caplog.records if "cannot read samples" in r.getMessage()]
+    assert [r.levelno for r in failed[:2]] == [logging.ERROR, logging.WARNING]
+    assert all("\n" not in r.getMessage() and r.exc_info is None for r in failed)
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
@@ -1040,6 +1155,10 @@ def test_cli_dry_run_without_admin(embedded: Store, capsys: pytest.CaptureFixtur
     (["--store", "mongodb://h:99999/", "--token", "t"], "--store mongodb://h:99999/"),
     (["--token-dir", "/nonexistent", "--token", "t"], "--token-dir goes with"),
     (["--lease", "5s", "--interval", "5s", "--token", "t"], "give at least three --interval"),
+    (["--database", "café", "--store", "some-dir", "--token", "t"],
+     "--database 'café': the embedded store takes letters, digits, _ and -"),
+    (["--store", "mongodb://h:1/" + "x" * 64, "--token", "t"],
+     "database 'xxxx" + "x" * 60 + "': a database name has at most 63 bytes, this one 64"),
 ])
 def test_cli_configuration_errors(argv: list[str], message: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -1051,12 +1170,41 @@ def test_cli_configuration_errors(argv: list[str], message: str,
 
 @pytest.mark.parametrize("argv", [
     ["run", "--interval", "soon"], ["run", "--bogus"], ["frobnicate"], [],
+    ["run", "--database", "bad/name"],
 ])
 def test_cli_usage_errors_are_one_line(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "manager", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("bad/name", "cannot contain '/'"), ("bad\\name", "cannot contain '\\\\'"),
+    ("a.b", "cannot contain '.'"), ('a"b', "cannot contain '\"'"), ("a$b", "cannot contain '$'"),
+    ("a b", "cannot contain ' '"), ("a\x00b", "control characters"), ("a\nb", "control"),
+    ("", "cannot be empty"), ("x" * 64, "at most 63 bytes, this one 64"),
+    ("é" * 32, "at most 63 bytes, this one 64"),
+])
+def test_cli_a_bad_database_name_is_a_usage_error(
+        name: str, why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked when the command line is read (exit 2, one line), not found out as a failure to
+    read the store."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", "--database", name])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m manager run: argument --database: ") and why in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "embedded", "ok"), [
+    ("wasm_reclaim", True, True), ("x" * 63, True, True), ("Shop-1", True, True),
+    ("café", False, True), ("café", True, False), ("-x", True, False), ("-x", False, True),
+    ("a.b", False, False),
+])
+def test_database_problem(name: str, embedded: bool, ok: bool) -> None:
+    assert (database_problem(name, embedded=embedded) is None) == ok
 
 
 @pytest.mark.parametrize("argv", [["--interval", "soon"], ["--measure", "x"], ["--token", "a", "--token-file", "b"],

@@ -115,6 +115,43 @@ def test_an_unresolvable_srv_store_is_a_one_line_error(capsys) -> None:
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("name", "why"), [
+    ("bad/name", "a database name cannot contain '/'"),
+    ("", "a database name cannot be empty"),
+    ("x" * 64, "a database name has at most 63 bytes, this one 64"),
+    ("café", "the embedded store takes letters, digits, _ and -"),
+])
+def test_a_bad_database_name_is_a_one_line_error(tmp_path, capsys, name, why) -> None:
+    """Said as a bad --database (exit 2), not as a store that is missing or cannot be read:
+    by the parser where MongoDB's rules forbid it, else when the embedded store is opened."""
+    store = str(tmp_path / "store")
+    fill(store)
+    for argv in (["list"], ["export", "requests"]):
+        try:
+            code = main(["store", *argv, "--store", store, "--database", name])
+        except SystemExit as e:  # argparse: the usage line, then the error
+            code = e.code
+            err = capsys.readouterr().err.splitlines()[-1]
+            assert f"error: argument --database: {name!r}: {why}" in err
+        else:
+            err = capsys.readouterr().err
+            assert err.startswith(f"python -m scenarios store: error: --database {name!r}: {why}")
+            assert len(err.splitlines()) == 1
+        assert code == 2 and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["wasm_reclaim.sqlite3"]
+
+
+def test_database_name_is_an_argparse_type() -> None:
+    """For the parser of `store` (and `auth-server`): MongoDB's rules as a usage error."""
+    import argparse
+
+    from scenarios.store_cli import database_name
+
+    assert database_name("wasm_reclaim") == "wasm_reclaim"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot contain '\.'"):
+        database_name("a.b")
+
+
 @pytest.mark.mongo
 def test_export_from_mongodb(mongo_uri, capsys) -> None:
     name = f"storecli_{uuid.uuid4().hex[:8]}"

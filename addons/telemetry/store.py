@@ -23,6 +23,7 @@ the shipper process stays small.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,37 @@ TIME_SERIES: Final = (SAMPLES, REQUESTS, AUTH_CALLS)
 MANAGER_RECORDS: Final = (DECISION_BATCHES, DECISIONS)
 # (collection, field) pairs with a unique index, used by the auth server.
 UNIQUE_KEYS: Final = ((USERS, "name"), (TOKENS, "hash"))
+
+DATABASE_FORBIDDEN: Final = '/\\. "$'
+"""Characters a MongoDB database name cannot contain (with NUL; MongoDB's naming rules)."""
+
+DATABASE_MAX_BYTES: Final = 63
+"""MongoDB's database names are shorter than 64 bytes."""
+
+_EMBEDDED_DATABASE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""What the embedded store takes (addons.telemetry.embedded: the name is a file's)."""
+
+
+
+def database_problem(name: str, *, embedded: bool = False) -> str | None:
+    """What is wrong with `name` as a database name (MongoDB's rules, and the embedded
+    store's with `embedded`), in a few words; None if nothing."""
+    if not name:
+        return "a database name cannot be empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a database name cannot contain control characters (nor NUL)"
+    bad = sorted({c for c in name if c in DATABASE_FORBIDDEN}, key=name.index)
+    if bad:
+        return (f"a database name cannot contain {' '.join(map(repr, bad))} (MongoDB's rule: "
+                "none of / \\ . \" $, a space or NUL)")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > DATABASE_MAX_BYTES:
+        return f"a database name has at most {DATABASE_MAX_BYTES} bytes, this one {size}"
+    if embedded and not _EMBEDDED_DATABASE.fullmatch(name):
+        return ("the embedded store takes letters, digits, _ and - in a database name (not "
+                "first: -)")
+    return None
+
 
 # How long (wall seconds after delivery) a shipper keeps its proxy's sample batches. A manager
 # whose passes are further apart reads `samples` instead (it sees a hole in the sequence).
