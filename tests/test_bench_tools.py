@@ -57,8 +57,9 @@ def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
     printed = bench("tests.bench.proxy", "--concurrent", "--split", "--rounds", "2",
                     "--seconds", "1", "--out", str(out)).stdout
     got = json.loads(out.read_text())
-    assert set(got["paired_ratio_spread"]) == {"empty addon", "addon, logging off",
-                                               "addon, logging on", "addon, hooks off"}
+    assert set(got["paired_ratio_spread"]) == {"empty addon", "plain, heap frozen",
+                                               "addon, logging off", "addon, logging on",
+                                               "addon, hooks off"}
     for name, (low, high) in got["paired_ratio_spread"].items():
         assert 0 < low <= got["paired_ratio_vs_plain"][name] <= high, name
     rates = got["rates"]
@@ -67,6 +68,7 @@ def test_proxy_benchmark_reports_each_rounds_spread(tmp_path: Path) -> None:
     assert on_over_off[0] <= got["paired_ratio_logging_on_vs_off"] <= on_over_off[-1]
     assert f"logging on vs off {got['paired_ratio_logging_on_vs_off']:.3f}" in printed
     assert "split: the addon with its request hooks unbound" in printed
+    assert f"heap frozen as the addon freezes it: addon {got['paired_ratio_vs_plain_heap_frozen']:.3f}" in printed
     if got["pinned"]:  # only the mitmdumps on their CPU: the shipper is the one child
         assert got["children_moved"] == {"plain": 0, "empty addon": 0, "addon, logging off": 0,
                                          "addon, logging on": 1, "addon, hooks off": 0}

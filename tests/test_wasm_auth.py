@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -37,6 +39,7 @@ from addons.wasm_auth import (
     verdict,
     view,
 )
+from tests.conftest import ROOT
 from tests.hooks import run_hook
 
 from .servers import free_port
@@ -258,6 +261,40 @@ async def test_bad_options_are_options_errors(tmp_path, option, value, message) 
         tctx.configure(addon, **base_options(tmp_path))
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(addon, **{option: value})
+
+
+def test_the_start_up_heap_is_frozen_once_and_what_comes_later_is_still_collected() -> None:
+    """In a process of its own: no freeze under a test harness's master, nor once the proxy
+    runs (a script added later); one when the addon loads into mitmdump's master at start-up,
+    none again (a reload); and a cycle made after it (a filter's instance, a flow) is still
+    found by the collector."""
+    code = """if True:
+        import asyncio, gc, weakref
+        from mitmproxy import hooks, options
+        from mitmproxy.test import taddons
+        from mitmproxy.tools.dump import DumpMaster
+        from addons.wasm_auth import WasmAuth, freeze_start_heap
+        class Node: pass
+        def master():
+            return DumpMaster(options.Options(server=False), with_termlog=False)
+        async def main():
+            with taddons.context(WasmAuth()):
+                print(gc.get_freeze_count() == 0)
+            running = master()
+            running.addons.trigger(hooks.RunningHook())
+            freeze_start_heap(running)
+            print(gc.get_freeze_count() == 0)
+            master().addons.add(WasmAuth())  # its load
+            frozen = gc.get_freeze_count()
+            freeze_start_heap(master())
+            later = Node(); later.self = later; alive = weakref.ref(later); del later
+            gc.collect()
+            print(frozen > 0, gc.get_freeze_count() == frozen, alive() is None)
+        asyncio.run(main())
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out.split() == ["True", "True", "True", "True", "True"]
 
 
 async def test_garbage_wasm_is_an_options_error(tmp_path) -> None:

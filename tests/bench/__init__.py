@@ -51,7 +51,8 @@ def mitmdump_variants(stack: ExitStack, work: Path, nginx: bool = False
     """Start the auth server and the shop on 127.0.0.1 (stopped when `stack` closes; logs in
     `work`) for the proxy benchmarks. Returns the bench user's token, mitmdump's common
     arguments (a reverse proxy to the shop) and each variant's own: `plain`, `empty addon`
-    (`tests/bench/empty_addon.py`, the control), `addon, logging off`, `addon, logging on`
+    (`tests/bench/empty_addon.py`, the control), `plain, heap frozen` (`frozen_plain.py`: the
+    control for the addon's `gc.freeze`), `addon, logging off`, `addon, logging on`
     (a spool and the embedded store in `work`). `nginx`: the shop behind nginx, so that the
     upstream is not the bottleneck."""
     from scenarios.procs import free_port, process
@@ -69,6 +70,7 @@ def mitmdump_variants(stack: ExitStack, work: Path, nginx: bool = False
     variants = {
         "plain": [],
         "empty addon": ["-s", str(ROOT / "tests" / "bench" / "empty_addon.py")],
+        "plain, heap frozen": ["-s", str(ROOT / "tests" / "bench" / "frozen_plain.py")],
         "addon, logging off": [*addon, "--set", "wasm_log_metrics=false"],
         "addon, logging on": [*addon, "--set", f"wasm_store={work / 'store'}",
                               "--set", f"wasm_spool={work / 'spool'}"],
