@@ -20,7 +20,8 @@ path looks like a logout (:data:`scenarios.trace.LOGOUT_PATTERN`) is a logout. E
 a bearer token are skipped (or an error), and so are WebSocket (``ws://``, ``wss://``) and
 ``data:`` URL entries. A URL with non-ASCII characters is read as browsers send it (the host
 IDNA-encoded, the rest percent-encoded UTF-8); an IPv6 host keeps its brackets
-(``[::1]:8000``), both ways. A naive ``startedDateTime`` is taken as UTC.
+(``[::1]:8000``), both ways. A naive ``startedDateTime`` is taken as UTC. A recording whose
+entries span more than a year (:data:`scenarios.trace.MAX_TRACE_SECONDS`) is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ with warnings.catch_warnings():
     from mitmproxy.addons.savehar import SaveHar
 
 from scenarios.trace import (
+    MAX_TRACE_SECONDS,
     Event,
     Kind,
     ScenarioError,
@@ -54,6 +56,7 @@ from scenarios.trace import (
     TraceError,
     TraceMeta,
     looks_like_logout,
+    span_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -236,6 +239,9 @@ def har_to_trace(
         [r[0] for r in rows[:1]] + ([meta.start] if meta.start is not None else []),
         default=None,
     )
+    if rows and base is not None:
+        check_span(base, rows[-1][0], name, rows[-1][1],
+                   "the first entry" if base == rows[0][0] else "log._trace.start")
     events = flows_to_events(
         ((round((t - base).total_seconds(), 6) if base else 0.0, f, e, i) for t, i, f, e in rows),
         name,
@@ -244,6 +250,20 @@ def har_to_trace(
     hosts = tuple(dict.fromkeys(e.host for e in events if e.kind != "login"))
     meta = replace(meta, hosts=meta.hosts or hosts, tenants=meta.tenants or hosts, start=base)
     return Trace(tuple(events), meta)  # already in a valid order; re-sorting could break it
+
+
+def check_span(base: datetime, last: datetime, name: str, i: int, what: str) -> None:
+    """Refuse a recording whose entry `i` (at `last`) is more than
+    :data:`~scenarios.trace.MAX_TRACE_SECONDS` (a year) after `base` (`what`: which time that
+    is). A browser records minutes or hours; dates that span millennia are broken, and an
+    experiment on them would run for ages (the limit's docstring)."""
+    seconds = (last - base).total_seconds()
+    if seconds > MAX_TRACE_SECONDS:
+        raise HarError(
+            f"{name}: log.entries[{i}].startedDateTime: {last.isoformat()} is "
+            f"{span_text(seconds)} after {what} ({base.isoformat()}); a HAR may span at most "
+            f"{span_text(MAX_TRACE_SECONDS)}"
+        )
 
 
 def flows_to_events(

@@ -10,9 +10,10 @@ A trace is what every scenario produces and what every replayer consumes:
   token; the filter evicts the token and the session ends.
 
 Invariants (checked by :func:`validate_events`, with the location of the first offence):
-times are finite, non-negative and never go backwards; a request or logout uses a token that is
-logged in (login seen, no logout since); a login does not reuse a token that is still logged in;
-requests and logouts name a method, a host and a path.
+times are finite, non-negative, at most :data:`MAX_TRACE_SECONDS` (a year) and never go
+backwards; a request or logout uses a token that is logged in (login seen, no logout since); a
+login does not reuse a token that is still logged in; requests and logouts name a method, a host
+and a path.
 
 File format: JSON Lines. The first line is a header object that carries the metadata and is
 recognised by its ``"format": "wasm-reclaim-trace"`` member; every further line is one event
@@ -51,6 +52,16 @@ LOGOUT_PATH: Final = "/logout"
 # A path (without query) that logs out: ``/logout``, ``/api/auth/sign-out``, ``/wyloguj`` (the
 # EClog store is Polish). Used where recorded traffic has no explicit logout events.
 LOGOUT_PATTERN: Final = r"(?i)/(?:log-?out|sign-?out|wyloguj)/?$"
+MAX_TRACE_SECONDS: Final = 366 * 86_400.0
+"""The latest time an event may have (seconds from ``t = 0``): a (leap) year.
+
+No real capture comes near it: a HAR records a browser session of minutes or hours, and the
+whole EClog dataset spans 183 days. The simulator advances virtual time in sampling rounds,
+one a second per instance by default, so a year is already 3.2e7 rounds per instance; a time
+beyond that (a HAR whose dates span millennia, a trace with a time of 1e12) would keep an
+experiment running for ages, so it is refused instead. A longer log fits once its time is
+compressed (``eclog-convert --speedup``).
+"""
 
 
 class ScenarioError(Exception):
@@ -408,10 +419,13 @@ def validate_events(events: Sequence[Event], locate: Callable[[int], str]) -> No
                 f"{locate(i)}: field 'kind': unknown kind {kind!r} (expected one of {KINDS})"
             )
         try:
-            in_order = prev <= t < math.inf  # False for NaN
+            in_order = prev <= t <= MAX_TRACE_SECONDS  # False for NaN
         except TypeError:
             in_order = False
         if not in_order:
+            if isinstance(t, int | float) and MAX_TRACE_SECONDS < t < math.inf:
+                raise TraceError(f"{locate(i)}: field 'time': {t!r} s is {span_text(t)} after "
+                                 f"t = 0, beyond the limit of {span_text(MAX_TRACE_SECONDS)}")
             if isinstance(t, int | float) and math.isfinite(t) and t >= 0:
                 raise TraceError(
                     f"{locate(i)}: field 'time': time goes backwards ({t!r} after {prev!r} "
@@ -440,6 +454,17 @@ def validate_events(events: Sequence[Event], locate: Callable[[int], str]) -> No
             )
         if kind == "logout":
             live.discard(token)
+
+
+def span_text(seconds: float) -> str:
+    """A long time span in words, for messages: ``400 days``, ``2,738 years``."""
+    days = seconds / 86_400
+    if days < 2:
+        return f"{seconds / 3600:.3g} hours"
+    if days < 3650:
+        return f"{days:.0f} days"
+    years = days / 365.25
+    return f"{years:,.0f} years" if years < 1e6 else f"{years:.3g} years"
 
 
 # -- statistics ----------------------------------------------------------------------------

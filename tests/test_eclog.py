@@ -19,9 +19,11 @@ from scenarios.eclog import (
     EClogError,
     EClogGenParams,
     Sale,
+    check_generator_fits,
     eclog_events,
     eclog_to_trace,
     generate_eclog,
+    generator_size,
     hourly_shape,
     parse_time,
     read_eclog,
@@ -239,8 +241,13 @@ def test_mapping_does_not_modify_its_input_and_handles_empty_windows() -> None:
 
 def test_mapping_rejects_rows_without_identity_and_bad_params() -> None:
     buf = csv(row("1", "5", "1575158400"), row("", "0", "1575158401"))
-    with pytest.raises(EClogError, match="row 1: neither a UserId nor an IpId"):
-        eclog_to_trace(read_eclog(buf))
+    with pytest.raises(EClogError, match=r"^log\.csv:3: neither a UserId nor an IpId \(column "
+                                         r"'UserId' is '0', column 'IpId' is ''\)$"):
+        read_eclog(buf)
+    # A frame made otherwise: its row label (the frame's, not the sorted order's).
+    frame = log().iloc[[2, 0, 1]].assign(user=["", "5", "5"], ip=["-", "1", "1"])
+    with pytest.raises(EClogError, match=r"^row 2: neither a UserId nor an IpId$"):
+        eclog_to_trace(frame)
     with pytest.raises(EClogError, match="speedup must be a positive number"):
         EClogConvertParams(speedup=0)
     with pytest.raises(EClogError, match="ttl must be > 0"):
@@ -459,6 +466,58 @@ def test_cli_generate_convert_plot(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "column 'TimeStamp' (field 'time') not in the header" in err
+
+
+def test_generator_size_estimates_the_requests(week) -> None:
+    requests, need = generator_size(WEEK)
+    assert requests == pytest.approx(len(week[0]), rel=0.03)
+    assert need == pytest.approx(requests * 512 + 7 * 86_400 * 48)
+    spike = EClogGenParams(days=1, spike_day=0, spike_new_users=4000, seed=3)
+    assert generator_size(spike)[0] == pytest.approx(len(generate_eclog(spike)), rel=0.03)
+
+
+def test_generator_refuses_what_does_not_fit_in_memory() -> None:
+    week = EClogGenParams(days=7)
+    check_generator_fits(week, available=10**9)
+    with pytest.raises(EClogError, match=(
+            r"^generator: 70 days at 3000 requests/hour make about 5e\+06 requests, which "
+            r"need about 2\.87 GB of memory to generate \(512 bytes a request\); 1 GB is "
+            r"available, enough for 24 days at this rate: ask for fewer --days or a lower "
+            r"--requests-per-hour$")):
+        check_generator_fits(replace(week, days=70), available=10**9)
+    with pytest.raises(EClogError, match=r"^generator: 1 day at 3000 requests/hour and the sales "
+                                         r"make about 8e\+08 requests.*; 1 GB is available: ask "
+                                         r"for fewer --days, a lower --requests-per-hour or "
+                                         r"smaller sales$"):
+        check_generator_fits(EClogGenParams(spike_day=0, spike_new_users=10**8),
+                             available=10**9)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--days", "100000"], "generator: 100000 days from 2019-12-01 run past 2262-04-11, beyond "
+                           "the times an EClog file can hold (years 1678-2261): at most 88520 "
+                           "days\n"),
+    (["--requests-per-hour", "1e9"], "generator: 1 day at 1e+09 requests/hour make about 2.4e+10 "
+                                     "requests, which need about 12.3 TB of memory to generate"),
+    (["--requests-per-hour", "inf"], "generator: requests_per_hour must be > 0 and finite\n"),
+    (["--sale", "0:flash:10:infs"], "generator: a sale's duration must be finite\n"),
+    (["--start", "1600-01-01"], "generator: start 1600-01-01 is before 1677-09-22"),
+])
+def test_cli_generate_refuses_sizes_that_cannot_fit(tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "x.csv"
+    assert main(["eclog-generate", "--out", str(out), *args]) == 2  # at once, nothing allocated
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m scenarios eclog-generate: error: {message}")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_a_log_longer_than_a_trace_may_run_asks_for_a_speedup() -> None:
+    df = read_eclog(csv(row("1", "5", "2019-12-01T00:00:00"), row("1", "5", "2021-12-01")))
+    with pytest.raises(EClogError, match=r"^two: the requests run 731 days of trace time, beyond "
+                                         r"a trace's limit of 366 days: compress time "
+                                         r"\(--speedup 2 or more\) or keep a window"):
+        eclog_to_trace(df, EClogConvertParams(name="two"))
+    assert eclog_to_trace(df, EClogConvertParams(speedup=2)).duration == 731 * 86_400 / 2
 
 
 def test_cli_generate_rejects_bad_parameters(tmp_path, capsys) -> None:

@@ -9,13 +9,20 @@ import lzma
 import re
 import tarfile
 import zipfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
 
 from scenarios.__main__ import main
-from scenarios.eclog import TICKS_AT_EPOCH, EClogError, parse_time, parse_times, read_eclog
+from scenarios.eclog import (
+    TICKS_AT_EPOCH,
+    EClogError,
+    eclog_to_trace,
+    parse_time,
+    parse_times,
+    read_eclog,
+)
 
 HEADER = "IpId,UserId,TimeStamp,HttpMethod,Uri,HttpVersion,ResponseCode,Bytes,Referrer,UserAgent\n"
 T = datetime(2019, 12, 1, 0, 0, 3, tzinfo=UTC)
@@ -207,3 +214,111 @@ def test_the_command_line_gives_one_line(tmp_path, capsys) -> None:
     assert main(["eclog-convert", str(path), "--start", "9999-01-01", "--out", out]) == 2
     assert capsys.readouterr().err == ("python -m scenarios eclog-convert: error: '9999-01-01' "
                                        "is beyond the supported years 1678-2261\n")
+
+
+# -- a first row of one field more, in a file without trailing commas --------------------------
+
+
+@pytest.mark.parametrize("chunksize", [1, 250_000])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_long_first_row_ending_empty_is_an_error_without_trailing_commas(
+        chunksize, newline) -> None:
+    # An unquoted comma in the Uri and an empty UserAgent: 11 fields, the last empty, as if
+    # after a trailing comma. The next row has none, so the first one would be read shifted.
+    rows = [f"1,5,{EPOCH_S},GET,/s?q=a,b,HTTP/1.1,200,1,-,",
+            f"1,5,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA"]
+    buf = io.StringIO(HEADER.replace("\n", newline) + newline.join(rows) + newline)
+    buf.name = "log.csv"
+    with pytest.raises(EClogError, match=r"^log\.csv:2: long row \(11 fields, the header has "
+                                         r"10\): an unquoted comma in a value, or a trailing "
+                                         r"comma that line 3 lacks\?$"):
+        read_eclog(buf, chunksize=chunksize)
+
+
+def test_a_row_lacking_the_trailing_comma_is_found_past_blank_lines_and_quotes(tmp_path) -> None:
+    rows = (f'1,5,{EPOCH_S},GET,/a,HTTP/1.1,200,1,-,UA,\n'
+            f'1,5,{EPOCH_S},GET,"/b\nc",HTTP/1.1,200,1,-,UA,\n\n'
+            f"1,5,{EPOCH_S},GET,/d,HTTP/1.1,200,1,-,UA\n")
+    path = tmp_path / "log.csv.gz"
+    path.write_bytes(gzip.compress((HEADER + rows).encode()))
+    with pytest.raises(EClogError, match=rf"^{path}:2: long row \(11 fields, the header has 10\)"
+                                         r": an unquoted comma in a value, or a trailing comma "
+                                         r"that line 6 lacks\?$"):
+        read_eclog(path)
+
+
+def test_trailing_commas_with_blank_lines_and_quoted_line_breaks_read() -> None:
+    # Lines that do not end in a comma (a blank one, a line break in quotes) make the rows be
+    # counted: every row still ends in the empty field.
+    rows = (f'1,5,{EPOCH_S},GET,/a,HTTP/1.1,200,1,-,UA,\n\n'
+            f'2,5,{EPOCH_S},GET,"/b\nc",HTTP/1.1,200,1,-,UA,\r\n'
+            f"3,5,{EPOCH_S},GET,/d,HTTP/1.1,200,1,-,,")
+    df = read_eclog(_buf(HEADER + rows))
+    assert df["uri"].tolist() == ["/a", "/b\nc", "/d"]
+    assert df["user_agent"].tolist() == ["UA", "UA", ""]
+
+
+def _buf(text: str) -> io.StringIO:
+    buf = io.StringIO(text)
+    buf.name = "log.csv"
+    return buf
+
+
+# -- a row without a visitor ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunksize", [1, 250_000])
+def test_a_row_without_a_visitor_names_its_file_and_line(tmp_path, capsys, chunksize) -> None:
+    # Counted in the file: a blank line and a line break in quotes come before it, and the row
+    # after it ends in an empty field (which moves the field counter past it).
+    path = tmp_path / "users.csv"
+    path.write_text(HEADER + f'1,5,{EPOCH_S},GET,"/a\nb",HTTP/1.1,200,1,-,UA\n\n'
+                    f"-,0,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,UA\n"
+                    f"2,7,{EPOCH_S},GET,/p,HTTP/1.1,200,1,-,\n")
+    message = (f"{path}:5: neither a UserId nor an IpId (column 'UserId' is '0', column 'IpId' "
+               "is '-')")
+    with pytest.raises(EClogError, match=f"^{re.escape(message)}$"):
+        read_eclog(path, chunksize=chunksize)
+    assert main(["eclog-convert", str(path), "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert capsys.readouterr().err == f"python -m scenarios eclog-convert: error: {message}\n"
+
+
+def test_a_file_without_ip_column_says_so() -> None:
+    buf = _buf("UserId,TimeStamp,Uri\n5,1575158403,/a\n0,1575158404,/b\n")
+    with pytest.raises(EClogError, match=r"^log\.csv:3: neither a UserId nor an IpId \(column "
+                                         r"'UserId' is '0', no IpId column\)$"):
+        read_eclog(buf)
+
+
+def test_other_row_errors_count_blank_lines_too() -> None:
+    with pytest.raises(EClogError, match=r"^log\.csv:5: column 'TimeStamp': cannot parse 'soon'"):
+        read_eclog(_buf(HEADER + f"1,5,{EPOCH_S},GET,/,HTTP/1.1,200,1,-,UA\n\n\n"
+                        "1,5,soon,GET,/,HTTP/1.1,200,1,-,UA\n"))
+
+
+# -- fractional epoch times -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stamp", "after"), [
+    (f"{EPOCH_S}.123456", pd.Timedelta(microseconds=123456)),           # seconds, to the µs
+    (f"{EPOCH_S}.5", pd.Timedelta(milliseconds=500)),
+    (f"{EPOCH_S * 1000}.456", pd.Timedelta(microseconds=456)),           # milliseconds
+    (f"{EPOCH_S}123.456", pd.Timedelta(microseconds=123456)),
+    (f"{EPOCH_S}123456.7", pd.Timedelta(nanoseconds=123456750)),  # µs: the float's 0.25 steps
+    (str(TICKS + 1234567), pd.Timedelta(nanoseconds=123456700)),          # ticks among fractions
+    (str(EPOCH_S), pd.Timedelta(0)),
+])
+def test_fractional_epoch_times_keep_their_digits(stamp, after) -> None:
+    times = parse_times(pd.Series([f"{EPOCH_S}.25", stamp]))
+    assert times.iloc[1] == pd.Timestamp(T) + after
+    assert times.iloc[0] == pd.Timestamp(T) + pd.Timedelta(milliseconds=250)
+
+
+def test_fractional_epoch_times_make_a_trace_without_a_warning() -> None:
+    # pytest makes warnings errors: pandas warned "Discarding nonzero nanoseconds".
+    df = read_eclog(csv(f"{EPOCH_S}.123456789", f"{EPOCH_S + 1}.5"))
+    off = df.loc[0, "time"] - pd.Timestamp(T)  # more digits than a float holds: as near
+    assert abs(off - pd.Timedelta(nanoseconds=123456789)) < pd.Timedelta(nanoseconds=120)
+    trace = eclog_to_trace(df)
+    assert trace.meta.start == T + timedelta(microseconds=123456)  # rounded down to the µs
+    assert [e.time for e in trace.events] == [0.0, 0.0, 1.376544]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -320,6 +321,37 @@ def test_har_meta_header_errors() -> None:
     har["log"]["_trace"] = {"start": "soon"}  # type: ignore[index]
     with pytest.raises(HarError, match=r"^x\.har: log\._trace: field 'start': cannot parse"):
         har_to_trace(har, "x.har")
+
+
+@pytest.mark.parametrize(("first", "last", "span"), [
+    ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "9,999 years"),
+    ("2024-05-01T10:00:00Z", "2025-05-02T10:00:01Z", "366 days"),  # a second more than 366 days
+])
+def test_a_har_that_spans_more_than_a_year_is_refused(tmp_path, capsys, first, last,
+                                                       span) -> None:
+    # Broken dates would make a trace that keeps an experiment running for ages.
+    har = recording(entry(last, "http://a.example/b", "t"), entry(first, "http://a.example/", "t"))
+    when = datetime.fromisoformat(last.replace("Z", "+00:00")).isoformat()
+    with pytest.raises(HarError, match=(
+            rf"^x\.har: log\.entries\[0\]\.startedDateTime: {re.escape(when)} is {span} after the first "
+            r"entry \(.*\); a HAR may span at most 366 days$")):
+        har_to_trace(har, "x.har")
+    path = tmp_path / "x.har"
+    path.write_text(json.dumps(har))
+    assert main(["har-read", str(path), "--out", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"{path}: log.entries[0]" in err
+    for e in har["log"]["entries"]:  # type: ignore[index]
+        e["startedDateTime"] = "2024-05-01T10:00:00Z"
+    har["log"]["_trace"] = {"start": "1024-05-01T10:00:00Z"}  # type: ignore[index]
+    with pytest.raises(HarError, match=r"after log\._trace\.start \(1024-05-01T10:00:00\+00:00\)"):
+        har_to_trace(har, "x.har")
+
+
+def test_a_har_of_a_year_reads() -> None:
+    har = recording(entry("2024-01-01T00:00:00Z", "http://a.example/", "t"),
+                    entry("2024-12-31T23:59:59Z", "http://a.example/b", "t"))
+    assert har_to_trace(har, "x.har").duration == 366 * 86_400 - 1
 
 
 def test_chrome_pseudo_headers_are_dropped() -> None:

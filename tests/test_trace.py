@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scenarios.__main__ import main
 from scenarios.basic import BasicParams, basic_trace
 from scenarios.trace import (
+    MAX_TRACE_SECONDS,
     Event,
     ScenarioError,
     Trace,
@@ -473,3 +474,20 @@ def test_a_jsonl_trace_with_a_bom_and_crlf_reads(tmp_path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes(("\ufeff" + "\r\n".join([LOGIN, REQ % ("1.5", "a-1")]) + "\r\n").encode())
     assert len(Trace.read_jsonl(path).events) == 2
+
+
+def test_a_trace_that_runs_past_a_year_is_refused(tmp_path, capsys) -> None:
+    # A time of 1e12 s (31,688 years) would keep an experiment sampling for ages.
+    last_ok = [Event.login(0, "a", "a-1"), Event.request(MAX_TRACE_SECONDS, "a", "a-1", H)]
+    assert Trace(tuple(last_ok)).duration == 366 * 86_400
+    with pytest.raises(TraceError, match=r"^event #1: field 'time': 31622401\.0 s is 366 days "
+                                         r"after t = 0, beyond the limit of 366 days$"):
+        Trace((Event.login(0, "a", "a-1"), Event.request(MAX_TRACE_SECONDS + 1, "a", "a-1", H)))
+    path = tmp_path / "long.jsonl"
+    path.write_text(LOGIN + "\n" + REQ % ("1e12", "a-1") + "\n")
+    with pytest.raises(TraceError, match=rf"^{path}:2: field 'time': 1000000000000\.0 s is "
+                                         r"31,688 years after t = 0, beyond the limit of 366 days$"):
+        Trace.read_jsonl(path)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:2: field 'time'" in err and "366 days" in err
