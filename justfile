@@ -24,8 +24,7 @@ demo *args: setup
 experiment *args: setup
     {{python}} -m scenarios standard --out results {{args}}
 
-# The experiments' live counterpart: a short trace through the real proxy with the daemon
-# (~2 min); the report goes to .wasm-reclaim/live/report/ (results/live/ is the README's copy)
+# The experiments' live counterpart through the real proxy and daemon (~1 min; report in .wasm-reclaim/live/report/)
 [group('run')]
 live *args: setup
     {{python}} -m scenarios live --quick {{args}}
@@ -47,8 +46,7 @@ lint: setup
     {{python}} -m ruff check addons manager scenarios tests
     {{python}} -m mypy
 
-# mitmweb with the addon in headless Chromium: checks the flow list, filters, a flow's comment;
-# screenshots in results/web/
+# mitmweb with the addon in headless Chromium: flow list, filters, comments (screenshots in results/web/)
 [group('check')]
 web-check *args: setup
     {{python}} -m tests.web_check {{args}}

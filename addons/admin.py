@@ -183,7 +183,7 @@ def make_app(backend: AdminBackend, token: str) -> web.Application:
         if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
             logger.warning("admin: %s %s from %s refused: %s", escape(request.method, 20),
                            escape(request.raw_path, 100), escape(request.remote, 60),
-                           "no bearer token" if given is None else "wrong token")
+                           "no token" if given is None else "wrong token")
             refusal = web.json_response({"error": "missing or wrong bearer token"},
                                         status=401, headers={"WWW-Authenticate": "Bearer"})
             if request.can_read_body:

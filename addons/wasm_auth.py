@@ -1,7 +1,7 @@
 """wasm_auth: run Proxy-Wasm filters on live traffic in mitmproxy.
 
     mitmdump -s addons/wasm_auth.py --mode reverse:http://127.0.0.1:8000 \\
-        --set wasm_cluster=auth=http://127.0.0.1:8081
+        --set keep_host_header=true --set wasm_cluster=auth=http://127.0.0.1:8090
 
 Every request goes through a Proxy-Wasm filter (by default the bundled auth-cache filter)
 running under wasmtime, one filter instance per upstream host (`wasm_instance_key=host`). The
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -226,6 +227,16 @@ def parse_journal(window: str, limit_mib: int, plugin_configuration: bytes) -> J
 def parse_store(value: str) -> str:
     """`mongodb://…` as is; empty → $MONGODB_URI, else the embedded store's directory."""
     value = value.strip() or os.environ.get("MONGODB_URI", "")
+    if value.startswith("mongodb://"):  # checked now (a +srv host would be resolved: later)
+        from pymongo.errors import ConfigurationError, InvalidURI
+        from pymongo.uri_parser import parse_uri
+
+        from addons.telemetry.store import redact
+
+        try:
+            parse_uri(value)
+        except (ConfigurationError, InvalidURI, ValueError) as e:
+            raise ValueError(f"wasm_store: {redact(value)}: {str(e).splitlines()[0]}") from None
     if value.startswith(("mongodb://", "mongodb+srv://")):
         return value
     return str(Path(value or STATE_DIR / "store").expanduser())
@@ -507,6 +518,11 @@ def freeze_start_heap(master: Any) -> None:
     server = master.addons.get("proxyserver")
     if getattr(server, "is_running", False) or gc.get_freeze_count() or not gc.isenabled():
         return
+    # What the first outbound call imports (httpx, and the asyncio backend of anyio, which
+    # httpx's transport loads when it first sends): some 7,000 objects, frozen with the rest.
+    for module in ("httpx", "anyio._backends._asyncio"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     gc.collect()
     gc.freeze()
 
@@ -603,7 +619,7 @@ class WasmAuth:
 
     def _add_options(self, loader: Any) -> None:
         loader.add_option("wasm_filter", str, str(DEFAULT_FILTER),
-                          "Path to the Proxy-Wasm filter (.wasm, ABI 0.2.1 or 0.2.0).")
+                          "Path to the Proxy-Wasm filter (.wasm, ABI 0.2.1, 0.2.0 or 0.1.0).")
         loader.add_option("wasm_filter_config", str, "",
                           "Plugin configuration for the filter, passed as bytes: the text, or "
                           "@path to a file (the bundled filter takes JSON). Empty: the filter's "
@@ -622,7 +638,7 @@ class WasmAuth:
                           "@path to a file.")
         loader.add_option("wasm_cluster", Sequence[str], [],
                           "Where proxy_http_call may go: NAME=URL, repeatable "
-                          "(e.g. auth=http://127.0.0.1:8081).")
+                          "(e.g. auth=http://127.0.0.1:8090).")
         loader.add_option("wasm_instance_key", str, "host",
                           "One filter instance per upstream host ('host', the paper's one "
                           "filter per site), or one for all traffic ('single').")

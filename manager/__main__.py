@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="policies (--policy):\n"
                "  adaptive              the best host-visible rule (default): restart when the\n"
-               "                        surplus it frees outweighs the cache it drops;\n"
-               "                        adaptive:call_cost=1800,horizon=3h,budget=0.015\n"
+               "                        surplus it frees outweighs the cache it drops; its\n"
+               "                        defaults: adaptive:call_cost=900,horizon=3h,budget=0.015\n"
                "  ratio                 the paper's rule; options above or in the\n"
                "                        spec: ratio:measure=15m,ttl_cap=10m,trend_z=3\n"
                "  fixed:30m             restart when uptime ≥ 30 min\n"

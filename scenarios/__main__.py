@@ -96,7 +96,8 @@ def _columns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--columns",
         help="CSV header names: field=Header,... or a JSON file (fields: ip user time method "
-        "uri version status bytes referrer user_agent; defaults: EClog as we recall it)",
+        "uri version status bytes referrer user_agent; defaults: the published EClog layout, "
+        "IpId,UserId,TimeStamp,HttpMethod,Uri,HttpVersion,ResponseCode,Bytes,Referrer,UserAgent)",
     )
 
 

@@ -271,6 +271,15 @@ async def test_malformed_requests_log_one_escaped_line_without_traceback(
         assert "\n" not in message and "\r" not in message  # nothing forged after a newline
 
 
+async def test_a_request_without_a_token_is_logged_as_such(server, caplog) -> None:
+    # The line's own words are not taken for credentials (it read "no bearer [redacted]").
+    with caplog.at_level(logging.DEBUG):
+        answer = await exchange(server.port, b"GET /instances HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401")
+    refused = [r.getMessage() for r in _lines(caplog) if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].endswith("refused: no token"), refused
+
+
 async def test_failed_auth_lines_are_rate_limited(server, caplog) -> None:
     with caplog.at_level(logging.DEBUG):
         for _ in range(30):

@@ -254,6 +254,9 @@ def base_options(tmp_path) -> dict[str, object]:
     ("wasm_journal_limit", 0, "must be at least 1 MiB, got 0 \\(wasm_warm_restart=off turns "
                               "journaling off\\)"),
     ("wasm_warm_restart", "sometimes", "wasm_warm_restart: expected 'auto', 'on' or 'off'"),
+    ("wasm_store", "mongodb://", "wasm_store: mongodb://: Must provide at least one hostname"),
+    ("wasm_store", "mongodb://me:s3cret@db:99999/x",
+     "wasm_store: mongodb://db:99999/x: Port must be an integer"),
 ])
 async def test_bad_options_are_options_errors(tmp_path, option, value, message) -> None:
     addon = WasmAuth()
