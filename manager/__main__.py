@@ -424,14 +424,27 @@ def configure_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
 
 
+def database_used(config: DaemonConfig) -> str:
+    """The database the daemon opens: the one a mongodb:// URI names wins over --database
+    (`open_store`), as build_config has checked."""
+    if is_mongo_uri(config.store):
+        from pymongo.uri_parser import parse_uri
+
+        with contextlib.suppress(Exception):  # checked in build_config; never fail a log line
+            named = parse_uri(config.store, warn=True)["database"]
+            if named:
+                return str(named)
+    return config.database
+
+
 async def serve(config: DaemonConfig, *, once: bool) -> int:
     """Run the daemon (until SIGINT/SIGTERM) or one pass; the exit status."""
     endpoints = [e.url for e in config.all_endpoints()]
     target = ("admin endpoints from the store's proxies" if config.proxies_from_store
               else ", ".join(endpoints) or "no admin endpoint")
     logger.info("policy %s, store %s (database %s), %s%s",
-                config.policy_spec or config.params.name, redact(config.store), config.database,
-                target, ", dry run" if config.dry_run else "")
+                config.policy_spec or config.params.name, redact(config.store),
+                database_used(config), target, ", dry run" if config.dry_run else "")
     if not is_mongo_uri(config.store) and not Path(config.store).expanduser().exists():
         logger.warning("the embedded store %s does not exist yet (the proxy creates it when it "
                        "first writes metrics; is this the proxy's wasm_store?)", config.store)

@@ -156,6 +156,13 @@ _FEW: Final = 5  # instance names listed in one aggregated log line
 SEP: Final = "\x1f"  # between proxy and instance in a key: no host name or proxy id has it
 
 
+SHARED_ID_WINDOW_S = 60.0
+"""How long a proxy id stays shared by two proxies after both were last seen registering."""
+
+Registration = tuple[str, str, float]
+"""A proxy process as its `proxies` document shows it: (hostname, pid, started_at)."""
+
+
 def instance_key(proxy: str, instance: str) -> str:
     """The daemon's key of instance ``instance`` of proxy ``proxy``."""
     return f"{proxy}{SEP}{instance}"
@@ -709,7 +716,10 @@ class Daemon:
         self._client_of: dict[str, AdminClient] = {}
         #: the proxy ids each admin URL answered for
         self._url_proxies: dict[str, set[str]] = {}
-        self._failing_urls: set[str] = set()
+        #: admin URLs whose GET /instances failed, with how ("down", or "refused" its
+        #: token): a line is logged when one starts failing, and again when it fails the
+        #: other way (refused after it was down: a proxy restarted with a new token)
+        self._failing_urls: dict[str, str] = {}
         #: the last error reading each token file (logged when it changes)
         self._token_file_problems: dict[Path, str] = {}
         #: proxies whose admin endpoint answered GET /instances in this pass
@@ -717,10 +727,22 @@ class Daemon:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lease_until = -math.inf  # wall time until which this manager holds the lease
         self._standby_logged: str | None = None
+        #: per proxy id, the registrations seen in `proxies` lately ((hostname, pid,
+        #: started_at) → when first and last seen, wall clock); see :meth:`_note_registrations`
+        self._registrations: dict[str, dict[Registration, tuple[float, float]]] = {}
+        #: proxy ids that two running proxies register as, and when that was last seen
+        self._shared_ids: dict[str, float] = {}
+        #: the pairs of registrations reported as sharing an id (each said once)
+        self._shared_said: set[tuple[str, Registration, Registration]] = set()
+        #: the proxy id of each admin URL taken from the store
+        self._url_proxy: dict[str, str] = {}
         #: newest sample time passed to decide(), per instance
         self.cursor: dict[str, float] = {}
         #: newest sample time seen (the samples' clock); -inf before the first sample
         self.frontier = -math.inf
+        #: per proxy, the newest sample time passed to decide() (its own clock), and when
+        #: (wall clock) its rows were last seen: each proxy is read and judged on its clock
+        self.proxy_frontier: dict[str, tuple[float, float]] = {}
         #: generation of each instance in the latest GET /instances
         self.generations: dict[str, int] = {}
         #: generation our own restart produced, until a listing confirms it
@@ -927,6 +949,7 @@ class Daemon:
             report.standby = True
             return
         if registered is not None:
+            self._note_registrations(registered, wall)
             if self._heartbeat:
                 alive = {str(d["_id"]) for d in registered}
             if self.config.proxies_from_store:
@@ -939,7 +962,7 @@ class Daemon:
             report.listed = len(listing)
             self._note_listing(listing, wall, report)
 
-        since = self.frontier - self.config.overlap_s
+        since = self.read_from(wall)
         try:
             raw = await self._in_store(self._read_sync, since)
         except StoreError as e:
@@ -972,11 +995,33 @@ class Daemon:
         decisions: tuple[Decision, ...] = ()
         if not frame.empty:
             frontier = max(self.frontier, float(frame["time"].max()))
-            try:
-                decisions, self.state = decide(self.state, frame, frontier, self.params)
-            except ValueError as e:  # clean_samples should make this impossible
-                logger.error("the policy rejected %d sample(s) (%s); skipping them",
-                             len(frame), e)
+            wall = time.time()
+            proxies = frame["instance"].map(lambda k: split_key(k)[0]).to_numpy()
+            newest = pd.Series(frame["time"].to_numpy(dtype=np.float64)).groupby(
+                proxies, sort=True).max()
+            nows = {str(proxy): max(self.proxy_frontier.get(str(proxy), (-math.inf, 0.0))[0],
+                                    float(t)) for proxy, t in newest.items()}
+            groups: list[tuple[str, pd.DataFrame]] = [("", frame)]
+            now_of = {"": frontier}
+            if max(nows.values()) - min(nows.values()) > self.config.overlap_s:
+                # Clocks apart: each proxy on its own, its now its own newest sample, so one
+                # whose clock runs ahead neither ages the others' instances nor hides their
+                # samples (a decide() call per proxy: only then; one clock, one call).
+                groups = [(name, frame.loc[proxies == name].reset_index(drop=True))
+                          for name in nows]
+                now_of = nows
+            made: list[Decision] = []
+            for proxy, rows in groups:
+                try:
+                    got, self.state = decide(self.state, rows, now_of[proxy], self.params)
+                except ValueError as e:  # clean_samples should make this impossible
+                    logger.error("the policy rejected %d sample(s) (%s); skipping them",
+                                 len(rows), e)
+                    got = ()
+                made.extend(got)
+            for proxy, now in nows.items():
+                self.proxy_frontier[proxy] = (now, wall)
+            decisions = tuple(made)
             # Only now: if decide() failed otherwise, the rows are read again next pass.
             self.frontier = frontier
             # Each instance's newest time (the rows are all newer than its cursor).
@@ -986,6 +1031,17 @@ class Daemon:
                     cursor[name] = t
         report.now = self.frontier if math.isfinite(self.frontier) else None
         return decisions
+
+    def read_from(self, wall: float) -> float:
+        """Where the next read starts (samples' clock): `--overlap` before the newest sample
+        of the proxy whose clock is furthest behind, among those with rows in the last
+        `--forget-after` (wall clock); the per-instance cursors drop what was seen."""
+        keep = self.config.forget_after_s
+        self.proxy_frontier = {p: v for p, v in self.proxy_frontier.items()
+                               if wall - v[1] <= keep}
+        if not self.proxy_frontier:
+            return self.frontier - self.config.overlap_s
+        return min(t for t, _ in self.proxy_frontier.values()) - self.config.overlap_s
 
     # ---- reading ----
 
@@ -1242,12 +1298,21 @@ class Daemon:
             url = doc.get("admin_url")
             if isinstance(url, str) and url.startswith(("http://", "https://")):
                 wanted[url] = str(doc["_id"])
+        now_at = {proxy: url for url, proxy in wanted.items()}
         for url in [u for u in self.admins if u not in wanted]:
             client = self.admins.pop(url)
             self._endpoints.pop(url, None)
-            self._failing_urls.discard(url)
-            logger.warning("the proxy at %s sent no heartbeat for %g s; not asking it any "
-                           "more", url, self.config.heartbeat_s or 0)
+            self._failing_urls.pop(url, None)
+            proxy = self._url_proxy.pop(url, None)
+            if proxy is not None and proxy in now_at:
+                # Not silence: the proxy id registers another endpoint now (restarted on
+                # another port, or a second proxy with the same id: said once, above).
+                logger.log(logging.DEBUG if proxy in self._shared_ids else logging.INFO,
+                           "proxy %s: admin endpoint %s, no longer %s", proxy, now_at[proxy],
+                           url)
+            else:
+                logger.warning("the proxy at %s sent no heartbeat for %g s; not asking it any "
+                               "more", url, self.config.heartbeat_s or 0)
             await client.aclose()
         for url, proxy in wanted.items():
             if url in self.admins:
@@ -1258,7 +1323,48 @@ class Daemon:
                                "named %s in --token-dir", proxy, url, proxy)
                 continue
             self._add_admin(Endpoint(url, token, path))
-            logger.info("proxy %s: admin endpoint %s (from the store)", proxy, url)
+            self._url_proxy[url] = proxy
+            logger.log(logging.DEBUG if proxy in self._shared_ids else logging.INFO,
+                       "proxy %s: admin endpoint %s (from the store)", proxy, url)
+
+    def _note_registrations(self, registered: list[dict[str, Any]], wall: float) -> None:
+        """Notice two running proxies with one proxy id (`wasm_proxy_id`).
+
+        Each proxy replaces its `proxies` document every few seconds, so two with one id take
+        turns in it. A proxy that restarts registers a later ``started_at`` and the earlier
+        process is never seen again; a process that registers again *after* a later-started
+        one with the same id appeared still runs beside it. Their samples and instances
+        cannot be told apart in the store, so the manager restarts none of that id's
+        instances (one error line per pair) until neither has been seen beside the other for
+        a minute (or ``--heartbeat``, if longer): a document that two processes overwrite
+        shows each of them only now and then."""
+        window = max(SHARED_ID_WINDOW_S, self.config.heartbeat_s or 0.0)
+        for doc in registered:
+            proxy, started = str(doc["_id"]), doc.get("started_at")
+            if not isinstance(started, int | float) or isinstance(started, bool):
+                continue
+            ident: Registration = (str(doc.get("hostname")), str(doc.get("pid")),
+                                   float(started))
+            seen = self._registrations.setdefault(proxy, {})
+            first = seen.get(ident, (wall, wall))[0]
+            seen[ident] = (first, wall)
+            for other, (other_first, _) in list(seen.items()):
+                if wall - seen[other][1] > window:
+                    del seen[other]  # gone (restarted, or stopped)
+                elif other[2] > ident[2] and other_first < wall:
+                    # this one started earlier, and registers after the later one appeared
+                    self._shared_ids[proxy] = wall
+                    if (proxy, ident, other) not in self._shared_said:
+                        self._shared_said.add((proxy, ident, other))
+                        logger.error(
+                            "two proxies register as proxy id %s: pid %s on %s and pid %s on "
+                            "%s (their samples are mixed in the store); not restarting its "
+                            "instances until one stops: give each proxy its own "
+                            "wasm_proxy_id", proxy, ident[1], ident[0], other[1], other[0])
+        for proxy, since in list(self._shared_ids.items()):
+            if wall - since > window:
+                del self._shared_ids[proxy]
+                logger.info("proxy id %s: one proxy registers as it again", proxy)
 
     async def _list(self, report: PassReport) -> dict[str, Instance] | None:
         """GET /instances of every endpoint, merged by key; None (the pass failed) when every
@@ -1277,13 +1383,17 @@ class Daemon:
                 failures.append(answer)
                 refused = answer.kind == "unauthorized"
                 (report.refused if refused else report.unreachable).append(url)
-                if url not in self._failing_urls and len(urls) > 1:
-                    logger.warning("%s; carrying on with the other proxies", answer.message)
-                self._failing_urls.add(url)
+                how = "refused" if refused else "down"  # not every flap between two errors
+                if self._failing_urls.get(url) != how and len(urls) > 1:
+                    shared = self._url_proxy.get(url) in self._shared_ids  # said, and it churns
+                    logger.log(logging.DEBUG if shared else
+                               logging.ERROR if refused else logging.WARNING,
+                               "%s; carrying on with the other proxies", answer.message)
+                self._failing_urls[url] = how
                 continue
             if url in self._failing_urls and len(urls) > 1:
                 logger.info("admin endpoint %s answers again", url)
-            self._failing_urls.discard(url)
+            self._failing_urls.pop(url, None)
             client = self.admins[url]
             proxies = self._url_proxies.setdefault(url, set())
             for inst in answer.values():
@@ -1417,6 +1527,9 @@ class Daemon:
                         d.policy, d.reason)
             return DecisionOutcome(d, "dry-run")
         assert listing is not None
+        if split_key(name)[0] in self._shared_ids:
+            return DecisionOutcome(d, "failed", f"two proxies register as proxy id "
+                                                f"{split_key(name)[0]}")
         inst = listing.get(name)
         client = self._client_of.get(name)
         if inst is None or client is None:

@@ -44,7 +44,7 @@ from addons.telemetry.store import (
     read_decisions,
 )
 from addons.wasm_auth import WasmAuth
-from manager.__main__ import build_config, build_parser, main, policy_params
+from manager.__main__ import build_config, build_parser, database_used, main, policy_params
 from manager.admin_client import AdminClient, AdminError, parse_instances, parse_restart
 from manager.daemon import (
     Daemon,
@@ -395,6 +395,25 @@ async def test_dry_run_without_an_admin_endpoint(embedded: Store) -> None:
     with pytest.raises(ValueError, match="retention_s must be 0 or more seconds"):
         DaemonConfig(store=embedded.uri, params=FixedParams(), admin_url=None, dry_run=True,
                      retention_s=-1.0)
+
+
+async def test_a_proxy_whose_clock_runs_ahead_does_not_hide_the_others(
+        embedded: Store) -> None:
+    """Each proxy's samples carry its own clock. One proxy an hour ahead of the others must
+    neither age their instances by an hour (a `fixed` rule would restart them at once) nor
+    move the read window past their new samples (nothing of theirs would be decided again)."""
+    ahead = [{**sample("b.example", 0, 3600.0 + t, started_at=3600.0), "proxy": "ahead",
+              "_id": f"ahead-{t}"} for t in range(0, 610, 10)]
+    insert_samples(embedded.db, ahead, BatchWriter(), time.time())
+    embedded.write(series("a.example", 0, range(0, 610, 10)))  # up 10 min: keep
+    async with daemon_for(embedded, None, "fixed:30m", dry_run=True) as daemon:
+        report = await daemon.run_pass()
+        assert report.ok
+        assert outcomes(report) == {("a.example", 0): "keep", ("b.example", 0): "keep"}
+        embedded.write(series("a.example", 0, range(610, 1910, 10)))  # up 31 min: restart
+        report = await daemon.run_pass()
+        assert report.ok
+        assert outcomes(report) == {("a.example", 0): "dry-run"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -973,6 +992,44 @@ async def test_one_proxy_refusing_its_token_is_reported_and_its_file_read_again(
     assert "stale-token" not in caplog.text and "second-token" not in caplog.text
 
 
+async def test_a_proxy_back_with_a_new_token_is_reported_as_refused(
+        embedded: Store, proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One proxy of two restarts with a new admin token: while it is down its endpoint is
+    unreachable (one line), then it refuses the token the manager holds. That refusal is a
+    line of its own, an error naming the token file (not silence because the endpoint was
+    already failing); once the file holds the new token, the endpoint answers again."""
+    port = free_port()
+    url2 = f"http://127.0.0.1:{port}"
+    token_file = tmp_path / "proxy2.token"
+    token_file.write_text("old-token-9b1e\n")
+    config = DaemonConfig(
+        store=embedded.uri, params=parse_policy("none"), heartbeat_s=None, interval_s=0.01,
+        endpoints=(Endpoint(proxy.url, TOKEN), Endpoint(url2, "old-token-9b1e", token_file)))
+    async with Daemon(config) as daemon:
+        with caplog.at_level(logging.INFO, logger="manager"):
+            report = await daemon.run_pass()  # the proxy is down (restarting)
+            assert report.ok and report.unreachable == [url2]
+            second = AdminServer(proxy.addon, "new-token-77c2", "127.0.0.1", port)
+            await second.start()  # back, with a token the manager does not hold yet
+            try:
+                for _ in range(3):
+                    report = await daemon.run_pass()
+                    assert report.ok and report.refused == [url2]
+                refused = [r for r in caplog.records
+                           if "refused the token (401)" in r.getMessage()]
+                assert len(refused) == 1, caplog.text  # said once, not every pass
+                assert refused[0].levelno == logging.ERROR
+                assert str(token_file) in refused[0].getMessage()
+                token_file.write_text("new-token-77c2\n")  # the proxy's new token
+                assert daemon.reload_token()
+                report = await daemon.run_pass()
+                assert report.ok and report.refused == [] and report.unreachable == []
+                assert f"admin endpoint {url2} answers again" in caplog.text
+            finally:
+                await second.stop()
+    assert "old-token-9b1e" not in caplog.text and "new-token-77c2" not in caplog.text
+
+
 async def test_cli_once_says_the_token_was_refused(
         embedded: Store, proxy: Proxy, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1213,6 +1270,16 @@ def test_cli_bad_values_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", *argv])
     assert e.value.code == 2
+
+
+def test_the_start_line_names_the_database_a_uri_names() -> None:
+    """`--store mongodb://host/NAME` opens NAME (whatever --database says): the manager's
+    first line must say NAME, not the default it does not use."""
+    argv = ["run", "--store", "mongodb://127.0.0.1:27017/fleet", "--no-admin", "--dry-run"]
+    config = build_config(build_parser().parse_args(argv))
+    assert database_used(config) == "fleet"
+    argv[2] = "mongodb://127.0.0.1:27017/"
+    assert database_used(build_config(build_parser().parse_args(argv))) == "wasm_reclaim"
 
 
 def test_cli_ratio_options_override_the_spec() -> None:
