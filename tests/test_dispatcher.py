@@ -127,3 +127,51 @@ def test_a_refused_connection_is_an_error(filter_module: FilterModule) -> None:
         return calls.records
 
     assert [r.outcome for r in asyncio.run(refused())] == ["error"]
+
+
+def test_a_call_once_the_proxy_is_stopping_is_one_line_and_fails_by_policy(
+        filter_module: FilterModule, caplog) -> None:
+    """mitmdump stopping under traffic: `done` closes the dispatcher while flows still run. A
+    call whose task was scheduled before the pool closed (`aclose` waits for the calls it
+    cancelled, and new ones may start meanwhile), and a call started after, are each one line,
+    and their requests fail by the filter's policy: no task dies with "the client has been
+    closed"."""
+    async def stopping() -> tuple[list[AuthCallRecord], list[object]]:
+        loop = asyncio.get_running_loop()
+        died: list[object] = []
+        loop.set_exception_handler(lambda _loop, context: died.append(context))
+        calls = Calls()
+        async with auth_server(0.0) as url:
+            dispatcher = HttpxDispatcher({"auth": url})
+            host = Host(filter_module, dispatcher, clock=WallClock(), events=calls)
+            try:
+                before = host.instance("shop.example").stream()
+                assert before.request_headers(TOKEN_HEADERS) is None  # its task not yet run
+                await dispatcher._client.aclose()  # the pool closes before that task runs
+                # a second token: the filter makes a call of its own for it, refused at once
+                after = host.instance("shop.example").stream()
+                after.request_headers([(b"authorization", b"Bearer another-token")])
+                for _ in range(50):
+                    await asyncio.sleep(0.02)
+                    host.poll()
+                    if before.decision is not None and after.decision is not None:
+                        break
+                for stream in (before, after):
+                    assert stream.decision is not None and stream.decision.response is not None
+                    assert stream.decision.response.status == 503  # fail-closed
+                    stream.close()
+            finally:
+                await dispatcher.aclose()
+                host.close()
+            import gc
+            gc.collect()  # a task that died unretrieved is reported when it is collected
+            await asyncio.sleep(0)
+        return calls.records, died
+
+    records, died = asyncio.run(stopping())
+    assert died == []
+    assert [r.outcome for r in records] == ["error"]  # the call that was started
+    lines = [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert any("not sent: the proxy is stopping" in line for line in lines), lines
+    assert any("could not start: the proxy is stopping" in line for line in lines), lines
+    assert all("\n" not in line for line in lines)

@@ -182,7 +182,10 @@ class HttpxDispatcher(Dispatcher):
 
     def start(self, call: HttpCall, deliver: Deliver) -> Cancel:
         """Schedule the request on the running loop; cancelling its task ends the request
-        (httpx closes its connection, so the server sees the call go)."""
+        (httpx closes its connection, so the server sees the call go). Refused once the
+        dispatcher is closed (the proxy is stopping)."""
+        if self._client.is_closed:
+            raise RuntimeError("the proxy is stopping (its outbound client is closed)")
         task = asyncio.get_running_loop().create_task(self._send(call, deliver))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -201,6 +204,11 @@ class HttpxDispatcher(Dispatcher):
         # `timeout`. httpx's timer only ends a call the host has given up on, so it runs
         # longer (TIMEOUT_GRACE) and bounds the whole exchange, not each read.
         limit = call.timeout_ms / 1000 / self.clock_speed * TIMEOUT_GRACE
+        if self._client.is_closed:  # closed between `start` and now: the proxy is stopping
+            logger.warning("outbound call to cluster %s not sent: the proxy is stopping",
+                           call.cluster)
+            deliver(None)
+            return
         try:
             async with asyncio.timeout(limit):
                 resp = await self._client.request(
