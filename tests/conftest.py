@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wasmtime
@@ -122,6 +123,23 @@ def mongo_uri() -> Iterator[str]:
     """A real MongoDB-protocol server (FerretDB): MONGODB_URI, or one started for the session."""
     with ferretdb() as uri:
         yield uri
+
+
+@pytest.fixture
+def mongo_database(mongo_uri: str, request: pytest.FixtureRequest
+                   ) -> Iterator[tuple[str, Any]]:
+    """A fresh database on the session's FerretDB, dropped afterwards: its URI (the database
+    named in it) and the pymongo database."""
+    import pymongo
+
+    name = f"{request.module.__name__.rsplit('_', 1)[-1]}_{uuid.uuid4().hex[:10]}"
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=5000)
+    try:
+        yield mongo_uri.rstrip("/") + "/" + name, client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
 
 
 @pytest.fixture(params=["embedded", "ferretdb"])

@@ -14,8 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -75,18 +74,6 @@ def stop_processes_using(path: Path) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture
-def database(mongo_uri: str) -> Iterator[tuple[str, pymongo.database.Database[Any]]]:
-    name = f"fleet_{uuid.uuid4().hex[:10]}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo_uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield mongo_uri.rstrip("/") + "/" + name, client[name]
-    finally:
-        client.drop_database(name)
-        client.close()
-
-
 def test_haproxy_config_balances_round_robin_over_every_proxy() -> None:
     text = haproxy_config(8000, {"proxy-1": 8001, "proxy-2": 8002})
     assert "bind 127.0.0.1:8000" in text and "balance roundrobin" in text
@@ -121,10 +108,10 @@ def latest_bytes(db: pymongo.database.Database[Any]) -> dict[tuple[str, str], in
 
 @pytest.mark.slow
 def test_three_proxies_behind_haproxy_one_manager(
-        tmp_path: Path, database: tuple[str, pymongo.database.Database[Any]]) -> None:
+        tmp_path: Path, mongo_database: tuple[str, pymongo.database.Database[Any]]) -> None:
     if haproxy_path() is None:
         pytest.fail("haproxy is not installed: run .ci/setup (Debian package haproxy)")
-    uri, db = database
+    uri, db = mongo_database
     with contextlib.ExitStack() as exits:
         # A generous auth timeout: the test is about the fleet, not a loaded machine's latency.
         fleet = start_fleet(exits, tmp_path, 3, uri, {
@@ -216,11 +203,11 @@ def test_three_proxies_behind_haproxy_one_manager(
 
 
 def test_one_active_manager_and_a_standby_that_takes_over(
-        tmp_path: Path, database: tuple[str, pymongo.database.Database[Any]]) -> None:
+        tmp_path: Path, mongo_database: tuple[str, pymongo.database.Database[Any]]) -> None:
     """Two manager processes with --lease on one store: one holds the lease and decides, the
     other waits; when the first dies (SIGKILL: it cannot give the lease up), the standby
     takes over within one lease period."""
-    uri, db = database
+    uri, db = mongo_database
     db.samples.insert_many([
         {"proxy": "p", "instance": "a.example", "tenant": "a.example", "generation": 0,
          "started_at": 0.0, "time": float(t), "allocated_pages": 20,

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = "ERROR manager.daemon: two proxies register as proxy id twin"
 
 
-@pytest.fixture
-def database(mongo_uri: str) -> Iterator[tuple[str, pymongo.database.Database[Any]]]:
-    name = f"faults_{uuid.uuid4().hex[:10]}"
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo_uri, serverSelectionTimeoutMS=5000)
-    try:
-        yield mongo_uri.rstrip("/") + "/" + name, client[name]
-    finally:
-        client.drop_database(name)
-        client.close()
-
-
 def test_two_proxies_with_one_proxy_id_are_reported_and_not_restarted(
-        tmp_path: Path, database: tuple[str, pymongo.database.Database[Any]]) -> None:
-    uri, db = database
+        tmp_path: Path, mongo_database: tuple[str, pymongo.database.Database[Any]]) -> None:
+    uri, db = mongo_database
     token_file = tmp_path / "tokens" / "twin"  # one file: both proxies answer its token
     token_file.parent.mkdir(mode=0o700)
     env = {"PYTHONPATH": str(ROOT)}
