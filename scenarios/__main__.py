@@ -358,9 +358,7 @@ def _har_replay(a: argparse.Namespace) -> int:
     config = filter_config(a.filter_config)  # before any server starts, as the file below
     if not a.har.is_file():
         raise ScenarioError(f"{a.har}: no such file")
-    from scenarios.har import read_har
-
-    read_har(a.har)  # bad input fails here, before any server starts
+    # har_replay reads the HAR before any server starts: bad input fails there, once
     result = har_replay(a.har, HarReplayConfig(speed=a.speed, fast=a.fast, state=a.state,
                                                filter_config=config,
                                                progress=_tty()))

@@ -120,8 +120,14 @@ def scenarios_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Com
 def test_har_replay_of_what_har_write_wrote(tmp_path) -> None:
     assert scenarios_cli("basic", "--count", "6", "--out", "b.jsonl", cwd=tmp_path).returncode == 0
     assert scenarios_cli("har-write", "b.jsonl", "--out", "b.har", cwd=tmp_path).returncode == 0
+    har = json.loads((tmp_path / "b.har").read_text())
+    socket = json.loads(json.dumps(har["log"]["entries"][0]))
+    socket["request"]["url"] = "wss://shop.example/live"
+    har["log"]["entries"].append(socket)  # skipped, and said once
+    (tmp_path / "b.har").write_text(json.dumps(har))
     done = scenarios_cli("har-replay", "b.har", "--fast", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("skipped 1 WebSocket and data: URL entries") == 1, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["replay"]["status"] == {"200": 12}
     # Each login's request misses (one auth call), each logout evicts its token.
