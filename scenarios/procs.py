@@ -69,65 +69,27 @@ def _failed(proc: subprocess.Popen[bytes], port: int, log: Path | None, when: st
                        f"{reason}{where}")
 
 
-def listener_inodes(port: int) -> set[int] | None:
-    """The socket inodes listening on TCP `port` (any IPv4 or IPv6 address), from Linux's
-    /proc/net; None where that cannot be read (not Linux)."""
-    found: set[int] = set()
-    read = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        read = True
-        for row in rows:
-            fields = row.split()
-            listening = len(fields) > 9 and fields[3] == "0A"  # TCP_LISTEN
-            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(fields[9]))
-    return found if read else None
-
-
-def _family(pid: int) -> set[int]:
-    """`pid` and its descendants, from /proc (a server may listen from a child: nginx)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2:].split()
-        if len(fields) > 1:
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    family, todo = {pid}, [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in family:
-                family.add(child)
-                todo.append(child)
-    return family
-
-
 def listens_on(proc: subprocess.Popen[bytes], port: int) -> bool | None:
-    """Whether `proc` (or a process it started) holds a socket listening on `port`; None where
-    that cannot be told (no /proc, or a listener whose owner cannot be read)."""
-    inodes = listener_inodes(port)
-    if inodes is None:
+    """Whether `proc` (or a process it started: nginx's workers) holds a socket listening on
+    TCP `port` (psutil); None where that cannot be told (it has gone, or its sockets cannot be
+    read)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.Error:
         return None
-    sockets = {f"socket:[{inode}]" for inode in inodes}
     readable = False
-    for pid in _family(proc.pid):
+    for member in family:
         try:
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
+            sockets = member.net_connections(kind="tcp")
+        except psutil.Error:
             continue
         readable = True
-        for fd in fds:
-            try:
-                if os.readlink(fd) in sockets:
-                    return True
-            except OSError:
-                continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in sockets):
+            return True
     return False if readable else None
 
 
@@ -139,7 +101,7 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes
                   log: Path | None = None, settle: float | None = 0.0) -> None:
     """Wait until `proc` (or, without it, anything) accepts connections on 127.0.0.1:`port`.
 
-    With `proc`: a listener that is not `proc`'s own (or a child's; told on Linux) does not
+    With `proc`: a listener that is not `proc`'s own (or a child's, as psutil tells) does not
     count, and once `proc` listens it must keep running and listening for `settle` more
     seconds, since a program may listen before it gives up (mitmdump exits on errors logged
     during start-up after its proxy listens); `settle=None`: as long as it took to listen,
